@@ -1,0 +1,69 @@
+"""Find the image files to screen, in a sorted, deterministic order."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from cxrbatch.errors import UsageError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+
+
+def is_candidate(name: str, skip_names: frozenset[str] = frozenset()) -> bool:
+    """Tell whether a file name looks like an image to screen (hidden files and our outputs are not)."""
+    if name.startswith(".") or name in skip_names:
+        return False
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def iter_images(inputs: Iterable[str | os.PathLike[str]], skip: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield image paths from files and folders; folders are walked recursively in sorted order.
+
+    Explicitly named files are yielded whatever their extension. Hidden files and folders,
+    files in `skip` (the run's own reports) and symlinked folders already visited are skipped,
+    so a symlink loop cannot make the walk endless. A missing input raises UsageError.
+    """
+    skip_resolved = {_resolved(p) for p in skip}
+    seen_dirs: set[tuple[int, int]] = set()
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            yield from _walk(path, skip_resolved, seen_dirs)
+        elif path.exists() or path.is_symlink():
+            if _resolved(path) not in skip_resolved:
+                yield path
+        else:
+            raise UsageError(f"Input not found: {path}")
+
+
+def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]]) -> Iterator[Path]:
+    try:
+        stat = folder.stat()
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return  # an unreadable folder yields nothing; its files cannot be named in a report
+    key = (stat.st_dev, stat.st_ino)
+    if key in seen:
+        return
+    seen.add(key)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir:
+            yield from _walk(path, skip, seen)
+        elif is_candidate(entry.name) and _resolved(path) not in skip:
+            yield path
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path.absolute()

@@ -1,0 +1,270 @@
+"""Evaluate the shipped ONNX pipeline on a labelled folder tree (runtime side, no TensorFlow).
+
+A tree whose class folders are the classifier's labels is scored as a classifier test (every
+image goes through the classifier, and the gate's acceptance of these X-rays is reported too);
+one whose folders are the gate's labels is scored as a gate test. With a MANIFEST.csv beside the
+splits (columns `id` and `source`, optionally `kind`), metrics are also broken down per source.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrbatch.discovery import iter_images
+from cxrbatch.errors import UsageError
+from cxrbatch.models import Model
+from cxrbatch.pipeline import Screener
+
+BOOTSTRAP_ROUNDS = 1000
+BOOTSTRAP_SEED = 20261126
+
+
+@dataclass
+class Scored:
+    """Raw model outputs for a labelled set of images."""
+
+    paths: list[Path]
+    truth: list[str]
+    gate_scores: np.ndarray  # (N,)
+    probs: np.ndarray  # (N, K) classifier probabilities
+    errors: list[str]
+
+
+def labelled_images(data_dir: Path, split: str | None) -> tuple[list[Path], list[str]]:
+    """List images under `data_dir/split/<CLASS>/` (or `data_dir/<CLASS>/`) with their class."""
+    root = data_dir / split if split and (data_dir / split).is_dir() else data_dir
+    if not root.is_dir():
+        raise UsageError(f"Evaluation folder not found: {root}")
+    paths: list[Path] = []
+    truth: list[str] = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = list(iter_images([folder]))
+        paths += found
+        truth += [folder.name] * len(found)
+    if not paths:
+        raise UsageError(f"No labelled images under {root} (expected <CLASS>/ folders)")
+    return paths, truth
+
+
+def score(screener: Screener, paths: list[Path], truth: list[str]) -> Scored:
+    """Run both models on every image, whatever the gate says."""
+    gate, classifier = screener.gate, screener.classifier
+    keep_paths, keep_truth, gate_scores, probs, errors = [], [], [], [], []
+    label_of = dict(zip(paths, truth, strict=True))
+    for batch in screener.decoded_batches(paths):
+        good = [d for d in batch if d.error is None]
+        errors += [f"{d.path}: {d.error}" for d in batch if d.error is not None]
+        if not good:
+            continue
+        gate_in = np.stack([d.gate_input for d in good])  # type: ignore[misc]
+        clf_in = np.stack([d.classifier_input for d in good])  # type: ignore[misc]
+        gate_scores.append(gate.run(gate_in)[gate.spec.score_output][:, 0])
+        probs.append(classifier.run(clf_in)[classifier.spec.score_output])
+        keep_paths += [d.path for d in good]
+        keep_truth += [label_of[d.path] for d in good]
+    k = len(classifier.spec.labels)
+    return Scored(
+        keep_paths,
+        keep_truth,
+        np.concatenate(gate_scores) if gate_scores else np.zeros(0),
+        np.concatenate(probs) if probs else np.zeros((0, k)),
+        errors,
+    )
+
+
+def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
+    """Map image id (file stem) to its MANIFEST.csv row; {} without a manifest."""
+    manifest = data_dir / "MANIFEST.csv"
+    if not manifest.is_file():
+        return {}
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        return {row["id"]: row for row in csv.DictReader(fh) if "id" in row}
+
+
+def evaluate(data_dir: Path, split: str | None, gate: Model, classifier: Model, screener: Screener) -> dict[str, Any]:
+    """Score a labelled tree and return the metrics report as plain data."""
+    paths, truth = labelled_images(data_dir, split)
+    classes = set(truth)
+    if classes <= set(classifier.spec.labels):
+        kind = "classifier"
+    elif classes <= set(gate.spec.labels):
+        kind = "gate"
+    else:
+        raise UsageError(
+            f"Class folders {sorted(classes)} match neither the classifier labels "
+            f"{list(classifier.spec.labels)} nor the gate labels {list(gate.spec.labels)}"
+        )
+    scored = score(screener, paths, truth)
+    manifest = read_manifest(data_dir)
+    groups = _groups(scored.paths, manifest)
+    report: dict[str, Any] = {
+        "data": str(data_dir.name),
+        "split": split,
+        "kind": kind,
+        "images": len(scored.paths),
+        "unreadable": scored.errors,
+        "models": {"gate": gate.describe(), "classifier": classifier.describe()},
+    }
+    if kind == "classifier":
+        report.update(_classifier_report(scored, classifier.spec.labels, gate.spec.threshold, groups))
+    else:
+        report.update(_gate_report(scored, gate, groups))
+    return report
+
+
+def _groups(paths: list[Path], manifest: dict[str, dict[str, str]]) -> dict[str, dict[str, list[int]]]:
+    """Index lists of images per value of each manifest column we break down by."""
+    groups: dict[str, dict[str, list[int]]] = {
+        "source": defaultdict(list),
+        "kind": defaultdict(list),
+        "age_group": defaultdict(list),
+    }
+    for i, path in enumerate(paths):
+        row = manifest.get(path.stem)
+        if row is None:
+            continue
+        for column, index in groups.items():
+            if row.get(column):
+                index[row[column]].append(i)
+    return {c: dict(sorted(g.items())) for c, g in groups.items() if g}
+
+
+def _classifier_report(
+    scored: Scored, labels: tuple[str, ...], gate_threshold: float, groups: dict[str, dict[str, list[int]]]
+) -> dict[str, Any]:
+    index = {label: i for i, label in enumerate(labels)}
+    y = np.array([index[t] for t in scored.truth], dtype=np.int64)
+    pred = scored.probs.argmax(axis=1) if len(y) else np.zeros(0, dtype=np.int64)
+    out: dict[str, Any] = {"labels": list(labels), "overall": classification_metrics(y, pred, len(labels), ci=True)}
+    out["gate_accepted"] = float((scored.gate_scores >= gate_threshold).mean()) if len(y) else None
+    for column, values in groups.items():
+        out[f"by_{column}"] = {value: _subset_metrics(y[idx], pred[idx], labels) for value, idx in values.items()}
+    return out
+
+
+def _subset_metrics(y: np.ndarray, pred: np.ndarray, labels: tuple[str, ...]) -> dict[str, Any]:
+    present = sorted(set(y.tolist()))
+    return {
+        "n": len(y),
+        "accuracy": float((y == pred).mean()),
+        "recall": {labels[c]: float((pred[y == c] == c).mean()) for c in present},
+        "predicted": {labels[c]: int((pred == c).sum()) for c in range(len(labels)) if (pred == c).any()},
+    }
+
+
+def classification_metrics(y: np.ndarray, pred: np.ndarray, k: int, ci: bool = False) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (rows = truth)."""
+    confusion = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    precision, recall, f1 = _prf(confusion)
+    metrics: dict[str, Any] = {
+        "n": len(y),
+        "accuracy": float(np.trace(confusion) / max(1, confusion.sum())),
+        "macro_f1": float(f1.mean()),
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "f1": f1.tolist(),
+        "confusion": confusion.tolist(),
+    }
+    if ci and len(y):
+        metrics["ci95"] = _bootstrap(y, pred, k)
+    return metrics
+
+
+def _prf(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    tp = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0)
+    actual = confusion.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return precision, recall, f1
+
+
+def _bootstrap(y: np.ndarray, pred: np.ndarray, k: int) -> dict[str, Any]:
+    """Percentile 95% intervals from resampling images with replacement (fixed seed)."""
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    n = len(y)
+    samples = rng.integers(0, n, size=(BOOTSTRAP_ROUNDS, n))
+    stats = defaultdict(list)
+    for idx in samples:
+        confusion = np.bincount(y[idx] * k + pred[idx], minlength=k * k).reshape(k, k)
+        precision, recall, f1 = _prf(confusion)
+        stats["accuracy"].append(np.trace(confusion) / n)
+        stats["macro_f1"].append(f1.mean())
+        stats["precision"].append(precision)
+        stats["recall"].append(recall)
+        stats["f1"].append(f1)
+    return {name: np.percentile(np.asarray(v), [2.5, 97.5], axis=0).T.tolist() for name, v in stats.items()}
+
+
+def _gate_report(scored: Scored, gate: Model, groups: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
+    positive = gate.spec.positive_label
+    accepted = scored.gate_scores >= gate.spec.threshold
+    is_pos = np.array([t == positive for t in scored.truth])
+    out: dict[str, Any] = {
+        "threshold": gate.spec.threshold,
+        "xray_kept": float(accepted[is_pos].mean()) if is_pos.any() else None,
+        "not_xray_rejected": float((~accepted[~is_pos]).mean()) if (~is_pos).any() else None,
+        "counts": {"xray": int(is_pos.sum()), "not_xray": int((~is_pos).sum())},
+        "missed": sorted(str(p.name) for p, a, pos in zip(scored.paths, accepted, is_pos, strict=True) if a != pos),
+    }
+    kinds = groups.get("kind", {})
+    out["by_kind"] = {
+        kind: {
+            "n": len(idx),
+            "rate": float(accepted[idx].mean() if is_pos[idx].all() else (~accepted[idx]).mean()),
+            "meaning": "kept" if is_pos[idx].all() else "rejected",
+        }
+        for kind, idx in kinds.items()
+    }
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Render an evaluation report as readable text."""
+    lines = [f"{report['kind']} evaluation on {report['data']}/{report['split'] or ''}: {report['images']} images"]
+    if report["unreadable"]:
+        lines.append(f"unreadable: {len(report['unreadable'])}")
+    if report["kind"] == "gate":
+        lines.append(
+            f"threshold {report['threshold']:.4f}: XRAY kept {_pct(report['xray_kept'])}, "
+            f"NOT_XRAY rejected {_pct(report['not_xray_rejected'])}"
+        )
+        for kind, row in report["by_kind"].items():
+            lines.append(f"  {kind:<16} n={row['n']:<5} {row['meaning']} {_pct(row['rate'])}")
+        return "\n".join(lines)
+    overall, labels = report["overall"], report["labels"]
+    ci = overall.get("ci95", {})
+    lines.append(
+        f"accuracy {overall['accuracy']:.4f} {_ci(ci.get('accuracy'))}  "
+        f"macro-F1 {overall['macro_f1']:.4f} {_ci(ci.get('macro_f1'))}  "
+        f"gate accepted {_pct(report['gate_accepted'])}"
+    )
+    lines.append(f"  {'class':<14}{'precision':>22}{'recall':>22}{'f1':>22}")
+    for i, label in enumerate(labels):
+        cells = [
+            f"{overall[m][i]:.3f} {_ci(ci.get(m, [None] * len(labels))[i])}" for m in ("precision", "recall", "f1")
+        ]
+        lines.append(f"  {label:<14}" + "".join(f"{c:>22}" for c in cells))
+    lines.append("confusion (rows truth, columns predicted): " + " ".join(labels))
+    lines += [f"  {label:<14}{row}" for label, row in zip(labels, overall["confusion"], strict=True)]
+    for column in ("source", "age_group"):
+        for value, row in report.get(f"by_{column}", {}).items():
+            recall = ", ".join(f"{k} {v:.2f}" for k, v in row["recall"].items())
+            lines.append(f"  [{column}] {value[:60]:<60} n={row['n']:<4} acc {row['accuracy']:.3f}  recall: {recall}")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _ci(bounds: list[float] | None) -> str:
+    return "" if not bounds else f"[{bounds[0]:.3f}, {bounds[1]:.3f}]"

@@ -1,0 +1,140 @@
+"""Decode image files and turn them into model inputs.
+
+One decode serves both models: `load_image` gives an 8-bit "L" or "RGB" picture, and
+`to_model_input` derives each model's tensor from it as that model's `InputSpec` says. The
+training code in `export/` calls the same two functions, so what a model saw while training is
+what it sees at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cxrbatch.errors import ImageError
+
+# Anything smaller than this on its short side is no radiograph worth screening.
+MIN_SIDE = 32
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one model expects: size, channels and the preprocessing applied before it."""
+
+    height: int
+    width: int
+    channels: int  # 1 (grey) or 3 (RGB); the graph replicates grey itself
+    colour: str  # "grey" or "rgb": how the decoded picture is converted first
+    equalize: bool  # global histogram equalisation after resizing (grey only)
+    resample: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.colour not in ("grey", "rgb") or self.channels not in (1, 3):
+            raise ValueError(f"unsupported input spec: colour={self.colour}, channels={self.channels}")
+        if self.colour == "rgb" and self.channels != 3:
+            raise ValueError("an rgb input needs 3 channels")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"unsupported resample {self.resample!r}")
+
+
+def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> Image.Image:
+    """Decode a file into an 8-bit "L" or "RGB" image with EXIF orientation applied.
+
+    With `draft_size`, JPEGs are decoded at a reduced scale that is still at least
+    `draft_size` pixels on each side (libjpeg's DCT scaling), which is several times faster.
+    """
+    try:
+        with Image.open(path) as img:
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB" if img.mode not in ("L", "1") else "L", (draft_size, draft_size))
+            img.seek(0)  # animated files: the first frame
+            img.load()
+            return _to_8bit(ImageOps.exif_transpose(img))
+    except FileNotFoundError:
+        raise ImageError("file vanished before it could be read") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large to decode safely ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageError("not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports truncated and corrupt data as OSError/SyntaxError/ValueError.
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Bring any Pillow mode to "L" or "RGB" without silent truncation or lost alpha."""
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _window_to_l(np.asarray(img, dtype=np.float64))
+    if mode == "1":
+        return img.convert("L")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        base = "L" if mode in ("LA", "La") else "RGB"
+        alpha = img.convert(base + "A").getchannel("A")
+        return Image.composite(img.convert(base), Image.new(base, img.size, 0), alpha)
+    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV and the like
+
+
+def _window_to_l(arr: np.ndarray) -> Image.Image:
+    """Scale a high-bit-depth grey array linearly from its minimum to its maximum."""
+    if arr.ndim != 2:
+        raise ImageError(f"unsupported pixel layout {arr.shape}")
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return Image.new("L", (arr.shape[1], arr.shape[0]), 0)
+    lo, hi = float(finite.min()), float(finite.max())
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    out = np.nan_to_num((arr - lo) * scale, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="L")
+
+
+def equalize(grey: np.ndarray) -> np.ndarray:
+    """Globally equalise the histogram of a uint8 grey array (flat images are left alone)."""
+    hist = np.bincount(grey.ravel(), minlength=256)
+    cdf = np.cumsum(hist)
+    total = int(cdf[-1])
+    first = int(cdf[np.flatnonzero(hist)[0]]) if total else 0
+    if total == first:
+        return grey
+    lut = np.rint((cdf - first) / (total - first) * 255.0)
+    return np.clip(lut, 0, 255).astype(np.uint8)[grey]
+
+
+def to_model_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Make the float32 HxWxC tensor (values 0..255) that the model described by `spec` takes."""
+    target = img.convert("L" if spec.colour == "grey" else "RGB")
+    target = target.resize((spec.width, spec.height), _RESAMPLE[spec.resample])
+    arr = np.asarray(target, dtype=np.uint8)
+    if spec.equalize:
+        arr = equalize(arr)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if spec.channels == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return arr.astype(np.float32)
+
+
+def check_size(img: Image.Image, min_side: int = MIN_SIDE) -> None:
+    """Refuse images too small to be a radiograph."""
+    if min(img.size) < min_side:
+        raise ImageError(f"image is {img.width}x{img.height}: too small to be a radiograph (min side {min_side} px)")
+
+
+def display_path(path: str | Path) -> str:
+    """Render a path as valid UTF-8 text; undecodable bytes become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")

@@ -1,0 +1,207 @@
+"""The two ONNX models, their metadata, and the onnxruntime sessions that run them.
+
+Each model carries its own description as JSON in the ONNX `metadata_props` under the key
+`cxrbatch` (schema `cxrbatch.model/1`, documented in models/README.md). Everything the runtime
+needs to feed and read a model comes from there: preprocessing, labels, thresholds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrbatch.errors import DeviceError, ModelError
+from cxrbatch.imaging import InputSpec
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "cxrbatch"
+SCHEMA = "cxrbatch.model/1"
+ROLES = ("gate", "classifier")
+MODEL_FILES = {"gate": "gate.onnx", "classifier": "classifier.onnx"}
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The metadata record of one model, parsed and checked."""
+
+    role: str
+    name: str
+    version: str
+    input_name: str
+    input: InputSpec
+    labels: tuple[str, ...]
+    score_output: str
+    threshold: float  # gate: accept at or above; classifier: needs review below
+    positive_label: str | None = None
+    cam_output: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], source: str) -> ModelSpec:
+        """Build a spec from the JSON record, naming what is missing."""
+        if meta.get("schema") != SCHEMA:
+            raise ModelError(f"{source}: metadata schema is {meta.get('schema')!r}, expected {SCHEMA!r}")
+        try:
+            inp = meta["input"]
+            role = meta["role"]
+            spec = cls(
+                role=role,
+                name=meta["name"],
+                version=str(meta["version"]),
+                input_name=inp["name"],
+                input=InputSpec(
+                    height=int(inp["height"]),
+                    width=int(inp["width"]),
+                    channels=int(inp["channels"]),
+                    colour=inp["colour"],
+                    equalize=bool(inp["equalize"]),
+                    resample=inp.get("resample", "bilinear"),
+                ),
+                labels=tuple(meta["labels"]),
+                score_output=meta["outputs"]["scores"],
+                cam_output=meta["outputs"].get("cam"),
+                threshold=float(meta["threshold"]),
+                positive_label=meta.get("positive_label"),
+                extra=meta,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: incomplete model metadata ({type(exc).__name__}: {exc})") from None
+        if role not in ROLES:
+            raise ModelError(f"{source}: unknown role {role!r}")
+        if role == "gate" and spec.positive_label not in spec.labels:
+            raise ModelError(f"{source}: gate metadata needs positive_label among its labels")
+        return spec
+
+
+class Model:
+    """One onnxruntime session with the spec that says how to feed it."""
+
+    def __init__(self, path: Path, spec: ModelSpec, session: Any, sha256: str) -> None:
+        self.path = path
+        self.spec = spec
+        self.session = session
+        self.sha256 = sha256
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:12]
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def run(self, batch: np.ndarray, with_cam: bool = False) -> dict[str, np.ndarray]:
+        """Run a NHWC float32 batch and return the named outputs."""
+        names = [self.spec.score_output]
+        if with_cam and self.spec.cam_output:
+            names.append(self.spec.cam_output)
+        outputs = self.session.run(names, {self.spec.input_name: batch})
+        return dict(zip(names, outputs, strict=True))
+
+    def describe(self) -> dict[str, Any]:
+        """Summarise the model for reports."""
+        return {
+            "file": self.path.name,
+            "sha256": self.sha256,
+            "name": self.spec.name,
+            "version": self.spec.version,
+            "labels": list(self.spec.labels),
+            "threshold": self.spec.threshold,
+            "providers": self.providers,
+        }
+
+
+def default_models_dir() -> Path:
+    """Find the bundled models: inside the installed wheel, else the source checkout's models/."""
+    bundled = Path(str(resources.files("cxrbatch"))) / "_models"
+    if bundled.is_dir():
+        return bundled
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def choose_providers(device: str, available: list[str] | None = None) -> list[str]:
+    """Pick onnxruntime providers for `device` (auto, cpu, cuda), always ending with CPU."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = list(ort.get_available_providers())
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda":
+        if CUDA not in available:
+            raise DeviceError(
+                "CUDA was requested but onnxruntime has no CUDAExecutionProvider here "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
+            )
+        return [CUDA, CPU]
+    if device == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    raise DeviceError(f"unknown device {device!r}: use auto, cpu or cuda")
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """Read the cxrbatch metadata record embedded in an ONNX file without running it."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=[CPU])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        raise ModelError(f"cannot load model {path}: {exc}") from None
+    return _metadata_of(session, path)
+
+
+def _metadata_of(session: Any, path: Path) -> dict[str, Any]:
+    props = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in props:
+        raise ModelError(f"{path}: no '{METADATA_KEY}' metadata; export it with `cxrbatch export`")
+    try:
+        meta: dict[str, Any] = json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{path}: model metadata is not valid JSON ({exc})") from None
+    return meta
+
+
+def load_model(path: Path, role: str, providers: list[str], threads: int | None = None) -> Model:
+    """Open one ONNX model for `role` with explicit providers and check its metadata."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ModelError(f"{role.capitalize()} model not found: {path}")
+    data = path.read_bytes()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Two sessions take turns on the same cores: spinning threads of one starve the other.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(data, sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        raise ModelError(f"cannot load {role} model {path}: {exc}") from None
+    spec = ModelSpec.from_metadata(_metadata_of(session, path), str(path))
+    if spec.role != role:
+        raise ModelError(f"{path} is a {spec.role} model, expected a {role} model")
+    model = Model(path, spec, session, hashlib.sha256(data).hexdigest())
+    log.info("loaded %s %s v%s (%s) on %s", role, spec.name, spec.version, model.short_hash, ", ".join(model.providers))
+    return model
+
+
+def load_models(models_dir: Path, device: str = "auto") -> tuple[Model, Model]:
+    """Open the gate and the classifier found in `models_dir`."""
+    if not models_dir.is_dir():
+        raise ModelError(f"Models folder not found: {models_dir}")
+    providers = choose_providers(device)
+    gate = load_model(models_dir / MODEL_FILES["gate"], "gate", providers)
+    classifier = load_model(models_dir / MODEL_FILES["classifier"], "classifier", providers)
+    return gate, classifier

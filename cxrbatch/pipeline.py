@@ -1,0 +1,203 @@
+"""Screen images: decode in worker threads, gate in batches, classify what the gate accepts.
+
+Decoding of the next batches overlaps inference of the current one; at most `prefetch` batches
+are decoded ahead, so memory stays bounded however large the folder is. Results come out in
+input order, one per path, whatever happens to the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from cxrbatch.errors import ImageError
+from cxrbatch.imaging import check_size, load_image, to_model_input
+from cxrbatch.models import Model
+
+log = logging.getLogger(__name__)
+
+CLASSIFIED, REJECTED, ERROR = "classified", "rejected", "error"
+STATUSES = (CLASSIFIED, REJECTED, ERROR)
+
+
+@dataclass
+class Result:
+    """The outcome for one input file."""
+
+    path: Path
+    status: str
+    gate_score: float | None = None
+    label: str | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = None
+    needs_review: bool | None = None
+    error: str | None = None
+
+
+@dataclass
+class Summary:
+    """Counts and speed of one run."""
+
+    by_status: Counter[str] = field(default_factory=Counter)
+    by_label: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def files(self) -> int:
+        return sum(self.by_status.values())
+
+    @property
+    def images_per_second(self) -> float:
+        return self.files / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, result: Result) -> None:
+        """Count one result."""
+        self.by_status[result.status] += 1
+        if result.label:
+            self.by_label[result.label] += 1
+
+    def line(self) -> str:
+        """One human line: counts per status and label, and the rate."""
+        statuses = ", ".join(f"{self.by_status[s]} {s}" for s in STATUSES)
+        labels = ", ".join(f"{n} {label}" for label, n in sorted(self.by_label.items()))
+        return (
+            f"{self.files} files: {statuses}"
+            + (f" ({labels})" if labels else "")
+            + f" in {self.seconds:.1f} s, {self.images_per_second:.1f} images/s"
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        """The summary as plain data for the JSON report."""
+        return {
+            "files": self.files,
+            "by_status": {s: self.by_status[s] for s in STATUSES},
+            "by_label": dict(sorted(self.by_label.items())),
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+        }
+
+
+@dataclass
+class Decoded:
+    """One file read into both models' inputs, or the reason it could not be."""
+
+    path: Path
+    gate_input: np.ndarray | None = None
+    classifier_input: np.ndarray | None = None
+    error: str | None = None
+
+
+class Screener:
+    """Runs the gate and the classifier over many files with bounded, overlapped decoding."""
+
+    def __init__(
+        self,
+        gate: Model,
+        classifier: Model,
+        batch_size: int = 32,
+        workers: int = 2,
+        draft: bool = True,
+        prefetch: int = 2,
+    ) -> None:
+        if batch_size < 1 or workers < 1:
+            raise ValueError("batch_size and workers must be at least 1")
+        self.gate, self.classifier = gate, classifier
+        self.batch_size, self.workers, self.prefetch = batch_size, workers, prefetch
+        specs = (gate.spec.input, classifier.spec.input)
+        self.draft_size = max(max(s.height, s.width) for s in specs) if draft else None
+
+    def screen(self, paths: Iterable[Path], on_result: Callable[[Result], None] | None = None) -> Iterator[Result]:
+        """Yield one Result per path, in order."""
+        for decoded in self.decoded_batches(paths):
+            for result in self.infer(decoded):
+                if on_result is not None:
+                    on_result(result)
+                yield result
+
+    def decoded_batches(self, paths: Iterable[Path]) -> Iterator[list[Decoded]]:
+        """Decode paths in worker threads, `prefetch` batches ahead, and yield batches in order."""
+        batches = _chunked(iter(paths), self.batch_size)
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode") as pool:
+            pending: deque[list[Future[Decoded]]] = deque()
+            for batch in islice(batches, self.prefetch):
+                pending.append([pool.submit(self.decode, p) for p in batch])
+            while pending:
+                decoded = [f.result() for f in pending.popleft()]
+                nxt = next(batches, None)
+                if nxt is not None:
+                    pending.append([pool.submit(self.decode, p) for p in nxt])
+                yield decoded
+
+    def decode(self, path: Path) -> Decoded:
+        """Read one file into both models' inputs, or an error message."""
+        try:
+            img = load_image(path, draft_size=self.draft_size)
+            check_size(img)
+            return Decoded(
+                path,
+                to_model_input(img, self.gate.spec.input),
+                to_model_input(img, self.classifier.spec.input),
+            )
+        except ImageError as exc:
+            return Decoded(path, error=str(exc))
+        except Exception as exc:  # one odd file must not end the night's run; it becomes an error row
+            log.debug("unexpected failure decoding %s", path, exc_info=True)
+            return Decoded(path, error=f"unexpected decoder failure ({type(exc).__name__}: {exc})")
+
+    def infer(self, decoded: list[Decoded]) -> list[Result]:
+        """Gate a decoded batch, classify what passes, and return results in the same order."""
+        results = [Result(d.path, ERROR, error=d.error) for d in decoded]
+        ok = [i for i, d in enumerate(decoded) if d.error is None]
+        if not ok:
+            return results
+        gate_in = np.stack([decoded[i].gate_input for i in ok])  # type: ignore[misc]
+        gate_scores = self.gate.run(gate_in)[self.gate.spec.score_output][:, 0]
+        accepted = []
+        for i, score in zip(ok, gate_scores, strict=True):
+            results[i].gate_score = float(score)
+            if score >= self.gate.spec.threshold:
+                accepted.append(i)
+            else:
+                results[i].status = REJECTED
+        if accepted:
+            clf_in = np.stack([decoded[i].classifier_input for i in accepted])  # type: ignore[misc]
+            probs = self.classifier.run(clf_in)[self.classifier.spec.score_output]
+            for i, p in zip(accepted, probs, strict=True):
+                self._fill(results[i], p)
+        return results
+
+    def _fill(self, result: Result, probs: np.ndarray) -> None:
+        labels = self.classifier.spec.labels
+        top = int(np.argmax(probs))
+        result.status = CLASSIFIED
+        result.label = labels[top]
+        result.confidence = float(probs[top])
+        result.probabilities = {label: float(p) for label, p in zip(labels, probs, strict=True)}
+        result.needs_review = result.confidence < self.classifier.spec.threshold
+
+
+def screen_all(
+    screener: Screener, paths: list[Path], on_result: Callable[[Result], None] | None = None
+) -> tuple[list[Result], Summary]:
+    """Screen every path and return the results with a summary."""
+    summary = Summary()
+    started = time.perf_counter()
+    results = []
+    for result in screener.screen(paths, on_result):
+        summary.add(result)
+        results.append(result)
+    summary.seconds = time.perf_counter() - started
+    return results, summary
+
+
+def _chunked(items: Iterator[Path], size: int) -> Iterator[list[Path]]:
+    while chunk := list(islice(items, size)):
+        yield chunk

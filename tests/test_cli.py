@@ -1,0 +1,121 @@
+"""The command line, read like its documentation: commands, exit codes and messages."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cxrbatch.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_every_command_has_help() -> None:
+    for command in ("run", "evaluate", "train", "export"):
+        code, out, _ = _run(command, "--help")
+        assert code == 0
+        assert "Example: cxrbatch" in out
+
+
+def test_run_help_documents_exit_codes() -> None:
+    _, out, _ = _run("run", "--help")
+    assert "3 finished, but some files could not be read" in " ".join(out.split())
+
+
+def test_run_writes_csv_and_json_and_exits_3_on_bad_file(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    report, doc = tmp_path / "r.csv", tmp_path / "r.json"
+    code, _, err = _run("run", str(incoming), "--models", str(tiny_models), "--out", str(report), "--json", str(doc))
+    assert code == 3
+    assert "6 files: 4 classified, 1 rejected, 1 error" in err
+    rows = list(csv.DictReader(report.open(encoding="utf-8")))
+    assert len(rows) == 6
+    assert {r["status"] for r in rows} == {"classified", "rejected", "error"}
+    data = json.loads(doc.read_text(encoding="utf-8"))
+    assert data["summary"]["files"] == 6 and len(data["results"]) == 6
+
+
+def test_clean_folder_exits_0_and_csv_to_stdout(tiny_models: Path, incoming: Path) -> None:
+    (incoming / "f_broken.jpg").unlink()
+    code, out, err = _run("run", str(incoming), "--models", str(tiny_models), "--quiet")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [Path(r["path"]).name for r in rows] == [
+        "a_dark.png",
+        "b_mid.jpg",
+        "e_photo.png",
+        "c_light.PNG",
+        "d_white.jpeg",
+    ]
+    assert "5 files: 4 classified, 1 rejected, 0 error" in err
+
+
+def test_reports_are_byte_identical_across_runs(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    outputs = []
+    for i, batch in enumerate(("1", "32")):
+        target = tmp_path / f"r{i}.csv"
+        _run("run", str(incoming), "--models", str(tiny_models), "--out", str(target), "--batch-size", batch)
+        outputs.append(target.read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_missing_input_is_usage_error_2(tiny_models: Path, tmp_path: Path) -> None:
+    code, _, err = _run("run", str(tmp_path / "nowhere"), "--models", str(tiny_models))
+    assert code == 2
+    assert "[error] Input not found:" in err
+    assert "Traceback" not in err
+
+
+def test_missing_models_is_fatal_1(incoming: Path, tmp_path: Path) -> None:
+    code, _, err = _run("run", str(incoming), "--models", str(tmp_path))
+    assert code == 1
+    assert "[error] Gate model not found:" in err
+
+
+def test_unwritable_output_is_fatal_1_before_screening(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    code, _, err = _run("run", str(incoming), "--models", str(tiny_models), "--out", str(tmp_path / "no" / "r.csv"))
+    assert code == 1
+    assert "Cannot write report" in err
+
+
+def test_cuda_without_cuda_is_fatal_1(tiny_models: Path, incoming: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    code, _, err = _run("run", str(incoming), "--models", str(tiny_models), "--device", "cuda")
+    assert code == 1 and "CUDA was requested" in err
+
+
+def test_bad_option_values_are_usage_errors(tiny_models: Path, incoming: Path) -> None:
+    assert _run("run", str(incoming), "--device", "tpu")[0] == 2
+    assert _run("run", str(incoming), "--batch-size", "0")[0] == 2
+
+
+def test_run_does_not_import_tensorflow(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from cxrbatch.cli import app\n"
+        "try:\n"
+        f'    app(["run", {str(incoming)!r}, "--models", {str(tiny_models)!r}, "--quiet",\n'
+        f'         "--out", {str(tmp_path / "r.csv")!r}])\n'
+        "except SystemExit as e:\n"
+        "    assert e.code == 3, e.code\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx', 'export'))\n"
+        "print('IMPORTED:' + ','.join(bad))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "IMPORTED:\n" in proc.stdout
+    assert (tmp_path / "r.csv").is_file()

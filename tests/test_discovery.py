@@ -1,0 +1,52 @@
+"""Walking input folders: sorted, recursive, skipping what is not ours to screen."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cxrbatch.discovery import iter_images
+from cxrbatch.errors import UsageError
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+def test_walks_sorted_recursive_case_insensitive(tmp_path: Path) -> None:
+    for name in ["b.png", "a.JPG", "sub/c.jpeg", "sub/deeper/d.PNG", "e.txt", ".hidden.png", ".cache/f.png"]:
+        _touch(tmp_path / name)
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_images([tmp_path])]
+    assert found == ["a.JPG", "b.png", "sub/c.jpeg", "sub/deeper/d.PNG"]
+
+
+def test_explicit_files_are_kept_whatever_their_extension(tmp_path: Path) -> None:
+    f = _touch(tmp_path / "scan.dat")
+    assert list(iter_images([f])) == [f]
+
+
+def test_missing_input_is_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="Input not found"):
+        list(iter_images([tmp_path / "nope"]))
+
+
+def test_own_outputs_are_skipped(tmp_path: Path) -> None:
+    keep = _touch(tmp_path / "x.png")
+    report = _touch(tmp_path / "report.png")
+    assert list(iter_images([tmp_path], skip=[report])) == [keep]
+
+
+def test_symlink_loop_terminates(tmp_path: Path) -> None:
+    _touch(tmp_path / "a" / "x.png")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "loop")
+    found = list(iter_images([tmp_path]))
+    assert [p.name for p in found] == ["x.png"]
+
+
+def test_directory_named_like_image_is_walked_not_yielded(tmp_path: Path) -> None:
+    _touch(tmp_path / "odd.png" / "inner.png")
+    assert [p.name for p in iter_images([tmp_path])] == ["inner.png"]

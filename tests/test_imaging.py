@@ -1,0 +1,147 @@
+"""Decoding and preprocessing: every mode to 8 bits, orientation, equalisation, clear errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxrbatch.errors import ImageError
+from cxrbatch.imaging import InputSpec, check_size, display_path, equalize, load_image, to_model_input
+
+GREY = InputSpec(16, 16, channels=1, colour="grey", equalize=False)
+RGB = InputSpec(16, 16, channels=3, colour="rgb", equalize=False)
+
+
+def _save(img: Image.Image, path: Path, **kw: object) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+def test_sixteen_bit_png_is_windowed_not_truncated(tmp_path: Path) -> None:
+    arr = np.linspace(1000, 3000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    path = _save(Image.fromarray(arr), tmp_path / "deep.png")
+    img = load_image(path)
+    out = np.asarray(img)
+    assert img.mode == "L"
+    assert out.min() == 0 and out.max() == 255  # full range used, not clipped to white
+    assert 120 <= out.mean() <= 135
+
+
+def test_rgba_is_composited_on_black(tmp_path: Path) -> None:
+    arr = np.zeros((8, 8, 4), dtype=np.uint8)
+    arr[..., :3] = 200
+    arr[:4, :, 3] = 255  # top half opaque, bottom half transparent
+    img = load_image(_save(Image.fromarray(arr, mode="RGBA"), tmp_path / "a.png"))
+    out = np.asarray(img.convert("L"))
+    assert img.mode == "RGB"
+    assert out[:4].min() == 200 and out[4:].max() == 0
+
+
+def test_la_palette_cmyk_float_modes_become_8bit(tmp_path: Path) -> None:
+    la = Image.fromarray(np.full((8, 8, 2), 255, dtype=np.uint8), mode="LA")
+    assert load_image(_save(la, tmp_path / "la.png")).mode == "L"
+    pal = Image.new("P", (8, 8), 3)
+    assert load_image(_save(pal, tmp_path / "p.png")).mode == "RGB"
+    cmyk = Image.new("CMYK", (8, 8), (0, 0, 0, 0))
+    assert load_image(_save(cmyk, tmp_path / "c.jpg")).mode == "RGB"
+    flt = Image.fromarray(np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8), mode="F")
+    out = np.asarray(load_image(_save(flt, tmp_path / "f.tiff")))
+    assert out.min() == 0 and out.max() == 255
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    img = Image.new("L", (40, 20), 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = _save(img, tmp_path / "o.jpg", exif=exif)
+    assert load_image(path).size == (20, 40)
+
+
+def test_animated_image_gives_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("L", (8, 8), v) for v in (10, 240)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    assert np.asarray(load_image(path)).mean() == pytest.approx(10, abs=2)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a readable image"),
+        (b"<html><body>hello</body></html>", "not a readable image"),
+        (bytes(range(256)) * 4, "not a readable image"),
+    ],
+)
+def test_unreadable_bytes_raise_image_error(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match=message):
+        load_image(path)
+
+
+def test_truncated_jpeg_raises_image_error(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, "JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        load_image(path)
+
+
+def test_missing_file_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="vanished"):
+        load_image(tmp_path / "gone.png")
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ImageError, match="directory"):
+        load_image(tmp_path / "dir.png")
+
+
+def test_draft_decodes_large_jpeg_smaller_but_not_below_target(tmp_path: Path) -> None:
+    path = _save(Image.new("L", (1024, 1024), 128), tmp_path / "big.jpg")
+    img = load_image(path, draft_size=224)
+    assert img.size == (256, 256)
+    assert load_image(path).size == (1024, 1024)
+
+
+def test_equalize_spreads_histogram_and_keeps_flat_images() -> None:
+    ramp = np.repeat(np.arange(100, 132, dtype=np.uint8), 8).reshape(16, 16)
+    out = equalize(ramp)
+    assert out.min() == 0 and out.max() == 255
+    assert np.all(np.diff(out.ravel().astype(int)) >= 0)  # order preserved
+    flat = np.full((4, 4), 77, dtype=np.uint8)
+    assert np.array_equal(equalize(flat), flat)
+
+
+def test_to_model_input_shapes_and_channels() -> None:
+    img = Image.new("RGB", (40, 30), (255, 0, 0))
+    grey = to_model_input(img, GREY)
+    rgb = to_model_input(img, RGB)
+    assert grey.shape == (16, 16, 1) and grey.dtype == np.float32
+    assert rgb.shape == (16, 16, 3)
+    assert rgb[0, 0].tolist() == [255.0, 0.0, 0.0]
+    assert grey[0, 0, 0] == pytest.approx(76, abs=1)  # ITU-R 601 luma of pure red
+    replicated = to_model_input(img, InputSpec(16, 16, channels=3, colour="grey", equalize=False))
+    assert np.array_equal(replicated[..., 0], replicated[..., 2])
+
+
+def test_input_spec_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        InputSpec(16, 16, channels=1, colour="rgb", equalize=False)
+    with pytest.raises(ValueError):
+        InputSpec(16, 16, channels=2, colour="grey", equalize=False)
+
+
+def test_too_small_image_is_refused() -> None:
+    with pytest.raises(ImageError, match="too small"):
+        check_size(Image.new("L", (20, 400)))
+    check_size(Image.new("L", (32, 32)))
+
+
+def test_display_path_escapes_undecodable_bytes() -> None:
+    name = b"scan-\xff\xfe.png".decode("utf-8", "surrogateescape")
+    assert display_path(name) == "scan-\\xff\\xfe.png"
+    assert display_path("plain/ok.png") == "plain/ok.png"

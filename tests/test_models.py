@@ -1,0 +1,112 @@
+"""Model metadata, loading, and the choice of onnxruntime providers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import LABELS, make_classifier, make_gate
+
+from cxrbatch.errors import DeviceError, ModelError
+from cxrbatch.models import CPU, CUDA, METADATA_KEY, ModelSpec, choose_providers, load_model, load_models
+
+
+def test_load_models_reads_metadata(tiny_models: Path) -> None:
+    gate, classifier = load_models(tiny_models, "cpu")
+    assert gate.spec.labels == ("NOT_XRAY", "XRAY") and gate.spec.positive_label == "XRAY"
+    assert classifier.spec.labels == tuple(LABELS)
+    assert classifier.spec.input.channels == 1 and classifier.spec.input.colour == "grey"
+    assert gate.spec.input.colour == "rgb"
+    assert len(gate.sha256) == 64 and gate.short_hash == gate.sha256[:12]
+    assert classifier.providers == [CPU]
+
+
+def test_model_run_returns_named_outputs(tiny_models: Path) -> None:
+    _, classifier = load_models(tiny_models, "cpu")
+    batch = np.full((2, 32, 32, 1), 250, dtype=np.float32)
+    out = classifier.run(batch, with_cam=True)
+    assert out["scores"].shape == (2, 4) and out["cam"].shape == (2, 32, 32, 4)
+    assert np.allclose(out["scores"].sum(axis=1), 1.0, atol=1e-5)
+    assert int(out["scores"][0].argmax()) == LABELS.index("TUBERCULOSIS")
+
+
+def test_missing_model_file_names_the_path(tmp_path: Path) -> None:
+    make_gate(tmp_path / "gate.onnx")
+    with pytest.raises(ModelError, match=r"Classifier model not found: .*classifier\.onnx"):
+        load_models(tmp_path, "cpu")
+    with pytest.raises(ModelError, match="Models folder not found"):
+        load_models(tmp_path / "nothing", "cpu")
+
+
+def test_role_mismatch_is_refused(tmp_path: Path) -> None:
+    make_classifier(tmp_path / "gate.onnx")
+    with pytest.raises(ModelError, match="is a classifier model, expected a gate model"):
+        load_model(tmp_path / "gate.onnx", "gate", [CPU])
+
+
+def test_garbage_model_file_is_model_error(tmp_path: Path) -> None:
+    (tmp_path / "gate.onnx").write_bytes(b"not onnx at all")
+    with pytest.raises(ModelError, match="cannot load gate model"):
+        load_model(tmp_path / "gate.onnx", "gate", [CPU])
+
+
+def test_model_without_metadata_is_refused(tmp_path: Path) -> None:
+    path = make_gate(tmp_path / "gate.onnx")
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError, match="no 'cxrbatch' metadata"):
+        load_model(path, "gate", [CPU])
+
+
+def test_incomplete_metadata_names_the_missing_key(tmp_path: Path) -> None:
+    path = make_gate(tmp_path / "gate.onnx")
+    model = onnx.load(str(path))
+    meta = json.loads(model.metadata_props[0].value)
+    del meta["labels"]
+    model.metadata_props[0].value = json.dumps(meta)
+    onnx.save(model, str(path))
+    with pytest.raises(ModelError, match=r"incomplete model metadata.*labels"):
+        load_model(path, "gate", [CPU])
+
+
+def test_spec_rejects_wrong_schema_and_gate_without_positive_label() -> None:
+    with pytest.raises(ModelError, match="schema"):
+        ModelSpec.from_metadata({"schema": "other/9"}, "m.onnx")
+    meta = {
+        "schema": "cxrbatch.model/1",
+        "role": "gate",
+        "name": "g",
+        "version": "1",
+        "input": {"name": "image", "height": 8, "width": 8, "channels": 3, "colour": "rgb", "equalize": False},
+        "labels": ["NO", "YES"],
+        "outputs": {"scores": "scores"},
+        "threshold": 0.5,
+        "positive_label": "MAYBE",
+    }
+    with pytest.raises(ModelError, match="positive_label"):
+        ModelSpec.from_metadata(meta, "m.onnx")
+    assert METADATA_KEY == "cxrbatch"
+
+
+@pytest.mark.parametrize(
+    ("device", "available", "expected"),
+    [
+        ("cpu", [CUDA, CPU], [CPU]),
+        ("auto", [CUDA, CPU], [CUDA, CPU]),
+        ("auto", [CPU], [CPU]),
+        ("cuda", ["TensorrtExecutionProvider", CUDA, CPU], [CUDA, CPU]),
+    ],
+)
+def test_choose_providers(device: str, available: list[str], expected: list[str]) -> None:
+    assert choose_providers(device, available) == expected
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(DeviceError, match=r"CUDA was requested.*onnxruntime-gpu"):
+        choose_providers("cuda", [CPU])
+    with pytest.raises(DeviceError, match="unknown device"):
+        choose_providers("tpu", [CPU])

@@ -1,0 +1,95 @@
+"""The screening pipeline: gate first, classifier on what passes, one result per file in order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import grey_image
+
+from cxrbatch.models import load_models
+from cxrbatch.pipeline import CLASSIFIED, ERROR, REJECTED, Screener, screen_all
+
+
+@pytest.fixture
+def screener(tiny_models: Path) -> Screener:
+    gate, classifier = load_models(tiny_models, "cpu")
+    return Screener(gate, classifier, batch_size=3, workers=2)
+
+
+def _paths(folder: Path) -> list[Path]:
+    from cxrbatch.discovery import iter_images
+
+    return list(iter_images([folder]))
+
+
+def test_gate_rejects_and_classifier_labels(screener: Screener, incoming: Path) -> None:
+    results, summary = screen_all(screener, _paths(incoming))
+    by_name = {r.path.name: r for r in results}
+    assert [r.path.name for r in results] == [
+        "a_dark.png",
+        "b_mid.jpg",
+        "e_photo.png",
+        "f_broken.jpg",
+        "c_light.PNG",
+        "d_white.jpeg",
+    ]
+    assert by_name["a_dark.png"].label == "COVID19"
+    assert by_name["b_mid.jpg"].label == "NORMAL"
+    assert by_name["c_light.PNG"].label == "PNEUMONIA"
+    assert by_name["d_white.jpeg"].label == "TUBERCULOSIS"
+    photo = by_name["e_photo.png"]
+    assert photo.status == REJECTED and photo.label is None and photo.probabilities is None
+    assert photo.gate_score is not None and photo.gate_score < 0.01
+    broken = by_name["f_broken.jpg"]
+    assert broken.status == ERROR and broken.error == "corrupt or truncated image: Truncated File Read"
+    assert summary.by_status == {CLASSIFIED: 4, REJECTED: 1, ERROR: 1}
+    assert summary.by_label["NORMAL"] == 1
+
+
+def test_probabilities_and_review_flag(screener: Screener, incoming: Path) -> None:
+    results, _ = screen_all(screener, _paths(incoming))
+    for r in results:
+        if r.status == CLASSIFIED:
+            assert r.probabilities is not None
+            assert sum(r.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+            assert r.confidence == max(r.probabilities.values())
+            assert r.needs_review == (r.confidence < 0.6)
+    mid = next(r for r in results if r.path.name == "b_mid.jpg")
+    assert mid.needs_review is True  # the tiny model is unsure about mid-grey
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 64])
+def test_results_do_not_depend_on_batch_size(tiny_models: Path, incoming: Path, batch_size: int) -> None:
+    gate, classifier = load_models(tiny_models, "cpu")
+    reference, _ = screen_all(Screener(gate, classifier, batch_size=5, workers=1), _paths(incoming))
+    other, _ = screen_all(Screener(gate, classifier, batch_size=batch_size, workers=2), _paths(incoming))
+    assert [(r.path, r.status, r.label) for r in other] == [(r.path, r.status, r.label) for r in reference]
+    for a, b in zip(reference, other, strict=True):
+        assert (a.confidence or 0) == pytest.approx(b.confidence or 0, abs=1e-6)
+
+
+def test_all_bad_batch_and_many_files_keep_order(screener: Screener, tmp_path: Path) -> None:
+    paths = []
+    for i in range(10):
+        p = tmp_path / f"{i:02d}.png"
+        if i % 3 == 0:
+            p.write_bytes(b"")
+        else:
+            grey_image(p, 20 + i * 20)
+        paths.append(p)
+    results = list(screener.screen(paths))
+    assert [r.path for r in results] == paths
+    assert [r.status for r in results].count(ERROR) == 4
+
+
+def test_too_small_image_is_an_error_row(screener: Screener, tmp_path: Path) -> None:
+    tiny = grey_image(tmp_path / "tiny.png", 100, size=8)
+    (result,) = list(screener.screen([tiny]))
+    assert result.status == ERROR and "too small" in (result.error or "")
+
+
+def test_bad_settings_are_refused(tiny_models: Path) -> None:
+    gate, classifier = load_models(tiny_models, "cpu")
+    with pytest.raises(ValueError):
+        Screener(gate, classifier, batch_size=0)
