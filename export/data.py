@@ -1,0 +1,116 @@
+"""Labelled image folders (`train/ val/ test/ <CLASS>/`) and the training-time augmentation."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from cxrbatch.discovery import iter_images
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    """The files of one split with their integer labels (index into `classes`)."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    def counts(self) -> dict[str, int]:
+        """Count images per class."""
+        return {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)}
+
+
+def class_names(data_dir: Path) -> tuple[str, ...]:
+    """Read the class names from the train split's folder names, in sorted order."""
+    train = data_dir / "train"
+    if not train.is_dir():
+        raise FileNotFoundError(f"{data_dir} has no train/ folder (expected train/ val/ test/ <CLASS>/)")
+    names = tuple(sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    if len(names) < 2:
+        raise ValueError(f"{train} needs at least two class folders, found {list(names)}")
+    return names
+
+
+def load_split(data_dir: Path, split: str, classes: tuple[str, ...]) -> Split:
+    """List the images of one split, labelled by their class folder."""
+    paths: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        folder = data_dir / split / name
+        if not folder.is_dir():
+            continue
+        found = list(iter_images([folder]))
+        paths.extend(found)
+        labels.extend([index] * len(found))
+    return Split(paths, np.asarray(labels, dtype=np.int64), classes)
+
+
+def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
+    """Map image id (file stem) to its MANIFEST.csv row, or {} when there is no manifest."""
+    manifest = data_dir / "MANIFEST.csv"
+    if not manifest.is_file():
+        return {}
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        return {row["id"]: row for row in csv.DictReader(fh)}
+
+
+def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Perturb a radiograph the way other sources differ: framing, resolution, blur, contrast, JPEG.
+
+    Every image is brought down to at most 224 px on its longer side and re-encoded as JPEG at a
+    random quality, so that the resolution and compression of the weakest source (224-px JPEGs)
+    stop being a clue to the label.
+    """
+    img = _random_crop(img, rng)
+    if rng.random() < 0.7:
+        img = img.rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BILINEAR, fillcolor=0)
+    side = int(rng.integers(96, 225))
+    scale = side / max(img.size)
+    if scale < 1:
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    if rng.random() < 0.25:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.2))))
+    if rng.random() < 0.5:
+        gamma = math.exp(float(rng.uniform(math.log(0.7), math.log(1.4))))
+        img = img.point([round(255 * (v / 255) ** gamma) for v in range(256)] * len(img.getbands()))
+    if rng.random() < 0.25:
+        img = _add_noise(img, float(rng.uniform(2, 8)), rng)
+    if rng.random() < 0.85:
+        img = _reencode(img, int(rng.integers(30, 96)))
+    return img
+
+
+def _random_crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    w, h = img.size
+    area = float(rng.uniform(0.70, 1.0)) * w * h
+    aspect = math.exp(float(rng.uniform(math.log(0.8), math.log(1.25))))
+    cw = min(w, max(1, round(math.sqrt(area * aspect))))
+    ch = min(h, max(1, round(math.sqrt(area / aspect))))
+    x0 = int(rng.integers(0, w - cw + 1))
+    y0 = int(rng.integers(0, h - ch + 1))
+    return img.crop((x0, y0, x0 + cw, y0 + ch))
+
+
+def _add_noise(img: Image.Image, sigma: float, rng: np.random.Generator) -> Image.Image:
+    arr = np.asarray(img, dtype=np.float32)
+    arr = arr + rng.normal(0.0, sigma, arr.shape).astype(np.float32)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode=img.mode)
+
+
+def _reencode(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as out:
+        out.load()
+        return out.copy()

@@ -1,0 +1,331 @@
+"""Train the gate or the classifier: MobileNetV2 transfer learning in two phases, on cached activations.
+
+A 2-core machine cannot afford to run the whole MobileNetV2 forward pass every epoch, so the
+frozen part runs once per augmented view:
+
+1. every training image is augmented `views` times; each view goes through the frozen base up to
+   `cache_layer` and that activation is cached (val images once, unaugmented);
+2. phase 1: the frozen top blocks turn the cache into pooled features and the new head trains on
+   them (Adam 1e-3, LR reduction on plateau, early stopping on val loss);
+3. phase 2: every layer above the cache point (`cache_layer`, default the end of block 12, so
+   blocks 13-16 and `Conv_1`) is unfrozen, batch-norm statistics kept frozen, and trains with
+   the head at 1e-4 on the cached activations, one random view per image per epoch.
+
+The checkpoint is a `.keras` file whose input takes 0..255 pixels (grey replicated and scaling
+done inside the graph) and a `<ckpt>.json` sidecar with labels, input spec and training summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+
+from cxrbatch.imaging import InputSpec, load_image, to_model_input
+from export.data import Split, augment, class_names, load_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; saved in the checkpoint sidecar."""
+
+    role: str
+    size: int
+    alpha: float = 1.0
+    views: int = 4
+    epochs1: int = 40
+    epochs2: int = 8
+    batch_size: int = 64
+    lr1: float = 1e-3
+    lr2: float = 1e-4
+    dropout: float = 0.2
+    seed: int = 1234
+    cache_layer: str = "block_12_add"  # frozen below (cached once), trainable above in phase 2
+
+    def input_spec(self) -> InputSpec:
+        """Gate sees colour (photos are colourful); the classifier sees equalised grey."""
+        if self.role == "gate":
+            return InputSpec(self.size, self.size, channels=3, colour="rgb", equalize=False)
+        return InputSpec(self.size, self.size, channels=1, colour="grey", equalize=True)
+
+
+DEFAULTS = {
+    "gate": TrainConfig(role="gate", size=128, views=3),
+    "classifier": TrainConfig(role="classifier", size=224, views=6, epochs2=25),
+}
+
+
+def build_model(config: TrainConfig, n_classes: int, base_weights: Path | None) -> keras.Model:
+    """Build the full model: 0..255 pixels in, probabilities out, MobileNetV2 in the middle."""
+    spec = config.input_spec()
+    inputs = keras.Input((spec.height, spec.width, spec.channels), name="image")
+    x = inputs
+    if spec.channels == 1:
+        x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(x)
+    base = keras.applications.MobileNetV2(
+        input_shape=(spec.height, spec.width, 3), alpha=config.alpha, include_top=False, weights=None
+    )
+    if base_weights is not None:
+        base.load_weights(str(base_weights))
+    features = base(x)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    dropped = keras.layers.Dropout(config.dropout, name="dropout")(pooled)
+    head = _head(config, n_classes)
+    return keras.Model(inputs, head(dropped), name=f"cxrbatch_{config.role}")
+
+
+def _head(config: TrainConfig, n_classes: int) -> keras.layers.Dense:
+    if config.role == "gate":
+        return keras.layers.Dense(1, activation="sigmoid", name="head")
+    return keras.layers.Dense(n_classes, activation="softmax", name="head")
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """Return the nested MobileNetV2 of a model made by `build_model`."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    raise ValueError("model has no nested backbone")
+
+
+def train(
+    role: str,
+    data_dir: Path,
+    out: Path,
+    base_weights: Path | None,
+    config: TrainConfig | None = None,
+) -> dict[str, Any]:
+    """Train one model on `data_dir` and save `out` (.keras) with its `.json` sidecar."""
+    config = config or DEFAULTS[role]
+    keras.utils.set_random_seed(config.seed)
+    classes = class_names(data_dir)
+    train_split = load_split(data_dir, "train", classes)
+    val_split = load_split(data_dir, "val", classes)
+    if not len(train_split.paths) or not len(val_split.paths):
+        raise ValueError(f"{data_dir}: train and val splits both need images")
+    started = time.time()
+    model = build_model(config, len(classes), base_weights)
+    base = backbone_of(model)
+    head = model.get_layer("head")
+    to_cache = keras.Model(base.input, base.get_layer(config.cache_layer).output)
+    below = keras.Model(model.input, to_cache(model.get_layer("scale").output))
+    above = keras.Model(base.get_layer(config.cache_layer).output, base.output)
+    spec = config.input_spec()
+    rng = np.random.default_rng(config.seed)
+    if base_weights is None:
+        _calibrate_batchnorm(model, base, train_split, spec, config.batch_size)
+
+    log.info("caching %d train images x %d views", len(train_split.paths), config.views)
+    train_cache = _cache(below, train_split, spec, config, rng, views=config.views)
+    val_cache = _cache(below, val_split, spec, config, rng, views=0)[:, 0]
+    y_train, y_val = _targets(config, train_split), _targets(config, val_split)
+    weights = _class_weights(train_split.labels, len(classes))
+
+    log.info("phase 1: head on frozen features")
+    pooled_train = _pool(above, train_cache.reshape((-1, *train_cache.shape[2:])), config.batch_size)
+    pooled_val = _pool(above, val_cache, config.batch_size)
+    head_model = _head_model(model, pooled_train.shape[1])
+    _compile(head_model, config, config.lr1)
+    history1 = head_model.fit(
+        pooled_train,
+        np.repeat(y_train, config.views, axis=0),
+        sample_weight=np.repeat(weights[train_split.labels], config.views),
+        validation_data=(pooled_val, y_val),
+        batch_size=config.batch_size,
+        epochs=config.epochs1,
+        callbacks=_callbacks(patience=5),
+        verbose=2,
+    )
+
+    log.info("phase 2: top blocks unfrozen")
+    _unfreeze_above(base, config.cache_layer)
+    top_model = keras.Model(
+        above.input, model.get_layer("head")(model.get_layer("dropout")(model.get_layer("pool")(above.output)))
+    )
+    _compile(top_model, config, config.lr2)
+    history2 = top_model.fit(
+        _ViewSampler(train_cache, y_train, weights[train_split.labels], config.batch_size, config.seed),
+        validation_data=(val_cache, y_val),
+        epochs=config.epochs2,
+        callbacks=_callbacks(patience=5),
+        verbose=2,
+    )
+    assert head is model.get_layer("head")  # the full model shares every trained layer
+    val_scores = np.asarray(top_model.predict(val_cache, batch_size=config.batch_size, verbose=0))
+    validation, threshold = _validate(config, val_split.labels, val_scores)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out)
+    summary = {
+        "role": role,
+        "labels": list(classes),
+        "input": asdict(spec),
+        "config": asdict(config),
+        "data": {
+            "dir_name": data_dir.name,
+            "train": train_split.counts(),
+            "val": val_split.counts(),
+        },
+        "history": {
+            "phase1_epochs": len(history1.history["loss"]),
+            "phase1_best_val_loss": float(min(history1.history["val_loss"])),
+            "phase2_epochs": len(history2.history["loss"]),
+            "phase2_best_val_loss": float(min(history2.history["val_loss"])),
+        },
+        "validation": validation,
+        "threshold": threshold,
+        "train_seconds": round(time.time() - started, 1),
+        "base_weights": base_weights.name if base_weights else None,
+    }
+    sidecar_path(out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    log.info("saved %s in %.0f s", out, summary["train_seconds"])
+    return summary
+
+
+def sidecar_path(ckpt: Path) -> Path:
+    """Where the JSON summary of a checkpoint lives."""
+    return ckpt.with_name(ckpt.name + ".json")
+
+
+def _validate(config: TrainConfig, labels: np.ndarray, scores: np.ndarray) -> tuple[dict[str, float], float]:
+    """Score the val split; for the gate, pick the threshold that keeps 99.8% of val X-rays (at most 0.5)."""
+    if config.role != "gate":
+        accuracy = float((scores.argmax(axis=1) == labels).mean())
+        return {"val_accuracy": round(accuracy, 4)}, 0.0
+    positive = scores[labels == 1, 0]
+    threshold = float(min(0.5, np.quantile(positive, 0.002)))
+    return {
+        "val_xray_kept": round(float((positive >= threshold).mean()), 4),
+        "val_not_xray_rejected": round(float((scores[labels == 0, 0] < threshold).mean()), 4),
+    }, threshold
+
+
+def _targets(config: TrainConfig, split: Split) -> np.ndarray:
+    if config.role == "gate":
+        return split.labels.astype(np.float32)[:, None]
+    return np.eye(len(split.classes), dtype=np.float32)[split.labels]
+
+
+def _class_weights(labels: np.ndarray, n: int) -> np.ndarray:
+    counts = np.bincount(labels, minlength=n).astype(np.float64)
+    return (len(labels) / (n * np.maximum(counts, 1))).astype(np.float32)
+
+
+def _compile(model: keras.Model, config: TrainConfig, lr: float) -> None:
+    loss = "binary_crossentropy" if config.role == "gate" else "categorical_crossentropy"
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
+
+
+def _callbacks(patience: int) -> list[keras.callbacks.Callback]:
+    return [
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, patience // 2), min_lr=1e-6),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+    ]
+
+
+def _head_model(model: keras.Model, width: int) -> keras.Model:
+    inputs = keras.Input((width,))
+    return keras.Model(inputs, model.get_layer("head")(model.get_layer("dropout")(inputs)))
+
+
+def _unfreeze_above(base: keras.Model, cache_layer: str) -> None:
+    names = [layer.name for layer in base.layers]
+    first = names.index(cache_layer) + 1
+    for i, layer in enumerate(base.layers):
+        # Batch-norm layers stay frozen (inference mode): small batches would wreck their statistics.
+        layer.trainable = i >= first and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def _calibrate_batchnorm(model: keras.Model, base: keras.Model, split: Split, spec: InputSpec, n: int) -> None:
+    """Without pretrained weights, set batch-norm statistics from real images.
+
+    A freshly initialised MobileNetV2 in inference mode gives the same output for every input;
+    one training-mode pass with momentum 0 makes each layer's moving statistics those of real data.
+    """
+    pick = np.linspace(0, len(split.paths) - 1, min(n, len(split.paths))).astype(int)
+    batch = np.stack([to_model_input(load_image(split.paths[i]), spec) for i in pick])
+    layers = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    features = keras.Model(model.input, base(model.get_layer("scale").output))
+    features(batch, training=True)
+    for layer, momentum in zip(layers, momenta, strict=True):
+        layer.momentum = momentum
+
+
+def _views(path: Path, spec: InputSpec, seed: int, views: int) -> np.ndarray:
+    img = load_image(path)
+    if views == 0:
+        return to_model_input(img, spec)[None]
+    rng = np.random.default_rng(seed)
+    return np.stack([to_model_input(augment(img, rng), spec) for _ in range(views)])
+
+
+def _cache(
+    below: keras.Model, split: Split, spec: InputSpec, config: TrainConfig, rng: np.random.Generator, views: int
+) -> np.ndarray:
+    """Run every (augmented) image through the frozen lower part once: (N, views or 1, h, w, c)."""
+    seeds = rng.integers(0, 2**32, len(split.paths))
+    per_batch = max(1, config.batch_size // max(views, 1))
+    chunks = [range(i, min(i + per_batch, len(split.paths))) for i in range(0, len(split.paths), per_batch)]
+    out: list[np.ndarray] = []
+
+    def prepare(chunk: range) -> np.ndarray:
+        return np.stack([_views(split.paths[i], spec, int(seeds[i]), views) for i in chunk])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = pool.submit(prepare, chunks[0])
+        for k in range(len(chunks)):
+            batch = pending.result()
+            if k + 1 < len(chunks):
+                pending = pool.submit(prepare, chunks[k + 1])
+            flat = batch.reshape((-1, *batch.shape[2:]))
+            act = np.asarray(below.predict_on_batch(flat))
+            out.append(act.reshape((batch.shape[0], batch.shape[1], *act.shape[1:])).astype(np.float16))
+            if k % 20 == 0:
+                log.info("cached %d/%d", min((k + 1) * per_batch, len(split.paths)), len(split.paths))
+    return np.concatenate(out)
+
+
+def _pool(above: keras.Model, acts: np.ndarray, batch: int) -> np.ndarray:
+    pooled = [
+        np.asarray(above.predict_on_batch(acts[i : i + batch].astype(np.float32))).mean(axis=(1, 2))
+        for i in range(0, len(acts), batch)
+    ]
+    return np.concatenate(pooled)
+
+
+class _ViewSampler(keras.utils.PyDataset):  # type: ignore[misc]
+    """Each epoch, one randomly chosen cached view per image, shuffled."""
+
+    def __init__(self, cache: np.ndarray, y: np.ndarray, w: np.ndarray, batch: int, seed: int) -> None:
+        super().__init__()
+        self.cache, self.y, self.w, self.batch = cache, y, w, batch
+        self.rng = np.random.default_rng(seed)
+        self.on_epoch_end()
+
+    def __len__(self) -> int:
+        return int(np.ceil(len(self.y) / self.batch))
+
+    def on_epoch_end(self) -> None:
+        self.order = self.rng.permutation(len(self.y))
+        self.pick = self.rng.integers(0, self.cache.shape[1], len(self.y))
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx = self.order[index * self.batch : (index + 1) * self.batch]
+        x = self.cache[idx, self.pick[idx]].astype(np.float32)
+        return x, self.y[idx], self.w[idx]

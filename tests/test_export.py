@@ -1,0 +1,143 @@
+"""Train, export and evaluate end to end on a tiny synthetic dataset (needs the export extra).
+
+Small width, 32-px input, one epoch per phase, no pretrained weights: this checks the mechanism
+(labels from folders, two phases, ONNX conversion, parity, metadata), not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+pytest.importorskip("tensorflow", reason="the export extra (tensorflow) is not installed")
+pytest.importorskip("tf2onnx", reason="the export extra (tf2onnx) is not installed")
+
+from cxrbatch.cli import app
+from cxrbatch.models import load_models, read_metadata
+
+pytestmark = pytest.mark.export
+runner = CliRunner()
+TINY = ["--size", "32", "--alpha", "0.35", "--views", "1", "--epochs1", "1", "--epochs2", "1"]
+
+
+def _blob_image(path: Path, rng: np.random.Generator, bright: bool, colour: bool) -> None:
+    side = int(rng.integers(40, 80))
+    base = rng.normal(190 if bright else 60, 25, (side, side))
+    xx = np.mgrid[:side, :side][1]
+    base += 40 * np.sin(xx / rng.uniform(3, 9)) * (1 if bright else -1)
+    grey = np.clip(base, 0, 255).astype(np.uint8)
+    if colour:
+        rgb = np.stack([grey, np.roll(grey, 7, axis=1) // 3, 255 - grey], axis=-1)
+        Image.fromarray(rgb.astype(np.uint8), mode="RGB").save(path)
+    else:
+        Image.fromarray(grey, mode="L").save(path)
+
+
+def _dataset(root: Path, classes: dict[str, tuple[bool, bool]], per_class: int = 12) -> Path:
+    rng = np.random.default_rng(7)
+    for split in ("train", "val", "test"):
+        for name, (bright, colour) in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                _blob_image(folder / f"{name}_{i}.png", rng, bright, colour)
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("export")
+    cxr = _dataset(work / "cxr", {"DARK": (False, False), "LIGHT": (True, False)})
+    gate = _dataset(work / "gate", {"NOT_XRAY": (True, True), "XRAY": (False, False)})
+    models = work / "models"
+    for role, data in (("gate", gate), ("classifier", cxr)):
+        ckpt = work / f"{role}.keras"
+        result = runner.invoke(app, ["train", role, str(data), "--out", str(ckpt), *TINY])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(
+            app, ["export", str(ckpt), "--out", str(models / f"{role}.onnx"), "--check-images", str(data / "val")]
+        )
+        assert result.exit_code == 0, result.output
+    return {"models": models, "cxr": cxr, "gate": gate, "work": work}
+
+
+def test_checkpoint_sidecar_has_sorted_labels_and_config(exported: dict[str, Path]) -> None:
+    summary = json.loads((exported["work"] / "classifier.keras.json").read_text(encoding="utf-8"))
+    assert summary["labels"] == ["DARK", "LIGHT"]
+    assert summary["config"]["alpha"] == 0.35 and summary["input"]["height"] == 32
+    assert summary["data"]["train"] == {"DARK": 12, "LIGHT": 12}
+    gate = json.loads((exported["work"] / "gate.keras.json").read_text(encoding="utf-8"))
+    assert gate["labels"] == ["NOT_XRAY", "XRAY"] and 0 < gate["threshold"] <= 0.5
+
+
+def test_metadata_round_trip(exported: dict[str, Path]) -> None:
+    meta = read_metadata(exported["models"] / "classifier.onnx")
+    assert meta["schema"] == "cxrbatch.model/1" and meta["role"] == "classifier"
+    assert meta["labels"] == ["DARK", "LIGHT"]
+    assert meta["input"]["channels"] == 1 and meta["input"]["equalize"] is True
+    assert meta["outputs"] == {"scores": "scores", "cam": "cam"}
+    gate, classifier = load_models(exported["models"], "cpu")
+    assert gate.spec.positive_label == "XRAY" and gate.spec.input.colour == "rgb"
+    assert classifier.spec.cam_output == "cam"
+
+
+def test_exported_outputs_vary_and_cam_matches_scores(exported: dict[str, Path]) -> None:
+    from cxrbatch.imaging import load_image, to_model_input
+
+    _, classifier = load_models(exported["models"], "cpu")
+    paths = sorted((exported["cxr"] / "test").rglob("*.png"))
+    batch = np.stack([to_model_input(load_image(p), classifier.spec.input) for p in paths])
+    out = classifier.run(batch, with_cam=True)
+    scores, cam = out["scores"], out["cam"]
+    assert scores.std(axis=0).max() > 1e-4  # not the constant output of an untrained network
+    # global average of the per-position logits, softmaxed, is the classifier's own output
+    logits = cam.mean(axis=(1, 2))
+    soft = np.exp(logits - logits.max(axis=1, keepdims=True))
+    assert np.allclose(soft / soft.sum(axis=1, keepdims=True), scores, atol=1e-4)
+
+
+def test_parity_check_fails_loudly(exported: dict[str, Path]) -> None:
+    import keras
+
+    from export.onnx_export import ExportError, check_parity, export
+
+    ckpt = exported["work"] / "classifier.keras"
+    images = sorted((exported["cxr"] / "val").rglob("*.png"))[:4]
+    with pytest.raises(ExportError, match="at least one real image"):
+        export(ckpt, exported["work"] / "x.onnx", [])
+    import onnx
+
+    proto = onnx.load(str(exported["models"] / "classifier.onnx"))
+    model = keras.models.load_model(ckpt, compile=False)
+    from cxrbatch.imaging import InputSpec
+
+    spec = InputSpec(32, 32, 1, "grey", True)
+    head = model.get_layer("head")
+    kernel, bias = head.get_weights()
+    head.set_weights([kernel + 0.5, bias])  # a Keras model that no longer matches the ONNX file
+    from export.onnx_export import _with_outputs
+
+    graph_model, names = _with_outputs(model, "classifier")
+    with pytest.raises(ExportError, match="differs from Keras"):
+        check_parity(graph_model, proto, spec, images, names)
+
+
+def test_evaluate_end_to_end(exported: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "metrics.json"
+    result = runner.invoke(
+        app, ["evaluate", str(exported["cxr"]), "--models", str(exported["models"]), "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "classifier evaluation on cxr/test: 24 images" in result.stdout
+    report = json.loads(out.read_text(encoding="utf-8"))
+    overall = report["overall"]
+    assert overall["n"] == 24 and np.array(overall["confusion"]).sum() == 24
+    assert 0.0 <= overall["accuracy"] <= 1.0 and len(overall["ci95"]["recall"]) == 2
+    gate_run = runner.invoke(app, ["evaluate", str(exported["gate"]), "--models", str(exported["models"])])
+    assert gate_run.exit_code == 0, gate_run.output
+    assert "gate evaluation on gate/test: 24 images" in gate_run.stdout
