@@ -37,18 +37,27 @@ class Scored:
 
 
 def labelled_images(data_dir: Path, split: str | None) -> tuple[list[Path], list[str]]:
-    """List images under `data_dir/split/<CLASS>/` (or `data_dir/<CLASS>/`) with their class."""
+    """List images with their class: `[split/]<CLASS>/` folders, or a flat folder whose
+    MANIFEST.csv has `id` and `label` columns (ids are file stems)."""
     root = data_dir / split if split and (data_dir / split).is_dir() else data_dir
     if not root.is_dir():
         raise UsageError(f"Evaluation folder not found: {root}")
     paths: list[Path] = []
     truth: list[str] = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
         found = list(iter_images([folder]))
         paths += found
         truth += [folder.name] * len(found)
+    if not folders:
+        manifest = read_manifest(root)
+        for path in iter_images([root]):
+            label = manifest.get(path.stem, {}).get("label")
+            if label:
+                paths.append(path)
+                truth.append(label)
     if not paths:
-        raise UsageError(f"No labelled images under {root} (expected <CLASS>/ folders)")
+        raise UsageError(f"No labelled images under {root} (expected <CLASS>/ folders or a MANIFEST.csv with labels)")
     return paths, truth
 
 

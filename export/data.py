@@ -73,7 +73,7 @@ def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     img = _random_crop(img, rng)
     if rng.random() < 0.7:
         img = img.rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BILINEAR, fillcolor=0)
-    side = int(rng.integers(96, 225))
+    side = int(rng.integers(128, 225))
     scale = side / max(img.size)
     if scale < 1:
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
@@ -86,7 +86,7 @@ def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     if rng.random() < 0.25:
         img = _add_noise(img, float(rng.uniform(2, 8)), rng)
     if rng.random() < 0.85:
-        img = _reencode(img, int(rng.integers(30, 96)))
+        img = _reencode(img, int(rng.integers(40, 96)))
     return img
 
 

@@ -32,7 +32,7 @@ import keras
 import numpy as np
 
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
-from export.data import Split, augment, class_names, load_split
+from export.data import Split, augment, class_names, load_split, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class TrainConfig:
 
 DEFAULTS = {
     "gate": TrainConfig(role="gate", size=128, views=3),
-    "classifier": TrainConfig(role="classifier", size=224, views=6, epochs2=25),
+    "classifier": TrainConfig(role="classifier", size=224, views=6, epochs2=30, cache_layer="block_5_add"),
 }
 
 
@@ -112,6 +112,7 @@ def train(
     config = config or DEFAULTS[role]
     keras.utils.set_random_seed(config.seed)
     classes = class_names(data_dir)
+    manifest = read_manifest(data_dir)
     train_split = load_split(data_dir, "train", classes)
     val_split = load_split(data_dir, "val", classes)
     if not len(train_split.paths) or not len(val_split.paths):
@@ -132,7 +133,8 @@ def train(
     train_cache = _cache(below, train_split, spec, config, rng, views=config.views)
     val_cache = _cache(below, val_split, spec, config, rng, views=0)[:, 0]
     y_train, y_val = _targets(config, train_split), _targets(config, val_split)
-    weights = _class_weights(train_split.labels, len(classes))
+    sources = [manifest.get(p.stem, {}).get("source", "") for p in train_split.paths]
+    weights = sample_weights(train_split.labels, sources, len(classes))
 
     log.info("phase 1: head on frozen features")
     pooled_train = _pool(above, train_cache.reshape((-1, *train_cache.shape[2:])), config.batch_size)
@@ -142,7 +144,7 @@ def train(
     history1 = head_model.fit(
         pooled_train,
         np.repeat(y_train, config.views, axis=0),
-        sample_weight=np.repeat(weights[train_split.labels], config.views),
+        sample_weight=np.repeat(weights, config.views),
         validation_data=(pooled_val, y_val),
         batch_size=config.batch_size,
         epochs=config.epochs1,
@@ -157,10 +159,10 @@ def train(
     )
     _compile(top_model, config, config.lr2)
     history2 = top_model.fit(
-        _ViewSampler(train_cache, y_train, weights[train_split.labels], config.batch_size, config.seed),
+        _ViewSampler(train_cache, y_train, weights, config.batch_size, config.seed),
         validation_data=(val_cache, y_val),
         epochs=config.epochs2,
-        callbacks=_callbacks(patience=5),
+        callbacks=_callbacks(patience=6),
         verbose=2,
     )
     assert head is model.get_layer("head")  # the full model shares every trained layer
@@ -219,9 +221,32 @@ def _targets(config: TrainConfig, split: Split) -> np.ndarray:
     return np.eye(len(split.classes), dtype=np.float32)[split.labels]
 
 
-def _class_weights(labels: np.ndarray, n: int) -> np.ndarray:
-    counts = np.bincount(labels, minlength=n).astype(np.float64)
-    return (len(labels) / (n * np.maximum(counts, 1))).astype(np.float32)
+def sample_weights(labels: np.ndarray, sources: list[str], n: int, cap: float = 5.0) -> np.ndarray:
+    """Weight images so that classes are balanced within each source, and rare classes' sources count more.
+
+    Plain inverse-frequency class weights teach a shortcut when a class comes from one source:
+    TUBERCULOSIS (141 train images, all from one source whose other 141 images are NORMAL) would
+    weigh 8x more than those NORMALs, so "looks like that source" would pay. Here classes are
+    balanced within each source (a weight capped at `cap`, so a lone image cannot dominate), and
+    then every image of a source is scaled by the square-root class balance of its rarest class:
+    the TB source as a whole counts more, its NORMALs as much as its TBs. The mean weight is 1.
+    Images without a known source count as one source.
+    """
+    weights = np.ones(len(labels), dtype=np.float64)
+    source_arr = np.asarray(sources, dtype=object)
+    present_by_source = {}
+    for source in set(sources):
+        in_source = source_arr == source
+        present = np.unique(labels[in_source])
+        present_by_source[source] = present
+        for c in present:
+            group = in_source & (labels == c)
+            weights[group] = min(cap, in_source.sum() / (len(present) * group.sum()))
+    totals = np.bincount(labels, weights=weights, minlength=n)
+    class_factor = np.sqrt(totals.sum() / (n * np.maximum(totals, 1e-9)))
+    for source, present in present_by_source.items():
+        weights[source_arr == source] *= class_factor[present].max()
+    return (weights / weights.mean()).astype(np.float32)
 
 
 def _compile(model: keras.Model, config: TrainConfig, lr: float) -> None:
@@ -231,7 +256,9 @@ def _compile(model: keras.Model, config: TrainConfig, lr: float) -> None:
 
 def _callbacks(patience: int) -> list[keras.callbacks.Callback]:
     return [
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, patience // 2), min_lr=1e-6),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.3, patience=max(1, patience // 2 + 1), min_lr=1e-6
+        ),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
     ]
 

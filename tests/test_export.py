@@ -141,3 +141,18 @@ def test_evaluate_end_to_end(exported: dict[str, Path], tmp_path: Path) -> None:
     gate_run = runner.invoke(app, ["evaluate", str(exported["gate"]), "--models", str(exported["models"])])
     assert gate_run.exit_code == 0, gate_run.output
     assert "gate evaluation on gate/test: 24 images" in gate_run.stdout
+
+
+def test_sample_weights_balance_classes_within_each_source() -> None:
+    from export.training import sample_weights
+
+    # source "tb": 10 NORMAL + 10 TB; source "big": 60 NORMAL + 20 PNEUMONIA (labels 0 NORMAL, 1 PNEU, 2 TB)
+    labels = np.array([0] * 10 + [2] * 10 + [0] * 60 + [1] * 20)
+    sources = ["tb"] * 20 + ["big"] * 80
+    w = sample_weights(labels, sources, 3)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[:10].sum() == pytest.approx(w[10:20].sum())  # no reward for "looks like the TB source"
+    assert w[20:80].sum() == pytest.approx(w[80:].sum())  # classes balanced inside the big source too
+    assert w[10] > 2 * w[20]  # the rare class's source counts more per image than a common class elsewhere
+    lone = sample_weights(np.array([0] * 50 + [1]), ["s"] * 51, 2, cap=5.0)
+    assert lone[-1] / lone[0] == pytest.approx(5.0 / (51 / 100))  # capped, not 25x

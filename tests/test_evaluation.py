@@ -1,0 +1,81 @@
+"""Evaluation metrics and labelled-tree discovery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import grey_image
+
+from cxrbatch.errors import UsageError
+from cxrbatch.evaluation import classification_metrics, evaluate, format_report, labelled_images
+from cxrbatch.models import load_models
+from cxrbatch.pipeline import Screener
+
+
+def test_metrics_on_a_known_confusion_matrix() -> None:
+    # truth 0: 3 right, 1 called 1; truth 1: 2 right; truth 2: 1 right, 1 called 0
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 1, 1, 1, 2, 0])
+    m = classification_metrics(y, pred, 3, ci=True)
+    assert m["confusion"] == [[3, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["recall"] == pytest.approx([0.75, 1.0, 0.5])
+    assert m["precision"] == pytest.approx([0.75, 2 / 3, 1.0])
+    f1 = [0.75, 0.8, 2 / 3]
+    assert m["f1"] == pytest.approx(f1)
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
+    low, high = m["ci95"]["accuracy"]
+    assert low <= m["accuracy"] <= high and high - low > 0
+
+
+def test_absent_class_scores_zero_not_nan() -> None:
+    m = classification_metrics(np.array([0, 0]), np.array([0, 0]), 2)
+    assert m["recall"] == [1.0, 0.0] and not np.isnan(m["macro_f1"])
+
+
+def test_labelled_images_from_folders_and_from_manifest(tmp_path: Path) -> None:
+    (tmp_path / "test" / "NORMAL").mkdir(parents=True)
+    grey_image(tmp_path / "test" / "NORMAL" / "n1.png", 110)
+    paths, truth = labelled_images(tmp_path, "test")
+    assert [p.name for p in paths] == ["n1.png"] and truth == ["NORMAL"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    grey_image(flat / "abc.png", 20)
+    grey_image(flat / "unlisted.png", 20)
+    (flat / "MANIFEST.csv").write_text("id,file,label\nabc,abc.png,COVID19\n", encoding="utf-8")
+    paths, truth = labelled_images(flat, "test")
+    assert [p.name for p in paths] == ["abc.png"] and truth == ["COVID19"]
+    with pytest.raises(UsageError, match="No labelled images"):
+        labelled_images(tmp_path / "test" / "NORMAL", None)
+
+
+def test_evaluate_classifier_tree_with_manifest(tiny_models: Path, tmp_path: Path) -> None:
+    levels = {"COVID19": 20, "NORMAL": 110, "PNEUMONIA": 170, "TUBERCULOSIS": 250}
+    rows = ["id,source"]
+    for label, level in levels.items():
+        folder = tmp_path / "test" / label
+        folder.mkdir(parents=True)
+        for i in range(3):
+            grey_image(folder / f"{label}{i}.png", level)
+            rows.append(f"{label}{i},{'src-a' if i else 'src-b'}")
+    grey_image(tmp_path / "test" / "NORMAL" / "NORMALx.png", 250)  # a NORMAL the tiny model calls TB
+    (tmp_path / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    gate, classifier = load_models(tiny_models, "cpu")
+    report = evaluate(tmp_path, "test", gate, classifier, Screener(gate, classifier))
+    assert report["kind"] == "classifier" and report["images"] == 13
+    assert report["overall"]["confusion"][1] == [0, 3, 0, 1]
+    assert report["overall"]["accuracy"] == pytest.approx(12 / 13)
+    assert report["by_source"]["src-b"]["n"] == 4 and report["by_source"]["src-a"]["accuracy"] == 1.0
+    assert report["gate_accepted"] == 1.0
+    text = format_report(report)
+    assert "accuracy 0.9231" in text and "[source] src-a" in text
+
+
+def test_evaluate_refuses_unknown_class_folders(tiny_models: Path, tmp_path: Path) -> None:
+    (tmp_path / "test" / "CATS").mkdir(parents=True)
+    grey_image(tmp_path / "test" / "CATS" / "c.png", 100)
+    gate, classifier = load_models(tiny_models, "cpu")
+    with pytest.raises(UsageError, match="match neither"):
+        evaluate(tmp_path, "test", gate, classifier, Screener(gate, classifier))

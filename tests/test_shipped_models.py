@@ -1,0 +1,67 @@
+"""The models shipped in models/: they load, carry complete metadata, and get the samples right."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SHARED, needs_shared
+from typer.testing import CliRunner
+
+from cxrbatch.cli import app
+from cxrbatch.models import default_models_dir, load_models
+
+SAMPLES = REPO / "samples"
+EXPECTED = {
+    "NORMAL2-IM-1437-0001.jpeg": ("classified", "NORMAL"),
+    "person1947_bacteria_4876.jpeg": ("classified", "PNEUMONIA"),
+    "chelsea.png": ("rejected", ""),
+    "rocket.jpg": ("rejected", ""),
+}
+
+
+def test_bundled_models_load_with_complete_metadata() -> None:
+    gate, classifier = load_models(default_models_dir(), "cpu")
+    assert classifier.spec.labels == ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
+    assert gate.spec.labels == ("NOT_XRAY", "XRAY") and gate.spec.positive_label == "XRAY"
+    assert classifier.spec.cam_output == "cam"
+    for model in (gate, classifier):
+        meta = model.spec.extra
+        assert meta["version"] and meta["training"]["data"]["train"]
+        assert meta["input"]["layout"] == "NHWC" and meta["input"]["value_range"] == [0, 255]
+        assert 0 < model.spec.threshold < 1
+        assert model.path.stat().st_size <= 15 * 1024 * 1024
+
+
+def test_samples_are_screened_as_their_provenance_says(tmp_path: Path) -> None:
+    report = tmp_path / "report.csv"
+    result = CliRunner().invoke(app, ["run", str(SAMPLES), "--out", str(report), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    rows = {Path(r["path"]).name: (r["status"], r["label"]) for r in csv.DictReader(report.open(encoding="utf-8"))}
+    assert rows == EXPECTED
+
+
+@needs_shared
+def test_bench_folder_gives_one_row_per_file(tmp_path: Path) -> None:
+    bench = SHARED / "data" / "bench"
+    files = sorted(p.name for p in bench.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    report = tmp_path / "bench.csv"
+    result = CliRunner().invoke(app, ["run", str(bench), "--out", str(report), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(report.open(encoding="utf-8")))
+    assert sorted(Path(r["path"]).name for r in rows) == files
+    assert len(files) == 294
+    statuses = [r["status"] for r in rows]
+    assert statuses.count("error") == 0
+    assert statuses.count("classified") >= 290  # all are chest X-rays: the gate keeps (nearly) all
+
+
+@pytest.mark.skipif(not (SHARED / "data").is_dir(), reason="../shared/data is not beside this checkout")
+def test_models_do_not_ship_shared_files() -> None:
+    import hashlib
+
+    shipped = {hashlib.sha1(p.read_bytes()).hexdigest() for p in (REPO / "samples").iterdir() if p.is_file()}
+    with (SHARED / "data" / "bench" / "MANIFEST.csv").open(encoding="utf-8") as fh:
+        bench = {row["file_sha1"] for row in csv.DictReader(fh)}
+    assert not shipped & bench
