@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -124,15 +125,8 @@ def train(
         raise typer.BadParameter("role must be gate or classifier")
     training = _export_module("training")
     default = training.DEFAULTS[role]
-    config = training.TrainConfig(
-        role=role,
-        size=size or default.size,
-        alpha=alpha,
-        views=views or default.views,
-        epochs1=epochs1 or default.epochs1,
-        epochs2=epochs2 or default.epochs2,
-        seed=seed,
-    )
+    overrides = {"size": size, "views": views, "epochs1": epochs1, "epochs2": epochs2}
+    config = replace(default, alpha=alpha, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     if base_weights is not None and not base_weights.is_file():
         raise typer.BadParameter(f"base weights not found: {base_weights}")
     summary = training.train(role, data_dir, out, base_weights, config)
@@ -145,7 +139,7 @@ def run(
     out: Annotated[str | None, typer.Option("--out", "-o", help="CSV report path, or - for stdout")] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="JSON report path, or - for stdout")] = None,
     models: Annotated[Path | None, typer.Option("--models", help="folder with gate.onnx and classifier.onnx")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per inference batch")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per inference batch")] = 16,
     workers: Annotated[int, typer.Option("--workers", min=1, help="decoding threads")] = 2,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
     draft: Annotated[bool, typer.Option("--draft/--no-draft", help="reduced-size JPEG decoding")] = True,

@@ -64,16 +64,18 @@ def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
 
 
 def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Perturb a radiograph the way other sources differ: framing, resolution, blur, contrast, JPEG.
+    """Perturb a radiograph the way other sources differ: framing, side, resolution, blur, contrast, JPEG.
 
     Every image is brought down to at most 224 px on its longer side and re-encoded as JPEG at a
     random quality, so that the resolution and compression of the weakest source (224-px JPEGs)
     stop being a clue to the label.
     """
     img = _random_crop(img, rng)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < 0.7:
         img = img.rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BILINEAR, fillcolor=0)
-    side = int(rng.integers(128, 225))
+    side = int(rng.integers(144, 225))
     scale = side / max(img.size)
     if scale < 1:
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
@@ -85,7 +87,7 @@ def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
         img = img.point([round(255 * (v / 255) ** gamma) for v in range(256)] * len(img.getbands()))
     if rng.random() < 0.25:
         img = _add_noise(img, float(rng.uniform(2, 8)), rng)
-    if rng.random() < 0.85:
+    if rng.random() < 0.8:
         img = _reencode(img, int(rng.integers(40, 96)))
     return img
 

@@ -104,7 +104,11 @@ def _metadata(summary: dict[str, Any], version: str, outputs: list[str]) -> dict
         "training": {k: summary[k] for k in ("config", "data", "history", "train_seconds", "base_weights")},
         "validation": summary.get("validation", {}),
         "exported": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "licence": "model weights: MIT (this project); ImageNet init: MIT/Apache-2.0, see models/README.md",
+        "licence": (
+            "trained by the cxrbatch project; the training images carry mixed terms (CC BY, CC BY-NC-SA, "
+            "'research purposes only', none stated): research and screening-support use only; "
+            "ImageNet init MIT/Apache-2.0. See models/README.md"
+        ),
     }
     if role == "gate":
         meta["positive_label"] = summary["labels"][1]  # the sigmoid scores label index 1

@@ -63,7 +63,7 @@ class TrainConfig:
 
 DEFAULTS = {
     "gate": TrainConfig(role="gate", size=128, views=3),
-    "classifier": TrainConfig(role="classifier", size=224, views=6, epochs2=30, cache_layer="block_5_add"),
+    "classifier": TrainConfig(role="classifier", size=224, views=10, epochs2=30, lr2=3e-5, cache_layer="block_5_add"),
 }
 
 
@@ -162,7 +162,7 @@ def train(
         _ViewSampler(train_cache, y_train, weights, config.batch_size, config.seed),
         validation_data=(val_cache, y_val),
         epochs=config.epochs2,
-        callbacks=_callbacks(patience=6),
+        callbacks=_callbacks(patience=8, monitor="val_accuracy"),
         verbose=2,
     )
     assert head is model.get_layer("head")  # the full model shares every trained layer
@@ -254,12 +254,15 @@ def _compile(model: keras.Model, config: TrainConfig, lr: float) -> None:
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
 
 
-def _callbacks(patience: int) -> list[keras.callbacks.Callback]:
+def _callbacks(patience: int, monitor: str = "val_loss") -> list[keras.callbacks.Callback]:
+    """LR reduction on a val-loss plateau; early stopping on `monitor`, keeping the best weights."""
     return [
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=0.3, patience=max(1, patience // 2 + 1), min_lr=1e-6
         ),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+        keras.callbacks.EarlyStopping(
+            monitor=monitor, mode="max" if "acc" in monitor else "min", patience=patience, restore_best_weights=True
+        ),
     ]
 
 
@@ -295,11 +298,13 @@ def _calibrate_batchnorm(model: keras.Model, base: keras.Model, split: Split, sp
 
 
 def _views(path: Path, spec: InputSpec, seed: int, views: int) -> np.ndarray:
+    """The image as the runtime sees it, then `views - 1` augmented versions (views=0: clean only)."""
     img = load_image(path)
-    if views == 0:
-        return to_model_input(img, spec)[None]
+    clean = to_model_input(img, spec)
+    if views <= 1:
+        return clean[None]
     rng = np.random.default_rng(seed)
-    return np.stack([to_model_input(augment(img, rng), spec) for _ in range(views)])
+    return np.stack([clean] + [to_model_input(augment(img, rng), spec) for _ in range(views - 1)])
 
 
 def _cache(

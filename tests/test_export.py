@@ -70,6 +70,10 @@ def test_checkpoint_sidecar_has_sorted_labels_and_config(exported: dict[str, Pat
     summary = json.loads((exported["work"] / "classifier.keras.json").read_text(encoding="utf-8"))
     assert summary["labels"] == ["DARK", "LIGHT"]
     assert summary["config"]["alpha"] == 0.35 and summary["input"]["height"] == 32
+    from export.training import DEFAULTS
+
+    default = DEFAULTS["classifier"]  # options not given on the command line keep the role's defaults
+    assert summary["config"]["cache_layer"] == default.cache_layer and summary["config"]["lr2"] == default.lr2
     assert summary["data"]["train"] == {"DARK": 12, "LIGHT": 12}
     gate = json.loads((exported["work"] / "gate.keras.json").read_text(encoding="utf-8"))
     assert gate["labels"] == ["NOT_XRAY", "XRAY"] and 0 < gate["threshold"] <= 0.5
@@ -156,3 +160,17 @@ def test_sample_weights_balance_classes_within_each_source() -> None:
     assert w[10] > 2 * w[20]  # the rare class's source counts more per image than a common class elsewhere
     lone = sample_weights(np.array([0] * 50 + [1]), ["s"] * 51, 2, cap=5.0)
     assert lone[-1] / lone[0] == pytest.approx(5.0 / (51 / 100))  # capped, not 25x
+
+
+def test_augment_brings_every_view_to_the_weakest_source_resolution() -> None:
+    from export.data import augment
+
+    rng = np.random.default_rng(3)
+    big = Image.fromarray(rng.integers(0, 255, (320, 300), dtype=np.uint8), mode="L")
+    colour = Image.fromarray(rng.integers(0, 255, (300, 320, 3), dtype=np.uint8), mode="RGB")
+    for _ in range(20):
+        out = augment(big, rng)
+        assert out.mode == "L" and max(out.size) <= 224
+        assert augment(colour, rng).mode == "RGB"
+    views = [np.asarray(augment(big, np.random.default_rng(9))) for _ in range(2)]
+    assert np.array_equal(views[0], views[1])  # the same seed gives the same view

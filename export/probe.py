@@ -1,0 +1,118 @@
+"""Source probe: how well do a model's pooled features tell which source an image came from?
+
+Within one class (NORMAL by default, the only class that several sources share), a linear
+softmax probe is trained on train-split features to predict the source and scored on the val
+split. High probe accuracy means the features carry the source's look, which a classifier can
+use as a shortcut wherever classes and sources are confounded. Comparing the trained
+classifier's features with the ImageNet initialisation shows whether training added to or took
+away from that.
+
+    python -m export.probe runs/classifier.keras ../shared/data/cxr \
+        --base-weights ../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from cxrbatch.imaging import InputSpec, load_image, to_model_input
+from export.data import class_names, load_split, read_manifest
+from export.training import backbone_of, sidecar_path
+
+MIN_IMAGES = 10  # sources with fewer train images of the class are left out
+
+
+def features(model: keras.Model, spec: InputSpec, paths: list[Path], batch: int = 64) -> np.ndarray:
+    """Pooled backbone features (before the head) of each image, preprocessed as at run time."""
+    inputs = keras.Input((spec.height, spec.width, spec.channels))
+    x = inputs
+    if spec.channels == 1:
+        x = model.get_layer("grey_to_rgb")([x, x, x])
+    pooled = model.get_layer("pool")(backbone_of(model)(model.get_layer("scale")(x)))
+    extractor = keras.Model(inputs, pooled)
+    out = []
+    for i in range(0, len(paths), batch):
+        arr = np.stack([to_model_input(load_image(p), spec) for p in paths[i : i + batch]])
+        out.append(np.asarray(extractor.predict_on_batch(arr)))
+    return np.concatenate(out)
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, k: int, epochs: int = 300, seed: int = 0) -> keras.Model:
+    """Train a linear softmax probe on standardised features."""
+    keras.utils.set_random_seed(seed)
+    probe = keras.Sequential([keras.Input((x.shape[1],)), keras.layers.Dense(k, activation="softmax")])
+    probe.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    probe.fit(x, y, batch_size=len(x), epochs=epochs, verbose=0)
+    return probe
+
+
+def run_probe(model: keras.Model, spec: InputSpec, data_dir: Path, label: str) -> dict[str, Any]:
+    """Probe source identity among images of one class: val accuracy against the majority baseline."""
+    classes = class_names(data_dir)
+    manifest = read_manifest(data_dir)
+    train, val = (load_split(data_dir, s, classes) for s in ("train", "val"))
+    index = classes.index(label)
+
+    def pick(split: Any) -> tuple[list[Path], list[str]]:
+        paths = [p for p, y in zip(split.paths, split.labels, strict=True) if y == index]
+        return paths, [manifest[p.stem]["source"] for p in paths]
+
+    train_paths, train_src = pick(train)
+    counts = Counter(train_src)
+    sources = sorted(s for s, n in counts.items() if n >= MIN_IMAGES)
+    keep_t = [i for i, s in enumerate(train_src) if s in sources]
+    val_paths, val_src = pick(val)
+    keep_v = [i for i, s in enumerate(val_src) if s in sources]
+    xt = features(model, spec, [train_paths[i] for i in keep_t])
+    xv = features(model, spec, [val_paths[i] for i in keep_v])
+    yt = np.array([sources.index(train_src[i]) for i in keep_t])
+    yv = np.array([sources.index(val_src[i]) for i in keep_v])
+    mean, std = xt.mean(axis=0), xt.std(axis=0) + 1e-6
+    probe = fit_probe((xt - mean) / std, yt, len(sources))
+    pred = probe.predict((xv - mean) / std, verbose=0).argmax(axis=1)
+    per_source = {s: float((pred[yv == i] == i).mean()) for i, s in enumerate(sources) if (yv == i).any()}
+    return {
+        "class": label,
+        "sources": sources,
+        "train_images": len(yt),
+        "val_images": len(yv),
+        "probe_val_accuracy": float((pred == yv).mean()),
+        "majority_baseline": float(np.bincount(yv).max() / len(yv)),
+        "recall_per_source": per_source,
+    }
+
+
+def main() -> None:
+    """Probe a trained classifier and, for comparison, the ImageNet initialisation."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ckpt", type=Path)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--base-weights", type=Path, help="also probe the ImageNet backbone")
+    parser.add_argument("--label", default="NORMAL")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    summary = json.loads(sidecar_path(args.ckpt).read_text(encoding="utf-8"))
+    spec = InputSpec(**summary["input"])
+    trained = keras.models.load_model(args.ckpt, compile=False)
+    report = {"trained": run_probe(trained, spec, args.data_dir, args.label)}
+    if args.base_weights:
+        from export.training import TrainConfig, build_model
+
+        config = TrainConfig(**summary["config"])
+        imagenet = build_model(config, len(summary["labels"]), args.base_weights)
+        report["imagenet"] = run_probe(imagenet, spec, args.data_dir, args.label)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
