@@ -6,9 +6,10 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from cxrbatch.dicom import is_dicom
 from cxrbatch.errors import UsageError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm"})
 
 
 def is_candidate(name: str, skip_names: frozenset[str] = frozenset()) -> bool:
@@ -58,8 +59,18 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]]) -> Iterator
             is_dir = False
         if is_dir:
             yield from _walk(path, skip, seen)
-        elif is_candidate(entry.name) and _resolved(path) not in skip:
+        elif (is_candidate(entry.name) or _is_bare_dicom(entry)) and _resolved(path) not in skip:
             yield path
+
+
+def _is_bare_dicom(entry: os.DirEntry[str]) -> bool:
+    """A DICOM file without an extension, recognised by its preamble (regular files only)."""
+    if entry.name.startswith(".") or os.path.splitext(entry.name)[1]:
+        return False
+    try:
+        return entry.is_file() and is_dicom(entry.path)
+    except OSError:
+        return False
 
 
 def _resolved(path: Path) -> Path:

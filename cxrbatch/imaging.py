@@ -8,13 +8,17 @@ what it sees at run time.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from cxrbatch import dicom
 from cxrbatch.errors import ImageError
 
 # Anything smaller than this on its short side is no radiograph worth screening.
@@ -46,29 +50,82 @@ class InputSpec:
 def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> Image.Image:
     """Decode a file into an 8-bit "L" or "RGB" image with EXIF orientation applied.
 
-    With `draft_size`, JPEGs are decoded at a reduced scale that is still at least
-    `draft_size` pixels on each side (libjpeg's DCT scaling), which is several times faster.
+    DICOM files (a .dcm name or the DICM preamble) go through `cxrbatch.dicom`. With
+    `draft_size`, JPEGs are decoded at a reduced scale that is still at least `draft_size`
+    pixels on each side (libjpeg's DCT scaling), which is several times faster. Every way a
+    file can fail becomes an ImageError whose message says what is wrong with it.
     """
+    size = _regular_file_size(path)
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
     try:
-        with Image.open(path) as img:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+            fh.seek(0)
+            if dicom.is_dicom(path, head):
+                return _from_values(dicom.read_pixels(path))
+            return _decode(fh, head, draft_size)
+    except ImageError:
+        raise
+    except OSError as exc:
+        raise ImageError(_os_message(path, exc)) from None
+
+
+def _regular_file_size(path: str | os.PathLike[str]) -> int:
+    """Stat before opening: a FIFO or device named like an image would block a plain open()."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ImageError(_os_message(path, exc)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError("is a directory, not an image")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file (a pipe, socket or device)")
+    return st.st_size
+
+
+def _os_message(path: str | os.PathLike[str], exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "broken symbolic link" if os.path.islink(path) else "file vanished before it could be read"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop"
+    return f"cannot read file: {exc.strerror or exc}"
+
+
+def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
+    try:
+        with Image.open(fh) as img:
             if draft_size and img.format == "JPEG":
                 img.draft("RGB" if img.mode not in ("L", "1") else "L", (draft_size, draft_size))
             img.seek(0)  # animated files: the first frame
             img.load()
             return _to_8bit(ImageOps.exif_transpose(img))
-    except FileNotFoundError:
-        raise ImageError("file vanished before it could be read") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory, not an image") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large to decode safely ({exc})") from None
     except UnidentifiedImageError:
+        if _looks_like_text(head):
+            raise ImageError("a text or HTML file, not an image") from None
         raise ImageError("not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports truncated and corrupt data as OSError/SyntaxError/ValueError.
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+    except ImageError:
+        raise
+    except Exception as exc:  # Pillow's decoders raise other types on hostile data; one file, one error row
+        raise ImageError(f"corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def _looks_like_text(head: bytes) -> bool:
+    sample = head.lstrip(b"\xef\xbb\xbf")[:128]
+    return bool(sample) and all(b in b"\t\n\r" or 32 <= b < 127 for b in sample)
+
+
+def _from_values(values: np.ndarray) -> Image.Image:
+    if values.ndim == 3:
+        return Image.fromarray(values, mode="RGB")
+    return _window_to_l(values)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -71,8 +71,8 @@ def test_animated_image_gives_first_frame(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"", "not a readable image"),
-        (b"<html><body>hello</body></html>", "not a readable image"),
+        (b"", "empty file"),
+        (b"<html><body>hello</body></html>", "a text or HTML file, not an image"),
         (bytes(range(256)) * 4, "not a readable image"),
     ],
 )
@@ -145,3 +145,19 @@ def test_display_path_escapes_undecodable_bytes() -> None:
     name = b"scan-\xff\xfe.png".decode("utf-8", "surrogateescape")
     assert display_path(name) == "scan-\\xff\\xfe.png"
     assert display_path("plain/ok.png") == "plain/ok.png"
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "WEBP", "PNG", "JPEG"])
+def test_other_formats_pillow_reads(tmp_path: Path, fmt: str) -> None:
+    arr = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (64, 1))
+    path = _save(Image.fromarray(arr, mode="L"), tmp_path / f"x.{fmt.lower()}", format=fmt)
+    out = np.asarray(load_image(path).convert("L"), dtype=int)
+    assert out.shape == (64, 64)
+    assert np.abs(out - arr).max() <= (12 if fmt in ("JPEG", "WEBP") else 0)
+
+
+def test_32bit_integer_mode_is_windowed(tmp_path: Path) -> None:
+    arr = np.linspace(-50000, 150000, 32 * 32).reshape(32, 32).astype(np.int32)
+    img = load_image(_save(Image.fromarray(arr, mode="I"), tmp_path / "i.tiff"))
+    out = np.asarray(img)
+    assert img.mode == "L" and out.min() == 0 and out.max() == 255

@@ -18,6 +18,7 @@ EXPECTED = {
     "person1947_bacteria_4876.jpeg": ("classified", "PNEUMONIA"),
     "chelsea.png": ("rejected", ""),
     "rocket.jpg": ("rejected", ""),
+    "CT_small.dcm": ("rejected", ""),  # DICOM, read with the dicom extra (installed with the tests)
 }
 
 

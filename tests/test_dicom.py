@@ -1,0 +1,144 @@
+"""DICOM decoding: LUTs in the standard's order, MONOCHROME1, 16 bit, frames, and clear errors."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pydicom = pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")
+
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.encaps import encapsulate  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
+
+from cxrbatch.discovery import iter_images  # noqa: E402
+from cxrbatch.errors import ImageError  # noqa: E402
+from cxrbatch.imaging import load_image  # noqa: E402
+
+PATIENT = "Doe^Jane"
+PATIENT_ID = "SECRET-12345"
+
+
+def make_dicom(
+    path: Path,
+    pixels: np.ndarray | None,
+    photometric: str = "MONOCHROME2",
+    syntax: str = ExplicitVRLittleEndian,
+    **attrs: object,
+) -> Path:
+    """Write a minimal secondary-capture DICOM file with the given pixels and attributes."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = PATIENT
+    ds.PatientID = PATIENT_ID
+    ds.Modality = "DX"
+    if pixels is not None:
+        frames = pixels.shape[0] if pixels.ndim == 3 else 1
+        rows, cols = pixels.shape[-2:]
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        if syntax == ExplicitVRLittleEndian:
+            ds.PixelData = pixels.astype(np.uint16).tobytes()
+        else:
+            ds.PixelData = encapsulate([b"\x00\x01not-really-jpeg2000" * 4])
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def ramp(rows: int = 64, cols: int = 64, lo: int = 1000, hi: int = 3000) -> np.ndarray:
+    return np.linspace(lo, hi, rows * cols).reshape(rows, cols).astype(np.uint16)
+
+
+def test_monochrome2_16bit_is_scaled_to_full_range(tmp_path: Path) -> None:
+    img = load_image(make_dicom(tmp_path / "a.dcm", ramp()))
+    arr = np.asarray(img)
+    assert img.mode == "L" and img.size == (64, 64)
+    assert arr[0, 0] == 0 and arr[-1, -1] == 255  # dark stays dark
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    arr = np.asarray(load_image(make_dicom(tmp_path / "m1.dcm", ramp(), photometric="MONOCHROME1")))
+    assert arr[0, 0] == 255 and arr[-1, -1] == 0
+
+
+def test_voi_window_is_applied_before_inversion(tmp_path: Path) -> None:
+    # Window 1500..2500 of a 1000..3000 ramp: the first quarter saturates dark, the last quarter light.
+    path = make_dicom(tmp_path / "w.dcm", ramp(), WindowCenter=2000, WindowWidth=1000)
+    arr = np.asarray(load_image(path)).ravel()
+    assert arr[: len(arr) // 5].max() == 0 and arr[-len(arr) // 5 :].min() == 255
+    inverted = make_dicom(tmp_path / "w1.dcm", ramp(), photometric="MONOCHROME1", WindowCenter=2000, WindowWidth=1000)
+    arr1 = np.asarray(load_image(inverted)).ravel()
+    assert arr1[: len(arr1) // 5].min() == 255 and arr1[-len(arr1) // 5 :].max() == 0
+
+
+def test_rescale_slope_intercept_is_applied(tmp_path: Path) -> None:
+    # A negative slope flips the ramp: proof that the modality LUT ran.
+    path = make_dicom(tmp_path / "r.dcm", ramp(), RescaleSlope=-1, RescaleIntercept=4000)
+    arr = np.asarray(load_image(path))
+    assert arr[0, 0] == 255 and arr[-1, -1] == 0
+
+
+def test_multi_frame_gives_first_frame_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    frames = np.stack([ramp(), ramp()[::-1]])
+    with caplog.at_level(logging.WARNING):
+        arr = np.asarray(load_image(make_dicom(tmp_path / "mf.dcm", frames)))
+    assert arr[0, 0] == 0
+    assert "multi-frame DICOM (2 frames)" in caplog.text
+
+
+def test_no_pixel_data_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="no pixel data"):
+        load_image(make_dicom(tmp_path / "sr.dcm", None))
+
+
+def test_compressed_without_decoder_names_the_packages(tmp_path: Path) -> None:
+    path = make_dicom(tmp_path / "j2k.dcm", ramp(), syntax=JPEG2000Lossless)
+    with pytest.raises(ImageError, match=r"compressed DICOM \(JPEG 2000.*pip install pylibjpeg") as info:
+        load_image(path)
+    assert PATIENT not in str(info.value) and PATIENT_ID not in str(info.value)
+
+
+def test_extensionless_dicom_is_found_by_its_preamble(tmp_path: Path) -> None:
+    make_dicom(tmp_path / "IM000001", ramp())
+    (tmp_path / "README").write_text("not dicom", encoding="utf-8")
+    found = list(iter_images([tmp_path]))
+    assert [p.name for p in found] == ["IM000001"]
+    assert load_image(found[0]).size == (64, 64)
+
+
+def test_reports_never_carry_patient_identifiers(tmp_path: Path, tiny_models: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cxrbatch.cli import app
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_dicom(folder / "ok.dcm", ramp())
+    make_dicom(folder / "bad.dcm", ramp(), syntax=JPEG2000Lossless)
+    make_dicom(folder / "empty.dcm", None)
+    out, doc = tmp_path / "r.csv", tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app, ["run", str(folder), "--models", str(tiny_models), "--out", str(out), "--json", str(doc), "-v"]
+    )
+    assert result.exit_code == 3
+    text = out.read_text(encoding="utf-8") + doc.read_text(encoding="utf-8") + result.stderr
+    assert PATIENT not in text and PATIENT_ID not in text and "Doe" not in text
+    assert "ok.dcm,classified" in out.read_text(encoding="utf-8")
