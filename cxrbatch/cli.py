@@ -5,6 +5,7 @@ Exit codes (the same table is in the README):
   1  fatal: models missing or invalid, output not writable, device unavailable
   2  usage: bad options, an input that does not exist
   3  the run finished but some files could not be read (error rows in the report)
+  4  another run holds the ledger (--ledger); nothing was done
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import typer
 
 from cxrbatch.errors import CxrBatchError, UsageError
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_FILE_ERRORS = 0, 1, 2, 3
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_FILE_ERRORS, EXIT_BUSY = 0, 1, 2, 3, 4
 
 app = typer.Typer(
     add_completion=False,
@@ -64,7 +65,11 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
 def _fail(exc: CxrBatchError, verbose: bool) -> typer.Exit:
     if verbose:
         log.exception("failed")
+    from cxrbatch.ledger import LedgerBusy
+
     typer.echo(f"[error] {exc}", err=True)
+    if isinstance(exc, LedgerBusy):
+        return typer.Exit(EXIT_BUSY)
     return typer.Exit(EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FATAL)
 
 
@@ -143,6 +148,12 @@ def run(
     workers: Annotated[int, typer.Option("--workers", min=1, help="decoding threads")] = 2,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
     draft: Annotated[bool, typer.Option("--draft/--no-draft", help="reduced-size JPEG decoding")] = True,
+    ledger: Annotated[
+        Path | None, typer.Option("--ledger", help="SQLite ledger: screen only new files, report each result once")
+    ] = None,
+    report_all: Annotated[
+        bool, typer.Option("--report-all", help="with --ledger: report every result for the inputs, delivered or not")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and tracebacks")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only warnings and errors")] = False,
 ) -> None:
@@ -150,8 +161,11 @@ def run(
 
     Example: cxrbatch run ./incoming --out report.csv --json report.json
 
-    Exit codes: 0 all files screened; 1 fatal (models, output, device); 2 usage;
-    3 finished, but some files could not be read (see the error rows).
+    Nightly: cxrbatch run ./incoming --ledger screening.db --out report.csv
+
+    Exit codes: 0 all files screened; 1 fatal (models, output, device, ledger); 2 usage;
+    3 finished, but some files could not be read (see the error rows);
+    4 another run holds the ledger, nothing was done.
     """
     from cxrbatch import runner
 
@@ -160,6 +174,8 @@ def run(
         raise typer.BadParameter("use auto, cpu or cuda", param_hint="--device")
     if out is None and json_out is None:
         out = "-"
+    if report_all and ledger is None:
+        raise typer.BadParameter("--report-all needs --ledger", param_hint="--report-all")
     try:
         options = runner.RunOptions(
             inputs=inputs,
@@ -170,6 +186,8 @@ def run(
             workers=workers,
             device=device,
             draft=draft,
+            ledger=ledger,
+            report_all=report_all,
         )
         with _progress_bar(enabled=not quiet and sys.stderr.isatty()) as reporter:
             options.reporter = reporter
@@ -178,6 +196,41 @@ def run(
         raise _fail(exc, verbose) from None
     typer.echo(summary.line(), err=True)
     raise typer.Exit(EXIT_FILE_ERRORS if summary.by_status["error"] else EXIT_OK)
+
+
+@app.command("ledger")
+def ledger_status(
+    path: Annotated[Path, typer.Argument(help="the ledger file given to `run --ledger`")],
+    json_out: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+) -> None:
+    """Show what a nightly ledger holds: counts by status and label, the last run, undelivered results.
+
+    Example: cxrbatch ledger screening.db
+    """
+    import json
+
+    from cxrbatch.ledger import Ledger
+
+    if not path.is_file():
+        typer.echo(f"[error] Ledger not found: {path}", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        with Ledger.open(path) as ledger:
+            status = ledger.status()
+    except CxrBatchError as exc:
+        raise _fail(exc, verbose=False) from None
+    if json_out:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    last = status["last_run"] or {}
+    typer.echo(f"{status['files']} files in the ledger; {status['undelivered']} results not yet delivered")
+    typer.echo("by status: " + ", ".join(f"{k} {v}" for k, v in status["by_status"].items()))
+    typer.echo("by label: " + ", ".join(f"{k} {v}" for k, v in status["by_label"].items()))
+    if last:
+        typer.echo(
+            f"last run #{last['id']}: {last['status']}, started {last['started']}, finished {last['finished'] or '-'}, "
+            f"screened {last['screened']}, reused {last['reused']}, reported {last['reported']}"
+        )
 
 
 @app.command()
@@ -243,3 +296,7 @@ def export_cmd(
 def main() -> None:
     """Entry point of the console script."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -60,9 +60,13 @@ class Summary:
 
     def add(self, result: Result) -> None:
         """Count one result."""
-        self.by_status[result.status] += 1
-        if result.label:
-            self.by_label[result.label] += 1
+        self.count(result.status, result.label)
+
+    def count(self, status: str, label: str | None) -> None:
+        """Count one reported row."""
+        self.by_status[status] += 1
+        if label:
+            self.by_label[label] += 1
 
     def line(self) -> str:
         """One human line: counts per status and label, and the rate."""

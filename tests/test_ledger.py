@@ -1,0 +1,199 @@
+"""Nightly runs with a ledger: never screen twice, report each result exactly once, one run at a time."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import grey_image, make_gate
+from typer.testing import CliRunner
+
+from cxrbatch.cli import app
+
+runner = CliRunner()
+
+
+def _run(folder: Path, models: Path, ledger: Path, out: Path, *extra: str) -> tuple[int, list[dict[str, str]], str]:
+    result = runner.invoke(
+        app, ["run", str(folder), "--models", str(models), "--ledger", str(ledger), "--out", str(out), *extra]
+    )
+    rows = list(csv.DictReader(out.open(encoding="utf-8"))) if out.exists() else []
+    return result.exit_code, rows, result.stderr
+
+
+def _names(rows: list[dict[str, str]]) -> list[str]:
+    return sorted(Path(r["path"]).name for r in rows)
+
+
+def _inferences(ledger: Path) -> list[int]:
+    with sqlite3.connect(ledger) as db:
+        return [n for (n,) in db.execute("SELECT inferences FROM results ORDER BY sha256")]
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    for i, level in enumerate((20, 110, 170, 250, 60)):
+        grey_image(inbox / f"img{i}.png", level)
+    return inbox
+
+
+def test_second_run_with_nothing_new_reports_nothing(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    code, rows, err = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)]
+    code, rows, err = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and rows == []
+    assert out.read_text(encoding="utf-8").startswith("path,status,gate_score")  # header only
+    assert "0 files: 0 classified" in err
+    assert _inferences(ledger) == [1] * 5
+
+
+def test_new_and_changed_files_are_screened_and_reported(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    _run(folder, tiny_models, ledger, out)
+    grey_image(folder / "img1.png", 240)  # new content under an old name
+    grey_image(folder / "new.png", 100)
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and _names(rows) == ["img1.png", "new.png"]
+    assert next(r for r in rows if r["path"].endswith("img1.png"))["label"] == "TUBERCULOSIS"
+    assert _inferences(ledger) == [1] * 7
+
+
+def test_renamed_file_is_reported_without_inference(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    _run(folder, tiny_models, ledger, out)
+    (folder / "sub").mkdir()
+    (folder / "img2.png").rename(folder / "sub" / "moved.png")
+    code, rows, err = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and _names(rows) == ["moved.png"]
+    assert rows[0]["label"] == "PNEUMONIA"
+    assert _inferences(ledger) == [1] * 5  # no new inference
+    assert "0 to screen" in err
+
+
+def test_new_models_screen_everything_again(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    _run(folder, tiny_models, ledger, out)
+    make_gate(tiny_models / "gate.onnx", threshold=0.4)  # a different gate file: a different hash
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and len(rows) == 5
+    assert len({r["gate_model"] for r in rows}) == 1
+    assert len(_inferences(ledger)) == 10
+
+
+def test_report_all_repeats_delivered_results(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    _run(folder, tiny_models, ledger, out)
+    code, rows, _ = _run(folder, tiny_models, ledger, out, "--report-all")
+    assert code == 0 and len(rows) == 5
+    assert _inferences(ledger) == [1] * 5
+    assert runner.invoke(app, ["run", str(folder), "--models", str(tiny_models), "--report-all"]).exit_code == 2
+
+
+def test_unreadable_files_are_reported_each_run(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 3 and len(rows) == 6
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and rows == []  # same broken content: its error row was delivered once
+
+
+CRASH_SCRIPT = """
+import sys
+from cxrbatch.cli import app
+app(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("point", ["batch_committed", "before_report", "after_report"])
+def test_kill_9_then_rerun_reports_every_file_once(folder: Path, tiny_models: Path, tmp_path: Path, point: str) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    args = [
+        "run",
+        str(folder),
+        "--models",
+        str(tiny_models),
+        "--ledger",
+        str(ledger),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": point}
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9  # killed as by kill -9
+    committed = len(_inferences(ledger))
+    assert committed == (2 if point == "batch_committed" else 5)
+    code, rows, err = _run(folder, tiny_models, ledger, out, "--batch-size", "2")
+    assert code == 0
+    assert _names(rows) == [f"img{i}.png" for i in range(5)]  # every file exactly once
+    assert _inferences(ledger) == [1] * 5  # nothing committed was inferred again
+    assert f"{5 - committed} to screen" in err
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and rows == []
+
+
+def test_second_run_on_a_held_ledger_exits_4(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    with open(tmp_path / "l.db.lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        code, _, err = _run(folder, tiny_models, ledger, out)
+    assert code == 4
+    assert "Another cxrbatch run holds the ledger" in err
+    assert not out.exists()
+    code, rows, _ = _run(folder, tiny_models, ledger, out)  # released with its holder
+    assert code == 0 and len(rows) == 5
+
+
+@pytest.mark.parametrize("content", [b"this is not a database at all" * 10, None])
+def test_foreign_or_corrupt_ledger_is_refused_untouched(
+    folder: Path, tiny_models: Path, tmp_path: Path, content: bytes | None
+) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    if content is None:
+        with sqlite3.connect(ledger) as db:
+            db.execute("CREATE TABLE patients (name TEXT)")
+            db.execute("INSERT INTO patients VALUES ('x')")
+        db.close()
+    else:
+        ledger.write_bytes(content)
+    before = ledger.read_bytes()
+    code, _, err = _run(folder, tiny_models, ledger, out)
+    assert code == 1
+    assert "is not a" in err and "cxrbatch ledger" in err and "left untouched" in err
+    assert ledger.read_bytes() == before and not out.exists()
+
+
+def test_ledger_command_shows_counts_and_last_run(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    _run(folder, tiny_models, ledger, out)
+    grey_image(folder / "late.png", 20)
+    result = runner.invoke(app, ["ledger", str(ledger)])
+    assert result.exit_code == 0
+    assert "5 files in the ledger; 0 results not yet delivered" in result.stdout
+    assert "by status: classified 5" in result.stdout
+    assert "by label: COVID19 2, NORMAL 1, PNEUMONIA 1, TUBERCULOSIS 1" in result.stdout
+    assert "last run #1: done" in result.stdout and "screened 5, reused 0, reported 5" in result.stdout
+    assert runner.invoke(app, ["ledger", str(tmp_path / "none.db")]).exit_code == 2
+
+
+def test_duplicate_content_in_one_run_is_inferred_once(tmp_path: Path, tiny_models: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    grey_image(inbox / "a.png", 170)
+    grey_image(inbox / "copy_of_a.png", 170)
+    code, rows, _ = _run(inbox, tiny_models, tmp_path / "l.db", tmp_path / "r.csv")
+    assert code == 0 and _names(rows) == ["a.png", "copy_of_a.png"]
+    assert {r["label"] for r in rows} == {"PNEUMONIA"}
+    assert _inferences(tmp_path / "l.db") == [1]
