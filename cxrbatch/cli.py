@@ -144,7 +144,7 @@ def run(
     out: Annotated[str | None, typer.Option("--out", "-o", help="CSV report path, or - for stdout")] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="JSON report path, or - for stdout")] = None,
     models: Annotated[Path | None, typer.Option("--models", help="folder with gate.onnx and classifier.onnx")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per inference batch")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per inference batch")] = 8,
     workers: Annotated[int, typer.Option("--workers", min=1, help="decoding threads")] = 2,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
     draft: Annotated[bool, typer.Option("--draft/--no-draft", help="reduced-size JPEG decoding")] = True,

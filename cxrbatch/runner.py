@@ -29,7 +29,7 @@ class RunOptions:
     csv_out: str | None = "-"
     json_out: str | None = None
     models_dir: Path | None = None
-    batch_size: int = 16
+    batch_size: int = 8
     workers: int = 2
     device: str = "auto"
     draft: bool = True

@@ -1,0 +1,246 @@
+"""Speed and memory of cxrbatch, measured in one run on one machine, as ratios against baselines.
+
+    python -m benchmarks.run --json benchmarks/results/run.json
+
+1. inference-only: the shipped gate + classifier on pre-decoded tensors (the ceiling), and each
+   model alone (the gate's share of inference time);
+2. `cxrbatch run` end to end (decode + gate + classifier + reports) in a fresh process, first
+   (cold) and repeated (warm), on ../shared/data/bench and on a synthetic set;
+3. the seed-style baseline: the same Keras MobileNetV2 classifier, `model.predict` one image at a
+   time (needs the export extra; skipped with a note otherwise);
+4. decode-only rate per format (with and without JPEG draft mode);
+5. peak RSS of `cxrbatch run` over 1,000 and 20,000 synthetic files;
+6. time to first result: process start to report written, one image.
+
+Medians over `--repeats` with min-max spread. Timings are wall-clock on a shared machine: compare
+the ratios within one run, not numbers across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cxrbatch.discovery import iter_images
+from cxrbatch.imaging import load_image, to_model_input
+from cxrbatch.models import default_models_dir, load_models
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO.parent / "shared" / "data" / "bench"
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall-clock seconds of `repeats` calls."""
+    out = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def stats(count: int, seconds: list[float]) -> dict[str, Any]:
+    """Rate summary: median images/s and the spread over repeats."""
+    rates = [count / s for s in seconds]
+    return {
+        "images": count,
+        "median_per_s": round(statistics.median(rates), 1),
+        "min_per_s": round(min(rates), 1),
+        "max_per_s": round(max(rates), 1),
+    }
+
+
+def synthetic_set(folder: Path, sources: list[Path], n: int, side: int = 1024) -> Path:
+    """n distinct JPEGs made from real radiographs: a random crop, a brightness shift, `side` px."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    bases = [load_image(p).convert("L").resize((side, side)) for p in sources[:50]]
+    for i in range(n):
+        img = bases[i % len(bases)]
+        box = rng.integers(0, side // 10, 2)
+        crop = img.crop((int(box[0]), int(box[1]), side - int(box[1]), side - int(box[0]))).resize((side, side))
+        arr = np.clip(np.asarray(crop, dtype=np.int16) + int(rng.integers(-20, 20)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr, mode="L").save(folder / f"syn{i:06d}.jpg", quality=85)
+    return folder
+
+
+def inference_only(paths: list[Path], repeats: int, batch: int) -> dict[str, Any]:
+    """Both models (and each alone) on tensors decoded beforehand."""
+    gate, classifier = load_models(default_models_dir(), "cpu")
+    imgs = [load_image(p, draft_size=224) for p in paths]
+    g = np.stack([to_model_input(i, gate.spec.input) for i in imgs])
+    c = np.stack([to_model_input(i, classifier.spec.input) for i in imgs])
+
+    def run(model: Any, x: np.ndarray) -> Callable[[], None]:
+        return lambda: [model.run(x[i : i + batch]) for i in range(0, len(x), batch)]
+
+    gate_s = timed(run(gate, g), repeats)
+    clf_s = timed(run(classifier, c), repeats)
+    both_s = timed(lambda: (run(gate, g)(), run(classifier, c)()), repeats)
+    n = len(paths)
+    return {
+        "both": stats(n, both_s),
+        "gate": stats(n, gate_s),
+        "classifier": stats(n, clf_s),
+        "gate_share_of_inference": round(statistics.median(gate_s) / statistics.median(both_s), 3),
+    }
+
+
+def cli_run(args: list[str]) -> tuple[float, int]:
+    """Run `cxrbatch` in a fresh process; return wall seconds and its peak RSS in MB."""
+    cmd = [sys.executable, "-m", "cxrbatch.cli", *args]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode not in (0, 3):
+        raise SystemExit(
+            f"cxrbatch {' '.join(args)} failed: {proc.stderr.read().decode()[-1500:] if proc.stderr else ''}"
+        )
+    return elapsed, int(usage.ru_maxrss / 1024)
+
+
+def end_to_end(folder: Path, n: int, repeats: int, out: Path) -> dict[str, Any]:
+    """Cold (first) and warm (repeated) fresh-process runs over a folder."""
+    runs = [cli_run(["run", str(folder), "--out", str(out), "-q"]) for _ in range(repeats + 1)]
+    cold, warm = runs[0], runs[1:]
+    return {
+        "cold": {"seconds": round(cold[0], 2), "per_s": round(n / cold[0], 1), "peak_rss_mb": cold[1]},
+        "warm": {**stats(n, [w[0] for w in warm]), "peak_rss_mb": max(w[1] for w in warm)},
+    }
+
+
+def seed_baseline(paths: list[Path]) -> dict[str, Any]:
+    """The student project's loop: Keras MobileNetV2 classifier, model.predict on one image at a time."""
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import keras
+    except ImportError:
+        return {"skipped": "the export extra (tensorflow/keras) is not installed"}
+    base = keras.applications.MobileNetV2(input_shape=(224, 224, 3), include_top=False, weights=None)
+    x = keras.layers.GlobalAveragePooling2D()(base.output)
+    model = keras.Model(base.input, keras.layers.Dense(4, activation="softmax")(keras.layers.Dropout(0.2)(x)))
+    prep = [np.asarray(load_image(p).convert("RGB").resize((224, 224)), dtype=np.float32) / 127.5 - 1 for p in paths]
+    model.predict(prep[0][None], verbose=0)  # build and trace once, as a long-running loop would
+    seconds = timed(lambda: [model.predict(x[None], verbose=0) for x in prep], 1)
+    return stats(len(paths), seconds)
+
+
+def decode_only(paths: list[Path]) -> dict[str, Any]:
+    """Decode (and prepare both inputs) per format, with and without JPEG draft mode."""
+    gate, classifier = load_models(default_models_dir(), "cpu")
+    by_fmt: dict[str, list[Path]] = {}
+    for p in paths:
+        by_fmt.setdefault(p.suffix.lower().replace(".jpeg", ".jpg"), []).append(p)
+    out = {}
+    for fmt, group in sorted(by_fmt.items()):
+        for draft in (True, False):
+
+            def work(group: list[Path] = group, draft: bool = draft) -> None:
+                for p in group:
+                    img = load_image(p, draft_size=224 if draft else None)
+                    to_model_input(img, gate.spec.input)
+                    to_model_input(img, classifier.spec.input)
+
+            out[f"{fmt} {'draft' if draft else 'full'}"] = stats(len(group), timed(work, 1))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--synthetic", type=int, default=2000)
+    parser.add_argument("--rss-large", type=int, default=20000)
+    parser.add_argument("--seed-images", type=int, default=60)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not BENCH.is_dir():
+        raise SystemExit(f"{BENCH} is missing: the benchmark needs ../shared/data/bench beside the checkout")
+    bench = list(iter_images([BENCH]))
+    report: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "bench_files": len(bench),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        # Fresh-process measurements first: a child's peak RSS on Linux includes its parent's at fork
+        # time, so the parent must not have loaded models or TensorFlow yet.
+        small = synthetic_set(root / "small", bench, args.rss_large, side=256)
+        one_k = root / "one_k"
+        one_k.mkdir()
+        for p in sorted(small.iterdir())[:1000]:
+            os.link(p, one_k / p.name)
+        report["peak_rss_mb"] = {
+            "1000": cli_run(["run", str(one_k), "--out", str(root / "k.csv"), "-q"])[1],
+            str(args.rss_large): cli_run(["run", str(small), "--out", str(root / "l.csv"), "-q"])[1],
+        }
+        single = [cli_run(["run", str(bench[0]), "--out", str(root / "one.csv"), "-q"])[0] for _ in range(args.repeats)]
+        report["single_image_latency_s"] = {
+            "median": round(statistics.median(single), 2),
+            "all": [round(s, 2) for s in single],
+        }
+        report["end_to_end_bench"] = end_to_end(BENCH, len(bench), args.repeats, root / "r.csv")
+        syn = synthetic_set(root / "synthetic", bench, args.synthetic)
+        report["end_to_end_synthetic"] = end_to_end(syn, args.synthetic, 1, root / "s.csv")
+        report["inference_only_bench"] = inference_only(bench, args.repeats, batch=8)
+        report["seed_baseline_bench"] = seed_baseline(bench[: args.seed_images])
+        report["decode_only_bench"] = decode_only(bench)
+    ceiling = report["inference_only_bench"]["both"]["median_per_s"]
+    warm = report["end_to_end_bench"]["warm"]["median_per_s"]
+    seed = report["seed_baseline_bench"].get("median_per_s")
+    report["ratios"] = {
+        "end_to_end_over_inference_only": round(warm / ceiling, 3),
+        "end_to_end_over_seed_loop": round(warm / seed, 1) if seed else None,
+    }
+    print_table(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def print_table(r: dict[str, Any]) -> None:
+    """Print the results as one readable table."""
+    inf = r["inference_only_bench"]
+    e2e = r["end_to_end_bench"]
+    rows = [
+        ("inference only, gate + classifier (bench)", f"{inf['both']['median_per_s']} img/s", _spread(inf["both"])),
+        ("  gate alone / classifier alone", f"{inf['gate']['median_per_s']} / {inf['classifier']['median_per_s']}", ""),
+        ("  gate share of inference time", f"{inf['gate_share_of_inference']:.1%}", ""),
+        ("cxrbatch run, bench, cold", f"{e2e['cold']['per_s']} img/s", f"{e2e['cold']['seconds']} s"),
+        ("cxrbatch run, bench, warm", f"{e2e['warm']['median_per_s']} img/s", _spread(e2e["warm"])),
+        ("cxrbatch run, synthetic 1024px JPEG, warm", f"{r['end_to_end_synthetic']['warm']['median_per_s']} img/s", ""),
+        ("seed-style Keras loop (bench subset)", str(r["seed_baseline_bench"].get("median_per_s", "skipped")), ""),
+        ("end to end / inference only", str(r["ratios"]["end_to_end_over_inference_only"]), ""),
+        ("end to end / seed loop", str(r["ratios"]["end_to_end_over_seed_loop"]), ""),
+        ("peak RSS MB (1,000 / large)", " / ".join(str(v) for v in r["peak_rss_mb"].values()), ""),
+        ("single image, start to report", f"{r['single_image_latency_s']['median']} s", ""),
+    ]
+    rows += [
+        (f"decode only, {k}", f"{v['median_per_s']} img/s", f"n={v['images']}")
+        for k, v in r["decode_only_bench"].items()
+    ]
+    print(f"machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs")
+    for name, value, extra in rows:
+        print(f"{name:<48}{value:>22}  {extra}")
+
+
+def _spread(s: dict[str, Any]) -> str:
+    return f"[{s['min_per_s']}-{s['max_per_s']}]"
+
+
+if __name__ == "__main__":
+    main()

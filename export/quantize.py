@@ -1,0 +1,70 @@
+"""Static int8 quantisation of an exported model (QOperator, per-channel, U8 activations, S8 weights).
+
+    python -m export.quantize models/classifier.onnx runs/int8/classifier.onnx \
+        --calibration ../shared/data/cxr/train --images 200
+
+Calibration images are preprocessed exactly as at run time (from the model's own metadata). The
+cxrbatch metadata is copied over with `"precision": "int8"`. Whether an int8 model may replace the
+float one is decided by `cxrbatch evaluate` on both, per class and per source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from cxrbatch.discovery import iter_images
+from cxrbatch.imaging import load_image, to_model_input
+from cxrbatch.models import METADATA_KEY, ModelSpec, read_metadata
+
+
+class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    def __init__(self, spec: ModelSpec, paths: list[Path], batch: int = 16) -> None:
+        self.batches = iter(
+            {spec.input_name: np.stack([to_model_input(load_image(p), spec.input) for p in paths[i : i + batch]])}
+            for i in range(0, len(paths), batch)
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
+    """Write an int8 copy of `src` calibrated on `images` images spread over `calibration`."""
+    meta = read_metadata(src)
+    spec = ModelSpec.from_metadata(meta, str(src))
+    found = list(iter_images([calibration]))
+    step = max(1, len(found) // images)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(
+        str(src),
+        str(dst),
+        _Reader(spec, found[::step][:images]),
+        quant_format=QuantFormat.QOperator,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    model = onnx.load(str(dst))
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps({**meta, "precision": "int8"}, sort_keys=True))
+    onnx.save(model, str(dst))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dst", type=Path)
+    parser.add_argument("--calibration", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=200)
+    args = parser.parse_args()
+    quantize(args.src, args.dst, args.calibration, args.images)
+
+
+if __name__ == "__main__":
+    main()
