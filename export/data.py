@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from dataclasses import dataclass
@@ -52,15 +51,6 @@ def load_split(data_dir: Path, split: str, classes: tuple[str, ...]) -> Split:
         paths.extend(found)
         labels.extend([index] * len(found))
     return Split(paths, np.asarray(labels, dtype=np.int64), classes)
-
-
-def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
-    """Map image id (file stem) to its MANIFEST.csv row, or {} when there is no manifest."""
-    manifest = data_dir / "MANIFEST.csv"
-    if not manifest.is_file():
-        return {}
-    with manifest.open(newline="", encoding="utf-8") as fh:
-        return {row["id"]: row for row in csv.DictReader(fh)}
 
 
 def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:

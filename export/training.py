@@ -31,8 +31,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
+from cxrbatch.evaluation import read_manifest
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
-from export.data import Split, augment, class_names, load_split, read_manifest
+from export.data import Split, augment, class_names, load_split
 
 log = logging.getLogger(__name__)
 
