@@ -154,6 +154,11 @@ def run(
     report_all: Annotated[
         bool, typer.Option("--report-all", help="with --ledger: report every result for the inputs, delivered or not")
     ] = False,
+    heatmaps: Annotated[
+        Path | None, typer.Option("--heatmaps", help="folder for class-activation heatmap PNGs of classified images")
+    ] = None,
+    heatmaps_for: Annotated[str, typer.Option("--heatmaps-for", help="all, or flagged (not NORMAL or unsure)")] = "all",
+    html: Annotated[str | None, typer.Option("--html", help="self-contained review page to write")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and tracebacks")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only warnings and errors")] = False,
 ) -> None:
@@ -162,6 +167,8 @@ def run(
     Example: cxrbatch run ./incoming --out report.csv --json report.json
 
     Nightly: cxrbatch run ./incoming --ledger screening.db --out report.csv
+
+    Review: cxrbatch run ./incoming --out report.csv --heatmaps heatmaps --html review.html
 
     Exit codes: 0 all files screened; 1 fatal (models, output, device, ledger); 2 usage;
     3 finished, but some files could not be read (see the error rows);
@@ -174,6 +181,8 @@ def run(
         raise typer.BadParameter("use auto, cpu or cuda", param_hint="--device")
     if out is None and json_out is None:
         out = "-"
+    if heatmaps_for not in ("all", "flagged"):
+        raise typer.BadParameter("use all or flagged", param_hint="--heatmaps-for")
     if report_all and ledger is None:
         raise typer.BadParameter("--report-all needs --ledger", param_hint="--report-all")
     try:
@@ -188,6 +197,9 @@ def run(
             draft=draft,
             ledger=ledger,
             report_all=report_all,
+            heatmaps=heatmaps,
+            heatmaps_for=heatmaps_for,
+            html=html,
         )
         with _progress_bar(enabled=not quiet and sys.stderr.isatty()) as reporter:
             options.reporter = reporter

@@ -12,9 +12,9 @@ from cxrbatch.errors import UsageError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm"})
 
 
-def is_candidate(name: str, skip_names: frozenset[str] = frozenset()) -> bool:
-    """Tell whether a file name looks like an image to screen (hidden files and our outputs are not)."""
-    if name.startswith(".") or name in skip_names:
+def is_candidate(name: str) -> bool:
+    """Tell whether a file name looks like an image to screen (hidden files are not)."""
+    if name.startswith("."):
         return False
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
@@ -23,7 +23,7 @@ def iter_images(inputs: Iterable[str | os.PathLike[str]], skip: Iterable[Path] =
     """Yield image paths from files and folders; folders are walked recursively in sorted order.
 
     Explicitly named files are yielded whatever their extension. Hidden files and folders,
-    files in `skip` (the run's own reports) and symlinked folders already visited are skipped,
+    files and folders in `skip` (the run's own outputs) and folders already visited are skipped,
     so a symlink loop cannot make the walk endless. A missing input raises UsageError.
     """
     skip_resolved = {_resolved(p) for p in skip}
@@ -46,7 +46,7 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]]) -> Iterator
     except OSError:
         return  # an unreadable folder yields nothing; its files cannot be named in a report
     key = (stat.st_dev, stat.st_ino)
-    if key in seen:
+    if key in seen or _resolved(folder) in skip:
         return
     seen.add(key)
     for entry in entries:

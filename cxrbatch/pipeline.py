@@ -17,14 +17,17 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from cxrbatch.errors import ImageError
+from cxrbatch.errors import ImageError, ModelError
+from cxrbatch.heatmaps import class_map, display_copy, write_heatmap
 from cxrbatch.imaging import check_size, load_image, to_model_input
 from cxrbatch.models import Model
 
 log = logging.getLogger(__name__)
 
 CLASSIFIED, REJECTED, ERROR = "classified", "rejected", "error"
+NORMAL = "NORMAL"  # the one label that is not a finding; used to pick "flagged" results
 STATUSES = (CLASSIFIED, REJECTED, ERROR)
 
 
@@ -40,6 +43,12 @@ class Result:
     probabilities: dict[str, float] | None = None
     needs_review: bool | None = None
     error: str | None = None
+    heatmap: str | None = None
+
+    @property
+    def flagged(self) -> bool:
+        """Worth a reviewer's look: classified as anything but NORMAL, or unsure."""
+        return self.status == CLASSIFIED and (self.label != NORMAL or bool(self.needs_review))
 
 
 @dataclass
@@ -97,6 +106,7 @@ class Decoded:
     gate_input: np.ndarray | None = None
     classifier_input: np.ndarray | None = None
     error: str | None = None
+    picture: Image.Image | None = None  # a small copy, kept only when heatmaps are drawn
 
 
 class Screener:
@@ -110,6 +120,8 @@ class Screener:
         workers: int = 2,
         draft: bool = True,
         prefetch: int = 2,
+        heatmaps: Path | None = None,
+        heatmaps_for: str = "all",
     ) -> None:
         if batch_size < 1 or workers < 1:
             raise ValueError("batch_size and workers must be at least 1")
@@ -117,6 +129,11 @@ class Screener:
         self.batch_size, self.workers, self.prefetch = batch_size, workers, prefetch
         specs = (gate.spec.input, classifier.spec.input)
         self.draft_size = max(max(s.height, s.width) for s in specs) if draft else None
+        if heatmaps_for not in ("all", "flagged"):
+            raise ValueError("heatmaps_for must be 'all' or 'flagged'")
+        if heatmaps is not None and not classifier.spec.cam_output:
+            raise ModelError("heatmaps need a classifier with a 'cam' output (export it with `cxrbatch export`)")
+        self.heatmaps, self.heatmaps_for = heatmaps, heatmaps_for
 
     def screen(self, paths: Iterable[Path], on_result: Callable[[Result], None] | None = None) -> Iterator[Result]:
         """Yield one Result per path, in order."""
@@ -149,6 +166,7 @@ class Screener:
                 path,
                 to_model_input(img, self.gate.spec.input),
                 to_model_input(img, self.classifier.spec.input),
+                picture=display_copy(img) if self.heatmaps is not None else None,
             )
         except ImageError as exc:
             return Decoded(path, error=str(exc))
@@ -173,10 +191,19 @@ class Screener:
                 results[i].status = REJECTED
         if accepted:
             clf_in = np.stack([decoded[i].classifier_input for i in accepted])  # type: ignore[misc]
-            probs = self.classifier.run(clf_in)[self.classifier.spec.score_output]
-            for i, p in zip(accepted, probs, strict=True):
+            out = self.classifier.run(clf_in, with_cam=self.heatmaps is not None)
+            for k, (i, p) in enumerate(zip(accepted, out[self.classifier.spec.score_output], strict=True)):
                 self._fill(results[i], p)
+                if self.heatmaps is not None and (self.heatmaps_for == "all" or results[i].flagged):
+                    cam = out[self.classifier.spec.cam_output or ""][k]
+                    self._draw(results[i], decoded[i], cam)
         return results
+
+    def _draw(self, result: Result, decoded: Decoded, cam: np.ndarray) -> None:
+        assert self.heatmaps is not None and decoded.picture is not None and result.label is not None
+        heat = class_map(cam, self.classifier.spec.labels.index(result.label))
+        caption = f"{result.label} {result.confidence:.2f}" + (" (review)" if result.needs_review else "")
+        result.heatmap = str(write_heatmap(self.heatmaps, result.path, decoded.picture, heat, caption))
 
     def _fill(self, result: Result, probs: np.ndarray) -> None:
         labels = self.classifier.spec.labels

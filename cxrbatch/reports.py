@@ -29,12 +29,14 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 DECIMALS = 6
 
 
-def columns(labels: tuple[str, ...]) -> list[str]:
-    """The CSV header: fixed columns, one p_<LABEL> per classifier label, then the rest."""
-    return [*BASE_COLUMNS, *(f"p_{label}" for label in labels), *TAIL_COLUMNS]
+def columns(labels: tuple[str, ...], extra: tuple[str, ...] = ()) -> list[str]:
+    """The CSV header: fixed columns, one p_<LABEL> per classifier label, the rest, then `extra`."""
+    return [*BASE_COLUMNS, *(f"p_{label}" for label in labels), *TAIL_COLUMNS, *extra]
 
 
-def result_record(result: Result, labels: tuple[str, ...], gate: Model, classifier: Model) -> dict[str, Any]:
+def result_record(
+    result: Result, labels: tuple[str, ...], gate: Model, classifier: Model, heatmap: bool = False
+) -> dict[str, Any]:
     """One result as a flat record with the report's field names and typed values."""
     probs = result.probabilities or {}
     record: dict[str, Any] = {
@@ -52,6 +54,8 @@ def result_record(result: Result, labels: tuple[str, ...], gate: Model, classifi
         gate_model=gate.short_hash,
         classifier_model=classifier.short_hash,
     )
+    if heatmap:
+        record["heatmap"] = display_path(result.heatmap) if result.heatmap else None
     return record
 
 
@@ -71,14 +75,14 @@ def csv_cell(value: Any) -> str:
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
-def render_csv(records: list[dict[str, Any]], labels: tuple[str, ...]) -> str:
-    """Render records as CSV text with the contract's header."""
+def render_csv(records: list[dict[str, Any]], labels: tuple[str, ...], extra: tuple[str, ...] = ()) -> str:
+    """Render records as CSV text with the contract's header (plus `extra` columns)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    header = columns(labels)
+    header = columns(labels, extra)
     writer.writerow(header)
     for record in records:
-        writer.writerow([csv_cell(record[c]) for c in header])
+        writer.writerow([csv_cell(record.get(c)) for c in header])
     return buf.getvalue()
 
 

@@ -15,6 +15,7 @@ from cxrbatch.ledger import Ledger, crash_point, now
 from cxrbatch.models import Model, default_models_dir, load_models
 from cxrbatch.pipeline import Result, Screener, Summary, screen_all
 from cxrbatch.reports import check_writable, render_csv, render_json, result_record, write_text
+from cxrbatch.review import render_html
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +36,36 @@ class RunOptions:
     draft: bool = True
     ledger: Path | None = None
     report_all: bool = False
+    heatmaps: Path | None = None
+    heatmaps_for: str = "all"
+    html: str | None = None
     reporter: Progress | None = field(default=None, repr=False)
 
 
 def run(options: RunOptions) -> Summary:
     """Screen every input file and write the requested reports; return the summary."""
     started = now()
-    targets = [t for t in (options.csv_out, options.json_out) if t is not None]
+    targets = [t for t in (options.csv_out, options.json_out, options.html) if t is not None]
     for target in targets:
         check_writable(target)
     skip = [Path(t) for t in targets if t != "-"]
     if options.ledger is not None:
         skip.append(options.ledger)
+    if options.heatmaps is not None:
+        options.heatmaps.mkdir(parents=True, exist_ok=True)
+        skip.append(options.heatmaps)
     paths = list(iter_images(options.inputs, skip=skip))
     log.info("found %d files to screen", len(paths))
     gate, classifier = load_models(options.models_dir or default_models_dir(), options.device)
-    screener = Screener(gate, classifier, options.batch_size, options.workers, options.draft)
+    screener = Screener(
+        gate,
+        classifier,
+        options.batch_size,
+        options.workers,
+        options.draft,
+        heatmaps=options.heatmaps,
+        heatmaps_for=options.heatmaps_for,
+    )
     report = Report(options, gate, classifier, started)
     if options.ledger is None:
         results, summary = screen_all(screener, paths, _progress_hook(len(paths), options.reporter))
@@ -66,19 +81,22 @@ class Report:
     def __init__(self, options: RunOptions, gate: Model, classifier: Model, started: str) -> None:
         self.options, self.gate, self.classifier, self.started = options, gate, classifier, started
         self.labels = classifier.spec.labels
+        self.extra = ("heatmap",) if options.heatmaps is not None else ()
 
     def record(self, result: Result) -> dict[str, Any]:
         """The report record of one result."""
-        return result_record(result, self.labels, self.gate, self.classifier)
+        return result_record(result, self.labels, self.gate, self.classifier, heatmap=bool(self.extra))
 
     def render(self, records: list[dict[str, Any]], summary: Summary) -> dict[str, str]:
         """Report texts by target."""
         texts = {}
+        models = {"gate": self.gate.describe(), "classifier": self.classifier.describe()}
         if self.options.csv_out is not None:
-            texts[self.options.csv_out] = render_csv(records, self.labels)
+            texts[self.options.csv_out] = render_csv(records, self.labels, self.extra)
         if self.options.json_out is not None:
-            models = {"gate": self.gate.describe(), "classifier": self.classifier.describe()}
             texts[self.options.json_out] = render_json(records, models, summary, self.started)
+        if self.options.html is not None:
+            texts[self.options.html] = render_html(records, models, summary, self.started, Path(self.options.html))
         return texts
 
     def write(self, records: list[dict[str, Any]], summary: Summary) -> None:

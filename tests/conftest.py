@@ -170,3 +170,31 @@ def shared_available() -> bool:
 needs_shared = pytest.mark.skipif(not shared_available(), reason="../shared/data is not beside this checkout")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def make_region_classifier(path: Path) -> Path:
+    """A classifier whose head singles out image regions: class k's map is the picture times a mask.
+
+    COVID19 looks only at the top-left quadrant, NORMAL at the bottom-right, PNEUMONIA and
+    TUBERCULOSIS at nothing; scores are the softmax of the masked means.
+    """
+    masks = np.zeros((TINY_SIDE, TINY_SIDE, 4), dtype=np.float32)
+    half = TINY_SIDE // 2
+    masks[:half, :half, 0] = 4.0
+    masks[half:, half:, 1] = 1.0
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, TINY_SIDE, TINY_SIDE, 1])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 4])
+    cam = helper.make_tensor_value_info("cam", TensorProto.FLOAT, [None, TINY_SIDE, TINY_SIDE, 4])
+    inits = [
+        numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "inv255"),
+        numpy_helper.from_array(masks, "masks"),
+        numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes12"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["image", "inv255"], ["unit"]),
+        helper.make_node("Mul", ["unit", "masks"], ["cam"]),
+        helper.make_node("ReduceMean", ["cam", "axes12"], ["logits"], keepdims=0),
+        helper.make_node("Softmax", ["logits"], ["scores"], axis=1),
+    ]
+    graph = helper.make_graph(nodes, "region_classifier", [image], [scores, cam], inits)
+    return _save(graph, path, _meta("classifier", 1, "grey", LABELS, 0.6))

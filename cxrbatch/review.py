@@ -1,0 +1,151 @@
+"""The review page: one self-contained static HTML file for the person who reads the night's output.
+
+Inline CSS and a few lines of inline JavaScript (table sorting) only: no network, no CDN. Heatmap
+PNGs are linked as files beside the page. Every value that comes from a file name, a DICOM file
+or a model is HTML-escaped, so a file named `<script>…</script>.png` shows as text.
+"""
+
+from __future__ import annotations
+
+import os
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from cxrbatch.pipeline import CLASSIFIED, ERROR, NORMAL, REJECTED, STATUSES, Summary
+
+DISCLAIMER = (
+    "Screening support only: these labels come from an automated model and are not a diagnosis. "
+    "Every film needs a reading by a qualified person."
+)
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1b1f24;background:#fff}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
+.disclaimer{background:#fff4d6;border:1px solid #e5c158;padding:8px 12px;border-radius:6px;max-width:900px}
+.counts span{display:inline-block;margin:6px 14px 6px 0;padding:6px 10px;border-radius:6px;background:#eef1f5}
+table{border-collapse:collapse;margin-top:6px} th,td{border-bottom:1px solid #dde2e8;padding:5px 10px;text-align:left}
+th{background:#f4f6f9;cursor:pointer;user-select:none} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.flag td:first-child{border-left:4px solid #d9534f} .path{font-family:ui-monospace,monospace;word-break:break-all}
+.cards{display:flex;flex-wrap:wrap;gap:12px} .card{width:260px;border:1px solid #dde2e8;border-radius:6px;padding:6px}
+.card img{width:100%;display:block} .small{color:#5a6470;font-size:12px}
+"""
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th, col) {
+  th.addEventListener('click', function () {
+    var body = th.closest('table').tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    var dir = th.dataset.dir === 'asc' ? -1 : 1;
+    th.dataset.dir = dir === 1 ? 'asc' : 'desc';
+    rows.sort(function (a, b) {
+      var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      if (!isNaN(nx) && !isNaN(ny)) { return (nx - ny) * dir; }
+      return x.localeCompare(y) * dir;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  });
+});
+"""
+
+
+def render_html(
+    records: list[dict[str, Any]], models: dict[str, Any], summary: Summary, started: str, html_path: Path
+) -> str:
+    """Render the review page for a run's report records."""
+    labels = [k[2:] for k in (records[0] if records else {}) if k.startswith("p_")]
+    classified = [r for r in records if r["status"] == CLASSIFIED]
+    flagged = [r for r in classified if r.get("label") != NORMAL or r.get("needs_review")]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>",
+        f"<title>cxrbatch review {escape(started)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>Chest X-ray screening review</h1><div class='small'>run started {escape(started)}</div>",
+        f"<p class='disclaimer'><strong>Not a diagnosis.</strong> {escape(DISCLAIMER)}</p>",
+        _counts(summary, len(flagged)),
+        _cards(flagged, html_path),
+        _classified_table(classified, labels),
+        _other_table(
+            "Rejected by the gate (not a chest X-ray)",
+            [r for r in records if r["status"] == REJECTED],
+            "gate_score",
+            "gate score",
+        ),
+        _other_table("Files that could not be read", [r for r in records if r["status"] == ERROR], "error", "error"),
+        _models(models),
+        f"<script>{_SORT_JS}</script></body></html>\n",
+    ]
+    return "\n".join(parts)
+
+
+def _counts(summary: Summary, flagged: int) -> str:
+    spans = [f"<span>{escape(s)}: <b>{summary.by_status[s]}</b></span>" for s in STATUSES]
+    spans += [f"<span>{escape(k)}: <b>{v}</b></span>" for k, v in sorted(summary.by_label.items())]
+    spans.append(f"<span>flagged for review: <b>{flagged}</b></span>")
+    return f"<h2>Summary: {summary.files} files</h2><div class='counts'>{''.join(spans)}</div>"
+
+
+def _cards(flagged: list[dict[str, Any]], html_path: Path) -> str:
+    cards = []
+    for r in flagged:
+        img = ""
+        if r.get("heatmap"):
+            rel = os.path.relpath(r["heatmap"], html_path.parent if str(html_path.parent) else ".")
+            img = f"<img src='{escape(Path(rel).as_posix(), quote=True)}' alt='heatmap'>"
+        cards.append(
+            f"<div class='card'>{img}<div><b>{escape(str(r['label']))}</b> {r['confidence']:.2f}"
+            f"{' · needs review' if r.get('needs_review') else ''}</div>"
+            f"<div class='path small'>{escape(r['path'])}</div></div>"
+        )
+    body = "".join(cards) or "<p>Nothing flagged.</p>"
+    return f"<h2>Flagged: not NORMAL, or unsure ({len(flagged)})</h2><div class='cards'>{body}</div>"
+
+
+def _classified_table(rows: list[dict[str, Any]], labels: list[str]) -> str:
+    head = ["file", "label", "confidence", *labels, "review"]
+    out = [f"<h2>Classified ({len(rows)}) — click a column to sort</h2><table class='sortable'><thead><tr>"]
+    out += [f"<th>{escape(h)}</th>" for h in head]
+    out.append("</tr></thead><tbody>")
+    for r in rows:
+        flag = r.get("label") != NORMAL or r.get("needs_review")
+        cells = [_cell(r["path"], cls="path"), _cell(r["label"]), _num(r["confidence"])]
+        cells += [_num(r.get(f"p_{label}")) for label in labels]
+        cells.append(_cell("yes" if r.get("needs_review") else ""))
+        out.append(f"<tr class='{'flag' if flag else ''}'>{''.join(cells)}</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _other_table(title: str, rows: list[dict[str, Any]], key: str, heading: str) -> str:
+    if not rows:
+        return f"<h2>{escape(title)} (0)</h2>"
+    value = _num if key == "gate_score" else _cell
+    body = "".join(f"<tr>{_cell(r['path'], cls='path')}{value(r.get(key))}</tr>" for r in rows)
+    return (
+        f"<h2>{escape(title)} ({len(rows)})</h2><table><thead><tr><th>file</th><th>{escape(heading)}</th></tr>"
+        f"</thead><tbody>{body}</tbody></table>"
+    )
+
+
+def _models(models: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr>{_cell(role)}{_cell(m.get('name'))}{_cell(m.get('version'))}{_cell(m.get('sha256'), cls='path')}</tr>"
+        for role, m in models.items()
+    )
+    return (
+        "<h2>Models</h2><table><thead><tr><th>role</th><th>name</th><th>version</th><th>sha256</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def _cell(value: Any, cls: str = "") -> str:
+    text = "" if value is None else str(value)
+    attr = f" class='{cls}'" if cls else ""
+    return f"<td{attr} data-v='{escape(text, quote=True)}'>{escape(text)}</td>"
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "<td class='num' data-v=''></td>"
+    return f"<td class='num' data-v='{value:.6f}'>{value:.3f}</td>"

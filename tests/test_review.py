@@ -1,0 +1,94 @@
+"""The review page: escaped, self-contained, and checked in a real (headless) browser."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrbatch.cli import app
+
+EVIL = "<img src=x onerror=\"document.title='pwned'\">"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The review page of the bundled samples plus a photo whose file name is an HTML payload."""
+    root = tmp_path_factory.mktemp("review")
+    inbox = root / "in"
+    shutil.copytree(REPO / "samples", inbox, ignore=shutil.ignore_patterns("*.md"))
+    shutil.copy(inbox / "chelsea.png", inbox / f"{EVIL}.png")
+    (inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    html = root / "out" / "review.html"
+    html.parent.mkdir()
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(inbox),
+            "--out",
+            str(root / "out" / "r.csv"),
+            "--heatmaps",
+            str(root / "out" / "maps"),
+            "--html",
+            str(html),
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 3, result.stderr  # the broken file
+    return html
+
+
+def test_page_is_self_contained_and_escaped(page: Path) -> None:
+    text = page.read_text(encoding="utf-8")
+    assert "http://" not in text and "https://" not in text  # no CDN, no network
+    assert EVIL not in text and "&lt;img src=x onerror=" in text
+    assert "Not a diagnosis." in text
+    assert "Rejected by the gate (not a chest X-ray) (4)" in text  # two photos, the payload, the CT
+    assert "Files that could not be read (1)" in text
+    assert "Flagged: not NORMAL, or unsure (2)" in text
+    assert text.count("<img src='maps/") == 2  # heatmap thumbnails beside the page, relative links
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs Debian's chromium)")
+def test_page_in_headless_chromium(page: Path, tmp_path: Path) -> None:
+    profile = tmp_path / "profile"
+    url = page.as_uri()
+    dom = subprocess.run(
+        [CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "<title>cxrbatch review" in dom and "pwned" not in dom.split("</title>")[0]  # the payload never ran
+    for name in ("NORMAL2-IM-1437-0001.jpeg", "person1947_bacteria_4876.jpeg", "CT_small.dcm", "broken.jpg"):
+        assert name in dom
+    shot = tmp_path / "review.png"
+    subprocess.run(
+        [CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", "--window-size=1200,1400", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (1400, 1200)
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert colours > 500  # text, tables and heatmap thumbnails, not a blank page
+    assert (pixels < 100).all(axis=2).mean() > 0.005  # some dark text is on it
