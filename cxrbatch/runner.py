@@ -76,7 +76,7 @@ def run(options: RunOptions) -> Summary:
 
 
 class Report:
-    """Turns results into the requested CSV/JSON reports."""
+    """Turns results into the requested CSV, JSON and HTML reports."""
 
     def __init__(self, options: RunOptions, gate: Model, classifier: Model, started: str) -> None:
         self.options, self.gate, self.classifier, self.started = options, gate, classifier, started
@@ -132,8 +132,7 @@ def _run_with_ledger(
     for r in records:
         summary.count(r["status"], r.get("label"))
     crash_point("before_report")
-    for target, text in report.render(records, summary).items():
-        write_text(target, text)
+    report.write(records, summary)
     crash_point("after_report")
     ledger.finish([p for p, _ in rows], len(todo), reused)
     log.info("run %d: screened %d, reused %d, reported %d", run_id, len(todo), reused, len(records))
