@@ -48,7 +48,12 @@ class Result:
     @property
     def flagged(self) -> bool:
         """Worth a reviewer's look: classified as anything but NORMAL, or unsure."""
-        return self.status == CLASSIFIED and (self.label != NORMAL or bool(self.needs_review))
+        return is_flagged(self.status, self.label, self.needs_review)
+
+
+def is_flagged(status: str, label: str | None, needs_review: bool | None) -> bool:
+    """The one rule for "flagged": a classified result whose label is not NORMAL, or that needs review."""
+    return status == CLASSIFIED and (label != NORMAL or bool(needs_review))
 
 
 @dataclass

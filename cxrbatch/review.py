@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from cxrbatch.pipeline import CLASSIFIED, ERROR, NORMAL, REJECTED, STATUSES, Summary
+from cxrbatch.pipeline import CLASSIFIED, ERROR, REJECTED, STATUSES, Summary, is_flagged
 
 DISCLAIMER = (
     "Screening support only: these labels come from an automated model and are not a diagnosis. "
@@ -56,7 +56,7 @@ def render_html(
     """Render the review page for a run's report records."""
     labels = [k[2:] for k in (records[0] if records else {}) if k.startswith("p_")]
     classified = [r for r in records if r["status"] == CLASSIFIED]
-    flagged = [r for r in classified if r.get("label") != NORMAL or r.get("needs_review")]
+    flagged = [r for r in classified if _flagged(r)]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
@@ -108,7 +108,7 @@ def _classified_table(rows: list[dict[str, Any]], labels: list[str]) -> str:
     out += [f"<th>{escape(h)}</th>" for h in head]
     out.append("</tr></thead><tbody>")
     for r in rows:
-        flag = r.get("label") != NORMAL or r.get("needs_review")
+        flag = _flagged(r)
         cells = [_cell(r["path"], cls="path"), _cell(r["label"]), _num(r["confidence"])]
         cells += [_num(r.get(f"p_{label}")) for label in labels]
         cells.append(_cell("yes" if r.get("needs_review") else ""))
@@ -137,6 +137,10 @@ def _models(models: dict[str, Any]) -> str:
         "<h2>Models</h2><table><thead><tr><th>role</th><th>name</th><th>version</th><th>sha256</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>"
     )
+
+
+def _flagged(record: dict[str, Any]) -> bool:
+    return is_flagged(record["status"], record.get("label"), record.get("needs_review"))
 
 
 def _cell(value: Any, cls: str = "") -> str:
