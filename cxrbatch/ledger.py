@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbatch.errors import CxrBatchError
+from cxrbatch.imaging import display_path
 
 SCHEMA = "cxrbatch.ledger/1"
 HASH_CHUNK = 1 << 20
@@ -226,7 +227,8 @@ def _strip(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _key(path: Path) -> str:
-    return os.fsencode(path.absolute()).decode("utf-8", "surrogateescape")
+    # SQLite stores UTF-8 text: undecodable name bytes are escaped as in the reports (\xNN).
+    return display_path(path.absolute())
 
 
 def _lock(path: Path) -> int:

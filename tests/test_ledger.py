@@ -197,3 +197,14 @@ def test_duplicate_content_in_one_run_is_inferred_once(tmp_path: Path, tiny_mode
     assert code == 0 and _names(rows) == ["a.png", "copy_of_a.png"]
     assert {r["label"] for r in rows} == {"PNEUMONIA"}
     assert _inferences(tmp_path / "l.db") == [1]
+
+
+def test_undecodable_file_names_are_kept_in_the_ledger(tmp_path: Path, tiny_models: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    grey_image(inbox / os.fsdecode(b"scan-\xff.png"), 170)
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    code, rows, _ = _run(inbox, tiny_models, ledger, out)
+    assert code == 0 and [Path(r["path"]).name for r in rows] == ["scan-\\xff.png"]
+    code, rows, _ = _run(inbox, tiny_models, ledger, out)
+    assert code == 0 and rows == []  # recognised on the second run
