@@ -1,0 +1,65 @@
+"""float16 copy of an exported model, meant for the CUDA provider.
+
+    python -m export.half models/classifier.onnx runs/fp16/classifier.onnx
+
+Weights and activations become float16; the graph's inputs and outputs stay float32, so the runtime
+feeds and reads the same arrays as for the float32 model. The cxrbatch metadata is copied over with
+`"precision": "float16"`. Whether a float16 model may replace the float32 one is decided by
+`cxrbatch evaluate` on both, per class and per source (benchmarks/README.md has the comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import onnx
+from onnxconverter_common import float16
+
+from cxrbatch.models import METADATA_KEY, read_metadata
+
+
+def halve(src: Path, dst: Path) -> None:
+    """Write a float16 copy of `src` with float32 inputs and outputs."""
+    meta = read_metadata(src)
+    with warnings.catch_warnings():
+        # Tiny weights (|w| < 1e-7) are clamped to float16's smallest normal; the converter warns per weight.
+        warnings.simplefilter("ignore", UserWarning)
+        model = float16.convert_float_to_float16(_one_reader_per_input(onnx.load(str(src))), keep_io_types=True)
+    del model.metadata_props[:]
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps({**meta, "precision": "float16"}, sort_keys=True))
+    onnx.checker.check_model(model)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+
+
+def _one_reader_per_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Route each graph input read by several nodes through one Identity node.
+
+    With keep_io_types the converter puts a Cast after each input, once per reading node and always
+    under the same name, which breaks single assignment when an input has several readers.
+    """
+    graph = model.graph
+    for graph_input in graph.input:
+        readers = [node for node in graph.node if graph_input.name in node.input]
+        if len(readers) < 2:
+            continue
+        routed = f"{graph_input.name}_routed"
+        for node in readers:
+            node.input[:] = [routed if name == graph_input.name else name for name in node.input]
+        graph.node.insert(0, onnx.helper.make_node("Identity", [graph_input.name], [routed]))
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", type=Path)
+    parser.add_argument("dst", type=Path)
+    args = parser.parse_args()
+    halve(args.src, args.dst)
+
+
+if __name__ == "__main__":
+    main()
