@@ -29,6 +29,10 @@ ROLES = ("gate", "classifier")
 MODEL_FILES = {"gate": "gate.onnx", "classifier": "classifier.onnx"}
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# cuDNN's exhaustive search (onnxruntime's default) benchmarks every convolution again for each new
+# batch shape: seconds per shape, every night; its heuristics pick at once. TF32 moved probabilities
+# by up to 3e-3 from the CPU's; without it they agree to 1e-5 (benchmarks/README.md).
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,10 @@ class Model:
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.providers[0] == CUDA
+
     def run(self, batch: np.ndarray, with_cam: bool = False) -> dict[str, np.ndarray]:
         """Run a NHWC float32 batch and return the named outputs."""
         names = [self.spec.score_output]
@@ -172,8 +180,12 @@ def _metadata_of(session: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: Path, role: str, providers: list[str], threads: int | None = None) -> Model:
-    """Open one ONNX model for `role` with explicit providers and check its metadata."""
+def load_model(path: Path, role: str, providers: list[Any], threads: int | None = None) -> Model:
+    """Open one ONNX model for `role` with explicit providers and check its metadata.
+
+    A provider given by name gets cxrbatch's options (CUDA_OPTIONS); a (name, options) pair is
+    passed on as it is.
+    """
     import onnxruntime as ort
 
     if not path.is_file():
@@ -186,7 +198,9 @@ def load_model(path: Path, role: str, providers: list[str], threads: int | None 
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(data, sess_options=options, providers=providers)
+        session = ort.InferenceSession(
+            data, sess_options=options, providers=[(CUDA, CUDA_OPTIONS) if p == CUDA else p for p in providers]
+        )
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise ModelError(f"cannot load {role} model {path}: {exc}") from None
     spec = ModelSpec.from_metadata(_metadata_of(session, path), str(path))

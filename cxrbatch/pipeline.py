@@ -186,7 +186,7 @@ class Screener:
         if not ok:
             return results
         gate_in = np.stack([decoded[i].gate_input for i in ok])  # type: ignore[misc]
-        gate_scores = self.gate.run(gate_in)[self.gate.spec.score_output][:, 0]
+        gate_scores = self._run(self.gate, gate_in)[self.gate.spec.score_output][:, 0]
         accepted = []
         for i, score in zip(ok, gate_scores, strict=True):
             results[i].gate_score = float(score)
@@ -196,13 +196,27 @@ class Screener:
                 results[i].status = REJECTED
         if accepted:
             clf_in = np.stack([decoded[i].classifier_input for i in accepted])  # type: ignore[misc]
-            out = self.classifier.run(clf_in, with_cam=self.heatmaps is not None)
+            out = self._run(self.classifier, clf_in, with_cam=self.heatmaps is not None)
             for k, (i, p) in enumerate(zip(accepted, out[self.classifier.spec.score_output], strict=True)):
                 self._fill(results[i], p)
                 if self.heatmaps is not None and (self.heatmaps_for == "all" or results[i].flagged):
                     cam = out[self.classifier.spec.cam_output or ""][k]
                     self._draw(results[i], decoded[i], cam)
         return results
+
+    def _run(self, model: Model, batch: np.ndarray, with_cam: bool = False) -> dict[str, np.ndarray]:
+        """Run a model; on a GPU, pad every batch to the full batch size.
+
+        A CUDA session tunes its kernels for each new input shape, and the classifier's batches
+        shrink by whatever the gate rejected: one shape keeps that to once per run. Padding rows
+        are zeros and are cut off again; on the CPU they would only cost time.
+        """
+        n = len(batch)
+        if not model.on_gpu or n >= self.batch_size:
+            return model.run(batch, with_cam=with_cam)
+        padded = np.zeros((self.batch_size, *batch.shape[1:]), dtype=batch.dtype)
+        padded[:n] = batch
+        return {name: out[:n] for name, out in model.run(padded, with_cam=with_cam).items()}
 
     def _draw(self, result: Result, decoded: Decoded, cam: np.ndarray) -> None:
         assert self.heatmaps is not None and decoded.picture is not None and result.label is not None

@@ -11,7 +11,16 @@ import pytest
 from conftest import LABELS, make_classifier, make_gate
 
 from cxrbatch.errors import DeviceError, ModelError
-from cxrbatch.models import CPU, CUDA, METADATA_KEY, ModelSpec, choose_providers, load_model, load_models
+from cxrbatch.models import (
+    CPU,
+    CUDA,
+    CUDA_OPTIONS,
+    METADATA_KEY,
+    ModelSpec,
+    choose_providers,
+    load_model,
+    load_models,
+)
 
 
 def test_load_models_reads_metadata(tiny_models: Path) -> None:
@@ -110,3 +119,23 @@ def test_cuda_requested_without_cuda_is_a_clear_error() -> None:
         choose_providers("cuda", [CPU])
     with pytest.raises(DeviceError, match="unknown device"):
         choose_providers("tpu", [CPU])
+
+
+def test_cuda_sessions_get_heuristic_algorithm_search(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Named CUDA gets cxrbatch's options; explicit (name, options) pairs pass through unchanged."""
+    import onnxruntime as ort
+
+    asked: list[list[object]] = []
+    real_session = ort.InferenceSession
+
+    def fake_session(data: bytes, sess_options: object = None, providers: list[object] | None = None) -> object:
+        asked.append(list(providers or []))
+        return real_session(data, sess_options=sess_options, providers=[CPU])
+
+    monkeypatch.setattr(ort, "InferenceSession", fake_session)
+    load_model(tiny_models / "gate.onnx", "gate", [CUDA, CPU])
+    mine = (CUDA, {"cudnn_conv_algo_search": "EXHAUSTIVE"})
+    load_model(tiny_models / "gate.onnx", "gate", [mine, CPU])
+    load_model(tiny_models / "gate.onnx", "gate", [CPU])
+    assert asked == [[(CUDA, CUDA_OPTIONS), CPU], [mine, CPU], [CPU]]
+    assert CUDA_OPTIONS == {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}

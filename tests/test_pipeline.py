@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import grey_image
 
-from cxrbatch.models import load_models
+from cxrbatch.models import Model, load_models
 from cxrbatch.pipeline import CLASSIFIED, ERROR, REJECTED, Screener, screen_all
 
 
@@ -93,3 +94,31 @@ def test_bad_settings_are_refused(tiny_models: Path) -> None:
     gate, classifier = load_models(tiny_models, "cpu")
     with pytest.raises(ValueError):
         Screener(gate, classifier, batch_size=0)
+
+
+def test_on_a_gpu_every_batch_has_the_full_size(
+    tiny_models: Path, incoming: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA session re-tunes for each new shape, so on a GPU short batches are padded and cut back."""
+    gate, classifier = load_models(tiny_models, "cpu")
+    reference, _ = screen_all(Screener(gate, classifier, batch_size=4, workers=1), _paths(incoming))
+    shapes: list[tuple[str, int]] = []
+    for model in (gate, classifier):
+        real_run = model.run
+
+        def recording_run(batch: np.ndarray, with_cam: bool = False, model: Model = model, real_run=real_run):  # type: ignore[no-untyped-def]
+            shapes.append((model.spec.role, len(batch)))
+            return real_run(batch, with_cam=with_cam)
+
+        monkeypatch.setattr(model, "run", recording_run)
+    monkeypatch.setattr(Model, "on_gpu", property(lambda self: True))
+    padded, _ = screen_all(Screener(gate, classifier, batch_size=4, workers=1), _paths(incoming))
+    # 6 files: batches of 4 and 2; the gate rejects the photo and 2 files fail to decode.
+    assert {n for _, n in shapes} == {4}
+    assert sorted({role for role, _ in shapes}) == ["classifier", "gate"]
+    assert [(r.path, r.status, r.label, r.error) for r in padded] == [
+        (r.path, r.status, r.label, r.error) for r in reference
+    ]
+    for a, b in zip(reference, padded, strict=True):
+        assert a.gate_score == b.gate_score
+        assert a.probabilities == b.probabilities
