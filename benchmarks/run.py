@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,22 @@ def stats(count: int, seconds: list[float]) -> dict[str, Any]:
     }
 
 
-def synthetic_set(folder: Path, sources: list[Path], n: int, side: int = 1024) -> Path:
+def synthetic_set(folder: Path, sources: list[Path], n: int, side: int = 1024, workers: int = 1) -> Path:
     """n distinct JPEGs made from real radiographs: a random crop, a brightness shift, `side` px."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     bases = [load_image(p).convert("L").resize((side, side)) for p in sources[:50]]
-    for i in range(n):
+    jobs = [(i, rng.integers(0, side // 10, 2), int(rng.integers(-20, 20))) for i in range(n)]
+
+    def make(job: tuple[int, np.ndarray, int]) -> None:
+        i, box, shift = job
         img = bases[i % len(bases)]
-        box = rng.integers(0, side // 10, 2)
         crop = img.crop((int(box[0]), int(box[1]), side - int(box[1]), side - int(box[0]))).resize((side, side))
-        arr = np.clip(np.asarray(crop, dtype=np.int16) + int(rng.integers(-20, 20)), 0, 255).astype(np.uint8)
+        arr = np.clip(np.asarray(crop, dtype=np.int16) + shift, 0, 255).astype(np.uint8)
         Image.fromarray(arr, mode="L").save(folder / f"syn{i:06d}.jpg", quality=85)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(make, jobs))
     return folder
 
 
@@ -84,7 +90,7 @@ def inference_only(paths: list[Path], repeats: int, batch: int) -> dict[str, Any
     g = np.stack([to_model_input(i, gate.spec.input) for i in imgs])
     c = np.stack([to_model_input(i, classifier.spec.input) for i in imgs])
 
-    def run(model: Any, x: np.ndarray) -> Callable[[], None]:
+    def run(model: Any, x: np.ndarray) -> Callable[[], Any]:
         return lambda: [model.run(x[i : i + batch]) for i in range(0, len(x), batch)]
 
     gate_s = timed(run(gate, g), repeats)
