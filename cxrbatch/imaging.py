@@ -37,6 +37,7 @@ class InputSpec:
     colour: str  # "grey" or "rgb": how the decoded picture is converted first
     equalize: bool  # global histogram equalisation after resizing (grey only)
     resample: str = "bilinear"
+    clahe: float = 0.0  # > 0: contrast-limited adaptive equalisation with this clip limit instead
 
     def __post_init__(self) -> None:
         if self.colour not in ("grey", "rgb") or self.channels not in (1, 3):
@@ -45,6 +46,8 @@ class InputSpec:
             raise ValueError("an rgb input needs 3 channels")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"unsupported resample {self.resample!r}")
+        if self.clahe < 0 or (self.clahe and self.equalize):
+            raise ValueError("clahe needs a positive clip limit and excludes global equalize")
 
 
 def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> Image.Image:
@@ -172,12 +175,55 @@ def equalize(grey: np.ndarray) -> np.ndarray:
     return np.clip(lut, 0, 255).astype(np.uint8)[grey]
 
 
+def clahe(grey: np.ndarray, clip_limit: float, tiles: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a uint8 grey array.
+
+    The image is cut into tiles x tiles regions; each region's histogram is clipped at
+    `clip_limit` times its mean bin count (the excess spread over all bins) and turned into a
+    mapping; every pixel then blends the mappings of the four nearest region centres bilinearly.
+    Written to give what OpenCV's createCLAHE(clip_limit, (tiles, tiles)).apply gives (within one
+    grey level), without depending on OpenCV.
+    """
+    h, w = grey.shape
+    th, tw = -(-h // tiles), -(-w // tiles)
+    padded = np.pad(grey, ((0, th * tiles - h), (0, tw * tiles - w)), mode="reflect")
+    regions = padded.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles * tiles, th * tw)
+    offsets = (np.arange(tiles * tiles) * 256)[:, None]
+    hist = np.bincount((regions + offsets).ravel(), minlength=tiles * tiles * 256).reshape(-1, 256)
+    limit = max(1, int(clip_limit * th * tw / 256))
+    clipped = np.maximum(hist - limit, 0).sum(axis=1, keepdims=True)
+    hist = np.minimum(hist, limit) + clipped // 256
+    # The remainder goes one pixel at a time to every step-th bin from 0, as OpenCV does.
+    residual = clipped % 256
+    step = np.maximum(256 // np.maximum(residual, 1), 1)
+    bins = np.arange(256)[None, :]
+    hist += (residual > 0) & (bins % step == 0) & (bins // step < residual)
+    scale = np.float32(255.0 / (th * tw))
+    lut = np.clip(np.rint(np.cumsum(hist, axis=1) * scale), 0, 255).reshape(tiles, tiles, 256)
+
+    def axis(n: int, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.arange(n) / step - 0.5  # pixel n lies between region centres low and low + 1
+        low = np.floor(pos)
+        weight = pos - low
+        low = low.astype(np.intp)
+        return np.clip(low, 0, tiles - 1), np.clip(low + 1, 0, tiles - 1), weight
+
+    y0, y1, wy = axis(h, th)
+    x0, x1, wx = axis(w, tw)
+    y0, y1, wy = y0[:, None], y1[:, None], wy[:, None]
+    top = lut[y0, x0, grey] * (1 - wx) + lut[y0, x1, grey] * wx
+    bottom = lut[y1, x0, grey] * (1 - wx) + lut[y1, x1, grey] * wx
+    return np.clip(np.rint(top * (1 - wy) + bottom * wy), 0, 255).astype(np.uint8)
+
+
 def to_model_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
     """Make the float32 HxWxC tensor (values 0..255) that the model described by `spec` takes."""
     target = img.convert("L" if spec.colour == "grey" else "RGB")
     target = target.resize((spec.width, spec.height), _RESAMPLE[spec.resample])
     arr = np.asarray(target, dtype=np.uint8)
-    if spec.equalize:
+    if spec.clahe and arr.ndim == 2:
+        arr = clahe(arr, spec.clahe)
+    elif spec.equalize:
         arr = equalize(arr)
     if arr.ndim == 2:
         arr = arr[:, :, None]

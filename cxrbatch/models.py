@@ -71,6 +71,7 @@ class ModelSpec:
                     colour=inp["colour"],
                     equalize=bool(inp["equalize"]),
                     resample=inp.get("resample", "bilinear"),
+                    clahe=float(inp.get("clahe", 0.0)),
                 ),
                 labels=tuple(meta["labels"]),
                 score_output=meta["outputs"]["scores"],

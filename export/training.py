@@ -52,6 +52,8 @@ class TrainConfig:
     lr1: float = 1e-3
     lr2: float = 1e-4
     dropout: float = 0.2
+    label_smoothing: float = 0.0  # classifier only
+    clahe: float = 0.0  # classifier only: CLAHE clip limit instead of global equalisation
     seed: int = 1234
     cache_layer: str = "block_12_add"  # frozen below (cached once), trainable above in phase 2
 
@@ -59,7 +61,7 @@ class TrainConfig:
         """Gate sees colour (photos are colourful); the classifier sees equalised grey."""
         if self.role == "gate":
             return InputSpec(self.size, self.size, channels=3, colour="rgb", equalize=False)
-        return InputSpec(self.size, self.size, channels=1, colour="grey", equalize=True)
+        return InputSpec(self.size, self.size, channels=1, colour="grey", equalize=not self.clahe, clahe=self.clahe)
 
 
 DEFAULTS = {
@@ -251,7 +253,10 @@ def sample_weights(labels: np.ndarray, sources: list[str], n: int, cap: float = 
 
 
 def _compile(model: keras.Model, config: TrainConfig, lr: float) -> None:
-    loss = "binary_crossentropy" if config.role == "gate" else "categorical_crossentropy"
+    if config.role == "gate":
+        loss: Any = "binary_crossentropy"
+    else:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
     model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
 
 

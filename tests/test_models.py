@@ -101,6 +101,25 @@ def test_spec_rejects_wrong_schema_and_gate_without_positive_label() -> None:
     assert METADATA_KEY == "cxrbatch"
 
 
+def test_spec_reads_clahe_and_defaults_it_off() -> None:
+    meta = {
+        "schema": "cxrbatch.model/1",
+        "role": "classifier",
+        "name": "c",
+        "version": "1",
+        "input": {"name": "image", "height": 8, "width": 8, "channels": 1, "colour": "grey", "equalize": False},
+        "labels": ["A", "B"],
+        "outputs": {"scores": "scores"},
+        "threshold": 0.6,
+    }
+    assert ModelSpec.from_metadata(meta, "m.onnx").input.clahe == 0.0
+    meta["input"] = {**meta["input"], "clahe": 2.0}  # type: ignore[dict-item]
+    assert ModelSpec.from_metadata(meta, "m.onnx").input.clahe == 2.0
+    meta["input"] = {**meta["input"], "equalize": True}  # type: ignore[dict-item]
+    with pytest.raises(ModelError):
+        ModelSpec.from_metadata(meta, "m.onnx")
+
+
 @pytest.mark.parametrize(
     ("device", "available", "expected"),
     [
