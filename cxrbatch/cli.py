@@ -113,7 +113,7 @@ def train(
     base_weights: Annotated[
         Path | None, typer.Option("--base-weights", help="ImageNet MobileNetV2 no-top .weights.h5 file")
     ] = None,
-    size: Annotated[int | None, typer.Option(help="input side in pixels (default: gate 128, classifier 224)")] = None,
+    size: Annotated[int | None, typer.Option(help="input side in pixels (default: gate 112, classifier 224)")] = None,
     alpha: Annotated[float, typer.Option(help="MobileNetV2 width multiplier")] = 1.0,
     views: Annotated[int | None, typer.Option(help="augmented views cached per training image")] = None,
     epochs1: Annotated[int | None, typer.Option(help="max epochs, phase 1 (frozen base)")] = None,
