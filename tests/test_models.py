@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -82,42 +83,35 @@ def test_incomplete_metadata_names_the_missing_key(tmp_path: Path) -> None:
         load_model(path, "gate", [CPU])
 
 
-def test_spec_rejects_wrong_schema_and_gate_without_positive_label() -> None:
-    with pytest.raises(ModelError, match="schema"):
-        ModelSpec.from_metadata({"schema": "other/9"}, "m.onnx")
-    meta = {
+def _record(role: str, **input_fields: object) -> dict[str, Any]:
+    """A minimal metadata record; `input_fields` override the input's defaults."""
+    colour, channels = ("rgb", 3) if role == "gate" else ("grey", 1)
+    inp = {"name": "image", "height": 8, "width": 8, "channels": channels, "colour": colour, "equalize": False}
+    return {
         "schema": "cxrbatch.model/1",
-        "role": "gate",
-        "name": "g",
+        "role": role,
+        "name": role[0],
         "version": "1",
-        "input": {"name": "image", "height": 8, "width": 8, "channels": 3, "colour": "rgb", "equalize": False},
+        "input": {**inp, **input_fields},
         "labels": ["NO", "YES"],
         "outputs": {"scores": "scores"},
         "threshold": 0.5,
-        "positive_label": "MAYBE",
     }
+
+
+def test_spec_rejects_wrong_schema_and_gate_without_positive_label() -> None:
+    with pytest.raises(ModelError, match="schema"):
+        ModelSpec.from_metadata({"schema": "other/9"}, "m.onnx")
     with pytest.raises(ModelError, match="positive_label"):
-        ModelSpec.from_metadata(meta, "m.onnx")
+        ModelSpec.from_metadata({**_record("gate"), "positive_label": "MAYBE"}, "m.onnx")
     assert METADATA_KEY == "cxrbatch"
 
 
 def test_spec_reads_clahe_and_defaults_it_off() -> None:
-    meta = {
-        "schema": "cxrbatch.model/1",
-        "role": "classifier",
-        "name": "c",
-        "version": "1",
-        "input": {"name": "image", "height": 8, "width": 8, "channels": 1, "colour": "grey", "equalize": False},
-        "labels": ["A", "B"],
-        "outputs": {"scores": "scores"},
-        "threshold": 0.6,
-    }
-    assert ModelSpec.from_metadata(meta, "m.onnx").input.clahe == 0.0
-    meta["input"] = {**meta["input"], "clahe": 2.0}  # type: ignore[dict-item]
-    assert ModelSpec.from_metadata(meta, "m.onnx").input.clahe == 2.0
-    meta["input"] = {**meta["input"], "equalize": True}  # type: ignore[dict-item]
-    with pytest.raises(ModelError):
-        ModelSpec.from_metadata(meta, "m.onnx")
+    assert ModelSpec.from_metadata(_record("classifier"), "m.onnx").input.clahe == 0.0
+    assert ModelSpec.from_metadata(_record("classifier", clahe=2.0), "m.onnx").input.clahe == 2.0
+    with pytest.raises(ModelError):  # both contrast normalisations at once
+        ModelSpec.from_metadata(_record("classifier", clahe=2.0, equalize=True), "m.onnx")
 
 
 @pytest.mark.parametrize(
