@@ -31,7 +31,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # cuDNN's exhaustive search (onnxruntime's default) benchmarks every convolution again for each new
 # batch shape: seconds per shape, every night; its heuristics pick at once. TF32 moved probabilities
-# by up to 3e-3 from the CPU's; without it they agree to 1e-5 (benchmarks/README.md).
+# by up to 3.4e-3 from the CPU's; without it by 3.1e-6 (benchmarks/README.md).
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
 
 
@@ -168,6 +168,16 @@ def read_metadata(path: Path) -> dict[str, Any]:
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise ModelError(f"cannot load model {path}: {exc}") from None
     return _metadata_of(session, path)
+
+
+def embed_metadata(proto: Any, meta: dict[str, Any]) -> None:
+    """Write `meta` as the cxrbatch record of an ONNX ModelProto, replacing any record it had."""
+    props = proto.metadata_props
+    keep = [(p.key, p.value) for p in props if p.key != METADATA_KEY]
+    del props[:]
+    for key, value in keep:
+        props.add(key=key, value=value)
+    props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
 
 
 def _metadata_of(session: Any, path: Path) -> dict[str, Any]:

@@ -11,14 +11,13 @@ feeds and reads the same arrays as for the float32 model. The cxrbatch metadata 
 from __future__ import annotations
 
 import argparse
-import json
 import warnings
 from pathlib import Path
 
 import onnx
 from onnxconverter_common import float16
 
-from cxrbatch.models import METADATA_KEY, read_metadata
+from cxrbatch.models import embed_metadata, read_metadata
 
 
 def halve(src: Path, dst: Path) -> None:
@@ -28,8 +27,7 @@ def halve(src: Path, dst: Path) -> None:
         # Tiny weights (|w| < 1e-7) are clamped to float16's smallest normal; the converter warns per weight.
         warnings.simplefilter("ignore", UserWarning)
         model = float16.convert_float_to_float16(_one_reader_per_input(onnx.load(str(src))), keep_io_types=True)
-    del model.metadata_props[:]
-    model.metadata_props.add(key=METADATA_KEY, value=json.dumps({**meta, "precision": "float16"}, sort_keys=True))
+    embed_metadata(model, {**meta, "precision": "float16"})
     onnx.checker.check_model(model)
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))

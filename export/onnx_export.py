@@ -26,7 +26,7 @@ import tf2onnx
 
 from cxrbatch.discovery import iter_images
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
-from cxrbatch.models import METADATA_KEY, SCHEMA
+from cxrbatch.models import SCHEMA, embed_metadata
 from export.training import backbone_of, sidecar_path
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def export(ckpt: Path, out: Path, check_images: list[Path], version: str = "1.0.
     proto, _ = tf2onnx.convert.from_keras(graph_model, input_signature=signature, opset=OPSET)
     _rename_outputs(proto, output_names)
     meta = _metadata(summary, version, output_names)
-    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
+    embed_metadata(proto, meta)
     proto.doc_string = f"cxrbatch {summary['role']} {version}"
     onnx.checker.check_model(proto, full_check=True)
     parity = check_parity(graph_model, proto, spec, check_images, output_names)

@@ -11,7 +11,6 @@ float one is decided by `cxrbatch evaluate` on both, per class and per source.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from cxrbatch.discovery import iter_images
 from cxrbatch.imaging import load_image, to_model_input
-from cxrbatch.models import METADATA_KEY, ModelSpec, read_metadata
+from cxrbatch.models import ModelSpec, embed_metadata, read_metadata
 
 
 class _Reader(CalibrationDataReader):  # type: ignore[misc]
@@ -51,8 +50,7 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
         weight_type=QuantType.QInt8,
     )
     model = onnx.load(str(dst))
-    del model.metadata_props[:]
-    model.metadata_props.add(key=METADATA_KEY, value=json.dumps({**meta, "precision": "int8"}, sort_keys=True))
+    embed_metadata(model, {**meta, "precision": "int8"})
     onnx.save(model, str(dst))
 
 

@@ -19,8 +19,10 @@ from cxrbatch.models import (
     METADATA_KEY,
     ModelSpec,
     choose_providers,
+    embed_metadata,
     load_model,
     load_models,
+    read_metadata,
 )
 
 
@@ -70,6 +72,18 @@ def test_model_without_metadata_is_refused(tmp_path: Path) -> None:
     onnx.save(model, str(path))
     with pytest.raises(ModelError, match="no 'cxrbatch' metadata"):
         load_model(path, "gate", [CPU])
+
+
+def test_embed_metadata_replaces_the_record_and_keeps_other_keys(tmp_path: Path) -> None:
+    path = make_gate(tmp_path / "gate.onnx")
+    model = onnx.load(str(path))
+    model.metadata_props.add(key="producer_note", value="kept")
+    meta = {**read_metadata(path), "precision": "int8"}
+    embed_metadata(model, meta)
+    onnx.save(model, str(path))
+    keys = [p.key for p in model.metadata_props]
+    assert sorted(keys) == [METADATA_KEY, "producer_note"]
+    assert read_metadata(path) == meta
 
 
 def test_incomplete_metadata_names_the_missing_key(tmp_path: Path) -> None:
