@@ -27,7 +27,7 @@ import tf2onnx
 from cxrbatch.discovery import iter_images
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
 from cxrbatch.models import SCHEMA, embed_metadata
-from export.training import backbone_of, sidecar_path
+from export.training import backbone_features, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,7 @@ def export(ckpt: Path, out: Path, check_images: list[Path], version: str = "1.0.
 def _with_outputs(model: keras.Model, role: str) -> tuple[keras.Model, list[str]]:
     """Rebuild the inference graph from the trained layers; the classifier also outputs `cam`."""
     inputs = keras.Input(model.input.shape[1:], name="image")
-    x = inputs
-    if "grey_to_rgb" in {layer.name for layer in model.layers}:
-        x = model.get_layer("grey_to_rgb")([x, x, x])
-    features = backbone_of(model)(model.get_layer("scale")(x))
+    features = backbone_features(model, inputs)
     head = model.get_layer("head")
     scores = head(model.get_layer("dropout")(model.get_layer("pool")(features)))
     if role == "gate":

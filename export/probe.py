@@ -25,7 +25,7 @@ import numpy as np
 from cxrbatch.evaluation import read_manifest
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
 from export.data import class_names, load_split
-from export.training import backbone_of, sidecar_path
+from export.training import backbone_features, sidecar_path
 
 MIN_IMAGES = 10  # sources with fewer train images of the class are left out
 
@@ -33,10 +33,7 @@ MIN_IMAGES = 10  # sources with fewer train images of the class are left out
 def features(model: keras.Model, spec: InputSpec, paths: list[Path], batch: int = 64) -> np.ndarray:
     """Pooled backbone features (before the head) of each image, preprocessed as at run time."""
     inputs = keras.Input((spec.height, spec.width, spec.channels))
-    x = inputs
-    if spec.channels == 1:
-        x = model.get_layer("grey_to_rgb")([x, x, x])
-    pooled = model.get_layer("pool")(backbone_of(model)(model.get_layer("scale")(x)))
+    pooled = model.get_layer("pool")(backbone_features(model, inputs))
     extractor = keras.Model(inputs, pooled)
     out = []
     for i in range(0, len(paths), batch):

@@ -104,6 +104,15 @@ def backbone_of(model: keras.Model) -> keras.Model:
     raise ValueError("model has no nested backbone")
 
 
+def backbone_features(model: keras.Model, inputs: Any) -> Any:
+    """The backbone's last feature map for `inputs` (0..255 pixels), through the model's own
+    grey-to-RGB and scaling layers: how the export and the source probe rebuild a model's front."""
+    x = inputs
+    if "grey_to_rgb" in {layer.name for layer in model.layers}:
+        x = model.get_layer("grey_to_rgb")([x, x, x])
+    return backbone_of(model)(model.get_layer("scale")(x))
+
+
 def train(
     role: str,
     data_dir: Path,
