@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.run import cli_run, stats, synthetic_set, timed
-from cxrbatch.imaging import load_image, to_model_input
+from benchmarks.run import cli_run, model_inputs, stats, synthetic_set, timed
+from cxrbatch.imaging import load_image
 from cxrbatch.models import CPU, CUDA, Model, default_models_dir, load_model, load_models
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,10 +54,7 @@ def add_photos(folder: Path, n: int) -> None:
 
 def section(report: dict[str, Any], name: str, fn: Callable[[], Any], json_path: Path | None) -> None:
     """Run one measurement; keep its result or its error, and save what we have so far."""
-    try:
-        report[name] = fn()
-    except (Exception, SystemExit) as exc:  # one failing section (cli_run exits) must not lose the others
-        report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+    report[name] = attempt(fn)
     print(f"== {name}: {json.dumps(report[name])[:1500]}", flush=True)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,11 +62,14 @@ def section(report: dict[str, Any], name: str, fn: Callable[[], Any], json_path:
 
 
 def attempt(fn: Callable[..., Any], *args: Any) -> Any:
-    """One measurement inside a section: its result, or its error in place of it."""
+    """One measurement: its result, or its error (and where it happened) in place of it.
+
+    SystemExit too: `cli_run` ends that way when a command fails, and one failure must not lose
+    the other measurements."""
     try:
         return fn(*args)
     except (Exception, SystemExit) as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"[-1500:]}
+        return {"error": f"{type(exc).__name__}: {exc}"[-1500:], "traceback": traceback.format_exc()[-2000:]}
 
 
 def environment() -> dict[str, Any]:
@@ -106,11 +106,11 @@ def providers_check(models_dir: Path) -> dict[str, Any]:
     }
 
 
-def tensors(paths: list[Path], gate: Model, classifier: Model) -> tuple[np.ndarray, np.ndarray]:
-    imgs = [load_image(p, draft_size=224) for p in paths]
+def load_pair(models_dir: Path, providers: list[Any]) -> tuple[Model, Model]:
+    """The gate and the classifier with explicit providers (and provider options)."""
     return (
-        np.stack([to_model_input(i, gate.spec.input) for i in imgs]),
-        np.stack([to_model_input(i, classifier.spec.input) for i in imgs]),
+        load_model(models_dir / "gate.onnx", "gate", providers),
+        load_model(models_dir / "classifier.onnx", "classifier", providers),
     )
 
 
@@ -119,7 +119,7 @@ def parity(models_dir: Path, fp16_dir: Path | None, paths: list[Path]) -> dict[s
     import onnxruntime as ort
 
     cpu_gate, cpu_clf = load_models(models_dir, "cpu")
-    g, c = tensors(paths, cpu_gate, cpu_clf)
+    g, c = model_inputs(paths, cpu_gate, cpu_clf)
     ref_g = cpu_gate.run(g)[cpu_gate.spec.score_output]
     ref_c = cpu_clf.run(c, with_cam=True)
 
@@ -143,12 +143,7 @@ def parity(models_dir: Path, fp16_dir: Path | None, paths: list[Path]) -> dict[s
     tf32: list[Any] = [(CUDA, {"use_tf32": "1"}), CPU]
     fp32: list[Any] = [(CUDA, {"use_tf32": "0"}), CPU]
     for name, providers in (("cuda_tf32", tf32), ("cuda_fp32", fp32)):
-        out[name] = attempt(
-            lambda p=providers: compare(
-                load_model(models_dir / "gate.onnx", "gate", p),
-                load_model(models_dir / "classifier.onnx", "classifier", p),
-            )
-        )
+        out[name] = attempt(lambda p=providers: compare(*load_pair(models_dir, p)))
     if fp16_dir:
         out["cuda_fp16"] = attempt(lambda: compare(*load_models(fp16_dir, "cuda")))
     out["onnxruntime_build"] = ort.get_build_info() if hasattr(ort, "get_build_info") else None
@@ -170,10 +165,9 @@ def _search_mode(
 ) -> dict[str, Any]:
     providers: list[Any] = [(CUDA, options), CPU]
     started = time.perf_counter()
-    gate = load_model(models_dir / "gate.onnx", "gate", providers)
-    clf = load_model(models_dir / "classifier.onnx", "classifier", providers)
+    gate, clf = load_pair(models_dir, providers)
     sessions_s = time.perf_counter() - started
-    g, c = tensors(paths, gate, clf)
+    g, c = model_inputs(paths, gate, clf)
 
     def first(n: int) -> float:
         started = time.perf_counter()
@@ -203,22 +197,29 @@ def inference_only(models: dict[str, Path], paths: list[Path], batches: list[int
         "cuda_fp32": (models["fp32"], "cuda"),
         **({"cuda_fp16": (models["fp16"], "cuda")} if "fp16" in models else {}),
     }.items():
-        for batch in batches:
-            out[f"{label} batch {batch}"] = attempt(_rate, models_dir, device, paths, batch, repeats)
+        rates = attempt(_rates, models_dir, device, paths, batches, repeats)
+        if "error" in rates:
+            out[label] = rates
+        else:
+            out.update({f"{label} batch {batch}": rate for batch, rate in rates.items()})
     return out
 
 
-def _rate(models_dir: Path, device: str, paths: list[Path], batch: int, repeats: int) -> dict[str, Any]:
+def _rates(models_dir: Path, device: str, paths: list[Path], batches: list[int], repeats: int) -> dict[int, Any]:
+    """Load the models and decode the tensors once, then time every batch size."""
     gate, clf = load_models(models_dir, device)
-    g, c = tensors(paths, gate, clf)
+    g, c = model_inputs(paths, gate, clf)
+    return {batch: attempt(_both_rate, gate, clf, g, c, batch, repeats) for batch in batches}
 
+
+def _both_rate(gate: Model, clf: Model, g: np.ndarray, c: np.ndarray, batch: int, repeats: int) -> dict[str, Any]:
     def both() -> None:
         for i in range(0, len(g), batch):
             gate.run(g[i : i + batch])
             clf.run(c[i : i + batch])
 
     both()  # warm-up: cuDNN picks its algorithms on the first run of each shape
-    return stats(len(paths), timed(both, repeats))
+    return stats(len(g), timed(both, repeats))
 
 
 def end_to_end(folder: Path, n: int, configs: list[tuple[str, int, int, Path]], repeats: int) -> dict[str, Any]:

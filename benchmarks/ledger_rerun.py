@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from benchmarks.run import cli_run
 
 
 def make_images(folder: Path, n: int) -> None:
@@ -35,13 +35,7 @@ def make_images(folder: Path, n: int) -> None:
 
 def timed_run(folder: Path, ledger: Path, out: Path) -> float:
     """Run `cxrbatch run` in a fresh process (start-up included) and return the wall time."""
-    cmd = [sys.executable, "-m", "cxrbatch.cli", "run", str(folder), "--ledger", str(ledger), "--out", str(out), "-q"]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return elapsed
+    return cli_run(["run", str(folder), "--ledger", str(ledger), "--out", str(out), "-q"], ok=(0,))[0]
 
 
 def main() -> None:
@@ -61,7 +55,7 @@ def main() -> None:
         rows_after = out.read_text(encoding="utf-8").count("\n") - 1
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpus": __import__("os").cpu_count(),
+        "cpus": os.cpu_count(),
         "files": args.files,
         "first_run_s": round(first, 2),
         "rerun_s_median": round(statistics.median(reruns), 2),
