@@ -119,6 +119,13 @@ def train(
     epochs1: Annotated[int | None, typer.Option(help="max epochs, phase 1 (frozen base)")] = None,
     epochs2: Annotated[int | None, typer.Option(help="max epochs, phase 2 (top blocks unfrozen)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 1234,
+    source_adversary: Annotated[
+        float | None, typer.Option(help="classifier: strength of the per-class source adversary in phase 2 (0: off)")
+    ] = None,
+    exclude_source: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-source", help="leave a MANIFEST.csv source out of train and val (repeatable)"),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train the gate or the classifier (needs the export extra).
@@ -130,7 +137,14 @@ def train(
         raise typer.BadParameter("role must be gate or classifier")
     training = _export_module("training")
     default = training.DEFAULTS[role]
-    overrides = {"size": size, "views": views, "epochs1": epochs1, "epochs2": epochs2}
+    overrides = {
+        "size": size,
+        "views": views,
+        "epochs1": epochs1,
+        "epochs2": epochs2,
+        "source_adversary": source_adversary,
+        "exclude_sources": tuple(exclude_source) if exclude_source else None,
+    }
     config = replace(default, alpha=alpha, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     if base_weights is not None and not base_weights.is_file():
         raise typer.BadParameter(f"base weights not found: {base_weights}")
@@ -248,7 +262,10 @@ def ledger_status(
 @app.command()
 def evaluate(
     data_dir: Annotated[Path, typer.Argument(help="labelled tree: [split/]<CLASS>/images, MANIFEST.csv optional")],
-    split: Annotated[str, typer.Option(help="split folder to score (ignored if absent)")] = "test",
+    split: Annotated[str, typer.Option(help="split folder to score (ignored if absent); all: every split")] = "test",
+    source: Annotated[
+        list[str] | None, typer.Option("--source", help="only images of this MANIFEST.csv source (repeatable)")
+    ] = None,
     models: Annotated[Path | None, typer.Option("--models", help="folder with gate.onnx and classifier.onnx")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the full metrics as JSON")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
@@ -268,7 +285,7 @@ def evaluate(
     _setup_logging(verbose, quiet=False)
     try:
         gate, classifier = load_models(models or default_models_dir(), device)
-        report = evaluation.evaluate(data_dir, split, gate, classifier, Screener(gate, classifier))
+        report = evaluation.evaluate(data_dir, split, gate, classifier, Screener(gate, classifier), tuple(source or ()))
         if json_out is not None:
             write_text(json_out, json.dumps(report, indent=2) + "\n")
     except CxrBatchError as exc:

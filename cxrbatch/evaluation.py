@@ -36,10 +36,30 @@ class Scored:
     errors: list[str]
 
 
+SPLITS = ("train", "val", "test")
+
+
 def labelled_images(data_dir: Path, split: str | None) -> tuple[list[Path], list[str]]:
     """List images with their class: `[split/]<CLASS>/` folders, or a flat folder whose
-    MANIFEST.csv has `id` and `label` columns (ids are file stems)."""
-    root = data_dir / split if split and (data_dir / split).is_dir() else data_dir
+    MANIFEST.csv has `id` and `label` columns (ids are file stems). `split="all"` takes every
+    split folder present (for sources a model never saw, such as a leave-source-out run's)."""
+    if split == "all" and any((data_dir / s).is_dir() for s in SPLITS):
+        roots = [data_dir / s for s in SPLITS if (data_dir / s).is_dir()]
+    else:
+        roots = [data_dir / split if split and (data_dir / split).is_dir() else data_dir]
+    paths: list[Path] = []
+    truth: list[str] = []
+    for root in roots:
+        found, labels = _labelled_folder(root)
+        paths += found
+        truth += labels
+    if not paths:
+        where = roots[0] if len(roots) == 1 else data_dir
+        raise UsageError(f"No labelled images under {where} (expected <CLASS>/ folders or a MANIFEST.csv with labels)")
+    return paths, truth
+
+
+def _labelled_folder(root: Path) -> tuple[list[Path], list[str]]:
     if not root.is_dir():
         raise UsageError(f"Evaluation folder not found: {root}")
     paths: list[Path] = []
@@ -56,8 +76,6 @@ def labelled_images(data_dir: Path, split: str | None) -> tuple[list[Path], list
             if label:
                 paths.append(path)
                 truth.append(label)
-    if not paths:
-        raise UsageError(f"No labelled images under {root} (expected <CLASS>/ folders or a MANIFEST.csv with labels)")
     return paths, truth
 
 
@@ -96,9 +114,23 @@ def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
         return {row["id"]: row for row in csv.DictReader(fh) if "id" in row}
 
 
-def evaluate(data_dir: Path, split: str | None, gate: Model, classifier: Model, screener: Screener) -> dict[str, Any]:
-    """Score a labelled tree and return the metrics report as plain data."""
+def evaluate(
+    data_dir: Path,
+    split: str | None,
+    gate: Model,
+    classifier: Model,
+    screener: Screener,
+    sources: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Score a labelled tree and return the metrics report as plain data; with `sources`, only
+    the images whose MANIFEST.csv source is one of them."""
     paths, truth = labelled_images(data_dir, split)
+    manifest = read_manifest(data_dir)
+    if sources:
+        keep = [i for i, p in enumerate(paths) if manifest.get(p.stem, {}).get("source") in sources]
+        if not keep:
+            raise UsageError(f"No image under {data_dir} comes from the source(s) {list(sources)} in its MANIFEST.csv")
+        paths, truth = [paths[i] for i in keep], [truth[i] for i in keep]
     classes = set(truth)
     if classes <= set(classifier.spec.labels):
         kind = "classifier"
@@ -110,11 +142,11 @@ def evaluate(data_dir: Path, split: str | None, gate: Model, classifier: Model, 
             f"{list(classifier.spec.labels)} nor the gate labels {list(gate.spec.labels)}"
         )
     scored = score(screener, paths, truth)
-    manifest = read_manifest(data_dir)
     groups = _groups(scored.paths, manifest)
     report: dict[str, Any] = {
         "data": str(data_dir.name),
         "split": split,
+        "sources": list(sources),
         "kind": kind,
         "images": len(scored.paths),
         "unreadable": scored.errors,

@@ -33,7 +33,7 @@ import numpy as np
 
 from cxrbatch.evaluation import read_manifest
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
-from export.data import Split, augment, class_names, load_split
+from export.data import Split, augment, class_names, load_split, source_of, without_sources
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class TrainConfig:
     clahe: float = 0.0  # classifier only: CLAHE clip limit instead of global equalisation
     seed: int = 1234
     cache_layer: str = "block_12_add"  # frozen below (cached once), trainable above in phase 2
+    source_adversary: float = 0.0  # classifier only: strength of the per-class source adversary in phase 2
+    exclude_sources: tuple[str, ...] = ()  # manifest sources left out of train and val (leave-source-out runs)
 
     def input_spec(self) -> InputSpec:
         """Gate sees colour (photos are colourful); the classifier sees equalised grey."""
@@ -125,8 +127,8 @@ def train(
     keras.utils.set_random_seed(config.seed)
     classes = class_names(data_dir)
     manifest = read_manifest(data_dir)
-    train_split = load_split(data_dir, "train", classes)
-    val_split = load_split(data_dir, "val", classes)
+    train_split = without_sources(load_split(data_dir, "train", classes), manifest, config.exclude_sources)
+    val_split = without_sources(load_split(data_dir, "val", classes), manifest, config.exclude_sources)
     if not len(train_split.paths) or not len(val_split.paths):
         raise ValueError(f"{data_dir}: train and val splits both need images")
     started = time.time()
@@ -145,7 +147,7 @@ def train(
     train_cache = _cache(below, train_split, spec, config, rng, views=config.views)
     val_cache = _cache(below, val_split, spec, config, rng, views=0)[:, 0]
     y_train, y_val = _targets(config, train_split), _targets(config, val_split)
-    sources = [manifest.get(p.stem, {}).get("source", "") for p in train_split.paths]
+    sources = source_of(train_split, manifest)
     weights = sample_weights(train_split.labels, sources, len(classes))
 
     log.info("phase 1: head on frozen features")
@@ -160,25 +162,33 @@ def train(
         validation_data=(pooled_val, y_val),
         batch_size=config.batch_size,
         epochs=config.epochs1,
-        callbacks=_callbacks(patience=5),
+        callbacks=_callbacks(patience=5, monitor="loss"),
         verbose=2,
     )
 
     log.info("phase 2: top blocks unfrozen")
     _unfreeze_above(base, config.cache_layer)
-    top_model = keras.Model(
-        above.input, model.get_layer("head")(model.get_layer("dropout")(model.get_layer("pool")(above.output)))
-    )
-    _compile(top_model, config, config.lr2)
+    plan = adversary_plan(train_split.labels, sources, len(classes)) if config.source_adversary > 0 else []
+    log.info("source adversaries: %s", {classes[c]: names for c, names in plan} or "none")
+    top_model = _top_model(model, above, plan, config.source_adversary)
+    _compile(top_model, config, config.lr2, adversaries=[f"source_{c}" for c, _ in plan])
+    output = "head_" if plan else ""  # Keras prefixes metric names by output once there are several
+    val_sources = source_of(val_split, manifest)
     history2 = top_model.fit(
-        _ViewSampler(train_cache, y_train, weights, config.batch_size, config.seed),
-        validation_data=(val_cache, y_val),
+        _ViewSampler(
+            train_cache,
+            {"head": y_train, **adversary_targets(plan, train_split.labels, sources)},
+            weights,
+            config.batch_size,
+            config.seed,
+        ),
+        validation_data=(val_cache, {"head": y_val, **adversary_targets(plan, val_split.labels, val_sources)}),
         epochs=config.epochs2,
-        callbacks=_callbacks(patience=8, monitor="val_accuracy"),
+        callbacks=_callbacks(patience=8, monitor="accuracy", output=output),
         verbose=2,
     )
     assert head is model.get_layer("head")  # the full model shares every trained layer
-    val_scores = np.asarray(top_model.predict(val_cache, batch_size=config.batch_size, verbose=0))
+    val_scores = np.asarray(top_model.predict(val_cache, batch_size=config.batch_size, verbose=0)["head"])
     validation, threshold = _validate(config, val_split.labels, val_scores)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,8 +207,9 @@ def train(
             "phase1_epochs": len(history1.history["loss"]),
             "phase1_best_val_loss": float(min(history1.history["val_loss"])),
             "phase2_epochs": len(history2.history["loss"]),
-            "phase2_best_val_loss": float(min(history2.history["val_loss"])),
+            "phase2_best_val_loss": float(min(history2.history[f"val_{output}loss"])),
         },
+        "source_adversaries": {classes[c]: list(names) for c, names in plan},
         "validation": validation,
         "threshold": threshold,
         "train_seconds": round(time.time() - started, 1),
@@ -261,24 +272,99 @@ def sample_weights(labels: np.ndarray, sources: list[str], n: int, cap: float = 
     return (weights / weights.mean()).astype(np.float32)
 
 
-def _compile(model: keras.Model, config: TrainConfig, lr: float) -> None:
+def _compile(model: keras.Model, config: TrainConfig, lr: float, adversaries: list[str] | None = None) -> None:
+    """Adam at `lr`; the class loss on the head, and a source loss on each adversary output if any."""
     if config.role == "gate":
         loss: Any = "binary_crossentropy"
     else:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
+    if adversaries:
+        losses = {"head": loss, **{name: "categorical_crossentropy" for name in adversaries}}
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss=losses, metrics={"head": ["accuracy"]})
+    else:
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
 
 
-def _callbacks(patience: int, monitor: str = "val_loss") -> list[keras.callbacks.Callback]:
-    """LR reduction on a val-loss plateau; early stopping on `monitor`, keeping the best weights."""
+def _callbacks(patience: int, monitor: str, output: str = "") -> list[keras.callbacks.Callback]:
+    """LR reduction on a val-loss plateau; early stopping on val `monitor`, keeping the best weights.
+
+    `output` is the prefix Keras gives the head's metrics in a model with several outputs."""
     return [
         keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=0.3, patience=max(1, patience // 2 + 1), min_lr=1e-6
+            monitor=f"val_{output}loss", mode="min", factor=0.3, patience=max(1, patience // 2 + 1), min_lr=1e-6
         ),
         keras.callbacks.EarlyStopping(
-            monitor=monitor, mode="max" if "acc" in monitor else "min", patience=patience, restore_best_weights=True
+            monitor=f"val_{output}{monitor}",
+            mode="max" if monitor == "accuracy" else "min",
+            patience=patience,
+            restore_best_weights=True,
         ),
     ]
+
+
+def adversary_plan(
+    labels: np.ndarray, sources: list[str], n: int, min_images: int = 10
+) -> list[tuple[int, tuple[str, ...]]]:
+    """Per class, the sources a source adversary learns to tell apart.
+
+    Only sources with at least `min_images` train images of that class count, and only classes
+    with two or more such sources get an adversary (TUBERCULOSIS, from one source, gets none).
+    """
+    source_arr = np.asarray(sources, dtype=object)
+    plan = []
+    for c in range(n):
+        names, counts = np.unique(source_arr[labels == c].astype(str), return_counts=True)
+        kept = tuple(str(name) for name, k in zip(names, counts, strict=True) if name and k >= min_images)
+        if len(kept) >= 2:
+            plan.append((c, kept))
+    return plan
+
+
+def adversary_targets(
+    plan: list[tuple[int, tuple[str, ...]]], labels: np.ndarray, sources: list[str]
+) -> dict[str, np.ndarray]:
+    """One-hot source targets per adversary output; all-zero rows (no loss) for every other image."""
+    source_arr = np.asarray(sources, dtype=object)
+    targets = {}
+    for c, names in plan:
+        t = np.zeros((len(labels), len(names)), dtype=np.float32)
+        for j, name in enumerate(names):
+            t[(labels == c) & (source_arr == name), j] = 1.0
+        targets[f"source_{c}"] = t
+    return targets
+
+
+class GradientReversal(keras.layers.Layer):  # type: ignore[misc]
+    """Identity on the way forward; multiplies the gradient by -strength on the way back."""
+
+    def __init__(self, strength: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.strength = strength
+
+    def call(self, x: Any) -> Any:
+        s = self.strength
+        return keras.ops.stop_gradient(x * (1.0 + s)) - s * x
+
+
+def _top_model(
+    model: keras.Model, above: keras.Model, plan: list[tuple[int, tuple[str, ...]]], strength: float
+) -> keras.Model:
+    """Phase 2's model: cached activations in, the class head out, plus one source adversary per
+    class of `plan`.
+
+    Class-conditional source adversaries (domain-adversarial training, one per class): each tries
+    to tell which source an image of its class came from, from the pooled features, and the
+    reversed gradient trains the backbone to make that impossible. Conditioning on the class
+    keeps the class signal; it removes the look that tells, for instance, the NORMALs of the only
+    TB source from every other NORMAL. The adversaries are not part of the exported model.
+    """
+    pooled = model.get_layer("pool")(above.output)
+    outputs = {"head": model.get_layer("head")(model.get_layer("dropout")(pooled))}
+    if plan:
+        reversed_ = GradientReversal(strength, name="reverse")(pooled)
+        for c, names in plan:
+            outputs[f"source_{c}"] = keras.layers.Dense(len(names), activation="softmax", name=f"source_{c}")(reversed_)
+    return keras.Model(above.input, outputs)
 
 
 def _head_model(model: keras.Model, width: int) -> keras.Model:
@@ -357,22 +443,22 @@ def _pool(above: keras.Model, acts: np.ndarray, batch: int) -> np.ndarray:
 
 
 class _ViewSampler(keras.utils.PyDataset):  # type: ignore[misc]
-    """Each epoch, one randomly chosen cached view per image, shuffled."""
+    """Each epoch, one randomly chosen cached view per image, shuffled; `y` maps output names to targets."""
 
-    def __init__(self, cache: np.ndarray, y: np.ndarray, w: np.ndarray, batch: int, seed: int) -> None:
+    def __init__(self, cache: np.ndarray, y: dict[str, np.ndarray], w: np.ndarray, batch: int, seed: int) -> None:
         super().__init__()
         self.cache, self.y, self.w, self.batch = cache, y, w, batch
         self.rng = np.random.default_rng(seed)
         self.on_epoch_end()
 
     def __len__(self) -> int:
-        return int(np.ceil(len(self.y) / self.batch))
+        return int(np.ceil(len(self.w) / self.batch))
 
     def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(len(self.y))
-        self.pick = self.rng.integers(0, self.cache.shape[1], len(self.y))
+        self.order = self.rng.permutation(len(self.w))
+        self.pick = self.rng.integers(0, self.cache.shape[1], len(self.w))
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         idx = self.order[index * self.batch : (index + 1) * self.batch]
         x = self.cache[idx, self.pick[idx]].astype(np.float32)
-        return x, self.y[idx], self.w[idx]
+        return x, {name: y[idx] for name, y in self.y.items()}, self.w[idx]

@@ -73,6 +73,29 @@ def test_evaluate_classifier_tree_with_manifest(tiny_models: Path, tmp_path: Pat
     assert "accuracy 0.9231" in text and "[source] src-a" in text
 
 
+def test_evaluate_all_splits_of_chosen_sources(tiny_models: Path, tmp_path: Path) -> None:
+    rows = ["id,source"]
+    for split, level in (("train", 20), ("val", 110), ("test", 110)):
+        for label, source in (("COVID19", "held-out"), ("NORMAL", "held-out"), ("NORMAL", "seen")):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{split}-{label}-{source}"
+            grey_image(folder / f"{name}.png", level if label == "NORMAL" else 20)
+            rows.append(f"{name},{source}")
+    (tmp_path / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    gate, classifier = load_models(tiny_models, "cpu")
+    screener = Screener(gate, classifier)
+    paths, _ = labelled_images(tmp_path, "all")
+    assert len(paths) == 9 and {p.parent.parent.name for p in paths} == {"train", "val", "test"}
+    report = evaluate(tmp_path, "all", gate, classifier, screener, sources=("held-out",))
+    assert report["images"] == 6 and list(report["by_source"]) == ["held-out"]
+    # train's held-out NORMAL is dark (the tiny model calls it COVID19); the other five are right
+    assert report["overall"]["confusion"][:2] == [[3, 0, 0, 0], [1, 2, 0, 0]]
+    assert report["sources"] == ["held-out"] and f"{tmp_path.name}/all: 6 images" in format_report(report)
+    with pytest.raises(UsageError, match="from the source"):
+        evaluate(tmp_path, "all", gate, classifier, screener, sources=("nowhere",))
+
+
 def test_evaluate_refuses_unknown_class_folders(tiny_models: Path, tmp_path: Path) -> None:
     (tmp_path / "test" / "CATS").mkdir(parents=True)
     grey_image(tmp_path / "test" / "CATS" / "c.png", 100)

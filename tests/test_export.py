@@ -174,3 +174,65 @@ def test_augment_brings_every_view_to_the_weakest_source_resolution() -> None:
         assert augment(colour, rng).mode == "RGB"
     views = [np.asarray(augment(big, np.random.default_rng(9))) for _ in range(2)]
     assert np.array_equal(views[0], views[1])  # the same seed gives the same view
+
+
+def test_adversary_plan_pairs_each_class_with_its_sources() -> None:
+    from export.training import adversary_plan, adversary_targets
+
+    # NORMAL (0) from a, b and a lone image of c; PNEUMONIA (1) from a only; TB (2) from b only
+    labels = np.array([0] * 12 + [0] * 10 + [0] + [1] * 15 + [2] * 11)
+    sources = ["a"] * 12 + ["b"] * 10 + ["c"] + ["a"] * 15 + ["b"] * 11
+    plan = adversary_plan(labels, sources, 3)
+    assert plan == [(0, ("a", "b"))]  # c is too small; one-source classes get no adversary
+    targets = adversary_targets(plan, labels, sources)
+    assert list(targets) == ["source_0"] and targets["source_0"].shape == (len(labels), 2)
+    assert targets["source_0"][:12, 0].all() and targets["source_0"][12:22, 1].all()
+    assert not targets["source_0"][22:].any()  # the lone NORMAL and other classes add no source loss
+
+
+def test_gradient_reversal_is_identity_forward_and_flips_the_gradient() -> None:
+    import tensorflow as tf
+
+    from export.training import GradientReversal
+
+    x = tf.constant(np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = GradientReversal(0.3)(x)
+        loss = tf.reduce_sum(y * 2.0)
+    np.testing.assert_allclose(y.numpy(), x.numpy(), atol=1e-6)
+    np.testing.assert_allclose(tape.gradient(loss, x).numpy(), np.full((3, 5), -0.6), rtol=1e-6)
+
+
+def test_without_sources_drops_only_the_named_sources(tmp_path: Path) -> None:
+    from export.data import class_names, load_split, without_sources
+
+    data = _dataset(tmp_path / "cxr", {"DARK": (False, False), "LIGHT": (True, False)}, per_class=4)
+    manifest = {f"{c}_{i}": {"source": "left-out" if i == 0 else "kept"} for c in ("DARK", "LIGHT") for i in range(4)}
+    split = load_split(data, "train", class_names(data))
+    kept = without_sources(split, manifest, ("left-out",))
+    assert sorted(p.stem for p in kept.paths) == [f"{c}_{i}" for c in ("DARK", "LIGHT") for i in (1, 2, 3)]
+    assert kept.counts() == {"DARK": 3, "LIGHT": 3}
+    assert without_sources(split, manifest, ()) is split
+    with pytest.raises(ValueError, match="no image in the manifest"):
+        without_sources(split, manifest, ("typo",))
+
+
+def test_leave_source_out_training_with_source_adversary(tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "cxr", {"DARK": (False, False), "LIGHT": (True, False)}, per_class=30)
+    rows = ["id,source"] + [f"{c}_{i},src{i % 3}" for c in ("DARK", "LIGHT") for i in range(30)]
+    (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    ckpt = tmp_path / "clf.keras"
+    args = ["train", "classifier", str(data), "--out", str(ckpt), *TINY]
+    result = runner.invoke(app, [*args, "--source-adversary", "0.3", "--exclude-source", "src2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "clf.keras.json").read_text(encoding="utf-8"))
+    assert summary["data"]["train"] == {"DARK": 20, "LIGHT": 20} and summary["data"]["val"] == {"DARK": 20, "LIGHT": 20}
+    assert summary["config"]["exclude_sources"] == ["src2"] and summary["config"]["source_adversary"] == 0.3
+    assert summary["source_adversaries"] == {"DARK": ["src0", "src1"], "LIGHT": ["src0", "src1"]}
+    onnx_path = tmp_path / "classifier.onnx"
+    result = runner.invoke(app, ["export", str(ckpt), "--out", str(onnx_path), "--check-images", str(data / "val")])
+    assert result.exit_code == 0, result.output
+    import onnx
+
+    assert {o.name for o in onnx.load(str(onnx_path)).graph.output} == {"scores", "cam"}  # no adversary
