@@ -119,8 +119,8 @@ def train(
     epochs1: Annotated[int | None, typer.Option(help="max epochs, phase 1 (frozen base)")] = None,
     epochs2: Annotated[int | None, typer.Option(help="max epochs, phase 2 (top blocks unfrozen)")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 1234,
-    source_adversary: Annotated[
-        float | None, typer.Option(help="classifier: strength of the per-class source adversary in phase 2 (0: off)")
+    source_alignment: Annotated[
+        float | None, typer.Option(help="classifier: weight of the per-class source alignment loss in phase 2 (0: off)")
     ] = None,
     exclude_source: Annotated[
         list[str] | None,
@@ -142,7 +142,7 @@ def train(
         "views": views,
         "epochs1": epochs1,
         "epochs2": epochs2,
-        "source_adversary": source_adversary,
+        "source_alignment": source_alignment,
         "exclude_sources": tuple(exclude_source) if exclude_source else None,
     }
     config = replace(default, alpha=alpha, seed=seed, **{k: v for k, v in overrides.items() if v is not None})

@@ -56,7 +56,7 @@ class TrainConfig:
     clahe: float = 0.0  # classifier only: CLAHE clip limit instead of global equalisation
     seed: int = 1234
     cache_layer: str = "block_12_add"  # frozen below (cached once), trainable above in phase 2
-    source_adversary: float = 0.0  # classifier only: strength of the per-class source adversary in phase 2
+    source_alignment: float = 0.0  # classifier only: weight of the per-class source alignment loss in phase 2
     exclude_sources: tuple[str, ...] = ()  # manifest sources left out of train and val (leave-source-out runs)
 
     def input_spec(self) -> InputSpec:
@@ -168,21 +168,18 @@ def train(
 
     log.info("phase 2: top blocks unfrozen")
     _unfreeze_above(base, config.cache_layer)
-    plan = adversary_plan(train_split.labels, sources, len(classes)) if config.source_adversary > 0 else []
-    log.info("source adversaries: %s", {classes[c]: names for c, names in plan} or "none")
-    top_model = _top_model(model, above, plan, config.source_adversary)
-    _compile(top_model, config, config.lr2, adversaries=[f"source_{c}" for c, _ in plan])
+    plan = alignment_plan(train_split.labels, sources, len(classes)) if config.source_alignment > 0 else []
+    log.info("source alignment: %s", {classes[c]: names for c, names in plan} or "none")
+    top_model = _top_model(model, above, aligned=bool(plan))
+    _compile(top_model, config, config.lr2, alignment=tuple(len(names) for _, names in plan))
     output = "head_" if plan else ""  # Keras prefixes metric names by output once there are several
-    val_sources = source_of(val_split, manifest)
+    y_fit, y_check = {"head": y_train}, {"head": y_val}
+    if plan:
+        y_fit["align"] = alignment_targets(plan, train_split.labels, sources)
+        y_check["align"] = alignment_targets(plan, val_split.labels, source_of(val_split, manifest))
     history2 = top_model.fit(
-        _ViewSampler(
-            train_cache,
-            {"head": y_train, **adversary_targets(plan, train_split.labels, sources)},
-            weights,
-            config.batch_size,
-            config.seed,
-        ),
-        validation_data=(val_cache, {"head": y_val, **adversary_targets(plan, val_split.labels, val_sources)}),
+        _ViewSampler(train_cache, y_fit, weights, config.batch_size, config.seed),
+        validation_data=(val_cache, y_check),
         epochs=config.epochs2,
         callbacks=_callbacks(patience=8, monitor="accuracy", output=output),
         verbose=2,
@@ -209,7 +206,7 @@ def train(
             "phase2_epochs": len(history2.history["loss"]),
             "phase2_best_val_loss": float(min(history2.history[f"val_{output}loss"])),
         },
-        "source_adversaries": {classes[c]: list(names) for c, names in plan},
+        "source_alignment": {classes[c]: list(names) for c, names in plan},
         "validation": validation,
         "threshold": threshold,
         "train_seconds": round(time.time() - started, 1),
@@ -272,17 +269,23 @@ def sample_weights(labels: np.ndarray, sources: list[str], n: int, cap: float = 
     return (weights / weights.mean()).astype(np.float32)
 
 
-def _compile(model: keras.Model, config: TrainConfig, lr: float, adversaries: list[str] | None = None) -> None:
-    """Adam at `lr`; the class loss on the head, and a source loss on each adversary output if any."""
+def _compile(model: keras.Model, config: TrainConfig, lr: float, alignment: tuple[int, ...] = ()) -> None:
+    """Adam at `lr`; the class loss on the head and, with `alignment` (sources per aligned class),
+    the source alignment loss on the pooled features, weighted by `config.source_alignment`."""
     if config.role == "gate":
         loss: Any = "binary_crossentropy"
     else:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
-    if adversaries:
-        losses = {"head": loss, **{name: "categorical_crossentropy" for name in adversaries}}
-        model.compile(optimizer=keras.optimizers.Adam(lr), loss=losses, metrics={"head": ["accuracy"]})
+    optimizer = keras.optimizers.Adam(lr)
+    if alignment:
+        model.compile(
+            optimizer=optimizer,
+            loss={"head": loss, "align": source_alignment_loss(alignment)},
+            loss_weights={"head": 1.0, "align": config.source_alignment},
+            metrics={"head": ["accuracy"]},
+        )
     else:
-        model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
+        model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
 
 def _callbacks(patience: int, monitor: str, output: str = "") -> list[keras.callbacks.Callback]:
@@ -302,13 +305,13 @@ def _callbacks(patience: int, monitor: str, output: str = "") -> list[keras.call
     ]
 
 
-def adversary_plan(
+def alignment_plan(
     labels: np.ndarray, sources: list[str], n: int, min_images: int = 10
 ) -> list[tuple[int, tuple[str, ...]]]:
-    """Per class, the sources a source adversary learns to tell apart.
+    """Per class, the sources whose features the alignment loss pulls together.
 
     Only sources with at least `min_images` train images of that class count, and only classes
-    with two or more such sources get an adversary (TUBERCULOSIS, from one source, gets none).
+    with two or more such sources are aligned (TUBERCULOSIS, from one source, is not).
     """
     source_arr = np.asarray(sources, dtype=object)
     plan = []
@@ -320,50 +323,56 @@ def adversary_plan(
     return plan
 
 
-def adversary_targets(
-    plan: list[tuple[int, tuple[str, ...]]], labels: np.ndarray, sources: list[str]
-) -> dict[str, np.ndarray]:
-    """One-hot source targets per adversary output; all-zero rows (no loss) for every other image."""
+def alignment_targets(plan: list[tuple[int, tuple[str, ...]]], labels: np.ndarray, sources: list[str]) -> np.ndarray:
+    """Source membership masks, one column per (class, source) of `plan`, in plan order; all-zero
+    rows for images of other classes or smaller sources."""
     source_arr = np.asarray(sources, dtype=object)
-    targets = {}
-    for c, names in plan:
-        t = np.zeros((len(labels), len(names)), dtype=np.float32)
-        for j, name in enumerate(names):
-            t[(labels == c) & (source_arr == name), j] = 1.0
-        targets[f"source_{c}"] = t
-    return targets
+    columns = [(labels == c) & (source_arr == name) for c, names in plan for name in names]
+    return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(labels), 0), np.float32)
 
 
-class GradientReversal(keras.layers.Layer):  # type: ignore[misc]
-    """Identity on the way forward; multiplies the gradient by -strength on the way back."""
+def source_alignment_loss(groups: tuple[int, ...]) -> Any:
+    """A loss on the pooled features: for each aligned class, the spread of its per-source feature
+    means within the batch, in units of the batch's feature variance for that class.
 
-    def __init__(self, strength: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.strength = strength
-
-    def call(self, x: Any) -> Any:
-        s = self.strength
-        return keras.ops.stop_gradient(x * (1.0 + s)) - s * x
-
-
-def _top_model(
-    model: keras.Model, above: keras.Model, plan: list[tuple[int, tuple[str, ...]]], strength: float
-) -> keras.Model:
-    """Phase 2's model: cached activations in, the class head out, plus one source adversary per
-    class of `plan`.
-
-    Class-conditional source adversaries (domain-adversarial training, one per class): each tries
-    to tell which source an image of its class came from, from the pooled features, and the
-    reversed gradient trains the backbone to make that impossible. Conditioning on the class
-    keeps the class signal; it removes the look that tells, for instance, the NORMALs of the only
-    TB source from every other NORMAL. The adversaries are not part of the exported model.
+    `y_true` holds the masks of `alignment_targets`, `groups` how many sources each aligned class
+    has. Classes with fewer than two sources in a batch add nothing. Pulling each class's source
+    means together (class-conditional moment matching) keeps the class signal and removes the
+    first-order "this looks like that source" signal, such as whatever tells the NORMALs of the
+    only TB source from every other NORMAL. The value is the same for every image of the batch.
     """
+    ops = keras.ops
+
+    def loss(y_true: Any, y_pred: Any) -> Any:
+        total = ops.zeros(())
+        start = 0
+        for size in groups:
+            masks = y_true[:, start : start + size]
+            start += size
+            counts = ops.sum(masks, axis=0)
+            means = ops.matmul(ops.transpose(masks), y_pred) / ops.maximum(counts, 1.0)[:, None]
+            present = ops.cast(counts > 0, "float32")
+            k = ops.sum(present)
+            centre = ops.sum(means * present[:, None], axis=0) / ops.maximum(k, 1.0)
+            between = ops.sum(present * ops.mean(ops.square(means - centre), axis=1)) / ops.maximum(k, 1.0)
+            member = ops.sum(masks, axis=1, keepdims=True)
+            n = ops.maximum(ops.sum(member), 1.0)
+            mean_all = ops.sum(member * y_pred, axis=0) / n
+            variance = ops.mean(ops.sum(member * ops.square(y_pred - mean_all), axis=0) / n)
+            ratio = between / (ops.stop_gradient(variance) + 1e-6)
+            total = total + ops.where(k >= 2, ratio, 0.0)
+        return ops.zeros_like(y_pred[:, 0]) + total
+
+    return loss
+
+
+def _top_model(model: keras.Model, above: keras.Model, aligned: bool) -> keras.Model:
+    """Phase 2's model: cached activations in, the class head out (and, when `aligned`, the
+    pooled features as a second output for the source alignment loss; not exported)."""
     pooled = model.get_layer("pool")(above.output)
     outputs = {"head": model.get_layer("head")(model.get_layer("dropout")(pooled))}
-    if plan:
-        reversed_ = GradientReversal(strength, name="reverse")(pooled)
-        for c, names in plan:
-            outputs[f"source_{c}"] = keras.layers.Dense(len(names), activation="softmax", name=f"source_{c}")(reversed_)
+    if aligned:
+        outputs["align"] = pooled
     return keras.Model(above.input, outputs)
 
 

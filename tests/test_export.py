@@ -176,32 +176,33 @@ def test_augment_brings_every_view_to_the_weakest_source_resolution() -> None:
     assert np.array_equal(views[0], views[1])  # the same seed gives the same view
 
 
-def test_adversary_plan_pairs_each_class_with_its_sources() -> None:
-    from export.training import adversary_plan, adversary_targets
+def test_alignment_plan_pairs_each_class_with_its_sources() -> None:
+    from export.training import alignment_plan, alignment_targets
 
     # NORMAL (0) from a, b and a lone image of c; PNEUMONIA (1) from a only; TB (2) from b only
     labels = np.array([0] * 12 + [0] * 10 + [0] + [1] * 15 + [2] * 11)
     sources = ["a"] * 12 + ["b"] * 10 + ["c"] + ["a"] * 15 + ["b"] * 11
-    plan = adversary_plan(labels, sources, 3)
-    assert plan == [(0, ("a", "b"))]  # c is too small; one-source classes get no adversary
-    targets = adversary_targets(plan, labels, sources)
-    assert list(targets) == ["source_0"] and targets["source_0"].shape == (len(labels), 2)
-    assert targets["source_0"][:12, 0].all() and targets["source_0"][12:22, 1].all()
-    assert not targets["source_0"][22:].any()  # the lone NORMAL and other classes add no source loss
+    plan = alignment_plan(labels, sources, 3)
+    assert plan == [(0, ("a", "b"))]  # c is too small; one-source classes are not aligned
+    masks = alignment_targets(plan, labels, sources)
+    assert masks.shape == (len(labels), 2)
+    assert masks[:12, 0].all() and masks[12:22, 1].all() and masks[:22].sum() == 22
+    assert not masks[22:].any()  # the lone NORMAL and the other classes take no part
 
 
-def test_gradient_reversal_is_identity_forward_and_flips_the_gradient() -> None:
-    import tensorflow as tf
+def test_source_alignment_loss_is_the_spread_of_source_means() -> None:
+    from export.training import source_alignment_loss
 
-    from export.training import GradientReversal
-
-    x = tf.constant(np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32))
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = GradientReversal(0.3)(x)
-        loss = tf.reduce_sum(y * 2.0)
-    np.testing.assert_allclose(y.numpy(), x.numpy(), atol=1e-6)
-    np.testing.assert_allclose(tape.gradient(loss, x).numpy(), np.full((3, 5), -0.6), rtol=1e-6)
+    loss = source_alignment_loss((2,))
+    masks = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0, 0]], dtype=np.float32)
+    # source a: mean (1, 0); source b: mean (1, 2); the unmasked last row must not count
+    feats = np.array([[0, 0], [2, 0], [0, 2], [2, 2], [100, 100]], dtype=np.float32)
+    # between = mean over sources and dims of (mean - centre)^2 = 0.5; variance of members = 1
+    np.testing.assert_allclose(np.asarray(loss(masks, feats)), np.full(5, 0.5), rtol=1e-5)
+    same_means = np.array([[0, 0], [2, 2], [2, 0], [0, 2], [100, 100]], dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(loss(masks, same_means)), np.zeros(5), atol=1e-6)
+    one_source = np.array([[1, 0], [1, 0], [0, 0], [0, 0], [0, 0]], dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(loss(one_source, feats)), np.zeros(5), atol=1e-6)
 
 
 def test_without_sources_drops_only_the_named_sources(tmp_path: Path) -> None:
@@ -218,21 +219,21 @@ def test_without_sources_drops_only_the_named_sources(tmp_path: Path) -> None:
         without_sources(split, manifest, ("typo",))
 
 
-def test_leave_source_out_training_with_source_adversary(tmp_path: Path) -> None:
+def test_leave_source_out_training_with_source_alignment(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "cxr", {"DARK": (False, False), "LIGHT": (True, False)}, per_class=30)
     rows = ["id,source"] + [f"{c}_{i},src{i % 3}" for c in ("DARK", "LIGHT") for i in range(30)]
     (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     ckpt = tmp_path / "clf.keras"
     args = ["train", "classifier", str(data), "--out", str(ckpt), *TINY]
-    result = runner.invoke(app, [*args, "--source-adversary", "0.3", "--exclude-source", "src2"])
+    result = runner.invoke(app, [*args, "--source-alignment", "1.0", "--exclude-source", "src2"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "clf.keras.json").read_text(encoding="utf-8"))
     assert summary["data"]["train"] == {"DARK": 20, "LIGHT": 20} and summary["data"]["val"] == {"DARK": 20, "LIGHT": 20}
-    assert summary["config"]["exclude_sources"] == ["src2"] and summary["config"]["source_adversary"] == 0.3
-    assert summary["source_adversaries"] == {"DARK": ["src0", "src1"], "LIGHT": ["src0", "src1"]}
+    assert summary["config"]["exclude_sources"] == ["src2"] and summary["config"]["source_alignment"] == 1.0
+    assert summary["source_alignment"] == {"DARK": ["src0", "src1"], "LIGHT": ["src0", "src1"]}
     onnx_path = tmp_path / "classifier.onnx"
     result = runner.invoke(app, ["export", str(ckpt), "--out", str(onnx_path), "--check-images", str(data / "val")])
     assert result.exit_code == 0, result.output
     import onnx
 
-    assert {o.name for o in onnx.load(str(onnx_path)).graph.output} == {"scores", "cam"}  # no adversary
+    assert {o.name for o in onnx.load(str(onnx_path)).graph.output} == {"scores", "cam"}  # no alignment output
