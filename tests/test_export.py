@@ -201,6 +201,13 @@ def test_source_alignment_loss_is_the_spread_of_source_means() -> None:
     np.testing.assert_allclose(np.asarray(loss(masks, feats)), np.full(5, 0.5), rtol=1e-5)
     same_means = np.array([[0, 0], [2, 2], [2, 0], [0, 2], [100, 100]], dtype=np.float32)
     np.testing.assert_allclose(np.asarray(loss(masks, same_means)), np.zeros(5), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(loss(masks, feats * 0.1)), np.full(5, 0.5), rtol=1e-3)  # scale-free
+    import tensorflow as tf
+
+    scale = tf.Variable(1.0)
+    with tf.GradientTape() as tape:
+        value = tf.reduce_mean(loss(masks, feats * scale))
+    assert abs(float(tape.gradient(value, scale))) < 1e-4  # no reward for shrinking the features
     one_source = np.array([[1, 0], [1, 0], [0, 0], [0, 0], [0, 0]], dtype=np.float32)
     np.testing.assert_allclose(np.asarray(loss(one_source, feats)), np.zeros(5), atol=1e-6)
 
