@@ -166,26 +166,35 @@ def train(
         verbose=2,
     )
 
-    log.info("phase 2: top blocks unfrozen")
-    _unfreeze_above(base, config.cache_layer)
-    plan = alignment_plan(train_split.labels, sources, len(classes)) if config.source_alignment > 0 else []
-    log.info("source alignment: %s", {classes[c]: names for c, names in plan} or "none")
-    top_model = _top_model(model, above, aligned=bool(plan))
-    _compile(top_model, config, config.lr2, alignment=tuple(len(names) for _, names in plan))
-    output = "head_" if plan else ""  # Keras prefixes metric names by output once there are several
-    y_fit, y_check = {"head": y_train}, {"head": y_val}
-    if plan:
-        y_fit["align"] = alignment_targets(plan, train_split.labels, sources)
-        y_check["align"] = alignment_targets(plan, val_split.labels, source_of(val_split, manifest))
-    history2 = top_model.fit(
-        _ViewSampler(train_cache, y_fit, weights, config.batch_size, config.seed),
-        validation_data=(val_cache, y_check),
-        epochs=config.epochs2,
-        callbacks=_callbacks(patience=8, monitor="accuracy", output=output),
-        verbose=2,
-    )
-    assert head is model.get_layer("head")  # the full model shares every trained layer
-    val_scores = np.asarray(top_model.predict(val_cache, batch_size=config.batch_size, verbose=0)["head"])
+    plan: list[tuple[int, tuple[str, ...]]] = []
+    phase2: dict[str, float] = {"phase2_epochs": 0}
+    if config.epochs2 <= 0:  # head only, as the original recipe: the whole backbone stays frozen
+        val_scores = np.asarray(head_model.predict(pooled_val, batch_size=config.batch_size, verbose=0))
+    else:
+        log.info("phase 2: top blocks unfrozen")
+        _unfreeze_above(base, config.cache_layer)
+        plan = alignment_plan(train_split.labels, sources, len(classes)) if config.source_alignment > 0 else []
+        log.info("source alignment: %s", {classes[c]: names for c, names in plan} or "none")
+        top_model = _top_model(model, above, aligned=bool(plan))
+        _compile(top_model, config, config.lr2, alignment=tuple(len(names) for _, names in plan))
+        output = "head_" if plan else ""  # Keras prefixes metric names by output once there are several
+        y_fit, y_check = {"head": y_train}, {"head": y_val}
+        if plan:
+            y_fit["align"] = alignment_targets(plan, train_split.labels, sources)
+            y_check["align"] = alignment_targets(plan, val_split.labels, source_of(val_split, manifest))
+        history2 = top_model.fit(
+            _ViewSampler(train_cache, y_fit, weights, config.batch_size, config.seed),
+            validation_data=(val_cache, y_check),
+            epochs=config.epochs2,
+            callbacks=_callbacks(patience=8, monitor="accuracy", output=output),
+            verbose=2,
+        )
+        assert head is model.get_layer("head")  # the full model shares every trained layer
+        val_scores = np.asarray(top_model.predict(val_cache, batch_size=config.batch_size, verbose=0)["head"])
+        phase2 = {
+            "phase2_epochs": len(history2.history["loss"]),
+            "phase2_best_val_loss": float(min(history2.history[f"val_{output}loss"])),
+        }
     validation, threshold = _validate(config, val_split.labels, val_scores)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,8 +212,7 @@ def train(
         "history": {
             "phase1_epochs": len(history1.history["loss"]),
             "phase1_best_val_loss": float(min(history1.history["val_loss"])),
-            "phase2_epochs": len(history2.history["loss"]),
-            "phase2_best_val_loss": float(min(history2.history[f"val_{output}loss"])),
+            **phase2,
         },
         "source_alignment": {classes[c]: list(names) for c, names in plan},
         "validation": validation,

@@ -244,3 +244,14 @@ def test_leave_source_out_training_with_source_alignment(tmp_path: Path) -> None
     import onnx
 
     assert {o.name for o in onnx.load(str(onnx_path)).graph.output} == {"scores", "cam"}  # no alignment output
+
+
+def test_head_only_training_when_phase_two_has_no_epochs(tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "cxr", {"DARK": (False, False), "LIGHT": (True, False)}, per_class=6)
+    args = ["train", "classifier", str(data), "--out", str(tmp_path / "c.keras"), *TINY[:-2], "--epochs2", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "c.keras.json").read_text(encoding="utf-8"))
+    assert summary["history"]["phase1_epochs"] == 1 and summary["history"]["phase2_epochs"] == 0
+    assert 0.0 <= summary["validation"]["val_accuracy"] <= 1.0
+
