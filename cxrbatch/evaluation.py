@@ -183,6 +183,7 @@ def _classifier_report(
     y = np.array([index[t] for t in scored.truth], dtype=np.int64)
     pred = scored.probs.argmax(axis=1) if len(y) else np.zeros(0, dtype=np.int64)
     out: dict[str, Any] = {"labels": list(labels), "overall": classification_metrics(y, pred, len(labels), ci=True)}
+    out["auc"] = {label: roc_auc(scored.probs[:, i], y == i) for i, label in enumerate(labels)}
     out["gate_accepted"] = float((scored.gate_scores >= gate_threshold).mean()) if len(y) else None
     for column, values in groups.items():
         out[f"by_{column}"] = {value: _subset_metrics(y[idx], pred[idx], labels) for value, idx in values.items()}
@@ -197,6 +198,20 @@ def _subset_metrics(y: np.ndarray, pred: np.ndarray, labels: tuple[str, ...]) ->
         "recall": {labels[c]: float((pred[y == c] == c).mean()) for c in present},
         "predicted": {labels[c]: int((pred == c).sum()) for c in range(len(labels)) if (pred == c).any()},
     }
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of `scores` for the `positive` images against the rest (ties
+    count half); None when either side is empty. Threshold-free: it tells a better ranking from a
+    moved decision boundary."""
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    ranks = mean_rank[inverse]
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def classification_metrics(y: np.ndarray, pred: np.ndarray, k: int, ci: bool = False) -> dict[str, Any]:
@@ -294,6 +309,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"{overall[m][i]:.3f} {_ci(ci.get(m, [None] * len(labels))[i])}" for m in ("precision", "recall", "f1")
         ]
         lines.append(f"  {label:<14}" + "".join(f"{c:>22}" for c in cells))
+    auc = report.get("auc", {})
+    lines.append("  AUC, one class against the rest: " + ", ".join(f"{k} {_num(v)}" for k, v in auc.items()))
     lines.append("confusion (rows truth, columns predicted): " + " ".join(labels))
     lines += [f"  {label:<14}{row}" for label, row in zip(labels, overall["confusion"], strict=True)]
     for column in ("source", "age_group"):
@@ -301,6 +318,10 @@ def format_report(report: dict[str, Any]) -> str:
             recall = ", ".join(f"{k} {v:.2f}" for k, v in row["recall"].items())
             lines.append(f"  [{column}] {value[:60]:<60} n={row['n']:<4} acc {row['accuracy']:.3f}  recall: {recall}")
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _pct(value: float | None) -> str:

@@ -9,7 +9,7 @@ import pytest
 from conftest import grey_image
 
 from cxrbatch.errors import UsageError
-from cxrbatch.evaluation import classification_metrics, evaluate, format_report, labelled_images
+from cxrbatch.evaluation import classification_metrics, evaluate, format_report, labelled_images, roc_auc
 from cxrbatch.models import load_models
 from cxrbatch.pipeline import Screener
 
@@ -28,6 +28,16 @@ def test_metrics_on_a_known_confusion_matrix() -> None:
     assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
     low, high = m["ci95"]["accuracy"]
     assert low <= m["accuracy"] <= high and high - low > 0
+
+
+def test_roc_auc_counts_ordered_pairs_and_half_ties() -> None:
+    positive = np.array([True, True, False, False, False])
+    # pairs (pos, neg): 0.9 beats all three; 0.4 beats 0.1, ties 0.4, loses to 0.5 -> (3 + 1 + 0.5) / 6
+    assert roc_auc(np.array([0.9, 0.4, 0.4, 0.1, 0.5]), positive) == pytest.approx(4.5 / 6)
+    assert roc_auc(np.array([0.9, 0.8, 0.1, 0.2, 0.3]), positive) == 1.0
+    assert roc_auc(np.array([0.1, 0.2, 0.3, 0.4, 0.5]), positive) == 0.0
+    assert roc_auc(np.ones(5), positive) == 0.5
+    assert roc_auc(np.ones(3), np.array([True, True, True])) is None
 
 
 def test_absent_class_scores_zero_not_nan() -> None:
@@ -69,6 +79,7 @@ def test_evaluate_classifier_tree_with_manifest(tiny_models: Path, tmp_path: Pat
     assert report["overall"]["accuracy"] == pytest.approx(12 / 13)
     assert report["by_source"]["src-b"]["n"] == 4 and report["by_source"]["src-a"]["accuracy"] == 1.0
     assert report["gate_accepted"] == 1.0
+    assert report["auc"]["COVID19"] == 1.0  # the darkest images get the highest COVID19 scores
     text = format_report(report)
     assert "accuracy 0.9231" in text and "[source] src-a" in text
 

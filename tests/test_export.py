@@ -254,4 +254,3 @@ def test_head_only_training_when_phase_two_has_no_epochs(tmp_path: Path) -> None
     summary = json.loads((tmp_path / "c.keras.json").read_text(encoding="utf-8"))
     assert summary["history"]["phase1_epochs"] == 1 and summary["history"]["phase2_epochs"] == 0
     assert 0.0 <= summary["validation"]["val_accuracy"] <= 1.0
-
