@@ -9,7 +9,10 @@ frozen part runs once per augmented view:
    them (Adam 1e-3, LR reduction on plateau, early stopping on val loss);
 3. phase 2: every layer above the cache point (`cache_layer`, default the end of block 12, so
    blocks 13-16 and `Conv_1`) is unfrozen, batch-norm statistics kept frozen, and trains with
-   the head at 1e-4 on the cached activations, one random view per image per epoch.
+   the head at 1e-4 on the cached activations, one random view per image per epoch
+   (`epochs2=0` skips it; `source_alignment` adds the per-class source alignment loss).
+
+`exclude_sources` leaves manifest sources out of train and val, for leave-source-out checks.
 
 The checkpoint is a `.keras` file whose input takes 0..255 pixels (grey replicated and scaling
 done inside the graph) and a `<ckpt>.json` sidecar with labels, input spec and training summary.
