@@ -114,6 +114,11 @@ def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
         return {row["id"]: row for row in csv.DictReader(fh) if "id" in row}
 
 
+def sources_of(paths: list[Path], manifest: dict[str, dict[str, str]]) -> list[str]:
+    """The MANIFEST.csv `source` of each image ("" where unknown); ids are file stems."""
+    return [manifest.get(p.stem, {}).get("source", "") for p in paths]
+
+
 def evaluate(
     data_dir: Path,
     split: str | None,
@@ -127,7 +132,7 @@ def evaluate(
     paths, truth = labelled_images(data_dir, split)
     manifest = read_manifest(data_dir)
     if sources:
-        keep = [i for i, p in enumerate(paths) if manifest.get(p.stem, {}).get("source") in sources]
+        keep = [i for i, source in enumerate(sources_of(paths, manifest)) if source in sources]
         if not keep:
             raise UsageError(f"No image under {data_dir} comes from the source(s) {list(sources)} in its MANIFEST.csv")
         paths, truth = [paths[i] for i in keep], [truth[i] for i in keep]

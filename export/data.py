@@ -11,8 +11,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from cxrbatch.discovery import iter_images
-
-SPLITS = ("train", "val", "test")
+from cxrbatch.evaluation import sources_of
 
 
 @dataclass(frozen=True)
@@ -53,11 +52,6 @@ def load_split(data_dir: Path, split: str, classes: tuple[str, ...]) -> Split:
     return Split(paths, np.asarray(labels, dtype=np.int64), classes)
 
 
-def source_of(split: Split, manifest: dict[str, dict[str, str]]) -> list[str]:
-    """The manifest `source` of each image of a split ("" where unknown); ids are file stems."""
-    return [manifest.get(p.stem, {}).get("source", "") for p in split.paths]
-
-
 def without_sources(split: Split, manifest: dict[str, dict[str, str]], sources: tuple[str, ...]) -> Split:
     """The split less every image whose manifest source is one of `sources` (for leave-source-out runs)."""
     if not sources:
@@ -65,7 +59,7 @@ def without_sources(split: Split, manifest: dict[str, dict[str, str]], sources: 
     unknown = set(sources) - {row.get("source", "") for row in manifest.values()}
     if unknown:
         raise ValueError(f"no image in the manifest comes from {sorted(unknown)}")
-    keep = [i for i, source in enumerate(source_of(split, manifest)) if source not in sources]
+    keep = [i for i, source in enumerate(sources_of(split.paths, manifest)) if source not in sources]
     return Split([split.paths[i] for i in keep], split.labels[keep], split.classes)
 
 

@@ -34,9 +34,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from cxrbatch.evaluation import read_manifest
+from cxrbatch.evaluation import read_manifest, sources_of
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
-from export.data import Split, augment, class_names, load_split, source_of, without_sources
+from export.data import Split, augment, class_names, load_split, without_sources
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def train(
     train_cache = _cache(below, train_split, spec, config, rng, views=config.views)
     val_cache = _cache(below, val_split, spec, config, rng, views=0)[:, 0]
     y_train, y_val = _targets(config, train_split), _targets(config, val_split)
-    sources = source_of(train_split, manifest)
+    sources = sources_of(train_split.paths, manifest)
     weights = sample_weights(train_split.labels, sources, len(classes))
 
     log.info("phase 1: head on frozen features")
@@ -184,7 +184,7 @@ def train(
         y_fit, y_check = {"head": y_train}, {"head": y_val}
         if plan:
             y_fit["align"] = alignment_targets(plan, train_split.labels, sources)
-            y_check["align"] = alignment_targets(plan, val_split.labels, source_of(val_split, manifest))
+            y_check["align"] = alignment_targets(plan, val_split.labels, sources_of(val_split.paths, manifest))
         history2 = top_model.fit(
             _ViewSampler(train_cache, y_fit, weights, config.batch_size, config.seed),
             validation_data=(val_cache, y_check),
