@@ -126,6 +126,9 @@ def train(
         list[str] | None,
         typer.Option("--exclude-source", help="leave a MANIFEST.csv source out of train and val (repeatable)"),
     ] = None,
+    zoom_out: Annotated[
+        float | None, typer.Option(help="share of augmented views set in a wider frame instead of cropped (0..1)")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train the gate or the classifier (needs the export extra).
@@ -144,6 +147,7 @@ def train(
         "epochs2": epochs2,
         "source_alignment": source_alignment,
         "exclude_sources": tuple(exclude_source) if exclude_source else None,
+        "zoom_out": zoom_out,
     }
     config = replace(default, alpha=alpha, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     if base_weights is not None and not base_weights.is_file():

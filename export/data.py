@@ -63,14 +63,19 @@ def without_sources(split: Split, manifest: dict[str, dict[str, str]], sources: 
     return Split([split.paths[i] for i in keep], split.labels[keep], split.classes)
 
 
-def augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+def augment(img: Image.Image, rng: np.random.Generator, zoom_out: float = 0.0) -> Image.Image:
     """Perturb a radiograph the way other sources differ: framing, side, resolution, blur, contrast, JPEG.
 
     Every image is brought down to at most 224 px on its longer side and re-encoded as JPEG at a
     random quality, so that the resolution and compression of the weakest source (224-px JPEGs)
     stop being a clue to the label.
+
+    Framing: with probability `zoom_out` the film is set in a larger frame (`zoom_out_frame`),
+    otherwise a random crop zooms in. The only TB source is cropped tight to the lungs; a film
+    from elsewhere shows more around them, and a model trained on tight crops only stops seeing
+    TB as soon as there is a border.
     """
-    img = _random_crop(img, rng)
+    img = zoom_out_frame(img, rng) if rng.random() < zoom_out else _random_crop(img, rng)
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < 0.7:
@@ -101,6 +106,26 @@ def _random_crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     x0 = int(rng.integers(0, w - cw + 1))
     y0 = int(rng.integers(0, h - ch + 1))
     return img.crop((x0, y0, x0 + cw, y0 + ch))
+
+
+def zoom_out_frame(img: Image.Image, rng: np.random.Generator, most: float = 1.5) -> Image.Image:
+    """Set the film in a frame 1 to `most` times its width and, independently, its height, at a
+    random place: a wider field of view, as other collections take it. The frame is black, a
+    random flat grey, or the film mirrored outwards (anatomy-like surroundings)."""
+    w, h = img.size
+    width = round(w * float(rng.uniform(1.0, most)))
+    height = round(h * float(rng.uniform(1.0, most)))
+    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+    fill = rng.random()
+    if fill < 0.3:
+        arr = np.asarray(img)
+        pad = [(top, height - h - top), (left, width - w - left)] + [(0, 0)] * (arr.ndim - 2)
+        if all(a < n and b < n for (a, b), n in zip(pad[:2], (h, w), strict=True)):
+            return Image.fromarray(np.pad(arr, pad, mode="symmetric"), mode=img.mode)
+    grey = 0 if fill < 0.65 else int(rng.integers(0, 256))
+    frame = Image.new(img.mode, (width, height), (grey,) * len(img.getbands()))
+    frame.paste(img, (left, top))
+    return frame
 
 
 def _add_noise(img: Image.Image, sigma: float, rng: np.random.Generator) -> Image.Image:

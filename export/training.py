@@ -61,6 +61,7 @@ class TrainConfig:
     cache_layer: str = "block_12_add"  # frozen below (cached once), trainable above in phase 2
     source_alignment: float = 0.0  # classifier only: weight of the per-class source alignment loss in phase 2
     exclude_sources: tuple[str, ...] = ()  # manifest sources left out of train and val (leave-source-out runs)
+    zoom_out: float = 0.0  # share of augmented views set in a wider frame (`export.data.zoom_out_frame`)
 
     def input_spec(self) -> InputSpec:
         """Gate sees colour (photos are colourful); the classifier sees equalised grey."""
@@ -422,14 +423,14 @@ def _calibrate_batchnorm(model: keras.Model, base: keras.Model, split: Split, sp
         layer.momentum = momentum
 
 
-def _views(path: Path, spec: InputSpec, seed: int, views: int) -> np.ndarray:
+def _views(path: Path, spec: InputSpec, seed: int, views: int, zoom_out: float = 0.0) -> np.ndarray:
     """The image as the runtime sees it, then `views - 1` augmented versions (views=0: clean only)."""
     img = load_image(path)
     clean = to_model_input(img, spec)
     if views <= 1:
         return clean[None]
     rng = np.random.default_rng(seed)
-    return np.stack([clean] + [to_model_input(augment(img, rng), spec) for _ in range(views - 1)])
+    return np.stack([clean] + [to_model_input(augment(img, rng, zoom_out), spec) for _ in range(views - 1)])
 
 
 def _cache(
@@ -442,7 +443,7 @@ def _cache(
     out: list[np.ndarray] = []
 
     def prepare(chunk: range) -> np.ndarray:
-        return np.stack([_views(split.paths[i], spec, int(seeds[i]), views) for i in chunk])
+        return np.stack([_views(split.paths[i], spec, int(seeds[i]), views, config.zoom_out) for i in chunk])
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = pool.submit(prepare, chunks[0])
