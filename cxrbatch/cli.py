@@ -271,6 +271,10 @@ def evaluate(
         list[str] | None, typer.Option("--source", help="only images of this MANIFEST.csv source (repeatable)")
     ] = None,
     models: Annotated[Path | None, typer.Option("--models", help="folder with gate.onnx and classifier.onnx")] = None,
+    frame: Annotated[
+        float,
+        typer.Option(help="stress test: set each film in a black frame this many times its size (1: as it is)"),
+    ] = 1.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the full metrics as JSON")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -288,8 +292,10 @@ def evaluate(
 
     _setup_logging(verbose, quiet=False)
     try:
+        transform = evaluation.Framed(frame) if frame != 1.0 else None
         gate, classifier = load_models(models or default_models_dir(), device)
-        report = evaluation.evaluate(data_dir, split, gate, classifier, Screener(gate, classifier), tuple(source or ()))
+        screener = Screener(gate, classifier, transform=transform)
+        report = evaluation.evaluate(data_dir, split, gate, classifier, screener, tuple(source or ()))
         if json_out is not None:
             write_text(json_out, json.dumps(report, indent=2) + "\n")
     except CxrBatchError as exc:

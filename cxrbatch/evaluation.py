@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import UsageError
+from cxrbatch.imaging import in_frame
 from cxrbatch.models import Model
 from cxrbatch.pipeline import Screener
 
@@ -37,6 +39,24 @@ class Scored:
 
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Framed:
+    """A stress test for `Screener(transform=...)`: every film centred in a black frame `factor`
+    times its width and height, the wider field of view of sites that do not crop to the lungs."""
+
+    factor: float
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.factor <= 4.0:
+            raise UsageError(f"a frame factor must be between 1 and 4, not {self.factor}")
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return in_frame(img, round(img.width * self.factor), round(img.height * self.factor))
+
+    def __str__(self) -> str:
+        return f"each film centred in a black frame {self.factor:g} times its width and height"
 
 
 def labelled_images(data_dir: Path, split: str | None) -> tuple[list[Path], list[str]]:
@@ -152,6 +172,7 @@ def evaluate(
         "data": str(data_dir.name),
         "split": split,
         "sources": list(sources),
+        "transform": None if screener.transform is None else str(screener.transform),
         "kind": kind,
         "images": len(scored.paths),
         "unreadable": scored.errors,
@@ -291,6 +312,8 @@ def _gate_report(scored: Scored, gate: Model, groups: dict[str, dict[str, list[i
 def format_report(report: dict[str, Any]) -> str:
     """Render an evaluation report as readable text."""
     lines = [f"{report['kind']} evaluation on {report['data']}/{report['split'] or ''}: {report['images']} images"]
+    if report.get("transform"):
+        lines.append(f"stress test: {report['transform']}")
     if report["unreadable"]:
         lines.append(f"unreadable: {len(report['unreadable'])}")
     if report["kind"] == "gate":

@@ -232,6 +232,20 @@ def to_model_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def in_frame(
+    img: Image.Image, width: int, height: int, left: int | None = None, top: int | None = None, grey: int = 0
+) -> Image.Image:
+    """The picture set in a `width` x `height` frame of flat `grey`, at (`left`, `top`) or centred:
+    a wider field of view than the film's own, as another site might take it."""
+    if width < img.width or height < img.height:
+        raise ValueError(f"a {width}x{height} frame cannot hold a {img.width}x{img.height} picture")
+    left = (width - img.width) // 2 if left is None else left
+    top = (height - img.height) // 2 if top is None else top
+    frame = Image.new(img.mode, (width, height), (grey,) * len(img.getbands()))
+    frame.paste(img, (left, top))
+    return frame
+
+
 def check_size(img: Image.Image, min_side: int = MIN_SIDE) -> None:
     """Refuse images too small to be a radiograph."""
     if min(img.size) < min_side:

@@ -127,7 +127,10 @@ class Screener:
         prefetch: int = 2,
         heatmaps: Path | None = None,
         heatmaps_for: str = "all",
+        transform: Callable[[Image.Image], Image.Image] | None = None,
     ) -> None:
+        """`transform`, when given, changes every decoded picture before the model inputs are made
+        (the stress tests of `cxrbatch evaluate`; never in a screening run)."""
         if batch_size < 1 or workers < 1:
             raise ValueError("batch_size and workers must be at least 1")
         self.gate, self.classifier = gate, classifier
@@ -139,6 +142,7 @@ class Screener:
         if heatmaps is not None and not classifier.spec.cam_output:
             raise ModelError("heatmaps need a classifier with a 'cam' output (export it with `cxrbatch export`)")
         self.heatmaps, self.heatmaps_for = heatmaps, heatmaps_for
+        self.transform = transform
 
     def screen(self, paths: Iterable[Path], on_result: Callable[[Result], None] | None = None) -> Iterator[Result]:
         """Yield one Result per path, in order."""
@@ -167,6 +171,8 @@ class Screener:
         try:
             img = load_image(path, draft_size=self.draft_size)
             check_size(img)
+            if self.transform is not None:
+                img = self.transform(img)
             return Decoded(
                 path,
                 to_model_input(img, self.gate.spec.input),

@@ -12,6 +12,7 @@ from PIL import Image, ImageFilter
 
 from cxrbatch.discovery import iter_images
 from cxrbatch.evaluation import sources_of
+from cxrbatch.imaging import in_frame
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,7 @@ def zoom_out_frame(img: Image.Image, rng: np.random.Generator, most: float = 1.5
         pad = [(top, height - h - top), (left, width - w - left)] + [(0, 0)] * (arr.ndim - 2)
         if all(a < n and b < n for (a, b), n in zip(pad[:2], (h, w), strict=True)):
             return Image.fromarray(np.pad(arr, pad, mode="symmetric"), mode=img.mode)
-    grey = 0 if fill < 0.65 else int(rng.integers(0, 256))
-    frame = Image.new(img.mode, (width, height), (grey,) * len(img.getbands()))
-    frame.paste(img, (left, top))
-    return frame
+    return in_frame(img, width, height, left, top, grey=0 if fill < 0.65 else int(rng.integers(0, 256)))
 
 
 def _add_noise(img: Image.Image, sigma: float, rng: np.random.Generator) -> Image.Image:

@@ -9,7 +9,7 @@ import pytest
 from conftest import grey_image
 
 from cxrbatch.errors import UsageError
-from cxrbatch.evaluation import classification_metrics, evaluate, format_report, labelled_images, roc_auc
+from cxrbatch.evaluation import Framed, classification_metrics, evaluate, format_report, labelled_images, roc_auc
 from cxrbatch.models import load_models
 from cxrbatch.pipeline import Screener
 
@@ -105,6 +105,22 @@ def test_evaluate_all_splits_of_chosen_sources(tiny_models: Path, tmp_path: Path
     assert report["sources"] == ["held-out"] and f"{tmp_path.name}/all: 6 images" in format_report(report)
     with pytest.raises(UsageError, match="from the source"):
         evaluate(tmp_path, "all", gate, classifier, screener, sources=("nowhere",))
+
+
+def test_framed_stress_test_changes_what_the_models_see(tiny_models: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "test" / "TUBERCULOSIS"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        grey_image(folder / f"tb{i}.png", 250)
+    gate, classifier = load_models(tiny_models, "cpu")
+    plain = evaluate(tmp_path, "test", gate, classifier, Screener(gate, classifier))
+    assert plain["overall"]["confusion"][3] == [0, 0, 0, 3] and plain["transform"] is None
+    # in a black frame 1.5x its size a white film averages 250 / 2.25: mid-grey, NORMAL to the tiny model
+    framed = evaluate(tmp_path, "test", gate, classifier, Screener(gate, classifier, transform=Framed(1.5)))
+    assert framed["overall"]["confusion"][3] == [0, 3, 0, 0]
+    assert "stress test: each film centred in a black frame 1.5 times" in format_report(framed)
+    with pytest.raises(UsageError, match="between 1 and 4"):
+        Framed(0.5)
 
 
 def test_evaluate_refuses_unknown_class_folders(tiny_models: Path, tmp_path: Path) -> None:

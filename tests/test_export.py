@@ -176,6 +176,26 @@ def test_augment_brings_every_view_to_the_weakest_source_resolution() -> None:
     assert np.array_equal(views[0], views[1])  # the same seed gives the same view
 
 
+def test_zoom_out_frame_keeps_the_whole_film_inside_a_wider_frame() -> None:
+    from export.data import augment, zoom_out_frame
+
+    rng = np.random.default_rng(5)
+    film = rng.integers(1, 255, (60, 50), dtype=np.uint8)
+    fills = set()
+    for _ in range(40):
+        out = np.asarray(zoom_out_frame(Image.fromarray(film, mode="L"), rng))
+        assert 60 <= out.shape[0] <= 90 and 50 <= out.shape[1] <= 75
+        spots = [(y, x) for y in range(out.shape[0] - 59) for x in range(out.shape[1] - 49)]
+        assert any(np.array_equal(out[y : y + 60, x : x + 50], film) for y, x in spots)  # never cut, never scaled
+        fills.add("none" if out.shape == film.shape else "black" if out[0, 0] == 0 or out[-1, -1] == 0 else "other")
+    assert {"black", "other"} <= fills
+    # zoom_out=1: every view framed, nothing cropped, so a flat film keeps its whole area in view
+    flat = Image.fromarray(np.full((200, 200), 255, dtype=np.uint8), mode="L")
+    views = [np.asarray(augment(flat, np.random.default_rng(s), zoom_out=1.0)) for s in range(10)]
+    crops = [np.asarray(augment(flat, np.random.default_rng(s))) for s in range(10)]
+    assert min((v > 128).mean() for v in views) < 0.85 and min((c > 128).mean() for c in crops) > 0.85
+
+
 def test_alignment_plan_pairs_each_class_with_its_sources() -> None:
     from export.training import alignment_plan, alignment_targets
 

@@ -10,7 +10,16 @@ import pytest
 from PIL import Image
 
 from cxrbatch.errors import ImageError
-from cxrbatch.imaging import InputSpec, check_size, clahe, display_path, equalize, load_image, to_model_input
+from cxrbatch.imaging import (
+    InputSpec,
+    check_size,
+    clahe,
+    display_path,
+    equalize,
+    in_frame,
+    load_image,
+    to_model_input,
+)
 
 GREY = InputSpec(16, 16, channels=1, colour="grey", equalize=False)
 RGB = InputSpec(16, 16, channels=3, colour="rgb", equalize=False)
@@ -179,6 +188,19 @@ def test_input_spec_rejects_nonsense() -> None:
         InputSpec(16, 16, channels=1, colour="rgb", equalize=False)
     with pytest.raises(ValueError):
         InputSpec(16, 16, channels=2, colour="grey", equalize=False)
+
+
+def test_in_frame_places_the_film_and_fills_the_rest() -> None:
+    film = Image.fromarray(np.full((4, 6), 200, dtype=np.uint8), mode="L")
+    centred = np.asarray(in_frame(film, 10, 8))
+    assert centred.shape == (8, 10)
+    assert (centred[2:6, 2:8] == 200).all() and centred.sum() == 200 * 24  # the rest is black
+    placed = np.asarray(in_frame(film, 8, 5, left=0, top=1, grey=90))
+    assert (placed[1:5, :6] == 200).all() and (placed[0] == 90).all() and (placed[:, 6:] == 90).all()
+    colour = in_frame(Image.new("RGB", (3, 3), (10, 20, 30)), 5, 5, grey=7)
+    assert colour.getpixel((0, 0)) == (7, 7, 7) and colour.getpixel((2, 2)) == (10, 20, 30)
+    with pytest.raises(ValueError, match="cannot hold"):
+        in_frame(film, 5, 8)
 
 
 def test_too_small_image_is_refused() -> None:
