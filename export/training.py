@@ -12,7 +12,9 @@ frozen part runs once per augmented view:
    the head at 1e-4 on the cached activations, one random view per image per epoch
    (`epochs2=0` skips it; `source_alignment` adds the per-class source alignment loss).
 
-`exclude_sources` leaves manifest sources out of train and val, for leave-source-out checks.
+`exclude_sources` leaves manifest sources out of train and val, for leave-source-out checks;
+`zoom_out` sets that share of the augmented views in a wider frame instead of cropping them
+(`export.data.augment`).
 
 The checkpoint is a `.keras` file whose input takes 0..255 pixels (grey replicated and scaling
 done inside the graph) and a `<ckpt>.json` sidecar with labels, input spec and training summary.
