@@ -273,7 +273,10 @@ def evaluate(
     models: Annotated[Path | None, typer.Option("--models", help="folder with gate.onnx and classifier.onnx")] = None,
     frame: Annotated[
         float,
-        typer.Option(help="stress test: set each film in a black frame this many times its size (1: as it is)"),
+        typer.Option(
+            help="stress test: each film centred in a frame this many times its size "
+            "(above 1: black border around it; below 1: cut to its centre; 1: as it is)"
+        ),
     ] = 1.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the full metrics as JSON")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda")] = "auto",

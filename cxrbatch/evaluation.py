@@ -43,20 +43,28 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Framed:
-    """A stress test for `Screener(transform=...)`: every film centred in a black frame `factor`
-    times its width and height, the wider field of view of sites that do not crop to the lungs."""
+    """A stress test for `Screener(transform=...)`: every film centred in a frame `factor` times
+    its width and height. Above 1 the frame is black around the film (the wider field of view of
+    sites that do not crop to the lungs); below 1 it cuts the film down to its centre (a tighter
+    crop than the site's own)."""
 
     factor: float
 
     def __post_init__(self) -> None:
-        if not 1.0 <= self.factor <= 4.0:
-            raise UsageError(f"a frame factor must be between 1 and 4, not {self.factor}")
+        if not 0.5 <= self.factor <= 4.0:
+            raise UsageError(f"a frame factor must be between 0.5 and 4, not {self.factor}")
 
     def __call__(self, img: Image.Image) -> Image.Image:
-        return in_frame(img, round(img.width * self.factor), round(img.height * self.factor))
+        width, height = round(img.width * self.factor), round(img.height * self.factor)
+        if self.factor >= 1.0:
+            return in_frame(img, width, height)
+        left, top = (img.width - width) // 2, (img.height - height) // 2
+        return img.crop((left, top, left + width, top + height))
 
     def __str__(self) -> str:
-        return f"each film centred in a black frame {self.factor:g} times its width and height"
+        if self.factor >= 1.0:
+            return f"each film centred in a black frame {self.factor:g} times its width and height"
+        return f"each film cut down to its central {self.factor:.0%} of width and height"
 
 
 def labelled_images(data_dir: Path, split: str | None) -> tuple[list[Path], list[str]]:

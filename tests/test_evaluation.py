@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import grey_image
+from PIL import Image
 
 from cxrbatch.errors import UsageError
 from cxrbatch.evaluation import Framed, classification_metrics, evaluate, format_report, labelled_images, roc_auc
@@ -119,8 +120,11 @@ def test_framed_stress_test_changes_what_the_models_see(tiny_models: Path, tmp_p
     framed = evaluate(tmp_path, "test", gate, classifier, Screener(gate, classifier, transform=Framed(1.5)))
     assert framed["overall"]["confusion"][3] == [0, 3, 0, 0]
     assert "stress test: each film centred in a black frame 1.5 times" in format_report(framed)
-    with pytest.raises(UsageError, match="between 1 and 4"):
-        Framed(0.5)
+    cut = Framed(0.5)(Image.fromarray(np.arange(100, dtype=np.uint8).reshape(10, 10), mode="L"))
+    assert np.array_equal(np.asarray(cut), np.arange(100).reshape(10, 10)[2:7, 2:7])
+    assert str(Framed(0.8)) == "each film cut down to its central 80% of width and height"
+    with pytest.raises(UsageError, match=r"between 0\.5 and 4"):
+        Framed(0.4)
 
 
 def test_evaluate_refuses_unknown_class_folders(tiny_models: Path, tmp_path: Path) -> None:
