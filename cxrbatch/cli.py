@@ -129,6 +129,9 @@ def train(
     zoom_out: Annotated[
         float | None, typer.Option(help="share of augmented views set in a wider frame instead of cropped (0..1)")
     ] = None,
+    crop_area: Annotated[
+        float | None, typer.Option(help="smallest share of a film's area a random zoom-in crop keeps (0..1)")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train the gate or the classifier (needs the export extra).
@@ -148,6 +151,7 @@ def train(
         "source_alignment": source_alignment,
         "exclude_sources": tuple(exclude_source) if exclude_source else None,
         "zoom_out": zoom_out,
+        "crop_area": crop_area,
     }
     config = replace(default, alpha=alpha, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     if base_weights is not None and not base_weights.is_file():

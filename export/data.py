@@ -64,7 +64,7 @@ def without_sources(split: Split, manifest: dict[str, dict[str, str]], sources: 
     return Split([split.paths[i] for i in keep], split.labels[keep], split.classes)
 
 
-def augment(img: Image.Image, rng: np.random.Generator, zoom_out: float = 0.0) -> Image.Image:
+def augment(img: Image.Image, rng: np.random.Generator, zoom_out: float = 0.0, crop_area: float = 0.70) -> Image.Image:
     """Perturb a radiograph the way other sources differ: framing, side, resolution, blur, contrast, JPEG.
 
     Every image is brought down to at most 224 px on its longer side and re-encoded as JPEG at a
@@ -72,11 +72,11 @@ def augment(img: Image.Image, rng: np.random.Generator, zoom_out: float = 0.0) -
     stop being a clue to the label.
 
     Framing: with probability `zoom_out` the film is set in a larger frame (`zoom_out_frame`),
-    otherwise a random crop zooms in. The only TB source is cropped tight to the lungs; a film
-    from elsewhere shows more around them, and a model trained on tight crops only stops seeing
-    TB as soon as there is a border.
+    otherwise a random crop zooms in, keeping about `crop_area` to all of the film's area. The only TB
+    source is cropped tight to the lungs; a film from elsewhere shows more around them, and a
+    model trained on tight crops only stops seeing TB as soon as there is a border.
     """
-    img = zoom_out_frame(img, rng) if rng.random() < zoom_out else _random_crop(img, rng)
+    img = zoom_out_frame(img, rng) if rng.random() < zoom_out else _random_crop(img, rng, crop_area)
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < 0.7:
@@ -98,9 +98,9 @@ def augment(img: Image.Image, rng: np.random.Generator, zoom_out: float = 0.0) -
     return img
 
 
-def _random_crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+def _random_crop(img: Image.Image, rng: np.random.Generator, least: float) -> Image.Image:
     w, h = img.size
-    area = float(rng.uniform(0.70, 1.0)) * w * h
+    area = float(rng.uniform(least, 1.0)) * w * h
     aspect = math.exp(float(rng.uniform(math.log(0.8), math.log(1.25))))
     cw = min(w, max(1, round(math.sqrt(area * aspect))))
     ch = min(h, max(1, round(math.sqrt(area / aspect))))

@@ -14,7 +14,7 @@ frozen part runs once per augmented view:
 
 `exclude_sources` leaves manifest sources out of train and val, for leave-source-out checks;
 `zoom_out` sets that share of the augmented views in a wider frame instead of cropping them
-(`export.data.augment`).
+to at least `crop_area` of the film (`export.data.augment`).
 
 The checkpoint is a `.keras` file whose input takes 0..255 pixels (grey replicated and scaling
 done inside the graph) and a `<ckpt>.json` sidecar with labels, input spec and training summary.
@@ -64,6 +64,7 @@ class TrainConfig:
     source_alignment: float = 0.0  # classifier only: weight of the per-class source alignment loss in phase 2
     exclude_sources: tuple[str, ...] = ()  # manifest sources left out of train and val (leave-source-out runs)
     zoom_out: float = 0.0  # share of augmented views set in a wider frame (`export.data.zoom_out_frame`)
+    crop_area: float = 0.70  # the other views are cropped to this share of the film's area or more
 
     def input_spec(self) -> InputSpec:
         """Gate sees colour (photos are colourful); the classifier sees equalised grey."""
@@ -425,14 +426,15 @@ def _calibrate_batchnorm(model: keras.Model, base: keras.Model, split: Split, sp
         layer.momentum = momentum
 
 
-def _views(path: Path, spec: InputSpec, seed: int, views: int, zoom_out: float = 0.0) -> np.ndarray:
+def _views(path: Path, spec: InputSpec, seed: int, views: int, config: TrainConfig) -> np.ndarray:
     """The image as the runtime sees it, then `views - 1` augmented versions (views=0: clean only)."""
     img = load_image(path)
     clean = to_model_input(img, spec)
     if views <= 1:
         return clean[None]
     rng = np.random.default_rng(seed)
-    return np.stack([clean] + [to_model_input(augment(img, rng, zoom_out), spec) for _ in range(views - 1)])
+    augmented = [to_model_input(augment(img, rng, config.zoom_out, config.crop_area), spec) for _ in range(views - 1)]
+    return np.stack([clean, *augmented])
 
 
 def _cache(
@@ -445,7 +447,7 @@ def _cache(
     out: list[np.ndarray] = []
 
     def prepare(chunk: range) -> np.ndarray:
-        return np.stack([_views(split.paths[i], spec, int(seeds[i]), views, config.zoom_out) for i in chunk])
+        return np.stack([_views(split.paths[i], spec, int(seeds[i]), views, config) for i in chunk])
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = pool.submit(prepare, chunks[0])

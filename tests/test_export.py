@@ -196,6 +196,18 @@ def test_zoom_out_frame_keeps_the_whole_film_inside_a_wider_frame() -> None:
     assert min((v > 128).mean() for v in views) < 0.85 and min((c > 128).mean() for c in crops) > 0.85
 
 
+def test_random_crop_keeps_at_least_the_asked_share_of_the_area() -> None:
+    from export.data import _random_crop
+
+    film = Image.new("L", (200, 160))
+    for least in (0.3, 0.7):
+        rng = np.random.default_rng(1)
+        shares = [np.prod(_random_crop(film, rng, least).size) / (200 * 160) for _ in range(300)]
+        assert min(shares) >= 0.9 * least and max(shares) <= 1.0  # an edge can clip the aspect a little
+        assert min(shares) < least + 0.05  # the whole range is used
+    assert min(shares) > 0.6  # with 0.7 nothing as tight as the 0.3 crops
+
+
 def test_alignment_plan_pairs_each_class_with_its_sources() -> None:
     from export.training import alignment_plan, alignment_targets
 
