@@ -76,7 +76,8 @@ def augment(img: Image.Image, rng: np.random.Generator, zoom_out: float = 0.0, c
     source is cropped tight to the lungs; a film from elsewhere shows more around them, and a
     model trained on tight crops only stops seeing TB as soon as there is a border.
     """
-    img = zoom_out_frame(img, rng) if rng.random() < zoom_out else _random_crop(img, rng, crop_area)
+    framed = zoom_out > 0 and rng.random() < zoom_out  # no draw at 0: earlier recipes replay exactly
+    img = zoom_out_frame(img, rng) if framed else _random_crop(img, rng, crop_area)
     if rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < 0.7:
