@@ -75,7 +75,9 @@ class TrainConfig:
 
 DEFAULTS = {
     "gate": TrainConfig(role="gate", size=112, views=3),
-    "classifier": TrainConfig(role="classifier", size=224, views=10, epochs2=30, lr2=3e-5, cache_layer="block_5_add"),
+    "classifier": TrainConfig(
+        role="classifier", size=224, views=10, epochs2=30, lr2=3e-5, cache_layer="block_5_add", zoom_out=0.5
+    ),
 }
 
 
