@@ -127,10 +127,12 @@ def train(
         typer.Option("--exclude-source", help="leave a MANIFEST.csv source out of train and val (repeatable)"),
     ] = None,
     zoom_out: Annotated[
-        float | None, typer.Option(help="share of augmented views set in a wider frame instead of cropped (0..1)")
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="share of augmented views set in a wider frame instead of cropped"),
     ] = None,
     crop_area: Annotated[
-        float | None, typer.Option(help="smallest share of a film's area a random zoom-in crop keeps (0..1)")
+        float | None,
+        typer.Option(min=0.1, max=1.0, help="smallest share of a film's area a random zoom-in crop keeps"),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:

@@ -72,9 +72,9 @@ def augment(img: Image.Image, rng: np.random.Generator, zoom_out: float = 0.0, c
     stop being a clue to the label.
 
     Framing: with probability `zoom_out` the film is set in a larger frame (`zoom_out_frame`),
-    otherwise a random crop zooms in, keeping about `crop_area` to all of the film's area. The only TB
-    source is cropped tight to the lungs; a film from elsewhere shows more around them, and a
-    model trained on tight crops only stops seeing TB as soon as there is a border.
+    otherwise a random crop zooms in, keeping about `crop_area` to all of the film's area. The
+    only TB source is cropped tight to the lungs; a film from elsewhere shows more around them,
+    and a model trained on tight crops only stops seeing TB as soon as there is a border.
     """
     framed = zoom_out > 0 and rng.random() < zoom_out  # no draw at 0: earlier recipes replay exactly
     img = zoom_out_frame(img, rng) if framed else _random_crop(img, rng, crop_area)
