@@ -128,11 +128,18 @@ def train(
     ] = None,
     zoom_out: Annotated[
         float | None,
-        typer.Option(min=0.0, max=1.0, help="share of augmented views set in a wider frame instead of cropped"),
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="chance that an augmented view is set in a wider frame instead of cropped "
+            "(default: classifier 0.5, gate 0)",
+        ),
     ] = None,
     crop_area: Annotated[
         float | None,
-        typer.Option(min=0.1, max=1.0, help="smallest share of a film's area a random zoom-in crop keeps"),
+        typer.Option(
+            min=0.1, max=1.0, help="smallest share of a film's area a random zoom-in crop keeps (default 0.7)"
+        ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -280,8 +287,10 @@ def evaluate(
     frame: Annotated[
         float,
         typer.Option(
+            min=0.5,
+            max=2.0,
             help="stress test: each film centred in a frame this many times its size "
-            "(above 1: black border around it; below 1: cut to its centre; 1: as it is)"
+            "(above 1: black border around it; below 1: cut to its centre; 1: as it is)",
         ),
     ] = 1.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the full metrics as JSON")] = None,

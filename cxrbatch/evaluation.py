@@ -51,8 +51,8 @@ class Framed:
     factor: float
 
     def __post_init__(self) -> None:
-        if not 0.5 <= self.factor <= 4.0:
-            raise UsageError(f"a frame factor must be between 0.5 and 4, not {self.factor}")
+        if not 0.5 <= self.factor <= 2.0:
+            raise UsageError(f"a frame factor must be between 0.5 and 2, not {self.factor}")
 
     def __call__(self, img: Image.Image) -> Image.Image:
         width, height = round(img.width * self.factor), round(img.height * self.factor)
@@ -64,7 +64,7 @@ class Framed:
     def __str__(self) -> str:
         if self.factor >= 1.0:
             return f"each film centred in a black frame {self.factor:g} times its width and height"
-        return f"each film cut down to its central {self.factor:.0%} of width and height"
+        return f"each film cut down to its central {100 * self.factor:g}% of width and height"
 
 
 def labelled_images(data_dir: Path, split: str | None) -> tuple[list[Path], list[str]]:

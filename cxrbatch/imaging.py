@@ -237,10 +237,14 @@ def in_frame(
 ) -> Image.Image:
     """The picture set in a `width` x `height` frame of flat `grey`, at (`left`, `top`) or centred:
     a wider field of view than the film's own, as another site might take it."""
+    if img.mode not in ("L", "RGB"):
+        raise ValueError(f"in_frame takes L or RGB pictures, not {img.mode}")
     if width < img.width or height < img.height:
         raise ValueError(f"a {width}x{height} frame cannot hold a {img.width}x{img.height} picture")
     left = (width - img.width) // 2 if left is None else left
     top = (height - img.height) // 2 if top is None else top
+    if not (0 <= left <= width - img.width and 0 <= top <= height - img.height):
+        raise ValueError(f"a picture at ({left}, {top}) would stick out of a {width}x{height} frame")
     frame = Image.new(img.mode, (width, height), (grey,) * len(img.getbands()))
     frame.paste(img, (left, top))
     return frame

@@ -114,6 +114,8 @@ def zoom_out_frame(img: Image.Image, rng: np.random.Generator, most: float = 1.5
     """Set the film in a frame 1 to `most` times its width and, independently, its height, at a
     random place: a wider field of view, as other collections take it. The frame is black, a
     random flat grey, or the film mirrored outwards (anatomy-like surroundings)."""
+    if most < 1.0:
+        raise ValueError(f"a frame is at least as large as the film, not {most}x")
     w, h = img.size
     width = round(w * float(rng.uniform(1.0, most)))
     height = round(h * float(rng.uniform(1.0, most)))
@@ -122,8 +124,7 @@ def zoom_out_frame(img: Image.Image, rng: np.random.Generator, most: float = 1.5
     if fill < 0.3:
         arr = np.asarray(img)
         pad = [(top, height - h - top), (left, width - w - left)] + [(0, 0)] * (arr.ndim - 2)
-        if all(a < n and b < n for (a, b), n in zip(pad[:2], (h, w), strict=True)):
-            return Image.fromarray(np.pad(arr, pad, mode="symmetric"), mode=img.mode)
+        return Image.fromarray(np.pad(arr, pad, mode="symmetric"), mode=img.mode)
     return in_frame(img, width, height, left, top, grey=0 if fill < 0.65 else int(rng.integers(0, 256)))
 
 

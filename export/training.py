@@ -13,8 +13,8 @@ frozen part runs once per augmented view:
    (`epochs2=0` skips it; `source_alignment` adds the per-class source alignment loss).
 
 `exclude_sources` leaves manifest sources out of train and val, for leave-source-out checks;
-`zoom_out` sets that share of the augmented views in a wider frame instead of cropping them
-to at least `crop_area` of the film (`export.data.augment`).
+`zoom_out` is the chance that an augmented view is set in a wider frame instead of being
+cropped to about `crop_area` of the film or more (`export.data.augment`).
 
 The checkpoint is a `.keras` file whose input takes 0..255 pixels (grey replicated and scaling
 done inside the graph) and a `<ckpt>.json` sidecar with labels, input spec and training summary.
@@ -63,8 +63,14 @@ class TrainConfig:
     cache_layer: str = "block_12_add"  # frozen below (cached once), trainable above in phase 2
     source_alignment: float = 0.0  # classifier only: weight of the per-class source alignment loss in phase 2
     exclude_sources: tuple[str, ...] = ()  # manifest sources left out of train and val (leave-source-out runs)
-    zoom_out: float = 0.0  # share of augmented views set in a wider frame (`export.data.zoom_out_frame`)
+    zoom_out: float = 0.0  # chance that an augmented view is set in a wider frame (`export.data.zoom_out_frame`)
     crop_area: float = 0.70  # the other views are cropped to this share of the film's area or more
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.zoom_out <= 1.0 or not 0.0 < self.crop_area <= 1.0:
+            raise ValueError(
+                f"zoom_out must be in [0, 1] and crop_area in (0, 1], not {self.zoom_out}, {self.crop_area}"
+            )
 
     def input_spec(self) -> InputSpec:
         """Gate sees colour (photos are colourful); the classifier sees equalised grey."""

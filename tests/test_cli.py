@@ -124,5 +124,7 @@ def test_run_does_not_import_tensorflow(tiny_models: Path, incoming: Path, tmp_p
 def test_framing_options_refuse_values_out_of_range(tiny_models: Path, tmp_path: Path) -> None:
     code, _, err = _run("train", "classifier", str(tmp_path), "--out", str(tmp_path / "c.keras"), "--zoom-out", "1.5")
     assert code == 2 and "--zoom-out" in err
+    code, _, err = _run("train", "gate", str(tmp_path), "--out", str(tmp_path / "g.keras"), "--crop-area", "0.05")
+    assert code == 2 and "--crop-area" in err
     code, _, err = _run("evaluate", str(tmp_path), "--models", str(tiny_models), "--frame", "0.3")
-    assert code == 2 and "between 0.5 and 4" in err
+    assert code == 2 and "--frame" in err

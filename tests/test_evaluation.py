@@ -123,7 +123,10 @@ def test_framed_stress_test_changes_what_the_models_see(tiny_models: Path, tmp_p
     cut = Framed(0.5)(Image.fromarray(np.arange(100, dtype=np.uint8).reshape(10, 10), mode="L"))
     assert np.array_equal(np.asarray(cut), np.arange(100).reshape(10, 10)[2:7, 2:7])
     assert str(Framed(0.8)) == "each film cut down to its central 80% of width and height"
-    with pytest.raises(UsageError, match=r"between 0\.5 and 4"):
+    assert str(Framed(0.996)) == "each film cut down to its central 99.6% of width and height"
+    rgb = Framed(1.5)(Image.new("RGB", (7, 5), (200, 100, 50)))
+    assert rgb.size == (10, 8) and rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((5, 4)) == (200, 100, 50)
+    with pytest.raises(UsageError, match=r"between 0\.5 and 2"):
         Framed(0.4)
 
 

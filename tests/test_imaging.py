@@ -201,6 +201,10 @@ def test_in_frame_places_the_film_and_fills_the_rest() -> None:
     assert colour.getpixel((0, 0)) == (7, 7, 7) and colour.getpixel((2, 2)) == (10, 20, 30)
     with pytest.raises(ValueError, match="cannot hold"):
         in_frame(film, 5, 8)
+    with pytest.raises(ValueError, match="stick out"):
+        in_frame(film, 8, 5, left=3, top=0)
+    with pytest.raises(ValueError, match="L or RGB"):
+        in_frame(Image.new("RGBA", (3, 3)), 5, 5)
 
 
 def test_too_small_image_is_refused() -> None:

@@ -16,11 +16,11 @@ from cxrbatch.pipeline import Screener
 
 SAMPLES = REPO / "samples"
 EXPECTED = {
-    "NORMAL2-IM-1437-0001.jpeg": ("classified", "NORMAL"),
-    "person1947_bacteria_4876.jpeg": ("classified", "PNEUMONIA"),
-    "chelsea.png": ("rejected", ""),
-    "rocket.jpg": ("rejected", ""),
-    "CT_small.dcm": ("rejected", ""),  # DICOM, read with the dicom extra (installed with the tests)
+    "NORMAL2-IM-1437-0001.jpeg": ("classified", "NORMAL", "true"),  # p 0.597: right, but marked for review
+    "person1947_bacteria_4876.jpeg": ("classified", "PNEUMONIA", "false"),
+    "chelsea.png": ("rejected", "", ""),
+    "rocket.jpg": ("rejected", "", ""),
+    "CT_small.dcm": ("rejected", "", ""),  # DICOM, read with the dicom extra (installed with the tests)
 }
 
 
@@ -38,15 +38,16 @@ def test_bundled_models_load_with_complete_metadata() -> None:
 
 
 @pytest.fixture(scope="module")
-def sample_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+def sample_rows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str, str]]:
     report = tmp_path_factory.mktemp("samples") / "report.csv"
     result = CliRunner().invoke(app, ["run", str(SAMPLES), "--out", str(report), "--quiet"])
     assert result.exit_code == 0, result.stderr
-    return {Path(r["path"]).name: (r["status"], r["label"]) for r in csv.DictReader(report.open(encoding="utf-8"))}
+    rows = csv.DictReader(report.open(encoding="utf-8"))
+    return {Path(r["path"]).name: (r["status"], r["label"], r["needs_review"]) for r in rows}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_samples_are_screened_as_their_provenance_says(sample_rows: dict[str, tuple[str, str]], name: str) -> None:
+def test_samples_are_screened_as_their_provenance_says(sample_rows: dict[str, tuple[str, str, str]], name: str) -> None:
     assert set(sample_rows) == set(EXPECTED)
     assert sample_rows[name] == EXPECTED[name]
 
