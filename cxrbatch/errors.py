@@ -1,8 +1,16 @@
-"""The exceptions the library raises; their messages tell the operator what to do."""
+"""The exceptions the library raises; their messages tell the operator what to do.
+
+Each class carries the exit code `cxrbatch` ends with when it reaches the command line (the
+table in the README): the CLI turns any `CxrBatchError` into `[error] <message>` and that code.
+"""
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_FILE_ERRORS, EXIT_BUSY, EXIT_NO_INPUT = 0, 1, 2, 3, 4, 5
 
 
 class CxrBatchError(Exception):
-    """Base class for every error cxrbatch reports to the operator."""
+    """Base class for every error cxrbatch reports to the operator: fatal unless a subclass says otherwise."""
+
+    exit_code = EXIT_FATAL
 
 
 class ModelError(CxrBatchError):
@@ -16,6 +24,20 @@ class ImageError(CxrBatchError):
 class UsageError(CxrBatchError):
     """The command was given inputs or options that cannot work."""
 
+    exit_code = EXIT_USAGE
+
 
 class DeviceError(CxrBatchError):
     """The requested execution device is not available."""
+
+
+class ReportError(CxrBatchError):
+    """A report, review page or heatmap cannot be written."""
+
+
+class ExtraMissing(CxrBatchError):
+    """A command needs an optional extra (export, dicom) that is not installed."""
+
+
+class ExportError(CxrBatchError):
+    """Training or export failed one of its own checks, or was given data it cannot use."""

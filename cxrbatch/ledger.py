@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cxrbatch.errors import CxrBatchError
+from cxrbatch.errors import EXIT_BUSY, CxrBatchError
 from cxrbatch.imaging import display_path
 
 SCHEMA = "cxrbatch.ledger/1"
@@ -52,7 +52,9 @@ CREATE INDEX entries_undelivered ON entries (delivered_run);
 
 
 class LedgerBusy(CxrBatchError):
-    """Another run holds the ledger."""
+    """Another run holds the ledger: nothing to do, that run does the work."""
+
+    exit_code = EXIT_BUSY
 
 
 class LedgerError(CxrBatchError):

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 METADATA_KEY = "cxrbatch"
 SCHEMA = "cxrbatch.model/1"
 ROLES = ("gate", "classifier")
+# Keys of the record that ModelSpec holds in its own fields (the rest stays in `extra`).
+_SPEC_KEYS = frozenset(
+    ("schema", "role", "name", "version", "labels", "outputs", "threshold", "positive_label", "negative_label")
+)
 MODEL_FILES = {"gate": "gate.onnx", "classifier": "classifier.onnx"}
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -47,9 +51,10 @@ class ModelSpec:
     labels: tuple[str, ...]
     score_output: str
     threshold: float  # gate: accept at or above; classifier: needs review below
-    positive_label: str | None = None
+    positive_label: str | None = None  # gate: the label its sigmoid scores (a chest X-ray)
+    negative_label: str | None = None  # classifier: the label that is not a finding
     cam_output: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # every other metadata key, kept as is
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], source: str) -> ModelSpec:
@@ -78,7 +83,8 @@ class ModelSpec:
                 cam_output=meta["outputs"].get("cam"),
                 threshold=float(meta["threshold"]),
                 positive_label=meta.get("positive_label"),
-                extra=meta,
+                negative_label=meta.get("negative_label"),
+                extra={k: v for k, v in meta.items() if k not in _SPEC_KEYS},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{source}: incomplete model metadata ({type(exc).__name__}: {exc})") from None
@@ -86,7 +92,30 @@ class ModelSpec:
             raise ModelError(f"{source}: unknown role {role!r}")
         if role == "gate" and spec.positive_label not in spec.labels:
             raise ModelError(f"{source}: gate metadata needs positive_label among its labels")
+        if role == "classifier" and spec.negative_label not in spec.labels:
+            raise ModelError(f"{source}: classifier metadata needs negative_label (its no-finding label) in labels")
         return spec
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The JSON record `from_metadata` reads back: the one writer of the schema."""
+        extra_input = self.extra.get("input", {})
+        inp = {**extra_input, **asdict(self.input), "name": self.input_name}
+        outputs = {"scores": self.score_output, **({"cam": self.cam_output} if self.cam_output else {})}
+        meta: dict[str, Any] = {
+            **{k: v for k, v in self.extra.items() if k != "input"},
+            "schema": SCHEMA,
+            "role": self.role,
+            "name": self.name,
+            "version": self.version,
+            "input": inp,
+            "labels": list(self.labels),
+            "outputs": outputs,
+            "threshold": self.threshold,
+        }
+        for key in ("positive_label", "negative_label"):
+            if getattr(self, key) is not None:
+                meta[key] = getattr(self, key)
+        return meta
 
 
 class Model:

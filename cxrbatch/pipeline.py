@@ -191,8 +191,7 @@ class Screener:
         ok = [i for i, d in enumerate(decoded) if d.error is None]
         if not ok:
             return results
-        gate_in = np.stack([decoded[i].gate_input for i in ok])  # type: ignore[misc]
-        gate_scores = self._run(self.gate, gate_in)[self.gate.spec.score_output][:, 0]
+        gate_scores = self.gate_scores(np.stack([decoded[i].gate_input for i in ok]))  # type: ignore[misc]
         accepted = []
         for i, score in zip(ok, gate_scores, strict=True):
             results[i].gate_score = float(score)
@@ -202,13 +201,21 @@ class Screener:
                 results[i].status = REJECTED
         if accepted:
             clf_in = np.stack([decoded[i].classifier_input for i in accepted])  # type: ignore[misc]
-            out = self._run(self.classifier, clf_in, with_cam=self.heatmaps is not None)
+            out = self.classify(clf_in, with_cam=self.heatmaps is not None)
             for k, (i, p) in enumerate(zip(accepted, out[self.classifier.spec.score_output], strict=True)):
                 self._fill(results[i], p)
                 if self.heatmaps is not None and (self.heatmaps_for == "all" or results[i].flagged):
                     cam = out[self.classifier.spec.cam_output or ""][k]
                     self._draw(results[i], decoded[i], cam)
         return results
+
+    def gate_scores(self, batch: np.ndarray) -> np.ndarray:
+        """The gate's score of each picture of a stacked batch of gate inputs, shape (N,)."""
+        return self._run(self.gate, batch)[self.gate.spec.score_output][:, 0]
+
+    def classify(self, batch: np.ndarray, with_cam: bool = False) -> dict[str, np.ndarray]:
+        """The classifier's named outputs (probabilities, and the `cam` maps if asked) for a stacked batch."""
+        return self._run(self.classifier, batch, with_cam=with_cam)
 
     def _run(self, model: Model, batch: np.ndarray, with_cam: bool = False) -> dict[str, np.ndarray]:
         """Run a model; on a GPU, pad every batch to the full batch size.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import grey_image
+from helpers import grey_image
 from PIL import Image
 
 from cxrbatch.errors import UsageError

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from conftest import make_classifier, make_gate, make_region_classifier
+from helpers import make_classifier, make_gate, make_region_classifier
 from PIL import Image
 from typer.testing import CliRunner
 

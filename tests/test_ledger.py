@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import grey_image, make_gate
+from helpers import grey_image, make_gate
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app

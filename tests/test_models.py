@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from conftest import LABELS, make_classifier, make_gate
+from helpers import LABELS, make_classifier, make_gate
 
 from cxrbatch.errors import DeviceError, ModelError
 from cxrbatch.models import (
@@ -110,6 +110,7 @@ def _record(role: str, **input_fields: object) -> dict[str, Any]:
         "labels": ["NO", "YES"],
         "outputs": {"scores": "scores"},
         "threshold": 0.5,
+        **({"negative_label": "NO"} if role == "classifier" else {}),
     }
 
 
@@ -119,6 +120,23 @@ def test_spec_rejects_wrong_schema_and_gate_without_positive_label() -> None:
     with pytest.raises(ModelError, match="positive_label"):
         ModelSpec.from_metadata({**_record("gate"), "positive_label": "MAYBE"}, "m.onnx")
     assert METADATA_KEY == "cxrbatch"
+
+
+def test_classifier_without_its_no_finding_label_is_refused() -> None:
+    record = {k: v for k, v in _record("classifier").items() if k != "negative_label"}
+    with pytest.raises(ModelError, match="negative_label"):
+        ModelSpec.from_metadata(record, "m.onnx")
+    with pytest.raises(ModelError, match="negative_label"):
+        ModelSpec.from_metadata({**record, "negative_label": "NORMAL"}, "m.onnx")  # not among NO, YES
+
+
+def test_to_metadata_is_read_back_as_the_same_spec_and_record() -> None:
+    record = {**_record("classifier", clahe=2.0), "training": {"seed": 7}}
+    spec = ModelSpec.from_metadata(record, "m.onnx")
+    written = spec.to_metadata()
+    assert ModelSpec.from_metadata(written, "m.onnx") == spec
+    assert written["training"] == {"seed": 7} and written["negative_label"] == "NO"
+    assert written["input"] == {**record["input"], "resample": "bilinear"}
 
 
 def test_spec_reads_clahe_and_defaults_it_off() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import grey_image
+from helpers import grey_image
 
 from cxrbatch.models import Model, load_models
 from cxrbatch.pipeline import CLASSIFIED, ERROR, REJECTED, Screener, screen_all

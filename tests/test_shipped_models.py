@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED, needs_shared
+from helpers import REPO, SHARED, needs_shared
 from typer.testing import CliRunner
 
 from cxrbatch import evaluation
@@ -29,8 +29,9 @@ def test_bundled_models_load_with_complete_metadata() -> None:
     assert classifier.spec.labels == ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
     assert gate.spec.labels == ("NOT_XRAY", "XRAY") and gate.spec.positive_label == "XRAY"
     assert classifier.spec.cam_output == "cam"
+    assert classifier.spec.negative_label == "NORMAL"
     for model in (gate, classifier):
-        meta = model.spec.extra
+        meta = model.spec.to_metadata()
         assert meta["version"] and meta["training"]["data"]["train"]
         assert meta["input"]["layout"] == "NHWC" and meta["input"]["value_range"] == [0, 255]
         assert 0 < model.spec.threshold < 1

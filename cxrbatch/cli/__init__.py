@@ -1,0 +1,145 @@
+"""The `cxrbatch` command line: a thin Typer layer over the library.
+
+Every command is one call into the library. A `CxrBatchError` that reaches the command line is
+turned, in one place (`_Commands.invoke`), into one log line and the exit code the error class
+carries (`cxrbatch.errors`; the same table is in the README):
+
+  0  every file was screened (classified or rejected)
+  1  fatal: models missing or invalid, output not writable, device unavailable
+  2  usage: bad options, an input that does not exist
+  3  the run finished but some files could not be read (error rows in the report)
+  4  another run holds the ledger (--ledger); nothing was done
+  5  the inputs hold no image file at all (an empty or unmounted folder?); empty reports written
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from cxrbatch import __version__
+from cxrbatch.errors import EXIT_BUSY, CxrBatchError
+
+log = logging.getLogger("cxrbatch")
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+class Device(str, Enum):
+    """Where the models run."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class _Commands(TyperGroup):
+    """The one place where an operator-facing error becomes a log line and an exit code."""
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except CxrBatchError as exc:
+            if not _logging_ready():
+                _setup_logging(verbose=False, quiet=False)
+            log.debug("traceback of the failure", exc_info=True)  # shown with --verbose only
+            # A busy ledger needs no action: the run that holds it does the work.
+            log.log(logging.INFO if exc.exit_code == EXIT_BUSY else logging.ERROR, "%s", exc)
+            raise typer.Exit(exc.exit_code) from None
+
+
+app = typer.Typer(
+    cls=_Commands,
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Batch screening of chest X-rays: a gate (is it a chest X-ray?) then a 4-class classifier.",
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"cxrbatch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    """Batch screening of chest X-rays: a gate (is it a chest X-ray?) then a 4-class classifier."""
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log to whatever sys.stderr is at the time of the record (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self):  # type: ignore[no-untyped-def]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+class _Formatter(logging.Formatter):
+    """`2026-12-02 02:00:03 [error] message`: a timestamp on every line, the level as a grep-able word."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self.formatTime(record, TIME_FORMAT)} [{record.levelname.lower()}] {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else ""
+        )
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _logging_ready() -> bool:
+    return any(isinstance(h, _StderrHandler) for h in logging.getLogger().handlers)
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on a terminal; None (plain log lines) under cron."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("screening", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    app()
+
+
+# The commands register themselves on `app` when their modules are imported.
+from cxrbatch.cli import modelling, screening  # noqa: E402, F401
+
+if __name__ == "__main__":
+    main()

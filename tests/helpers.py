@@ -1,0 +1,170 @@
+"""Test helpers: tiny ONNX models with the real interface, and generated images.
+
+The tiny models are made with `onnx.helper` so that the runtime tests need neither TensorFlow
+nor the shipped models, and so that their answers are known in advance:
+
+- gate: score = sigmoid(4 - 0.5 * mean|R - B|): grey pictures pass (score 0.982), colourful
+  ones are rejected;
+- classifier: logits = brightness * [-8, 0, 8, 16] + [4, 2, -2, -8] with brightness = mean/255
+  of the grey input, so dark images are COVID19, mid-grey NORMAL, light PNEUMONIA and white
+  TUBERCULOSIS; its `cam` output is the brightness map times the same weights.
+
+Their metadata is written by `ModelSpec.to_metadata`, the one writer the exporter uses too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from cxrbatch.imaging import InputSpec
+from cxrbatch.models import METADATA_KEY, ModelSpec
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+LABELS = ["COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+TINY_SIDE = 32
+
+
+def tiny_spec(role: str, threshold: float, **fields: object) -> ModelSpec:
+    """The metadata of a tiny model: 32x32 input, RGB for the gate, grey for the classifier."""
+    gate = role == "gate"
+    return ModelSpec(
+        role=role,
+        name=f"tiny-{role}",
+        version="0.0.1",
+        input_name="image",
+        input=InputSpec(TINY_SIDE, TINY_SIDE, 3 if gate else 1, "rgb" if gate else "grey", equalize=False),
+        labels=("NOT_XRAY", "XRAY") if gate else tuple(LABELS),
+        score_output="scores",
+        cam_output=None if gate else "cam",
+        threshold=threshold,
+        positive_label="XRAY" if gate else None,
+        negative_label=None if gate else "NORMAL",
+        extra={"input": {"layout": "NHWC"}},
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def _save(graph: onnx.GraphProto, path: Path, spec: ModelSpec) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(spec.to_metadata()))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_gate(path: Path, threshold: float = 0.5) -> Path:
+    """Write the tiny gate: grey pictures pass, colourful ones are rejected."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, TINY_SIDE, TINY_SIDE, 3])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 1])
+    inits = [
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "i0"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "i1"),
+        numpy_helper.from_array(np.array([2], dtype=np.int64), "i2"),
+        numpy_helper.from_array(np.array([3], dtype=np.int64), "i3"),
+        numpy_helper.from_array(np.array([3], dtype=np.int64), "axis3"),
+        numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "axes123"),
+        numpy_helper.from_array(np.array(-0.5, dtype=np.float32), "slope"),
+        numpy_helper.from_array(np.array(4.0, dtype=np.float32), "bias"),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["image", "i0", "i1", "axis3"], ["red"]),
+        helper.make_node("Slice", ["image", "i2", "i3", "axis3"], ["blue"]),
+        helper.make_node("Sub", ["red", "blue"], ["diff"]),
+        helper.make_node("Abs", ["diff"], ["absdiff"]),
+        helper.make_node("ReduceMean", ["absdiff", "axes123"], ["colourfulness"], keepdims=0),
+        helper.make_node("Mul", ["colourfulness", "slope"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "bias"], ["logit"]),
+        helper.make_node("Unsqueeze", ["logit", "i1"], ["logit2"]),
+        helper.make_node("Sigmoid", ["logit2"], ["scores"]),
+    ]
+    graph = helper.make_graph(nodes, "tiny_gate", [image], [scores], inits)
+    return _save(graph, path, tiny_spec("gate", threshold))
+
+
+def make_classifier(path: Path, review_threshold: float = 0.6) -> Path:
+    """Write the tiny classifier: brightness decides the label."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, TINY_SIDE, TINY_SIDE, 1])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 4])
+    cam = helper.make_tensor_value_info("cam", TensorProto.FLOAT, [None, TINY_SIDE, TINY_SIDE, 4])
+    inits = [
+        numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "inv255"),
+        numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "axes123"),
+        numpy_helper.from_array(np.array([[-8.0, 0.0, 8.0, 16.0]], dtype=np.float32), "w"),
+        numpy_helper.from_array(np.array([4.0, 2.0, -2.0, -8.0], dtype=np.float32), "b"),
+        numpy_helper.from_array(np.array([-8.0, 0.0, 8.0, 16.0], dtype=np.float32), "w4"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["image", "inv255"], ["unit"]),
+        helper.make_node("ReduceMean", ["unit", "axes123"], ["brightness"], keepdims=0),
+        helper.make_node("Unsqueeze", ["brightness", "one"], ["b2"]),
+        helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array([1], dtype=np.int64))),
+        helper.make_node("MatMul", ["b2", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["scores"], axis=1),
+        helper.make_node("Mul", ["unit", "w4"], ["cam"]),
+    ]
+    nodes.insert(0, nodes.pop(3))  # the Constant first, for a topologically sorted graph
+    graph = helper.make_graph(nodes, "tiny_classifier", [image], [scores, cam], inits)
+    return _save(graph, path, tiny_spec("classifier", review_threshold))
+
+
+def make_region_classifier(path: Path) -> Path:
+    """A classifier whose head singles out image regions: class k's map is the picture times a mask.
+
+    COVID19 looks only at the top-left quadrant, NORMAL at the bottom-right, PNEUMONIA and
+    TUBERCULOSIS at nothing; scores are the softmax of the masked means.
+    """
+    masks = np.zeros((TINY_SIDE, TINY_SIDE, 4), dtype=np.float32)
+    half = TINY_SIDE // 2
+    masks[:half, :half, 0] = 4.0
+    masks[half:, half:, 1] = 1.0
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, TINY_SIDE, TINY_SIDE, 1])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 4])
+    cam = helper.make_tensor_value_info("cam", TensorProto.FLOAT, [None, TINY_SIDE, TINY_SIDE, 4])
+    inits = [
+        numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "inv255"),
+        numpy_helper.from_array(masks, "masks"),
+        numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes12"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["image", "inv255"], ["unit"]),
+        helper.make_node("Mul", ["unit", "masks"], ["cam"]),
+        helper.make_node("ReduceMean", ["cam", "axes12"], ["logits"], keepdims=0),
+        helper.make_node("Softmax", ["logits"], ["scores"], axis=1),
+    ]
+    graph = helper.make_graph(nodes, "region_classifier", [image], [scores, cam], inits)
+    return _save(graph, path, tiny_spec("classifier", 0.6))
+
+
+def grey_image(path: Path, level: int, size: int = 64) -> Path:
+    """Save a flat grey picture of the given level (the tiny classifier labels it by level)."""
+    rng = np.random.default_rng(level)
+    arr = np.clip(level + rng.integers(-3, 4, (size, size)), 0, 255).astype(np.uint8)
+    Image.fromarray(arr, mode="L").save(path)
+    return path
+
+
+def colour_image(path: Path, size: int = 64) -> Path:
+    """Save a vivid red/blue picture that the tiny gate rejects."""
+    arr = np.zeros((size, size, 3), dtype=np.uint8)
+    arr[..., 0] = 230
+    arr[..., 2] = 20
+    Image.fromarray(arr, mode="RGB").save(path)
+    return path
+
+
+def shared_available() -> bool:
+    """Tell whether the ../shared data is beside the checkout (CI has it, a user's machine may not)."""
+    return (SHARED / "data").is_dir()
+
+
+needs_shared = pytest.mark.skipif(not shared_available(), reason="../shared/data is not beside this checkout")
