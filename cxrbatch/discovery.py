@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from cxrbatch.dicom import is_dicom
 from cxrbatch.errors import UsageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm"})
+# Why a file in a walked folder was not screened (the keys of `iter_images(skipped=...)`).
+HIDDEN, NOT_AN_IMAGE, OWN_OUTPUT = "hidden", "not an image file name", "the run's own output"
 
 
 def is_candidate(name: str) -> bool:
@@ -19,19 +22,23 @@ def is_candidate(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def iter_images(inputs: Iterable[str | os.PathLike[str]], skip: Iterable[Path] = ()) -> Iterator[Path]:
+def iter_images(
+    inputs: Iterable[str | os.PathLike[str]], skip: Iterable[Path] = (), skipped: Counter[str] | None = None
+) -> Iterator[Path]:
     """Yield image paths from files and folders; folders are walked recursively in sorted order.
 
     Explicitly named files are yielded whatever their extension. Hidden files and folders,
     files and folders in `skip` (the run's own outputs) and folders already visited are skipped,
-    so a symlink loop cannot make the walk endless. A missing input raises UsageError.
+    so a symlink loop cannot make the walk endless; `skipped`, when given, counts the skipped
+    files by reason. A missing input raises UsageError.
     """
     skip_resolved = {_resolved(p) for p in skip}
     seen_dirs: set[tuple[int, int]] = set()
+    count = skipped if skipped is not None else Counter()
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            yield from _walk(path, skip_resolved, seen_dirs)
+            yield from _walk(path, skip_resolved, seen_dirs, count)
         elif path.exists() or path.is_symlink():
             if _resolved(path) not in skip_resolved:
                 yield path
@@ -39,7 +46,7 @@ def iter_images(inputs: Iterable[str | os.PathLike[str]], skip: Iterable[Path] =
             raise UsageError(f"Input not found: {path}")
 
 
-def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]]) -> Iterator[Path]:
+def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Counter[str]) -> Iterator[Path]:
     try:
         stat = folder.stat()
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -50,16 +57,20 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]]) -> Iterator
         return
     seen.add(key)
     for entry in entries:
-        if entry.name.startswith("."):
-            continue
         path = Path(entry.path)
         try:
             is_dir = entry.is_dir()
         except OSError:
             is_dir = False
-        if is_dir:
-            yield from _walk(path, skip, seen)
-        elif (is_candidate(entry.name) or _is_bare_dicom(entry)) and _resolved(path) not in skip:
+        if entry.name.startswith("."):
+            skipped[HIDDEN] += not is_dir
+        elif is_dir:
+            yield from _walk(path, skip, seen, skipped)
+        elif not (is_candidate(entry.name) or _is_bare_dicom(entry)):
+            skipped[NOT_AN_IMAGE] += 1
+        elif _resolved(path) in skip:
+            skipped[OWN_OUTPUT] += 1
+        else:
             yield path
 
 

@@ -32,7 +32,11 @@ class DeviceError(CxrBatchError):
 
 
 class ReportError(CxrBatchError):
-    """A report, review page or heatmap cannot be written."""
+    """A report, review page or heatmap cannot be written; `reason` is what the system said."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class ExtraMissing(CxrBatchError):

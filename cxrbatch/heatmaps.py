@@ -5,19 +5,31 @@ each class (the head's weights applied position by position). The map of the pre
 scaled to 0..1 and upsampled, is blended over the picture in a blue-to-red palette, with the
 label and its probability written on top. File names come from a hash of the input path, never
 from the path itself.
+
+Heatmaps are a step after screening (`add_heatmaps`): the files are decoded again and run
+through the classifier for their maps, so a result reused from the ledger gets its heatmap like
+a fresh one, and a heatmap that cannot be written (a full disk) becomes a problem in that row's
+`error` cell, never a lost report.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cxrbatch.errors import ReportError
+from cxrbatch.files import atomic_write
 from cxrbatch.imaging import display_path
+from cxrbatch.records import CLASSIFIED, Record
+
+if TYPE_CHECKING:
+    from cxrbatch.pipeline import Screener
 
 DISPLAY_SIDE = 512  # the longer side of the picture kept for drawing heatmaps
 ALPHA = 0.45
@@ -61,12 +73,33 @@ def overlay(picture: Image.Image, heat: np.ndarray, caption: str) -> Image.Image
 def write_heatmap(folder: Path, path: Path, picture: Image.Image, heat: np.ndarray, caption: str) -> Path:
     """Write the heatmap PNG of `path` into `folder` (atomically) and return where it went."""
     target = folder / heatmap_name(path)
-    fd, tmp = tempfile.mkstemp(prefix=".heatmap.", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            overlay(picture, heat, caption).save(fh, format="PNG")
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(target, lambda fh: overlay(picture, heat, caption).save(fh, format="PNG"), binary=True, what="heatmap")
     return target
+
+
+def add_heatmaps(
+    items: Sequence[tuple[Path, Record]], screener: Screener, folder: Path, flagged_only: bool
+) -> list[Record]:
+    """The records with a heatmap drawn for each classified one (or each flagged one), in order.
+
+    A file that can no longer be decoded, or a heatmap that cannot be written, leaves the
+    record's result as it is, its `heatmap` empty and the reason in its `error` cell.
+    """
+    negative = screener.classifier.spec.negative_label or ""
+    wanted = [
+        i for i, (_, r) in enumerate(items) if r.status == CLASSIFIED and (not flagged_only or r.flagged(negative))
+    ]
+    out = [record for _, record in items]
+    maps = screener.class_maps([items[i][0] for i in wanted])
+    for i, (decoded, cam) in zip(wanted, maps, strict=True):
+        path, record = items[i]
+        if cam is None or decoded.picture is None:
+            out[i] = record.with_problem(f"heatmap not drawn: {decoded.error}")
+            continue
+        heat = class_map(cam, screener.classifier.spec.labels.index(record.label or ""))
+        caption = f"{record.label} {record.confidence:.2f}" + (" (review)" if record.needs_review else "")
+        try:
+            out[i] = replace(record, heatmap=display_path(write_heatmap(folder, path, decoded.picture, heat, caption)))
+        except ReportError as exc:
+            out[i] = record.with_problem(f"heatmap not written: {exc.reason}")
+    return out

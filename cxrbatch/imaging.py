@@ -23,6 +23,9 @@ from cxrbatch.errors import ImageError
 
 # Anything smaller than this on its short side is no radiograph worth screening.
 MIN_SIDE = 32
+# Part of the ledger's run fingerprint: raise it whenever a change here can change a model input
+# (decoding, resizing, equalisation), so that results made before are not reused.
+PREPROCESSING_VERSION = 1
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 

@@ -1,19 +1,25 @@
-"""The nightly ledger: what was screened, with which models, and what was delivered in a report.
+"""The nightly ledger: what was screened, with which settings, and what was delivered in which report.
 
-SQLite (WAL) with three tables:
+SQLite (WAL), schema `cxrbatch.ledger/2`:
 
 - `files`: path -> size, mtime, sha256 of the content (a file whose size and mtime are unchanged
   is not hashed again);
-- `results`: (sha256, models) -> the result record; one inference per content and model pair;
-- `entries`: (path, sha256, models) -> which run delivered it, or NULL while undelivered.
+- `settings`: run fingerprint -> what it stands for (both models' sha256, the JPEG draft size,
+  the preprocessing version, the device): every setting that can change a result;
+- `results`: (sha256, fingerprint) -> the result record; one inference per content and settings;
+- `entries`: (path, sha256, fingerprint) -> which run delivered it, or NULL while undelivered;
+- `runs`: one row per run; `run_rows`: the rows each completed run reported, in order, and
+  `run_targets`: the report files each completed run wrote.
 
 Delivery is exactly-once: only a completed run delivers. Its entries are marked delivered in
 one transaction after its reports were renamed into place; a run that dies before that delivers
-nothing, so the same command run again reports those results again (into the same report path,
-replacing the dead run's file), together with whatever is new.
+nothing, so the same command run again reports those results again, together with whatever is
+new. A report path that completed runs wrote before gets the union of their rows and the new
+ones, so a second run on the same day never replaces a full report with an emptier one.
 
 One run at a time: an exclusive `flock` on `<ledger>.lock`, released by the OS when the holder
-exits or dies, so a crashed run never leaves a lock to clean by hand.
+exits or dies, so a crashed run never leaves a lock to clean by hand; `inspect` reads the
+ledger without the lock and tells a live run from one that died.
 """
 
 from __future__ import annotations
@@ -21,33 +27,52 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from cxrbatch.errors import EXIT_BUSY, CxrBatchError
 from cxrbatch.imaging import display_path
+from cxrbatch.records import Record
 
-SCHEMA = "cxrbatch.ledger/1"
+log = logging.getLogger(__name__)
+
+SCHEMA = "cxrbatch.ledger/2"
+OLD_SCHEMAS = ("cxrbatch.ledger/1",)
 HASH_CHUNK = 1 << 20
 
 _TABLES = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE files (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL);
-CREATE TABLE results (
-    sha256 TEXT NOT NULL, models TEXT NOT NULL, record TEXT NOT NULL, run INTEGER NOT NULL,
-    inferences INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (sha256, models));
-CREATE TABLE entries (
-    path TEXT NOT NULL, sha256 TEXT NOT NULL, models TEXT NOT NULL, first_run INTEGER NOT NULL,
-    delivered_run INTEGER, PRIMARY KEY (path, sha256, models));
-CREATE TABLE runs (
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS settings (fingerprint TEXT PRIMARY KEY, settings TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    sha256 TEXT NOT NULL, fingerprint TEXT NOT NULL, record TEXT NOT NULL, run INTEGER NOT NULL,
+    inferences INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (sha256, fingerprint));
+CREATE TABLE IF NOT EXISTS entries (
+    path TEXT NOT NULL, sha256 TEXT NOT NULL, fingerprint TEXT NOT NULL, first_run INTEGER NOT NULL,
+    delivered_run INTEGER, PRIMARY KEY (path, sha256, fingerprint));
+CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY, started TEXT NOT NULL, finished TEXT, status TEXT NOT NULL,
     screened INTEGER NOT NULL DEFAULT 0, reused INTEGER NOT NULL DEFAULT 0, reported INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX entries_undelivered ON entries (delivered_run);
+CREATE TABLE IF NOT EXISTS run_rows (
+    run INTEGER NOT NULL, seq INTEGER NOT NULL, path TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (run, seq));
+CREATE TABLE IF NOT EXISTS run_targets (run INTEGER NOT NULL, target TEXT NOT NULL, PRIMARY KEY (run, target));
+CREATE INDEX IF NOT EXISTS entries_undelivered ON entries (delivered_run);
+CREATE INDEX IF NOT EXISTS run_targets_target ON run_targets (target);
+"""
+
+# Schema 1 keyed results by the two model hashes alone ("models"); its rows stay, under keys that
+# no run fingerprint matches, so nothing made with unrecorded settings is ever reused.
+_FROM_1 = """
+ALTER TABLE results RENAME COLUMN models TO fingerprint;
+ALTER TABLE entries RENAME COLUMN models TO fingerprint;
 """
 
 
@@ -59,6 +84,16 @@ class LedgerBusy(CxrBatchError):
 
 class LedgerError(CxrBatchError):
     """The ledger file is not a cxrbatch ledger or cannot be used."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One entry of the ledger with its result: a path, its content, the settings, the record."""
+
+    key: str  # the absolute path as the ledger keys it
+    sha256: str
+    fingerprint: str
+    record: Record
 
 
 def crash_point(name: str) -> None:
@@ -74,6 +109,16 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """The run fingerprint of a set of result-changing settings (16 hex digits)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def key_of(path: Path) -> str:
+    """The ledger's key of a path: absolute, undecodable name bytes escaped as in the reports (\\xNN)."""
+    return display_path(path.absolute())
 
 
 def now() -> str:
@@ -95,7 +140,7 @@ class Ledger:
         """Lock and open (or create) the ledger at `path`; refuse a foreign or corrupt file."""
         lock_fd = _lock(path)
         try:
-            db = _connect(path)
+            db = _connect(path, migrate=True)
             try:
                 yield cls(path, db, lock_fd)
             finally:
@@ -104,13 +149,15 @@ class Ledger:
             os.close(lock_fd)
 
     # -- a run -------------------------------------------------------------------------------
-    def begin_run(self) -> int:
-        """Mark runs that died as interrupted, then record the start of this one."""
-        self._recover()
+    def begin_run(self, settings: dict[str, Any]) -> str:
+        """Mark runs that died as interrupted, record the start of this one; return its fingerprint."""
+        fp = fingerprint(settings)
         with self.db:
+            self.db.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
             cur = self.db.execute("INSERT INTO runs (started, status) VALUES (?, 'running')", (now(),))
+            self.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (fp, json.dumps(settings, sort_keys=True)))
         self.run_id = int(cur.lastrowid or 0)
-        return self.run_id
+        return fp
 
     def content_hashes(self, paths: Iterable[Path]) -> dict[Path, str | None]:
         """sha256 of each file, reusing the stored one when size and mtime are unchanged (None: unreadable)."""
@@ -118,7 +165,7 @@ class Ledger:
         out: dict[Path, str | None] = {}
         fresh = []
         for path in paths:
-            key = _key(path)
+            key = key_of(path)
             try:
                 st = path.stat()
                 cached = known.get(key)
@@ -133,108 +180,138 @@ class Ledger:
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", fresh)
         return out
 
-    def cached(self, sha256s: Iterable[str], models: str) -> dict[str, dict[str, Any]]:
-        """Stored result records for these contents under these models."""
+    def cached(self, sha256s: Iterable[str], fp: str) -> set[str]:
+        """The contents among `sha256s` that already have a result under these settings."""
         wanted = set(sha256s)
-        rows = self.db.execute("SELECT sha256, record FROM results WHERE models = ?", (models,))
-        return {sha: json.loads(record) for sha, record in rows if sha in wanted}
+        rows = self.db.execute("SELECT sha256 FROM results WHERE fingerprint = ?", (fp,))
+        return {sha for (sha,) in rows if sha in wanted}
 
-    def store(self, items: list[tuple[Path, str | None, dict[str, Any]]], models: str) -> None:
+    def store(self, items: Sequence[tuple[Path, str | None, Record]], fp: str) -> None:
         """Commit a batch of fresh results and their entries in one transaction."""
         with self.db:
             for path, sha, record in items:
                 if sha is None:
                     continue
                 self.db.execute(
-                    "INSERT INTO results (sha256, models, record, run) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (sha256, models) DO UPDATE SET inferences = inferences + 1, record = excluded.record",
-                    (sha, models, json.dumps(_strip(record), sort_keys=True), self.run_id),
+                    "INSERT INTO results (sha256, fingerprint, record, run) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (sha256, fingerprint) DO UPDATE SET inferences = inferences + 1, "
+                    "record = excluded.record",
+                    (sha, fp, record.to_json(), self.run_id),
                 )
-                self._entry(path, sha, models)
+                self._entry(path, sha, fp)
 
-    def note_entries(self, items: Iterable[tuple[Path, str]], models: str) -> None:
+    def note_entries(self, items: Iterable[tuple[Path, str]], fp: str) -> None:
         """Record (path, content) pairs whose result was reused, so that a new path gets reported."""
         with self.db:
             for path, sha in items:
-                self._entry(path, sha, models)
+                self._entry(path, sha, fp)
 
-    def _entry(self, path: Path, sha: str, models: str) -> None:
+    def _entry(self, path: Path, sha: str, fp: str) -> None:
         self.db.execute(
-            "INSERT OR IGNORE INTO entries (path, sha256, models, first_run) VALUES (?, ?, ?, ?)",
-            (_key(path), sha, models, self.run_id),
+            "INSERT OR IGNORE INTO entries (path, sha256, fingerprint, first_run) VALUES (?, ?, ?, ?)",
+            (key_of(path), sha, fp, self.run_id),
         )
 
-    def undelivered(self) -> list[tuple[str, dict[str, Any]]]:
-        """Every (path, record) computed but not yet delivered in a completed report, by path."""
+    def undelivered(self) -> list[Stored]:
+        """Every entry computed but not yet delivered in a completed report, by path."""
         return self._select("e.delivered_run IS NULL", ())
 
-    def for_paths(self, pairs: Iterable[tuple[Path, str]], models: str) -> list[tuple[str, dict[str, Any]]]:
-        """The stored records of these (path, content) pairs, delivered or not (--report-all)."""
-        wanted = {(_key(p), s) for p, s in pairs}
-        rows = self._select("e.models = ?", (models,))
-        return [(path, rec) for path, rec in rows if (path, rec["_sha256"]) in wanted]
+    def for_paths(self, pairs: Iterable[tuple[Path, str]], fp: str) -> list[Stored]:
+        """The stored entries of these (path, content) pairs under these settings, delivered or not."""
+        wanted = {(key_of(p), s) for p, s in pairs}
+        return [s for s in self._select("e.fingerprint = ?", (fp,)) if (s.key, s.sha256) in wanted]
 
-    def _select(self, where: str, args: tuple[Any, ...]) -> list[tuple[str, dict[str, Any]]]:
+    def _select(self, where: str, args: tuple[Any, ...]) -> list[Stored]:
         sql = (
-            "SELECT e.path, e.sha256, r.record FROM entries e JOIN results r "
-            f"ON r.sha256 = e.sha256 AND r.models = e.models WHERE {where} ORDER BY e.path, e.first_run, e.models"
+            "SELECT e.path, e.sha256, e.fingerprint, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
+            f"AND r.fingerprint = e.fingerprint WHERE {where} ORDER BY e.path, e.first_run, e.fingerprint"
         )
-        return [(path, {**json.loads(rec), "_sha256": sha}) for path, sha, rec in self.db.execute(sql, args)]
+        return [Stored(p, sha, fp, Record.from_json(p, rec)) for p, sha, fp, rec in self.db.execute(sql, args)]
 
-    def finish(self, delivered: list[str], screened: int, reused: int) -> None:
-        """After the reports are in place: mark their entries delivered and the run done, atomically."""
+    def delivered_to(self, target: str) -> list[Record]:
+        """The rows that completed runs reported into the report file `target`, oldest run first."""
+        sql = (
+            "SELECT w.path, w.record FROM run_rows w JOIN run_targets t ON t.run = w.run "
+            "WHERE t.target = ? ORDER BY w.run, w.seq"
+        )
+        return [Record.from_json(path, rec) for path, rec in self.db.execute(sql, (target,))]
+
+    def finish(
+        self, delivered: Sequence[Stored], rows: Sequence[Record], targets: Iterable[str], screened: int, reused: int
+    ) -> None:
+        """After the reports are in place: mark their entries delivered, keep what this run reported
+        into which files, and mark the run done, in one transaction."""
         with self.db:
             self.db.executemany(
-                "UPDATE entries SET delivered_run = ? WHERE path = ? AND delivered_run IS NULL",
-                [(self.run_id, p) for p in delivered],
+                "UPDATE entries SET delivered_run = ? WHERE path = ? AND sha256 = ? AND fingerprint = ? "
+                "AND delivered_run IS NULL",
+                [(self.run_id, s.key, s.sha256, s.fingerprint) for s in delivered],
             )
+            self.db.executemany(
+                "INSERT INTO run_rows VALUES (?, ?, ?, ?)",
+                [(self.run_id, i, r.path, r.to_json()) for i, r in enumerate(rows)],
+            )
+            self.db.executemany("INSERT OR IGNORE INTO run_targets VALUES (?, ?)", [(self.run_id, t) for t in targets])
             self.db.execute(
                 "UPDATE runs SET status = 'done', finished = ?, screened = ?, reused = ?, reported = ? WHERE id = ?",
-                (now(), screened, reused, len(delivered), self.run_id),
+                (now(), screened, reused, len(rows), self.run_id),
             )
 
-    def _recover(self) -> None:
-        """Runs that died delivered nothing: mark them interrupted."""
-        with self.db:
-            self.db.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
-
     # -- the operator's view ---------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        """Counts by status and label of the newest entry per path, the last run, undelivered entries."""
-        latest: dict[str, dict[str, Any]] = {}
-        for path, rec in self._select("1 = 1", ()):
-            latest[path] = rec
-        by_status: dict[str, int] = {}
-        by_label: dict[str, int] = {}
-        for rec in latest.values():
-            by_status[rec["status"]] = by_status.get(rec["status"], 0) + 1
-            if rec.get("label"):
-                by_label[rec["label"]] = by_label.get(rec["label"], 0) + 1
-        last = self.db.execute(
-            "SELECT id, started, finished, status, screened, reused, reported FROM runs ORDER BY id DESC LIMIT 1"
-        ).fetchone()
-        keys = ("id", "started", "finished", "status", "screened", "reused", "reported")
-        return {
-            "files": len(latest),
-            "by_status": dict(sorted(by_status.items())),
-            "by_label": dict(sorted(by_label.items())),
-            "undelivered": self.db.execute("SELECT COUNT(*) FROM entries WHERE delivered_run IS NULL").fetchone()[0],
-            "runs": self.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0],
-            "last_run": dict(zip(keys, last, strict=True)) if last else None,
-        }
+    @classmethod
+    def inspect(cls, path: Path) -> dict[str, Any]:
+        """What the ledger holds, read without taking the run lock (a run may be going on).
+
+        A run still marked `running` whose lock nobody holds died: it is shown `interrupted`.
+        """
+        if not path.is_file():
+            raise LedgerError(f"Ledger not found: {path}")
+        live = _lock_is_held(path)
+        db = _connect(path, migrate=False)
+        try:
+            return _status(db, live)
+        finally:
+            db.close()
 
 
-def _strip(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k != "path" and not k.startswith("_")}
+def _status(db: sqlite3.Connection, live: bool) -> dict[str, Any]:
+    """Counts by status and label of the newest entry per path, the last run, undelivered entries."""
+    latest: dict[str, Record] = {}
+    sql = (
+        "SELECT e.path, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
+        "AND r.fingerprint = e.fingerprint ORDER BY e.path, e.first_run"
+    )
+    for key, rec in db.execute(sql):
+        latest[key] = Record.from_json(key, rec)
+    by_status: dict[str, int] = {}
+    by_label: dict[str, int] = {}
+    for record in latest.values():
+        by_status[record.status] = by_status.get(record.status, 0) + 1
+        if record.label:
+            by_label[record.label] = by_label.get(record.label, 0) + 1
+    keys = ("id", "started", "finished", "status", "screened", "reused", "reported")
+    row = db.execute(f"SELECT {', '.join(keys)} FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+    last = dict(zip(keys, row, strict=True)) if row else None
+    if last and last["status"] == "running" and not live:
+        last["status"] = "interrupted"
+    if last and last["status"] != "done":
+        last["committed"] = db.execute("SELECT COUNT(*) FROM results WHERE run = ?", (last["id"],)).fetchone()[0]
+    return {
+        "files": len(latest),
+        "by_status": dict(sorted(by_status.items())),
+        "by_label": dict(sorted(by_label.items())),
+        "undelivered": db.execute("SELECT COUNT(*) FROM entries WHERE delivered_run IS NULL").fetchone()[0],
+        "runs": db.execute("SELECT COUNT(*) FROM runs").fetchone()[0],
+        "last_run": last,
+    }
 
 
-def _key(path: Path) -> str:
-    # SQLite stores UTF-8 text: undecodable name bytes are escaped as in the reports (\xNN).
-    return display_path(path.absolute())
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
 
 
 def _lock(path: Path) -> int:
-    lock_path = path.with_name(path.name + ".lock")
+    lock_path = _lock_path(path)
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
@@ -243,27 +320,66 @@ def _lock(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise LedgerBusy(f"Another cxrbatch run holds the ledger {path}; try again when it has finished") from None
+        raise LedgerBusy(
+            f"Another cxrbatch run holds the ledger {path}; nothing was done (that run does the work)"
+        ) from None
     return fd
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _lock_is_held(path: Path) -> bool:
+    """Tell whether a run holds the ledger's lock now (a shared lock cannot be had beside it)."""
+    try:
+        fd = os.open(_lock_path(path), os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no run has ever held it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _connect(path: Path, migrate: bool) -> sqlite3.Connection:
     """Open the ledger, checking a file that exists before anything is written to it."""
     existed = path.exists() and path.stat().st_size > 0
     try:
         db = sqlite3.connect(path)
         if existed:
-            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            if not row or row[0] != SCHEMA:
-                db.close()
-                found = row[0] if row else "missing"
-                raise LedgerError(f"{path} is not a cxrbatch ledger (schema {found}); it was left untouched")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        if not existed:
+            _check_schema(db, path, migrate)
+        else:
+            db.execute("PRAGMA journal_mode=WAL")
             with db:
                 db.executescript(_TABLES)
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA,))
+        db.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path} is not a usable cxrbatch ledger ({exc}); it was left untouched") from None
     return db
+
+
+def _check_schema(db: sqlite3.Connection, path: Path, migrate: bool) -> None:
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if _has_meta(db) else None
+    found = row[0] if row else None
+    if found == SCHEMA:
+        return
+    if found in OLD_SCHEMAS and migrate:
+        with db:  # one transaction: a failed upgrade leaves the old ledger as it was
+            db.executescript("BEGIN;" + _FROM_1 + _TABLES + f"UPDATE meta SET value = '{SCHEMA}' WHERE key = 'schema';")
+        log.warning(
+            "ledger %s upgraded from %s to %s: results made before were keyed by the models alone, not by "
+            "every setting, so this run screens every file again and reports each once more",
+            path,
+            found,
+            SCHEMA,
+        )
+        return
+    db.close()
+    if found in OLD_SCHEMAS:  # inspection never writes: the upgrade is the next run's
+        raise LedgerError(f"{path} is a ledger of schema {found}; the next `cxrbatch run --ledger` upgrades it")
+    raise LedgerError(f"{path} is not a cxrbatch ledger (schema {found or 'missing'}); it was left untouched")
+
+
+def _has_meta(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is not None

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -20,20 +20,17 @@ import numpy as np
 from PIL import Image
 
 from cxrbatch.errors import ImageError, ModelError
-from cxrbatch.heatmaps import class_map, display_copy, write_heatmap
-from cxrbatch.imaging import check_size, load_image, to_model_input
+from cxrbatch.heatmaps import display_copy
+from cxrbatch.imaging import PREPROCESSING_VERSION, check_size, load_image, to_model_input
 from cxrbatch.models import Model
+from cxrbatch.records import CLASSIFIED, ERROR, REJECTED, Record, Summary
 
 log = logging.getLogger(__name__)
-
-CLASSIFIED, REJECTED, ERROR = "classified", "rejected", "error"
-NORMAL = "NORMAL"  # the one label that is not a finding; used to pick "flagged" results
-STATUSES = (CLASSIFIED, REJECTED, ERROR)
 
 
 @dataclass
 class Result:
-    """The outcome for one input file."""
+    """The outcome for one input file, as the screener finds it (`Screener.record` makes the report row)."""
 
     path: Path
     status: str
@@ -43,64 +40,6 @@ class Result:
     probabilities: dict[str, float] | None = None
     needs_review: bool | None = None
     error: str | None = None
-    heatmap: str | None = None
-
-    @property
-    def flagged(self) -> bool:
-        """Worth a reviewer's look: classified as anything but NORMAL, or unsure."""
-        return is_flagged(self.status, self.label, self.needs_review)
-
-
-def is_flagged(status: str, label: str | None, needs_review: bool | None) -> bool:
-    """The one rule for "flagged": a classified result whose label is not NORMAL, or that needs review."""
-    return status == CLASSIFIED and (label != NORMAL or bool(needs_review))
-
-
-@dataclass
-class Summary:
-    """Counts and speed of one run."""
-
-    by_status: Counter[str] = field(default_factory=Counter)
-    by_label: Counter[str] = field(default_factory=Counter)
-    seconds: float = 0.0
-
-    @property
-    def files(self) -> int:
-        return sum(self.by_status.values())
-
-    @property
-    def images_per_second(self) -> float:
-        return self.files / self.seconds if self.seconds > 0 else 0.0
-
-    def add(self, result: Result) -> None:
-        """Count one result."""
-        self.count(result.status, result.label)
-
-    def count(self, status: str, label: str | None) -> None:
-        """Count one reported row."""
-        self.by_status[status] += 1
-        if label:
-            self.by_label[label] += 1
-
-    def line(self) -> str:
-        """One human line: counts per status and label, and the rate."""
-        statuses = ", ".join(f"{self.by_status[s]} {s}" for s in STATUSES)
-        labels = ", ".join(f"{n} {label}" for label, n in sorted(self.by_label.items()))
-        return (
-            f"{self.files} files: {statuses}"
-            + (f" ({labels})" if labels else "")
-            + f" in {self.seconds:.1f} s, {self.images_per_second:.1f} images/s"
-        )
-
-    def as_dict(self) -> dict[str, object]:
-        """The summary as plain data for the JSON report."""
-        return {
-            "files": self.files,
-            "by_status": {s: self.by_status[s] for s in STATUSES},
-            "by_label": dict(sorted(self.by_label.items())),
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.images_per_second, 2),
-        }
 
 
 @dataclass
@@ -111,7 +50,7 @@ class Decoded:
     gate_input: np.ndarray | None = None
     classifier_input: np.ndarray | None = None
     error: str | None = None
-    picture: Image.Image | None = None  # a small copy, kept only when heatmaps are drawn
+    picture: Image.Image | None = None  # a small copy for drawing a heatmap, kept only when asked
 
 
 class Screener:
@@ -125,8 +64,6 @@ class Screener:
         workers: int = 2,
         draft: bool = True,
         prefetch: int = 2,
-        heatmaps: Path | None = None,
-        heatmaps_for: str = "all",
         transform: Callable[[Image.Image], Image.Image] | None = None,
     ) -> None:
         """`transform`, when given, changes every decoded picture before the model inputs are made
@@ -137,12 +74,22 @@ class Screener:
         self.batch_size, self.workers, self.prefetch = batch_size, workers, prefetch
         specs = (gate.spec.input, classifier.spec.input)
         self.draft_size = max(max(s.height, s.width) for s in specs) if draft else None
-        if heatmaps_for not in ("all", "flagged"):
-            raise ValueError("heatmaps_for must be 'all' or 'flagged'")
-        if heatmaps is not None and not classifier.spec.cam_output:
-            raise ModelError("heatmaps need a classifier with a 'cam' output (export it with `cxrbatch export`)")
-        self.heatmaps, self.heatmaps_for = heatmaps, heatmaps_for
         self.transform = transform
+
+    def settings(self) -> dict[str, object]:
+        """Every setting that can change a result: the ledger's run fingerprint is made of these.
+
+        Batch size and decoding threads change nothing (reports are byte-identical across them);
+        the device does, in the last decimals (CUDA and CPU agree within about 3e-6).
+        """
+        return {
+            "gate": self.gate.sha256,
+            "classifier": self.classifier.sha256,
+            "draft_size": self.draft_size,
+            "preprocessing": PREPROCESSING_VERSION,
+            "device": "cuda" if self.gate.on_gpu else "cpu",
+            "transform": None if self.transform is None else str(self.transform),
+        }
 
     def screen(self, paths: Iterable[Path], on_result: Callable[[Result], None] | None = None) -> Iterator[Result]:
         """Yield one Result per path, in order."""
@@ -152,22 +99,37 @@ class Screener:
                     on_result(result)
                 yield result
 
-    def decoded_batches(self, paths: Iterable[Path]) -> Iterator[list[Decoded]]:
-        """Decode paths in worker threads, `prefetch` batches ahead, and yield batches in order."""
+    def decoded_batches(self, paths: Iterable[Path], pictures: bool = False) -> Iterator[list[Decoded]]:
+        """Decode paths in worker threads, `prefetch` batches ahead, and yield batches in order;
+        with `pictures`, each keeps a small copy of the picture for drawing on."""
         batches = _chunked(iter(paths), self.batch_size)
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode") as pool:
             pending: deque[list[Future[Decoded]]] = deque()
             for batch in islice(batches, self.prefetch):
-                pending.append([pool.submit(self.decode, p) for p in batch])
+                pending.append([pool.submit(self.decode, p, pictures) for p in batch])
             while pending:
                 decoded = [f.result() for f in pending.popleft()]
                 nxt = next(batches, None)
                 if nxt is not None:
-                    pending.append([pool.submit(self.decode, p) for p in nxt])
+                    pending.append([pool.submit(self.decode, p, pictures) for p in nxt])
                 yield decoded
 
-    def decode(self, path: Path) -> Decoded:
-        """Read one file into both models' inputs, or an error message."""
+    def class_maps(self, paths: Iterable[Path]) -> Iterator[tuple[Decoded, np.ndarray | None]]:
+        """Decode again and yield each file's small picture with the classifier's `cam` maps
+        (h x w x labels), or None for a file that can no longer be decoded (its `error` says why)."""
+        name = self.classifier.spec.cam_output
+        if not name:
+            raise ModelError("heatmaps need a classifier with a 'cam' output (export it with `cxrbatch export`)")
+        for decoded in self.decoded_batches(paths, pictures=True):
+            ok = [d for d in decoded if d.error is None]
+            inputs = [d.classifier_input for d in ok]
+            maps: np.ndarray | list[np.ndarray] = self.classify(np.stack(inputs), with_cam=True)[name] if ok else []  # type: ignore[arg-type]
+            by_path = {d.path: m for d, m in zip(ok, maps, strict=True)}
+            for d in decoded:
+                yield d, by_path.get(d.path)
+
+    def decode(self, path: Path, picture: bool = False) -> Decoded:
+        """Read one file into both models' inputs (and a small picture when asked), or an error message."""
         try:
             img = load_image(path, draft_size=self.draft_size)
             check_size(img)
@@ -177,7 +139,7 @@ class Screener:
                 path,
                 to_model_input(img, self.gate.spec.input),
                 to_model_input(img, self.classifier.spec.input),
-                picture=display_copy(img) if self.heatmaps is not None else None,
+                picture=display_copy(img) if picture else None,
             )
         except ImageError as exc:
             return Decoded(path, error=str(exc))
@@ -201,13 +163,25 @@ class Screener:
                 results[i].status = REJECTED
         if accepted:
             clf_in = np.stack([decoded[i].classifier_input for i in accepted])  # type: ignore[misc]
-            out = self.classify(clf_in, with_cam=self.heatmaps is not None)
-            for k, (i, p) in enumerate(zip(accepted, out[self.classifier.spec.score_output], strict=True)):
+            out = self.classify(clf_in)
+            for i, p in zip(accepted, out[self.classifier.spec.score_output], strict=True):
                 self._fill(results[i], p)
-                if self.heatmaps is not None and (self.heatmaps_for == "all" or results[i].flagged):
-                    cam = out[self.classifier.spec.cam_output or ""][k]
-                    self._draw(results[i], decoded[i], cam)
         return results
+
+    def record(self, result: Result) -> Record:
+        """The report row of a result, with the short hashes of both models."""
+        return Record.of(
+            result.path,
+            result.status,
+            self.gate.short_hash,
+            self.classifier.short_hash,
+            gate_score=result.gate_score,
+            label=result.label,
+            confidence=result.confidence,
+            probabilities=result.probabilities,
+            needs_review=result.needs_review,
+            error=result.error,
+        )
 
     def gate_scores(self, batch: np.ndarray) -> np.ndarray:
         """The gate's score of each picture of a stacked batch of gate inputs, shape (N,)."""
@@ -231,12 +205,6 @@ class Screener:
         padded[:n] = batch
         return {name: out[:n] for name, out in model.run(padded, with_cam=with_cam).items()}
 
-    def _draw(self, result: Result, decoded: Decoded, cam: np.ndarray) -> None:
-        assert self.heatmaps is not None and decoded.picture is not None and result.label is not None
-        heat = class_map(cam, self.classifier.spec.labels.index(result.label))
-        caption = f"{result.label} {result.confidence:.2f}" + (" (review)" if result.needs_review else "")
-        result.heatmap = str(write_heatmap(self.heatmaps, result.path, decoded.picture, heat, caption))
-
     def _fill(self, result: Result, probs: np.ndarray) -> None:
         labels = self.classifier.spec.labels
         top = int(np.argmax(probs))
@@ -251,14 +219,10 @@ def screen_all(
     screener: Screener, paths: list[Path], on_result: Callable[[Result], None] | None = None
 ) -> tuple[list[Result], Summary]:
     """Screen every path and return the results with a summary."""
-    summary = Summary()
     started = time.perf_counter()
-    results = []
-    for result in screener.screen(paths, on_result):
-        summary.add(result)
-        results.append(result)
-    summary.seconds = time.perf_counter() - started
-    return results, summary
+    results = list(screener.screen(paths, on_result))
+    seconds = time.perf_counter() - started
+    return results, Summary.of(map(screener.record, results), screened=len(results), seconds=seconds)
 
 
 def _chunked(items: Iterator[Path], size: int) -> Iterator[list[Path]]:

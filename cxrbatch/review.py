@@ -8,11 +8,12 @@ or a model is HTML-escaped, so a file named `<script>…</script>.png` shows as 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 from typing import Any
 
-from cxrbatch.pipeline import CLASSIFIED, ERROR, REJECTED, STATUSES, Summary, is_flagged
+from cxrbatch.records import CLASSIFIED, ERROR, REJECTED, STATUSES, Record, Summary
 
 DISCLAIMER = (
     "Screening support only: these labels come from an automated model and are not a diagnosis. "
@@ -51,12 +52,17 @@ document.querySelectorAll('table.sortable th').forEach(function (th, col) {
 
 
 def render_html(
-    records: list[dict[str, Any]], models: dict[str, Any], summary: Summary, started: str, html_path: Path
+    records: Sequence[Record],
+    labels: Sequence[str],
+    negative_label: str,
+    models: dict[str, Any],
+    summary: Summary,
+    started: str,
+    html_path: Path,
 ) -> str:
     """Render the review page for a run's report records."""
-    labels = [k[2:] for k in (records[0] if records else {}) if k.startswith("p_")]
-    classified = [r for r in records if r["status"] == CLASSIFIED]
-    flagged = [r for r in classified if _flagged(r)]
+    classified = [r for r in records if r.status == CLASSIFIED]
+    flagged = [r for r in classified if r.flagged(negative_label)]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
@@ -64,15 +70,15 @@ def render_html(
         f"<h1>Chest X-ray screening review</h1><div class='small'>run started {escape(started)}</div>",
         f"<p class='disclaimer'><strong>Not a diagnosis.</strong> {escape(DISCLAIMER)}</p>",
         _counts(summary, len(flagged)),
-        _cards(flagged, html_path),
-        _classified_table(classified, labels),
+        _cards(flagged, html_path, negative_label),
+        _classified_table(classified, labels, negative_label),
         _other_table(
             "Rejected by the gate (not a chest X-ray)",
-            [r for r in records if r["status"] == REJECTED],
+            [r for r in records if r.status == REJECTED],
             "gate_score",
             "gate score",
         ),
-        _other_table("Files that could not be read", [r for r in records if r["status"] == ERROR], "error", "error"),
+        _other_table("Files that could not be read", [r for r in records if r.status == ERROR], "error", "error"),
         _models(models),
         f"<script>{_SORT_JS}</script></body></html>\n",
     ]
@@ -86,42 +92,45 @@ def _counts(summary: Summary, flagged: int) -> str:
     return f"<h2>Summary: {summary.files} files</h2><div class='counts'>{''.join(spans)}</div>"
 
 
-def _cards(flagged: list[dict[str, Any]], html_path: Path) -> str:
+def _cards(flagged: list[Record], html_path: Path, negative_label: str) -> str:
     cards = []
     for r in flagged:
         img = ""
-        if r.get("heatmap"):
-            rel = os.path.relpath(r["heatmap"], html_path.parent if str(html_path.parent) else ".")
+        if r.heatmap:
+            rel = os.path.relpath(r.heatmap, html_path.parent if str(html_path.parent) else ".")
             img = f"<img src='{escape(Path(rel).as_posix(), quote=True)}' alt='heatmap'>"
+        problem = f"<div class='small'>{escape(r.error)}</div>" if r.error else ""
         cards.append(
-            f"<div class='card'>{img}<div><b>{escape(str(r['label']))}</b> {r['confidence']:.2f}"
-            f"{' · needs review' if r.get('needs_review') else ''}</div>"
-            f"<div class='path small'>{escape(r['path'])}</div></div>"
+            f"<div class='card'>{img}<div><b>{escape(str(r.label))}</b> {r.confidence or 0.0:.2f}"
+            f"{' · needs review' if r.needs_review else ''}</div>"
+            f"<div class='path small'>{escape(r.path)}</div>{problem}</div>"
         )
     body = "".join(cards) or "<p>Nothing flagged.</p>"
-    return f"<h2>Flagged: not NORMAL, or unsure ({len(flagged)})</h2><div class='cards'>{body}</div>"
+    title = f"Flagged: not {escape(negative_label)}, or unsure ({len(flagged)})"
+    return f"<h2>{title}</h2><div class='cards'>{body}</div>"
 
 
-def _classified_table(rows: list[dict[str, Any]], labels: list[str]) -> str:
+def _classified_table(rows: list[Record], labels: Sequence[str], negative_label: str) -> str:
     head = ["file", "label", "confidence", *labels, "review"]
     out = [f"<h2>Classified ({len(rows)}) — click a column to sort</h2><table class='sortable'><thead><tr>"]
     out += [f"<th>{escape(h)}</th>" for h in head]
     out.append("</tr></thead><tbody>")
     for r in rows:
-        flag = _flagged(r)
-        cells = [_cell(r["path"], cls="path"), _cell(r["label"]), _num(r["confidence"])]
-        cells += [_num(r.get(f"p_{label}")) for label in labels]
-        cells.append(_cell("yes" if r.get("needs_review") else ""))
+        flag = r.flagged(negative_label)
+        probs = r.probabilities or {}
+        cells = [_cell(r.path, cls="path"), _cell(r.label), _num(r.confidence)]
+        cells += [_num(probs.get(label)) for label in labels]
+        cells.append(_cell("yes" if r.needs_review else ""))
         out.append(f"<tr class='{'flag' if flag else ''}'>{''.join(cells)}</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
 
-def _other_table(title: str, rows: list[dict[str, Any]], key: str, heading: str) -> str:
+def _other_table(title: str, rows: list[Record], key: str, heading: str) -> str:
     if not rows:
         return f"<h2>{escape(title)} (0)</h2>"
     value = _num if key == "gate_score" else _cell
-    body = "".join(f"<tr>{_cell(r['path'], cls='path')}{value(r.get(key))}</tr>" for r in rows)
+    body = "".join(f"<tr>{_cell(r.path, cls='path')}{value(getattr(r, key))}</tr>" for r in rows)
     return (
         f"<h2>{escape(title)} ({len(rows)})</h2><table><thead><tr><th>file</th><th>{escape(heading)}</th></tr>"
         f"</thead><tbody>{body}</tbody></table>"
@@ -137,10 +146,6 @@ def _models(models: dict[str, Any]) -> str:
         "<h2>Models</h2><table><thead><tr><th>role</th><th>name</th><th>version</th><th>sha256</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>"
     )
-
-
-def _flagged(record: dict[str, Any]) -> bool:
-    return is_flagged(record["status"], record.get("label"), record.get("needs_review"))
 
 
 def _cell(value: Any, cls: str = "") -> str:

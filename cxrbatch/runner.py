@@ -1,20 +1,30 @@
-"""One screening run from inputs to written reports: the library behind `cxrbatch run`."""
+"""One screening run from inputs to written reports: the library behind `cxrbatch run`.
+
+The steps, in order: take the ledger's lock (a busy ledger ends the run before any work), find
+the files, load the models, screen what needs screening (with a ledger: what it has no result
+for under this run's fingerprint, committed batch by batch), draw heatmaps as a step of their
+own over every row that gets one (fresh or reused), then write the reports. A report path that
+completed ledger runs wrote before gets the union of their rows and this run's.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.imaging import display_path
-from cxrbatch.ledger import Ledger, crash_point, now
-from cxrbatch.models import Model, default_models_dir, load_models
-from cxrbatch.pipeline import Result, Screener, Summary, screen_all
-from cxrbatch.reports import check_writable, render_csv, render_json, result_record, write_text
+from cxrbatch.errors import ModelError
+from cxrbatch.heatmaps import add_heatmaps
+from cxrbatch.ledger import Ledger, crash_point, key_of, now
+from cxrbatch.models import default_models_dir, load_models
+from cxrbatch.pipeline import Result, Screener
+from cxrbatch.records import Record, Summary, plural
+from cxrbatch.reports import check_writable, render_csv, render_json, write_text
 from cxrbatch.review import render_html
 
 log = logging.getLogger(__name__)
@@ -37,7 +47,7 @@ class RunOptions:
     ledger: Path | None = None
     report_all: bool = False
     heatmaps: Path | None = None
-    heatmaps_for: str = "all"
+    heatmaps_for: str = "all"  # or "flagged"
     html: str | None = None
     reporter: Progress | None = field(default=None, repr=False)
 
@@ -45,97 +55,135 @@ class RunOptions:
 def run(options: RunOptions) -> Summary:
     """Screen every input file and write the requested reports; return the summary."""
     started = now()
-    targets = [t for t in (options.csv_out, options.json_out, options.html) if t is not None]
-    for target in targets:
+    report_targets = [t for t in (options.csv_out, options.json_out, options.html) if t is not None]
+    for target in report_targets:
         check_writable(target)
-    skip = [Path(t) for t in targets if t != "-"]
+    with _opened(options.ledger) as ledger:
+        paths = _discover(options, report_targets)
+        gate, classifier = load_models(options.models_dir or default_models_dir(), options.device)
+        if options.heatmaps is not None and not classifier.spec.cam_output:
+            raise ModelError("heatmaps need a classifier with a 'cam' output (export it with `cxrbatch export`)")
+        screener = Screener(gate, classifier, options.batch_size, options.workers, options.draft)
+        report = Report(options, screener, started)
+        if ledger is None:
+            return _run_plain(screener, paths, report, options.reporter)
+        return _run_with_ledger(ledger, screener, paths, report, options)
+
+
+@contextmanager
+def _opened(path: Path | None) -> Iterator[Ledger | None]:
+    """The locked ledger, taken before anything else is done, or None without --ledger."""
+    with Ledger.open(path) if path is not None else nullcontext() as ledger:
+        yield ledger
+
+
+def _discover(options: RunOptions, report_targets: list[str]) -> list[Path]:
+    """The files to screen; the run's own outputs are left out, skipped files counted in the log."""
+    skip = [Path(t) for t in report_targets if t != "-"]
     if options.ledger is not None:
         skip.append(options.ledger)
     if options.heatmaps is not None:
         options.heatmaps.mkdir(parents=True, exist_ok=True)
         skip.append(options.heatmaps)
-    paths = list(iter_images(options.inputs, skip=skip))
-    log.info("found %d files to screen", len(paths))
-    gate, classifier = load_models(options.models_dir or default_models_dir(), options.device)
-    screener = Screener(
-        gate,
-        classifier,
-        options.batch_size,
-        options.workers,
-        options.draft,
-        heatmaps=options.heatmaps,
-        heatmaps_for=options.heatmaps_for,
-    )
-    report = Report(options, gate, classifier, started)
-    if options.ledger is None:
-        results, summary = screen_all(screener, paths, _progress_hook(len(paths), options.reporter))
-        report.write([report.record(r) for r in results], summary)
-        return summary
-    with Ledger.open(options.ledger) as ledger:
-        return _run_with_ledger(ledger, options, screener, paths, report)
+    skipped: Counter[str] = Counter()
+    paths = list(iter_images(options.inputs, skip=skip, skipped=skipped))
+    log.info("found %s to screen", plural(len(paths), "file"))
+    if skipped:
+        log.info("skipped %s", ", ".join(f"{plural(n, 'file')}: {why}" for why, n in sorted(skipped.items())))
+    if not paths:
+        where = ", ".join(str(p) for p in options.inputs)
+        log.warning("no image file found in %s: is the folder empty, or not mounted? (exit code 5)", where)
+    return paths
 
 
 class Report:
-    """Turns results into the requested CSV, JSON and HTML reports."""
+    """Turns a run's rows into the requested CSV, JSON and HTML reports."""
 
-    def __init__(self, options: RunOptions, gate: Model, classifier: Model, started: str) -> None:
-        self.options, self.gate, self.classifier, self.started = options, gate, classifier, started
-        self.labels = classifier.spec.labels
-        self.extra = ("heatmap",) if options.heatmaps is not None else ()
+    def __init__(self, options: RunOptions, screener: Screener, started: str) -> None:
+        self.options, self.screener, self.started = options, screener, started
+        self.labels = screener.classifier.spec.labels
+        self.heatmap = options.heatmaps is not None
+        self.models = {"gate": screener.gate.describe(), "classifier": screener.classifier.describe()}
 
-    def record(self, result: Result) -> dict[str, Any]:
-        """The report record of one result."""
-        return result_record(result, self.labels, self.gate, self.classifier, heatmap=bool(self.extra))
+    def finish_rows(self, items: Sequence[tuple[Path, Record]]) -> list[Record]:
+        """The rows to report: with --heatmaps, each one that gets a heatmap has it (or says why not)."""
+        if self.options.heatmaps is None:
+            return [record for _, record in items]
+        flagged_only = self.options.heatmaps_for == "flagged"
+        return add_heatmaps(items, self.screener, self.options.heatmaps, flagged_only)
 
-    def render(self, records: list[dict[str, Any]], summary: Summary) -> dict[str, str]:
-        """Report texts by target."""
-        texts = {}
-        models = {"gate": self.gate.describe(), "classifier": self.classifier.describe()}
-        if self.options.csv_out is not None:
-            texts[self.options.csv_out] = render_csv(records, self.labels, self.extra)
-        if self.options.json_out is not None:
-            texts[self.options.json_out] = render_json(records, models, summary, self.started)
-        if self.options.html is not None:
-            texts[self.options.html] = render_html(records, models, summary, self.started, Path(self.options.html))
-        return texts
+    def files(self) -> list[str]:
+        """The ledger's keys of the report files this run writes (stdout is none)."""
+        targets = (self.options.csv_out, self.options.json_out, self.options.html)
+        return [key_of(Path(t).resolve()) for t in targets if t is not None and t != "-"]
 
-    def write(self, records: list[dict[str, Any]], summary: Summary) -> None:
-        """Render and write every requested report."""
-        for target, text in self.render(records, summary).items():
-            write_text(target, text)
-            log.info("report written: %s", target)
+    def write(self, rows: list[Record], summary: Summary, earlier: Callable[[str], list[Record]] | None = None) -> None:
+        """Render and write every requested report; `earlier` gives the rows a file already received."""
+        o = self.options
+        for target, render in ((o.csv_out, self._csv), (o.json_out, self._json), (o.html, self._html)):
+            if target is None:
+                continue
+            these, counts = rows, summary
+            if earlier is not None and target != "-":
+                these = union(earlier(key_of(Path(target).resolve())), rows)
+                counts = summary.recount(these)
+            write_text(target, render(these, counts, target))
+            log.info("report written: %s (%s)", target, plural(len(these), "row"))
+
+    def _csv(self, rows: list[Record], summary: Summary, target: str) -> str:
+        return render_csv(rows, self.labels, self.heatmap)
+
+    def _json(self, rows: list[Record], summary: Summary, target: str) -> str:
+        return render_json(rows, self.labels, self.models, summary, self.started, self.heatmap)
+
+    def _html(self, rows: list[Record], summary: Summary, target: str) -> str:
+        negative = self.screener.classifier.spec.negative_label or ""
+        return render_html(rows, self.labels, negative, self.models, summary, self.started, Path(target))
+
+
+def union(earlier: list[Record], rows: list[Record]) -> list[Record]:
+    """The rows a report file received before, then this run's, each row once, in that order."""
+    seen = set(earlier)
+    return [*earlier, *(r for r in rows if r not in seen)]
+
+
+def _run_plain(screener: Screener, paths: list[Path], report: Report, reporter: Progress | None) -> Summary:
+    """Screen every file and report every result."""
+    started = time.perf_counter()
+    items = [(r.path, screener.record(r)) for r in screener.screen(paths, _progress_hook(len(paths), reporter))]
+    seconds = time.perf_counter() - started
+    rows = report.finish_rows(items)
+    summary = Summary.of(rows, found=len(paths), screened=len(items), seconds=seconds)
+    report.write(rows, summary)
+    return summary
 
 
 def _run_with_ledger(
-    ledger: Ledger, options: RunOptions, screener: Screener, paths: list[Path], report: Report
+    ledger: Ledger, screener: Screener, paths: list[Path], report: Report, options: RunOptions
 ) -> Summary:
     """Screen only what the ledger has no result for; report what no completed run delivered."""
-    run_id = ledger.begin_run()
-    models = f"{screener.gate.sha256}:{screener.classifier.sha256}"
+    fp = ledger.begin_run(screener.settings())
     hashes = ledger.content_hashes(paths)
     known = {p: h for p, h in hashes.items() if h is not None}
-    cached = ledger.cached(known.values(), models)
+    cached = ledger.cached(known.values(), fp)
     todo, later = _to_screen(paths, hashes, cached)
     reused = len(paths) - len(todo)
-    log.info("run %d: %d files, %d already screened, %d to screen", run_id, len(paths), reused, len(todo))
-    ledger.note_entries(((p, h) for p, h in known.items() if h in cached), models)
-    fresh, seconds = _screen_into(ledger, screener, todo, known, models, report, options.reporter)
-    ledger.note_entries(((p, known[p]) for p in later), models)  # same content as a file screened now
-    if options.report_all:
-        rows = ledger.for_paths(known.items(), models)
-    else:
-        rows = ledger.undelivered()
-    records = [{**rec, "path": display_path(Path(path))} for path, rec in rows]
-    records += [fresh[p] for p in todo if p not in known]  # unreadable files: reported, never stored
-    records = [{k: v for k, v in r.items() if not k.startswith("_")} for r in records]
-    summary = Summary(seconds=seconds)
-    for r in records:
-        summary.count(r["status"], r.get("label"))
+    log.info(
+        "run %d: %s, %d already screened, %d to screen", ledger.run_id, plural(len(paths), "file"), reused, len(todo)
+    )
+    ledger.note_entries(((p, h) for p, h in known.items() if h in cached), fp)
+    unreadable, seconds = _screen_into(ledger, screener, todo, known, fp, options.reporter)
+    ledger.note_entries(((p, known[p]) for p in later), fp)  # same content as a file screened now
+    stored = ledger.for_paths(known.items(), fp) if options.report_all else ledger.undelivered()
+    by_key = {key_of(p): p for p in paths}
+    items = [(by_key.get(s.key, Path(s.key)), s.record) for s in stored] + unreadable
+    rows = report.finish_rows(items)
+    summary = Summary.of(rows, found=len(paths), screened=len(todo), reused=reused, seconds=seconds)
     crash_point("before_report")
-    report.write(records, summary)
+    report.write(rows, summary, earlier=ledger.delivered_to)
     crash_point("after_report")
-    ledger.finish([p for p, _ in rows], len(todo), reused)
-    log.info("run %d: screened %d, reused %d, reported %d", run_id, len(todo), reused, len(records))
+    ledger.finish(stored, rows, report.files(), len(todo), reused)
+    log.info("run %d: screened %d, reused %d, reported %d", ledger.run_id, len(todo), reused, len(rows))
     return summary
 
 
@@ -144,28 +192,28 @@ def _screen_into(
     screener: Screener,
     todo: list[Path],
     known: dict[Path, str],
-    models: str,
-    report: Report,
+    fp: str,
     reporter: Progress | None,
-) -> tuple[dict[Path, dict[str, Any]], float]:
-    """Screen `todo`, committing results to the ledger batch by batch; return the records and seconds."""
-    fresh: dict[Path, dict[str, Any]] = {}
-    pending: list[tuple[Path, str | None, dict[str, Any]]] = []
+) -> tuple[list[tuple[Path, Record]], float]:
+    """Screen `todo`, committing results to the ledger batch by batch; return the rows of the files
+    that could not be hashed (reported, never stored) and the seconds spent."""
+    unreadable: list[tuple[Path, Record]] = []
+    pending: list[tuple[Path, str | None, Record]] = []
     started = time.perf_counter()
     for result in screener.screen(todo, _progress_hook(len(todo), reporter)):
-        fresh[result.path] = report.record(result)
-        pending.append((result.path, known.get(result.path), fresh[result.path]))
+        record = screener.record(result)
+        if result.path not in known:
+            unreadable.append((result.path, record))
+        pending.append((result.path, known.get(result.path), record))
         if len(pending) >= screener.batch_size:
-            ledger.store(pending, models)  # a crash loses at most the batch in flight
+            ledger.store(pending, fp)  # a crash loses at most the batch in flight
             crash_point("batch_committed")
             pending = []
-    ledger.store(pending, models)
-    return fresh, time.perf_counter() - started
+    ledger.store(pending, fp)
+    return unreadable, time.perf_counter() - started
 
 
-def _to_screen(
-    paths: list[Path], hashes: dict[Path, str | None], cached: dict[str, dict[str, Any]]
-) -> tuple[list[Path], list[Path]]:
+def _to_screen(paths: list[Path], hashes: dict[Path, str | None], cached: set[str]) -> tuple[list[Path], list[Path]]:
     """Paths that need inference (one per new content) and the other paths sharing such content."""
     todo: list[Path] = []
     seen: set[str] = set()

@@ -20,11 +20,25 @@ runner = CliRunner()
 
 
 def _run(folder: Path, models: Path, ledger: Path, out: Path, *extra: str) -> tuple[int, list[dict[str, str]], str]:
+    """One nightly run into a report file of its own (`r.csv`, then `r.2.csv`, ...): the rows it delivered."""
+    target = _night(out)
     result = runner.invoke(
-        app, ["run", str(folder), "--models", str(models), "--ledger", str(ledger), "--out", str(out), *extra]
+        app, ["run", str(folder), "--models", str(models), "--ledger", str(ledger), "--out", str(target), *extra]
     )
-    rows = list(csv.DictReader(out.open(encoding="utf-8"))) if out.exists() else []
+    rows = list(csv.DictReader(target.open(encoding="utf-8"))) if target.exists() else []
     return result.exit_code, rows, result.stderr
+
+
+def _night(out: Path) -> Path:
+    """The first report path after `out` that no run has written yet (a new day's report)."""
+    n = 1
+    while (target := out if n == 1 else out.with_name(f"{out.stem}.{n}{out.suffix}")).exists():
+        n += 1
+    return target
+
+
+def _only_header(report: Path) -> bool:
+    return report.read_text(encoding="utf-8").splitlines() == [report.read_text(encoding="utf-8").splitlines()[0]]
 
 
 def _names(rows: list[dict[str, str]]) -> list[str]:
@@ -51,7 +65,7 @@ def test_second_run_with_nothing_new_reports_nothing(folder: Path, tiny_models: 
     assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)]
     code, rows, err = _run(folder, tiny_models, ledger, out)
     assert code == 0 and rows == []
-    assert out.read_text(encoding="utf-8").startswith("path,status,gate_score")  # header only
+    assert _only_header(tmp_path / "r.2.csv")
     assert "0 files: 0 classified" in err
     assert _inferences(ledger) == [1] * 5
 

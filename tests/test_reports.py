@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from cxrbatch.errors import CxrBatchError
-from cxrbatch.models import load_models
-from cxrbatch.pipeline import ERROR, Result, Summary
-from cxrbatch.reports import atomic_write, check_writable, columns, csv_cell, render_csv, render_json, result_record
+from cxrbatch.files import atomic_write
+from cxrbatch.records import ERROR, Record, Summary
+from cxrbatch.reports import check_writable, columns, csv_cell, render_csv, render_json
+
+LABELS = ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
 
 EXPECTED_HEADER = (
     "path,status,gate_score,label,confidence,p_COVID19,p_NORMAL,p_PNEUMONIA,p_TUBERCULOSIS,"
@@ -44,40 +46,99 @@ def test_csv_cells(value: object, cell: str) -> None:
     assert csv_cell(value) == cell
 
 
-def test_records_and_csv_rows(tiny_models: Path, tmp_path: Path) -> None:
-    gate, classifier = load_models(tiny_models, "cpu")
-    labels = classifier.spec.labels
-    ok = Result(
+def test_records_and_csv_rows(tmp_path: Path) -> None:
+    probs = {"COVID19": 0.1, "NORMAL": 0.7000004, "PNEUMONIA": 0.15, "TUBERCULOSIS": 0.05}
+    ok = Record.of(
         Path("=evil.png"),
         "classified",
-        0.99,
-        "NORMAL",
-        0.7,
-        {"COVID19": 0.1, "NORMAL": 0.7, "PNEUMONIA": 0.15, "TUBERCULOSIS": 0.05},
-        False,
+        "g" * 12,
+        "c" * 12,
+        gate_score=0.99,
+        label="NORMAL",
+        confidence=0.7000004,
+        probabilities=probs,
+        needs_review=False,
     )
-    bad = Result(tmp_path / "b.png", ERROR, error="not a readable image (unknown or corrupt format)")
-    records = [result_record(r, labels, gate, classifier) for r in (ok, bad)]
-    rows = list(csv.DictReader(io.StringIO(render_csv(records, labels))))
+    bad = Record.of(
+        tmp_path / "b.png", ERROR, "g" * 12, "c" * 12, error="not a readable image (unknown or corrupt format)"
+    )
+    assert ok.confidence == 0.7 and ok.probabilities == {**probs, "NORMAL": 0.7}  # rounded when made
+    rows = list(csv.DictReader(io.StringIO(render_csv([ok, bad], LABELS))))
     assert rows[0]["path"] == "'=evil.png"
     assert rows[0]["p_NORMAL"] == "0.700000" and rows[0]["needs_review"] == "false"
-    assert rows[0]["gate_model"] == gate.short_hash and rows[0]["classifier_model"] == classifier.short_hash
+    assert rows[0]["gate_model"] == "g" * 12 and rows[0]["classifier_model"] == "c" * 12
     assert rows[1]["status"] == "error" and rows[1]["label"] == "" and rows[1]["p_NORMAL"] == ""
     assert rows[1]["error"] == "not a readable image (unknown or corrupt format)"
+    assert "heatmap" not in rows[0]
+    with_maps = next(csv.DictReader(io.StringIO(render_csv([ok], LABELS, heatmap=True))))
+    assert with_maps["heatmap"] == ""
 
 
-def test_json_document_shape(tiny_models: Path, tmp_path: Path) -> None:
-    gate, classifier = load_models(tiny_models, "cpu")
-    summary = Summary()
-    result = Result(tmp_path / "x.png", "rejected", 0.01)
-    summary.add(result)
-    records = [result_record(result, classifier.spec.labels, gate, classifier)]
-    doc = json.loads(render_json(records, {"gate": gate.describe()}, summary, "2026-01-01T00:00:00+00:00"))
+def test_record_survives_the_ledger_round_trip_and_reads_schema_1_rows() -> None:
+    probs = {"COVID19": 0.1, "NORMAL": 0.7, "PNEUMONIA": 0.15, "TUBERCULOSIS": 0.05}
+    ok = Record.of(
+        "a.png",
+        "classified",
+        "g",
+        "c",
+        gate_score=0.99,
+        label="NORMAL",
+        confidence=0.7,
+        probabilities=probs,
+        needs_review=False,
+    )
+    assert Record.from_json("a.png", ok.to_json()) == ok
+    old = json.dumps(
+        {
+            "status": "classified",
+            "gate_score": 0.99,
+            "label": "NORMAL",
+            "confidence": 0.7,
+            **{f"p_{k}": v for k, v in probs.items()},
+            "needs_review": False,
+            "error": None,
+            "gate_model": "g",
+            "classifier_model": "c",
+        }
+    )
+    assert Record.from_json("a.png", old) == ok
+    rejected = json.dumps(
+        {
+            "status": "rejected",
+            "gate_score": 0.01,
+            **{f"p_{k}": None for k in probs},
+            "gate_model": "g",
+            "classifier_model": "c",
+        }
+    )
+    assert Record.from_json("b.png", rejected).probabilities is None
+
+
+def test_json_document_shape(tmp_path: Path) -> None:
+    record = Record.of(tmp_path / "x.png", "rejected", "g" * 12, "c" * 12, gate_score=0.01)
+    summary = Summary.of([record], found=1, screened=1, seconds=0.5)
+    models = {"gate": {"sha256": "g" * 64}}
+    doc = json.loads(render_json([record], LABELS, models, summary, "2026-01-01T00:00:00+00:00"))
     assert doc["schema"] == "cxrbatch.report/1"
     assert doc["summary"]["by_status"] == {"classified": 0, "rejected": 1, "error": 0}
-    assert doc["models"]["gate"]["sha256"] == gate.sha256
-    assert list(doc["results"][0]) == columns(classifier.spec.labels)
+    assert doc["summary"]["images_per_second"] == 2.0 and doc["summary"]["reused"] is None
+    assert doc["models"]["gate"]["sha256"] == "g" * 64
+    assert list(doc["results"][0]) == columns(LABELS)
     assert doc["results"][0]["gate_score"] == 0.01 and doc["results"][0]["label"] is None
+
+
+def test_summary_counts_rows_and_rates_only_what_was_screened_now() -> None:
+    rows = [Record.of(f"{i}.png", "classified", "g", "c", label="NORMAL") for i in range(40)]
+    summary = Summary.of(rows, found=40, screened=0, reused=40, seconds=0.01)
+    assert summary.images_per_second == 0.0
+    assert summary.line() == (
+        "40 files: 40 classified, 0 rejected, 0 errors (40 NORMAL); 0 screened in 0.0 s, 0.0 images/s, "
+        "40 reused from the ledger"
+    )
+    one = Summary.of(rows[:1], found=1, screened=1, seconds=0.5)
+    assert one.line() == "1 file: 1 classified, 0 rejected, 0 errors (1 NORMAL) in 0.5 s, 2.0 images/s"
+    problem = Summary.of([rows[0].with_problem("heatmap not written: No space left on device")], screened=1)
+    assert problem.failed and problem.problems == 1 and "1 heatmap not written" in problem.line()
 
 
 def test_atomic_write_keeps_old_report_when_writing_fails(tmp_path: Path) -> None:

@@ -3,25 +3,42 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cxrbatch.cli import Device, _progress_bar, _setup_logging, app
-from cxrbatch.errors import EXIT_FILE_ERRORS, EXIT_OK, UsageError
+from cxrbatch.errors import EXIT_FILE_ERRORS, EXIT_NO_INPUT, EXIT_OK, UsageError
+
+
+class HeatmapsFor(str, Enum):
+    """Which classified images get a heatmap."""
+
+    all = "all"
+    flagged = "flagged"
 
 
 @app.command()
 def run(
     inputs: Annotated[list[Path], typer.Argument(help="image files or folders (walked recursively)")],
-    out: Annotated[str | None, typer.Option("--out", "-o", help="CSV report path, or - for stdout")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="CSV report path, or - for stdout [default: stdout]")
+    ] = None,
     json_out: Annotated[str | None, typer.Option("--json", help="JSON report path, or - for stdout")] = None,
-    models: Annotated[Path | None, typer.Option("--models", help="folder with gate.onnx and classifier.onnx")] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option("--models", help="folder with gate.onnx and classifier.onnx [default: the bundled models]"),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per inference batch")] = 8,
     workers: Annotated[int, typer.Option("--workers", min=1, help="decoding threads")] = 2,
-    device: Annotated[Device, typer.Option("--device", help="where the models run")] = Device.auto,
-    draft: Annotated[bool, typer.Option("--draft/--no-draft", help="reduced-size JPEG decoding")] = True,
+    device: Annotated[
+        Device, typer.Option("--device", help="where the models run (auto: CUDA when onnxruntime-gpu has it)")
+    ] = Device.auto,
+    draft: Annotated[
+        bool, typer.Option("--draft/--no-draft", help="decode JPEGs at a reduced scale (faster; see README)")
+    ] = True,
     ledger: Annotated[
         Path | None, typer.Option("--ledger", help="SQLite ledger: screen only new files, report each result once")
     ] = None,
@@ -31,7 +48,12 @@ def run(
     heatmaps: Annotated[
         Path | None, typer.Option("--heatmaps", help="folder for class-activation heatmap PNGs of classified images")
     ] = None,
-    heatmaps_for: Annotated[str, typer.Option("--heatmaps-for", help="all, or flagged (not NORMAL or unsure)")] = "all",
+    heatmaps_for: Annotated[
+        HeatmapsFor | None,
+        typer.Option(
+            "--heatmaps-for", help="with --heatmaps: all classified images, or only flagged ones [default: all]"
+        ),
+    ] = None,
     html: Annotated[str | None, typer.Option("--html", help="self-contained review page to write")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and tracebacks")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only warnings and errors")] = False,
@@ -45,39 +67,38 @@ def run(
     Review: cxrbatch run ./incoming --out report.csv --heatmaps heatmaps --html review.html
 
     Exit codes: 0 all files screened; 1 fatal (models, output, device, ledger); 2 usage;
-    3 finished, but some files could not be read (see the error rows);
-    4 another run holds the ledger, nothing was done.
+    3 finished, but some files could not be read or some heatmaps not written (see the error cells);
+    4 another run holds the ledger, nothing was done; 5 no image file in the inputs (empty or unmounted folder?).
     """
     from cxrbatch import runner
 
     _setup_logging(verbose, quiet)
-    if out is None and json_out is None:
-        out = "-"
-    if heatmaps_for not in ("all", "flagged"):
-        raise typer.BadParameter("use all or flagged", param_hint="--heatmaps-for")
     if report_all and ledger is None:
         raise typer.BadParameter("--report-all needs --ledger", param_hint="--report-all")
-    if True:
-        options = runner.RunOptions(
-            inputs=inputs,
-            csv_out=out,
-            json_out=json_out,
-            models_dir=models,
-            batch_size=batch_size,
-            workers=workers,
-            device=device.value,
-            draft=draft,
-            ledger=ledger,
-            report_all=report_all,
-            heatmaps=heatmaps,
-            heatmaps_for=heatmaps_for,
-            html=html,
-        )
-        with _progress_bar(enabled=not quiet and sys.stderr.isatty()) as reporter:
-            options.reporter = reporter
-            summary = runner.run(options)
+    if heatmaps_for is not None and heatmaps is None:
+        raise typer.BadParameter("--heatmaps-for needs --heatmaps", param_hint="--heatmaps-for")
+    options = runner.RunOptions(
+        inputs=inputs,
+        csv_out="-" if out is None and json_out is None else out,
+        json_out=json_out,
+        models_dir=models,
+        batch_size=batch_size,
+        workers=workers,
+        device=device.value,
+        draft=draft,
+        ledger=ledger,
+        report_all=report_all,
+        heatmaps=heatmaps,
+        heatmaps_for=(heatmaps_for or HeatmapsFor.all).value,
+        html=html,
+    )
+    with _progress_bar(enabled=not quiet and sys.stderr.isatty()) as reporter:
+        options.reporter = reporter
+        summary = runner.run(options)
     typer.echo(summary.line(), err=True)
-    raise typer.Exit(EXIT_FILE_ERRORS if summary.by_status["error"] else EXIT_OK)
+    if summary.found == 0:
+        raise typer.Exit(EXIT_NO_INPUT)
+    raise typer.Exit(EXIT_FILE_ERRORS if summary.failed else EXIT_OK)
 
 
 @app.command("ledger")
@@ -87,6 +108,8 @@ def ledger_status(
 ) -> None:
     """Show what a nightly ledger holds: counts by status and label, the last run, undelivered results.
 
+    Safe while a run is going on (it takes no lock); a run that died is shown as interrupted.
+
     Example: cxrbatch ledger screening.db
     """
     import json
@@ -95,17 +118,23 @@ def ledger_status(
 
     if not path.is_file():
         raise UsageError(f"Ledger not found: {path}")
-    with Ledger.open(path) as ledger:
-        status = ledger.status()
+    status = Ledger.inspect(path)
     if json_out:
         typer.echo(json.dumps(status, indent=2))
         return
-    last = status["last_run"] or {}
     typer.echo(f"{status['files']} files in the ledger; {status['undelivered']} results not yet delivered")
     typer.echo("by status: " + ", ".join(f"{k} {v}" for k, v in status["by_status"].items()))
     typer.echo("by label: " + ", ".join(f"{k} {v}" for k, v in status["by_label"].items()))
-    if last:
-        typer.echo(
-            f"last run #{last['id']}: {last['status']}, started {last['started']}, finished {last['finished'] or '-'}, "
-            f"screened {last['screened']}, reused {last['reused']}, reported {last['reported']}"
-        )
+    if status["last_run"]:
+        typer.echo(_last_run_line(status["last_run"]))
+
+
+def _last_run_line(last: dict[str, Any]) -> str:
+    line = f"last run #{last['id']}: {last['status']}, started {last['started']}, finished {last['finished'] or '-'}"
+    if last["status"] == "done":
+        return line + f", screened {last['screened']}, reused {last['reused']}, reported {last['reported']}"
+    return (
+        line
+        + f", {last['committed']} results committed before it "
+        + ("ended" if last["status"] == "interrupted" else "got here (still running)")
+    )

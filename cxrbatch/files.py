@@ -1,0 +1,75 @@
+"""Write output files atomically, with the permissions a user expects.
+
+Every report, review page and heatmap goes through a temporary file in the target's folder that
+is renamed over the target, so an interrupted run never leaves a truncated file where a good one
+was. `mkstemp` creates that file as 0600; before the rename it gets the mode the file already
+had, or for a new file the mode the umask gives (0644 under the usual 022), so the nurse's
+account or a web server can still read what the cron job wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import IO, Any
+
+from cxrbatch.errors import ReportError
+
+
+@cache
+def umask() -> int:
+    """The process umask (read once: setting it is the only way to read it)."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def mode_for(path: Path) -> int:
+    """The permission bits a write to `path` should leave: the existing file's, else 0666 less the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~umask()
+
+
+def atomic_write(path: Path, write: Callable[[IO[Any]], object], binary: bool = False, what: str = "report") -> None:
+    """Write through a temporary file in the same folder, then rename it over `path`.
+
+    Any OSError (a full disk, a read-only folder) becomes a ReportError naming the file; the
+    temporary file is removed and whatever was at `path` before stays as it was.
+    """
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _failed(what, path, exc) from None
+    try:
+        fh: IO[Any] = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
+        with fh:
+            write(fh)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode_for(path))
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise _failed(what, path, exc) from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _failed(what: str, path: Path, exc: OSError) -> ReportError:
+    reason = exc.strerror or str(exc)
+    return ReportError(f"Cannot write {what} {path}: {reason}", reason)
+
+
+def _unlink_quietly(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,174 @@
+"""The report row: one frozen record per file, shared by the reports, the ledger and the review page.
+
+A `Record` is what a run says about one file, with the short hashes of the models that said it.
+Numbers are rounded to the reports' six decimals when the record is made, so a record read back
+from the ledger renders byte for byte like the one that was stored. `Summary` counts records;
+it is the one place where a run's rows are counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cxrbatch.imaging import display_path
+
+CLASSIFIED, REJECTED, ERROR = "classified", "rejected", "error"
+STATUSES = (CLASSIFIED, REJECTED, ERROR)
+DECIMALS = 6
+
+
+def rounded(value: float | None) -> float | None:
+    """A score as the reports write it (six decimals)."""
+    return None if value is None else round(float(value), DECIMALS)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One report row: the outcome for one file."""
+
+    path: str  # as the reports write it (valid UTF-8, \\xNN for undecodable bytes)
+    status: str
+    gate_model: str  # first 12 hex digits of the gate file's sha256
+    classifier_model: str
+    gate_score: float | None = None
+    label: str | None = None
+    confidence: float | None = None
+    probabilities: dict[str, float] | None = field(default=None, hash=False)  # classifier label order
+    needs_review: bool | None = None
+    error: str | None = None  # why the file could not be read, or what went wrong after screening
+    heatmap: str | None = None
+
+    @classmethod
+    def of(cls, path: Path | str, status: str, gate_model: str, classifier_model: str, **found: Any) -> Record:
+        """A record with its path rendered for reports and its scores rounded."""
+        probs = found.pop("probabilities", None)
+        for key in ("gate_score", "confidence"):
+            found[key] = rounded(found.get(key))
+        return cls(
+            path=display_path(path),
+            status=status,
+            gate_model=gate_model,
+            classifier_model=classifier_model,
+            probabilities=None if probs is None else {k: rounded(v) for k, v in probs.items()},  # type: ignore[misc]
+            **found,
+        )
+
+    def flagged(self, negative_label: str) -> bool:
+        """Worth a reviewer's look: classified as anything but the no-finding label, or unsure."""
+        return self.status == CLASSIFIED and (self.label != negative_label or bool(self.needs_review))
+
+    def with_problem(self, message: str) -> Record:
+        """The same result with a problem found after screening (a heatmap not written) in `error`."""
+        return replace(self, error=message if not self.error else f"{self.error}; {message}")
+
+    def fields(self, labels: Iterable[str]) -> dict[str, Any]:
+        """The report's fields in column order: one p_<LABEL> per classifier label."""
+        probs = self.probabilities or {}
+        return {
+            "path": self.path,
+            "status": self.status,
+            "gate_score": self.gate_score,
+            "label": self.label,
+            "confidence": self.confidence,
+            **{f"p_{label}": probs.get(label) for label in labels},
+            "needs_review": self.needs_review,
+            "error": self.error,
+            "gate_model": self.gate_model,
+            "classifier_model": self.classifier_model,
+            "heatmap": self.heatmap,
+        }
+
+    def to_json(self) -> str:
+        """The record as the ledger stores it: everything but the path, which the ledger keys."""
+        data = {k: v for k, v in self.__dict__.items() if k != "path"}
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, path: str, text: str) -> Record:
+        """Read a stored record back; rows of ledger schema 1 (flat p_<LABEL> keys) too."""
+        data = json.loads(text)
+        if "probabilities" not in data:
+            probs = {k[2:]: data.pop(k) for k in [k for k in data if k.startswith("p_")]}
+            data["probabilities"] = probs if any(v is not None for v in probs.values()) else None
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "path"}
+        return cls(path=path, **known)
+
+
+@dataclass
+class Summary:
+    """Counts of the rows a run reports, and how much it screened now against what it reused."""
+
+    by_status: Counter[str] = field(default_factory=Counter)
+    by_label: Counter[str] = field(default_factory=Counter)
+    problems: int = 0  # rows whose result stands but whose heatmap could not be written
+    found: int = 0  # image files found in the inputs
+    screened: int = 0  # files inferred by this run
+    reused: int | None = None  # files whose result came from the ledger (None: no ledger)
+    seconds: float = 0.0  # time spent screening what was screened now
+
+    @classmethod
+    def of(cls, records: Iterable[Record], **run: Any) -> Summary:
+        """Count reported records; `run` gives screened, reused and seconds."""
+        summary = cls(**run)
+        for record in records:
+            summary.by_status[record.status] += 1
+            if record.label:
+                summary.by_label[record.label] += 1
+            if record.status != ERROR and record.error:
+                summary.problems += 1
+        return summary
+
+    def recount(self, records: Iterable[Record]) -> Summary:
+        """The same run's figures over other rows (a report file that holds earlier rows too)."""
+        return Summary.of(records, found=self.found, screened=self.screened, reused=self.reused, seconds=self.seconds)
+
+    @property
+    def files(self) -> int:
+        return sum(self.by_status.values())
+
+    @property
+    def images_per_second(self) -> float:
+        return self.screened / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def failed(self) -> bool:
+        """Something needs a look: an unreadable file, or a heatmap that could not be written."""
+        return bool(self.by_status[ERROR] or self.problems)
+
+    def line(self) -> str:
+        """One human line: counts per status and label, then what was screened now and how fast."""
+        statuses = f"{self.by_status[CLASSIFIED]} classified, {self.by_status[REJECTED]} rejected, " + plural(
+            self.by_status[ERROR], "error"
+        )
+        labels = ", ".join(f"{n} {label}" for label, n in sorted(self.by_label.items()))
+        text = f"{plural(self.files, 'file')}: {statuses}" + (f" ({labels})" if labels else "")
+        if self.problems:
+            text += f"; {plural(self.problems, 'heatmap')} not written"
+        rate = f"in {self.seconds:.1f} s, {self.images_per_second:.1f} images/s"
+        if self.reused is None:
+            return f"{text} {rate}"
+        return f"{text}; {self.screened} screened {rate}, {self.reused} reused from the ledger"
+
+    def as_dict(self) -> dict[str, object]:
+        """The summary as plain data for the JSON report."""
+        return {
+            "files": self.files,
+            "by_status": {s: self.by_status[s] for s in STATUSES},
+            "by_label": dict(sorted(self.by_label.items())),
+            "heatmap_problems": self.problems,
+            "found": self.found,
+            "screened": self.screened,
+            "reused": self.reused,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+        }
+
+
+def plural(n: int, noun: str) -> str:
+    """`1 file`, `2 files`, `0 errors`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
