@@ -1,0 +1,162 @@
+"""One run from inputs to reports: heatmaps after screening, the run fingerprint, honest rates."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import grey_image
+from PIL import Image
+from typer.testing import CliRunner
+
+from cxrbatch import files
+from cxrbatch.cli import app
+from cxrbatch.ledger import Ledger
+from cxrbatch.runner import RunOptions, run, union
+
+runner = CliRunner()
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stderr
+
+
+def _rows(report: Path) -> dict[str, dict[str, str]]:
+    return {Path(r["path"]).name: r for r in csv.DictReader(report.open(encoding="utf-8"))}
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a 64 KiB tmpfs that is already full (root only: CI runs as root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=64", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        with open(mount / "filler", "wb", buffering=0) as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_while_writing_heatmaps_loses_no_result(
+    tiny_models: Path, incoming: Path, tmp_path: Path, full_disk: Path
+) -> None:
+    report = tmp_path / "r.csv"
+    code, err = _invoke("run", str(incoming), "--models", str(tiny_models), "--out", str(report),
+                        "--heatmaps", str(full_disk / "maps"), "--html", str(tmp_path / "review.html"))  # fmt: skip
+    assert code == 3 and "Traceback" not in err
+    rows = _rows(report)
+    assert len(rows) == 6  # every file is still reported
+    for name in ("a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"):
+        assert rows[name]["status"] == "classified" and rows[name]["label"]  # the result stands
+        assert rows[name]["heatmap"] == ""
+        assert rows[name]["error"] == "heatmap not written: No space left on device"
+    assert rows["f_broken.jpg"]["error"].startswith("corrupt or truncated image")
+    assert "4 heatmaps not written" in err
+    assert "No space left on device" in (tmp_path / "review.html").read_text(encoding="utf-8")  # the page says so
+    assert not [p for p in (full_disk / "maps").iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_a_heatmap_that_cannot_be_written_is_a_row_problem(
+    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(src: str, dst: str) -> None:
+        if str(dst).endswith(".png"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.rename(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", no_space)
+    report = tmp_path / "r.csv"
+    code, err = _invoke("run", str(incoming), "--models", str(tiny_models), "--out", str(report),
+                        "--heatmaps", str(tmp_path / "maps"), "--heatmaps-for", "flagged")  # fmt: skip
+    assert code == 3 and "Traceback" not in err
+    rows = _rows(report)
+    flagged = [n for n, r in rows.items() if r["error"] == "heatmap not written: No space left on device"]
+    assert sorted(flagged) == ["a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"]  # b_mid is unsure
+    assert list((tmp_path / "maps").iterdir()) == []
+
+
+def test_ledger_does_not_reuse_results_made_with_other_settings(
+    tiny_models: Path, incoming: Path, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "l.db"
+    base = ["run", str(incoming), "--models", str(tiny_models), "--ledger", str(ledger)]
+    code, err = _invoke(*base, "--out", str(tmp_path / "1.csv"))
+    assert code == 3 and "6 screened" in err
+    maps = tmp_path / "hm"
+    code, err = _invoke(*base, "--out", str(tmp_path / "2.csv"), "--report-all", "--heatmaps", str(maps), "--no-draft")
+    assert code == 3
+    assert "6 screened" in err and "0 reused from the ledger" in err  # --no-draft is another fingerprint
+    rows = _rows(tmp_path / "2.csv")
+    assert all(rows[n]["heatmap"] for n in ("a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"))
+    assert len(list(maps.iterdir())) == 4
+
+
+def test_heatmaps_are_drawn_for_results_reused_from_the_ledger(
+    tiny_models: Path, incoming: Path, tmp_path: Path
+) -> None:
+    ledger, maps = tmp_path / "l.db", tmp_path / "hm"
+    base = ["run", str(incoming), "--models", str(tiny_models), "--ledger", str(ledger)]
+    _invoke(*base, "--out", str(tmp_path / "1.csv"))
+    code, err = _invoke(*base, "--out", str(tmp_path / "2.csv"), "--report-all", "--heatmaps", str(maps))
+    assert code == 3 and "6 already screened, 0 to screen" in err
+    rows = _rows(tmp_path / "2.csv")
+    for name in ("a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"):
+        assert Image.open(rows[name]["heatmap"]).size[0] > 0
+    assert rows["e_photo.png"]["heatmap"] == "" and rows["e_photo.png"]["status"] == "rejected"
+
+
+def test_the_rate_counts_only_what_was_screened_now(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    ledger = tmp_path / "l.db"
+    base = ["run", str(incoming), "--models", str(tiny_models), "--ledger", str(ledger)]
+    _invoke(*base, "--out", str(tmp_path / "1.csv"))
+    code, err = _invoke(*base, "--out", str(tmp_path / "2.csv"), "--report-all")
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("6 files: 4 classified, 1 rejected, 1 error")
+    assert summary.endswith("; 0 screened in 0.0 s, 0.0 images/s, 6 reused from the ledger")
+    (incoming / "new.png").write_bytes((incoming / "a_dark.png").read_bytes()[:-20] + b"x" * 20)  # new content
+    code, err = _invoke(*base, "--out", str(tmp_path / "3.csv"))
+    summary = err.strip().splitlines()[-1]
+    assert (
+        code == 3 and summary.startswith("1 file: 0 classified, 0 rejected, 1 error") and "; 1 screened in " in summary
+    )
+    assert summary.endswith("6 reused from the ledger")
+
+
+def test_run_returns_the_summary_and_writes_the_union_of_a_report_path(tiny_models: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    grey_image(inbox / "a.png", 20)
+    report, ledger = tmp_path / "r.csv", tmp_path / "l.db"
+    options = RunOptions(inputs=[inbox], csv_out=str(report), models_dir=tiny_models, ledger=ledger)
+    first = run(options)
+    assert (first.found, first.screened, first.reused, first.files) == (1, 1, 0, 1)
+    grey_image(inbox / "b.png", 250)
+    second = run(options)
+    assert (second.found, second.screened, second.reused, second.files) == (2, 1, 1, 1)
+    assert sorted(_rows(report)) == ["a.png", "b.png"]  # the earlier row is still in the file
+    status = Ledger.inspect(ledger)
+    assert status["last_run"]["status"] == "done" and status["undelivered"] == 0
+
+
+def test_union_keeps_earlier_rows_first_and_each_row_once(tiny_models: Path, tmp_path: Path) -> None:
+    from cxrbatch.records import Record
+
+    a, b, c = (Record.of(f"{n}.png", "rejected", "g", "c", gate_score=0.1) for n in "abc")
+    assert union([a, b], [b, c]) == [a, b, c]
+    assert union([], [c, a]) == [c, a]
