@@ -22,11 +22,16 @@ class HeatmapsFor(str, Enum):
 
 @app.command()
 def run(
-    inputs: Annotated[list[Path], typer.Argument(help="image files or folders (walked recursively)")],
+    inputs: Annotated[
+        list[Path], typer.Argument(metavar="INPUT", help="image files or folders (walked recursively)")
+    ],
     out: Annotated[
-        str | None, typer.Option("--out", "-o", help="CSV report path, or - for stdout [default: stdout]")
+        str | None,
+        typer.Option("--out", "-o", metavar="PATH", help="CSV report path, or - for stdout [default: stdout]"),
     ] = None,
-    json_out: Annotated[str | None, typer.Option("--json", help="JSON report path, or - for stdout")] = None,
+    json_out: Annotated[
+        str | None, typer.Option("--json", metavar="PATH", help="JSON report path, or - for stdout")
+    ] = None,
     models: Annotated[
         Path | None,
         typer.Option("--models", help="folder with gate.onnx and classifier.onnx [default: the bundled models]"),
@@ -54,7 +59,9 @@ def run(
             "--heatmaps-for", help="with --heatmaps: all classified images, or only flagged ones [default: all]"
         ),
     ] = None,
-    html: Annotated[str | None, typer.Option("--html", help="self-contained review page to write")] = None,
+    html: Annotated[
+        str | None, typer.Option("--html", metavar="PATH", help="self-contained review page to write")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and tracebacks")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only warnings and errors")] = False,
 ) -> None:
