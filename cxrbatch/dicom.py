@@ -18,7 +18,7 @@ from cxrbatch.errors import ImageError
 log = logging.getLogger(__name__)
 
 PREAMBLE_MAGIC = b"DICM"
-INSTALL_HINT = "pip install 'cxrbatch[dicom]'"
+INSTALL_HINT = "pip install 'cxrbatch[dicom]' (in a source checkout: pip install '.[dicom]')"
 # Decoders pydicom can use for compressed transfer syntaxes, as pip package names.
 DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
 

@@ -56,9 +56,9 @@ def run(options: RunOptions) -> Summary:
     """Screen every input file and write the requested reports; return the summary."""
     started = now()
     report_targets = [t for t in (options.csv_out, options.json_out, options.html) if t is not None]
-    for target in report_targets:
-        check_writable(target)
     with _opened(options.ledger) as ledger:
+        for target in report_targets:
+            check_writable(target)
         paths = _discover(options, report_targets)
         gate, classifier = load_models(options.models_dir or default_models_dir(), options.device)
         if options.heatmaps is not None and not classifier.spec.cam_output:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,14 @@ def test_reports_never_carry_patient_identifiers(tmp_path: Path, tiny_models: Pa
     text = out.read_text(encoding="utf-8") + doc.read_text(encoding="utf-8") + result.stderr
     assert PATIENT not in text and PATIENT_ID not in text and "Doe" not in text
     assert "ok.dcm,classified" in out.read_text(encoding="utf-8")
+
+
+def test_without_pydicom_the_message_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = make_dicom(tmp_path / "ct.dcm", ramp())
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as if the dicom extra were not installed
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert str(info.value) == (
+        "DICOM file, but pydicom is not installed: pip install 'cxrbatch[dicom]' "
+        "(in a source checkout: pip install '.[dicom]')"
+    )
