@@ -28,7 +28,10 @@ SCHEMA = "cxrbatch.model/1"
 ROLES = ("gate", "classifier")
 # Keys of the record that ModelSpec holds in its own fields (the rest stays in `extra`).
 _SPEC_KEYS = frozenset(
-    ("schema", "role", "name", "version", "labels", "outputs", "threshold", "positive_label", "negative_label")
+    (
+        *("schema", "role", "name", "version", "labels", "outputs", "threshold", "positive_label", "negative_label"),
+        *("referral_threshold", "familiarity_threshold"),
+    )
 )
 MODEL_FILES = {"gate": "gate.onnx", "classifier": "classifier.onnx"}
 CPU = "CPUExecutionProvider"
@@ -54,6 +57,9 @@ class ModelSpec:
     positive_label: str | None = None  # gate: the label its sigmoid scores (a chest X-ray)
     negative_label: str | None = None  # classifier: the label that is not a finding
     cam_output: str | None = None
+    referral_threshold: float | None = None  # classifier: refer at or above this 1 - P(negative_label)
+    familiarity_output: str | None = None  # classifier: distance of a film's features to the training films'
+    familiarity_threshold: float | None = None  # classifier: unfamiliar above this distance
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # every other metadata key, kept as is
 
     @classmethod
@@ -81,6 +87,9 @@ class ModelSpec:
                 labels=tuple(meta["labels"]),
                 score_output=meta["outputs"]["scores"],
                 cam_output=meta["outputs"].get("cam"),
+                referral_threshold=_optional_float(meta.get("referral_threshold")),
+                familiarity_output=meta["outputs"].get("familiarity"),
+                familiarity_threshold=_optional_float(meta.get("familiarity_threshold")),
                 threshold=float(meta["threshold"]),
                 positive_label=meta.get("positive_label"),
                 negative_label=meta.get("negative_label"),
@@ -94,13 +103,20 @@ class ModelSpec:
             raise ModelError(f"{source}: gate metadata needs positive_label among its labels")
         if role == "classifier" and spec.negative_label not in spec.labels:
             raise ModelError(f"{source}: classifier metadata needs negative_label (its no-finding label) in labels")
+        if spec.referral_threshold is not None and not 0.0 <= spec.referral_threshold <= 1.0:
+            raise ModelError(f"{source}: referral_threshold must be between 0 and 1, not {spec.referral_threshold}")
+        if (spec.familiarity_output is None) != (spec.familiarity_threshold is None):
+            raise ModelError(f"{source}: a familiarity output needs a familiarity_threshold, and the reverse")
         return spec
 
     def to_metadata(self) -> dict[str, Any]:
         """The JSON record `from_metadata` reads back: the one writer of the schema."""
         extra_input = self.extra.get("input", {})
         inp = {**extra_input, **asdict(self.input), "name": self.input_name}
-        outputs = {"scores": self.score_output, **({"cam": self.cam_output} if self.cam_output else {})}
+        outputs = {"scores": self.score_output}
+        for key, name in (("cam", self.cam_output), ("familiarity", self.familiarity_output)):
+            if name:
+                outputs[key] = name
         meta: dict[str, Any] = {
             **{k: v for k, v in self.extra.items() if k != "input"},
             "schema": SCHEMA,
@@ -112,10 +128,14 @@ class ModelSpec:
             "outputs": outputs,
             "threshold": self.threshold,
         }
-        for key in ("positive_label", "negative_label"):
+        for key in ("positive_label", "negative_label", "referral_threshold", "familiarity_threshold"):
             if getattr(self, key) is not None:
                 meta[key] = getattr(self, key)
         return meta
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 class Model:
@@ -142,10 +162,18 @@ class Model:
     def run(self, batch: np.ndarray, with_cam: bool = False) -> dict[str, np.ndarray]:
         """Run a NHWC float32 batch and return the named outputs."""
         names = [self.spec.score_output]
+        if self.spec.familiarity_output:  # one number per film: always worth having
+            names.append(self.spec.familiarity_output)
         if with_cam and self.spec.cam_output:
             names.append(self.spec.cam_output)
         outputs = self.session.run(names, {self.spec.input_name: batch})
         return dict(zip(names, outputs, strict=True))
+
+    def _thresholds(self) -> dict[str, float | None]:
+        return {
+            "referral_threshold": self.spec.referral_threshold,
+            "familiarity_threshold": self.spec.familiarity_threshold,
+        }
 
     def describe(self) -> dict[str, Any]:
         """Summarise the model for reports."""
@@ -156,6 +184,7 @@ class Model:
             "version": self.spec.version,
             "labels": list(self.spec.labels),
             "threshold": self.spec.threshold,
+            **{k: v for k, v in self._thresholds().items() if v is not None},
             "providers": self.providers,
         }
 

@@ -23,7 +23,7 @@ from cxrbatch.errors import ImageError, ModelError
 from cxrbatch.heatmaps import display_copy
 from cxrbatch.imaging import PREPROCESSING_VERSION, check_size, load_image, to_model_input
 from cxrbatch.models import Model
-from cxrbatch.records import CLASSIFIED, ERROR, REJECTED, Record, Summary
+from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR, REJECTED, Record, Summary
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ class Result:
     probabilities: dict[str, float] | None = None
     needs_review: bool | None = None
     error: str | None = None
+    referral_score: float | None = None  # 1 - P(no finding): how strongly the film asks for a reader
+    refer: bool | None = None  # referral_score at or above the classifier's referral threshold
+    familiarity: float | None = None  # distance of the film's features to the training films'
+    unfamiliar: bool | None = None  # familiarity above the classifier's familiarity threshold
 
 
 @dataclass
@@ -164,8 +168,9 @@ class Screener:
         if accepted:
             clf_in = np.stack([decoded[i].classifier_input for i in accepted])  # type: ignore[misc]
             out = self.classify(clf_in)
-            for i, p in zip(accepted, out[self.classifier.spec.score_output], strict=True):
-                self._fill(results[i], p)
+            familiarity = out.get(self.classifier.spec.familiarity_output or "")
+            for k, (i, p) in enumerate(zip(accepted, out[self.classifier.spec.score_output], strict=True)):
+                self._fill(results[i], p, None if familiarity is None else float(np.ravel(familiarity[k])[0]))
         return results
 
     def record(self, result: Result) -> Record:
@@ -181,6 +186,10 @@ class Screener:
             probabilities=result.probabilities,
             needs_review=result.needs_review,
             error=result.error,
+            referral_score=result.referral_score,
+            refer=result.refer,
+            familiarity=result.familiarity,
+            unfamiliar=result.unfamiliar,
         )
 
     def gate_scores(self, batch: np.ndarray) -> np.ndarray:
@@ -205,14 +214,20 @@ class Screener:
         padded[:n] = batch
         return {name: out[:n] for name, out in model.run(padded, with_cam=with_cam).items()}
 
-    def _fill(self, result: Result, probs: np.ndarray) -> None:
-        labels = self.classifier.spec.labels
+    def _fill(self, result: Result, probs: np.ndarray, familiarity: float | None) -> None:
+        spec = self.classifier.spec
         top = int(np.argmax(probs))
         result.status = CLASSIFIED
-        result.label = labels[top]
+        result.label = spec.labels[top]
         result.confidence = float(probs[top])
-        result.probabilities = {label: float(p) for label, p in zip(labels, probs, strict=True)}
-        result.needs_review = result.confidence < self.classifier.spec.threshold
+        result.probabilities = {label: float(p) for label, p in zip(spec.labels, probs, strict=True)}
+        result.referral_score = 1.0 - float(probs[spec.labels.index(spec.negative_label or "")])
+        if spec.referral_threshold is not None:
+            result.refer = round(result.referral_score, DECIMALS) >= spec.referral_threshold
+        if familiarity is not None and spec.familiarity_threshold is not None:
+            result.familiarity = familiarity
+            result.unfamiliar = familiarity > spec.familiarity_threshold
+        result.needs_review = result.confidence < spec.threshold or bool(result.unfamiliar)
 
 
 def screen_all(

@@ -41,13 +41,17 @@ class Record:
     probabilities: dict[str, float] | None = field(default=None, hash=False)  # classifier label order
     needs_review: bool | None = None
     error: str | None = None  # why the file could not be read, or what went wrong after screening
+    referral_score: float | None = None  # 1 - P(no-finding label)
+    refer: bool | None = None  # referral_score at or above the classifier's referral threshold
+    familiarity: float | None = None  # distance of the film's features to the classifier's training films
+    unfamiliar: bool | None = None  # familiarity above the classifier's familiarity threshold
     heatmap: str | None = None
 
     @classmethod
     def of(cls, path: Path | str, status: str, gate_model: str, classifier_model: str, **found: Any) -> Record:
         """A record with its path rendered for reports and its scores rounded."""
         probs = found.pop("probabilities", None)
-        for key in ("gate_score", "confidence"):
+        for key in ("gate_score", "confidence", "referral_score", "familiarity"):
             found[key] = rounded(found.get(key))
         return cls(
             path=display_path(path),
@@ -80,6 +84,10 @@ class Record:
             "error": self.error,
             "gate_model": self.gate_model,
             "classifier_model": self.classifier_model,
+            "referral_score": self.referral_score,
+            "refer": self.refer,
+            "familiarity": self.familiarity,
+            "unfamiliar": self.unfamiliar,
             "heatmap": self.heatmap,
         }
 
@@ -106,6 +114,9 @@ class Summary:
     by_status: Counter[str] = field(default_factory=Counter)
     by_label: Counter[str] = field(default_factory=Counter)
     problems: int = 0  # rows whose result stands but whose heatmap could not be written
+    referred: int = 0  # classified rows at or above the referral threshold
+    cleared: int = 0  # classified rows below it
+    unfamiliar: int = 0  # classified rows whose film is unlike the classifier's training films
     found: int = 0  # image files found in the inputs
     screened: int = 0  # files inferred by this run
     reused: int | None = None  # files whose result came from the ledger (None: no ledger)
@@ -121,6 +132,10 @@ class Summary:
                 summary.by_label[record.label] += 1
             if record.status != ERROR and record.error:
                 summary.problems += 1
+            if record.refer is not None:
+                summary.referred += record.refer
+                summary.cleared += not record.refer
+            summary.unfamiliar += bool(record.unfamiliar)
         return summary
 
     def recount(self, records: Iterable[Record]) -> Summary:
@@ -147,6 +162,10 @@ class Summary:
         )
         labels = ", ".join(f"{n} {label}" for label, n in sorted(self.by_label.items()))
         text = f"{plural(self.files, 'file')}: {statuses}" + (f" ({labels})" if labels else "")
+        if self.referred or self.cleared:
+            text += f"; {self.referred} referred, {self.cleared} cleared"
+        if self.unfamiliar:
+            text += f", {self.unfamiliar} unfamiliar"
         if self.problems:
             text += f"; {plural(self.problems, 'heatmap')} not written"
         rate = f"in {self.seconds:.1f} s, {self.images_per_second:.1f} images/s"
@@ -160,6 +179,7 @@ class Summary:
             "files": self.files,
             "by_status": {s: self.by_status[s] for s in STATUSES},
             "by_label": dict(sorted(self.by_label.items())),
+            "referral": {"referred": self.referred, "cleared": self.cleared, "unfamiliar": self.unfamiliar},
             "heatmap_problems": self.problems,
             "found": self.found,
             "screened": self.screened,

@@ -23,12 +23,14 @@ from cxrbatch.records import DECIMALS, Record, Summary
 JSON_SCHEMA = "cxrbatch.report/1"
 BASE_COLUMNS = ("path", "status", "gate_score", "label", "confidence")
 TAIL_COLUMNS = ("needs_review", "error", "gate_model", "classifier_model")
+REFERRAL_COLUMNS = ("referral_score", "refer", "familiarity", "unfamiliar")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def columns(labels: Sequence[str], heatmap: bool = False) -> list[str]:
     """The CSV header: fixed columns, one p_<LABEL> per classifier label, the rest, then `heatmap` if drawn."""
-    return [*BASE_COLUMNS, *(f"p_{label}" for label in labels), *TAIL_COLUMNS, *(("heatmap",) if heatmap else ())]
+    probs = (f"p_{label}" for label in labels)
+    return [*BASE_COLUMNS, *probs, *TAIL_COLUMNS, *REFERRAL_COLUMNS, *(("heatmap",) if heatmap else ())]
 
 
 def report_fields(record: Record, labels: Sequence[str], heatmap: bool = False) -> dict[str, Any]:

@@ -33,7 +33,8 @@ TINY_SIDE = 32
 
 
 def tiny_spec(role: str, threshold: float, **fields: object) -> ModelSpec:
-    """The metadata of a tiny model: 32x32 input, RGB for the gate, grey for the classifier."""
+    """The metadata of a tiny model: 32x32 input, RGB for the gate, grey for the classifier, which
+    refers a film at 1 - P(NORMAL) >= 0.5 (mid-grey NORMALs are cleared, the rest referred)."""
     gate = role == "gate"
     return ModelSpec(
         role=role,
@@ -47,6 +48,7 @@ def tiny_spec(role: str, threshold: float, **fields: object) -> ModelSpec:
         threshold=threshold,
         positive_label="XRAY" if gate else None,
         negative_label=None if gate else "NORMAL",
+        referral_threshold=None if gate else 0.5,
         extra={"input": {"layout": "NHWC"}},
         **fields,  # type: ignore[arg-type]
     )

@@ -128,3 +128,23 @@ def test_framing_options_refuse_values_out_of_range(tiny_models: Path, tmp_path:
     assert code == 2 and "--crop-area" in err
     code, _, err = _run("evaluate", str(tmp_path), "--models", str(tiny_models), "--frame", "0.3")
     assert code == 2 and "--frame" in err
+
+
+def test_referral_columns_in_both_reports_and_the_summary(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    report, doc, ledger = tmp_path / "r.csv", tmp_path / "r.json", tmp_path / "l.db"
+    args = ["run", str(incoming), "--models", str(tiny_models), "--out", str(report), "--json", str(doc)]
+    code, _, err = _run(*args, "--ledger", str(ledger))
+    assert code == 3 and "(1 COVID19, 1 NORMAL, 1 PNEUMONIA, 1 TUBERCULOSIS); 3 referred, 1 cleared" in err
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(report.open(encoding="utf-8"))}
+    assert list(rows["a_dark.png"])[-4:] == ["referral_score", "refer", "familiarity", "unfamiliar"]
+    assert rows["b_mid.jpg"]["refer"] == "false" and rows["a_dark.png"]["refer"] == "true"
+    assert float(rows["b_mid.jpg"]["referral_score"]) == pytest.approx(
+        1 - float(rows["b_mid.jpg"]["p_NORMAL"]), abs=2e-6
+    )
+    assert rows["e_photo.png"]["referral_score"] == "" and rows["f_broken.jpg"]["refer"] == ""
+    data = json.loads(doc.read_text(encoding="utf-8"))
+    assert data["summary"]["referral"] == {"referred": 3, "cleared": 1, "unfamiliar": 0}
+    assert {r["refer"] for r in data["results"]} == {True, False, None}
+    again = tmp_path / "again.csv"  # re-delivered from the ledger: the same referral cells
+    code, _, _ = _run(*args[:4], "--ledger", str(ledger), "--report-all", "--out", str(again))
+    assert again.read_text(encoding="utf-8").splitlines()[1:] == report.read_text(encoding="utf-8").splitlines()[1:]

@@ -122,3 +122,15 @@ def test_on_a_gpu_every_batch_has_the_full_size(
     for a, b in zip(reference, padded, strict=True):
         assert a.gate_score == b.gate_score
         assert a.probabilities == b.probabilities
+
+
+def test_referral_score_refer_and_the_review_flag(tiny_models: Path, incoming: Path) -> None:
+    gate, classifier = load_models(tiny_models, "cpu")
+    results = {r.path.name: r for r in Screener(gate, classifier).screen(_paths(incoming))}
+    for name, refer in (("a_dark.png", True), ("b_mid.jpg", False), ("c_light.PNG", True), ("d_white.jpeg", True)):
+        r = results[name]
+        assert r.probabilities is not None and r.referral_score == pytest.approx(1 - r.probabilities["NORMAL"])
+        assert r.refer is refer  # the tiny classifier refers at 1 - P(NORMAL) >= 0.5
+        assert r.familiarity is None and r.unfamiliar is None  # the tiny classifier has no familiarity output
+    assert results["e_photo.png"].refer is None and results["e_photo.png"].referral_score is None
+    assert results["f_broken.jpg"].refer is None

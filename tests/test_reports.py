@@ -19,7 +19,7 @@ LABELS = ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
 
 EXPECTED_HEADER = (
     "path,status,gate_score,label,confidence,p_COVID19,p_NORMAL,p_PNEUMONIA,p_TUBERCULOSIS,"
-    "needs_review,error,gate_model,classifier_model"
+    "needs_review,error,gate_model,classifier_model,referral_score,refer,familiarity,unfamiliar"
 )
 
 
