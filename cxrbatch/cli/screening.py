@@ -143,3 +143,42 @@ def _last_run_line(last: dict[str, Any]) -> str:
         + f", {last['committed']} results committed before it "
         + ("ended" if last["status"] == "interrupted" else "got here (still running)")
     )
+
+
+@app.command()
+def calibrate(
+    labelled_dir: Annotated[
+        Path, typer.Argument(help="the site's labelled films in <LABEL>/ folders named by the classifier's labels")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="folder to write the calibrated gate.onnx and classifier.onnx")],
+    target_sensitivity: Annotated[
+        float, typer.Option("--target-sensitivity", min=0.5, max=0.999, help="share of abnormal films to refer")
+    ] = 0.95,
+    models: Annotated[
+        Path | None,
+        typer.Option("--models", help="folder with the models to calibrate [default: the bundled models]"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace the models in an existing --out folder")] = False,
+    device: Annotated[Device, typer.Option("--device", help="where the models run")] = Device.auto,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and tracebacks")] = False,
+) -> None:
+    """Choose the referral threshold on a site's own labelled films and write the site's models.
+
+    The threshold is the highest whose one-sided 95% bootstrap lower bound of the sensitivity on
+    the abnormal films reaches the target. Then screen with them: cxrbatch run ./incoming --models DIR
+
+    Example: cxrbatch calibrate site-films --target-sensitivity 0.95 --out site-models
+    """
+    from cxrbatch import calibration as site
+    from cxrbatch.models import default_models_dir, load_models
+    from cxrbatch.pipeline import Screener
+
+    _setup_logging(verbose, quiet=False)
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; choose another folder or pass --force to replace its models")
+    gate, classifier = load_models(models or default_models_dir(), device.value)
+    calibration = site.calibrate(labelled_dir, Screener(gate, classifier), target_sensitivity)
+    written = site.write_calibrated(gate, classifier, calibration, out, force)
+    load_models(out, "cpu")  # the written pair loads and its metadata parses
+    typer.echo(calibration.table())
+    typer.echo(f"calibrated models written to {out} ({written.name}: referral_threshold {calibration.threshold:.6f})")
