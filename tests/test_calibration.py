@@ -1,0 +1,97 @@
+"""Site calibration: the threshold search, its refusals, and calibrate -> run end to end."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import colour_image, grey_image
+from typer.testing import CliRunner
+
+from cxrbatch.calibration import MIN_FILMS, choose_threshold
+from cxrbatch.cli import app
+from cxrbatch.errors import UsageError
+from cxrbatch.models import load_models, read_metadata
+
+runner = CliRunner()
+
+
+def test_threshold_reaches_the_target_with_a_margin_for_the_sample_size() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0, 1, 200)
+    exact = np.sort(scores)[::-1][math.ceil(0.9 * 200) - 1]  # the point estimate: 180 of 200 at or above
+    chosen = choose_threshold(scores, 0.9)
+    assert chosen < exact  # the margin: a lower threshold than the sample alone would give
+    assert (scores >= chosen).mean() >= 0.9
+    assert chosen == math.floor(chosen * 1e6) / 1e6  # six decimals, rounded down
+    big = rng.uniform(0, 1, 5000)  # the margin shrinks as the sample grows
+    assert abs(choose_threshold(big, 0.9) - np.quantile(big, 0.1)) < 0.015
+    assert choose_threshold(scores, 0.9) == chosen  # a fixed seed: the same films give the same threshold
+    with pytest.raises(UsageError):
+        choose_threshold(scores, 1.0)
+
+
+def _site(root: Path, normal: int = 24, abnormal: int = 24) -> Path:
+    """Labelled films for the tiny classifier: mid-grey NORMALs, dark COVID19s and light PNEUMONIAs."""
+    for label, levels in (
+        ("NORMAL", np.linspace(82, 112, normal)),
+        ("COVID19", np.linspace(20, 72, abnormal // 2)),
+        ("PNEUMONIA", np.linspace(124, 200, abnormal - abnormal // 2)),
+    ):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i, level in enumerate(levels):
+            grey_image(root / label / f"{label.lower()}{i:02d}.png", int(level))
+    return root
+
+
+def test_calibrate_then_run_with_the_site_models(tiny_models: Path, tmp_path: Path) -> None:
+    films, out = _site(tmp_path / "site"), tmp_path / "site-models"
+    result = runner.invoke(app, ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out),
+                                 "--target-sensitivity", "0.9"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "calibration films: COVID19 12, NORMAL 24, PNEUMONIA 12" in result.stdout
+    meta = read_metadata(out / "classifier.onnx")
+    record = meta["calibration"]
+    assert meta["referral_threshold"] == record["threshold"] and record["target"] == 0.9
+    assert record["sensitivity"] >= 0.9 and record["counts"] == {"COVID19": 12, "NORMAL": 24, "PNEUMONIA": 12}
+    assert record["sensitivity_ci"][0] <= record["sensitivity"] <= record["sensitivity_ci"][1]
+    assert f"referral threshold {record['threshold']:.6f}" in result.stdout
+    assert (out / "gate.onnx").read_bytes() == (tiny_models / "gate.onnx").read_bytes()
+    _, calibrated = load_models(out, "cpu")
+    report = tmp_path / "r.csv"
+    code = runner.invoke(app, ["run", str(films), "--models", str(out), "--out", str(report)]).exit_code
+    assert code == 0
+    rows = list(csv.DictReader(report.open(encoding="utf-8")))
+    assert {r["classifier_model"] for r in rows} == {calibrated.short_hash}
+    for row in rows:
+        assert row["refer"] == ("true" if float(row["referral_score"]) >= record["threshold"] else "false")
+    abnormal = [r for r in rows if "normal" not in Path(r["path"]).name]
+    assert sum(r["refer"] == "true" for r in abnormal) / len(abnormal) == pytest.approx(record["sensitivity"])
+
+
+def test_calibration_refusals_write_nothing(tiny_models: Path, tmp_path: Path) -> None:
+    def calibrate(films: Path, out: Path, *extra: str) -> tuple[int, str]:
+        result = runner.invoke(app, ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out), *extra])
+        return result.exit_code, result.stderr
+
+    few = _site(tmp_path / "few", normal=MIN_FILMS - 1)
+    code, err = calibrate(few, tmp_path / "o1")
+    assert code == 2 and f"at least {MIN_FILMS} abnormal and {MIN_FILMS} NORMAL films, found 24 abnormal and 19" in err
+    unknown = _site(tmp_path / "unknown")
+    (unknown / "EFFUSION").mkdir()
+    code, err = calibrate(unknown, tmp_path / "o2")
+    assert code == 2 and "folder(s) ['EFFUSION'] are not labels of the classifier" in err
+    photo = _site(tmp_path / "photo")
+    colour_image(photo / "NORMAL" / "holiday.png")
+    code, err = calibrate(photo, tmp_path / "o3")
+    assert code == 2 and "1 film(s) cannot be used for calibration: holiday.png: rejected by the gate" in err
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    good, existing = _site(tmp_path / "good"), tmp_path / "existing"
+    existing.mkdir()
+    code, err = calibrate(good, existing)
+    assert code == 2 and "exists; choose another folder or pass --force" in err and not list(existing.iterdir())
+    code, _ = calibrate(good, existing, "--force")
+    assert code == 0 and sorted(p.name for p in existing.iterdir()) == ["classifier.onnx", "gate.onnx"]
