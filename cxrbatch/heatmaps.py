@@ -2,9 +2,9 @@
 
 The classifier's second output holds, for every position of its last feature map, the logit of
 each class (the head's weights applied position by position). The map of the predicted class,
-scaled to 0..1 and upsampled, is blended over the picture in a blue-to-red palette, with the
-label and its probability written on top. File names come from a hash of the input path, never
-from the path itself.
+scaled to 0..1 and upsampled, marks the film's strongest regions with a red outline, leaving the
+film itself as it is, with the label and its probability written on top. File names come from
+a hash of the input path, never from the path itself.
 
 Heatmaps are a step after screening (`add_heatmaps`): the files are decoded again and run
 through the classifier for their maps, so a result reused from the ledger gets its heatmap like
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from cxrbatch.errors import ReportError
 from cxrbatch.files import atomic_write
@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from cxrbatch.pipeline import Screener
 
 DISPLAY_SIDE = 512  # the longer side of the picture kept for drawing heatmaps
-ALPHA = 0.45
+HOT = 0.6  # the share of the map's range above which a region is marked as one of the strongest
+OUTLINE = (255, 48, 32)
+PNG_LEVEL = 1  # zlib level: the default (6) spent three quarters of a heatmap's time compressing
 
 
 def heatmap_name(path: Path) -> str:
@@ -55,13 +57,16 @@ def class_map(cam: np.ndarray, index: int) -> np.ndarray:
 
 
 def overlay(picture: Image.Image, heat: np.ndarray, caption: str) -> Image.Image:
-    """Blend the 0..1 map, upsampled to the picture, over it and write the caption on top."""
+    """The film as it is, its strongest regions (the 0..1 map at `HOT` or above, upsampled to the
+    picture) outlined in red, and the caption on top: the film stays readable under the marks."""
     w, h = picture.size
-    up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
-    up = np.clip(up, 0.0, 1.0)
-    colour = np.stack([up, 1.0 - np.abs(2 * up - 1), 1.0 - up], axis=-1) * 255  # blue -> green -> red
-    base = np.asarray(picture.convert("RGB"), dtype=np.float64)
-    out = Image.fromarray(np.clip(base * (1 - ALPHA) + colour * ALPHA, 0, 255).astype(np.uint8), mode="RGB")
+    level = np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8)
+    up = Image.fromarray(level, mode="L").resize((w, h), Image.Resampling.BILINEAR)
+    hot = up.point(lambda v: 255 if v >= HOT * 255 else 0)
+    width = max(3, 2 * (max(w, h) // 256) + 1)  # an odd filter size: a line of about 2 px per 256 px
+    edge = ImageChops.subtract(hot, hot.filter(ImageFilter.MinFilter(width)))
+    out = picture.convert("RGB")
+    out.paste(OUTLINE, mask=edge)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=max(12, h // 24))
     box = draw.textbbox((8, 8), caption, font=font)
@@ -73,7 +78,8 @@ def overlay(picture: Image.Image, heat: np.ndarray, caption: str) -> Image.Image
 def write_heatmap(folder: Path, path: Path, picture: Image.Image, heat: np.ndarray, caption: str) -> Path:
     """Write the heatmap PNG of `path` into `folder` (atomically) and return where it went."""
     target = folder / heatmap_name(path)
-    atomic_write(target, lambda fh: overlay(picture, heat, caption).save(fh, format="PNG"), binary=True, what="heatmap")
+    drawn = overlay(picture, heat, caption)
+    atomic_write(target, lambda fh: drawn.save(fh, format="PNG", compress_level=PNG_LEVEL), binary=True, what="heatmap")
     return target
 
 

@@ -62,9 +62,16 @@ class Record:
             **found,
         )
 
+    def to_read(self, negative_label: str) -> bool:
+        """A reader should see it: referred (or, for a classifier without a referral threshold,
+        classified as anything but the no-finding label)."""
+        if self.status != CLASSIFIED:
+            return False
+        return bool(self.refer) if self.refer is not None else self.label != negative_label
+
     def flagged(self, negative_label: str) -> bool:
-        """Worth a reviewer's look: classified as anything but the no-finding label, or unsure."""
-        return self.status == CLASSIFIED and (self.label != negative_label or bool(self.needs_review))
+        """Worth a reviewer's look: to read, or unsure (`needs_review`)."""
+        return self.to_read(negative_label) or (self.status == CLASSIFIED and bool(self.needs_review))
 
     def with_problem(self, message: str) -> Record:
         """The same result with a problem found after screening (a heatmap not written) in `error`."""

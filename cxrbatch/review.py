@@ -29,7 +29,10 @@ table{border-collapse:collapse;margin-top:6px} th,td{border-bottom:1px solid #dd
 th{background:#f4f6f9;cursor:pointer;user-select:none} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.flag td:first-child{border-left:4px solid #d9534f} .path{font-family:ui-monospace,monospace;word-break:break-all}
 .cards{display:flex;flex-wrap:wrap;gap:12px} .card{width:260px;border:1px solid #dde2e8;border-radius:6px;padding:6px}
-.card img{width:100%;display:block} .small{color:#5a6470;font-size:12px}
+.card img{width:100%;display:block;cursor:zoom-in} .small{color:#5a6470;font-size:12px}
+.zoom{display:none} .zoom:target{display:flex;position:fixed;inset:0;background:rgba(0,0,0,.85);
+align-items:center;justify-content:center;z-index:10;cursor:zoom-out}
+.zoom:target img{max-width:95vw;max-height:95vh;width:auto}
 """
 
 _SORT_JS = """
@@ -60,17 +63,22 @@ def render_html(
     started: str,
     html_path: Path,
 ) -> str:
-    """Render the review page for a run's report records."""
-    classified = [r for r in records if r.status == CLASSIFIED]
-    flagged = [r for r in classified if r.flagged(negative_label)]
+    """Render the review page for a run's report records: the films to read first, most suspicious first."""
+    classified = sorted((r for r in records if r.status == CLASSIFIED), key=_suspicion)
+    to_read = [r for r in classified if r.to_read(negative_label)]
+    unsure = [r for r in classified if r.needs_review and not r.to_read(negative_label)]
+    folder = html_path.parent if str(html_path.parent) else Path(".")
+    referral = any(r.refer is not None for r in classified)
+    first = "Referred to a reader" if referral else f"Flagged: not {negative_label}"
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
         f"<title>cxrbatch review {escape(started)}</title><style>{_CSS}</style></head><body>",
         f"<h1>Chest X-ray screening review</h1><div class='small'>run started {escape(started)}</div>",
         f"<p class='disclaimer'><strong>Not a diagnosis.</strong> {escape(DISCLAIMER)}</p>",
-        _counts(summary, len(flagged)),
-        _cards(flagged, html_path, negative_label),
+        _counts(summary, len(to_read) + len(unsure)),
+        _cards(f"{first} ({len(to_read)}), most suspicious first", to_read, folder, "read"),
+        _cards(f"{'Cleared' if referral else negative_label}, but unsure ({len(unsure)})", unsure, folder, "unsure"),
         _classified_table(classified, labels, negative_label),
         _other_table(
             "Rejected by the gate (not a chest X-ray)",
@@ -85,43 +93,60 @@ def render_html(
     return "\n".join(parts)
 
 
+def _suspicion(record: Record) -> tuple[float, str]:
+    """Most suspicious first: the highest referral score, then the path."""
+    return (-(record.referral_score or 0.0), record.path)
+
+
 def _counts(summary: Summary, flagged: int) -> str:
     spans = [f"<span>{escape(s)}: <b>{summary.by_status[s]}</b></span>" for s in STATUSES]
     spans += [f"<span>{escape(k)}: <b>{v}</b></span>" for k, v in sorted(summary.by_label.items())]
-    spans.append(f"<span>flagged for review: <b>{flagged}</b></span>")
+    if summary.referred or summary.cleared:
+        spans += [
+            f"<span>referred: <b>{summary.referred}</b></span>",
+            f"<span>cleared: <b>{summary.cleared}</b></span>",
+        ]
+    if summary.unfamiliar:
+        spans.append(f"<span>unfamiliar films: <b>{summary.unfamiliar}</b></span>")
+    spans.append(f"<span>for a reader's look: <b>{flagged}</b></span>")
     return f"<h2>Summary: {summary.files} files</h2><div class='counts'>{''.join(spans)}</div>"
 
 
-def _cards(flagged: list[Record], html_path: Path, negative_label: str) -> str:
+def _cards(title: str, rows: list[Record], folder: Path, section: str) -> str:
     cards = []
-    for r in flagged:
-        img = ""
+    for i, r in enumerate(rows):
+        view = ""
         if r.heatmap:
-            rel = os.path.relpath(r.heatmap, html_path.parent if str(html_path.parent) else ".")
-            img = f"<img src='{escape(Path(rel).as_posix(), quote=True)}' alt='heatmap'>"
+            src = escape(Path(os.path.relpath(r.heatmap, folder)).as_posix(), quote=True)
+            zoom = f"{section}-{i}"
+            view = (
+                f"<a href='#{zoom}' title='larger view'><img src='{src}' alt='film with its strongest regions marked'>"
+                f"</a><a class='zoom' id='{zoom}' href='#_'><img src='{src}' alt='larger view'></a>"
+            )
+        badges = " · ".join(b for b, on in (("needs review", r.needs_review), ("unfamiliar film", r.unfamiliar)) if on)
+        score = f" · referral {r.referral_score:.3f}" if r.referral_score is not None else ""
         problem = f"<div class='small'>{escape(r.error)}</div>" if r.error else ""
         cards.append(
-            f"<div class='card'>{img}<div><b>{escape(str(r.label))}</b> {r.confidence or 0.0:.2f}"
-            f"{' · needs review' if r.needs_review else ''}</div>"
-            f"<div class='path small'>{escape(r.path)}</div>{problem}</div>"
+            f"<div class='card'>{view}<div><b>{escape(str(r.label))}</b> {r.confidence or 0.0:.2f}{score}</div>"
+            f"<div class='small'>{escape(badges)}</div><div class='path small'>{escape(r.path)}</div>{problem}</div>"
         )
-    body = "".join(cards) or "<p>Nothing flagged.</p>"
-    title = f"Flagged: not {escape(negative_label)}, or unsure ({len(flagged)})"
-    return f"<h2>{title}</h2><div class='cards'>{body}</div>"
+    body = "".join(cards) or "<p>None.</p>"
+    return f"<h2>{escape(title)}</h2><div class='cards'>{body}</div>"
 
 
 def _classified_table(rows: list[Record], labels: Sequence[str], negative_label: str) -> str:
-    head = ["file", "label", "confidence", *labels, "review"]
-    out = [f"<h2>Classified ({len(rows)}) — click a column to sort</h2><table class='sortable'><thead><tr>"]
+    head = ["file", "label", "confidence", "referral score", "refer", *labels, "review"]
+    out = [f"<h2>Classified ({len(rows)}), most suspicious first — click a column to sort</h2>"]
+    out.append("<table class='sortable'><thead><tr>")
     out += [f"<th>{escape(h)}</th>" for h in head]
     out.append("</tr></thead><tbody>")
     for r in rows:
-        flag = r.flagged(negative_label)
         probs = r.probabilities or {}
-        cells = [_cell(r.path, cls="path"), _cell(r.label), _num(r.confidence)]
+        refer = "" if r.refer is None else "refer" if r.refer else "clear"
+        cells = [_cell(r.path, cls="path"), _cell(r.label), _num(r.confidence), _num(r.referral_score), _cell(refer)]
         cells += [_num(probs.get(label)) for label in labels]
-        cells.append(_cell("yes" if r.needs_review else ""))
-        out.append(f"<tr class='{'flag' if flag else ''}'>{''.join(cells)}</tr>")
+        cells.append(_cell("unfamiliar" if r.unfamiliar else "yes" if r.needs_review else ""))
+        out.append(f"<tr class='{'flag' if r.flagged(negative_label) else ''}'>{''.join(cells)}</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 

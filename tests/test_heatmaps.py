@@ -28,13 +28,21 @@ def test_class_map_peaks_where_the_head_looks(tmp_path: Path) -> None:
     assert normal[16:, 16:].min() == 1.0 and normal[:16, :].max() == 0.0
 
 
-def test_overlay_is_red_where_the_map_is_hot() -> None:
-    picture = Image.new("L", (200, 200), 128)
+def test_overlay_outlines_the_hot_region_and_leaves_the_film_readable() -> None:
+    film = np.tile(np.linspace(40, 220, 200).astype(np.uint8), (200, 1))  # a grey ramp
+    picture = Image.fromarray(film, mode="L")
     heat = np.zeros((7, 7))
     heat[:3, :3] = 1.0
     arr = np.asarray(overlay(picture, heat, "COVID19 0.90"), dtype=int)
-    hot, cold = arr[60, 40], arr[170, 170]  # inside the hot corner (below the caption) / far corner
-    assert hot[0] > hot[2] + 60 and cold[2] > cold[0] + 60
+    red = (arr[..., 0] > 200) & (arr[..., 1] < 100) & (arr[..., 2] < 100)
+    rows, cols = np.nonzero(red)
+    assert rows.max() < 110 and cols.max() < 110  # the outline stays around the hot top-left corner
+    assert red[80, :].sum() >= 2  # and crosses the row inside it on its right side (and left edge)
+    untouched = ~red
+    untouched[:40, :140] = False  # the caption box
+    grey = arr[untouched]
+    assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()  # no colour wash anywhere else
+    assert (arr[150, :, 0] == film[150]).all() and (arr[60, 60, 0] == film[60, 60])  # the film itself, inside too
 
 
 def test_heatmap_names_come_from_a_hash_of_the_path() -> None:

@@ -63,8 +63,12 @@ def test_page_is_self_contained_and_escaped(page: Path) -> None:
     assert "Not a diagnosis." in text
     assert "Rejected by the gate (not a chest X-ray) (4)" in text  # two photos, the payload, the CT
     assert "Files that could not be read (1)" in text
-    assert "Flagged: not NORMAL, or unsure (2)" in text
-    assert text.count("<img src='maps/") == 2  # heatmap thumbnails beside the page, relative links
+    assert "Referred to a reader (2), most suspicious first" in text and "Cleared, but unsure (0)" in text
+    cards = text.split("Referred to a reader", 1)[1].split("<h2>", 1)[0]
+    assert cards.index("person1947_bacteria_4876.jpeg") < cards.index("NORMAL2-IM-1437-0001.jpeg")  # by score
+    assert text.count("<img src='maps/") == 4  # each film's thumbnail and its larger view, linked relatively
+    assert "<a href='#read-0' title='larger view'>" in text and "<a class='zoom' id='read-0' href='#_'>" in text
+    assert "referral score" in text and "<td data-v='refer'>refer</td>" in text
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs Debian's chromium)")
