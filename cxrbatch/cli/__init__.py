@@ -140,6 +140,3 @@ def main() -> None:
 
 # The commands register themselves on `app` when their modules are imported.
 from cxrbatch.cli import modelling, screening  # noqa: E402, F401
-
-if __name__ == "__main__":
-    main()
