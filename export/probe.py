@@ -22,9 +22,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from cxrbatch.evaluation import read_manifest
+from cxrbatch.datasets import class_names, load_split, read_manifest
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
-from export.data import class_names, load_split
 from export.training import backbone_features, sidecar_path
 
 MIN_IMAGES = 10  # sources with fewer train images of the class are left out

@@ -36,9 +36,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from cxrbatch.evaluation import read_manifest, sources_of
+from cxrbatch.datasets import Split, class_names, load_split, read_manifest, sources_of, without_sources
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
-from export.data import Split, augment, class_names, load_split, without_sources
+from export.data import augment
 
 log = logging.getLogger(__name__)
 

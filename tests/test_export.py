@@ -256,20 +256,6 @@ def test_source_alignment_loss_is_the_spread_of_source_means() -> None:
     np.testing.assert_allclose(np.asarray(loss(one_source, feats)), np.zeros(5), atol=1e-6)
 
 
-def test_without_sources_drops_only_the_named_sources(tmp_path: Path) -> None:
-    from export.data import class_names, load_split, without_sources
-
-    data = _dataset(tmp_path / "cxr", {"DARK": (False, False), "LIGHT": (True, False)}, per_class=4)
-    manifest = {f"{c}_{i}": {"source": "left-out" if i == 0 else "kept"} for c in ("DARK", "LIGHT") for i in range(4)}
-    split = load_split(data, "train", class_names(data))
-    kept = without_sources(split, manifest, ("left-out",))
-    assert sorted(p.stem for p in kept.paths) == [f"{c}_{i}" for c in ("DARK", "LIGHT") for i in (1, 2, 3)]
-    assert kept.counts() == {"DARK": 3, "LIGHT": 3}
-    assert without_sources(split, manifest, ()) is split
-    with pytest.raises(ValueError, match="no image in the manifest"):
-        without_sources(split, manifest, ("typo",))
-
-
 def test_leave_source_out_training_with_source_alignment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import export.training
 

@@ -124,7 +124,7 @@ def evaluate(
     transform = evaluation.Framed(frame) if frame != 1.0 else None
     gate, classifier = load_models(models or default_models_dir(), device.value)
     screener = Screener(gate, classifier, transform=transform)
-    report = evaluation.evaluate(data_dir, split, gate, classifier, screener, tuple(source or ()))
+    report = evaluation.evaluate(data_dir, split, screener, tuple(source or ()))
     if json_out is not None:
         write_text(json_out, json.dumps(report, indent=2) + "\n")
     typer.echo(evaluation.format_report(report))
