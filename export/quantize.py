@@ -8,6 +8,7 @@ makes the copy.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +16,32 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import UsageError
+from cxrbatch.errors import ImageError, UsageError
 from cxrbatch.imaging import load_image, to_model_input
 from cxrbatch.models import ModelSpec, embed_metadata, read_metadata
 
+log = logging.getLogger(__name__)
+
 
 class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    """Calibration batches of `batch` images, preprocessed from the model's metadata; an
+    unreadable image is skipped with a warning, as a screening run would skip it."""
+
     def __init__(self, spec: ModelSpec, paths: list[Path], batch: int = 16) -> None:
-        self.batches = iter(
-            {spec.input_name: np.stack([to_model_input(load_image(p), spec.input) for p in paths[i : i + batch]])}
-            for i in range(0, len(paths), batch)
-        )
+        self.spec = spec
+        self.chunks = iter([paths[i : i + batch] for i in range(0, len(paths), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.batches, None)
+        for chunk in self.chunks:
+            arrays = []
+            for path in chunk:
+                try:
+                    arrays.append(to_model_input(load_image(path), self.spec.input))
+                except ImageError as exc:
+                    log.warning("calibration image skipped: %s (%s)", path, exc)
+            if arrays:
+                return {self.spec.input_name: np.stack(arrays)}
+        return None
 
 
 def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
