@@ -134,7 +134,7 @@ def load_data(data_dir: Path, config: TrainConfig) -> tuple[Split, Split, dict[s
     if config.role == "classifier" and config.negative_label not in classes:
         raise UsageError(
             f"the classifier's negative label {config.negative_label!r} is not a class of {data_dir / 'train'} "
-            f"({list(classes)}); name the no-finding class"
+            f"({list(classes)}); give the no-finding class as --negative-label"
         )
     if config.role == "gate" and config.negative_label is not None:
         raise UsageError("only the classifier has a negative label (the gate scores its second class)")

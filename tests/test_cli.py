@@ -32,11 +32,13 @@ def test_every_command_has_help() -> None:
         assert f"Example: cxrbatch {name}" in out, name
 
 
-def test_every_option_has_help_text() -> None:
+def test_every_option_has_help_text_and_shows_its_default() -> None:
     for name, command in typer.main.get_command(app).commands.items():  # type: ignore[attr-defined]
         for param in command.params:
             if param.param_type_name == "option" and param.name != "help":
                 assert param.help, f"{name} {param.opts[0]} has no help text"
+                if param.default not in (None, False) and not param.required:
+                    assert param.show_default, f"{name} {param.opts[0]} hides its default"
 
 
 def test_train_help_states_the_defaults_of_each_role() -> None:
