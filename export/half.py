@@ -1,27 +1,28 @@
 """float16 copy of an exported model, meant for the CUDA provider.
 
-    python -m export.half models/classifier.onnx runs/fp16/classifier.onnx
-
 Weights and activations become float16; the graph's inputs and outputs stay float32, so the runtime
 feeds and reads the same arrays as for the float32 model. The cxrbatch metadata is copied over with
 `"precision": "float16"`. Whether a float16 model may replace the float32 one is decided by
-`cxrbatch evaluate` on both, per class and per source (benchmarks/README.md has the comparison).
+`cxrbatch evaluate` on both, per class and per source (benchmarks/README.md has the comparison;
+`cxrbatch half` makes the copy).
 """
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
 import onnx
 from onnxconverter_common import float16
 
+from cxrbatch.errors import UsageError
 from cxrbatch.models import embed_metadata, read_metadata
 
 
 def halve(src: Path, dst: Path) -> None:
     """Write a float16 copy of `src` with float32 inputs and outputs."""
+    if not src.is_file():
+        raise UsageError(f"Model not found: {src}")
     meta = read_metadata(src)
     with warnings.catch_warnings():
         # Tiny weights (|w| < 1e-7) are clamped to float16's smallest normal; the converter warns per weight.
@@ -49,15 +50,3 @@ def _one_reader_per_input(model: onnx.ModelProto) -> onnx.ModelProto:
             node.input[:] = [routed if name == graph_input.name else name for name in node.input]
         graph.node.insert(0, onnx.helper.make_node("Identity", [graph_input.name], [routed]))
     return model
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("src", type=Path)
-    parser.add_argument("dst", type=Path)
-    args = parser.parse_args()
-    halve(args.src, args.dst)
-
-
-if __name__ == "__main__":
-    main()

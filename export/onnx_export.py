@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
@@ -25,9 +22,12 @@ import tensorflow as tf
 import tf2onnx
 
 from cxrbatch.discovery import iter_images
+from cxrbatch.errors import ExportError, UsageError
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
-from cxrbatch.models import SCHEMA, embed_metadata
-from export.training import backbone_features, sidecar_path
+from cxrbatch.models import ModelSpec, embed_metadata
+
+from .config import sidecar_path
+from .network import backbone_features
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,17 @@ OPSET = 17
 REVIEW_THRESHOLD = 0.6  # classifier: a top probability below this marks the result for review
 
 
-class ExportError(Exception):
-    """The export failed one of its own checks."""
-
-
 def export(ckpt: Path, out: Path, check_images: list[Path], version: str = "1.0.0") -> dict[str, Any]:
     """Convert `ckpt` to ONNX at `out`, embed its metadata, and verify it against Keras."""
-    summary = json.loads(sidecar_path(ckpt).read_text(encoding="utf-8"))
+    summary = _read_sidecar(ckpt)
     model = keras.models.load_model(ckpt, compile=False)
     spec = InputSpec(**summary["input"])
     graph_model, output_names = _with_outputs(model, summary["role"])
     signature = (tf.TensorSpec((None, spec.height, spec.width, spec.channels), tf.float32, name="image"),)
     proto, _ = tf2onnx.convert.from_keras(graph_model, input_signature=signature, opset=OPSET)
     _rename_outputs(proto, output_names)
-    meta = _metadata(summary, version, output_names)
+    meta = model_spec(summary, version, output_names).to_metadata()
+    ModelSpec.from_metadata(meta, str(out))  # the runtime must accept what is written
     embed_metadata(proto, meta)
     proto.doc_string = f"cxrbatch {summary['role']} {version}"
     onnx.checker.check_model(proto, full_check=True)
@@ -85,18 +82,29 @@ def _rename_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
         output.name = name
 
 
-def _metadata(summary: dict[str, Any], version: str, outputs: list[str]) -> dict[str, Any]:
-    role = summary["role"]
-    inp = dict(summary["input"], name="image", layout="NHWC", dtype="float32", value_range=[0, 255])
-    inp["in_graph"] = "grey replicated to 3 channels where channels=1; x/127.5 - 1"
-    meta: dict[str, Any] = {
-        "schema": SCHEMA,
-        "role": role,
-        "name": f"cxrbatch-{role}-mobilenetv2-a{summary['config']['alpha']}-{summary['input']['height']}",
-        "version": version,
-        "input": inp,
-        "labels": summary["labels"],
-        "outputs": {"scores": "scores", **({"cam": "cam"} if "cam" in outputs else {})},
+def _read_sidecar(ckpt: Path) -> dict[str, Any]:
+    if not ckpt.is_file():
+        raise UsageError(f"Checkpoint not found: {ckpt}")
+    sidecar = sidecar_path(ckpt)
+    if not sidecar.is_file():
+        raise ExportError(f"{ckpt} has no sidecar {sidecar.name}: export checkpoints made by `cxrbatch train`")
+    summary: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8"))
+    return summary
+
+
+def model_spec(summary: dict[str, Any], version: str, outputs: list[str]) -> ModelSpec:
+    """The metadata record of the exported model, from the checkpoint sidecar."""
+    role, labels = summary["role"], tuple(summary["labels"])
+    if role == "classifier" and summary.get("negative_label") not in labels:
+        raise ExportError(
+            f"the sidecar names no negative label among {list(labels)}: retrain with `cxrbatch train`, "
+            'or add "negative_label" (the no-finding class) to the .keras.json file'
+        )
+    gate = role == "gate"
+    positive = summary.get("positive_label") or labels[1]  # the sigmoid scores label index 1
+    in_graph = "grey replicated to 3 channels where channels=1; x/127.5 - 1"
+    extra: dict[str, Any] = {
+        "input": {"layout": "NHWC", "dtype": "float32", "value_range": [0, 255], "in_graph": in_graph},
         "architecture": "MobileNetV2 (ImageNet init) + global average pooling + dropout + dense",
         "training": {k: summary[k] for k in ("config", "data", "history", "train_seconds", "base_weights")},
         "validation": summary.get("validation", {}),
@@ -106,15 +114,24 @@ def _metadata(summary: dict[str, Any], version: str, outputs: list[str]) -> dict
             "'research purposes only', none stated): research and screening-support use only; "
             "ImageNet init MIT/Apache-2.0. See models/README.md"
         ),
+        "score_meaning": f"sigmoid probability of {positive}; accepted at or above threshold"
+        if gate
+        else "softmax probabilities in label order; needs_review when the top one is below threshold",
     }
-    if role == "gate":
-        meta["positive_label"] = summary["labels"][1]  # the sigmoid scores label index 1
-        meta["threshold"] = summary.get("threshold", 0.5)
-        meta["score_meaning"] = f"sigmoid probability of {meta['positive_label']}; accepted at or above threshold"
-    else:
-        meta["threshold"] = REVIEW_THRESHOLD
-        meta["score_meaning"] = "softmax probabilities in label order; needs_review when the top one is below threshold"
-    return meta
+    return ModelSpec(
+        role=role,
+        name=f"cxrbatch-{role}-mobilenetv2-a{summary['config']['alpha']}-{summary['input']['height']}",
+        version=version,
+        input_name="image",
+        input=InputSpec(**summary["input"]),
+        labels=labels,
+        score_output="scores",
+        cam_output="cam" if "cam" in outputs else None,
+        threshold=summary.get("threshold", 0.5) if gate else REVIEW_THRESHOLD,
+        positive_label=positive if gate else None,
+        negative_label=None if gate else summary["negative_label"],
+        extra=extra,
+    )
 
 
 def check_parity(
@@ -124,7 +141,7 @@ def check_parity(
     import onnxruntime as ort
 
     if not images:
-        raise ExportError("parity check needs at least one real image (--check-images)")
+        raise ExportError("the parity check needs at least one real image: give a folder of images the model will see")
     batch = np.stack([to_model_input(load_image(p), spec) for p in images])
     expected = graph_model.predict(batch, verbose=0)
     expected = expected if isinstance(expected, list) else [expected]
@@ -136,10 +153,14 @@ def check_parity(
     scale = {n: 1.0 if n == "scores" else max(1.0, float(np.max(np.abs(g)))) for n, g in zip(names, got, strict=True)}
     spread = float(np.std(got[0], axis=0).max())
     if spread == 0.0 and len(images) > 1:
-        raise ExportError("the model gives the same output for every check image: parity would prove nothing")
+        raise ExportError(
+            "export check failed: the model gives the same output for every check image, parity would prove nothing"
+        )
     worst = max(diffs[n] / scale[n] for n in names)
     if not worst <= PARITY_TOLERANCE:
-        raise ExportError(f"ONNX output differs from Keras by {worst:.2e} (> {PARITY_TOLERANCE:.0e}): {diffs}")
+        raise ExportError(
+            f"export check failed: ONNX output differs from Keras by {worst:.2e} (> {PARITY_TOLERANCE:.0e}): {diffs}"
+        )
     return {
         "images": len(images),
         "max_abs_diff": diffs["scores"],
@@ -151,6 +172,8 @@ def check_parity(
 
 def pick_check_images(folder: Path, limit: int = 32) -> list[Path]:
     """Take up to `limit` images spread evenly over a folder tree."""
+    if not folder.is_dir():
+        raise UsageError(f"Check images folder not found: {folder}")
     found = list(iter_images([folder]))
     if len(found) <= limit:
         return found

@@ -5,15 +5,11 @@ softmax probe is trained on train-split features to predict the source and score
 split. High probe accuracy means the features carry the source's look, which a classifier can
 use as a shortcut wherever classes and sources are confounded. Comparing the trained
 classifier's features with the ImageNet initialisation shows whether training added to or took
-away from that.
-
-    python -m export.probe runs/classifier.keras ../shared/data/cxr \
-        --base-weights ../shared/weights/mobilenet_v2_1.0_224_no_top.weights.h5
+away from that (`cxrbatch probe`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
@@ -22,10 +18,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from cxrbatch.evaluation import read_manifest
+from cxrbatch.datasets import Split, class_names, load_split, read_manifest, sources_of
+from cxrbatch.errors import UsageError
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
-from export.data import class_names, load_split
-from export.training import backbone_features, sidecar_path
+
+from .config import TrainConfig, sidecar_path
+from .network import backbone_features, build_model
 
 MIN_IMAGES = 10  # sources with fewer train images of the class are left out
 
@@ -58,13 +56,18 @@ def run_probe(model: keras.Model, spec: InputSpec, data_dir: Path, label: str) -
     train, val = (load_split(data_dir, s, classes) for s in ("train", "val"))
     index = classes.index(label)
 
-    def pick(split: Any) -> tuple[list[Path], list[str]]:
+    def pick(split: Split) -> tuple[list[Path], list[str]]:
         paths = [p for p, y in zip(split.paths, split.labels, strict=True) if y == index]
-        return paths, [manifest[p.stem]["source"] for p in paths]
+        return paths, sources_of(paths, manifest)
 
     train_paths, train_src = pick(train)
     counts = Counter(train_src)
-    sources = sorted(s for s, n in counts.items() if n >= MIN_IMAGES)
+    sources = sorted(s for s, n in counts.items() if s and n >= MIN_IMAGES)
+    if len(sources) < 2:
+        raise UsageError(
+            f"the probe needs two or more MANIFEST.csv sources with {MIN_IMAGES}+ train images of {label}; "
+            f"{data_dir} has {len(sources)}"
+        )
     keep_t = [i for i, s in enumerate(train_src) if s in sources]
     val_paths, val_src = pick(val)
     keep_v = [i for i, s in enumerate(val_src) if s in sources]
@@ -73,8 +76,8 @@ def run_probe(model: keras.Model, spec: InputSpec, data_dir: Path, label: str) -
     yt = np.array([sources.index(train_src[i]) for i in keep_t])
     yv = np.array([sources.index(val_src[i]) for i in keep_v])
     mean, std = xt.mean(axis=0), xt.std(axis=0) + 1e-6
-    probe = fit_probe((xt - mean) / std, yt, len(sources))
-    pred = probe.predict((xv - mean) / std, verbose=0).argmax(axis=1)
+    linear = fit_probe((xt - mean) / std, yt, len(sources))
+    pred = linear.predict((xv - mean) / std, verbose=0).argmax(axis=1)
     per_source = {s: float((pred[yv == i] == i).mean()) for i, s in enumerate(sources) if (yv == i).any()}
     return {
         "class": label,
@@ -87,30 +90,24 @@ def run_probe(model: keras.Model, spec: InputSpec, data_dir: Path, label: str) -
     }
 
 
-def main() -> None:
-    """Probe a trained classifier and, for comparison, the ImageNet initialisation."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("ckpt", type=Path)
-    parser.add_argument("data_dir", type=Path)
-    parser.add_argument("--base-weights", type=Path, help="also probe the ImageNet backbone")
-    parser.add_argument("--label", default="NORMAL")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    summary = json.loads(sidecar_path(args.ckpt).read_text(encoding="utf-8"))
+def probe(ckpt: Path, data_dir: Path, base_weights: Path | None = None, label: str | None = None) -> dict[str, Any]:
+    """Probe a trained classifier and, with `base_weights`, the ImageNet initialisation for comparison.
+
+    `label` is the class whose images are probed; by default the checkpoint's negative label
+    (the no-finding class, the one several sources share)."""
+    if not ckpt.is_file() or not sidecar_path(ckpt).is_file():
+        raise UsageError(f"Checkpoint or its sidecar not found: {ckpt} (made by `cxrbatch train`)")
+    if base_weights is not None and not base_weights.is_file():
+        raise UsageError(f"Base weights not found: {base_weights}")
+    summary = json.loads(sidecar_path(ckpt).read_text(encoding="utf-8"))
+    label = label or summary.get("negative_label")
+    if label not in summary["labels"]:
+        raise UsageError(f"name the class to probe, one of {summary['labels']} (the sidecar has no negative label)")
     spec = InputSpec(**summary["input"])
-    trained = keras.models.load_model(args.ckpt, compile=False)
-    report = {"trained": run_probe(trained, spec, args.data_dir, args.label)}
-    if args.base_weights:
-        from export.training import TrainConfig, build_model
-
+    trained = keras.models.load_model(ckpt, compile=False)
+    report = {"trained": run_probe(trained, spec, data_dir, label)}
+    if base_weights is not None:
         config = TrainConfig(**summary["config"])
-        imagenet = build_model(config, len(summary["labels"]), args.base_weights)
-        report["imagenet"] = run_probe(imagenet, spec, args.data_dir, args.label)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
-
-
-if __name__ == "__main__":
-    main()
+        imagenet = build_model(config, len(summary["labels"]), base_weights)
+        report["imagenet"] = run_probe(imagenet, spec, data_dir, label)
+    return report

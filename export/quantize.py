@@ -1,16 +1,14 @@
 """Static int8 quantisation of an exported model (QOperator, per-channel, U8 activations, S8 weights).
 
-    python -m export.quantize models/classifier.onnx runs/int8/classifier.onnx \
-        --calibration ../shared/data/cxr/train --images 200
-
 Calibration images are preprocessed exactly as at run time (from the model's own metadata). The
 cxrbatch metadata is copied over with `"precision": "int8"`. Whether an int8 model may replace the
-float one is decided by `cxrbatch evaluate` on both, per class and per source.
+float one is decided by `cxrbatch evaluate` on both, per class and per source. `cxrbatch quantize`
+makes the copy.
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +16,43 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from cxrbatch.discovery import iter_images
+from cxrbatch.errors import ImageError, UsageError
 from cxrbatch.imaging import load_image, to_model_input
 from cxrbatch.models import ModelSpec, embed_metadata, read_metadata
 
+log = logging.getLogger(__name__)
+
 
 class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    """Calibration batches of `batch` images, preprocessed from the model's metadata; an
+    unreadable image is skipped with a warning, as a screening run would skip it."""
+
     def __init__(self, spec: ModelSpec, paths: list[Path], batch: int = 16) -> None:
-        self.batches = iter(
-            {spec.input_name: np.stack([to_model_input(load_image(p), spec.input) for p in paths[i : i + batch]])}
-            for i in range(0, len(paths), batch)
-        )
+        self.spec = spec
+        self.chunks = iter([paths[i : i + batch] for i in range(0, len(paths), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.batches, None)
+        for chunk in self.chunks:
+            arrays = []
+            for path in chunk:
+                try:
+                    arrays.append(to_model_input(load_image(path), self.spec.input))
+                except ImageError as exc:
+                    log.warning("calibration image skipped: %s (%s)", path, exc)
+            if arrays:
+                return {self.spec.input_name: np.stack(arrays)}
+        return None
 
 
 def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
     """Write an int8 copy of `src` calibrated on `images` images spread over `calibration`."""
+    if not src.is_file():
+        raise UsageError(f"Model not found: {src}")
     meta = read_metadata(src)
     spec = ModelSpec.from_metadata(meta, str(src))
     found = list(iter_images([calibration]))
+    if not found:
+        raise UsageError(f"No calibration images under {calibration}")
     step = max(1, len(found) // images)
     dst.parent.mkdir(parents=True, exist_ok=True)
     quantize_static(
@@ -52,17 +67,3 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
     model = onnx.load(str(dst))
     embed_metadata(model, {**meta, "precision": "int8"})
     onnx.save(model, str(dst))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("src", type=Path)
-    parser.add_argument("dst", type=Path)
-    parser.add_argument("--calibration", type=Path, required=True)
-    parser.add_argument("--images", type=int, default=200)
-    args = parser.parse_args()
-    quantize(args.src, args.dst, args.calibration, args.images)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,5 @@
-"""Shared fixtures: a models folder with the tiny models, and a clinic-like incoming folder.
+"""Shared fixtures: a models folder with the tiny models, a clinic-like incoming folder, and
+(with the export extra) a gate and a classifier trained and exported on tiny blob datasets.
 
 The helpers they use (tiny models, generated images) live in `helpers.py`.
 """
@@ -9,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import colour_image, grey_image, make_classifier, make_gate
+from helpers import TINY_TRAINING, blob_dataset, colour_image, grey_image, make_classifier, make_gate
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -38,3 +39,28 @@ def incoming(tmp_path: Path) -> Path:
     (folder / ".hidden.png").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image", encoding="utf-8")
     return folder
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Train and export a tiny gate and classifier with the CLI (needs the export extra)."""
+    pytest.importorskip("tensorflow", reason="the export extra (tensorflow) is not installed")
+    pytest.importorskip("tf2onnx", reason="the export extra (tf2onnx) is not installed")
+    from typer.testing import CliRunner
+
+    from cxrbatch.cli import app
+
+    runner = CliRunner()
+    work = tmp_path_factory.mktemp("export")
+    cxr = blob_dataset(work / "cxr", {"DARK": (False, False), "LIGHT": (True, False)})
+    gate = blob_dataset(work / "gate", {"NOT_XRAY": (True, True), "XRAY": (False, False)})
+    models = work / "models"
+    for role, data, extra in (("gate", gate, []), ("classifier", cxr, ["--negative-label", "DARK"])):
+        ckpt = work / f"{role}.keras"
+        result = runner.invoke(app, ["train", role, str(data), "--out", str(ckpt), *TINY_TRAINING, *extra])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(
+            app, ["export", str(ckpt), "--out", str(models / f"{role}.onnx"), "--check-images", str(data / "val")]
+        )
+        assert result.exit_code == 0, result.output
+    return {"models": models, "cxr": cxr, "gate": gate, "work": work}

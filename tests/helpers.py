@@ -30,6 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 LABELS = ["COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
 TINY_SIDE = 32
+# `cxrbatch train` options for a tiny run (small width, 32-px input, one epoch per phase, no
+# pretrained weights): it checks the mechanism, not accuracy.
+TINY_TRAINING = ["--size", "32", "--alpha", "0.35", "--views", "1", "--epochs1", "1", "--epochs2", "1"]
 
 
 def tiny_spec(role: str, threshold: float, **fields: object) -> ModelSpec:
@@ -162,6 +165,32 @@ def colour_image(path: Path, size: int = 64) -> Path:
     arr[..., 2] = 20
     Image.fromarray(arr, mode="RGB").save(path)
     return path
+
+
+def blob_image(path: Path, rng: np.random.Generator, bright: bool, colour: bool) -> None:
+    """Save a textured blob, dark or bright, grey or colourful: easy classes for a tiny training."""
+    side = int(rng.integers(40, 80))
+    base = rng.normal(190 if bright else 60, 25, (side, side))
+    xx = np.mgrid[:side, :side][1]
+    base += 40 * np.sin(xx / rng.uniform(3, 9)) * (1 if bright else -1)
+    grey = np.clip(base, 0, 255).astype(np.uint8)
+    if colour:
+        rgb = np.stack([grey, np.roll(grey, 7, axis=1) // 3, 255 - grey], axis=-1)
+        Image.fromarray(rgb.astype(np.uint8), mode="RGB").save(path)
+    else:
+        Image.fromarray(grey, mode="L").save(path)
+
+
+def blob_dataset(root: Path, classes: dict[str, tuple[bool, bool]], per_class: int = 12) -> Path:
+    """Write a train/ val/ test/ <CLASS>/ tree of blobs; `classes` maps a name to (bright, colour)."""
+    rng = np.random.default_rng(7)
+    for split in ("train", "val", "test"):
+        for name, (bright, colour) in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                blob_image(folder / f"{name}_{i}.png", rng, bright, colour)
+    return root
 
 
 def shared_available() -> bool:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
@@ -23,10 +24,38 @@ def _run(*args: str) -> tuple[int, str, str]:
 
 
 def test_every_command_has_help() -> None:
-    for command in ("run", "evaluate", "train", "export"):
-        code, out, _ = _run(command, "--help")
-        assert code == 0
-        assert "Example: cxrbatch" in out
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    assert {"run", "ledger", "train", "export", "evaluate", "probe", "quantize", "half"} <= set(commands)
+    for name in commands:
+        code, out, _ = _run(name, "--help")
+        assert code == 0, name
+        assert f"Example: cxrbatch {name}" in out, name
+
+
+def test_every_option_has_help_text_and_shows_its_default() -> None:
+    for name, command in typer.main.get_command(app).commands.items():  # type: ignore[attr-defined]
+        for param in command.params:
+            if param.param_type_name == "option" and param.name != "help":
+                assert param.help, f"{name} {param.opts[0]} has no help text"
+                if param.default not in (None, False) and not param.required:
+                    assert param.show_default, f"{name} {param.opts[0]} hides its default"
+
+
+def test_train_help_states_the_defaults_of_each_role() -> None:
+    from cxrbatch.extras import export_module
+
+    defaults = export_module("config").DEFAULTS  # no TensorFlow needed to read them
+    gate, classifier = defaults["gate"], defaults["classifier"]
+    _, out, _ = _run("train", "--help")
+    text = " ".join(out.split())
+    assert f"(default: gate {gate.size}, classifier {classifier.size})" in text
+    assert f"(default: gate {gate.views}, classifier {classifier.views})" in text
+    assert f"(default: {gate.epochs1})" in text and gate.epochs1 == classifier.epochs1
+    assert f"(default: gate {gate.epochs2}, classifier {classifier.epochs2})" in text
+    assert f"(default: gate {gate.zoom_out:g}, classifier {classifier.zoom_out:g})" in text
+    assert f"(default: {classifier.crop_area:g})" in text and gate.crop_area == classifier.crop_area
+    assert f"(default: {classifier.negative_label})" in text
+    assert "[default: 1234]" in text and "role <gate|classifier>" in text
 
 
 def test_run_help_documents_exit_codes() -> None:
@@ -112,7 +141,8 @@ def test_run_does_not_import_tensorflow(tiny_models: Path, incoming: Path, tmp_p
         f'         "--out", {str(tmp_path / "r.csv")!r}])\n'
         "except SystemExit as e:\n"
         "    assert e.code == 3, e.code\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx', 'export'))\n"
+        "heavy = ('tensorflow', 'keras', 'tf2onnx', 'export', 'cxrbatch_export')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "print('IMPORTED:' + ','.join(bad))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""export.half: a float16 copy that the runtime loads and feeds exactly like the float32 model."""
+"""The float16 copy (`cxrbatch half`): a copy that the runtime loads and feeds exactly like the float32 model."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ pytest.importorskip("onnxconverter_common", reason="float16 conversion needs the
 
 import onnx
 
+from cxrbatch.extras import export_module
 from cxrbatch.models import METADATA_KEY, load_models
-from export.half import halve
+
+halve = export_module("half").halve
 
 
 def test_half_copy_keeps_interface_metadata_and_outputs(tiny_models: Path, tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ def test_shipped_classifier_still_finds_tb_in_a_wider_frame() -> None:
     data = SHARED / "data" / "cxr"
     gate, classifier = load_models(default_models_dir(), "cpu")
     screener = Screener(gate, classifier, transform=evaluation.Framed(1.25))
-    report = evaluation.evaluate(data, "val", gate, classifier, screener, ("moudrah/Detecting_Tuberculosis_X-Rays",))
+    report = evaluation.evaluate(data, "val", screener, ("moudrah/Detecting_Tuberculosis_X-Rays",))
     recall = dict(zip(report["labels"], report["overall"]["recall"], strict=True))
     assert report["images"] == 60 and recall["TUBERCULOSIS"] >= 0.5 and recall["NORMAL"] >= 0.5
 

@@ -1,45 +1,78 @@
-"""The model commands: `train`, `export` and `evaluate` (training and export need the export extra)."""
+"""The model commands: `train`, `export`, `evaluate`, `probe`, `quantize` and `half`.
+
+All but `evaluate` run the export side (`cxrbatch.extras`), imported only when the command runs,
+so every `--help` works without the export extra. Errors are raised, never caught here: the
+command group turns them into one `[error]` line and the exit code of their class.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from cxrbatch.cli import Device, _setup_logging, app
-from cxrbatch.errors import EXIT_FATAL, ExtraMissing
+from cxrbatch.extras import export_module
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="log debug messages, and the traceback of a failure")]
 
 
-def _export_module(name: str):  # type: ignore[no-untyped-def]
-    """Import a module of the export extra, or explain how to install it."""
-    import importlib
+class Role(str, Enum):
+    """Which of the two models."""
 
-    try:
-        return importlib.import_module(f"export.{name}")
-    except ImportError as exc:
-        raise ExtraMissing(
-            f"this command needs the export extra ({exc.name} is missing): pip install 'cxrbatch[export]'"
-        ) from None
+    gate = "gate"
+    classifier = "classifier"
+
+
+def _write_json(path: Path | None, data: dict[str, Any]) -> str:
+    """The report as indented JSON, also written to `path` when given."""
+    from cxrbatch.reports import write_text
+
+    text = json.dumps(data, indent=2)
+    if path is not None:
+        write_text(path, text + "\n")
+    return text
 
 
 @app.command()
 def train(
-    role: Annotated[str, typer.Argument(help="gate or classifier")],
-    data_dir: Annotated[Path, typer.Argument(help="folder with train/ val/ test/ <CLASS>/ subfolders")],
+    role: Annotated[Role, typer.Argument(help="which model to train")],
+    data_dir: Annotated[Path, typer.Argument(help="folder with train/ val/ (test/) <CLASS>/ subfolders")],
     out: Annotated[Path, typer.Option("--out", help="checkpoint to write (.keras); a .json sidecar goes beside it")],
     base_weights: Annotated[
-        Path | None, typer.Option("--base-weights", help="ImageNet MobileNetV2 no-top .weights.h5 file")
+        Path | None,
+        typer.Option("--base-weights", help="ImageNet MobileNetV2 no-top .weights.h5 file (default: random init)"),
     ] = None,
     size: Annotated[int | None, typer.Option(help="input side in pixels (default: gate 112, classifier 224)")] = None,
     alpha: Annotated[float, typer.Option(help="MobileNetV2 width multiplier")] = 1.0,
-    views: Annotated[int | None, typer.Option(help="augmented views cached per training image")] = None,
-    epochs1: Annotated[int | None, typer.Option(help="max epochs, phase 1 (frozen base)")] = None,
-    epochs2: Annotated[int | None, typer.Option(help="max epochs, phase 2 (top blocks unfrozen)")] = None,
-    seed: Annotated[int, typer.Option(help="random seed")] = 1234,
+    views: Annotated[
+        int | None,
+        typer.Option(
+            help="views cached per training image: the image itself and views-1 augmented "
+            "(default: gate 3, classifier 10)"
+        ),
+    ] = None,
+    epochs1: Annotated[
+        int | None,
+        typer.Option(
+            help="most epochs of phase 1, the head on frozen features; early stopping may end it sooner (default: 40)"
+        ),
+    ] = None,
+    epochs2: Annotated[
+        int | None,
+        typer.Option(
+            help="most epochs of phase 2, the layers above the cache point unfrozen; 0 skips it "
+            "(default: gate 8, classifier 30)"
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="random seed (the same seed gives the same views)")] = 1234,
     source_alignment: Annotated[
-        float | None, typer.Option(help="classifier: weight of the per-class source alignment loss in phase 2 (0: off)")
+        float | None,
+        typer.Option(help="classifier: weight of the per-class source alignment loss in phase 2 (default: 0, off)"),
     ] = None,
     exclude_source: Annotated[
         list[str] | None,
@@ -51,26 +84,29 @@ def train(
             min=0.0,
             max=1.0,
             help="chance that an augmented view is set in a wider frame instead of cropped "
-            "(default: classifier 0.5, gate 0)",
+            "(default: gate 0, classifier 0.5)",
         ),
     ] = None,
     crop_area: Annotated[
         float | None,
         typer.Option(
-            min=0.1, max=1.0, help="smallest share of a film's area a random zoom-in crop keeps (default 0.7)"
+            min=0.1, max=1.0, help="smallest share of a film's area a random zoom-in crop keeps (default: 0.7)"
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    negative_label: Annotated[
+        str | None,
+        typer.Option(
+            help="classifier: the class folder that is not a finding, recorded in the model (default: NORMAL)"
+        ),
+    ] = None,
+    verbose: Verbose = False,
 ) -> None:
     """Train the gate or the classifier (needs the export extra).
 
     Example: cxrbatch train classifier data/cxr --out runs/classifier.keras --base-weights mnv2_no_top.weights.h5
     """
     _setup_logging(verbose, quiet=False)
-    if role not in ("gate", "classifier"):
-        raise typer.BadParameter("role must be gate or classifier")
-    training = _export_module("training")
-    default = training.DEFAULTS[role]
+    config_module = export_module("config")
     overrides = {
         "size": size,
         "views": views,
@@ -80,12 +116,12 @@ def train(
         "exclude_sources": tuple(exclude_source) if exclude_source else None,
         "zoom_out": zoom_out,
         "crop_area": crop_area,
+        "negative_label": negative_label,
     }
+    default = config_module.DEFAULTS[role.value]
     config = replace(default, alpha=alpha, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
-    if base_weights is not None and not base_weights.is_file():
-        raise typer.BadParameter(f"base weights not found: {base_weights}")
-    summary = training.train(role, data_dir, out, base_weights, config)
-    typer.echo(f"trained {role} in {summary['train_seconds']} s -> {out}", err=True)
+    summary = export_module("training").train(role.value, data_dir, out, base_weights, config)
+    typer.echo(f"trained {role.value} in {summary['train_seconds']} s -> {out}", err=True)
 
 
 @app.command()
@@ -95,7 +131,10 @@ def evaluate(
     source: Annotated[
         list[str] | None, typer.Option("--source", help="only images of this MANIFEST.csv source (repeatable)")
     ] = None,
-    models: Annotated[Path | None, typer.Option("--models", help="folder with gate.onnx and classifier.onnx")] = None,
+    models: Annotated[
+        Path | None,
+        typer.Option("--models", help="folder with gate.onnx and classifier.onnx (default: the shipped models)"),
+    ] = None,
     frame: Annotated[
         float,
         typer.Option(
@@ -105,28 +144,23 @@ def evaluate(
             "(above 1: black border around it; below 1: cut to its centre; 1: as it is)",
         ),
     ] = 1.0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write the full metrics as JSON")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the full metrics as JSON")] = None,
     device: Annotated[Device, typer.Option("--device", help="where the models run")] = Device.auto,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Measure the shipped models on labelled images: accuracy, macro-F1, per class and per source.
+    """Measure the models on labelled images: accuracy, macro-F1, per class and per source (no extra needed).
 
     Example: cxrbatch evaluate data/cxr --split test --json metrics.json
     """
-    import json
-
     from cxrbatch import evaluation
     from cxrbatch.models import default_models_dir, load_models
     from cxrbatch.pipeline import Screener
-    from cxrbatch.reports import write_text
 
     _setup_logging(verbose, quiet=False)
     transform = evaluation.Framed(frame) if frame != 1.0 else None
     gate, classifier = load_models(models or default_models_dir(), device.value)
-    screener = Screener(gate, classifier, transform=transform)
-    report = evaluation.evaluate(data_dir, split, gate, classifier, screener, tuple(source or ()))
-    if json_out is not None:
-        write_text(json_out, json.dumps(report, indent=2) + "\n")
+    report = evaluation.evaluate(data_dir, split, Screener(gate, classifier, transform=transform), tuple(source or ()))
+    _write_json(json_out, report)
     typer.echo(evaluation.format_report(report))
 
 
@@ -135,25 +169,82 @@ def export_cmd(
     ckpt: Annotated[Path, typer.Argument(help="checkpoint made by `cxrbatch train` (.keras with .json sidecar)")],
     out: Annotated[Path, typer.Option("--out", help="ONNX file to write, e.g. models/classifier.onnx")],
     check_images: Annotated[
-        Path | None, typer.Option("--check-images", help="folder of real images for the parity check")
-    ] = None,
+        Path,
+        typer.Option(
+            "--check-images",
+            help="folder of real images of the kind the model will see (e.g. the val split); up to 32 spread "
+            "over it must give the same outputs in Keras and onnxruntime",
+        ),
+    ],
     version: Annotated[str, typer.Option(help="model version recorded in the metadata")] = "1.0.0",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Convert a trained checkpoint to ONNX with metadata, then check it against Keras (needs the export extra).
 
-    Example: cxrbatch export runs/classifier.keras --out models/classifier.onnx --check-images samples
+    Example: cxrbatch export runs/classifier.keras --out models/classifier.onnx --check-images data/cxr/val
     """
     _setup_logging(verbose, quiet=False)
-    onnx_export = _export_module("onnx_export")
-    folder = check_images or Path(__file__).resolve().parent.parent / "samples"
-    images = onnx_export.pick_check_images(folder) if folder.is_dir() else []
-    try:
-        result = onnx_export.export(ckpt, out, images, version=version)
-    except onnx_export.ExportError as exc:
-        typer.echo(f"[error] export check failed: {exc}", err=True)
-        raise typer.Exit(EXIT_FATAL) from None
+    onnx_export = export_module("onnx_export")
+    result = onnx_export.export(ckpt, out, onnx_export.pick_check_images(check_images), version=version)
     parity = result["parity"]
     typer.echo(
         f"exported {out}: max |keras - onnx| {parity['max_abs_diff']:.2e} on {parity['images']} images", err=True
     )
+
+
+@app.command()
+def probe(
+    ckpt: Annotated[Path, typer.Argument(help="classifier checkpoint made by `cxrbatch train`")],
+    data_dir: Annotated[Path, typer.Argument(help="its training tree, with a MANIFEST.csv `source` column")],
+    base_weights: Annotated[
+        Path | None,
+        typer.Option("--base-weights", help="also probe this ImageNet initialisation, for comparison"),
+    ] = None,
+    label: Annotated[
+        str | None, typer.Option(help="class whose images are probed (default: the checkpoint's negative label)")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the report to this file")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Measure how well a classifier's features tell an image's source: a shortcut check (needs the export extra).
+
+    Prints, as JSON, a linear probe's val accuracy at naming the source of images of one class,
+    against the majority baseline.
+
+    Example: cxrbatch probe runs/classifier.keras data/cxr --base-weights mnv2_no_top.weights.h5
+    """
+    _setup_logging(verbose, quiet=False)
+    report = export_module("probe").probe(ckpt, data_dir, base_weights, label)
+    typer.echo(_write_json(json_out, report))
+
+
+@app.command()
+def quantize(
+    src: Annotated[Path, typer.Argument(help="exported ONNX model")],
+    dst: Annotated[Path, typer.Argument(help="int8 ONNX model to write")],
+    calibration: Annotated[Path, typer.Option(help="folder of images to calibrate on, e.g. the train split")],
+    images: Annotated[int, typer.Option(min=1, help="how many calibration images, spread over the folder")] = 200,
+    verbose: Verbose = False,
+) -> None:
+    """Write a static int8 copy of an exported model, for comparison with `cxrbatch evaluate` (needs the export extra).
+
+    Example: cxrbatch quantize models/classifier.onnx runs/int8/classifier.onnx --calibration data/cxr/train
+    """
+    _setup_logging(verbose, quiet=False)
+    export_module("quantize").quantize(src, dst, calibration, images)
+    typer.echo(f"wrote int8 copy {dst}", err=True)
+
+
+@app.command()
+def half(
+    src: Annotated[Path, typer.Argument(help="exported ONNX model")],
+    dst: Annotated[Path, typer.Argument(help="float16 ONNX model to write (float32 inputs and outputs)")],
+    verbose: Verbose = False,
+) -> None:
+    """Write a float16 copy of an exported model, meant for the CUDA provider (needs the export extra).
+
+    Example: cxrbatch half models/classifier.onnx runs/fp16/classifier.onnx
+    """
+    _setup_logging(verbose, quiet=False)
+    export_module("half").halve(src, dst)
+    typer.echo(f"wrote float16 copy {dst}", err=True)

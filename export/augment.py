@@ -1,67 +1,14 @@
-"""Labelled image folders (`train/ val/ test/ <CLASS>/`) and the training-time augmentation."""
+"""The training-time augmentation: views of a radiograph as other sources would frame and encode it."""
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
-from cxrbatch.discovery import iter_images
-from cxrbatch.evaluation import sources_of
 from cxrbatch.imaging import in_frame
-
-
-@dataclass(frozen=True)
-class Split:
-    """The files of one split with their integer labels (index into `classes`)."""
-
-    paths: list[Path]
-    labels: np.ndarray
-    classes: tuple[str, ...]
-
-    def counts(self) -> dict[str, int]:
-        """Count images per class."""
-        return {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)}
-
-
-def class_names(data_dir: Path) -> tuple[str, ...]:
-    """Read the class names from the train split's folder names, in sorted order."""
-    train = data_dir / "train"
-    if not train.is_dir():
-        raise FileNotFoundError(f"{data_dir} has no train/ folder (expected train/ val/ test/ <CLASS>/)")
-    names = tuple(sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")))
-    if len(names) < 2:
-        raise ValueError(f"{train} needs at least two class folders, found {list(names)}")
-    return names
-
-
-def load_split(data_dir: Path, split: str, classes: tuple[str, ...]) -> Split:
-    """List the images of one split, labelled by their class folder."""
-    paths: list[Path] = []
-    labels: list[int] = []
-    for index, name in enumerate(classes):
-        folder = data_dir / split / name
-        if not folder.is_dir():
-            continue
-        found = list(iter_images([folder]))
-        paths.extend(found)
-        labels.extend([index] * len(found))
-    return Split(paths, np.asarray(labels, dtype=np.int64), classes)
-
-
-def without_sources(split: Split, manifest: dict[str, dict[str, str]], sources: tuple[str, ...]) -> Split:
-    """The split less every image whose manifest source is one of `sources` (for leave-source-out runs)."""
-    if not sources:
-        return split
-    unknown = set(sources) - {row.get("source", "") for row in manifest.values()}
-    if unknown:
-        raise ValueError(f"no image in the manifest comes from {sorted(unknown)}")
-    keep = [i for i, source in enumerate(sources_of(split.paths, manifest)) if source not in sources]
-    return Split([split.paths[i] for i in keep], split.labels[keep], split.classes)
 
 
 def augment(img: Image.Image, rng: np.random.Generator, zoom_out: float = 0.0, crop_area: float = 0.70) -> Image.Image:

@@ -1,0 +1,156 @@
+"""Labelled image trees and their MANIFEST.csv: the one reader for training, the probe and `evaluate`.
+
+The rule, the same for every reader:
+
+- A tree is `DATA_DIR/[<split>/]<CLASS>/...` with splits `train`, `val`, `test`. A class is a
+  non-hidden subfolder of the split folder; its images are every image file below it
+  (`discovery.iter_images`: recursive, sorted, hidden files skipped). Images are listed class by
+  class in sorted class order.
+- A split folder without class subfolders is flat: an image's class is the `label` column of the
+  MANIFEST.csv in that folder (ids are file stems); images without a label are left out.
+- Classes are the sorted names found. Training takes them from train/ (at least two); another
+  split of the same tree may lack a class but not add one.
+- A MANIFEST.csv beside the splits (columns `id`, `source`, optionally `kind`, `age_group`)
+  tells where each image comes from, for leave-source-out runs and per-source metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cxrbatch.discovery import iter_images
+from cxrbatch.errors import UsageError
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "MANIFEST.csv"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Labelled images: paths with their integer labels (indices into `classes`)."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    def counts(self) -> dict[str, int]:
+        """Count images per class."""
+        return {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)}
+
+    def names(self) -> list[str]:
+        """The class name of each image."""
+        return [self.classes[i] for i in self.labels.tolist()]
+
+    def subset(self, keep: list[int]) -> Split:
+        """The images at the indices `keep`, same classes."""
+        return Split([self.paths[i] for i in keep], self.labels[keep], self.classes)
+
+
+def class_names(data_dir: Path) -> tuple[str, ...]:
+    """The classes of a training tree: those of its train/ split, sorted; at least two."""
+    names = load_split(data_dir, "train").classes
+    if len(names) < 2:
+        raise UsageError(f"{data_dir / 'train'} needs at least two classes, found {list(names)}")
+    return names
+
+
+def load_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = None) -> Split:
+    """Read one split folder of a tree; with `classes` (train's), refuse a class outside them."""
+    if not data_dir.is_dir():
+        raise UsageError(f"Data folder not found: {data_dir}")
+    root = data_dir / split
+    if not root.is_dir():
+        raise UsageError(f"{data_dir} has no {split}/ folder (expected {'/ '.join(SPLITS)}/ with <CLASS>/ folders)")
+    paths, names = _read_folder(root)
+    known = classes if classes is not None else tuple(sorted(set(names)))
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise UsageError(f"{root} has class(es) {unknown} that train/ has not (its classes: {list(known)})")
+    index = {name: i for i, name in enumerate(known)}
+    return Split(paths, np.asarray([index[n] for n in names], dtype=np.int64), known)
+
+
+def labelled_images(data_dir: Path, split: str | None) -> Split:
+    """Read the images to evaluate: `data_dir/split` if that folder exists, else `data_dir` itself
+    (a tree without splits, or a flat labelled folder); `split="all"` joins every split present
+    (for sources a model never saw, such as a leave-source-out run's)."""
+    if split == "all" and any((data_dir / s).is_dir() for s in SPLITS):
+        roots = [data_dir / s for s in SPLITS if (data_dir / s).is_dir()]
+    else:
+        roots = [data_dir / split if split and (data_dir / split).is_dir() else data_dir]
+    paths: list[Path] = []
+    names: list[str] = []
+    for root in roots:
+        if not root.is_dir():
+            raise UsageError(f"Evaluation folder not found: {root}")
+        found, labels = _read_folder(root)
+        paths += found
+        names += labels
+    if not paths:
+        where = roots[0] if len(roots) == 1 else data_dir
+        raise UsageError(f"No labelled images under {where} (expected <CLASS>/ folders or a {MANIFEST} with labels)")
+    classes = tuple(sorted(set(names)))
+    index = {name: i for i, name in enumerate(classes)}
+    return Split(paths, np.asarray([index[n] for n in names], dtype=np.int64), classes)
+
+
+def _read_folder(root: Path) -> tuple[list[Path], list[str]]:
+    """The images of one split folder and their class names, by the module's rule."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    paths: list[Path] = []
+    names: list[str] = []
+    for folder in folders:
+        found = list(iter_images([folder]))
+        paths += found
+        names += [folder.name] * len(found)
+    if not folders:
+        manifest = read_manifest(root)
+        for path in iter_images([root]):
+            label = manifest.get(path.stem, {}).get("label")
+            if label:
+                paths.append(path)
+                names.append(label)
+    return paths, names
+
+
+def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
+    """Map image id (file stem) to its MANIFEST.csv row; {} without a manifest."""
+    manifest = data_dir / MANIFEST
+    if not manifest.is_file():
+        return {}
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        return {row["id"]: row for row in csv.DictReader(fh) if "id" in row}
+
+
+def sources_of(paths: list[Path], manifest: dict[str, dict[str, str]]) -> list[str]:
+    """The MANIFEST.csv `source` of each image ("" where unknown); ids are file stems."""
+    return [manifest.get(p.stem, {}).get("source", "") for p in paths]
+
+
+def without_sources(split: Split, manifest: dict[str, dict[str, str]], sources: tuple[str, ...]) -> Split:
+    """The split less every image whose manifest source is one of `sources` (leave-source-out runs)."""
+    if not sources:
+        return split
+    _check_known(manifest, sources)
+    return split.subset([i for i, s in enumerate(sources_of(split.paths, manifest)) if s not in sources])
+
+
+def only_sources(split: Split, manifest: dict[str, dict[str, str]], sources: tuple[str, ...]) -> Split:
+    """Only the images whose manifest source is one of `sources` (what a leave-source-out model never saw)."""
+    if not sources:
+        return split
+    _check_known(manifest, sources)
+    keep = [i for i, s in enumerate(sources_of(split.paths, manifest)) if s in sources]
+    if not keep:
+        raise UsageError(f"No image of this selection comes from the source(s) {list(sources)}")
+    return split.subset(keep)
+
+
+def _check_known(manifest: dict[str, dict[str, str]], sources: tuple[str, ...]) -> None:
+    unknown = set(sources) - {row.get("source", "") for row in manifest.values()}
+    if unknown:
+        raise UsageError(f"No image in the {MANIFEST} comes from the source(s) {sorted(unknown)}")

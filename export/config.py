@@ -1,0 +1,66 @@
+"""What decides a training run, and the defaults of each role (no TensorFlow needed to read them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxrbatch.errors import UsageError
+from cxrbatch.imaging import InputSpec
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; saved in the checkpoint sidecar."""
+
+    role: str
+    size: int
+    alpha: float = 1.0
+    views: int = 4
+    epochs1: int = 40
+    epochs2: int = 8
+    batch_size: int = 64
+    lr1: float = 1e-3
+    lr2: float = 1e-4
+    dropout: float = 0.2
+    label_smoothing: float = 0.0  # classifier only
+    clahe: float = 0.0  # classifier only: CLAHE clip limit instead of global equalisation
+    seed: int = 1234
+    cache_layer: str = "block_12_add"  # frozen below (cached once), trainable above in phase 2
+    source_alignment: float = 0.0  # classifier only: weight of the per-class source alignment loss in phase 2
+    exclude_sources: tuple[str, ...] = ()  # manifest sources left out of train and val (leave-source-out runs)
+    zoom_out: float = 0.0  # chance that an augmented view is set in a wider frame (`augment.zoom_out_frame`)
+    crop_area: float = 0.70  # the other views are cropped to this share of the film's area or more
+    negative_label: str | None = None  # classifier only: the class that is not a finding (a class folder)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.zoom_out <= 1.0 or not 0.0 < self.crop_area <= 1.0:
+            raise UsageError(
+                f"zoom_out must be in [0, 1] and crop_area in (0, 1], not {self.zoom_out}, {self.crop_area}"
+            )
+
+    def input_spec(self) -> InputSpec:
+        """Gate sees colour (photos are colourful); the classifier sees equalised grey."""
+        if self.role == "gate":
+            return InputSpec(self.size, self.size, channels=3, colour="rgb", equalize=False)
+        return InputSpec(self.size, self.size, channels=1, colour="grey", equalize=not self.clahe, clahe=self.clahe)
+
+
+DEFAULTS = {
+    "gate": TrainConfig(role="gate", size=112, views=3),
+    "classifier": TrainConfig(
+        role="classifier",
+        size=224,
+        views=10,
+        epochs2=30,
+        lr2=3e-5,
+        cache_layer="block_5_add",
+        zoom_out=0.5,
+        negative_label="NORMAL",
+    ),
+}
+
+
+def sidecar_path(ckpt: Path) -> Path:
+    """Where the JSON summary of a checkpoint lives."""
+    return ckpt.with_name(ckpt.name + ".json")

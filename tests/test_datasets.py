@@ -1,0 +1,120 @@
+"""Labelled trees, manifests and source selection: the one reader of training and evaluation data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import grey_image
+
+from cxrbatch.datasets import (
+    class_names,
+    labelled_images,
+    load_split,
+    only_sources,
+    read_manifest,
+    sources_of,
+    without_sources,
+)
+from cxrbatch.errors import UsageError
+
+
+def _tree(root: Path, classes: tuple[str, ...] = ("DARK", "LIGHT"), per_class: int = 4) -> Path:
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                grey_image(folder / f"{split}-{name}_{i}.png", 20 + i)
+    return root
+
+
+def test_labelled_images_from_folders_and_from_manifest(tmp_path: Path) -> None:
+    (tmp_path / "test" / "NORMAL").mkdir(parents=True)
+    grey_image(tmp_path / "test" / "NORMAL" / "n1.png", 110)
+    images = labelled_images(tmp_path, "test")
+    assert [p.name for p in images.paths] == ["n1.png"] and images.names() == ["NORMAL"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    grey_image(flat / "abc.png", 20)
+    grey_image(flat / "unlisted.png", 20)
+    (flat / "MANIFEST.csv").write_text("id,file,label\nabc,abc.png,COVID19\n", encoding="utf-8")
+    images = labelled_images(flat, "test")
+    assert [p.name for p in images.paths] == ["abc.png"] and images.names() == ["COVID19"]
+    with pytest.raises(UsageError, match="No labelled images"):
+        labelled_images(tmp_path / "test" / "NORMAL", None)
+    with pytest.raises(UsageError, match="Evaluation folder not found"):
+        labelled_images(tmp_path / "nowhere", "test")
+
+
+def test_all_joins_every_split_present(tmp_path: Path) -> None:
+    _tree(tmp_path, per_class=2)
+    images = labelled_images(tmp_path, "all")
+    assert len(images.paths) == 8 and {p.parent.parent.name for p in images.paths} == {"train", "val"}
+    assert images.counts() == {"DARK": 4, "LIGHT": 4}
+
+
+def test_training_split_lists_classes_in_sorted_order(tmp_path: Path) -> None:
+    _tree(tmp_path, ("LIGHT", "DARK", ".hidden"))
+    classes = class_names(tmp_path)
+    assert classes == ("DARK", "LIGHT")
+    split = load_split(tmp_path, "val", classes)
+    assert split.labels.tolist() == [0] * 4 + [1] * 4
+    assert [p.name for p in split.paths[:2]] == ["val-DARK_0.png", "val-DARK_1.png"]
+    assert split.counts() == {"DARK": 4, "LIGHT": 4}
+
+
+def test_operator_mistakes_in_a_training_tree_are_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="Data folder not found"):
+        class_names(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match=r"has no train/ folder"):
+        class_names(tmp_path)
+    _tree(tmp_path / "one", ("ONLY",))
+    with pytest.raises(UsageError, match="at least two classes"):
+        class_names(tmp_path / "one")
+    data = _tree(tmp_path / "cxr")
+    (data / "val" / "EXTRA").mkdir()
+    grey_image(data / "val" / "EXTRA" / "x.png", 90)
+    with pytest.raises(UsageError, match=r"class\(es\) \['EXTRA'\] that train/ has not"):
+        load_split(data, "val", class_names(data))
+    with pytest.raises(UsageError, match=r"has no test/ folder"):
+        load_split(data, "test", class_names(data))
+
+
+def test_a_class_missing_from_val_counts_zero(tmp_path: Path) -> None:
+    data = _tree(tmp_path)
+    for path in (data / "val" / "LIGHT").iterdir():
+        path.unlink()
+    split = load_split(data, "val", class_names(data))
+    assert split.counts() == {"DARK": 4, "LIGHT": 0}
+
+
+def test_manifest_sources(tmp_path: Path) -> None:
+    assert read_manifest(tmp_path) == {}
+    (tmp_path / "MANIFEST.csv").write_text("id,source\na,src-a\nb,\n", encoding="utf-8")
+    manifest = read_manifest(tmp_path)
+    assert manifest["a"]["source"] == "src-a"
+    assert sources_of([Path("x/a.png"), Path("b.jpg"), Path("c.png")], manifest) == ["src-a", "", ""]
+
+
+def test_without_and_only_sources_select_by_manifest_source(tmp_path: Path) -> None:
+    data = _tree(tmp_path)
+    manifest = {
+        f"train-{c}_{i}": {"source": "left-out" if i == 0 else "kept"} for c in ("DARK", "LIGHT") for i in range(4)
+    }
+    split = load_split(data, "train", class_names(data))
+    kept = without_sources(split, manifest, ("left-out",))
+    assert sorted(p.stem for p in kept.paths) == [f"train-{c}_{i}" for c in ("DARK", "LIGHT") for i in (1, 2, 3)]
+    assert kept.counts() == {"DARK": 3, "LIGHT": 3} and kept.classes == split.classes
+    assert without_sources(split, manifest, ()) is split
+    only = only_sources(split, manifest, ("left-out",))
+    assert [p.stem for p in only.paths] == ["train-DARK_0", "train-LIGHT_0"]
+    assert np.array_equal(only.labels, [0, 1])
+    with pytest.raises(UsageError, match=r"comes from the source\(s\) \['typo'\]"):
+        without_sources(split, manifest, ("typo",))
+    with pytest.raises(UsageError, match="from the source"):
+        only_sources(split, manifest, ("typo",))
+    val = load_split(data, "val", split.classes)  # its images are not in the manifest at all
+    with pytest.raises(UsageError, match="No image of this selection"):
+        only_sources(val, manifest, ("kept",))

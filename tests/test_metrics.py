@@ -1,0 +1,56 @@
+"""Classification metrics on known confusion matrices and rankings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cxrbatch.metrics import bootstrap_intervals, classification_metrics, roc_auc, subset_metrics
+
+
+def test_metrics_on_a_known_confusion_matrix() -> None:
+    # truth 0: 3 right, 1 called 1; truth 1: 2 right; truth 2: 1 right, 1 called 0
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 1, 1, 1, 2, 0])
+    m = classification_metrics(y, pred, 3, ci=True)
+    assert m["confusion"] == [[3, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["recall"] == pytest.approx([0.75, 1.0, 0.5])
+    assert m["precision"] == pytest.approx([0.75, 2 / 3, 1.0])
+    f1 = [0.75, 0.8, 2 / 3]
+    assert m["f1"] == pytest.approx(f1)
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
+    low, high = m["ci95"]["accuracy"]
+    assert low <= m["accuracy"] <= high and high - low > 0
+
+
+def test_bootstrap_is_reproducible_and_brackets_each_class() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 0, 0, 1, 1, 1, 2, 0])
+    first, again = bootstrap_intervals(y, pred, 3), bootstrap_intervals(y, pred, 3)
+    assert first == again  # fixed seed: the same report twice
+    assert len(first["recall"]) == 3 and all(low <= high for low, high in first["recall"])
+    assert first["accuracy"][0] <= 0.75 <= first["accuracy"][1]
+    perfect = bootstrap_intervals(y, y, 3)
+    assert perfect["accuracy"] == [1.0, 1.0] and perfect["macro_f1"][1] == 1.0  # no spread without errors
+
+
+def test_roc_auc_counts_ordered_pairs_and_half_ties() -> None:
+    positive = np.array([True, True, False, False, False])
+    # pairs (pos, neg): 0.9 beats all three; 0.4 beats 0.1, ties 0.4, loses to 0.5 -> (3 + 1 + 0.5) / 6
+    assert roc_auc(np.array([0.9, 0.4, 0.4, 0.1, 0.5]), positive) == pytest.approx(4.5 / 6)
+    assert roc_auc(np.array([0.9, 0.8, 0.1, 0.2, 0.3]), positive) == 1.0
+    assert roc_auc(np.array([0.1, 0.2, 0.3, 0.4, 0.5]), positive) == 0.0
+    assert roc_auc(np.ones(5), positive) == 0.5
+    assert roc_auc(np.ones(3), np.array([True, True, True])) is None
+
+
+def test_absent_class_scores_zero_not_nan() -> None:
+    m = classification_metrics(np.array([0, 0]), np.array([0, 0]), 2)
+    assert m["recall"] == [1.0, 0.0] and not np.isnan(m["macro_f1"])
+
+
+def test_subset_metrics_name_present_classes_and_predictions() -> None:
+    labels = ("A", "B", "C")
+    m = subset_metrics(np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1]), labels)
+    assert m == {"n": 4, "accuracy": 0.75, "recall": {"A": 0.5, "B": 1.0}, "predicted": {"A": 1, "B": 2, "C": 1}}

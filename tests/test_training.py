@@ -1,0 +1,126 @@
+"""Training recipes through the CLI on tiny blob datasets (needs the export extra), and the
+operator mistakes `train` reports in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import TINY_TRAINING, blob_dataset
+from PIL import Image
+from typer.testing import CliRunner
+
+pytest.importorskip("tensorflow", reason="the export extra (tensorflow) is not installed")
+pytest.importorskip("tf2onnx", reason="the export extra (tf2onnx) is not installed")
+
+from cxrbatch.cli import app
+from cxrbatch.extras import export_module
+
+pytestmark = pytest.mark.export
+runner = CliRunner()
+TINY = TINY_TRAINING
+CLASSES = {"DARK": (False, False), "LIGHT": (True, False)}
+
+
+def test_checkpoint_sidecar_has_sorted_labels_and_config(exported: dict[str, Path]) -> None:
+    summary = json.loads((exported["work"] / "classifier.keras.json").read_text(encoding="utf-8"))
+    assert summary["labels"] == ["DARK", "LIGHT"]
+    assert summary["config"]["alpha"] == 0.35 and summary["input"]["height"] == 32
+    default = export_module("config").DEFAULTS[
+        "classifier"
+    ]  # options not given on the command line keep the role's defaults
+    assert summary["config"]["cache_layer"] == default.cache_layer and summary["config"]["lr2"] == default.lr2
+    assert summary["data"]["train"] == {"DARK": 12, "LIGHT": 12}
+    gate = json.loads((exported["work"] / "gate.keras.json").read_text(encoding="utf-8"))
+    assert gate["labels"] == ["NOT_XRAY", "XRAY"] and 0 < gate["threshold"] <= 0.5
+    assert gate["positive_label"] == "XRAY" and summary["negative_label"] == "DARK"
+
+
+def test_leave_source_out_training_with_source_alignment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = export_module("cache")
+    framing: set[tuple[float, float]] = set()
+    real_augment = cache.augment
+
+    def recorded(img: Image.Image, rng: np.random.Generator, zoom_out: float, crop_area: float) -> Image.Image:
+        framing.add((zoom_out, crop_area))
+        return real_augment(img, rng, zoom_out, crop_area)
+
+    monkeypatch.setattr(cache, "augment", recorded)
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=30)
+    rows = ["id,source"] + [f"{c}_{i},src{i % 3}" for c in ("DARK", "LIGHT") for i in range(30)]
+    (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    ckpt = tmp_path / "clf.keras"
+    args = ["train", "classifier", str(data), "--out", str(ckpt), *TINY, "--views", "2", "--zoom-out", "0.8"]
+    args += ["--negative-label", "DARK"]
+    args += ["--crop-area", "0.5"]
+    result = runner.invoke(app, [*args, "--source-alignment", "1.0", "--exclude-source", "src2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "clf.keras.json").read_text(encoding="utf-8"))
+    assert summary["data"]["train"] == {"DARK": 20, "LIGHT": 20} and summary["data"]["val"] == {"DARK": 20, "LIGHT": 20}
+    assert summary["config"]["exclude_sources"] == ["src2"] and summary["config"]["source_alignment"] == 1.0
+    assert framing == {(0.8, 0.5)}  # the framing options reach every augmented view
+    assert summary["source_alignment"] == {"DARK": ["src0", "src1"], "LIGHT": ["src0", "src1"]}
+    onnx_path = tmp_path / "classifier.onnx"
+    result = runner.invoke(app, ["export", str(ckpt), "--out", str(onnx_path), "--check-images", str(data / "val")])
+    assert result.exit_code == 0, result.output
+    import onnx
+
+    assert {o.name for o in onnx.load(str(onnx_path)).graph.output} == {"scores", "cam"}  # no alignment output
+
+
+def test_head_only_training_when_phase_two_has_no_epochs(tmp_path: Path) -> None:
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=6)
+    args = ["train", "classifier", str(data), "--out", str(tmp_path / "c.keras"), *TINY[:-2], "--epochs2", "0"]
+    args += ["--negative-label", "LIGHT"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "c.keras.json").read_text(encoding="utf-8"))
+    assert summary["history"]["phase1_epochs"] == 1 and summary["history"]["phase2_epochs"] == 0
+    assert 0.0 <= summary["validation"]["val_accuracy"] <= 1.0
+
+
+def _train(data: Path, tmp_path: Path, *extra: str) -> tuple[int, str]:
+    out = tmp_path / "c.keras"
+    result = runner.invoke(app, ["train", "classifier", str(data), "--out", str(out), *TINY, *extra])
+    return result.exit_code, result.stderr
+
+
+def test_train_reports_operator_mistakes_in_one_line(tmp_path: Path) -> None:
+    code, err = _train(tmp_path / "nowhere", tmp_path)
+    assert code == 2 and "[error] Data folder not found:" in err
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=2)
+    code, err = _train(data, tmp_path, "--negative-label", "DARK", "--exclude-source", "typo")
+    assert code == 2 and "[error] No image in the MANIFEST.csv comes from the source(s) ['typo']" in err
+    code, err = _train(data, tmp_path)  # the default negative label, NORMAL, is not a class here
+    assert code == 2 and "[error] the classifier's negative label 'NORMAL' is not a class of" in err
+    code, err = _train(data, tmp_path, "--negative-label", "DARK", "--base-weights", str(tmp_path / "no.h5"))
+    assert code == 2 and "[error] Base weights not found:" in err
+    for split in ("val", "train"):
+        for folder in sorted((data / split).rglob("*"), reverse=True):
+            folder.unlink() if folder.is_file() else folder.rmdir()
+        (data / split).rmdir()
+        code, err = _train(data, tmp_path, "--negative-label", "DARK")
+        assert code == 2 and f"[error] {data} has no {split}/ folder" in err
+    assert "Traceback" not in err and not (tmp_path / "c.keras").exists()
+
+
+def test_gate_takes_no_negative_label(tmp_path: Path) -> None:
+    data = blob_dataset(tmp_path / "gate", {"NOT_XRAY": (True, True), "XRAY": (False, False)}, per_class=2)
+    result = runner.invoke(
+        app, ["train", "gate", str(data), "--out", str(tmp_path / "g.keras"), "--negative-label", "XRAY"]
+    )
+    assert result.exit_code == 2 and "[error] only the classifier has a negative label" in result.stderr
+
+
+def test_the_same_seed_gives_the_same_views(tmp_path: Path) -> None:
+    cache = export_module("cache")
+    config = export_module("config").DEFAULTS["classifier"]
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=1)
+    path = next((data / "train" / "DARK").iterdir())
+    spec = config.input_spec()
+    first, again = (cache.views_of(path, spec, 11, 3, config) for _ in range(2))
+    assert first.shape == (3, 224, 224, 1) and np.array_equal(first, again)
+    assert not np.array_equal(first[1], first[2])  # two different augmented views
+    assert np.array_equal(cache.views_of(path, spec, 12, 0, config)[0], first[0])  # the clean view first
