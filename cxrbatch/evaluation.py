@@ -21,9 +21,10 @@ from PIL import Image
 from cxrbatch.datasets import Split, labelled_images, only_sources, read_manifest
 from cxrbatch.errors import UsageError
 from cxrbatch.imaging import in_frame
-from cxrbatch.metrics import classification_metrics, roc_auc, subset_metrics
-from cxrbatch.models import Model
+from cxrbatch.metrics import classification_metrics, referral_metrics, roc_auc, subset_metrics
+from cxrbatch.models import Model, ModelSpec
 from cxrbatch.pipeline import Screener
+from cxrbatch.records import DECIMALS
 
 
 @dataclass
@@ -109,7 +110,7 @@ def evaluate(data_dir: Path, split: str | None, screener: Screener, sources: tup
         "models": {"gate": gate.describe(), "classifier": classifier.describe()},
     }
     if kind == "classifier":
-        report.update(_classifier_report(scored, classifier.spec.labels, gate.spec.threshold, groups))
+        report.update(_classifier_report(scored, classifier.spec, gate.spec.threshold, groups))
     else:
         report.update(_gate_report(scored, gate, groups))
     return report
@@ -145,16 +146,28 @@ def _groups(paths: list[Path], manifest: dict[str, dict[str, str]]) -> dict[str,
 
 
 def _classifier_report(
-    scored: Scored, labels: tuple[str, ...], gate_threshold: float, groups: dict[str, dict[str, list[int]]]
+    scored: Scored, spec: ModelSpec, gate_threshold: float, groups: dict[str, dict[str, list[int]]]
 ) -> dict[str, Any]:
+    labels = spec.labels
     index = {label: i for i, label in enumerate(labels)}
     y = np.array([index[t] for t in scored.truth], dtype=np.int64)
     pred = scored.probs.argmax(axis=1) if len(y) else np.zeros(0, dtype=np.int64)
     out: dict[str, Any] = {"labels": list(labels), "overall": classification_metrics(y, pred, len(labels), ci=True)}
     out["auc"] = {label: roc_auc(scored.probs[:, i], y == i) for i, label in enumerate(labels)}
     out["gate_accepted"] = float((scored.gate_scores >= gate_threshold).mean()) if len(y) else None
+    # refer or clear, as `cxrbatch run` decides it: 1 - P(no finding), rounded as the reports write it
+    negative = index[spec.negative_label or ""]
+    referral = np.round(1.0 - scored.probs[:, negative], DECIMALS) if len(y) else np.zeros(0)
+    abnormal = y != negative
+    out["referral"] = referral_metrics(referral, abnormal, spec.referral_threshold)
     for column, values in groups.items():
-        out[f"by_{column}"] = {value: subset_metrics(y[idx], pred[idx], labels) for value, idx in values.items()}
+        out[f"by_{column}"] = {
+            value: {
+                **subset_metrics(y[idx], pred[idx], labels),
+                "referral": referral_metrics(referral[idx], abnormal[idx], spec.referral_threshold),
+            }
+            for value, idx in values.items()
+        }
     return out
 
 
@@ -213,11 +226,29 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("  AUC, one class against the rest: " + ", ".join(f"{k} {_num(v)}" for k, v in auc.items()))
     lines.append("confusion (rows truth, columns predicted): " + " ".join(labels))
     lines += [f"  {label:<14}{row}" for label, row in zip(labels, overall["confusion"], strict=True)]
+    lines.append(_referral_line("refer or clear", report["referral"]))
     for column in ("source", "age_group"):
         for value, row in report.get(f"by_{column}", {}).items():
             recall = ", ".join(f"{k} {v:.2f}" for k, v in row["recall"].items())
             lines.append(f"  [{column}] {value[:60]:<60} n={row['n']:<4} acc {row['accuracy']:.3f}  recall: {recall}")
+            lines.append(_referral_line("      refer or clear", row["referral"]))
     return "\n".join(lines)
+
+
+def _referral_line(title: str, r: dict[str, Any]) -> str:
+    """Sensitivity, specificity, AUC and the specificity at 90 % sensitivity, each with its interval."""
+    ci = r["ci95"]
+    at = "no threshold" if r["threshold"] is None else f"{r['threshold']:.6f}"
+    cells = [f"{title} at {at}: abnormal {r['n_abnormal']}, normal {r['n_normal']}"]
+    for name, key in (
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+        ("AUC", "auc"),
+        ("specificity at 90% sensitivity", "specificity_at_90_sensitivity"),
+    ):
+        if r[key] is not None:
+            cells.append(f"{name} {r[key]:.3f} {_ci(ci[key])}")
+    return "; ".join(cells)
 
 
 def _num(value: float | None) -> str:

@@ -86,3 +86,45 @@ def _prf(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     return precision, recall, f1
+
+
+TRIAGE_SENSITIVITY = 0.90  # WHO's target for a triage test: sensitivity >= 90 % (with specificity >= 70 %)
+
+
+def referral_metrics(scores: np.ndarray, abnormal: np.ndarray, threshold: float | None) -> dict[str, Any]:
+    """Refer-or-clear metrics of referral `scores` (refer at or above `threshold`) for `abnormal`
+    films against normal ones: sensitivity, specificity, ROC AUC, and the specificity at the
+    triage sensitivity of 90 %, each with a percentile 95 % interval from resampling the abnormal
+    and the normal films separately (fixed seed). A side with no films gives None."""
+    pos, neg = scores[abnormal], scores[~abnormal]
+    point = _referral_point(pos, neg, threshold)
+    out: dict[str, Any] = {"n_abnormal": len(pos), "n_normal": len(neg), "threshold": threshold, **point}
+    if len(pos) and len(neg):
+        out["threshold_at_90_sensitivity"] = _threshold_for(pos, TRIAGE_SENSITIVITY)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    rounds = [
+        _referral_point(rng.choice(pos, len(pos)), rng.choice(neg, len(neg)), threshold)
+        for _ in range(BOOTSTRAP_ROUNDS if len(pos) or len(neg) else 0)
+    ]
+    out["ci95"] = {
+        name: None if value is None else np.percentile([r[name] for r in rounds], [2.5, 97.5]).tolist()
+        for name, value in point.items()
+    }
+    return out
+
+
+def _referral_point(pos: np.ndarray, neg: np.ndarray, threshold: float | None) -> dict[str, float | None]:
+    both = len(pos) > 0 and len(neg) > 0
+    at_90 = _threshold_for(pos, TRIAGE_SENSITIVITY) if both else None
+    return {
+        "sensitivity": float((pos >= threshold).mean()) if threshold is not None and len(pos) else None,
+        "specificity": float((neg < threshold).mean()) if threshold is not None and len(neg) else None,
+        "auc": roc_auc(np.concatenate([pos, neg]), np.arange(len(pos) + len(neg)) < len(pos)) if both else None,
+        "specificity_at_90_sensitivity": float((neg < at_90).mean()) if at_90 is not None else None,
+    }
+
+
+def _threshold_for(pos: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold that refers at least `sensitivity` of the abnormal scores `pos`."""
+    k = int(np.ceil(sensitivity * len(pos)))
+    return float(np.sort(pos)[::-1][k - 1])

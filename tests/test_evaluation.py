@@ -35,8 +35,13 @@ def test_evaluate_classifier_tree_with_manifest(tiny_models: Path, tmp_path: Pat
     assert report["by_source"]["src-b"]["n"] == 4 and report["by_source"]["src-a"]["accuracy"] == 1.0
     assert report["gate_accepted"] == 1.0
     assert report["auc"]["COVID19"] == 1.0  # the darkest images get the highest COVID19 scores
+    referral = report["referral"]  # 9 abnormal films referred; the 3 mid-grey NORMALs cleared, the white one not
+    assert (referral["n_abnormal"], referral["n_normal"], referral["threshold"]) == (9, 4, 0.5)
+    assert referral["sensitivity"] == 1.0 and referral["specificity"] == 0.75
+    assert report["by_source"]["src-b"]["referral"]["n_normal"] == 1  # NORMAL0 (src-a holds NORMALx too)
     text = format_report(report)
     assert "accuracy 0.9231" in text and "[source] src-a" in text
+    assert "refer or clear at 0.500000: abnormal 9, normal 4; sensitivity 1.000" in text
 
 
 def test_evaluate_all_splits_of_chosen_sources(tiny_models: Path, tmp_path: Path) -> None:

@@ -54,3 +54,22 @@ def test_subset_metrics_name_present_classes_and_predictions() -> None:
     labels = ("A", "B", "C")
     m = subset_metrics(np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1]), labels)
     assert m == {"n": 4, "accuracy": 0.75, "recall": {"A": 0.5, "B": 1.0}, "predicted": {"A": 1, "B": 2, "C": 1}}
+
+
+def test_referral_metrics_on_known_scores() -> None:
+    from cxrbatch.metrics import referral_metrics
+
+    scores = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.3, 0.1, 0.05])
+    abnormal = np.array([True, True, True, True, False, False, False, False])
+    m = referral_metrics(scores, abnormal, 0.5)
+    assert (m["n_abnormal"], m["n_normal"]) == (4, 4)
+    assert m["sensitivity"] == 0.75 and m["specificity"] == 0.75  # 0.2 is missed, 0.6 is referred
+    assert m["auc"] == pytest.approx(14 / 16)  # pairs: 0.9, 0.8, 0.7 beat all four normals, 0.2 beats 0.1 and 0.05
+    assert m["threshold_at_90_sensitivity"] == 0.2  # all 4 abnormal films (ceil(0.9 x 4)) at or above it
+    assert m["specificity_at_90_sensitivity"] == 0.5
+    low, high = m["ci95"]["sensitivity"]
+    assert 0 <= low <= 0.75 <= high <= 1
+    assert referral_metrics(scores, abnormal, 0.5)["ci95"] == m["ci95"]  # a fixed seed
+    only_normal = referral_metrics(scores[4:], abnormal[4:], 0.5)
+    assert only_normal["sensitivity"] is None and only_normal["auc"] is None and only_normal["specificity"] == 0.75
+    assert referral_metrics(scores, abnormal, None)["sensitivity"] is None
