@@ -36,6 +36,7 @@ class Scored:
     gate_scores: np.ndarray  # (N,)
     probs: np.ndarray  # (N, K) classifier probabilities
     errors: list[str]
+    familiarity: np.ndarray | None = None  # (N,) when the classifier has a familiarity output
 
 
 @dataclass(frozen=True)
@@ -68,25 +69,28 @@ def score(screener: Screener, images: Split) -> Scored:
     """Run both models on every readable image, whatever the gate says."""
     keep_paths: list[Path] = []
     keep_truth: list[str] = []
-    gate_scores, probs, errors = [], [], []
+    gate_scores, probs, distances, errors = [], [], [], []
     label_of = dict(zip(images.paths, images.names(), strict=True))
-    score_output = screener.classifier.spec.score_output
+    spec = screener.classifier.spec
     for batch in screener.decoded_batches(images.paths):
         good = [d for d in batch if d.error is None]
         errors += [f"{d.path}: {d.error}" for d in batch if d.error is not None]
         if not good:
             continue
         gate_scores.append(screener.gate_scores(np.stack([d.gate_input for d in good])))  # type: ignore[misc]
-        probs.append(screener.classify(np.stack([d.classifier_input for d in good]))[score_output])  # type: ignore[misc]
+        out = screener.classify(np.stack([d.classifier_input for d in good]))  # type: ignore[misc]
+        probs.append(out[spec.score_output])
+        if spec.familiarity_output:
+            distances.append(out[spec.familiarity_output][:, 0])
         keep_paths += [d.path for d in good]
         keep_truth += [label_of[d.path] for d in good]
-    k = len(screener.classifier.spec.labels)
     return Scored(
         keep_paths,
         keep_truth,
         np.concatenate(gate_scores) if gate_scores else np.zeros(0),
-        np.concatenate(probs) if probs else np.zeros((0, k)),
+        np.concatenate(probs) if probs else np.zeros((0, len(spec.labels))),
         errors,
+        (np.concatenate(distances) if distances else np.zeros(0)) if spec.familiarity_output else None,
     )
 
 
@@ -113,7 +117,35 @@ def evaluate(data_dir: Path, split: str | None, screener: Screener, sources: tup
         report.update(_classifier_report(scored, classifier.spec, gate.spec.threshold, groups))
     else:
         report.update(_gate_report(scored, gate, groups))
+    if scored.familiarity is not None:
+        report["familiarity"] = _familiarity_report(scored, classifier.spec, gate, groups)
     return report
+
+
+def _familiarity_report(
+    scored: Scored, spec: ModelSpec, gate: Model, groups: dict[str, dict[str, list[int]]]
+) -> dict[str, Any]:
+    """How often films are `unfamiliar` to the classifier, overall and per group; for a gate tree,
+    also among the non-X-rays the gate lets through, and the AUC of the distance for non-X-rays."""
+    assert scored.familiarity is not None and spec.familiarity_threshold is not None
+    unfamiliar = scored.familiarity > spec.familiarity_threshold
+    out: dict[str, Any] = {
+        "threshold": spec.familiarity_threshold,
+        "unfamiliar": float(unfamiliar.mean()) if len(unfamiliar) else None,
+        "by_group": {
+            f"{column}={value}": {"n": len(idx), "unfamiliar": float(unfamiliar[idx].mean())}
+            for column, values in groups.items()
+            for value, idx in values.items()
+        },
+    }
+    if gate.spec.positive_label in set(scored.truth):
+        other = np.array([t != gate.spec.positive_label for t in scored.truth])
+        slipped = other & (scored.gate_scores >= gate.spec.threshold)
+        out["auc_not_xray"] = roc_auc(scored.familiarity, other)
+        out["not_xray_unfamiliar"] = float(unfamiliar[other].mean()) if other.any() else None
+        out["xray_unfamiliar"] = float(unfamiliar[~other].mean()) if (~other).any() else None
+        out["passed_gate_not_xray"] = {"n": int(slipped.sum()), "unfamiliar": int(unfamiliar[slipped].sum())}
+    return out
 
 
 def _kind(classes: set[str], gate: Model, classifier: Model) -> str:
@@ -196,6 +228,11 @@ def _gate_report(scored: Scored, gate: Model, groups: dict[str, dict[str, list[i
 
 def format_report(report: dict[str, Any]) -> str:
     """Render an evaluation report as readable text."""
+    text = _format_metrics(report)
+    return text if "familiarity" not in report else "\n".join([text, *_familiarity_lines(report["familiarity"])])
+
+
+def _format_metrics(report: dict[str, Any]) -> str:
     lines = [f"{report['kind']} evaluation on {report['data']}/{report['split'] or ''}: {report['images']} images"]
     if report.get("transform"):
         lines.append(f"stress test: {report['transform']}")
@@ -233,6 +270,21 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  [{column}] {value[:60]:<60} n={row['n']:<4} acc {row['accuracy']:.3f}  recall: {recall}")
             lines.append(_referral_line("      refer or clear", row["referral"]))
     return "\n".join(lines)
+
+
+def _familiarity_lines(f: dict[str, Any]) -> list[str]:
+    lines = [f"unfamiliar (distance above {f['threshold']:.3f}): {_pct(f['unfamiliar'])}"]
+    if "auc_not_xray" in f:
+        slipped = f["passed_gate_not_xray"]
+        lines.append(
+            f"  non-X-rays {_pct(f['not_xray_unfamiliar'])} unfamiliar, X-rays {_pct(f['xray_unfamiliar'])}; "
+            f"AUC of the distance for non-X-rays {_num(f['auc_not_xray'])}; "
+            f"of {slipped['n']} non-X-rays the gate accepted, {slipped['unfamiliar']} unfamiliar"
+        )
+    lines += [
+        f"  [{group[:70]}] n={row['n']} unfamiliar {_pct(row['unfamiliar'])}" for group, row in f["by_group"].items()
+    ]
+    return lines
 
 
 def _referral_line(title: str, r: dict[str, Any]) -> str:

@@ -98,20 +98,24 @@ def with_familiarity(proto: onnx.ModelProto, features_name: str, mean: np.ndarra
             numpy_helper.from_array(white.astype(np.float32), "familiarity_whitening"),
         ]
     )
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= 18:  # the reduction's axes became an input in opset 18
+        graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "familiarity_axes"))
+        reduce = helper.make_node("ReduceSumSquare", ["familiarity_white", "familiarity_axes"], ["familiarity_squared"])
+    else:
+        reduce = helper.make_node("ReduceSumSquare", ["familiarity_white"], ["familiarity_squared"], axes=[1])
     graph.node.extend(
         [
             helper.make_node("Sub", [features_name, "familiarity_mean"], ["familiarity_centred"]),
             helper.make_node("MatMul", ["familiarity_centred", "familiarity_whitening"], ["familiarity_white"]),
-            helper.make_node("ReduceSumSquare", ["familiarity_white"], ["familiarity_squared"], axes=[1], keepdims=1),
+            reduce,
             helper.make_node("Sqrt", ["familiarity_squared"], [OUTPUT]),
         ]
     )
     graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
 
 
-def add_familiarity(
-    src: Path, dst: Path, data_dir: Path, gate: Path, percentile: float = PERCENTILE
-) -> dict[str, Any]:
+def add_familiarity(src: Path, dst: Path, data_dir: Path, gate: Path, percentile: float = PERCENTILE) -> dict[str, Any]:
     """Write `dst`: the classifier `src` with a familiarity output from `data_dir`'s train split and
     its threshold at `percentile` of the val split's distances; return the record it carries."""
     proto = onnx.load(str(src))

@@ -248,3 +248,26 @@ def half(
     _setup_logging(verbose, quiet=False)
     export_module("half").halve(src, dst)
     typer.echo(f"wrote float16 copy {dst}", err=True)
+
+
+@app.command()
+def familiarity(
+    src: Annotated[Path, typer.Argument(help="exported classifier ONNX model")],
+    dst: Annotated[Path, typer.Argument(help="classifier ONNX model to write, with the familiarity output")],
+    data_dir: Annotated[
+        Path,
+        typer.Option("--data", help="the classifier's training data: train/ gives the statistics, val/ the threshold"),
+    ],
+    gate: Annotated[Path, typer.Option("--gate", help="the gate ONNX model (its decoding settings are shared)")],
+    percentile: Annotated[
+        float, typer.Option(min=50.0, max=100.0, help="val percentile of the distance above which a film is unfamiliar")
+    ] = 99.0,
+    verbose: Verbose = False,
+) -> None:
+    """Add a `familiarity` output to a classifier: the distance of a film's features to its training films'.
+
+    Example: cxrbatch familiarity models/classifier.onnx runs/classifier.onnx --data data/cxr --gate models/gate.onnx
+    """
+    _setup_logging(verbose, quiet=False)
+    record = export_module("familiarity").add_familiarity(src, dst, data_dir, gate, percentile)
+    typer.echo(f"wrote {dst}: unfamiliar above {record['threshold']} ({record['threshold_rule']})", err=True)
