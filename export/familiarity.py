@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from cxrbatch.datasets import labelled_images
+from cxrbatch.datasets import labelled_images, read_manifest, without_sources
 from cxrbatch.errors import ExportError
 from cxrbatch.models import CPU, ModelSpec, embed_metadata, load_model
 from cxrbatch.pipeline import Screener
@@ -115,15 +115,24 @@ def with_familiarity(proto: onnx.ModelProto, features_name: str, mean: np.ndarra
     graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
 
 
-def add_familiarity(src: Path, dst: Path, data_dir: Path, gate: Path, percentile: float = PERCENTILE) -> dict[str, Any]:
+def add_familiarity(
+    src: Path,
+    dst: Path,
+    data_dir: Path,
+    gate: Path,
+    percentile: float = PERCENTILE,
+    exclude_sources: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Write `dst`: the classifier `src` with a familiarity output from `data_dir`'s train split and
-    its threshold at `percentile` of the val split's distances; return the record it carries."""
+    its threshold at `percentile` of the val split's distances; return the record it carries.
+    `exclude_sources` leaves manifest sources out of both, as a leave-source-out model's training did."""
     proto = onnx.load(str(src))
     classifier = load_model(src, "classifier", [CPU])
     screener = Screener(load_model(gate, "gate", [CPU]), classifier, batch_size=32)
     spec = classifier.spec
-    train = labelled_images(data_dir, "train").paths
-    val = labelled_images(data_dir, "val").paths
+    manifest = read_manifest(data_dir)
+    train = without_sources(labelled_images(data_dir, "train"), manifest, exclude_sources).paths
+    val = without_sources(labelled_images(data_dir, "val"), manifest, exclude_sources).paths
     log.info("familiarity: features of %d train and %d val films", len(train), len(val))
     train_feats = features(proto, spec, train, screener)
     mean = train_feats.mean(axis=0)
@@ -139,6 +148,7 @@ def add_familiarity(src: Path, dst: Path, data_dir: Path, gate: Path, percentile
         "threshold_rule": f"{percentile:g}th percentile of the distances of {len(val)} val films",
         "val_median": round(float(np.median(val_dist)), 4),
         "data": data_dir.name,
+        "excluded_sources": list(exclude_sources),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
     }
     meta = spec.to_metadata()

@@ -262,6 +262,12 @@ def familiarity(
     percentile: Annotated[
         float, typer.Option(min=50.0, max=100.0, help="val percentile of the distance above which a film is unfamiliar")
     ] = 99.0,
+    exclude_source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude-source", help="leave a MANIFEST.csv source out, as the model's training did (repeatable)"
+        ),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Add a `familiarity` output to a classifier: the distance of a film's features to its training films'.
@@ -269,5 +275,6 @@ def familiarity(
     Example: cxrbatch familiarity models/classifier.onnx runs/classifier.onnx --data data/cxr --gate models/gate.onnx
     """
     _setup_logging(verbose, quiet=False)
-    record = export_module("familiarity").add_familiarity(src, dst, data_dir, gate, percentile)
+    excluded = tuple(exclude_source or ())
+    record = export_module("familiarity").add_familiarity(src, dst, data_dir, gate, percentile, excluded)
     typer.echo(f"wrote {dst}: unfamiliar above {record['threshold']} ({record['threshold_rule']})", err=True)
