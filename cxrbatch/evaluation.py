@@ -133,7 +133,12 @@ def _familiarity_report(
         "threshold": spec.familiarity_threshold,
         "unfamiliar": float(unfamiliar.mean()) if len(unfamiliar) else None,
         "by_group": {
-            f"{column}={value}": {"n": len(idx), "unfamiliar": float(unfamiliar[idx].mean())}
+            f"{column}={value}": {
+                "n": len(idx),
+                "unfamiliar": float(unfamiliar[idx].mean()),
+                # how well the distance tells this group's films from the rest of the tree's
+                "auc_vs_rest": roc_auc(scored.familiarity, np.isin(np.arange(len(unfamiliar)), idx)),
+            }
             for column, values in groups.items()
             for value, idx in values.items()
         },
@@ -282,7 +287,8 @@ def _familiarity_lines(f: dict[str, Any]) -> list[str]:
             f"of {slipped['n']} non-X-rays the gate accepted, {slipped['unfamiliar']} unfamiliar"
         )
     lines += [
-        f"  [{group[:70]}] n={row['n']} unfamiliar {_pct(row['unfamiliar'])}" for group, row in f["by_group"].items()
+        f"  [{group[:70]}] n={row['n']} unfamiliar {_pct(row['unfamiliar'])}, AUC against the rest {_num(row['auc_vs_rest'])}"
+        for group, row in f["by_group"].items()
     ]
     return lines
 

@@ -83,3 +83,28 @@ def test_a_graph_without_a_dense_head_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="does not end in MatMul -> Add -> Softmax"):
         familiarity.pooled_features_name(helper.make_model(graph), "scores")
     assert onnx  # the import is the point: the tool needs nothing heavier than onnx
+
+
+def test_evaluate_reports_unfamiliar_films_per_source(tiny_models: Path, tmp_path: Path) -> None:
+    from cxrbatch.evaluation import evaluate, format_report
+    from cxrbatch.pipeline import Screener
+
+    data, out = _tree(tmp_path / "data"), tmp_path / "m"
+    out.mkdir()
+    (out / "gate.onnx").write_bytes((tiny_models / "gate.onnx").read_bytes())
+    familiarity.add_familiarity(
+        tiny_models / "classifier.onnx", out / "classifier.onnx", data, tiny_models / "gate.onnx"
+    )
+    test = data / "test" / "NORMAL"
+    test.mkdir(parents=True)
+    rows = ["id,source"]
+    for i, level in enumerate((100, 105, 110, 5, 8, 250)):  # three usual films, three from an odd "site"
+        grey_image(test / f"t{i}.png", level)
+        rows.append(f"t{i},{'odd' if i >= 3 else 'usual'}")
+    (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    gate, classifier = load_models(out, "cpu")
+    report = evaluate(data, "test", Screener(gate, classifier))
+    f = report["familiarity"]
+    assert f["unfamiliar"] == 0.5
+    assert f["by_group"]["source=odd"] == {"n": 3, "unfamiliar": 1.0, "auc_vs_rest": 1.0}
+    assert "[source=odd] n=3 unfamiliar 100.00%, AUC against the rest 1.000" in format_report(report)
