@@ -287,7 +287,8 @@ def _familiarity_lines(f: dict[str, Any]) -> list[str]:
             f"of {slipped['n']} non-X-rays the gate accepted, {slipped['unfamiliar']} unfamiliar"
         )
     lines += [
-        f"  [{group[:70]}] n={row['n']} unfamiliar {_pct(row['unfamiliar'])}, AUC against the rest {_num(row['auc_vs_rest'])}"
+        f"  [{group[:70]}] n={row['n']} unfamiliar {_pct(row['unfamiliar'])}, "
+        f"AUC against the rest {_num(row['auc_vs_rest'])}"
         for group, row in f["by_group"].items()
     ]
     return lines
