@@ -30,6 +30,8 @@ import json
 import logging
 import os
 import sqlite3
+import stat
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,13 +41,14 @@ from typing import Any
 
 from cxrbatch.errors import EXIT_BUSY, CxrBatchError
 from cxrbatch.imaging import display_path
-from cxrbatch.records import Record
+from cxrbatch.records import ERROR, Record
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "cxrbatch.ledger/2"
 OLD_SCHEMAS = ("cxrbatch.ledger/1",)
 HASH_CHUNK = 1 << 20
+LOCK_TRIES = 10  # over about a second
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -143,6 +146,8 @@ class Ledger:
             db = _connect(path, migrate=True)
             try:
                 yield cls(path, db, lock_fd)
+            except sqlite3.Error as exc:  # a full disk, a damaged file: the operator's problem, not a traceback
+                raise LedgerError(f"Ledger {path} failed: {exc}; what was committed before is kept") from None
             finally:
                 db.close()
         finally:
@@ -168,6 +173,9 @@ class Ledger:
             key = key_of(path)
             try:
                 st = path.stat()
+                if not stat.S_ISREG(st.st_mode):  # a pipe or a device: reading it could block the night
+                    out[path] = None
+                    continue
                 cached = known.get(key)
                 if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
                     out[path] = cached[2]
@@ -181,10 +189,14 @@ class Ledger:
         return out
 
     def cached(self, sha256s: Iterable[str], fp: str) -> set[str]:
-        """The contents among `sha256s` that already have a result under these settings."""
+        """The contents among `sha256s` that already have a result under these settings.
+
+        A file that could not be read is never taken as screened: it is tried again on every run,
+        so installing the decoder an error row asks for (pydicom, a JPEG 2000 plugin) takes effect.
+        """
         wanted = set(sha256s)
-        rows = self.db.execute("SELECT sha256 FROM results WHERE fingerprint = ?", (fp,))
-        return {sha for (sha,) in rows if sha in wanted}
+        rows = self.db.execute("SELECT sha256, record FROM results WHERE fingerprint = ?", (fp,))
+        return {sha for sha, record in rows if sha in wanted and json.loads(record).get("status") != ERROR}
 
     def store(self, items: Sequence[tuple[Path, str | None, Record]], fp: str) -> None:
         """Commit a batch of fresh results and their entries in one transaction."""
@@ -192,6 +204,13 @@ class Ledger:
             for path, sha, record in items:
                 if sha is None:
                     continue
+                before = self.db.execute(
+                    "SELECT record FROM results WHERE sha256 = ? AND fingerprint = ?", (sha, fp)
+                ).fetchone()
+                if before is not None and before[0] != record.to_json():  # a retried error that now reads
+                    self.db.execute(
+                        "UPDATE entries SET delivered_run = NULL WHERE sha256 = ? AND fingerprint = ?", (sha, fp)
+                    )
                 self.db.execute(
                     "INSERT INTO results (sha256, fingerprint, record, run) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (sha256, fingerprint) DO UPDATE SET inferences = inferences + 1, "
@@ -266,11 +285,17 @@ class Ledger:
         """
         if not path.is_file():
             raise LedgerError(f"Ledger not found: {path}")
+        if path.stat().st_size == 0:
+            raise LedgerError(f"{path} is empty: not a cxrbatch ledger (yet); it was left untouched")
         live = _lock_is_held(path)
         db = _connect(path, migrate=False)
         try:
+            db.execute("BEGIN")  # one read snapshot: the counts agree with each other
             return _status(db, live)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"Ledger {path} cannot be read: {exc}") from None
         finally:
+            db.rollback()
             db.close()
 
 
@@ -316,14 +341,15 @@ def _lock(path: Path) -> int:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise LedgerError(f"Cannot open ledger lock {lock_path}: {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise LedgerBusy(
-            f"Another cxrbatch run holds the ledger {path}; nothing was done (that run does the work)"
-        ) from None
-    return fd
+    for attempt in range(LOCK_TRIES):  # `cxrbatch ledger` may hold a shared lock for an instant
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if attempt + 1 < LOCK_TRIES:
+                time.sleep(0.1)
+    os.close(fd)
+    raise LedgerBusy(f"Another cxrbatch run holds the ledger {path}; nothing was done (that run does the work)")
 
 
 def _lock_is_held(path: Path) -> bool:

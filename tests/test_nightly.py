@@ -229,3 +229,11 @@ def test_a_schema_1_ledger_is_upgraded_without_losing_rows(tiny_models: Path, tm
     assert rows["killed-run.png"]["p_NORMAL"] == "0.700000" and rows["new.png"]["label"] == "TUBERCULOSIS"
     status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
     assert status["runs"] == 2 and status["undelivered"] == 0 and status["files"] == 2
+
+
+def test_ledger_view_of_an_empty_file_refuses_and_writes_nothing(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    result = runner.invoke(app, ["ledger", str(empty)])
+    assert result.exit_code == 1 and "is empty: not a cxrbatch ledger" in result.stderr
+    assert empty.stat().st_size == 0

@@ -114,7 +114,7 @@ def test_heatmaps_are_drawn_for_results_reused_from_the_ledger(
     base = ["run", str(incoming), "--models", str(tiny_models), "--ledger", str(ledger)]
     _invoke(*base, "--out", str(tmp_path / "1.csv"))
     code, err = _invoke(*base, "--out", str(tmp_path / "2.csv"), "--report-all", "--heatmaps", str(maps))
-    assert code == 3 and "6 already screened, 0 to screen" in err
+    assert code == 3 and "5 already screened, 1 to screen" in err  # the unreadable file is tried again
     rows = _rows(tmp_path / "2.csv")
     for name in ("a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"):
         assert Image.open(rows[name]["heatmap"]).size[0] > 0
@@ -123,19 +123,53 @@ def test_heatmaps_are_drawn_for_results_reused_from_the_ledger(
 
 def test_the_rate_counts_only_what_was_screened_now(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
     ledger = tmp_path / "l.db"
+    (incoming / "f_broken.jpg").unlink()
     base = ["run", str(incoming), "--models", str(tiny_models), "--ledger", str(ledger)]
     _invoke(*base, "--out", str(tmp_path / "1.csv"))
     code, err = _invoke(*base, "--out", str(tmp_path / "2.csv"), "--report-all")
     summary = err.strip().splitlines()[-1]
-    assert summary.startswith("6 files: 4 classified, 1 rejected, 1 error")
-    assert summary.endswith("; 0 screened in 0.0 s, 0.0 images/s, 6 reused from the ledger")
+    assert code == 0 and summary.startswith("5 files: 4 classified, 1 rejected, 0 errors")
+    assert summary.endswith("; 0 screened in 0.0 s, 0.0 images/s, 5 reused from the ledger")
     (incoming / "new.png").write_bytes((incoming / "a_dark.png").read_bytes()[:-20] + b"x" * 20)  # new content
     code, err = _invoke(*base, "--out", str(tmp_path / "3.csv"))
     summary = err.strip().splitlines()[-1]
-    assert (
-        code == 3 and summary.startswith("1 file: 0 classified, 0 rejected, 1 error") and "; 1 screened in " in summary
-    )
-    assert summary.endswith("6 reused from the ledger")
+    assert code == 3 and summary.startswith("1 file: 0 classified, 0 rejected, 1 error")
+    assert "; 1 screened in " in summary and summary.endswith("5 reused from the ledger")
+
+
+def test_an_error_is_tried_again_and_delivered_once_it_reads(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")
+    from test_dicom import make_dicom, ramp
+
+    inbox, ledger = tmp_path / "in", tmp_path / "l.db"
+    inbox.mkdir()
+    make_dicom(inbox / "chest.dcm", ramp(64, 64, 1000, 1100))
+    base = ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger)]
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # night 1: the dicom extra is missing
+    code, _ = _invoke(*base, "--out", str(tmp_path / "1.csv"))
+    assert code == 3 and _rows(tmp_path / "1.csv")["chest.dcm"]["error"].startswith("DICOM file, but pydicom")
+    code, _ = _invoke(*base, "--out", str(tmp_path / "2.csv"))
+    assert code == 0 and _rows(tmp_path / "2.csv") == {}  # the same error is not delivered twice
+    monkeypatch.delitem(sys.modules, "pydicom")  # the operator installs it
+    code, err = _invoke(*base, "--out", str(tmp_path / "3.csv"))
+    assert code == 0 and "0 already screened, 1 to screen" in err
+    assert _rows(tmp_path / "3.csv")["chest.dcm"]["status"] == "classified"
+
+
+def test_a_pipe_in_the_folder_does_not_hang_a_ledger_run(tiny_models: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    os.mkfifo(inbox / "pipe.png")
+    grey_image(inbox / "a.png", 110)
+    report = tmp_path / "r.csv"
+    code, _ = _invoke("run", str(inbox), "--models", str(tiny_models), "--ledger", str(tmp_path / "l.db"),
+                      "--out", str(report))  # fmt: skip
+    assert code == 3
+    assert _rows(report)["pipe.png"]["error"] == "not a regular file (a pipe, socket or device)"
 
 
 def test_run_returns_the_summary_and_writes_the_union_of_a_report_path(tiny_models: Path, tmp_path: Path) -> None:
