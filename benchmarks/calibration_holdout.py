@@ -40,7 +40,8 @@ def main() -> None:
     images = labelled_images(args.data_dir, args.split)
     results = list(Screener(gate, classifier).screen(images.paths))
     ok = np.array([r.referral_score is not None for r in results])
-    scores = np.round(np.array([r.referral_score or 0.0 for r in results]), DECIMALS)[ok]
+    raw = np.array([r.referral_score or 0.0 for r in results])[ok]  # calibrate chooses on these
+    scores = np.round(raw, DECIMALS)  # and refers on the reports' six decimals
     labels = np.array(images.names())[ok]
     negative = classifier.spec.negative_label
     rng = np.random.default_rng(20261202)
@@ -51,7 +52,7 @@ def main() -> None:
             index = np.flatnonzero(labels == label)
             drawn[rng.choice(index, min(args.per_class, len(index) // 2), replace=False)] = True
         abnormal = labels != negative
-        threshold = choose_threshold(scores[drawn & abnormal], args.target)
+        threshold = choose_threshold(raw[drawn & abnormal], args.target)
         rest_abnormal, rest_normal = ~drawn & abnormal, ~drawn & ~abnormal
         rows.append(
             (

@@ -2,11 +2,13 @@
 
 A site screens labelled films of its own (`<LABEL>/` folders named by the classifier's labels:
 the no-finding label and any abnormal ones). The referral threshold is chosen so that the
-sensitivity on the abnormal films reaches the target *with a margin for the sample size*: the
-highest threshold whose one-sided 95 % bootstrap lower bound of the sensitivity is at the target
-or above. For each bootstrap resample of the abnormal films the highest threshold that reaches
-the target is the ceil(target x n)-th highest score; the 5th percentile of those thresholds is
-the chosen one (its sensitivity reaches the target in at least 95 % of the resamples).
+sensitivity on the site's abnormal films reaches the target *with 95 % confidence*, whatever the
+distribution of the scores: it is the j-th lowest abnormal score, for the largest j such that
+P(Binomial(n, 1 - target) >= j) >= 0.95. (The j-th lowest of n scores sits below a share
+1 - target of the abnormal population exactly when at least j of the n films do; that count is
+binomial.) A bootstrap of the same order statistic, tried first, under-covered badly at small n
+(about 62 % at n = 20). The rule needs n >= ln(0.05) / ln(target) abnormal films (59 for 0.95,
+29 for 0.90); with fewer, no threshold can promise the target and calibration is refused.
 
 The calibrated pair of models is the site's gate unchanged and its classifier with the new
 `referral_threshold` and a `calibration` record (counts, target, achieved sensitivity and
@@ -30,10 +32,10 @@ from cxrbatch.models import MODEL_FILES, Model, embed_metadata
 from cxrbatch.pipeline import Screener
 from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR
 
-MIN_FILMS = 20  # of each side, abnormal and normal: fewer cannot bound a sensitivity usefully
-ROUNDS = 2000
+MIN_FILMS = 20  # of each side at least; the abnormal side needs more for a high target (min_abnormal)
+CONFIDENCE = 0.95  # the chance that the threshold's sensitivity on the site's abnormal films reaches the target
+ROUNDS = 2000  # bootstrap resamples for the reported intervals
 SEED = 20261202
-LOWER = 0.05  # one-sided 95 %: the threshold reaches the target in 95 % of the resamples
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,11 @@ class Calibration:
 
     def record(self) -> dict[str, Any]:
         """The metadata record that travels with the calibrated classifier."""
-        return {**asdict(self), "rule": "highest threshold whose one-sided 95% bootstrap lower bound of sensitivity "
-                f"on the abnormal films reaches the target ({ROUNDS} resamples)"}  # fmt: skip
+        rule = (
+            f"the j-th lowest abnormal score, largest j with P(Binomial(n, 1 - target) >= j) >= {CONFIDENCE}: "
+            f"sensitivity at or above the target with {CONFIDENCE:.0%} confidence"
+        )
+        return {**asdict(self), "rule": rule}
 
     def table(self) -> str:
         """The calibration as a few readable lines."""
@@ -62,7 +67,7 @@ class Calibration:
         return "\n".join(
             [
                 f"calibration films: {counts}",
-                f"target sensitivity {self.target:.2f} (one-sided 95% bootstrap lower bound): "
+                f"target sensitivity {self.target:.2f} (reached with {CONFIDENCE:.0%} confidence): "
                 f"referral threshold {self.threshold:.6f}",
                 f"  sensitivity {self.sensitivity:.3f} [{self.sensitivity_ci[0]:.3f}, {self.sensitivity_ci[1]:.3f}]",
                 f"  specificity {self.specificity:.3f} [{self.specificity_ci[0]:.3f}, {self.specificity_ci[1]:.3f}]",
@@ -70,18 +75,36 @@ class Calibration:
         )
 
 
-def choose_threshold(abnormal: np.ndarray, target: float, rounds: int = ROUNDS, seed: int = SEED) -> float:
-    """The highest threshold whose sensitivity on resampled `abnormal` scores reaches `target` in
-    at least 95 % of `rounds` bootstrap resamples, rounded down to the reports' six decimals."""
+def min_abnormal(target: float, confidence: float = CONFIDENCE) -> int:
+    """The fewest abnormal films from which any threshold reaches `target` with `confidence`."""
+    return max(MIN_FILMS, math.ceil(math.log(1 - confidence) / math.log(target)))
+
+
+def choose_threshold(abnormal: np.ndarray, target: float, confidence: float = CONFIDENCE) -> float:
+    """The highest threshold (an abnormal score, rounded down to six decimals) whose sensitivity on
+    the population the `abnormal` scores come from reaches `target` with probability `confidence`."""
     if not 0.0 < target < 1.0:
         raise UsageError(f"a target sensitivity must be between 0 and 1, not {target}")
     n = len(abnormal)
-    k = math.ceil(target * n)  # films that must be at or above the threshold
-    rng = np.random.default_rng(seed)
-    resamples = np.sort(rng.choice(abnormal, size=(rounds, n), replace=True), axis=1)
-    per_resample = resamples[:, n - k]  # the k-th highest score of each resample
-    threshold = float(np.quantile(per_resample, LOWER, method="lower"))
+    j = _order_statistic(n, 1.0 - target, confidence)
+    if j is None:
+        raise UsageError(
+            f"{n} abnormal films cannot show a sensitivity of {target} with {confidence:.0%} confidence: "
+            f"at least {min_abnormal(target, confidence)} are needed"
+        )
+    threshold = float(np.sort(abnormal)[j - 1])
     return math.floor(threshold * 10**DECIMALS) / 10**DECIMALS
+
+
+def _order_statistic(n: int, q: float, confidence: float) -> int | None:
+    """The largest j (1-based) with P(Binomial(n, q) >= j) >= confidence, or None."""
+    log_q, log_p = math.log(q), math.log1p(-q)
+    tail = 0.0
+    for j in range(n, 0, -1):
+        tail += math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_q + (n - j) * log_p)
+        if tail >= confidence:
+            return j
+    return None
 
 
 def proportion_ci(hits: np.ndarray, rounds: int = ROUNDS, seed: int = SEED) -> tuple[float, float]:
@@ -110,10 +133,11 @@ def calibrate(folder: Path, screener: Screener, target: float) -> Calibration:
     films = labelled_films(folder, spec.labels)
     counts = {label: len(paths) for label, paths in films.items()}
     abnormal_n = sum(n for label, n in counts.items() if label != negative)
-    if abnormal_n < MIN_FILMS or counts.get(negative, 0) < MIN_FILMS:
+    needed = min_abnormal(target)
+    if abnormal_n < needed or counts.get(negative, 0) < MIN_FILMS:
         raise UsageError(
-            f"{folder}: calibration needs at least {MIN_FILMS} abnormal and {MIN_FILMS} {negative} films, "
-            f"found {abnormal_n} abnormal and {counts.get(negative, 0)} {negative}"
+            f"{folder}: calibration for a target sensitivity of {target} needs at least {needed} abnormal and "
+            f"{MIN_FILMS} {negative} films, found {abnormal_n} abnormal and {counts.get(negative, 0)} {negative}"
         )
     paths = [p for label in films for p in films[label]]
     truth = np.array([label != negative for label in films for _ in films[label]])

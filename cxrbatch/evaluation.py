@@ -194,7 +194,7 @@ def _classifier_report(
     out["gate_accepted"] = float((scored.gate_scores >= gate_threshold).mean()) if len(y) else None
     # refer or clear, as `cxrbatch run` decides it: 1 - P(no finding), rounded as the reports write it
     negative = index[spec.negative_label or ""]
-    referral = np.round(1.0 - scored.probs[:, negative], DECIMALS) if len(y) else np.zeros(0)
+    referral = np.round(1.0 - scored.probs[:, negative].astype(np.float64), DECIMALS) if len(y) else np.zeros(0)
     abnormal = y != negative
     out["referral"] = referral_metrics(referral, abnormal, spec.referral_threshold)
     for column, values in groups.items():

@@ -226,7 +226,7 @@ class Screener:
             result.refer = round(result.referral_score, DECIMALS) >= spec.referral_threshold
         if familiarity is not None and spec.familiarity_threshold is not None:
             result.familiarity = familiarity
-            result.unfamiliar = familiarity > spec.familiarity_threshold
+            result.unfamiliar = round(familiarity, DECIMALS) > spec.familiarity_threshold  # as the report shows it
         result.needs_review = result.confidence < spec.threshold or bool(result.unfamiliar)
 
 
