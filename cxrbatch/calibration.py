@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import UsageError
+from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.models import MODEL_FILES, Model, embed_metadata
 from cxrbatch.pipeline import Screener
 from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR
@@ -181,13 +181,20 @@ def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, o
 
     if out.exists() and not force:
         raise UsageError(f"{out} exists; choose another folder or pass --force to replace its models")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(gate.path, out / MODEL_FILES["gate"])
-    proto = onnx.load(str(classifier.path))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a folder for the calibrated models")
+    if out.resolve() == classifier.path.parent.resolve():
+        raise UsageError(f"{out} holds the models being calibrated; write the site's models to another folder")
     meta = classifier.spec.to_metadata()
     meta["referral_threshold"] = calibration.threshold
     meta["calibration"] = calibration.record()
+    proto = onnx.load(str(classifier.path))
     embed_metadata(proto, meta)
     target = out / MODEL_FILES["classifier"]
-    onnx.save(proto, str(target))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(gate.path, out / MODEL_FILES["gate"])
+        onnx.save(proto, str(target))
+    except OSError as exc:
+        raise ReportError(f"Cannot write the calibrated models into {out}: {exc.strerror or exc}") from None
     return target

@@ -55,12 +55,21 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], object], binary: bool = 
             os.fchmod(fh.fileno(), mode_for(path))
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _sync_folder(folder)  # the rename itself survives a power cut, not only the bytes
     except OSError as exc:
         _unlink_quietly(tmp)
         raise _failed(what, path, exc) from None
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _failed(what: str, path: Path, exc: OSError) -> ReportError:

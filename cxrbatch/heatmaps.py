@@ -84,25 +84,34 @@ def write_heatmap(folder: Path, path: Path, picture: Image.Image, heat: np.ndarr
 
 
 def add_heatmaps(
-    items: Sequence[tuple[Path, Record]], screener: Screener, folder: Path, flagged_only: bool
+    items: Sequence[tuple[Path | None, Record]], screener: Screener, folder: Path, flagged_only: bool
 ) -> list[Record]:
     """The records with a heatmap drawn for each classified one (or each flagged one), in order.
 
-    A file that can no longer be decoded, or a heatmap that cannot be written, leaves the
-    record's result as it is, its `heatmap` empty and the reason in its `error` cell.
+    A file that can no longer be decoded, one whose content changed since it was screened (its
+    path is None), a label the classifier does not have, or a heatmap that cannot be written
+    leaves the record's result as it is, its `heatmap` empty and the reason in its `error` cell.
     """
-    negative = screener.classifier.spec.negative_label or ""
-    wanted = [
-        i for i, (_, r) in enumerate(items) if r.status == CLASSIFIED and (not flagged_only or r.flagged(negative))
-    ]
+    spec = screener.classifier.spec
+    negative = spec.negative_label or ""
     out = [record for _, record in items]
-    maps = screener.class_maps([items[i][0] for i in wanted])
-    for i, (decoded, cam) in zip(wanted, maps, strict=True):
-        path, record = items[i]
+    wanted = []
+    for i, (path, record) in enumerate(items):
+        if record.status != CLASSIFIED or (flagged_only and not record.flagged(negative)):
+            continue
+        if path is None:
+            out[i] = record.with_problem("heatmap not drawn: the file has changed since it was screened")
+        elif record.label not in spec.labels:
+            out[i] = record.with_problem(f"heatmap not drawn: the classifier has no label {record.label}")
+        else:
+            wanted.append((i, path))
+    maps = screener.class_maps([path for _, path in wanted])
+    for (i, path), (decoded, cam) in zip(wanted, maps, strict=True):
+        record = items[i][1]
         if cam is None or decoded.picture is None:
             out[i] = record.with_problem(f"heatmap not drawn: {decoded.error}")
             continue
-        heat = class_map(cam, screener.classifier.spec.labels.index(record.label or ""))
+        heat = class_map(cam, spec.labels.index(record.label or ""))
         caption = f"{record.label} {record.confidence:.2f}" + (" (review)" if record.needs_review else "")
         try:
             out[i] = replace(record, heatmap=display_path(write_heatmap(folder, path, decoded.picture, heat, caption)))

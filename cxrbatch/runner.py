@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import ModelError
+from cxrbatch.errors import ModelError, ReportError, UsageError
 from cxrbatch.heatmaps import add_heatmaps
 from cxrbatch.ledger import Ledger, crash_point, key_of, now
 from cxrbatch.models import default_models_dir, load_models
@@ -83,7 +83,12 @@ def _discover(options: RunOptions, report_targets: list[str]) -> list[Path]:
     if options.ledger is not None:
         skip.append(options.ledger)
     if options.heatmaps is not None:
-        options.heatmaps.mkdir(parents=True, exist_ok=True)
+        if options.heatmaps.exists() and not options.heatmaps.is_dir():
+            raise UsageError(f"--heatmaps {options.heatmaps} is a file, not a folder")
+        try:
+            options.heatmaps.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ReportError(f"Cannot make the heatmaps folder {options.heatmaps}: {exc.strerror or exc}") from None
         skip.append(options.heatmaps)
     skipped: Counter[str] = Counter()
     paths = list(iter_images(options.inputs, skip=skip, skipped=skipped))
@@ -105,7 +110,7 @@ class Report:
         self.heatmap = options.heatmaps is not None
         self.models = {"gate": screener.gate.describe(), "classifier": screener.classifier.describe()}
 
-    def finish_rows(self, items: Sequence[tuple[Path, Record]]) -> list[Record]:
+    def finish_rows(self, items: Sequence[tuple[Path | None, Record]]) -> list[Record]:
         """The rows to report: with --heatmaps, each one that gets a heatmap has it (or says why not)."""
         if self.options.heatmaps is None:
             return [record for _, record in items]
@@ -176,7 +181,12 @@ def _run_with_ledger(
     ledger.note_entries(((p, known[p]) for p in later), fp)  # same content as a file screened now
     stored = ledger.for_paths(known.items(), fp) if options.report_all else ledger.undelivered()
     by_key = {key_of(p): p for p in paths}
-    items = [(by_key.get(s.key, Path(s.key)), s.record) for s in stored] + unreadable
+    # a row from a killed run for an older content of a path gets no heatmap drawn from the new one
+    current = {key_of(p): h for p, h in known.items()}
+    items: list[tuple[Path | None, Record]] = [
+        (by_key.get(s.key, Path(s.key)) if current.get(s.key, s.sha256) == s.sha256 else None, s.record) for s in stored
+    ]
+    items += unreadable
     rows = report.finish_rows(items)
     summary = Summary.of(rows, found=len(paths), screened=len(todo), reused=reused, seconds=seconds)
     crash_point("before_report")

@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from cxrbatch.datasets import labelled_images, read_manifest, without_sources
+from cxrbatch.datasets import load_split, read_manifest, without_sources
 from cxrbatch.errors import ExportError
 from cxrbatch.models import CPU, ModelSpec, embed_metadata, load_model
 from cxrbatch.pipeline import Screener
@@ -130,9 +130,11 @@ def add_familiarity(
     classifier = load_model(src, "classifier", [CPU])
     screener = Screener(load_model(gate, "gate", [CPU]), classifier, batch_size=32)
     spec = classifier.spec
+    if spec.familiarity_output:
+        raise ExportError(f"{src} already has a familiarity output; add it to the exported model, not to this one")
     manifest = read_manifest(data_dir)
-    train = without_sources(labelled_images(data_dir, "train"), manifest, exclude_sources).paths
-    val = without_sources(labelled_images(data_dir, "val"), manifest, exclude_sources).paths
+    train = without_sources(load_split(data_dir, "train"), manifest, exclude_sources).paths
+    val = without_sources(load_split(data_dir, "val"), manifest, exclude_sources).paths
     log.info("familiarity: features of %d train and %d val films", len(train), len(val))
     train_feats = features(proto, spec, train, screener)
     mean = train_feats.mean(axis=0)

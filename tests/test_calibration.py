@@ -104,3 +104,12 @@ def test_calibration_refusals_write_nothing(tiny_models: Path, tmp_path: Path) -
     assert code == 2 and "exists; choose another folder or pass --force" in err and not list(existing.iterdir())
     code, _ = calibrate(good, existing, "--force")
     assert code == 0 and sorted(p.name for p in existing.iterdir()) == ["classifier.onnx", "gate.onnx"]
+
+
+def test_calibrating_into_the_models_own_folder_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    films = _site(tmp_path / "site")
+    before = (tiny_models / "classifier.onnx").read_bytes()
+    result = runner.invoke(app, ["calibrate", str(films), "--models", str(tiny_models), "--out", str(tiny_models),
+                                 "--force", "--target-sensitivity", "0.9"])  # fmt: skip
+    assert result.exit_code == 2 and "holds the models being calibrated" in result.stderr
+    assert (tiny_models / "classifier.onnx").read_bytes() == before

@@ -108,3 +108,12 @@ def test_evaluate_reports_unfamiliar_films_per_source(tiny_models: Path, tmp_pat
     assert f["unfamiliar"] == 0.5
     assert f["by_group"]["source=odd"] == {"n": 3, "unfamiliar": 1.0, "auc_vs_rest": 1.0}
     assert "[source=odd] n=3 unfamiliar 100.00%, AUC against the rest 1.000" in format_report(report)
+
+
+def test_a_model_that_has_the_output_already_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    from cxrbatch.errors import ExportError
+
+    data, once = _tree(tmp_path / "data"), tmp_path / "once.onnx"
+    familiarity.add_familiarity(tiny_models / "classifier.onnx", once, data, tiny_models / "gate.onnx")
+    with pytest.raises(ExportError, match="already has a familiarity output"):
+        familiarity.add_familiarity(once, tmp_path / "twice.onnx", data, tiny_models / "gate.onnx")

@@ -194,3 +194,10 @@ def test_union_keeps_earlier_rows_first_and_each_row_once(tiny_models: Path, tmp
     a, b, c = (Record.of(f"{n}.png", "rejected", "g", "c", gate_score=0.1) for n in "abc")
     assert union([a, b], [b, c]) == [a, b, c]
     assert union([], [c, a]) == [c, a]
+
+
+def test_heatmaps_folder_that_is_a_file_is_a_usage_error(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    taken = tmp_path / "maps"
+    taken.write_text("not a folder", encoding="utf-8")
+    code, err = _invoke("run", str(incoming), "--models", str(tiny_models), "--heatmaps", str(taken))
+    assert code == 2 and "is a file, not a folder" in err and "Traceback" not in err

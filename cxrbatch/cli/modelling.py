@@ -272,7 +272,7 @@ def familiarity(
 ) -> None:
     """Add a `familiarity` output to a classifier: the distance of a film's features to its training films'.
 
-    Example: cxrbatch familiarity models/classifier.onnx runs/classifier.onnx --data data/cxr --gate models/gate.onnx
+    Example: cxrbatch familiarity runs/classifier.onnx models/classifier.onnx --data data/cxr --gate models/gate.onnx
     """
     _setup_logging(verbose, quiet=False)
     excluded = tuple(exclude_source or ())

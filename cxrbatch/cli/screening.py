@@ -174,7 +174,7 @@ def calibrate(
     from cxrbatch.pipeline import Screener
 
     _setup_logging(verbose, quiet=False)
-    if out.exists() and not force:
+    if out.exists() and not force:  # before screening: say so at once, not after minutes of work
         raise UsageError(f"{out} exists; choose another folder or pass --force to replace its models")
     gate, classifier = load_models(models or default_models_dir(), device.value)
     calibration = site.calibrate(labelled_dir, Screener(gate, classifier), target_sensitivity)
