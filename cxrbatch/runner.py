@@ -147,9 +147,13 @@ class Report:
 
 
 def union(earlier: list[Record], rows: list[Record]) -> list[Record]:
-    """The rows a report file received before, then this run's, each row once, in that order."""
-    seen = set(earlier)
-    return [*earlier, *(r for r in rows if r not in seen)]
+    """The rows a report file received before, then this run's, each row once, in that order; a
+    new row for a file whose earlier row failed (unreadable then, or its heatmap not written)
+    takes that row's place, so a rerun after exit 3 mends the report instead of adding to it."""
+    newer = {r.path: r for r in rows}
+    mended = [newer[r.path] if r.error and r.path in newer else r for r in earlier]
+    seen = set(mended)
+    return [*mended, *(r for r in rows if r not in seen)]
 
 
 def _run_plain(screener: Screener, paths: list[Path], report: Report, reporter: Progress | None) -> Summary:

@@ -194,6 +194,9 @@ def test_union_keeps_earlier_rows_first_and_each_row_once(tiny_models: Path, tmp
     a, b, c = (Record.of(f"{n}.png", "rejected", "g", "c", gate_score=0.1) for n in "abc")
     assert union([a, b], [b, c]) == [a, b, c]
     assert union([], [c, a]) == [c, a]
+    broken = Record.of("a.png", "error", "g", "c", error="corrupt or truncated image: x")
+    assert union([broken, b], [a, c]) == [a, b, c]  # the mended row takes the failed one's place
+    assert union([a.with_problem("heatmap not written: No space left on device"), b], [a]) == [a, b]
 
 
 def test_heatmaps_folder_that_is_a_file_is_a_usage_error(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
