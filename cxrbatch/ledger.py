@@ -18,8 +18,8 @@ new. A report path that completed runs wrote before gets the union of their rows
 ones, so a second run on the same day never replaces a full report with an emptier one.
 
 One run at a time: an exclusive `flock` on `<ledger>.lock`, released by the OS when the holder
-exits or dies, so a crashed run never leaves a lock to clean by hand; `inspect` reads the
-ledger without the lock and tells a live run from one that died.
+exits or dies, so a crashed run never leaves a lock to clean by hand. What the ledger holds is
+read by `cxrbatch.ledger_view`, without the lock.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class Ledger:
         """Lock and open (or create) the ledger at `path`; refuse a foreign or corrupt file."""
         lock_fd = _lock(path)
         try:
-            db = _connect(path, migrate=True)
+            db = connect(path, migrate=True)
             try:
                 yield cls(path, db, lock_fd)
             except sqlite3.Error as exc:  # a full disk, a damaged file: the operator's problem, not a traceback
@@ -276,71 +276,17 @@ class Ledger:
                 (now(), screened, reused, len(rows), self.run_id),
             )
 
-    # -- the operator's view ---------------------------------------------------------------
-    @classmethod
-    def inspect(cls, path: Path) -> dict[str, Any]:
-        """What the ledger holds, read without taking the run lock (a run may be going on).
 
-        A run still marked `running` whose lock nobody holds died: it is shown `interrupted`.
-        """
-        if not path.is_file():
-            raise LedgerError(f"Ledger not found: {path}")
-        if path.stat().st_size == 0:
-            raise LedgerError(f"{path} is empty: not a cxrbatch ledger (yet); it was left untouched")
-        live = _lock_is_held(path)
-        db = _connect(path, migrate=False)
-        try:
-            db.execute("BEGIN")  # one read snapshot: the counts agree with each other
-            return _status(db, live)
-        except sqlite3.Error as exc:
-            raise LedgerError(f"Ledger {path} cannot be read: {exc}") from None
-        finally:
-            db.rollback()
-            db.close()
-
-
-def _status(db: sqlite3.Connection, live: bool) -> dict[str, Any]:
-    """Counts by status and label of the newest entry per path, the last run, undelivered entries."""
-    latest: dict[str, Record] = {}
-    sql = (
-        "SELECT e.path, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
-        "AND r.fingerprint = e.fingerprint ORDER BY e.path, e.first_run"
-    )
-    for key, rec in db.execute(sql):
-        latest[key] = Record.from_json(key, rec)
-    by_status: dict[str, int] = {}
-    by_label: dict[str, int] = {}
-    for record in latest.values():
-        by_status[record.status] = by_status.get(record.status, 0) + 1
-        if record.label:
-            by_label[record.label] = by_label.get(record.label, 0) + 1
-    keys = ("id", "started", "finished", "status", "screened", "reused", "reported")
-    row = db.execute(f"SELECT {', '.join(keys)} FROM runs ORDER BY id DESC LIMIT 1").fetchone()
-    last = dict(zip(keys, row, strict=True)) if row else None
-    if last and last["status"] == "running" and not live:
-        last["status"] = "interrupted"
-    if last and last["status"] != "done":
-        last["committed"] = db.execute("SELECT COUNT(*) FROM results WHERE run = ?", (last["id"],)).fetchone()[0]
-    return {
-        "files": len(latest),
-        "by_status": dict(sorted(by_status.items())),
-        "by_label": dict(sorted(by_label.items())),
-        "undelivered": db.execute("SELECT COUNT(*) FROM entries WHERE delivered_run IS NULL").fetchone()[0],
-        "runs": db.execute("SELECT COUNT(*) FROM runs").fetchone()[0],
-        "last_run": last,
-    }
-
-
-def _lock_path(path: Path) -> Path:
+def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
 def _lock(path: Path) -> int:
-    lock_path = _lock_path(path)
+    lock = lock_path(path)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise LedgerError(f"Cannot open ledger lock {lock_path}: {exc.strerror}") from None
+        raise LedgerError(f"Cannot open ledger lock {lock}: {exc.strerror}") from None
     for attempt in range(LOCK_TRIES):  # `cxrbatch ledger` may hold a shared lock for an instant
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -352,22 +298,7 @@ def _lock(path: Path) -> int:
     raise LedgerBusy(f"Another cxrbatch run holds the ledger {path}; nothing was done (that run does the work)")
 
 
-def _lock_is_held(path: Path) -> bool:
-    """Tell whether a run holds the ledger's lock now (a shared lock cannot be had beside it)."""
-    try:
-        fd = os.open(_lock_path(path), os.O_RDONLY)
-    except OSError:
-        return False  # no lock file: no run has ever held it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def _connect(path: Path, migrate: bool) -> sqlite3.Connection:
+def connect(path: Path, migrate: bool) -> sqlite3.Connection:
     """Open the ledger, checking a file that exists before anything is written to it."""
     existed = path.exists() and path.stat().st_size > 0
     try:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cxrbatch import files
 from cxrbatch.cli import app
-from cxrbatch.ledger import Ledger
+from cxrbatch.ledger_view import inspect
 from cxrbatch.runner import RunOptions, run, union
 
 runner = CliRunner()
@@ -184,7 +184,7 @@ def test_run_returns_the_summary_and_writes_the_union_of_a_report_path(tiny_mode
     second = run(options)
     assert (second.found, second.screened, second.reused, second.files) == (2, 1, 1, 1)
     assert sorted(_rows(report)) == ["a.png", "b.png"]  # the earlier row is still in the file
-    status = Ledger.inspect(ledger)
+    status = inspect(ledger)
     assert status["last_run"]["status"] == "done" and status["undelivered"] == 0
 
 

@@ -119,11 +119,11 @@ def ledger_status(
     """
     import json
 
-    from cxrbatch.ledger import Ledger
+    from cxrbatch.ledger_view import inspect
 
     if not path.is_file():
         raise UsageError(f"Ledger not found: {path}")
-    status = Ledger.inspect(path)
+    status = inspect(path)
     if json_out:
         typer.echo(json.dumps(status, indent=2))
         return

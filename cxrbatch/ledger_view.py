@@ -1,0 +1,85 @@
+"""The operator's view of a nightly ledger: what it holds, read without taking the run lock.
+
+`cxrbatch ledger` uses it while a screening run may be going on. It never writes: an old ledger's
+upgrade is the next run's job, and a run still marked `running` whose lock nobody holds died, so
+it is shown `interrupted`, with the number of results it had committed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from cxrbatch.ledger import LedgerError, connect, lock_path
+from cxrbatch.records import Record
+
+
+def inspect(path: Path) -> dict[str, Any]:
+    """What the ledger holds, read without taking the run lock (a run may be going on).
+
+    A run still marked `running` whose lock nobody holds died: it is shown `interrupted`.
+    """
+    if not path.is_file():
+        raise LedgerError(f"Ledger not found: {path}")
+    if path.stat().st_size == 0:
+        raise LedgerError(f"{path} is empty: not a cxrbatch ledger (yet); it was left untouched")
+    live = _lock_is_held(path)
+    db = connect(path, migrate=False)
+    try:
+        db.execute("BEGIN")  # one read snapshot: the counts agree with each other
+        return _status(db, live)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"Ledger {path} cannot be read: {exc}") from None
+    finally:
+        db.rollback()
+        db.close()
+
+
+def _status(db: sqlite3.Connection, live: bool) -> dict[str, Any]:
+    """Counts by status and label of the newest entry per path, the last run, undelivered entries."""
+    latest: dict[str, Record] = {}
+    sql = (
+        "SELECT e.path, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
+        "AND r.fingerprint = e.fingerprint ORDER BY e.path, e.first_run"
+    )
+    for key, rec in db.execute(sql):
+        latest[key] = Record.from_json(key, rec)
+    by_status: dict[str, int] = {}
+    by_label: dict[str, int] = {}
+    for record in latest.values():
+        by_status[record.status] = by_status.get(record.status, 0) + 1
+        if record.label:
+            by_label[record.label] = by_label.get(record.label, 0) + 1
+    keys = ("id", "started", "finished", "status", "screened", "reused", "reported")
+    row = db.execute(f"SELECT {', '.join(keys)} FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+    last = dict(zip(keys, row, strict=True)) if row else None
+    if last and last["status"] == "running" and not live:
+        last["status"] = "interrupted"
+    if last and last["status"] != "done":
+        last["committed"] = db.execute("SELECT COUNT(*) FROM results WHERE run = ?", (last["id"],)).fetchone()[0]
+    return {
+        "files": len(latest),
+        "by_status": dict(sorted(by_status.items())),
+        "by_label": dict(sorted(by_label.items())),
+        "undelivered": db.execute("SELECT COUNT(*) FROM entries WHERE delivered_run IS NULL").fetchone()[0],
+        "runs": db.execute("SELECT COUNT(*) FROM runs").fetchone()[0],
+        "last_run": last,
+    }
+
+
+def _lock_is_held(path: Path) -> bool:
+    """Tell whether a run holds the ledger's lock now (a shared lock cannot be had beside it)."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no run has ever held it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
