@@ -109,6 +109,12 @@ class ModelSpec:
             raise ModelError(f"{source}: a familiarity output needs a familiarity_threshold, and the reverse")
         return spec
 
+    def require_cam(self) -> str:
+        """The name of the classifier's `cam` output, which heatmaps need; a clear error without one."""
+        if not self.cam_output:
+            raise ModelError("heatmaps need a classifier with a 'cam' output (export it with `cxrbatch export`)")
+        return self.cam_output
+
     def to_metadata(self) -> dict[str, Any]:
         """The JSON record `from_metadata` reads back: the one writer of the schema."""
         extra_input = self.extra.get("input", {})

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrbatch.errors import ImageError, ModelError
+from cxrbatch.errors import ImageError
 from cxrbatch.heatmaps import display_copy
 from cxrbatch.imaging import PREPROCESSING_VERSION, check_size, load_image, to_model_input
 from cxrbatch.models import Model
@@ -121,9 +121,7 @@ class Screener:
     def class_maps(self, paths: Iterable[Path]) -> Iterator[tuple[Decoded, np.ndarray | None]]:
         """Decode again and yield each file's small picture with the classifier's `cam` maps
         (h x w x labels), or None for a file that can no longer be decoded (its `error` says why)."""
-        name = self.classifier.spec.cam_output
-        if not name:
-            raise ModelError("heatmaps need a classifier with a 'cam' output (export it with `cxrbatch export`)")
+        name = self.classifier.spec.require_cam()
         for decoded in self.decoded_batches(paths, pictures=True):
             ok = [d for d in decoded if d.error is None]
             inputs = [d.classifier_input for d in ok]

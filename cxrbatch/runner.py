@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import ModelError, ReportError, UsageError
+from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.heatmaps import add_heatmaps
 from cxrbatch.ledger import Ledger, crash_point, key_of, now
 from cxrbatch.models import default_models_dir, load_models
@@ -61,8 +61,8 @@ def run(options: RunOptions) -> Summary:
             check_writable(target)
         paths = _discover(options, report_targets)
         gate, classifier = load_models(options.models_dir or default_models_dir(), options.device)
-        if options.heatmaps is not None and not classifier.spec.cam_output:
-            raise ModelError("heatmaps need a classifier with a 'cam' output (export it with `cxrbatch export`)")
+        if options.heatmaps is not None:
+            classifier.spec.require_cam()  # before screening, not after it
         screener = Screener(gate, classifier, options.batch_size, options.workers, options.draft)
         report = Report(options, screener, started)
         if ledger is None:
@@ -120,7 +120,7 @@ class Report:
     def files(self) -> list[str]:
         """The ledger's keys of the report files this run writes (stdout is none)."""
         targets = (self.options.csv_out, self.options.json_out, self.options.html)
-        return [key_of(Path(t).resolve()) for t in targets if t is not None and t != "-"]
+        return [_file_key(t) for t in targets if t is not None and t != "-"]
 
     def write(self, rows: list[Record], summary: Summary, earlier: Callable[[str], list[Record]] | None = None) -> None:
         """Render and write every requested report; `earlier` gives the rows a file already received."""
@@ -130,7 +130,7 @@ class Report:
                 continue
             these, counts = rows, summary
             if earlier is not None and target != "-":
-                these = union(earlier(key_of(Path(target).resolve())), rows)
+                these = union(earlier(_file_key(target)), rows)
                 counts = summary.recount(these)
             write_text(target, render(these, counts, target))
             log.info("report written: %s (%s)", target, plural(len(these), "row"))
@@ -144,6 +144,11 @@ class Report:
     def _html(self, rows: list[Record], summary: Summary, target: str) -> str:
         negative = self.screener.classifier.spec.negative_label or ""
         return render_html(rows, self.labels, negative, self.models, summary, self.started, Path(target))
+
+
+def _file_key(target: str) -> str:
+    """How the ledger names a report file: its resolved path (a symlinked folder is one file)."""
+    return key_of(Path(target).resolve())
 
 
 def union(earlier: list[Record], rows: list[Record]) -> list[Record]:
