@@ -10,8 +10,11 @@ The rule, the same for every reader:
   MANIFEST.csv in that folder (ids are file stems); images without a label are left out.
 - Classes are the sorted names found. Training takes them from train/ (at least two); another
   split of the same tree may lack a class but not add one.
-- A MANIFEST.csv beside the splits (columns `id`, `source`, optionally `kind`, `age_group`)
-  tells where each image comes from, for leave-source-out runs and per-source metrics.
+- A MANIFEST.csv beside the splits (columns `id`, `source`, optionally `collection`, `kind`,
+  `age_group`) tells where each image comes from, for leave-source-out runs and per-source
+  metrics. An image's source is its `collection` where the manifest has one (a tree built by
+  `cxrbatch data build` names the hospital or site there, since one repository may hold several
+  collections and one collection may come from several repositories), else its `source`.
 """
 
 from __future__ import annotations
@@ -126,9 +129,14 @@ def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
         return {row["id"]: row for row in csv.DictReader(fh) if "id" in row}
 
 
+def source_of(row: dict[str, str]) -> str:
+    """The source a manifest row names: its `collection` where it has one, else its `source`."""
+    return row.get("collection") or row.get("source", "")
+
+
 def sources_of(paths: list[Path], manifest: dict[str, dict[str, str]]) -> list[str]:
-    """The MANIFEST.csv `source` of each image ("" where unknown); ids are file stems."""
-    return [manifest.get(p.stem, {}).get("source", "") for p in paths]
+    """The source (`source_of`) of each image ("" where unknown); ids are file stems."""
+    return [source_of(manifest.get(p.stem, {})) for p in paths]
 
 
 def without_sources(split: Split, manifest: dict[str, dict[str, str]], sources: tuple[str, ...]) -> Split:
@@ -151,6 +159,6 @@ def only_sources(split: Split, manifest: dict[str, dict[str, str]], sources: tup
 
 
 def _check_known(manifest: dict[str, dict[str, str]], sources: tuple[str, ...]) -> None:
-    unknown = set(sources) - {row.get("source", "") for row in manifest.values()}
+    unknown = set(sources) - {source_of(row) for row in manifest.values()}
     if unknown:
         raise UsageError(f"No image in the {MANIFEST} comes from the source(s) {sorted(unknown)}")

@@ -169,6 +169,7 @@ def _groups(paths: list[Path], manifest: dict[str, dict[str, str]]) -> dict[str,
     """Index lists of images per value of each manifest column we break down by."""
     groups: dict[str, dict[str, list[int]]] = {
         "source": defaultdict(list),
+        "collection": defaultdict(list),
         "kind": defaultdict(list),
         "age_group": defaultdict(list),
     }
@@ -269,7 +270,7 @@ def _format_metrics(report: dict[str, Any]) -> str:
     lines.append("confusion (rows truth, columns predicted): " + " ".join(labels))
     lines += [f"  {label:<14}{row}" for label, row in zip(labels, overall["confusion"], strict=True)]
     lines.append(_referral_line("refer or clear", report["referral"]))
-    for column in ("source", "age_group"):
+    for column in ("source", "collection", "age_group"):
         for value, row in report.get(f"by_{column}", {}).items():
             recall = ", ".join(f"{k} {v:.2f}" for k, v in row["recall"].items())
             lines.append(f"  [{column}] {value[:60]:<60} n={row['n']:<4} acc {row['accuracy']:.3f}  recall: {recall}")

@@ -9,6 +9,7 @@ what it sees at run time.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from dataclasses import dataclass
@@ -75,6 +76,13 @@ def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> I
         raise
     except OSError as exc:
         raise ImageError(_os_message(path, exc)) from None
+
+
+def decode_bytes(data: bytes) -> Image.Image:
+    """Decode an image file held in memory (not DICOM) into "L" or "RGB", as `load_image` does."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), data[:132], None)
 
 
 def _regular_file_size(path: str | os.PathLike[str]) -> int:

@@ -1,0 +1,11 @@
+"""Build a labelled training tree from many public collections (`cxrbatch data build`).
+
+- `registry`: the reviewed TOML file that lists every source and how its files are labelled;
+- `readers`: the files of one source, from a local git mirror, a wheel or a folder;
+- `hashing`: pixel ids and the dHashes that find copies across collections;
+- `clusters`: near-duplicate and patient links joined into clusters;
+- `builder`: conversion, exclusions, the split by cluster and the MANIFEST.csv.
+
+Nothing here downloads: mirrors are fetched beforehand, and a rebuild of the same mirrors gives
+byte-identical output.
+"""

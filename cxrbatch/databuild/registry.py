@@ -1,0 +1,178 @@
+"""The source registry: one reviewed TOML file listing every collection a training tree is built from.
+
+A source is a GitHub repository at a commit (`repo` + `commit`, read from a local mirror), a
+wheel (`package` = "name==version", read from a .whl file among the mirrors) or a `dataset`
+folder already built in this project's format (a MANIFEST.csv and `split/LABEL/id.jpg`, such as
+the developer set), whose rows keep their own provenance. `[[source.files]]` rules label a
+repository's or wheel's files: the first rule whose glob matches a path decides its label,
+collection and patient id; unmatched files are not used. Patient ids are namespaced by the
+collection, or by `patient_namespace` where a rule gives one (the developer set's are `nih`,
+`ieee8023`, `kermany`, `cxnet`, `actualmed`, `figure1`): a film of an NIH patient from another
+repository then shares its cluster with that patient's films in the developer set.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from cxrbatch.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+LABELS = ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
+AGE_GROUPS = ("adult", "pediatric", "unknown")
+
+# Reserved for independent evaluation: never a training source, nor any file named like them.
+RESERVED_REPOS = frozenset(
+    {
+        "pi-null-mezon/openist",
+        "ml-workgroup/covid-19-image-repository",
+        "kishorenmproject/lung_disease",
+        "mlmed/torchxrayvision",
+    }
+)
+RESERVED_FILE = re.compile(r"(?:^|/)(?:tuberculosis|normal)-\d+\.png$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class FileRule:
+    """How the files under one glob are labelled."""
+
+    glob: str
+    label: str
+    collection: str
+    patient: re.Pattern[str] | None = None
+    age_group: str | None = None
+    patient_namespace: str = ""  # ids are "<namespace>:<id>"; the collection unless given
+
+    def patient_key(self, path: str) -> str:
+        """The patient link of `path` ("" without an id): the same key joins films across sources."""
+        patient = self.patient_of(path)
+        return f"{self.patient_namespace or self.collection}:{patient}" if patient else ""
+
+    def matches(self, path: str) -> bool:
+        """Whether `path` (inside the source) falls under this rule."""
+        return fnmatchcase(path, self.glob)
+
+    def patient_of(self, path: str) -> str:
+        """The patient id the rule's regex reads from `path` ("" without one)."""
+        found = self.patient.search(path) if self.patient else None
+        return found.group(1) if found else ""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of the registry."""
+
+    kind: str  # "repo", "package" or "dataset"
+    name: str  # owner/name, package name, or the dataset's folder as written
+    version: str  # the commit, the package version, or "" for a dataset
+    licence: str
+    age_group: str
+    note: str = ""
+    rules: tuple[FileRule, ...] = ()
+    exclude: tuple[str, ...] = ()
+    collections: dict[str, str] = field(default_factory=dict)  # dataset: manifest source -> collection
+
+    def rule_for(self, path: str) -> FileRule | None:
+        """The first rule that takes `path`, or None when the file is not used."""
+        if any(fnmatchcase(path, pattern) for pattern in self.exclude):
+            return None
+        return next((rule for rule in self.rules if rule.matches(path)), None)
+
+    @property
+    def label(self) -> str:
+        """How the source is named in the manifest's `source` column."""
+        return f"pypi:{self.name}" if self.kind == "package" else self.name
+
+
+def load_registry(path: Path) -> list[Source]:
+    """Read and check a registry file; every mistake is a UsageError naming the entry."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"Cannot read the registry {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"The registry {path} is not valid TOML: {exc}") from None
+    entries = data.get("source")
+    if not isinstance(entries, list) or not entries:
+        raise UsageError(f"The registry {path} lists no [[source]] entries")
+    sources = [_source(entry, i + 1) for i, entry in enumerate(entries)]
+    names = [s.label for s in sources]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UsageError(f"The registry {path} lists a source twice: {repeated}")
+    return sources
+
+
+def _source(entry: dict[str, Any], number: int) -> Source:
+    kinds = [k for k in ("repo", "package", "dataset") if k in entry]
+    where = f"source {number}"
+    if len(kinds) != 1:
+        raise UsageError(f"Registry {where}: give exactly one of repo, package or dataset")
+    kind = kinds[0]
+    name = str(entry[kind])
+    where = f"source {number} ({name})"
+    version = ""
+    if kind == "repo":
+        version = str(entry.get("commit", ""))
+        if not re.fullmatch(r"[0-9a-f]{40}", version):
+            raise UsageError(f"Registry {where}: `commit` must be the full 40-digit commit")
+        if name.lower() in RESERVED_REPOS:
+            raise UsageError(f"Registry {where} is reserved for independent evaluation and cannot be a training source")
+    elif kind == "package":
+        name, _, version = name.partition("==")
+        if not version:
+            raise UsageError(f"Registry {where}: a package is pinned as name==version")
+    age = str(entry.get("age_group", "unknown"))
+    _check_choice(age, AGE_GROUPS, where, "age_group")
+    rules = tuple(_rule(r, where, entry) for r in entry.get("files", []))
+    if kind != "dataset" and not rules:
+        raise UsageError(f"Registry {where}: a {kind} needs [[source.files]] rules")
+    licence = str(entry.get("licence", ""))
+    if kind != "dataset" and not licence:
+        raise UsageError(f"Registry {where}: state the licence as the source gives it (or 'none stated')")
+    return Source(
+        kind=kind,
+        name=name,
+        version=version,
+        licence=licence,
+        age_group=age,
+        note=str(entry.get("note", "")),
+        rules=rules,
+        exclude=tuple(str(g) for g in entry.get("exclude", [])),
+        collections={str(k): str(v) for k, v in entry.get("collections", {}).items()},
+    )
+
+
+def _rule(rule: dict[str, Any], where: str, entry: dict[str, Any]) -> FileRule:
+    label = str(rule.get("label", ""))
+    _check_choice(label, LABELS, where, "label")
+    if "glob" not in rule or "collection" not in rule:
+        raise UsageError(f"Registry {where}: every [[source.files]] rule needs glob, label and collection")
+    age = rule.get("age_group")
+    if age is not None:
+        _check_choice(str(age), AGE_GROUPS, where, "age_group")
+    try:
+        patient = re.compile(str(rule["patient"])) if rule.get("patient") else None
+    except re.error as exc:
+        raise UsageError(f"Registry {where}: bad patient regex: {exc}") from None
+    if patient is not None and patient.groups < 1:
+        raise UsageError(f"Registry {where}: the patient regex needs a group for the id")
+    return FileRule(
+        str(rule["glob"]), label, str(rule["collection"]), patient, str(age) if age else None,
+        str(rule.get("patient_namespace", "")),
+    )  # fmt: skip
+
+
+def _check_choice(value: str, choices: tuple[str, ...], where: str, key: str) -> None:
+    if value not in choices:
+        raise UsageError(f"Registry {where}: {key} {value!r} is not one of {', '.join(choices)}")
