@@ -106,7 +106,10 @@ def model_spec(summary: dict[str, Any], version: str, outputs: list[str]) -> Mod
     extra: dict[str, Any] = {
         "input": {"layout": "NHWC", "dtype": "float32", "value_range": [0, 255], "in_graph": in_graph},
         "architecture": "MobileNetV2 (ImageNet init) + global average pooling + dropout + dense",
-        "training": {k: summary[k] for k in ("config", "data", "history", "train_seconds", "base_weights")},
+        "training": {
+            **{k: summary[k] for k in ("config", "data", "history", "train_seconds", "base_weights")},
+            "sources": summary.get("sources", []),  # [{"source", "label", "train"}]; older sidecars lack it
+        },
         "validation": summary.get("validation", {}),
         "exported": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "licence": (

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -214,12 +215,19 @@ def _summary(
         "input": asdict(config.input_spec()),
         "config": asdict(config),
         "data": {"dir_name": data_dir.name, "train": f.train.counts(), "val": f.val.counts()},
+        "sources": training_sources(f.train_sources, [classes[i] for i in f.train.labels]),
         "history": history,
         "source_alignment": {classes[c]: list(names) for c, names in plan},
         "validation": validation,
         "threshold": threshold,
         "base_weights": weights.name if weights else None,
     }
+
+
+def training_sources(sources: list[str], labels: list[str]) -> list[dict[str, Any]]:
+    """Train images per (source, label), sorted: the `training.sources` record of the model."""
+    counts = Counter(zip(sources, labels, strict=True))
+    return [{"source": s or "unknown", "label": lab, "train": n} for (s, lab), n in sorted(counts.items())]
 
 
 def _validate(config: TrainConfig, labels: np.ndarray, scores: np.ndarray) -> tuple[dict[str, float], float]:

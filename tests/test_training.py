@@ -62,10 +62,21 @@ def test_leave_source_out_training_with_source_alignment(tmp_path: Path, monkeyp
     assert summary["config"]["exclude_sources"] == ["src2"] and summary["config"]["source_alignment"] == 1.0
     assert framing == {(0.8, 0.5)}  # the framing options reach every augmented view
     assert summary["source_alignment"] == {"DARK": ["src0", "src1"], "LIGHT": ["src0", "src1"]}
+    # train images per (source, label), the left-out src2 absent: 10 of each class from src0 and src1
+    sources = summary["sources"]
+    assert {s["source"] for s in sources} == {"src0", "src1"}
+    assert [(s["source"], s["label"], s["train"]) for s in sources] == [
+        ("src0", "DARK", 10), ("src0", "LIGHT", 10), ("src1", "DARK", 10), ("src1", "LIGHT", 10)
+    ]  # fmt: skip
     onnx_path = tmp_path / "classifier.onnx"
     result = runner.invoke(app, ["export", str(ckpt), "--out", str(onnx_path), "--check-images", str(data / "val")])
     assert result.exit_code == 0, result.output
     import onnx
+
+    from cxrbatch.models import METADATA_KEY
+
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert json.loads(props[METADATA_KEY])["training"]["sources"] == sources
 
     assert {o.name for o in onnx.load(str(onnx_path)).graph.output} == {"scores", "cam"}  # no alignment output
 
