@@ -154,19 +154,36 @@ def _phase1(model: keras.Model, above: keras.Model, f: _Fitting) -> tuple[dict[s
     pooled_train = pool_features(above, f.train_cache.reshape((-1, *f.train_cache.shape[2:])), config.batch_size)
     pooled_val = pool_features(above, f.val_cache, config.batch_size)
     head_only = head_model(model, pooled_train.shape[1])
-    _compile(head_only, config, config.lr1)
-    history = head_only.fit(
-        pooled_train,
-        np.repeat(f.targets(f.train), config.views, axis=0),
-        sample_weight=np.repeat(f.weights, config.views),
-        validation_data=(pooled_val, f.targets(f.val)),
+    history = fit_head(head_only, config, (pooled_train, f.targets(f.train), f.weights), (pooled_val, f.targets(f.val)))
+    return history, head_only, pooled_val
+
+
+def fit_head(
+    head: keras.Model,
+    config: TrainConfig,
+    train: tuple[np.ndarray, np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+) -> dict[str, Any]:
+    """Phase 1 proper: the head on pooled features of `config.views` views per image, in image
+    order (train = features (N * views, d), one target and one weight per image), early stopping
+    on the training loss with the best weights kept; the leave-one-collection-out study fits its
+    heads with this too."""
+    features, targets, weights = train
+    _compile(head, config, config.lr1)
+    history = head.fit(
+        features,
+        np.repeat(targets, config.views, axis=0),
+        sample_weight=np.repeat(weights, config.views),
+        validation_data=val,
         batch_size=config.batch_size,
         epochs=config.epochs1,
         callbacks=_callbacks(patience=5, monitor="loss"),
         verbose=2,
     )
-    epochs = {"phase1_epochs": len(history.history["loss"])}
-    return {**epochs, "phase1_best_val_loss": float(min(history.history["val_loss"]))}, head_only, pooled_val
+    return {
+        "phase1_epochs": len(history.history["loss"]),
+        "phase1_best_val_loss": float(min(history.history["val_loss"])),
+    }
 
 
 def _phase2(model: keras.Model, above: keras.Model, f: _Fitting) -> tuple[Plan, dict[str, Any], np.ndarray]:

@@ -135,3 +135,39 @@ def test_the_same_seed_gives_the_same_views(tmp_path: Path) -> None:
     assert first.shape == (3, 224, 224, 1) and np.array_equal(first, again)
     assert not np.array_equal(first[1], first[2])  # two different augmented views
     assert np.array_equal(cache.views_of(path, spec, 12, 0, config)[0], first[0])  # the clean view first
+
+
+def test_leave_one_collection_out_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    classes = {"DARK": (False, False), "LIGHT": (True, False), "VIVID": (True, True)}
+    data = blob_dataset(tmp_path / "cxr", classes, per_class=6)
+    # DARK and LIGHT come from two collections each, VIVID from a third only
+    collection = {
+        "DARK": lambda i: f"col{'AB'[i % 2]}",
+        "LIGHT": lambda i: f"col{'AB'[i % 2]}",
+        "VIVID": lambda i: "colC",
+    }
+    rows = ["id,source,collection"] + [f"{c}_{i},repo,{collection[c](i)}" for c in classes for i in range(6)]
+    (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    args = ["loco", str(data), "--json", str(tmp_path / "loco.json"), "--size", "32", "--alpha", "0.35"]
+    args += ["--views", "2", "--epochs1", "2", "--negative-label", "DARK", "--features-cache", str(tmp_path / "f.npz")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "loco.json").read_text(encoding="utf-8"))
+    assert list(record["folds"]) == ["colA", "colB"]  # VIVID's only collection is no fold
+    for fold in ("colA", "colB"):
+        result_of = record["folds"][fold]
+        assert result_of["trained_on"] == 6 + 6  # train: 3 DARK, 3 LIGHT of the other collection, 6 VIVID
+        assert result_of["n"] == 3 * 6  # every split's DARK and LIGHT films of the left-out collection
+        dark, light = result_of["by_class"]["DARK"], result_of["by_class"]["LIGHT"]
+        assert dark["n"] == light["n"] == 9 and dark["recall"] == dark["called_DARK"]
+        assert 0.0 <= light["auc_vs_DARK"] <= 1.0 and "auc_vs_DARK" not in dark
+    assert "colA" in result.output and "LIGHT" in result.output
+
+    # the features are kept and reused: a second study computes none and gives the same record
+    monkeypatch.setattr(export_module("loco"), "cache_activations", lambda *a, **k: pytest.fail("features again"))
+    again = runner.invoke(app, [*args[:3], str(tmp_path / "again.json"), *args[4:], "--fold", "colC"])
+    assert again.exit_code == 0, again.output
+    skipped = json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))["folds"]
+    assert skipped == {"colC": {"skipped": "without it, no training image of ['VIVID']"}}
+    unknown = runner.invoke(app, [*args, "--fold", "colZ"])
+    assert unknown.exit_code == 2 and "collection(s) ['colZ']" in unknown.stderr

@@ -1,4 +1,4 @@
-"""The model commands: `train`, `export`, `evaluate`, `probe`, `quantize` and `half`.
+"""The model commands: `train`, `export`, `evaluate`, `probe`, `loco`, `quantize` and `half`.
 
 All but `evaluate` run the export side (`cxrbatch.extras`), imported only when the command runs,
 so every `--help` works without the export extra. Errors are raised, never caught here: the
@@ -216,6 +216,54 @@ def probe(
     _setup_logging(verbose, quiet=False)
     report = export_module("probe").probe(ckpt, data_dir, base_weights, label)
     typer.echo(_write_json(json_out, report))
+
+
+@app.command()
+def loco(
+    data_dir: Annotated[Path, typer.Argument(help="training tree with a MANIFEST.csv naming each image's collection")],
+    json_out: Annotated[Path, typer.Option("--json", help="write the study's record here")],
+    base_weights: Annotated[
+        Path | None,
+        typer.Option("--base-weights", help="ImageNet MobileNetV2 no-top .weights.h5 file (default: random init)"),
+    ] = None,
+    fold: Annotated[
+        list[str] | None,
+        typer.Option("--fold", help="collection to leave out (repeatable; default: every one whose class has others)"),
+    ] = None,
+    features_cache: Annotated[
+        Path | None, typer.Option("--features-cache", help="keep the features here and reuse them when they match")
+    ] = None,
+    size: Annotated[int, typer.Option(help="input side in pixels")] = 224,
+    alpha: Annotated[float, typer.Option(help="MobileNetV2 width multiplier")] = 1.0,
+    views: Annotated[int, typer.Option(min=1, help="views per training image (the image and views-1 augmented)")] = 10,
+    seed: Annotated[int, typer.Option(help="random seed")] = 1234,
+    zoom_out: Annotated[float, typer.Option(min=0.0, max=1.0, help="as `train --zoom-out`")] = 0.5,
+    crop_area: Annotated[float, typer.Option(min=0.1, max=1.0, help="as `train --crop-area`")] = 0.7,
+    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.5, help="of the head's loss")] = 0.0,
+    epochs1: Annotated[
+        int, typer.Option(min=1, help="most epochs of each head (early stopping may end it sooner)")
+    ] = 40,
+    negative_label: Annotated[str, typer.Option(help="the class folder that is not a finding")] = "NORMAL",
+    verbose: Verbose = False,
+) -> None:
+    """Leave-one-collection-out study of the head-only classifier recipe (needs the export extra).
+
+    For each collection, a head trained without its images scores all of them: recall per class,
+    share called NORMAL, AUCs. The recipe is `train classifier --epochs2 0` with the same options.
+
+    Example: cxrbatch loco data/union --json runs/loco.json --base-weights mnv2_no_top.weights.h5
+    """
+    _setup_logging(verbose, quiet=False)
+    config_module = export_module("config")
+    config = replace(
+        config_module.DEFAULTS["classifier"], size=size, alpha=alpha, views=views, seed=seed, zoom_out=zoom_out,
+        crop_area=crop_area, label_smoothing=label_smoothing, epochs1=epochs1, epochs2=0,
+        negative_label=negative_label,
+    )  # fmt: skip
+    loco_module = export_module("loco")
+    record = loco_module.study(data_dir, base_weights, config, tuple(fold or ()), features_cache)
+    _write_json(json_out, record)
+    typer.echo(loco_module.format_study(record))
 
 
 @app.command()

@@ -1,0 +1,204 @@
+"""Leave-one-collection-out: how the classifier's recipe does on a collection it never saw.
+
+A validation split drawn from the same collections as train rewards learning what those
+collections look like. The study that chooses the recipe instead trains, for each collection
+(`fold`), a model without any of its images (train and val) and scores every image of that
+collection, from every split.
+
+The recipe studied is the head-only recipe (`cxrbatch train classifier --epochs2 0`): the
+frozen ImageNet MobileNetV2's pooled features of `views` views per image (the image as the
+runtime sees it, then augmented ones, drawn as training draws them), and phase 1's head on them,
+fitted exactly as training fits it (`training.fit_head`, sample weights balanced within each
+collection). The features do not depend on which images are left out, so they are computed once
+and kept (`features_cache`), and each fold costs one head fit: a study of every collection costs
+about one training run. Folds are the collections of every class that two or more collections
+hold (leaving out a class's only collection tells nothing about transfer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from cxrbatch.datasets import Split, class_names, load_split, read_manifest, sources_of
+from cxrbatch.errors import UsageError
+from cxrbatch.metrics import roc_auc
+
+from .cache import cache_activations
+from .config import TrainConfig
+from .network import build_model, calibrate_batchnorm, head_model
+from .sources import sample_weights
+from .training import fit_head
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+def study(
+    data_dir: Path,
+    base_weights: Path | None,
+    config: TrainConfig,
+    folds: tuple[str, ...] = (),
+    features_cache: Path | None = None,
+) -> dict[str, Any]:
+    """Fit one head per left-out collection and score that collection; the study's JSON record."""
+    if config.role != "classifier" or config.epochs2 != 0:
+        raise UsageError("the study measures the classifier's head-only recipe (epochs2 0)")
+    classes = class_names(data_dir)
+    if config.negative_label not in classes:
+        raise UsageError(f"the negative label {config.negative_label!r} is not a class of {data_dir} ({list(classes)})")
+    manifest = read_manifest(data_dir)
+    splits = {name: load_split(data_dir, name, classes) for name in SPLITS if (data_dir / name).is_dir()}
+    sources = {name: np.asarray(sources_of(split.paths, manifest), dtype=object) for name, split in splits.items()}
+    chosen = folds or default_folds(splits, sources)
+    unknown = sorted(set(chosen) - {s for found in sources.values() for s in found})
+    if unknown:
+        raise UsageError(f"No image of {data_dir} comes from the collection(s) {unknown}")
+    feats = _features(data_dir, splits, base_weights, config, features_cache)
+    record: dict[str, Any] = {
+        "data": data_dir.name, "config": _config_record(config), "classes": list(classes),
+        "negative_label": config.negative_label,
+    }  # fmt: skip
+    record["folds"] = {}
+    for fold in chosen:
+        log.info(
+            "fold %s: trained without it, scored on its %d images",
+            fold,
+            sum(int((s == fold).sum()) for s in sources.values()),
+        )
+        record["folds"][fold] = _fold(fold, splits, sources, feats, config)
+    return record
+
+
+def default_folds(splits: dict[str, Split], sources: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """Every collection holding a class that two or more collections hold."""
+    train, names = splits["train"], sources["train"]
+    holders: dict[int, set[str]] = {}
+    for label, source in zip(train.labels, names, strict=True):
+        holders.setdefault(int(label), set()).add(str(source))
+    return tuple(sorted({s for held in holders.values() if len(held) > 1 for s in held}))
+
+
+def _fold(
+    fold: str,
+    splits: dict[str, Split],
+    sources: dict[str, np.ndarray],
+    feats: dict[str, np.ndarray],
+    config: TrainConfig,
+) -> dict[str, Any]:
+    train, val = splits["train"], splits["val"]
+    keep_train, keep_val = sources["train"] != fold, sources["val"] != fold
+    labels = train.labels[keep_train]
+    eye = np.eye(len(train.classes), dtype=np.float32)
+    if len(np.unique(labels)) < len(train.classes):
+        missing = sorted(set(train.classes) - {train.classes[i] for i in np.unique(labels)})
+        return {"skipped": f"without it, no training image of {missing}"}
+    keras.utils.set_random_seed(config.seed)
+    head = head_model(build_model(config, len(train.classes), None), feats["train"].shape[-1])
+    weights = sample_weights(labels, list(sources["train"][keep_train]), len(train.classes))
+    history = fit_head(
+        head,
+        config,
+        (feats["train"][keep_train].reshape((-1, feats["train"].shape[-1])).astype(np.float32), eye[labels], weights),
+        (feats["val"][keep_val].astype(np.float32), eye[val.labels[keep_val]]),
+    )
+    held_x = np.concatenate([feats[f"{name}_clean"][sources[name] == fold] for name in splits]).astype(np.float32)
+    held_y = np.concatenate([splits[name].labels[sources[name] == fold] for name in splits])
+    probs = np.asarray(head.predict(held_x, batch_size=config.batch_size, verbose=0), dtype=np.float64)
+    return {
+        "trained_on": int(keep_train.sum()),
+        "history": history,
+        **held_out_metrics(probs, held_y, train.classes, config),
+    }
+
+
+def held_out_metrics(
+    probs: np.ndarray, truth: np.ndarray, classes: tuple[str, ...], config: TrainConfig
+) -> dict[str, Any]:
+    """Per class of the held-out collection: films, share called that class, share called the
+    no-finding class; the no-finding AUC (1 - P(negative)) and, per finding, its one-class AUC
+    against the collection's no-finding films."""
+    negative = classes.index(str(config.negative_label))
+    pred = probs.argmax(axis=1)
+    out: dict[str, Any] = {"n": len(truth), "by_class": {}}
+    is_negative = truth == negative
+    for c, name in enumerate(classes):
+        mine = truth == c
+        if not mine.any():
+            continue
+        row: dict[str, Any] = {
+            "n": int(mine.sum()),
+            "recall": round(float((pred[mine] == c).mean()), 4),
+            "called_" + classes[negative]: round(float((pred[mine] == negative).mean()), 4),
+        }
+        if c != negative and is_negative.any():
+            both = mine | is_negative
+            row["auc_vs_" + classes[negative]] = _round(roc_auc(probs[both, c], mine[both]))
+            row["auc_abnormal_vs_" + classes[negative]] = _round(roc_auc(1.0 - probs[both, negative], mine[both]))
+        out["by_class"][name] = row
+    return out
+
+
+def _features(
+    data_dir: Path, splits: dict[str, Split], base_weights: Path | None, config: TrainConfig, cache: Path | None
+) -> dict[str, np.ndarray]:
+    """Pooled features: train's `views` views per image, and every split's clean images (a view 0)."""
+    key = {
+        "config": _config_record(config),
+        "paths": [str(p.relative_to(data_dir)) for s in splits.values() for p in s.paths],
+    }
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            if json.loads(str(stored["key"])) == key:
+                log.info("features from %s", cache)
+                return {name: stored[name] for name in stored.files if name != "key"}
+            log.info("%s was made for other images or settings: computing the features again", cache)
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config, len(splits["train"].classes), base_weights)
+    spec = config.input_spec()
+    if base_weights is None:  # as training does: a random backbone needs real batch-norm statistics
+        calibrate_batchnorm(model, splits["train"], spec, config.batch_size)
+    pooled = keras.Model(model.input, model.get_layer("pool").output)
+    rng = np.random.default_rng(config.seed)  # one stream as training draws it: train's view seeds, then val's
+    out = {"train": cache_activations(pooled, splits["train"], spec, config, rng, views=config.views)}
+    out["val"] = cache_activations(pooled, splits["val"], spec, config, rng, views=0)[:, 0]
+    out["train_clean"], out["val_clean"] = out["train"][:, 0], out["val"]
+    for name in splits:
+        if f"{name}_clean" not in out:
+            out[f"{name}_clean"] = cache_activations(pooled, splits[name], spec, config, rng, views=0)[:, 0]
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, key=json.dumps(key), **out)
+    return out
+
+
+def _config_record(config: TrainConfig) -> dict[str, Any]:
+    keys = ("size", "alpha", "views", "epochs1", "batch_size", "lr1", "dropout", "label_smoothing", "clahe", "seed")
+    return {k: getattr(config, k) for k in keys} | {"zoom_out": config.zoom_out, "crop_area": config.crop_area}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def format_study(record: dict[str, Any]) -> str:
+    """The study as a table: one line per (held-out collection, class)."""
+    negative = record["negative_label"]
+    head = f"{'left-out collection':<24} {'class':<13} {'n':>5} {'recall':>7} {'→' + negative:>8}"
+    lines = [head + f" {'AUC':>6} {'AUC ab.':>8}"]
+    for fold, result in record["folds"].items():
+        if "skipped" in result:
+            lines.append(f"{fold:<24} skipped: {result['skipped']}")
+            continue
+        for name, row in result["by_class"].items():
+            auc, abnormal = row.get(f"auc_vs_{negative}"), row.get(f"auc_abnormal_vs_{negative}")
+            lines.append(
+                f"{fold:<24} {name:<13} {row['n']:>5} {row['recall']:>7.3f} {row[f'called_{negative}']:>8.3f} "
+                f"{'-' if auc is None else f'{auc:.3f}':>6} {'-' if abnormal is None else f'{abnormal:.3f}':>8}"
+            )
+    return "\n".join(lines)
