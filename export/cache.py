@@ -35,13 +35,19 @@ def views_of(path: Path, spec: InputSpec, seed: int, views: int, config: TrainCo
 
 
 def cache_activations(
-    below: keras.Model, split: Split, spec: InputSpec, config: TrainConfig, rng: np.random.Generator, views: int
+    below: keras.Model,
+    split: Split,
+    spec: InputSpec,
+    config: TrainConfig,
+    rng: np.random.Generator | np.ndarray,
+    views: int,
 ) -> np.ndarray:
     """Run every (augmented) image through the frozen lower part once: (N, views or 1, h, w, c).
 
     One seed per image is drawn from `rng` (whatever `views` is), so the same seed gives the
-    same views; decoding and augmenting the next chunk overlaps the model on this one."""
-    seeds = rng.integers(0, 2**32, len(split.paths))
+    same views; `rng` may also be the seeds themselves, one per image. Decoding and augmenting
+    the next chunk overlaps the model on this one."""
+    seeds = rng if isinstance(rng, np.ndarray) else rng.integers(0, 2**32, len(split.paths))
     per_batch = max(1, config.batch_size // max(views, 1))
     chunks = [range(i, min(i + per_batch, len(split.paths))) for i in range(0, len(split.paths), per_batch)]
     out: list[np.ndarray] = []

@@ -10,13 +10,14 @@ frozen ImageNet MobileNetV2's pooled features of `views` views per image (the im
 runtime sees it, then augmented ones, drawn as training draws them), and phase 1's head on them,
 fitted exactly as training fits it (`training.fit_head`, sample weights balanced within each
 collection). The features do not depend on which images are left out, so they are computed once
-and kept (`features_cache`), and each fold costs one head fit: a study of every collection costs
+and kept (`features_cache`, and each fold costs one head fit: a study of every collection costs
 about one training run. Folds are the collections of every class that two or more collections
 hold (leaving out a class's only collection tells nothing about transfer).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -147,34 +148,76 @@ def held_out_metrics(
 def _features(
     data_dir: Path, splits: dict[str, Split], base_weights: Path | None, config: TrainConfig, cache: Path | None
 ) -> dict[str, np.ndarray]:
-    """Pooled features: train's `views` views per image, and every split's clean images (a view 0)."""
-    key = {
-        "config": _config_record(config),
-        "paths": [str(p.relative_to(data_dir)) for s in splits.values() for p in s.paths],
-    }
-    if cache is not None and cache.is_file():
-        with np.load(cache, allow_pickle=False) as stored:
-            if json.loads(str(stored["key"])) == key:
-                log.info("features from %s", cache)
-                return {name: stored[name] for name in stored.files if name != "key"}
-            log.info("%s was made for other images or settings: computing the features again", cache)
-    keras.utils.set_random_seed(config.seed)
-    model = build_model(config, len(splits["train"].classes), base_weights)
-    spec = config.input_spec()
-    if base_weights is None:  # as training does: a random backbone needs real batch-norm statistics
-        calibrate_batchnorm(model, splits["train"], spec, config.batch_size)
-    pooled = keras.Model(model.input, model.get_layer("pool").output)
-    rng = np.random.default_rng(config.seed)  # one stream as training draws it: train's view seeds, then val's
-    out = {"train": cache_activations(pooled, splits["train"], spec, config, rng, views=config.views)}
-    out["val"] = cache_activations(pooled, splits["val"], spec, config, rng, views=0)[:, 0]
-    out["train_clean"], out["val_clean"] = out["train"][:, 0], out["val"]
-    for name in splits:
-        if f"{name}_clean" not in out:
-            out[f"{name}_clean"] = cache_activations(pooled, splits[name], spec, config, rng, views=0)[:, 0]
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, key=json.dumps(key), **out)
+    """Pooled features: train's `views` views per image, and every split's clean images (a view 0).
+
+    Kept per image (by id, the file stem) in `cache`, so a tree that grew by a source costs only
+    the new images; an image's views are drawn from a seed made of the run's seed and its id."""
+    stored = _read_cache(cache, config)
+    wanted = {name: [p for p in split.paths if p.stem not in stored[_kind(name)]] for name, split in splits.items()}
+    if any(wanted.values()):
+        log.info("computing features of %d images (%d kept)", sum(map(len, wanted.values())), len(stored["clean"]))
+        keras.utils.set_random_seed(config.seed)
+        model = build_model(config, len(splits["train"].classes), base_weights)
+        if base_weights is None:  # as training does: a random backbone needs real batch-norm statistics
+            calibrate_batchnorm(model, splits["train"], config.input_spec(), config.batch_size)
+        pooled = keras.Model(model.input, model.get_layer("pool").output)
+        for name, paths in wanted.items():
+            if paths:
+                views = config.views if name == "train" else 0
+                part = Split(paths, np.zeros(len(paths), dtype=int), splits[name].classes)
+                seeds = np.asarray([_seed(config.seed, p.stem) for p in paths], dtype=np.uint64)
+                acts = cache_activations(pooled, part, config.input_spec(), config, seeds, views=views)
+                stored[_kind(name)].update(zip((p.stem for p in paths), acts, strict=True))
+        _write_cache(cache, config, stored)
+    out = {"train": np.stack([stored["views"][p.stem] for p in splits["train"].paths])}
+    for name, split in splits.items():
+        if name == "train":
+            out["train_clean"] = out["train"][:, 0]
+        else:
+            out[f"{name}_clean"] = np.stack([stored["clean"][p.stem][0] for p in split.paths])
+    out["val"] = out["val_clean"]
     return out
+
+
+def _kind(split: str) -> str:
+    return "views" if split == "train" else "clean"
+
+
+def _seed(seed: int, image_id: str) -> int:
+    return int(hashlib.sha1(f"{seed}:{image_id}".encode()).hexdigest()[:8], 16)
+
+
+def _read_cache(cache: Path | None, config: TrainConfig) -> dict[str, dict[str, np.ndarray]]:
+    stored: dict[str, dict[str, np.ndarray]] = {"views": {}, "clean": {}}
+    if cache is None or not cache.is_file():
+        return stored
+    with np.load(cache, allow_pickle=False) as data:
+        if json.loads(str(data["key"])) != _feature_key(config):
+            log.info("%s was made with other settings: computing the features again", cache)
+            return stored
+        for kind in stored:
+            stored[kind] = dict(zip(data[f"{kind}_ids"].tolist(), data[kind], strict=True))
+    return stored
+
+
+def _write_cache(cache: Path | None, config: TrainConfig, stored: dict[str, dict[str, np.ndarray]]) -> None:
+    if cache is None:
+        return
+    arrays = {"key": np.asarray(json.dumps(_feature_key(config)))}
+    for kind, by_id in stored.items():
+        ids = sorted(by_id)
+        arrays[f"{kind}_ids"] = np.asarray(ids, dtype=str)
+        arrays[kind] = np.stack([by_id[i] for i in ids]) if ids else np.zeros((0,), dtype=np.float16)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    part = cache.with_name(cache.name + ".part.npz")
+    np.savez(part, **arrays)
+    part.replace(cache)
+
+
+def _feature_key(config: TrainConfig) -> dict[str, Any]:
+    """What the features depend on (the head's settings do not change them)."""
+    keys = ("size", "alpha", "views", "seed", "zoom_out", "crop_area", "clahe", "cache_layer")
+    return {k: getattr(config, k) for k in keys}
 
 
 def _config_record(config: TrainConfig) -> dict[str, Any]:

@@ -169,5 +169,20 @@ def test_leave_one_collection_out_study(tmp_path: Path, monkeypatch: pytest.Monk
     assert again.exit_code == 0, again.output
     skipped = json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))["folds"]
     assert skipped == {"colC": {"skipped": "without it, no training image of ['VIVID']"}}
+    # a tree that grew by one image: only that image's features are computed
+    computed: list[int] = []
+    real = export_module("cache").cache_activations
+
+    def counted(model, split, *rest, **kw):  # type: ignore[no-untyped-def]
+        computed.append(len(split.paths))
+        return real(model, split, *rest, **kw)
+
+    monkeypatch.setattr(export_module("loco"), "cache_activations", counted)
+    Image.open(data / "train" / "DARK" / "DARK_0.png").rotate(90).save(data / "train" / "DARK" / "DARK_new.png")
+    (data / "MANIFEST.csv").write_text("\n".join([*rows, "DARK_new,repo,colA"]) + "\n", encoding="utf-8")
+    grown = runner.invoke(app, args)
+    assert grown.exit_code == 0, grown.output
+    assert computed == [1]
+    assert json.loads((tmp_path / "loco.json").read_text(encoding="utf-8"))["folds"]["colB"]["trained_on"] == 13
     unknown = runner.invoke(app, [*args, "--fold", "colZ"])
     assert unknown.exit_code == 2 and "collection(s) ['colZ']" in unknown.stderr
