@@ -10,8 +10,8 @@ frozen ImageNet MobileNetV2's pooled features of `views` views per image (the im
 runtime sees it, then augmented ones, drawn as training draws them), and phase 1's head on them,
 fitted exactly as training fits it (`training.fit_head`, sample weights balanced within each
 collection). The features do not depend on which images are left out, so they are computed once
-and kept (`features_cache`, and each fold costs one head fit: a study of every collection costs
-about one training run. Folds are the collections of every class that two or more collections
+and kept per image (`features_cache`), and each fold costs one head fit: a study of every
+collection costs about one training run, and a tree grown by a source only its new images. Folds are the collections of every class that two or more collections
 hold (leaving out a class's only collection tells nothing about transfer).
 """
 
