@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from cxrbatch.cli import app
 from cxrbatch.databuild import hashing
 from cxrbatch.databuild.builder import MANIFEST_COLUMNS, build
+from cxrbatch.databuild.record import RECORD_COLUMNS
 from cxrbatch.databuild.registry import load_registry
 from cxrbatch.datasets import read_manifest, sources_of
 from cxrbatch.errors import UsageError
@@ -290,3 +291,29 @@ def test_cli_builds_prints_counts_and_refuses_to_overwrite(two_sources: tuple[Pa
     refused = runner.invoke(app, [*args[:-1], str(stranger), "--force"])
     assert refused.exit_code == 2 and "did not build" in refused.output
     assert (stranger / "holiday.jpg").read_bytes() == b"x"
+
+
+def test_record_is_the_manifest_without_images_and_refuses_other_folders(
+    two_sources: tuple[Path, Path], tmp_path: Path
+) -> None:
+    registry, mirrors = two_sources
+    out = tmp_path / "data"
+    build(registry, mirrors, out, registry.parent)
+    record = tmp_path / "training-manifest.csv"
+    runner = CliRunner()
+    done = runner.invoke(app, ["data", "record", str(out), "--out", str(record)])
+    assert done.exit_code == 0, done.output
+    assert "record of 20 images" in done.output
+    with record.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(RECORD_COLUMNS)
+    assert [r["id"] for r in rows] == sorted(r["id"] for r in manifest_rows(out))
+    built = {r["id"]: r for r in manifest_rows(out)}
+    for row in rows:
+        assert row == {c: built[row["id"]][c] for c in RECORD_COLUMNS}
+        assert len(row["dhash256"]) == 64 and row["path_in_source"] and row["license_as_stated"] == "CC BY 4.0"
+    stranger = tmp_path / "photos"
+    stranger.mkdir()
+    refused = runner.invoke(app, ["data", "record", str(stranger), "--out", str(tmp_path / "x.csv")])
+    assert refused.exit_code == 2 and "MANIFEST.csv" in refused.output
+    assert not (tmp_path / "x.csv").exists()

@@ -55,3 +55,23 @@ def build(
     typer.echo(f"{len(result.rows)} images written to {out}; {len(result.skipped)} files skipped (SKIPPED.csv)")
     for reason, n in reasons.most_common():
         typer.echo(f"  skipped {n}: {reason}")
+
+
+@data_app.command("record")
+def record(
+    data_dir: Annotated[Path, typer.Argument(help="a tree written by `cxrbatch data build`")],
+    out: Annotated[Path, typer.Option("--out", help="CSV to write, e.g. models/training-manifest.csv")],
+) -> None:
+    """Write the training-data record of a built tree: its manifest without the images.
+
+    One row per image: source, commit or version, path in source, licence, split, label,
+    collection and dhash256 (the check for overlap with other collections).
+
+    Example: cxrbatch data record ~/data/union --out models/training-manifest.csv
+    """
+    from cxrbatch.databuild.record import training_record
+    from cxrbatch.reports import write_text
+
+    text = training_record(data_dir)
+    write_text(str(out), text)
+    typer.echo(f"wrote the record of {text.count(chr(10)) - 1} images to {out}", err=True)
