@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from cxrbatch.pipeline import Screener
 
 SAMPLES = REPO / "samples"
 EXPECTED = {
-    "NORMAL2-IM-1437-0001.jpeg": ("classified", "NORMAL", "true"),  # p 0.597: right, but marked for review
+    "NORMAL2-IM-1437-0001.jpeg": ("classified", "NORMAL", "false"),
     "person1947_bacteria_4876.jpeg": ("classified", "PNEUMONIA", "false"),
     "chelsea.png": ("rejected", "", ""),
     "rocket.jpg": ("rejected", "", ""),
@@ -36,6 +37,21 @@ def test_bundled_models_load_with_complete_metadata() -> None:
         assert meta["input"]["layout"] == "NHWC" and meta["input"]["value_range"] == [0, 255]
         assert 0 < model.spec.threshold < 1
         assert model.path.stat().st_size <= 15 * 1024 * 1024
+
+
+def test_training_manifest_is_the_record_of_the_shipped_classifier() -> None:
+    _, classifier = load_models(default_models_dir(), "cpu")
+    training = classifier.spec.to_metadata()["training"]
+    with (REPO / "models" / "training-manifest.csv").open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert all(len(r["dhash256"]) == 64 and int(r["dhash256"], 16) >= 0 for r in rows)
+    assert all(r["source"] and r["path_in_source"] and r["license_as_stated"] for r in rows)
+    train = Counter((r["collection"], r["label"]) for r in rows if r["split"] == "train")
+    recorded = {(s["source"], s["label"]): s["train"] for s in training["sources"]}
+    assert recorded == dict(train)
+    assert sum(r["split"] == "train" for r in rows) == sum(training["data"]["train"].values())
+    assert {lab for _, lab in train} == set(classifier.spec.labels)
 
 
 @pytest.fixture(scope="module")
