@@ -78,11 +78,11 @@ def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> I
         raise ImageError(_os_message(path, exc)) from None
 
 
-def decode_bytes(data: bytes) -> Image.Image:
+def decode_bytes(data: bytes, draft_size: int | None = None) -> Image.Image:
     """Decode an image file held in memory (not DICOM) into "L" or "RGB", as `load_image` does."""
     if not data:
         raise ImageError("empty file (0 bytes)")
-    return _decode(io.BytesIO(data), data[:132], None)
+    return _decode(io.BytesIO(data), data[:132], draft_size)
 
 
 def _regular_file_size(path: str | os.PathLike[str]) -> int:
