@@ -15,18 +15,14 @@ ratios to Pillow within the run. Decoders that are not installed are listed as m
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import os
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from benchmarks.run import folder_args, folder_record, write_json
 from cxrbatch.imaging import decode_bytes
 
 SIDE = 224
@@ -88,7 +84,8 @@ def decoders() -> tuple[dict[str, Decoder], dict[str, Decoder], list[str]]:
 
 
 def measure(files: list[bytes], named: dict[str, Decoder], repeats: int) -> dict[str, dict[str, float]]:
-    reference = [named_first(named)(data) for data in files]
+    """Rate and pixel difference of each decoder; the first one (Pillow) is the reference."""
+    reference: list[np.ndarray] = []
     out = {}
     for name, decode in named.items():
         best = float("inf")
@@ -96,37 +93,27 @@ def measure(files: list[bytes], named: dict[str, Decoder], repeats: int) -> dict
             start = time.perf_counter()
             pictures = [decode(data) for data in files]
             best = min(best, time.perf_counter() - start)
+        reference = reference or pictures
         diffs = [np.abs(p.astype(int) - r.astype(int)) for p, r in zip(pictures, reference, strict=True)]
         out[name] = {
             "per_s": round(len(files) / best, 1),
             "max_abs_diff": int(max(int(d.max()) for d in diffs)) if diffs else 0,
             "mean_abs_diff": round(float(np.mean([d.mean() for d in diffs])), 3) if diffs else 0.0,
         }
-    first = out[next(iter(named))]["per_s"]
+    first = next(iter(out.values()))["per_s"]
     for row in out.values():
         row["ratio_to_pillow"] = round(row["per_s"] / first, 2)
     return out
 
 
-def named_first(named: dict[str, Decoder]) -> Decoder:
-    return next(iter(named.values()))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = folder_args(__doc__)
     paths = sorted(p for p in args.folder.iterdir() if p.is_file())
     pngs = [p.read_bytes() for p in paths if p.suffix.lower() == ".png"]
     jpegs = [p.read_bytes() for p in paths if p.suffix.lower() in (".jpg", ".jpeg")]
     png, jpeg, missing = decoders()
     result = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpus": os.cpu_count(),
-        "folder": args.folder.name,
-        "repeats": args.repeats,
+        **folder_record(args),
         "missing": missing,
         "png": {"images": len(pngs), "decoders": measure(pngs, png, args.repeats)},
         "jpeg": {"images": len(jpegs), "decoders": measure(jpegs, jpeg, args.repeats)},
@@ -140,8 +127,7 @@ def main() -> None:
             )
     if missing:
         print("not installed, not measured:", ", ".join(missing))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,11 @@ Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.run import cli_run
+from benchmarks.run import cli_run, folder_args, folder_record, write_json
 
 
 def timed(folder: Path, root: Path, extra: list[str], repeats: int) -> tuple[float, int]:
@@ -35,11 +31,7 @@ def timed(folder: Path, root: Path, extra: list[str], repeats: int) -> tuple[flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = folder_args(__doc__)
     ways = {
         "review page only": [],
         "heatmaps, flagged": ["--heatmaps", "MAPS", "--heatmaps-for", "flagged"],
@@ -53,10 +45,7 @@ def main() -> None:
             rows[name] = timed(args.folder, root, extra, args.repeats)
     base = rows["review page only"][0]
     result = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpus": os.cpu_count(),
-        "folder": args.folder.name,
-        "repeats": args.repeats,
+        **folder_record(args),
         "runs": {
             name: {
                 "seconds_median": round(s, 2),
@@ -71,9 +60,7 @@ def main() -> None:
     for name, r in result["runs"].items():
         per = "" if r["seconds_per_heatmap"] is None else f"{r['seconds_per_heatmap']:.4f}"
         print(f"{name:<20} {r['seconds_median']:>11.2f} {r['heatmaps']:>9} {r['over_baseline']:>11.3f} {per:>14}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,32 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO.parent / "shared" / "data" / "bench"
 
 
+def folder_args(doc: str) -> argparse.Namespace:
+    """The command line of a benchmark over one folder: FOLDER [--repeats N] [--json PATH]."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    return parser.parse_args()
+
+
+def folder_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The head of such a benchmark's JSON: the machine, the folder and the repeats."""
+    return {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpus": os.cpu_count(),
+        "folder": args.folder.name,
+        "repeats": args.repeats,
+    }
+
+
+def write_json(path: Path | None, record: dict[str, Any]) -> None:
+    """Write a benchmark's record where --json says (nothing without it)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
     """Wall-clock seconds of `repeats` calls."""
     out = []
@@ -223,9 +249,7 @@ def main() -> None:
         "end_to_end_over_seed_loop": round(warm / seed, 1) if seed else None,
     }
     print_table(report)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(args.json, report)
 
 
 def print_table(r: dict[str, Any]) -> None:
