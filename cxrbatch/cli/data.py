@@ -72,6 +72,6 @@ def record(
     from cxrbatch.databuild.record import training_record
     from cxrbatch.reports import write_text
 
-    text = training_record(data_dir)
+    text, images = training_record(data_dir)
     write_text(str(out), text)
-    typer.echo(f"wrote the record of {text.count(chr(10)) - 1} images to {out}", err=True)
+    typer.echo(f"wrote the record of {images} images to {out}", err=True)

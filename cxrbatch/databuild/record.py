@@ -21,8 +21,8 @@ RECORD_COLUMNS = (
 )  # fmt: skip
 
 
-def training_record(data_dir: Path) -> str:
-    """The record of the tree `cxrbatch data build` wrote to `data_dir`, as CSV text sorted by id."""
+def training_record(data_dir: Path) -> tuple[str, int]:
+    """The record of the tree `cxrbatch data build` wrote to `data_dir`: CSV text sorted by id, and its rows."""
     manifest = data_dir / MANIFEST
     if not manifest.is_file():
         raise UsageError(f"{data_dir} has no {MANIFEST}: build it with `cxrbatch data build`")
@@ -36,4 +36,4 @@ def training_record(data_dir: Path) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(RECORD_COLUMNS)
     writer.writerows(rows)
-    return out.getvalue()
+    return out.getvalue(), len(rows)
