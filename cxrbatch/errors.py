@@ -40,7 +40,11 @@ class ReportError(CxrBatchError):
 
 
 class ExtraMissing(CxrBatchError):
-    """A command needs an optional extra (export, dicom) that is not installed."""
+    """A command needs an optional extra (export, dicom, ray) that is not installed."""
+
+
+class EngineError(CxrBatchError):
+    """The Ray cluster cannot be reached, lacks what the run asks of it, or failed the run."""
 
 
 class ExportError(CxrBatchError):

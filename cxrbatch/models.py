@@ -261,11 +261,16 @@ def load_model(path: Path, role: str, providers: list[Any], threads: int | None 
     A provider given by name gets cxrbatch's options (CUDA_OPTIONS); a (name, options) pair is
     passed on as it is.
     """
-    import onnxruntime as ort
-
     if not path.is_file():
         raise ModelError(f"{role.capitalize()} model not found: {path}")
-    data = path.read_bytes()
+    return model_from_bytes(path.read_bytes(), path, role, providers, threads)
+
+
+def model_from_bytes(data: bytes, path: Path, role: str, providers: list[Any], threads: int | None = None) -> Model:
+    """`load_model` on a file's bytes (a Ray actor gets them from the driver, not from a shared
+    folder); `path` names the file in messages and reports."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Two sessions take turns on the same cores: spinning threads of one starve the other.

@@ -7,12 +7,13 @@ input order, one per path, whatever happens to the file.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -44,6 +45,16 @@ class Result:
     refer: bool | None = None  # referral_score at or above the classifier's referral threshold
     familiarity: float | None = None  # distance of the film's features to the training films'
     unfamiliar: bool | None = None  # familiarity above the classifier's familiarity threshold
+
+    def to_wire(self) -> str:
+        """The result without its path as JSON, for another process (a Ray actor sends it to the
+        driver); Python's float repr makes every score round-trip exactly."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "path"})
+
+    @classmethod
+    def from_wire(cls, path: Path, text: str) -> Result:
+        """The result `to_wire` sent, for `path`."""
+        return cls(path=path, **json.loads(text))
 
 
 @dataclass
@@ -94,6 +105,10 @@ class Screener:
             "device": "cuda" if self.gate.on_gpu else "cpu",
             "transform": None if self.transform is None else str(self.transform),
         }
+
+    def describe(self) -> dict[str, object]:
+        """The engine that screens, for the JSON report."""
+        return {"name": "local", "decode_threads": self.workers}
 
     def screen(self, paths: Iterable[Path], on_result: Callable[[Result], None] | None = None) -> Iterator[Result]:
         """Yield one Result per path, in order."""

@@ -69,11 +69,13 @@ def render_json(
     summary: Summary,
     started: str,
     heatmap: bool = False,
+    engine: dict[str, Any] | None = None,
 ) -> str:
     """Render the JSON report document."""
     doc = {
         "schema": JSON_SCHEMA,
         "started": started,
+        **({"engine": engine} if engine is not None else {}),
         "models": models,
         "summary": summary.as_dict(),
         "results": [report_fields(r, labels, heatmap) for r in records],

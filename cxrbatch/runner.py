@@ -21,7 +21,7 @@ from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.heatmaps import add_heatmaps
 from cxrbatch.ledger import Ledger, crash_point, key_of, now
-from cxrbatch.models import default_models_dir, load_models
+from cxrbatch.models import Model, default_models_dir, load_models
 from cxrbatch.pipeline import Result, Screener
 from cxrbatch.records import Record, Summary, plural
 from cxrbatch.reports import check_writable, render_csv, render_json, write_text
@@ -49,6 +49,10 @@ class RunOptions:
     heatmaps: Path | None = None
     heatmaps_for: str = "all"  # or "flagged"
     html: str | None = None
+    engine: str = "local"  # or "ray": decoding and both models in Ray actors (cxrbatch.ray_engine)
+    ray_address: str | None = None  # with engine "ray": the cluster to join (else RAY_ADDRESS, else a local one)
+    actors: int | None = None  # with engine "ray": how many (default: as many as the cluster has room for)
+    gpus_per_actor: float = 0.0  # with engine "ray": above 0, the actors run the models on CUDA
     reporter: Progress | None = field(default=None, repr=False)
 
 
@@ -60,14 +64,39 @@ def run(options: RunOptions) -> Summary:
         for target in report_targets:
             check_writable(target)
         paths = _discover(options, report_targets)
-        gate, classifier = load_models(options.models_dir or default_models_dir(), options.device)
+        # on Ray the actors choose their device; the driver's models only draw heatmaps
+        device = "cpu" if options.engine == "ray" else options.device
+        gate, classifier = load_models(options.models_dir or default_models_dir(), device)
         if options.heatmaps is not None:
             classifier.spec.require_cam()  # before screening, not after it
-        screener = Screener(gate, classifier, options.batch_size, options.workers, options.draft)
-        report = Report(options, screener, started)
-        if ledger is None:
-            return _run_plain(screener, paths, report, options.reporter)
-        return _run_with_ledger(ledger, screener, paths, report, options)
+        with _engine(options, gate, classifier) as screener:
+            report = Report(options, screener, started)
+            if ledger is None:
+                return _run_plain(screener, paths, report, options.reporter)
+            return _run_with_ledger(ledger, screener, paths, report, options)
+
+
+@contextmanager
+def _engine(options: RunOptions, gate: Model, classifier: Model) -> Iterator[Screener]:
+    """The screener of the run's engine: threads in this process, or actors on a Ray cluster."""
+    if options.engine == "local":
+        yield Screener(gate, classifier, options.batch_size, options.workers, options.draft)
+        return
+    if options.engine != "ray":
+        raise UsageError(f"unknown engine {options.engine!r}: use local or ray")
+    from cxrbatch import ray_engine
+
+    with ray_engine.session(
+        gate,
+        classifier,
+        options.batch_size,
+        options.draft,
+        address=options.ray_address,
+        actors=options.actors,
+        gpus_per_actor=options.gpus_per_actor,
+        workers=options.workers,
+    ) as screener:
+        yield screener
 
 
 @contextmanager
@@ -109,6 +138,7 @@ class Report:
         self.labels = screener.classifier.spec.labels
         self.heatmap = options.heatmaps is not None
         self.models = {"gate": screener.gate.describe(), "classifier": screener.classifier.describe()}
+        self.engine = screener.describe()
 
     def finish_rows(self, items: Sequence[tuple[Path | None, Record]]) -> list[Record]:
         """The rows to report: with --heatmaps, each one that gets a heatmap has it (or says why not)."""
@@ -139,7 +169,7 @@ class Report:
         return render_csv(rows, self.labels, self.heatmap)
 
     def _json(self, rows: list[Record], summary: Summary, target: str) -> str:
-        return render_json(rows, self.labels, self.models, summary, self.started, self.heatmap)
+        return render_json(rows, self.labels, self.models, summary, self.started, self.heatmap, self.engine)
 
     def _html(self, rows: list[Record], summary: Summary, target: str) -> str:
         negative = self.screener.classifier.spec.negative_label or ""

@@ -1,5 +1,6 @@
-"""Shared fixtures: a models folder with the tiny models, a clinic-like incoming folder, and
-(with the export extra) a gate and a classifier trained and exported on tiny blob datasets.
+"""Shared fixtures: a models folder with the tiny models, a clinic-like incoming folder, a corpus
+of every kind of bad file, and (with the export extra) a gate and a classifier trained and
+exported on tiny blob datasets.
 
 The helpers they use (tiny models, generated images) live in `helpers.py`.
 """
@@ -9,8 +10,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import TINY_TRAINING, blob_dataset, colour_image, grey_image, make_classifier, make_gate
+from helpers import (
+    NON_UTF8,
+    TINY_TRAINING,
+    blob_dataset,
+    bomb_png,
+    colour_image,
+    grey_image,
+    jpeg_bytes,
+    make_classifier,
+    make_gate,
+    png_bytes,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -64,3 +77,47 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
         assert result.exit_code == 0, result.output
     return {"models": models, "cxr": cxr, "gate": gate, "work": work}
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A folder of good and bad files, with the status or error message each must get."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    expect: dict[str, str] = {}
+
+    def add(name: str, data: bytes, message: str) -> Path:
+        path = root / name
+        path.write_bytes(data)
+        expect[name] = message
+        return path
+
+    grey_image(root / "good.png", 110)
+    expect["good.png"] = "classified"
+    add("zero.jpg", b"", "empty file (0 bytes)")
+    add("truncated.jpg", jpeg_bytes()[:300], "corrupt or truncated image")
+    add("truncated.png", png_bytes()[:200], "corrupt or truncated image")
+    add("random.png", np.random.default_rng(5).bytes(4096), "not a readable image (unknown or corrupt format)")
+    add("page.png", b"<!DOCTYPE html><html><body>404 Not Found</body></html>\n", "a text or HTML file, not an image")
+    add("notes.jpg", b"patient list follows\n", "a text or HTML file, not an image")
+    add("bomb.png", bomb_png(), "image too large to decode safely")
+    add("tiny.png", png_bytes(8), "too small to be a radiograph")
+    os.symlink(root / "nowhere.png", root / "broken.png")
+    expect["broken.png"] = "broken symbolic link"
+    os.symlink(root / "loop_b.png", root / "loop_a.png")
+    os.symlink(root / "loop_a.png", root / "loop_b.png")
+    expect["loop_a.png"] = expect["loop_b.png"] = "symbolic link loop"
+    os.mkfifo(root / "pipe.png")
+    expect["pipe.png"] = "not a regular file"
+    (root / "folder.png").mkdir()
+    grey_image(root / "folder.png" / "inside.png", 110)
+    expect["inside.png"] = "classified"
+    grey_image(root / NON_UTF8, 110)
+    expect["scan-\\xff\\xfe.png"] = "classified"
+    deep = root
+    for i in range(12):
+        deep = deep / (f"{i:02d}" + "d" * 200)
+    deep.mkdir(parents=True)
+    grey_image(deep / ("long" * 50 + ".png"), 110)
+    expect["long" * 50 + ".png"] = "classified"
+    return root, expect

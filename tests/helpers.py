@@ -14,7 +14,11 @@ Their metadata is written by `ModelSpec.to_metadata`, the one writer the exporte
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +203,30 @@ def shared_available() -> bool:
 
 
 needs_shared = pytest.mark.skipif(not shared_available(), reason="../shared/data is not beside this checkout")
+
+
+NON_UTF8 = os.fsdecode(b"scan-\xff\xfe.png")
+
+
+def jpeg_bytes(size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (size, size), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def png_bytes(size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (size, size), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bomb_png(side: int = 30000) -> bytes:
+    """A tiny PNG whose header claims side x side pixels (900 megapixels)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
-import os
-import struct
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import grey_image
+from helpers import grey_image, jpeg_bytes, png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from typer.testing import CliRunner
 
 from cxrbatch import imaging
@@ -26,76 +20,7 @@ from cxrbatch.imaging import load_image
 from cxrbatch.models import load_models
 from cxrbatch.pipeline import Screener
 
-NON_UTF8 = os.fsdecode(b"scan-\xff\xfe.png")
 Corpus = tuple[Path, dict[str, str]]
-
-
-def _jpeg_bytes(size: int = 64) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(1).integers(0, 255, (size, size), dtype=np.uint8)).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def _png_bytes(size: int = 64) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(2).integers(0, 255, (size, size), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _bomb_png(side: int = 30000) -> bytes:
-    """A tiny PNG whose header claims side x side pixels (900 megapixels)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-    )
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """A folder of good and bad files, with the status or error message each must get."""
-    root = tmp_path / "corpus"
-    root.mkdir()
-    expect: dict[str, str] = {}
-
-    def add(name: str, data: bytes, message: str) -> Path:
-        path = root / name
-        path.write_bytes(data)
-        expect[name] = message
-        return path
-
-    grey_image(root / "good.png", 110)
-    expect["good.png"] = "classified"
-    add("zero.jpg", b"", "empty file (0 bytes)")
-    add("truncated.jpg", _jpeg_bytes()[:300], "corrupt or truncated image")
-    add("truncated.png", _png_bytes()[:200], "corrupt or truncated image")
-    add("random.png", np.random.default_rng(5).bytes(4096), "not a readable image (unknown or corrupt format)")
-    add("page.png", b"<!DOCTYPE html><html><body>404 Not Found</body></html>\n", "a text or HTML file, not an image")
-    add("notes.jpg", b"patient list follows\n", "a text or HTML file, not an image")
-    add("bomb.png", _bomb_png(), "image too large to decode safely")
-    add("tiny.png", _png_bytes(8), "too small to be a radiograph")
-    os.symlink(root / "nowhere.png", root / "broken.png")
-    expect["broken.png"] = "broken symbolic link"
-    os.symlink(root / "loop_b.png", root / "loop_a.png")
-    os.symlink(root / "loop_a.png", root / "loop_b.png")
-    expect["loop_a.png"] = expect["loop_b.png"] = "symbolic link loop"
-    os.mkfifo(root / "pipe.png")
-    expect["pipe.png"] = "not a regular file"
-    (root / "folder.png").mkdir()
-    grey_image(root / "folder.png" / "inside.png", 110)
-    expect["inside.png"] = "classified"
-    grey_image(root / NON_UTF8, 110)
-    expect["scan-\\xff\\xfe.png"] = "classified"
-    deep = root
-    for i in range(12):
-        deep = deep / (f"{i:02d}" + "d" * 200)
-    deep.mkdir(parents=True)
-    grey_image(deep / ("long" * 50 + ".png"), 110)
-    expect["long" * 50 + ".png"] = "classified"
-    return root, expect
 
 
 def _run(root: Path, models: Path, tmp_path: Path) -> tuple[int, list[dict[str, str]], dict[str, object], str]:
@@ -162,7 +87,7 @@ def test_unreadable_file_is_permission_denied(tmp_path: Path, monkeypatch: pytes
         load_image(path)
 
 
-SEEDS = [_jpeg_bytes(48), _png_bytes(48)]
+SEEDS = [jpeg_bytes(48), png_bytes(48)]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -132,7 +132,7 @@ def test_bad_option_values_are_usage_errors(tiny_models: Path, incoming: Path) -
     assert _run("run", str(incoming), "--batch-size", "0")[0] == 2
 
 
-def test_run_does_not_import_tensorflow(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+def test_run_does_not_import_tensorflow_or_ray(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from cxrbatch.cli import app\n"
@@ -141,7 +141,7 @@ def test_run_does_not_import_tensorflow(tiny_models: Path, incoming: Path, tmp_p
         f'         "--out", {str(tmp_path / "r.csv")!r}])\n'
         "except SystemExit as e:\n"
         "    assert e.code == 3, e.code\n"
-        "heavy = ('tensorflow', 'keras', 'tf2onnx', 'export', 'cxrbatch_export')\n"
+        "heavy = ('tensorflow', 'keras', 'tf2onnx', 'export', 'cxrbatch_export', 'ray', 'pyarrow')\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "print('IMPORTED:' + ','.join(bad))\n"
     )

@@ -13,6 +13,13 @@ from cxrbatch.cli import Device, _progress_bar, _setup_logging, app
 from cxrbatch.errors import EXIT_FILE_ERRORS, EXIT_NO_INPUT, EXIT_OK, UsageError
 
 
+class Engine(str, Enum):
+    """Where the files are decoded and screened."""
+
+    local = "local"
+    ray = "ray"
+
+
 class HeatmapsFor(str, Enum):
     """Which classified images get a heatmap."""
 
@@ -60,6 +67,23 @@ def run(
     html: Annotated[
         str | None, typer.Option("--html", metavar="PATH", help="self-contained review page to write")
     ] = None,
+    engine: Annotated[
+        Engine, typer.Option("--engine", help="local: threads here; ray: actors on a Ray cluster (the ray extra)")
+    ] = Engine.local,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address", metavar="ADDR", help="with --engine ray: cluster to join [default: RAY_ADDRESS or local]"
+        ),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option("--actors", min=1, help="with --engine ray: actors to start [default: one per CPU or GPU share]"),
+    ] = None,
+    gpus_per_actor: Annotated[
+        float,
+        typer.Option("--gpus-per-actor", min=0.0, help="with --engine ray: GPU share per actor (above 0: CUDA)"),
+    ] = 0.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and tracebacks")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only warnings and errors")] = False,
 ) -> None:
@@ -70,6 +94,8 @@ def run(
     Nightly: cxrbatch run ./incoming --ledger screening.db --out report.csv
 
     Review: cxrbatch run ./incoming --out report.csv --heatmaps heatmaps --html review.html
+
+    On a Ray cluster: cxrbatch run /shared/incoming --engine ray --ray-address HEAD:6379 --out report.csv
 
     Exit codes: 0 all files screened; 1 fatal (models, output, device, ledger); 2 usage;
     3 finished, but some files could not be read or some heatmaps not written (see the error cells);
@@ -82,6 +108,7 @@ def run(
         raise typer.BadParameter("--report-all needs --ledger", param_hint="--report-all")
     if heatmaps_for is not None and heatmaps is None:
         raise typer.BadParameter("--heatmaps-for needs --heatmaps", param_hint="--heatmaps-for")
+    _check_engine_options(engine, ray_address, actors, gpus_per_actor, device)
     options = runner.RunOptions(
         inputs=inputs,
         csv_out="-" if out is None and json_out is None else out,
@@ -96,6 +123,10 @@ def run(
         heatmaps=heatmaps,
         heatmaps_for=(heatmaps_for or HeatmapsFor.all).value,
         html=html,
+        engine=engine.value,
+        ray_address=ray_address,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
     )
     with _progress_bar(enabled=not quiet and sys.stderr.isatty()) as reporter:
         options.reporter = reporter
@@ -104,6 +135,19 @@ def run(
     if summary.found == 0:
         raise typer.Exit(EXIT_NO_INPUT)
     raise typer.Exit(EXIT_FILE_ERRORS if summary.failed else EXIT_OK)
+
+
+def _check_engine_options(
+    engine: Engine, address: str | None, actors: int | None, gpus_per_actor: float, device: Device
+) -> None:
+    if engine is Engine.ray:
+        if device is Device.cuda and gpus_per_actor == 0:
+            raise typer.BadParameter("with --engine ray, use --gpus-per-actor for CUDA", param_hint="--device")
+        return
+    given = [n for n, v in (("--ray-address", address), ("--actors", actors)) if v is not None]
+    given += ["--gpus-per-actor"] if gpus_per_actor else []
+    if given:
+        raise typer.BadParameter(f"{', '.join(given)} needs --engine ray", param_hint=given[0])
 
 
 @app.command("ledger")

@@ -1,0 +1,285 @@
+"""Screening on a Ray cluster: `cxrbatch run --engine ray`, beside the local engine of `pipeline`.
+
+The driver (the `cxrbatch run` process) finds the files, keeps the ledger and writes the reports,
+exactly as for a local run: `RayScreener` is a `Screener` whose `screen` sends the work to a Ray
+Data pipeline instead of decoding in threads. Each actor of that pipeline holds one `Screener`
+(both onnxruntime sessions, made from the model bytes the driver sends, so the nodes need no
+models folder) and screens a block of files with its own `decode` and `infer`: the preprocessing
+exists once. Results come back as JSON (`Result.to_wire`), are put back in input order, and go
+through the runner's report writers and ledger commits like the local engine's.
+
+Failures: Ray restarts a dead actor and retries its task (`RETRIES` times). A block that fails
+every retry is left out by Ray Data rather than ending the run; its files are sent again one per
+block, and a file that fails that too becomes one error row (not stored as a result, so the next
+ledger run tries it again). Heatmaps are drawn on the driver, from the shared files.
+
+Nothing here imports ray before a Ray run starts; without the extra it is an `ExtraMissing`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import socket
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrbatch.errors import EngineError, ExtraMissing, UsageError
+from cxrbatch.ledger import crash_point
+from cxrbatch.models import CPU, CUDA, Model, model_from_bytes
+from cxrbatch.pipeline import Result, Screener
+from cxrbatch.records import ERROR, plural
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "cxrbatch[ray]" (in a source checkout: pip install -e ".[ray]")'
+AUTH_HINT = "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token here"
+CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's head to answer
+RETRIES = 2  # task retries on a restarted actor before Ray Data gives a block up
+LOST = "screening failed on the Ray cluster in every attempt (a worker died on this file; see the Ray logs)"
+
+
+def _import_ray() -> Any:
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.data") is None:
+        raise ExtraMissing(f"--engine ray needs the ray extra (ray[data] is not installed): {INSTALL_HINT}")
+    import ray
+    import ray.data
+
+    return ray
+
+
+@contextmanager
+def session(
+    gate: Model,
+    classifier: Model,
+    batch_size: int,
+    draft: bool,
+    address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float = 0.0,
+    workers: int = 1,
+) -> Iterator[RayScreener]:
+    """A RayScreener on the cluster at `address` (or RAY_ADDRESS); without either, on a local Ray
+    instance sized to this machine, shut down again afterwards. In a process already connected
+    to Ray (a test, a notebook), that connection is used and left open."""
+    ray = _import_ray()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    host_port = None if address in (None, "auto") else _host_port(address)
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address is not None and host_port is not None:
+            _check_reachable(address, *host_port)  # ray.init waits for an unreachable head for ever
+        _connect(ray, address)
+    try:
+        _configure_data(ray)
+        count = actor_count(ray.cluster_resources(), actors, gpus_per_actor)
+        yield RayScreener(gate, classifier, batch_size, draft, count, gpus_per_actor, workers)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+    try:
+        ray.init(
+            address=address or "local",  # never a cluster someone started here with `ray start`, unasked
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=log.isEnabledFor(logging.DEBUG),  # workers' own output only with --verbose
+        )
+    except Exception as exc:  # ray raises ConnectionError, RuntimeError or its own types
+        hint = "" if address is None or os.environ.get("RAY_AUTH_MODE") else AUTH_HINT
+        raise EngineError(f"cannot connect to {where}: {type(exc).__name__}: {exc}{hint}") from None
+    log.info("connected to %s (%s)", where, _resources_text(ray.cluster_resources()))
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """The host and port of a cluster address: `HOST:PORT`, or `ray://HOST:PORT` for Ray Client."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"--ray-address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default)")
+    return host.strip("[]"), int(port)
+
+
+def _check_reachable(address: str, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Fail at once, with the reason, when nothing listens at a cluster's address."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise EngineError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc} (is `ray start --head` running there?)"
+        ) from None
+
+
+def _configure_data(ray: Any) -> None:
+    if not log.isEnabledFor(logging.DEBUG):  # Ray Data's own plan and progress lines only with --verbose
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # results arrive nearly in input order
+    context.max_errored_blocks = -1  # a block that fails every retry is sent again file by file
+    context.enable_progress_bars = False  # the run has its own progress bar and log lines
+
+
+def _resources_text(resources: dict[str, float]) -> str:
+    return f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
+
+
+def actor_count(resources: dict[str, float], asked: int | None, gpus_per_actor: float) -> int:
+    """How many actors to start: what was asked if the cluster has room for it, else as many as
+    its CPUs (one each) or, for GPU actors, its GPUs allow."""
+    cpus, gpus = int(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    room = cpus
+    if gpus_per_actor > 0:
+        if gpus < gpus_per_actor:
+            raise EngineError(f"--gpus-per-actor {gpus_per_actor:g}: the Ray cluster has {gpus:g} GPUs")
+        room = min(cpus, math.floor(gpus / gpus_per_actor + 1e-9))
+    if room < 1:
+        raise EngineError(f"the Ray cluster has no room for an actor ({_resources_text(resources)})")
+    if asked is None:
+        return room
+    if asked > room:
+        raise UsageError(f"--actors {asked}: the Ray cluster has room for {room} ({_resources_text(resources)})")
+    return asked
+
+
+class RayScreener(Screener):
+    """A Screener whose `screen` runs in Ray Data actors; everything else happens on the driver."""
+
+    def __init__(
+        self,
+        gate: Model,
+        classifier: Model,
+        batch_size: int,
+        draft: bool,
+        actors: int,
+        gpus_per_actor: float = 0.0,
+        workers: int = 1,
+    ) -> None:
+        super().__init__(gate, classifier, batch_size, workers, draft)
+        self.actors, self.gpus_per_actor = actors, gpus_per_actor
+        self._models_ref: Any = None
+
+    def settings(self) -> dict[str, object]:
+        """As the local engine's, with the device the actors run on (the driver's does not matter)."""
+        return {**super().settings(), "device": "cuda" if self.gpus_per_actor > 0 else "cpu"}
+
+    def describe(self) -> dict[str, object]:
+        return {"name": "ray", "actors": self.actors, "gpus_per_actor": self.gpus_per_actor}
+
+    def screen(self, paths: Iterable[Path], on_result: Callable[[Result], None] | None = None) -> Iterator[Result]:
+        """Yield one Result per path, in order, as the actors deliver them."""
+        paths = list(paths)
+        order = _InOrder(paths, on_result)
+        for index, result in self._results(paths, range(len(paths)), self.batch_size):
+            yield from order.add(index, result)
+        lost = order.missing()
+        if lost:
+            log.warning("%s lost on the cluster: screening them again one by one", plural(len(lost), "file"))
+            for index, result in self._results(paths, lost, 1):
+                yield from order.add(index, result)
+        for index in order.missing():
+            log.error("%s: %s", paths[index], LOST)
+            yield from order.add(index, Result(paths[index], ERROR, error=LOST))
+
+    def _results(self, paths: list[Path], indices: Sequence[int], per_block: int) -> Iterator[tuple[int, Result]]:
+        """Screen paths[i] for each index on the cluster; yield (index, result) as blocks finish."""
+        if not indices:
+            return
+        import ray
+
+        items = [{"index": i, "path": os.fsencode(paths[i])} for i in indices]  # bytes: any file name
+        blocks = math.ceil(len(items) / per_block)
+        with warnings.catch_warnings():  # retries have no named parameter yet (ray 2.60): pinned below 2.64
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            data = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+                _ScreenActor,
+                fn_constructor_kwargs=self._actor_setup(ray),
+                batch_size=per_block,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=min(self.actors, blocks)),
+                num_cpus=self.workers if self.gpus_per_actor > 0 else 1,
+                num_gpus=self.gpus_per_actor,
+                max_restarts=-1,
+                max_task_retries=RETRIES,  # Ray Data's default is to retry for ever
+            )
+        try:
+            for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
+                for index, text in zip(batch["index"], batch["result"], strict=True):
+                    yield int(index), Result.from_wire(paths[int(index)], str(text))
+        except Exception as exc:  # the pipeline itself failed (an actor that cannot start, say)
+            raise EngineError(f"the Ray run failed: {type(exc).__name__}: {exc}") from None
+
+    def _actor_setup(self, ray: Any) -> dict[str, Any]:
+        on_gpu = self.gpus_per_actor > 0
+        if self._models_ref is None:  # once per run, in the object store; held here while actors may restart
+            self._models_ref = ray.put(
+                {m.spec.role: (m.path.name, m.path.read_bytes()) for m in (self.gate, self.classifier)}
+            )
+        return {
+            "models": [self._models_ref],  # in a list: the actor fetches it, Ray does not inline it in its arguments
+            "providers": [CUDA, CPU] if on_gpu else [CPU],
+            "threads": self.workers if on_gpu else 1,  # a CPU actor has one core: one thread
+            "batch_size": self.batch_size,
+            "workers": self.workers if on_gpu else 1,
+            "draft": self.draft_size is not None,
+        }
+
+
+class _InOrder:
+    """Results put back in input order: each is passed on (and counted) once all before it were."""
+
+    def __init__(self, paths: list[Path], on_result: Callable[[Result], None] | None) -> None:
+        self.paths, self.on_result = paths, on_result
+        self.waiting: dict[int, Result] = {}
+        self.next = 0
+
+    def add(self, index: int, result: Result) -> Iterator[Result]:
+        if index >= self.next and index not in self.waiting:  # a block delivered twice counts once
+            self.waiting[index] = result
+        while self.next in self.waiting:
+            ready = self.waiting.pop(self.next)
+            self.next += 1
+            if self.on_result is not None:
+                self.on_result(ready)
+            yield ready
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.next, len(self.paths)) if i not in self.waiting]
+
+
+class _ScreenActor:
+    """One Ray Data actor: a Screener of its own, fed blocks of paths (as bytes, any file name)."""
+
+    def __init__(
+        self,
+        models: list[Any],
+        providers: list[str],
+        threads: int,
+        batch_size: int,
+        workers: int,
+        draft: bool,
+    ) -> None:
+        import ray
+
+        files: dict[str, tuple[str, bytes]] = ray.get(models[0])
+
+        def load(role: str) -> Model:
+            name, data = files[role]
+            return model_from_bytes(data, Path(name), role, providers, threads)
+
+        self.screener = Screener(load("gate"), load("classifier"), batch_size, workers, draft)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [Path(os.fsdecode(bytes(raw))) for raw in batch["path"]]
+        for path in paths:
+            crash_point(f"screening {path.name}")  # a worker that dies on one file (crash tests only)
+        results = [r for decoded in self.screener.decoded_batches(paths) for r in self.screener.infer(decoded)]
+        return {"index": batch["index"], "result": np.array([r.to_wire() for r in results])}

@@ -1,0 +1,200 @@
+"""`cxrbatch run --engine ray`: the same rows as the local engine, a lost worker costs one file,
+a killed driver loses nothing, and every failure to start says what to do.
+
+One local Ray instance (2 CPUs, loopback) serves the whole module; the tests that need a fresh
+process (a driver killed, an address nobody answers) join it or need none.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import REPO, grey_image
+from typer.testing import CliRunner
+
+from cxrbatch.cli import app
+from cxrbatch.errors import EngineError, UsageError
+from cxrbatch.pipeline import Result
+from cxrbatch.ray_engine import LOST, _InOrder, actor_count
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ray's own, at import
+runner = CliRunner()
+CRASH_FILE = "crash-me.png"  # the actors of this module's cluster die on a file of this name
+CRASH_SCRIPT = "import sys\nfrom cxrbatch.cli import app\napp(sys.argv[1:])\n"
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """The address of one local Ray instance for this module; its workers die on CRASH_FILE."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback only; the drivers started below need no token
+    context = ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"CXRBATCH_CRASH_AT": f"screening {CRASH_FILE}"}},
+    )
+    yield context.address_info["address"]
+    ray.shutdown()
+    if before is None:
+        del os.environ["RAY_AUTH_MODE"]
+    else:
+        os.environ["RAY_AUTH_MODE"] = before
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["run", *args])
+    return result.exit_code, result.stderr
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.open(encoding="utf-8")))
+
+
+def _both(inputs: Path, models: Path, out: Path, *extra: str) -> tuple[dict[str, object], dict[str, object]]:
+    """Run both engines over the same inputs; the CSV reports must be the same bytes."""
+    docs = {}
+    for engine in ("local", "ray"):
+        code, err = _run(
+            str(inputs), "--models", str(models), "--engine", engine, "--batch-size", "3",
+            "--out", str(out / f"{engine}.csv"), "--json", str(out / f"{engine}.json"), *extra,
+        )  # fmt: skip
+        assert code in (0, 3), err
+        docs[engine] = json.loads((out / f"{engine}.json").read_text(encoding="utf-8"))
+    assert (out / "ray.csv").read_bytes() == (out / "local.csv").read_bytes()
+    return docs["local"], docs["ray"]
+
+
+def test_ray_writes_the_local_engines_rows_with_the_bundled_models(ray_address: str, tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    shutil.copytree(REPO / "samples", inputs / "samples")
+    grey_image(inputs / "grey.png", 110)
+    (inputs / "zero.jpg").write_bytes(b"")
+    local, ray = _both(inputs, REPO / "models", tmp_path)
+    assert ray["results"] == local["results"] and ray["summary"]["by_status"] == local["summary"]["by_status"]
+    assert ray["engine"] == {"name": "ray", "actors": 2, "gpus_per_actor": 0.0}
+    assert local["engine"] == {"name": "local", "decode_threads": 2}
+    statuses = [r["status"] for r in ray["results"]]
+    assert statuses.count("classified") >= 2 and statuses.count("rejected") >= 2 and statuses.count("error") == 1
+
+
+def test_ray_writes_the_same_error_rows_for_every_bad_file(
+    ray_address: str, corpus: tuple[Path, dict[str, str]], tiny_models: Path, tmp_path: Path
+) -> None:
+    root, expect = corpus
+    local, ray = _both(root, tiny_models, tmp_path)
+    assert len(ray["results"]) == len(expect)
+    assert [r["error"] for r in ray["results"]] == [r["error"] for r in local["results"]]
+
+
+def test_a_worker_that_dies_on_a_file_costs_that_file_only(ray_address: str, tiny_models: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    for i, level in enumerate((20, 110, 170, 250, 60, 90)):
+        grey_image(inbox / f"img{i}.png", level)
+    grey_image(inbox / CRASH_FILE, 110)
+    code, err = _run(str(inbox), "--models", str(tiny_models), "--engine", "ray", "--out", str(tmp_path / "r.csv"))
+    assert code == 3, err
+    rows = _csv(tmp_path / "r.csv")
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in inbox.iterdir())
+    lost = [r for r in rows if r["status"] == "error"]
+    assert [Path(r["path"]).name for r in lost] == [CRASH_FILE] and lost[0]["error"] == LOST
+    assert all(r["status"] == "classified" for r in rows if r not in lost)
+    assert "screening them again one by one" in err
+
+
+def test_a_killed_driver_loses_no_file_and_the_rerun_delivers_each_once(
+    ray_address: str, tiny_models: Path, tmp_path: Path
+) -> None:
+    inbox, ledger = tmp_path / "in", tmp_path / "l.db"
+    inbox.mkdir()
+    for i, level in enumerate((20, 110, 170, 250, 60)):
+        grey_image(inbox / f"img{i}.png", level)
+    args = ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger), "--batch-size", "2"]
+    ray_args = ["--engine", "ray", "--ray-address", ray_address]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "batch_committed"}
+    first = tmp_path / "first.csv"
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, *args, *ray_args, "--out", str(first), "-q"],
+        env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert not first.exists()
+    code, err = _run(*args[1:], *ray_args, "--out", str(tmp_path / "second.csv"))
+    assert code == 0, err
+    assert "2 already screened, 3 to screen" in err  # the first run's committed batch is kept
+    code, err = _run(str(inbox), "--models", str(tiny_models), "--out", str(tmp_path / "fresh.csv"))
+    assert code == 0, err
+    assert (tmp_path / "second.csv").read_bytes() == (tmp_path / "fresh.csv").read_bytes()  # each file once
+
+
+def test_ray_not_installed_names_the_extra(
+    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code, err = _run(str(incoming), "--models", str(tiny_models), "--engine", "ray", "--out", str(tmp_path / "r.csv"))
+    assert code == 1
+    assert "the ray extra" in err and 'pip install "cxrbatch[ray]"' in err
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_an_address_nobody_answers_is_a_clear_error(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again before the run: nothing listens there
+    args = [str(incoming), "--models", str(tiny_models), "--engine", "ray", "--out", str(tmp_path / "r.csv")]
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, "run", *args, "--ray-address", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert f"[error] cannot reach the Ray cluster at 127.0.0.1:{port}" in proc.stderr
+    assert not (tmp_path / "r.csv").exists()
+    code, err = _run(*args, "--ray-address", "head-without-port")
+    assert code == 2 and "expected HOST:PORT" in err
+
+
+def test_ray_options_need_the_ray_engine(tiny_models: Path, incoming: Path) -> None:
+    for option in (["--actors", "2"], ["--ray-address", "127.0.0.1:6379"], ["--gpus-per-actor", "1"]):
+        code, err = _run(str(incoming), "--models", str(tiny_models), *option)
+        assert code == 2 and f"{option[0]} needs --engine ray" in err
+    code, err = _run(str(incoming), "--models", str(tiny_models), "--engine", "ray", "--device", "cuda")
+    assert code == 2 and "--gpus-per-actor" in err
+
+
+def test_more_actors_than_the_cluster_holds_is_refused(ray_address: str, tiny_models: Path, incoming: Path) -> None:
+    code, err = _run(str(incoming), "--models", str(tiny_models), "--engine", "ray", "--actors", "3")
+    assert code == 2 and "--actors 3: the Ray cluster has room for 2 (2 CPUs, 0 GPUs)" in err
+    code, err = _run(str(incoming), "--models", str(tiny_models), "--engine", "ray", "--gpus-per-actor", "0.5")
+    assert code == 1 and "--gpus-per-actor 0.5: the Ray cluster has 0 GPUs" in err
+
+
+def test_actor_count_follows_the_clusters_cpus_and_gpus() -> None:
+    assert actor_count({"CPU": 16.0}, None, 0.0) == 16
+    assert actor_count({"CPU": 16.0, "GPU": 1.0}, None, 0.25) == 4
+    assert actor_count({"CPU": 2.0, "GPU": 1.0}, None, 0.25) == 2  # each GPU actor needs a CPU too
+    assert actor_count({"CPU": 16.0}, 3, 0.0) == 3
+    with pytest.raises(UsageError):
+        actor_count({"CPU": 2.0}, 3, 0.0)
+    with pytest.raises(EngineError):
+        actor_count({"CPU": 0.0}, None, 0.0)
+
+
+def test_results_are_passed_on_in_input_order_once_each() -> None:
+    paths = [Path(f"{i}.png") for i in range(4)]
+    seen: list[Path] = []
+    order = _InOrder(paths, lambda r: seen.append(r.path))
+    out = [*order.add(2, Result(paths[2], "classified")), *order.add(0, Result(paths[0], "classified"))]
+    assert [r.path for r in out] == [paths[0]] and order.missing() == [1, 3]
+    out = [*order.add(0, Result(paths[0], "error")), *order.add(1, Result(paths[1], "rejected"))]
+    assert [(r.path, r.status) for r in out] == [(paths[1], "rejected"), (paths[2], "classified")]
+    assert seen == paths[:3] and order.missing() == [3]
