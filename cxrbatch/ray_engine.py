@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = 'pip install "cxrbatch[ray]" (in a source checkout: pip install -e ".[ray]")'
 AUTH_HINT = "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token here"
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's head to answer
+# Files per Ray block, in inference batches: one batch per block spent a quarter of a 2,000-film
+# run on blocks' round trips (105 images/s on 2 CPUs, against 136 with 4 and 140 with 16); small
+# blocks keep the actors evenly busy and a lost block cheap to send again.
+BLOCK_BATCHES = 4
 RETRIES = 2  # task retries on a restarted actor before Ray Data gives a block up
 LOST = "screening failed on the Ray cluster in every attempt (a worker died on this file; see the Ray logs)"
 
@@ -178,7 +182,7 @@ class RayScreener(Screener):
         """Yield one Result per path, in order, as the actors deliver them."""
         paths = list(paths)
         order = _InOrder(paths, on_result)
-        for index, result in self._results(paths, range(len(paths)), self.batch_size):
+        for index, result in self._results(paths, range(len(paths)), self.batch_size * BLOCK_BATCHES):
             yield from order.add(index, result)
         lost = order.missing()
         if lost:
@@ -204,7 +208,11 @@ class RayScreener(Screener):
                 fn_constructor_kwargs=self._actor_setup(ray),
                 batch_size=per_block,
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=min(self.actors, blocks)),
+                compute=ray.data.ActorPoolStrategy(
+                    size=min(self.actors, blocks),
+                    # file by file, one task at a time: an actor that dies takes only its own file
+                    max_tasks_in_flight_per_actor=None if per_block > 1 else 1,
+                ),
                 num_cpus=self.workers if self.gpus_per_actor > 0 else 1,
                 num_gpus=self.gpus_per_actor,
                 max_restarts=-1,
