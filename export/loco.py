@@ -11,8 +11,9 @@ runtime sees it, then augmented ones, drawn as training draws them), and phase 1
 fitted exactly as training fits it (`training.fit_head`, sample weights balanced within each
 collection). The features do not depend on which images are left out, so they are computed once
 and kept per image (`features_cache`), and each fold costs one head fit: a study of every
-collection costs about one training run, and a tree grown by a source only its new images. Folds are the collections of every class that two or more collections
-hold (leaving out a class's only collection tells nothing about transfer).
+collection costs about one training run, and a tree grown by a source only its new images.
+Folds are the collections of every class that two or more collections hold (leaving out a
+class's only collection tells nothing about transfer).
 """
 
 from __future__ import annotations
