@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import BENCH, cli_run, synthetic_set, write_json
-from cxrbatch.discovery import iter_images
+from benchmarks.run import BENCH, bench_paths, cli_run, machine, synthetic_set, write_json
 
 PORT = 6391  # the loopback cluster's head
 LOOPBACK = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # nothing leaves this machine
@@ -133,16 +131,10 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=2000)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not BENCH.is_dir():
-        raise SystemExit(f"{BENCH} is missing: the benchmark needs ../shared/data/bench beside the checkout")
+    bench = bench_paths()
     import ray
 
-    bench = list(iter_images([BENCH]))
-    report: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "ray": ray.__version__,
-        "repeats": args.repeats,
-    }
+    report: dict[str, Any] = {"machine": machine(), "ray": ray.__version__, "repeats": args.repeats}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         report["ray_start_stop_s"] = ray_start_stop(args.repeats)

@@ -43,6 +43,18 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO.parent / "shared" / "data" / "bench"
 
 
+def bench_paths() -> list[Path]:
+    """The files of ../shared/data/bench; the benchmark ends with a clear message without it."""
+    if not BENCH.is_dir():
+        raise SystemExit(f"{BENCH} is missing: the benchmark needs ../shared/data/bench beside the checkout")
+    return list(iter_images([BENCH]))
+
+
+def machine() -> dict[str, Any]:
+    """The machine a whole-run benchmark ran on, for its JSON."""
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+
+
 def folder_args(doc: str) -> argparse.Namespace:
     """The command line of a benchmark over one folder: FOLDER [--repeats N] [--json PATH]."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -210,13 +222,8 @@ def main() -> None:
     parser.add_argument("--seed-images", type=int, default=60)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if not BENCH.is_dir():
-        raise SystemExit(f"{BENCH} is missing: the benchmark needs ../shared/data/bench beside the checkout")
-    bench = list(iter_images([BENCH]))
-    report: dict[str, Any] = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "bench_files": len(bench),
-    }
+    bench = bench_paths()
+    report: dict[str, Any] = {"machine": machine(), "bench_files": len(bench)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         # Fresh-process measurements first: a child's peak RSS on Linux includes its parent's at fork
