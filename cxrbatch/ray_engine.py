@@ -18,6 +18,7 @@ Nothing here imports ray before a Ray run starts; without the extra it is an `Ex
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import math
@@ -78,12 +79,12 @@ def session(
     host_port = None if address in (None, "auto") else _host_port(address)
     started_here = not ray.is_initialized()
     if started_here:
-        if address is not None and host_port is not None:
-            _check_reachable(address, *host_port)  # ray.init waits for an unreachable head for ever
+        if host_port is not None:
+            _check_reachable(*host_port)  # ray.init waits for an unreachable head for ever
         _connect(ray, address)
     try:
         _configure_data(ray)
-        count = actor_count(ray.cluster_resources(), actors, gpus_per_actor)
+        count = actor_count(ray.cluster_resources(), actors, gpus_per_actor, actor_cpus(gpus_per_actor, workers))
         yield RayScreener(gate, classifier, batch_size, draft, count, gpus_per_actor, workers)
     finally:
         if started_here:
@@ -113,13 +114,14 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _check_reachable(address: str, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
+def _check_reachable(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
     """Fail at once, with the reason, when nothing listens at a cluster's address."""
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:
+        reason = exc.strerror or exc
         raise EngineError(
-            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc} (is `ray start --head` running there?)"
+            f"cannot reach the Ray cluster at {host}:{port}: {reason} (is `ray start --head` running there?)"
         ) from None
 
 
@@ -136,15 +138,21 @@ def _resources_text(resources: dict[str, float]) -> str:
     return f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
 
 
-def actor_count(resources: dict[str, float], asked: int | None, gpus_per_actor: float) -> int:
+def actor_cpus(gpus_per_actor: float, workers: int) -> int:
+    """The CPUs one actor takes: a CPU actor one (one decoding thread, one onnxruntime thread), a GPU
+    actor one per decoding thread (`--workers`), to keep its GPU share fed."""
+    return workers if gpus_per_actor > 0 else 1
+
+
+def actor_count(resources: dict[str, float], asked: int | None, gpus_per_actor: float, cpus_per_actor: int) -> int:
     """How many actors to start: what was asked if the cluster has room for it, else as many as
-    its CPUs (one each) or, for GPU actors, its GPUs allow."""
+    its CPUs (`cpus_per_actor` each) and, for GPU actors, its GPUs allow."""
     cpus, gpus = int(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    room = cpus
+    room = cpus // cpus_per_actor
     if gpus_per_actor > 0:
         if gpus < gpus_per_actor:
             raise EngineError(f"--gpus-per-actor {gpus_per_actor:g}: the Ray cluster has {gpus:g} GPUs")
-        room = min(cpus, math.floor(gpus / gpus_per_actor + 1e-9))
+        room = min(room, math.floor(gpus / gpus_per_actor + 1e-9))
     if room < 1:
         raise EngineError(f"the Ray cluster has no room for an actor ({_resources_text(resources)})")
     if asked is None:
@@ -213,7 +221,7 @@ class RayScreener(Screener):
                     # file by file, one task at a time: an actor that dies takes only its own file
                     max_tasks_in_flight_per_actor=None if per_block > 1 else 1,
                 ),
-                num_cpus=self.workers if self.gpus_per_actor > 0 else 1,
+                num_cpus=actor_cpus(self.gpus_per_actor, self.workers),
                 num_gpus=self.gpus_per_actor,
                 max_restarts=-1,
                 max_task_retries=RETRIES,  # Ray Data's default is to retry for ever
@@ -226,19 +234,26 @@ class RayScreener(Screener):
             raise EngineError(f"the Ray run failed: {type(exc).__name__}: {exc}") from None
 
     def _actor_setup(self, ray: Any) -> dict[str, Any]:
-        on_gpu = self.gpus_per_actor > 0
         if self._models_ref is None:  # once per run, in the object store; held here while actors may restart
-            self._models_ref = ray.put(
-                {m.spec.role: (m.path.name, m.path.read_bytes()) for m in (self.gate, self.classifier)}
-            )
+            files = {m.spec.role: (m.path.name, _same_bytes(m)) for m in (self.gate, self.classifier)}
+            self._models_ref = ray.put(files)
+        cpus = actor_cpus(self.gpus_per_actor, self.workers)
         return {
             "models": [self._models_ref],  # in a list: the actor fetches it, Ray does not inline it in its arguments
-            "providers": [CUDA, CPU] if on_gpu else [CPU],
-            "threads": self.workers if on_gpu else 1,  # a CPU actor has one core: one thread
+            "providers": [CUDA, CPU] if self.gpus_per_actor > 0 else [CPU],
+            "threads": cpus,
             "batch_size": self.batch_size,
-            "workers": self.workers if on_gpu else 1,
+            "workers": cpus,
             "draft": self.draft_size is not None,
         }
+
+
+def _same_bytes(model: Model) -> bytes:
+    """The model file as the driver loaded it: the reports name its hash, so the actors must run it."""
+    data = model.path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != model.sha256:
+        raise EngineError(f"{model.path} changed since this run loaded it; run again")
+    return data
 
 
 class _InOrder:

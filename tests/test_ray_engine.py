@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 
 from cxrbatch.cli import app
 from cxrbatch.errors import EngineError, UsageError
+from cxrbatch.models import load_models
 from cxrbatch.pipeline import Result
-from cxrbatch.ray_engine import LOST, _InOrder, actor_count
+from cxrbatch.ray_engine import LOST, _InOrder, _same_bytes, actor_count, actor_cpus
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ray's own, at import
 runner = CliRunner()
@@ -179,14 +180,15 @@ def test_more_actors_than_the_cluster_holds_is_refused(ray_address: str, tiny_mo
 
 
 def test_actor_count_follows_the_clusters_cpus_and_gpus() -> None:
-    assert actor_count({"CPU": 16.0}, None, 0.0) == 16
-    assert actor_count({"CPU": 16.0, "GPU": 1.0}, None, 0.25) == 4
-    assert actor_count({"CPU": 2.0, "GPU": 1.0}, None, 0.25) == 2  # each GPU actor needs a CPU too
-    assert actor_count({"CPU": 16.0}, 3, 0.0) == 3
+    assert actor_count({"CPU": 16.0}, None, 0.0, 1) == 16
+    assert actor_count({"CPU": 16.0, "GPU": 1.0}, None, 0.25, 1) == 4
+    assert actor_count({"CPU": 2.0, "GPU": 1.0}, None, 0.25, 1) == 2  # each GPU actor needs a CPU too
+    assert actor_count({"CPU": 4.0, "GPU": 1.0}, None, 0.25, actor_cpus(0.25, 2)) == 2  # two decoding threads each
+    assert actor_count({"CPU": 16.0}, 3, 0.0, actor_cpus(0.0, 4)) == 3  # a CPU actor takes one CPU
     with pytest.raises(UsageError):
-        actor_count({"CPU": 2.0}, 3, 0.0)
+        actor_count({"CPU": 2.0}, 3, 0.0, 1)
     with pytest.raises(EngineError):
-        actor_count({"CPU": 0.0}, None, 0.0)
+        actor_count({"CPU": 0.0}, None, 0.0, 1)
 
 
 def test_results_are_passed_on_in_input_order_once_each() -> None:
@@ -198,3 +200,11 @@ def test_results_are_passed_on_in_input_order_once_each() -> None:
     out = [*order.add(0, Result(paths[0], "error")), *order.add(1, Result(paths[1], "rejected"))]
     assert [(r.path, r.status) for r in out] == [(paths[1], "rejected"), (paths[2], "classified")]
     assert seen == paths[:3] and order.missing() == [3]
+
+
+def test_actors_get_the_model_bytes_the_reports_name(tiny_models: Path) -> None:
+    gate, _ = load_models(tiny_models, "cpu")
+    assert _same_bytes(gate) == (tiny_models / "gate.onnx").read_bytes()
+    (tiny_models / "gate.onnx").write_bytes(b"replaced after loading")
+    with pytest.raises(EngineError, match="changed since this run loaded it"):
+        _same_bytes(gate)
