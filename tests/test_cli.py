@@ -55,7 +55,7 @@ def test_train_help_states_the_defaults_of_each_role() -> None:
     assert f"(default: gate {gate.zoom_out:g}, classifier {classifier.zoom_out:g})" in text
     assert f"(default: {classifier.crop_area:g})" in text and gate.crop_area == classifier.crop_area
     assert f"(default: {classifier.negative_label})" in text
-    assert "[default: 1234]" in text and "role <gate|classifier>" in text
+    assert "[default: 1234]" in text and "ROLE which model to train: gate or classifier" in text
 
 
 def test_run_help_documents_exit_codes() -> None:

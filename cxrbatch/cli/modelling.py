@@ -40,7 +40,7 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> str:
 
 @app.command()
 def train(
-    role: Annotated[Role, typer.Argument(help="which model to train")],
+    role: Annotated[Role, typer.Argument(metavar="ROLE", help="which model to train: gate or classifier")],
     data_dir: Annotated[Path, typer.Argument(help="folder with train/ val/ (test/) <CLASS>/ subfolders")],
     out: Annotated[Path, typer.Option("--out", help="checkpoint to write (.keras); a .json sidecar goes beside it")],
     base_weights: Annotated[
