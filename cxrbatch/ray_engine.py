@@ -60,6 +60,10 @@ def _import_ray() -> Any:
     return ray
 
 
+# Decoding threads of an actor without --workers (a GPU actor takes a CPU for each).
+ACTOR_WORKERS = 2
+
+
 @contextmanager
 def session(
     gate: Model,
@@ -69,11 +73,13 @@ def session(
     address: str | None = None,
     actors: int | None = None,
     gpus_per_actor: float = 0.0,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> Iterator[RayScreener]:
     """A RayScreener on the cluster at `address` (or RAY_ADDRESS); without either, on a local Ray
     instance sized to this machine, shut down again afterwards. In a process already connected
-    to Ray (a test, a notebook), that connection is used and left open."""
+    to Ray (a test, a notebook), that connection is used and left open. `workers` is each actor's
+    decoding threads (None: ACTOR_WORKERS), not this machine's."""
+    workers = workers or ACTOR_WORKERS
     ray = _import_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
     host_port = None if address in (None, "auto") else _host_port(address)

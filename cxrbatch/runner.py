@@ -41,7 +41,7 @@ class RunOptions:
     json_out: str | None = None
     models_dir: Path | None = None
     batch_size: int = 8
-    workers: int = 2
+    workers: int | None = None  # screening threads (None: one per core); on Ray, each actor's decoding threads
     device: str = "auto"
     draft: bool = True
     ledger: Path | None = None

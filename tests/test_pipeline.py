@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from helpers import grey_image
 
 from cxrbatch.models import Model, load_models
-from cxrbatch.pipeline import CLASSIFIED, ERROR, REJECTED, Screener, screen_all
+from cxrbatch.pipeline import CLASSIFIED, ERROR, REJECTED, Decoded, Screener, screen_all
 
 
 @pytest.fixture
@@ -134,3 +136,47 @@ def test_referral_score_refer_and_the_review_flag(tiny_models: Path, incoming: P
         assert r.familiarity is None and r.unfamiliar is None  # the tiny classifier has no familiarity output
     assert results["e_photo.png"].refer is None and results["e_photo.png"].referral_score is None
     assert results["f_broken.jpg"].refer is None
+
+
+def _numbered(folder: Path, n: int) -> list[Path]:
+    return [grey_image(folder / f"{i:03d}.png", 40 + i % 150) for i in range(n)]
+
+
+def test_batches_are_screened_side_by_side(tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers hold two batches at once: each batch's first file waits for the other's."""
+    gate, classifier = load_models(tiny_models, "cpu")
+    screener = Screener(gate, classifier, batch_size=2, workers=2)
+    paths = _numbered(tmp_path, 4)
+    both = threading.Barrier(2, timeout=20)
+    decode = screener.decode
+
+    def meeting_decode(path: Path, picture: bool = False) -> Decoded:
+        if path in (paths[0], paths[2]):
+            both.wait()  # breaks (and the run fails) if the batches ran one after the other
+        return decode(path, picture)
+
+    monkeypatch.setattr(screener, "decode", meeting_decode)
+    results = list(screener.screen(paths))
+    assert [r.path for r in results] == paths and {r.status for r in results} <= {CLASSIFIED, REJECTED}
+    assert not both.broken
+
+
+def test_a_consumer_that_stops_early_stops_the_queued_batches(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate, classifier = load_models(tiny_models, "cpu")
+    screener = Screener(gate, classifier, batch_size=1, workers=1, prefetch=2)
+    decoded: list[Path] = []
+    decode = screener.decode
+    monkeypatch.setattr(screener, "decode", lambda p, picture=False: decoded.append(p) or decode(p, picture))
+    results = screener.screen(_numbered(tmp_path, 30))
+    first = next(results)
+    results.close()  # as a crashed report writer or a Ctrl-C would
+    assert first.path.name == "000.png"
+    assert 1 <= len(decoded) <= 4  # the running batch, the queued ones at most, never the other 26
+
+
+def test_one_worker_per_core_by_default(tiny_models: Path) -> None:
+    gate, classifier = load_models(tiny_models, "cpu")
+    assert Screener(gate, classifier).workers == (os.cpu_count() or 1)
+    assert Screener(gate, classifier).describe() == {"name": "local", "threads": os.cpu_count() or 1}

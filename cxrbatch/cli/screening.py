@@ -42,7 +42,15 @@ def run(
         typer.Option("--models", help="folder with gate.onnx and classifier.onnx [default: the bundled models]"),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per inference batch")] = 8,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="decoding threads")] = 2,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="threads that decode and screen batches side by side (default: one per core;"
+            " with --engine ray, each actor's decoding threads, default 2)",
+        ),
+    ] = None,
     device: Annotated[
         Device, typer.Option("--device", help="where the models run (auto: CUDA when onnxruntime-gpu has it)")
     ] = Device.auto,
