@@ -183,6 +183,22 @@ def test_to_model_input_shapes_and_channels() -> None:
     assert np.array_equal(replicated[..., 0], replicated[..., 2])
 
 
+@pytest.mark.parametrize("resample", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("equalize_it", [False, True])
+def test_a_grey_picture_for_an_rgb_input_equals_converting_it_first(resample: str, equalize_it: bool) -> None:
+    """The RGB input of a grey film is resized before its channel is repeated: the same pixels as
+    the convert-first way, on films of many sizes and contents."""
+    rng = np.random.default_rng(7)
+    for height, width in ((1024, 1024), (333, 517), (97, 64), (112, 112)):
+        grey = Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), mode="L")
+        spec = InputSpec(112, 112, channels=3, colour="rgb", equalize=equalize_it, resample=resample)
+        converted = grey.convert("RGB").resize((112, 112), getattr(Image.Resampling, resample.upper()))
+        expected = np.asarray(converted, dtype=np.uint8)
+        if equalize_it:
+            expected = equalize(expected)
+        assert np.array_equal(to_model_input(grey, spec), expected.astype(np.float32))
+
+
 def test_input_spec_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         InputSpec(16, 16, channels=1, colour="rgb", equalize=False)
