@@ -207,7 +207,7 @@ def inference_only(models: dict[str, Path], paths: list[Path], batches: list[int
 
 def _rates(models_dir: Path, device: str, paths: list[Path], batches: list[int], repeats: int) -> dict[int, Any]:
     """Load the models and decode the tensors once, then time every batch size."""
-    gate, clf = load_models(models_dir, device)
+    gate, clf = load_models(models_dir, device, threads=None)  # one batch at a time, on every core
     g, c = model_inputs(paths, gate, clf)
     return {batch: attempt(_both_rate, gate, clf, g, c, batch, repeats) for batch in batches}
 

@@ -44,7 +44,7 @@ def engine_runs(folder: Path, n: int, repeats: int, out: Path, extra: list[str])
     walls, screening = [], []
     for _ in range(repeats):
         doc_path = out.with_suffix(".json")
-        wall, _ = cli_run(["run", str(folder), "--out", str(out), "--json", str(doc_path), "-q", *extra])
+        wall = cli_run(["run", str(folder), "--out", str(out), "--json", str(doc_path), "-q", *extra])[0]
         doc = json.loads(doc_path.read_text(encoding="utf-8"))
         walls.append(wall)
         screening.append(doc["summary"]["seconds"])

@@ -2,15 +2,21 @@
 
     python -m benchmarks.run --json benchmarks/results/run.json
 
-1. inference-only: the shipped gate + classifier on pre-decoded tensors (the ceiling), and each
-   model alone (the gate's share of inference time);
+1. inference-only: the shipped gate + classifier on pre-decoded tensors, run as `cxrbatch run`
+   runs them (batches side by side on single-threaded sessions, one per core) and one batch at a
+   time on sessions with a thread per core; the faster is the ceiling. Each model alone too (the
+   gate's share of inference time);
 2. `cxrbatch run` end to end (decode + gate + classifier + reports) in a fresh process, first
    (cold) and repeated (warm), on ../shared/data/bench and on a synthetic set;
 3. the seed-style baseline: the same Keras MobileNetV2 classifier, `model.predict` one image at a
    time (needs the export extra; skipped with a note otherwise);
 4. decode-only rate per format (with and without JPEG draft mode);
 5. peak RSS of `cxrbatch run` over 1,000 and 20,000 synthetic files;
-6. time to first result: process start to report written, one image.
+6. time to first result: process start to report written, one image;
+7. pipeline efficiency: the CPU cost per image of decoding (one thread) and of inference (the
+   ceiling's way), the rate two cores could reach if nothing else ran (cores / cost per image),
+   and the end-to-end rate as a share of it, with where the rest went (start-up, the run's other
+   CPU work, idle cores).
 
 Medians over `--repeats` with min-max spread. Timings are wall-clock on a shared machine: compare
 the ratios within one run, not numbers across machines.
@@ -38,6 +44,7 @@ from PIL import Image
 from cxrbatch.discovery import iter_images
 from cxrbatch.imaging import load_image, to_model_input
 from cxrbatch.models import Model, default_models_dir, load_models
+from cxrbatch.pipeline import Screener
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO.parent / "shared" / "data" / "bench"
@@ -131,27 +138,52 @@ def model_inputs(paths: list[Path], gate: Model, classifier: Model) -> tuple[np.
 
 
 def inference_only(paths: list[Path], repeats: int, batch: int) -> dict[str, Any]:
-    """Both models (and each alone) on tensors decoded beforehand."""
+    """Both models (and each alone) on tensors decoded beforehand, in both ways of running them;
+    `ceiling` names the faster, and `cpu_s_per_image` is what its inference of both costs."""
+    cores = os.cpu_count() or 1
+    out: dict[str, Any] = {}
+    for mode, threads, side_by_side in (("side_by_side", 1, cores), ("one_at_a_time", None, 1)):
+        gate, classifier = load_models(default_models_dir(), "cpu", threads=threads)
+        g, c = model_inputs(paths, gate, classifier)
+        with ThreadPoolExecutor(max_workers=side_by_side) as pool:
+
+            def run(jobs: list[tuple[Model, np.ndarray]], pool: ThreadPoolExecutor = pool) -> Callable[[], Any]:
+                batches = [(m, x[i : i + batch]) for m, x in jobs for i in range(0, len(x), batch)]
+                return lambda: list(pool.map(lambda job: job[0].run(job[1]), batches))
+
+            gate_s = timed(run([(gate, g)]), repeats)
+            clf_s = timed(run([(classifier, c)]), repeats)
+            cpu_before = time.process_time()
+            both_s = timed(run([(gate, g), (classifier, c)]), repeats)
+            cpu = (time.process_time() - cpu_before) / repeats
+        n = len(paths)
+        out[mode] = {
+            "session_threads": threads or cores,
+            "batches_side_by_side": side_by_side,
+            "both": stats(n, both_s),
+            "gate": stats(n, gate_s),
+            "classifier": stats(n, clf_s),
+            "gate_share_of_inference": round(statistics.median(gate_s) / statistics.median(both_s), 3),
+            "cpu_s_per_image": round(cpu / n, 5),
+        }
+    out["ceiling"] = max(("side_by_side", "one_at_a_time"), key=lambda m: out[m]["both"]["median_per_s"])
+    return out
+
+
+def decode_cost(paths: list[Path]) -> dict[str, Any]:
+    """CPU seconds per image of decoding a file into both models' inputs, as the runtime does it
+    (JPEG draft included), in one thread: the thread's own CPU clock, so waits do not count."""
     gate, classifier = load_models(default_models_dir(), "cpu")
-    g, c = model_inputs(paths, gate, classifier)
-
-    def run(model: Any, x: np.ndarray) -> Callable[[], Any]:
-        return lambda: [model.run(x[i : i + batch]) for i in range(0, len(x), batch)]
-
-    gate_s = timed(run(gate, g), repeats)
-    clf_s = timed(run(classifier, c), repeats)
-    both_s = timed(lambda: (run(gate, g)(), run(classifier, c)()), repeats)
-    n = len(paths)
-    return {
-        "both": stats(n, both_s),
-        "gate": stats(n, gate_s),
-        "classifier": stats(n, clf_s),
-        "gate_share_of_inference": round(statistics.median(gate_s) / statistics.median(both_s), 3),
-    }
+    screener = Screener(gate, classifier, workers=1)
+    started = time.thread_time()
+    for p in paths:
+        screener.decode(p)
+    return {"images": len(paths), "cpu_s_per_image": round((time.thread_time() - started) / len(paths), 5)}
 
 
-def cli_run(args: list[str], ok: tuple[int, ...] = (0, 3)) -> tuple[float, int]:
-    """Run `cxrbatch` in a fresh process; return wall seconds and its peak RSS in MB.
+def cli_run(args: list[str], ok: tuple[int, ...] = (0, 3)) -> tuple[float, int, float]:
+    """Run `cxrbatch` in a fresh process; return wall seconds, its peak RSS in MB and the CPU
+    seconds (user + system) it used.
 
     An exit status outside `ok` ends the benchmark with the command's stderr, which goes to a
     file rather than a pipe: nobody reads a pipe before the child ends, so a full one would block it.
@@ -165,7 +197,7 @@ def cli_run(args: list[str], ok: tuple[int, ...] = (0, 3)) -> tuple[float, int]:
         if os.waitstatus_to_exitcode(status) not in ok:
             err.seek(0)
             raise SystemExit(f"cxrbatch {' '.join(args)} failed: {err.read().decode(errors='replace')[-1500:]}")
-    return elapsed, int(usage.ru_maxrss / 1024)
+    return elapsed, int(usage.ru_maxrss / 1024), usage.ru_utime + usage.ru_stime
 
 
 def end_to_end(folder: Path, n: int, repeats: int, out: Path) -> dict[str, Any]:
@@ -174,7 +206,38 @@ def end_to_end(folder: Path, n: int, repeats: int, out: Path) -> dict[str, Any]:
     cold, warm = runs[0], runs[1:]
     return {
         "cold": {"seconds": round(cold[0], 2), "per_s": round(n / cold[0], 1), "peak_rss_mb": cold[1]},
-        "warm": {**stats(n, [w[0] for w in warm]), "peak_rss_mb": max(w[1] for w in warm)},
+        "warm": {
+            **stats(n, [w[0] for w in warm]),
+            "peak_rss_mb": max(w[1] for w in warm),
+            "median_seconds": round(statistics.median(w[0] for w in warm), 3),
+            "median_cpu_s": round(statistics.median(w[2] for w in warm), 3),
+        },
+    }
+
+
+def efficiency(report: dict[str, Any], cores: int) -> dict[str, Any]:
+    """End to end on the bench set against what its decoding and inference CPU cost allow on
+    `cores` cores, and where the rest of the run's core-seconds went."""
+    n = report["bench_files"]
+    inf = report["inference_only_bench"]
+    decode_s = report["decode_cost_bench"]["cpu_s_per_image"]
+    infer_s = inf[inf["ceiling"]]["cpu_s_per_image"]
+    limit = cores / (decode_s + infer_s)
+    warm = report["end_to_end_bench"]["warm"]
+    wall, cpu = warm["median_seconds"], warm["median_cpu_s"]
+    startup = report["single_image_latency_s"]["median"]
+    return {
+        "decode_cpu_s_per_image": decode_s,
+        "inference_cpu_s_per_image": infer_s,
+        "limit_per_s": round(limit, 1),
+        "end_to_end_over_limit": round(warm["median_per_s"] / limit, 3),
+        "core_seconds": {
+            "available": round(cores * wall, 2),
+            "decode_and_inference": round(n * (decode_s + infer_s), 2),
+            "start_up_wall_s": startup,
+            "other_cpu": round(cpu - n * (decode_s + infer_s), 2),
+            "idle": round(cores * wall - cpu, 2),
+        },
     }
 
 
@@ -246,15 +309,18 @@ def main() -> None:
         syn = synthetic_set(root / "synthetic", bench, args.synthetic)
         report["end_to_end_synthetic"] = end_to_end(syn, args.synthetic, 1, root / "s.csv")
         report["inference_only_bench"] = inference_only(bench, args.repeats, batch=8)
+        report["decode_cost_bench"] = decode_cost(bench)
         report["seed_baseline_bench"] = seed_baseline(bench[: args.seed_images])
         report["decode_only_bench"] = decode_only(bench)
-    ceiling = report["inference_only_bench"]["both"]["median_per_s"]
+    inf = report["inference_only_bench"]
+    ceiling = inf[inf["ceiling"]]["both"]["median_per_s"]
     warm = report["end_to_end_bench"]["warm"]["median_per_s"]
     seed = report["seed_baseline_bench"].get("median_per_s")
     report["ratios"] = {
         "end_to_end_over_inference_only": round(warm / ceiling, 3),
         "end_to_end_over_seed_loop": round(warm / seed, 1) if seed else None,
     }
+    report["pipeline_efficiency"] = efficiency(report, os.cpu_count() or 1)
     print_table(report)
     write_json(args.json, report)
 
@@ -263,10 +329,17 @@ def print_table(r: dict[str, Any]) -> None:
     """Print the results as one readable table."""
     inf = r["inference_only_bench"]
     e2e = r["end_to_end_bench"]
-    rows = [
-        ("inference only, gate + classifier (bench)", f"{inf['both']['median_per_s']} img/s", _spread(inf["both"])),
-        ("  gate alone / classifier alone", f"{inf['gate']['median_per_s']} / {inf['classifier']['median_per_s']}", ""),
-        ("  gate share of inference time", f"{inf['gate_share_of_inference']:.1%}", ""),
+    eff = r["pipeline_efficiency"]
+    rows = []
+    for mode in ("side_by_side", "one_at_a_time"):
+        m = inf[mode]
+        how = f"{m['batches_side_by_side']} batches x {m['session_threads']} thread(s)"
+        rows += [
+            (f"inference only, {mode.replace('_', ' ')} (bench)", f"{m['both']['median_per_s']} img/s", how),
+            ("  gate alone / classifier alone", f"{m['gate']['median_per_s']} / {m['classifier']['median_per_s']}", ""),
+            ("  gate share of inference time", f"{m['gate_share_of_inference']:.1%}", ""),
+        ]
+    rows += [
         ("cxrbatch run, bench, cold", f"{e2e['cold']['per_s']} img/s", f"{e2e['cold']['seconds']} s"),
         ("cxrbatch run, bench, warm", f"{e2e['warm']['median_per_s']} img/s", _spread(e2e["warm"])),
         ("cxrbatch run, synthetic 1024px JPEG, warm", f"{r['end_to_end_synthetic']['warm']['median_per_s']} img/s", ""),
@@ -275,6 +348,18 @@ def print_table(r: dict[str, Any]) -> None:
         ("end to end / seed loop", str(r["ratios"]["end_to_end_over_seed_loop"]), ""),
         ("peak RSS MB (1,000 / large)", " / ".join(str(v) for v in r["peak_rss_mb"].values()), ""),
         ("single image, start to report", f"{r['single_image_latency_s']['median']} s", ""),
+        (
+            "CPU s per image: decode / inference",
+            f"{eff['decode_cpu_s_per_image']} / {eff['inference_cpu_s_per_image']}",
+            "",
+        ),
+        ("limit (cores / CPU s per image)", f"{eff['limit_per_s']} img/s", ""),
+        ("end to end / limit", str(eff["end_to_end_over_limit"]), ""),
+        (
+            "core-seconds: decode+infer / other / idle",
+            " / ".join(str(eff["core_seconds"][k]) for k in ("decode_and_inference", "other_cpu", "idle")),
+            f"of {eff['core_seconds']['available']}",
+        ),
     ]
     rows += [
         (f"decode only, {k}", f"{v['median_per_s']} img/s", f"n={v['images']}")
