@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,13 +61,16 @@ def run(options: RunOptions) -> Summary:
     """Screen every input file and write the requested reports; return the summary."""
     started = now()
     report_targets = [t for t in (options.csv_out, options.json_out, options.html) if t is not None]
-    with _opened(options.ledger) as ledger:
+    # on Ray the actors choose their device; the driver's models only draw heatmaps
+    device = "cpu" if options.engine == "ray" else options.device
+    with _opened(options.ledger) as ledger, ThreadPoolExecutor(max_workers=1, thread_name_prefix="models") as pool:
+        # The models load (mostly outside the GIL) while the inputs are walked; an error of the
+        # inputs or outputs still comes first, as it would without the overlap.
+        loading = pool.submit(load_models, options.models_dir or default_models_dir(), device)
         for target in report_targets:
             check_writable(target)
         paths = _discover(options, report_targets)
-        # on Ray the actors choose their device; the driver's models only draw heatmaps
-        device = "cpu" if options.engine == "ray" else options.device
-        gate, classifier = load_models(options.models_dir or default_models_dir(), device)
+        gate, classifier = loading.result()
         if options.heatmaps is not None:
             classifier.spec.require_cam()  # before screening, not after it
         with _engine(options, gate, classifier) as screener:
