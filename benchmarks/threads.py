@@ -1,0 +1,83 @@
+"""How far decoding in threads scales: the share of a decode that holds the GIL.
+
+Decodes the files of a folder into both models' inputs as `cxrbatch run` does (`Screener.decode`:
+JPEG at draft scale, both inputs made) with 1 thread and with one per core, per format, best of
+`--repeats`. With n threads on n cores, a decode whose share g holds the GIL speeds up by
+1 / (g + (1 - g) / n) at most (Amdahl), so g = (n / speed-up - 1) / (n - 1). The table then gives
+the rate threads could reach on any number of cores, bounded by the GIL: 1 / (g x CPU seconds
+per file). An estimate, not a measurement on a large machine: memory bandwidth and the models'
+own work there are not in it.
+
+    python -m benchmarks.threads ../shared/data/bench --json benchmarks/results/threads.json
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from benchmarks.run import folder_args, folder_record, write_json
+from cxrbatch.discovery import iter_images
+from cxrbatch.models import default_models_dir, load_models
+from cxrbatch.pipeline import Screener
+
+
+def rate(screener: Screener, paths: list[Path], threads: int, repeats: int) -> float:
+    """Files per second decoded by `threads` threads, best of `repeats` (after one warm-up pass)."""
+    best = float("inf")
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(screener.decode, paths[:threads]))
+        for _ in range(repeats):
+            started = time.perf_counter()
+            list(pool.map(screener.decode, paths))
+            best = min(best, time.perf_counter() - started)
+    return len(paths) / best
+
+
+def scaling(screener: Screener, paths: list[Path], cores: int, repeats: int) -> dict[str, Any]:
+    """One thread against one per core, the GIL share that implies and the rate it bounds."""
+    one, many = rate(screener, paths, 1, repeats), rate(screener, paths, cores, repeats)
+    speed_up = many / one
+    gil = max((cores / speed_up - 1) / (cores - 1), 1e-6) if cores > 1 else None
+    return {
+        "files": len(paths),
+        "one_thread_per_s": round(one, 1),
+        f"{cores}_threads_per_s": round(many, 1),
+        "speed_up": round(speed_up, 2),
+        "gil_share": None if gil is None else round(gil, 3),
+        "gil_bound_per_s": None if gil is None else round(one / gil),
+    }
+
+
+def main() -> None:
+    args = folder_args(__doc__)
+    paths = list(iter_images([args.folder])) * 2  # enough work per timing on a fast machine
+    gate, classifier = load_models(default_models_dir(), "cpu")
+    screener = Screener(gate, classifier, workers=1)
+    cores = os.cpu_count() or 1
+    groups = {
+        "jpeg": [p for p in paths if p.suffix.lower() in (".jpg", ".jpeg")],
+        "png": [p for p in paths if p.suffix.lower() == ".png"],
+        "all": paths,
+    }
+    result = {
+        **folder_record(args),
+        "formats": {k: scaling(screener, v, cores, args.repeats) for k, v in groups.items() if v},
+    }
+    print(
+        f"{'format':<6} {'files':>6} {'1 thread':>9} {f'{cores} threads':>10} {'speed-up':>9}"
+        f" {'GIL share':>10} {'GIL-bound rate':>15}"
+    )
+    for name, row in result["formats"].items():
+        print(
+            f"{name:<6} {row['files']:>6} {row['one_thread_per_s']:>9} {row[f'{cores}_threads_per_s']:>10} "
+            f"{row['speed_up']:>9} {row['gil_share']!s:>10} {row['gil_bound_per_s']!s:>15}"
+        )
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
