@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrbatch.cores import usable_cores
 from cxrbatch.errors import DeviceError, ModelError
 from cxrbatch.imaging import InputSpec
 
@@ -276,7 +276,7 @@ def model_from_bytes(data: bytes, path: Path, role: str, providers: list[Any], t
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Two sessions take turns on the same cores: spinning threads of one starve the other.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads or usable_cores()
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +25,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
+from cxrbatch.cores import usable_cores
 from cxrbatch.errors import ImageError
 from cxrbatch.heatmaps import display_copy
 from cxrbatch.imaging import PREPROCESSING_VERSION, check_size, load_image, to_model_input
@@ -90,8 +90,8 @@ class Screener:
     ) -> None:
         """`transform`, when given, changes every decoded picture before the model inputs are made
         (the stress tests of `cxrbatch evaluate`; never in a screening run). `workers` threads
-        decode and screen batches side by side; None is one per core."""
-        workers = workers or os.cpu_count() or 1
+        decode and screen batches side by side; None is one per usable core (`cxrbatch.cores`)."""
+        workers = workers or usable_cores()
         if batch_size < 1 or workers < 1:
             raise ValueError("batch_size and workers must be at least 1")
         self.gate, self.classifier = gate, classifier

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -176,7 +175,9 @@ def test_a_consumer_that_stops_early_stops_the_queued_batches(
     assert 1 <= len(decoded) <= 4  # the running batch, the queued ones at most, never the other 26
 
 
-def test_one_worker_per_core_by_default(tiny_models: Path) -> None:
+def test_one_worker_per_usable_core_by_default(tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gate, classifier = load_models(tiny_models, "cpu")
-    assert Screener(gate, classifier).workers == (os.cpu_count() or 1)
-    assert Screener(gate, classifier).describe() == {"name": "local", "threads": os.cpu_count() or 1}
+    monkeypatch.setattr("cxrbatch.pipeline.usable_cores", lambda: 3)
+    assert Screener(gate, classifier).workers == 3
+    assert Screener(gate, classifier).describe() == {"name": "local", "threads": 3}
+    assert Screener(gate, classifier, workers=5).workers == 5

@@ -29,7 +29,9 @@ class HeatmapsFor(str, Enum):
 
 @app.command()
 def run(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="image files or folders (walked recursively)")],
+    inputs: Annotated[
+        list[Path], typer.Argument(metavar="INPUT...", help="image files or folders (walked recursively)")
+    ],
     out: Annotated[
         str | None,
         typer.Option("--out", "-o", metavar="PATH", help="CSV report path, or - for stdout [default: stdout]"),
