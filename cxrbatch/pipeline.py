@@ -1,11 +1,11 @@
 """Screen images: decode, gate in batches, classify what the gate accepts.
 
 `screen` gives each batch to one worker thread, which decodes its files and runs both models on
-them; `workers` batches run side by side (one per core by default) and `prefetch` more wait
+them; `workers` batches run side by side (one per usable core by default) and `prefetch` more wait
 queued, so memory stays bounded however large the folder is. The models' sessions run one batch
-on one core each (`load_models`): batches side by side did 233 images/s of inference on 2 cores
-against 205 for one batch at a time on two intra-op threads, and decoding and inference of
-different batches interleave with no hand-over between them. Results come out in input order,
+on one core each (`load_models`): batches side by side did 196.5 images/s of inference on 2 cores
+against 185.8 for one batch at a time on two intra-op threads (benchmarks/README.md), and
+decoding and inference of different batches interleave with no hand-over between them. Results come out in input order,
 one per path, whatever happens to the file.
 """
 
