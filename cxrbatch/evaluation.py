@@ -72,13 +72,13 @@ def score(screener: Screener, images: Split) -> Scored:
     gate_scores, probs, distances, errors = [], [], [], []
     label_of = dict(zip(images.paths, images.names(), strict=True))
     spec = screener.classifier.spec
-    for batch in screener.decoded_batches(images.paths):
+    for batch, outputs in screener.model_outputs(images.paths):
         good = [d for d in batch if d.error is None]
         errors += [f"{d.path}: {d.error}" for d in batch if d.error is not None]
-        if not good:
+        if outputs is None:
             continue
-        gate_scores.append(screener.gate_scores(np.stack([d.gate_input for d in good])))  # type: ignore[misc]
-        out = screener.classify(np.stack([d.classifier_input for d in good]))  # type: ignore[misc]
+        gate, out = outputs
+        gate_scores.append(gate)
         probs.append(out[spec.score_output])
         if spec.familiarity_output:
             distances.append(out[spec.familiarity_output][:, 0])

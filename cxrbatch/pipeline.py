@@ -34,6 +34,8 @@ from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR, REJECTED, Record, Summ
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# The gate's scores (N,) and the classifier's named outputs for the N readable files of a batch.
+ModelOutputs = tuple[np.ndarray, dict[str, np.ndarray]]
 
 
 @dataclass
@@ -132,6 +134,20 @@ class Screener:
         the models itself; with `pictures`, each keeps a small copy of the picture for drawing on."""
         return self._batchwise(paths, lambda batch: [self.decode(p, pictures) for p in batch])
 
+    def model_outputs(self, paths: Iterable[Path]) -> Iterator[tuple[list[Decoded], ModelOutputs | None]]:
+        """Both models on every readable file, whatever the gate says (evaluation scores them all),
+        run in the worker threads: per batch in order, its decoded files and, for the readable ones
+        in their order, the gate's scores and the classifier's outputs (None if none is readable)."""
+        return self._batchwise(paths, self._model_outputs)
+
+    def _model_outputs(self, batch: list[Path]) -> tuple[list[Decoded], ModelOutputs | None]:
+        decoded = [self.decode(p) for p in batch]
+        good = [d for d in decoded if d.error is None]
+        if not good:
+            return decoded, None
+        gate = self.gate_scores(np.stack([d.gate_input for d in good]))  # type: ignore[misc]
+        return decoded, (gate, self.classify(np.stack([d.classifier_input for d in good])))  # type: ignore[misc]
+
     def class_maps(self, paths: Iterable[Path]) -> Iterator[tuple[Decoded, np.ndarray | None]]:
         """Decode again and yield each file's small picture with the classifier's `cam` maps
         (h x w x labels), or None for a file that can no longer be decoded (its `error` says why)."""
@@ -147,14 +163,14 @@ class Screener:
         by_path = {d.path: m for d, m in zip(ok, maps, strict=True)}
         return [(d, by_path.get(d.path)) for d in decoded]
 
-    def _batchwise(self, paths: Iterable[Path], work: Callable[[list[Path]], list[_T]]) -> Iterator[list[_T]]:
+    def _batchwise(self, paths: Iterable[Path], work: Callable[[list[Path]], _T]) -> Iterator[_T]:
         """`work` on each batch of paths in the worker threads, `workers` batches side by side and
         `prefetch` more queued; the outputs in input order. A consumer that stops early (or a
         batch that raises) cancels the queued batches and waits only for the running ones."""
         batches = _chunked(iter(paths), self.batch_size)
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="screen")
         ahead = islice(batches, self.workers + self.prefetch)
-        pending: deque[Future[list[_T]]] = deque(pool.submit(work, b) for b in ahead)
+        pending: deque[Future[_T]] = deque(pool.submit(work, b) for b in ahead)
         try:
             while pending:
                 done = pending.popleft().result()
