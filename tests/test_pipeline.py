@@ -181,3 +181,26 @@ def test_one_worker_per_usable_core_by_default(tiny_models: Path, monkeypatch: p
     assert Screener(gate, classifier).workers == 3
     assert Screener(gate, classifier).describe() == {"name": "local", "threads": 3}
     assert Screener(gate, classifier, workers=5).workers == 5
+
+
+def test_model_outputs_score_every_readable_file_as_screening_does(tiny_models: Path, incoming: Path) -> None:
+    gate, classifier = load_models(tiny_models, "cpu")
+    screener = Screener(gate, classifier, batch_size=2, workers=2)
+    paths = _paths(incoming)
+    screened = {r.path: r for r in screener.screen(paths)}
+    seen: list[Path] = []
+    for decoded, outputs in screener.model_outputs(paths):
+        seen += [d.path for d in decoded]
+        good = [d for d in decoded if d.error is None]
+        if outputs is None:
+            assert not good
+            continue
+        scores, out = outputs
+        probs = out[classifier.spec.score_output]
+        assert len(scores) == len(good) == len(probs)
+        for d, score, p in zip(good, scores, probs, strict=True):
+            result = screened[d.path]
+            assert result.gate_score == float(score)  # the rejected photo is scored too
+            if result.probabilities is not None:
+                assert list(result.probabilities.values()) == [float(x) for x in p]
+    assert seen == paths
