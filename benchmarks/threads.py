@@ -14,27 +14,22 @@ own work there are not in it.
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import folder_args, folder_record, write_json
+from benchmarks.run import folder_args, folder_record, timed, write_json
 from cxrbatch.discovery import iter_images
 from cxrbatch.models import default_models_dir, load_models
 from cxrbatch.pipeline import Screener
 
 
 def rate(screener: Screener, paths: list[Path], threads: int, repeats: int) -> float:
-    """Files per second decoded by `threads` threads, best of `repeats` (after one warm-up pass)."""
-    best = float("inf")
+    """Files per second decoded by `threads` threads, best of `repeats` (each thread warmed up on
+    one file first)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(screener.decode, paths[:threads]))
-        for _ in range(repeats):
-            started = time.perf_counter()
-            list(pool.map(screener.decode, paths))
-            best = min(best, time.perf_counter() - started)
-    return len(paths) / best
+        return len(paths) / min(timed(lambda: list(pool.map(screener.decode, paths)), repeats))
 
 
 def scaling(screener: Screener, paths: list[Path], cores: int, repeats: int) -> dict[str, Any]:

@@ -5,8 +5,8 @@ them; `workers` batches run side by side (one per usable core by default) and `p
 queued, so memory stays bounded however large the folder is. The models' sessions run one batch
 on one core each (`load_models`): batches side by side did 196.5 images/s of inference on 2 cores
 against 185.8 for one batch at a time on two intra-op threads (benchmarks/README.md), and
-decoding and inference of different batches interleave with no hand-over between them. Results come out in input order,
-one per path, whatever happens to the file.
+decoding and inference of different batches interleave with no hand-over between them. Results
+come out in input order, one per path, whatever happens to the file.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Screener:
     def settings(self) -> dict[str, object]:
         """Every setting that can change a result: the ledger's run fingerprint is made of these.
 
-        Batch size and decoding threads change nothing (reports are byte-identical across them);
+        Batch size and worker threads change nothing (reports are byte-identical across them);
         the device does, in the last decimals (CUDA and CPU agree within about 3e-6).
         """
         return {

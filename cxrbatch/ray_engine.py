@@ -48,6 +48,7 @@ CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's head to answer
 # blocks keep the actors evenly busy and a lost block cheap to send again.
 BLOCK_BATCHES = 4
 RETRIES = 2  # task retries on a restarted actor before Ray Data gives a block up
+ACTOR_WORKERS = 2  # decoding threads of an actor without --workers (a GPU actor takes a CPU for each)
 LOST = "screening failed on the Ray cluster in every attempt (a worker died on this file; see the Ray logs)"
 
 
@@ -58,10 +59,6 @@ def _import_ray() -> Any:
     import ray.data
 
     return ray
-
-
-# Decoding threads of an actor without --workers (a GPU actor takes a CPU for each).
-ACTOR_WORKERS = 2
 
 
 @contextmanager

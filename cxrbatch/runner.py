@@ -42,7 +42,7 @@ class RunOptions:
     json_out: str | None = None
     models_dir: Path | None = None
     batch_size: int = 8
-    workers: int | None = None  # screening threads (None: one per core); on Ray, each actor's decoding threads
+    workers: int | None = None  # screening threads (None: one per usable core); on Ray, each actor's decoding threads
     device: str = "auto"
     draft: bool = True
     ledger: Path | None = None
@@ -63,14 +63,8 @@ def run(options: RunOptions) -> Summary:
     report_targets = [t for t in (options.csv_out, options.json_out, options.html) if t is not None]
     # on Ray the actors choose their device; the driver's models only draw heatmaps
     device = "cpu" if options.engine == "ray" else options.device
-    with _opened(options.ledger) as ledger, ThreadPoolExecutor(max_workers=1, thread_name_prefix="models") as pool:
-        # The models load (mostly outside the GIL) while the inputs are walked; an error of the
-        # inputs or outputs still comes first, as it would without the overlap.
-        loading = pool.submit(load_models, options.models_dir or default_models_dir(), device)
-        for target in report_targets:
-            check_writable(target)
-        paths = _discover(options, report_targets)
-        gate, classifier = loading.result()
+    with _opened(options.ledger) as ledger:
+        paths, (gate, classifier) = _inputs_and_models(options, report_targets, device)
         if options.heatmaps is not None:
             classifier.spec.require_cam()  # before screening, not after it
         with _engine(options, gate, classifier) as screener:
@@ -78,6 +72,20 @@ def run(options: RunOptions) -> Summary:
             if ledger is None:
                 return _run_plain(screener, paths, report, options.reporter)
             return _run_with_ledger(ledger, screener, paths, report, options)
+
+
+def _inputs_and_models(
+    options: RunOptions, report_targets: list[str], device: str
+) -> tuple[list[Path], tuple[Model, Model]]:
+    """The files to screen and the two models. The models load (mostly outside the GIL) while the
+    outputs are checked and the inputs walked; an error of those still comes first, as it would
+    without the overlap."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="models") as pool:
+        loading = pool.submit(load_models, options.models_dir or default_models_dir(), device)
+        for target in report_targets:
+            check_writable(target)
+        paths = _discover(options, report_targets)
+        return paths, loading.result()
 
 
 @contextmanager
