@@ -5,8 +5,9 @@ JPEG at draft scale, both inputs made) with 1 thread and with one per core, per 
 `--repeats`. With n threads on n cores, a decode whose share g holds the GIL speeds up by
 1 / (g + (1 - g) / n) at most (Amdahl), so g = (n / speed-up - 1) / (n - 1). The table then gives
 the rate threads could reach on any number of cores, bounded by the GIL: 1 / (g x CPU seconds
-per file). An estimate, not a measurement on a large machine: memory bandwidth and the models'
-own work there are not in it.
+per file); both are None where the speed-up reaches the core count (no share left to measure).
+An estimate, not a measurement on a large machine: memory bandwidth and the models' own work
+there are not in it.
 
     python -m benchmarks.threads ../shared/data/bench --json benchmarks/results/threads.json
 """
@@ -36,7 +37,8 @@ def scaling(screener: Screener, paths: list[Path], cores: int, repeats: int) -> 
     """One thread against one per core, the GIL share that implies and the rate it bounds."""
     one, many = rate(screener, paths, 1, repeats), rate(screener, paths, cores, repeats)
     speed_up = many / one
-    gil = max((cores / speed_up - 1) / (cores - 1), 1e-6) if cores > 1 else None
+    # a speed-up of the full core count (or, by noise, above it) leaves no GIL share to measure
+    gil = (cores / speed_up - 1) / (cores - 1) if cores > 1 and speed_up < cores else None
     return {
         "files": len(paths),
         "one_thread_per_s": round(one, 1),
