@@ -53,6 +53,8 @@ def test_train_help_states_the_defaults_of_each_role() -> None:
     assert f"(default: {gate.epochs1})" in text and gate.epochs1 == classifier.epochs1
     assert f"(default: gate {gate.epochs2}, classifier {classifier.epochs2})" in text
     assert f"(default: gate {gate.zoom_out:g}, classifier {classifier.zoom_out:g})" in text
+    assert f"(default: gate {gate.lr2:g}, classifier {classifier.lr2:g})" in text
+    assert f"(default: {classifier.label_smoothing:g})" in text
     assert f"(default: {classifier.crop_area:g})" in text and gate.crop_area == classifier.crop_area
     assert f"(default: {classifier.negative_label})" in text
     assert "[default: 1234]" in text and "ROLE which model to train: gate or classifier" in text

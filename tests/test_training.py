@@ -54,12 +54,13 @@ def test_leave_source_out_training_with_source_alignment(tmp_path: Path, monkeyp
     ckpt = tmp_path / "clf.keras"
     args = ["train", "classifier", str(data), "--out", str(ckpt), *TINY, "--views", "2", "--zoom-out", "0.8"]
     args += ["--negative-label", "DARK"]
-    args += ["--crop-area", "0.5"]
+    args += ["--crop-area", "0.5", "--lr2", "2e-4", "--label-smoothing", "0.1"]
     result = runner.invoke(app, [*args, "--source-alignment", "1.0", "--exclude-source", "src2"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "clf.keras.json").read_text(encoding="utf-8"))
     assert summary["data"]["train"] == {"DARK": 20, "LIGHT": 20} and summary["data"]["val"] == {"DARK": 20, "LIGHT": 20}
     assert summary["config"]["exclude_sources"] == ["src2"] and summary["config"]["source_alignment"] == 1.0
+    assert summary["config"]["lr2"] == 2e-4 and summary["config"]["label_smoothing"] == 0.1
     assert framing == {(0.8, 0.5)}  # the framing options reach every augmented view
     assert summary["source_alignment"] == {"DARK": ["src0", "src1"], "LIGHT": ["src0", "src1"]}
     # train images per (source, label), the left-out src2 absent: 10 of each class from src0 and src1

@@ -69,6 +69,13 @@ def train(
             "(default: gate 8, classifier 30)"
         ),
     ] = None,
+    lr2: Annotated[
+        float | None,
+        typer.Option(min=1e-7, max=1e-2, help="Adam learning rate of phase 2 (default: gate 0.0001, classifier 3e-05)"),
+    ] = None,
+    label_smoothing: Annotated[
+        float | None, typer.Option(min=0.0, max=0.5, help="classifier: of the head's loss (default: 0)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="random seed (the same seed gives the same views)")] = 1234,
     source_alignment: Annotated[
         float | None,
@@ -112,6 +119,8 @@ def train(
         "views": views,
         "epochs1": epochs1,
         "epochs2": epochs2,
+        "lr2": lr2,
+        "label_smoothing": label_smoothing,
         "source_alignment": source_alignment,
         "exclude_sources": tuple(exclude_source) if exclude_source else None,
         "zoom_out": zoom_out,
