@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cxrbatch.cores import usable_cores
 from cxrbatch.discovery import iter_images
 from cxrbatch.imaging import load_image, to_model_input
 from cxrbatch.models import Model, default_models_dir, load_models
@@ -140,7 +141,7 @@ def model_inputs(paths: list[Path], gate: Model, classifier: Model) -> tuple[np.
 def inference_only(paths: list[Path], repeats: int, batch: int) -> dict[str, Any]:
     """Both models (and each alone) on tensors decoded beforehand, in both ways of running them;
     `ceiling` names the faster, and `cpu_s_per_image` is what its inference of both costs."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     out: dict[str, Any] = {}
     for mode, threads, side_by_side in (("side_by_side", 1, cores), ("one_at_a_time", None, 1)):
         gate, classifier = load_models(default_models_dir(), "cpu", threads=threads)
@@ -327,7 +328,7 @@ def main() -> None:
         "end_to_end_over_inference_only": round(warm / ceiling, 3),
         "end_to_end_over_seed_loop": round(warm / seed, 1) if seed else None,
     }
-    report["pipeline_efficiency"] = efficiency(report, os.cpu_count() or 1)
+    report["pipeline_efficiency"] = efficiency(report, usable_cores())
     print_table(report)
     write_json(args.json, report)
 

@@ -1,7 +1,7 @@
 """How far decoding in threads scales: the share of a decode that holds the GIL.
 
 Decodes the files of a folder into both models' inputs as `cxrbatch run` does (`Screener.decode`:
-JPEG at draft scale, both inputs made) with 1 thread and with one per core, per format, best of
+JPEG at draft scale, both inputs made) with 1 thread and with one per usable core, per format, best of
 `--repeats`. With n threads on n cores, a decode whose share g holds the GIL speeds up by
 1 / (g + (1 - g) / n) at most (Amdahl), so g = (n / speed-up - 1) / (n - 1). The table then gives
 the rate threads could reach on any number of cores, bounded by the GIL: 1 / (g x CPU seconds
@@ -14,12 +14,12 @@ there are not in it.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from benchmarks.run import folder_args, folder_record, timed, write_json
+from cxrbatch.cores import usable_cores
 from cxrbatch.discovery import iter_images
 from cxrbatch.models import default_models_dir, load_models
 from cxrbatch.pipeline import Screener
@@ -54,7 +54,7 @@ def main() -> None:
     paths = list(iter_images([args.folder])) * 2  # enough work per timing on a fast machine
     gate, classifier = load_models(default_models_dir(), "cpu")
     screener = Screener(gate, classifier, workers=1)
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     groups = {
         "jpeg": [p for p in paths if p.suffix.lower() in (".jpg", ".jpeg")],
         "png": [p for p in paths if p.suffix.lower() == ".png"],

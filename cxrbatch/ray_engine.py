@@ -48,7 +48,7 @@ CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's head to answer
 # blocks keep the actors evenly busy and a lost block cheap to send again.
 BLOCK_BATCHES = 4
 RETRIES = 2  # task retries on a restarted actor before Ray Data gives a block up
-ACTOR_WORKERS = 2  # decoding threads of an actor without --workers (a GPU actor takes a CPU for each)
+ACTOR_WORKERS = 2  # worker threads of an actor without --workers (a GPU actor takes a CPU for each)
 LOST = "screening failed on the Ray cluster in every attempt (a worker died on this file; see the Ray logs)"
 
 
@@ -75,7 +75,7 @@ def session(
     """A RayScreener on the cluster at `address` (or RAY_ADDRESS); without either, on a local Ray
     instance sized to this machine, shut down again afterwards. In a process already connected
     to Ray (a test, a notebook), that connection is used and left open. `workers` is each actor's
-    decoding threads (None: ACTOR_WORKERS), not this machine's."""
+    worker threads (None: ACTOR_WORKERS), not this machine's."""
     workers = workers or ACTOR_WORKERS
     ray = _import_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -142,8 +142,9 @@ def _resources_text(resources: dict[str, float]) -> str:
 
 
 def actor_cpus(gpus_per_actor: float, workers: int) -> int:
-    """The CPUs one actor takes: a CPU actor one (one decoding thread, one onnxruntime thread), a GPU
-    actor one per decoding thread (`--workers`), to keep its GPU share fed."""
+    """The CPUs one actor takes: a CPU actor one (its worker threads take turns on it, one decoding
+    while another runs the models), a GPU actor one per worker thread (`--workers`), to keep its
+    GPU share fed."""
     return workers if gpus_per_actor > 0 else 1
 
 

@@ -42,7 +42,7 @@ class RunOptions:
     json_out: str | None = None
     models_dir: Path | None = None
     batch_size: int = 8
-    workers: int | None = None  # screening threads (None: one per usable core); on Ray, each actor's decoding threads
+    workers: int | None = None  # screening threads (None: one per usable core); on Ray, each actor's worker threads
     device: str = "auto"
     draft: bool = True
     ledger: Path | None = None

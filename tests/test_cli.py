@@ -65,7 +65,8 @@ def test_run_help_documents_exit_codes() -> None:
     text = " ".join(out.split())
     assert "3 finished, but some files could not be read" in text
     assert "run [OPTIONS] {INPUT...}" in text  # one or more inputs
-    assert "--workers <int range> threads that decode and screen batches side by side (default: one per core;" in text
+    workers_help = "--workers <int range> threads that decode and screen batches side by side"
+    assert f"{workers_help} (default: one per usable core;" in text
 
 
 def test_run_writes_csv_and_json_and_exits_3_on_bad_file(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:

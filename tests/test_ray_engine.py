@@ -183,7 +183,7 @@ def test_actor_count_follows_the_clusters_cpus_and_gpus() -> None:
     assert actor_count({"CPU": 16.0}, None, 0.0, 1) == 16
     assert actor_count({"CPU": 16.0, "GPU": 1.0}, None, 0.25, 1) == 4
     assert actor_count({"CPU": 2.0, "GPU": 1.0}, None, 0.25, 1) == 2  # each GPU actor needs a CPU too
-    assert actor_count({"CPU": 4.0, "GPU": 1.0}, None, 0.25, actor_cpus(0.25, 2)) == 2  # two decoding threads each
+    assert actor_count({"CPU": 4.0, "GPU": 1.0}, None, 0.25, actor_cpus(0.25, 2)) == 2  # two worker threads each
     assert actor_count({"CPU": 16.0}, 3, 0.0, actor_cpus(0.0, 4)) == 3  # a CPU actor takes one CPU
     with pytest.raises(UsageError):
         actor_count({"CPU": 2.0}, 3, 0.0, 1)
