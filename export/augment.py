@@ -29,6 +29,12 @@ def augment(img: Image.Image, rng: np.random.Generator, zoom_out: float = 0.0, c
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if rng.random() < 0.7:
         img = img.rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BILINEAR, fillcolor=0)
+    return degrade(img, rng)
+
+
+def degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """What other sources do to a film's pixels, framing aside: at most 224 px on the longer side
+    (144-224 at random), blur, gamma, noise and JPEG re-encoding at quality 40-95, each at random."""
     side = int(rng.integers(144, 225))
     scale = side / max(img.size)
     if scale < 1:

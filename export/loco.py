@@ -211,7 +211,7 @@ def _write_cache(cache: Path | None, config: TrainConfig, stored: dict[str, dict
         arrays[kind] = np.stack([by_id[i] for i in ids]) if ids else np.zeros((0,), dtype=np.float16)
     cache.parent.mkdir(parents=True, exist_ok=True)
     part = cache.with_name(cache.name + ".part.npz")
-    np.savez(part, **arrays)
+    np.savez(part, **arrays)  # type: ignore[arg-type]  # numpy 2.4 stubs read the first ** key as allow_pickle
     part.replace(cache)
 
 

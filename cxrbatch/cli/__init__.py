@@ -139,4 +139,4 @@ def main() -> None:
 
 
 # The commands register themselves on `app` when their modules are imported.
-from cxrbatch.cli import data, modelling, screening  # noqa: E402, F401
+from cxrbatch.cli import data, lungs, modelling, screening  # noqa: E402, F401
