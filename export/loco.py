@@ -47,8 +47,13 @@ def study(
     config: TrainConfig,
     folds: tuple[str, ...] = (),
     features_cache: Path | None = None,
+    with_tree: tuple[Path, Path | None] | None = None,
 ) -> dict[str, Any]:
-    """Fit one head per left-out collection and score that collection; the study's JSON record."""
+    """Fit one head per left-out collection and score that collection; the study's JSON record.
+
+    `with_tree` (a folder and its features cache) names a second tree holding the same films by
+    the same ids, made otherwise (say cut to the lung field): each film's features are then its
+    features in both trees side by side, as a classifier that sees both would have them."""
     if config.role != "classifier" or config.epochs2 != 0:
         raise UsageError("the study measures the classifier's head-only recipe (epochs2 0)")
     classes = class_names(data_dir)
@@ -66,6 +71,13 @@ def study(
         "data": data_dir.name, "config": _config_record(config), "classes": list(classes),
         "negative_label": config.negative_label,
     }  # fmt: skip
+    if with_tree is not None:
+        feats = _side_by_side(
+            feats,
+            splits,
+            _features(with_tree[0], _same_films(with_tree[0], splits), base_weights, config, with_tree[1]),
+        )
+        record["with"] = with_tree[0].name
     record["folds"] = {}
     for fold in chosen:
         log.info(
@@ -178,6 +190,25 @@ def _features(
             out[f"{name}_clean"] = np.stack([stored["clean"][p.stem][0] for p in split.paths])
     out["val"] = out["val_clean"]
     return out
+
+
+def _same_films(other: Path, splits: dict[str, Split]) -> dict[str, Split]:
+    """The splits of `other`, in the order of `splits` by id (file stem); every film must be there."""
+    out = {}
+    for name, split in splits.items():
+        found = {p.stem: p for p in load_split(other, name, split.classes).paths}
+        missing = [p.name for p in split.paths if p.stem not in found]
+        if missing:
+            raise UsageError(f"{other}/{name} lacks {len(missing)} film(s) of the study's tree, e.g. {missing[0]}")
+        out[name] = Split([found[p.stem] for p in split.paths], split.labels, split.classes)
+    return out
+
+
+def _side_by_side(
+    feats: dict[str, np.ndarray], splits: dict[str, Split], other: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Each film's features of both trees concatenated (view k beside view k for train's views)."""
+    return {k: np.concatenate([v, other[k]], axis=-1) for k, v in feats.items()}
 
 
 def _kind(split: str) -> str:

@@ -52,8 +52,18 @@ IEEE8023 = (
     "103688cbcdd1bada8900b9a9b17fafa45c7ea368",
 )
 BOX_SOURCES = {
-    "jsrt": {"repo": JSRT[0], "commit": JSRT[1], "terms": "JSRT database and SCR masks: research use"},
-    "ieee8023": {"repo": IEEE8023[0], "commit": IEEE8023[1], "terms": "CC BY 4.0 (repository README)"},
+    "jsrt": {
+        "repo": JSRT[0],
+        "commit": JSRT[1],
+        "terms": "none stated in the repository; JSRT database and SCR lung masks (van Ginneken et al. 2006): "
+        "research use",
+    },
+    "ieee8023": {
+        "repo": IEEE8023[0],
+        "commit": IEEE8023[1],
+        "terms": "the repository and its lung boxes: CC BY 4.0; each image: its licence in metadata.csv "
+        "(Apache 2.0, CC BY-NC-SA 4.0 or CC BY 4.0)",
+    },
 }
 MARGIN = 0.10  # of the box's width and height, added on each side before cropping
 MIN_BOX = 0.25  # a box narrower or shorter than this share of the film is not both lungs

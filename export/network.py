@@ -72,9 +72,13 @@ def cut_at(model: keras.Model, cache_layer: str) -> tuple[keras.Model, keras.Mod
 
 
 def head_model(model: keras.Model, width: int) -> keras.Model:
-    """Phase 1's model: pooled features in, the model's own dropout and head out."""
+    """Phase 1's model: pooled features in, the model's own dropout and head out. Features wider
+    than the model's own (a study's, of two trees side by side) get a new head of the same kind."""
     inputs = keras.Input((width,))
-    return keras.Model(inputs, model.get_layer("head")(model.get_layer("dropout")(inputs)))
+    head = model.get_layer("head")
+    if head.kernel.shape[0] != width:
+        head = head.__class__.from_config(head.get_config())
+    return keras.Model(inputs, head(model.get_layer("dropout")(inputs)))
 
 
 def top_model(model: keras.Model, above: keras.Model, aligned: bool) -> keras.Model:

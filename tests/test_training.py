@@ -187,3 +187,40 @@ def test_leave_one_collection_out_study(tmp_path: Path, monkeypatch: pytest.Monk
     assert json.loads((tmp_path / "loco.json").read_text(encoding="utf-8"))["folds"]["colB"]["trained_on"] == 13
     unknown = runner.invoke(app, [*args, "--fold", "colZ"])
     assert unknown.exit_code == 2 and "collection(s) ['colZ']" in unknown.stderr
+
+
+def test_study_with_a_second_tree_puts_each_films_features_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classes = {"DARK": (False, False), "LIGHT": (True, False)}
+    data = blob_dataset(tmp_path / "cxr", classes, per_class=4)
+    rows = ["id,source,collection"] + [f"{c}_{i},repo,col{'AB'[i % 2]}" for c in classes for i in range(4)]
+    (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    other = tmp_path / "cut"  # the same films by id, otherwise made (here: cut and saved as JPEG)
+    for path in data.glob("*/*/*.png"):
+        target = other / path.relative_to(data).with_suffix(".jpg")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as img:
+            img.crop((2, 2, img.width - 2, img.height - 2)).convert("RGB").save(target)
+    widths: list[int] = []
+    loco = export_module("loco")
+    real = loco.fit_head
+
+    def fit(head, config, train, val):  # type: ignore[no-untyped-def]
+        widths.append(train[0].shape[-1])
+        return real(head, config, train, val)
+
+    monkeypatch.setattr(loco, "fit_head", fit)
+    args = ["loco", str(data), "--json", str(tmp_path / "loco.json"), "--size", "32", "--alpha", "0.35"]
+    args += ["--views", "2", "--epochs1", "1", "--negative-label", "DARK", "--fold", "colA"]
+    alone = runner.invoke(app, args)
+    both = runner.invoke(app, [*args, "--with", str(other), "--with-features-cache", str(tmp_path / "cut.npz")])
+    assert alone.exit_code == 0 and both.exit_code == 0, both.output
+    assert widths == [1280, 2560]
+    assert json.loads((tmp_path / "loco.json").read_text(encoding="utf-8"))["with"] == "cut"
+    assert (tmp_path / "cut.npz").is_file()
+    next(other.glob("train/DARK/*.jpg")).unlink()
+    short = runner.invoke(app, [*args, "--with", str(other)])
+    assert short.exit_code == 2 and "lacks 1 film(s)" in short.stderr
+    lone = runner.invoke(app, [*args, "--with-features-cache", str(tmp_path / "x.npz")])
+    assert lone.exit_code == 2 and "needs --with" in lone.stderr

@@ -242,6 +242,17 @@ def loco(
     features_cache: Annotated[
         Path | None, typer.Option("--features-cache", help="keep the features here and reuse them when they match")
     ] = None,
+    with_tree: Annotated[
+        Path | None,
+        typer.Option(
+            "--with",
+            help="a second tree of the same films by id (e.g. cut to the lung field): "
+            "each film's features of both trees side by side",
+        ),
+    ] = None,
+    with_cache: Annotated[
+        Path | None, typer.Option("--with-features-cache", help="as --features-cache, for the --with tree")
+    ] = None,
     size: Annotated[int, typer.Option(help="input side in pixels")] = 224,
     alpha: Annotated[float, typer.Option(help="MobileNetV2 width multiplier")] = 1.0,
     views: Annotated[int, typer.Option(min=1, help="views per training image (the image and views-1 augmented)")] = 10,
@@ -270,7 +281,10 @@ def loco(
         negative_label=negative_label,
     )  # fmt: skip
     loco_module = export_module("loco")
-    record = loco_module.study(data_dir, base_weights, config, tuple(fold or ()), features_cache)
+    if with_cache is not None and with_tree is None:
+        raise typer.BadParameter("--with-features-cache needs --with", param_hint="--with-features-cache")
+    also = None if with_tree is None else (with_tree, with_cache)
+    record = loco_module.study(data_dir, base_weights, config, tuple(fold or ()), features_cache, also)
     _write_json(json_out, record)
     typer.echo(loco_module.format_study(record))
 
