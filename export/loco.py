@@ -72,11 +72,8 @@ def study(
         "negative_label": config.negative_label,
     }  # fmt: skip
     if with_tree is not None:
-        feats = _side_by_side(
-            feats,
-            splits,
-            _features(with_tree[0], _same_films(with_tree[0], splits), base_weights, config, with_tree[1]),
-        )
+        other = _features(with_tree[0], _same_films(with_tree[0], splits), base_weights, config, with_tree[1])
+        feats = _side_by_side(feats, other)
         record["with"] = with_tree[0].name
     record["folds"] = {}
     for fold in chosen:
@@ -204,9 +201,7 @@ def _same_films(other: Path, splits: dict[str, Split]) -> dict[str, Split]:
     return out
 
 
-def _side_by_side(
-    feats: dict[str, np.ndarray], splits: dict[str, Split], other: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
+def _side_by_side(feats: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each film's features of both trees concatenated (view k beside view k for train's views)."""
     return {k: np.concatenate([v, other[k]], axis=-1) for k, v in feats.items()}
 
