@@ -38,14 +38,16 @@ import numpy as np
 from PIL import Image
 
 from cxrbatch.databuild.readers import GitFiles, find_git_dir
+from cxrbatch.datasets import labelled_images
 from cxrbatch.errors import ImageError, UsageError
-from cxrbatch.imaging import InputSpec, decode_bytes, load_image, to_model_input
+from cxrbatch.imaging import decode_bytes, load_image, to_model_input
 
 from .augment import degrade
+from .config import DEFAULTS
 
 log = logging.getLogger(__name__)
 
-SPEC = InputSpec(height=224, width=224, channels=1, colour="grey", equalize=True)
+SPEC = DEFAULTS["classifier"].input_spec()  # the box model sees what the classifier sees
 JSRT = ("AnishHota/JSRT-Segmentation", "047d3193a744c4cd62b5dd1b217a6e9e63db8446")
 IEEE8023 = (
     "GeneralBlockchain/covid-19-chest-xray-lung-bounding-boxes-dataset",
@@ -316,11 +318,7 @@ def crop_tree(data_dir: Path, model: keras.Model, out: Path, longest: int = 512,
     film's box and whether it was cut."""
     if out.exists():
         raise UsageError(f"{out} exists: choose a new folder")
-    paths = sorted(
-        p for p in data_dir.glob("*/*/*") if p.is_file() and p.parent.parent.name in ("train", "val", "test")
-    )
-    if not paths:
-        raise UsageError(f"{data_dir} holds no split/CLASS/ image files")
+    paths = labelled_images(data_dir, "all").paths  # every split's image files, by the evaluation's rule
     out.mkdir(parents=True)
     shutil.copy2(data_dir / "MANIFEST.csv", out / "MANIFEST.csv")
     rows, kept_whole = [], 0
