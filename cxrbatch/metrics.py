@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -128,3 +129,20 @@ def _threshold_for(pos: np.ndarray, sensitivity: float) -> float:
     """The highest threshold that refers at least `sensitivity` of the abnormal scores `pos`."""
     k = int(np.ceil(sensitivity * len(pos)))
     return float(np.sort(pos)[::-1][k - 1])
+
+
+def binomial_at_least(k: int, n: int, q: float) -> float:
+    """P(Binomial(n, q) >= k), summed in logs (exact for any n a run can have)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if q <= 0.0 or q >= 1.0:
+        return float(q >= 1.0)
+    log_q, log_p = math.log(q), math.log1p(-q)
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_q + (n - j) * log_p
+        for j in range(k, n + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))

@@ -109,7 +109,9 @@ def _counts(summary: Summary, flagged: int) -> str:
     if summary.unfamiliar:
         spans.append(f"<span>unfamiliar films: <b>{summary.unfamiliar}</b></span>")
     spans.append(f"<span>for a reader's look: <b>{flagged}</b></span>")
-    return f"<h2>Summary: {summary.files} files</h2><div class='counts'>{''.join(spans)}</div>"
+    warning = summary.site_warning()
+    note = f"<p class='disclaimer'><strong>Unlike the training films.</strong> {escape(warning)}</p>" if warning else ""
+    return f"<h2>Summary: {summary.files} files</h2><div class='counts'>{''.join(spans)}</div>{note}"
 
 
 def _cards(title: str, rows: list[Record], folder: Path, section: str) -> str:

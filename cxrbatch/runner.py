@@ -209,7 +209,8 @@ def _run_plain(screener: Screener, paths: list[Path], report: Report, reporter: 
     items = [(r.path, screener.record(r)) for r in screener.screen(paths, _progress_hook(len(paths), reporter))]
     seconds = time.perf_counter() - started
     rows = report.finish_rows(items)
-    summary = Summary.of(rows, found=len(paths), screened=len(items), seconds=seconds)
+    expected = screener.classifier.spec.unfamiliar_expected
+    summary = Summary.of(rows, found=len(paths), screened=len(items), seconds=seconds, unfamiliar_expected=expected)
     report.write(rows, summary)
     return summary
 
@@ -239,7 +240,9 @@ def _run_with_ledger(
     ]
     items += unreadable
     rows = report.finish_rows(items)
-    summary = Summary.of(rows, found=len(paths), screened=len(todo), reused=reused, seconds=seconds)
+    expected = screener.classifier.spec.unfamiliar_expected
+    run = {"found": len(paths), "screened": len(todo), "reused": reused, "seconds": seconds}
+    summary = Summary.of(rows, **run, unfamiliar_expected=expected)
     crash_point("before_report")
     report.write(rows, summary, earlier=ledger.delivered_to)
     crash_point("after_report")

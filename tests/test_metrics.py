@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrbatch.metrics import bootstrap_intervals, classification_metrics, roc_auc, subset_metrics
+from cxrbatch.metrics import binomial_at_least, bootstrap_intervals, classification_metrics, roc_auc, subset_metrics
 
 
 def test_metrics_on_a_known_confusion_matrix() -> None:
@@ -73,3 +73,12 @@ def test_referral_metrics_on_known_scores() -> None:
     only_normal = referral_metrics(scores[4:], abnormal[4:], 0.5)
     assert only_normal["sensitivity"] is None and only_normal["auc"] is None and only_normal["specificity"] == 0.75
     assert referral_metrics(scores, abnormal, None)["sensitivity"] is None
+
+
+def test_binomial_at_least_sums_the_upper_tail() -> None:
+    from math import comb
+
+    for k, n, q in ((0, 5, 0.3), (2, 6, 0.01), (4, 149, 0.01), (7, 7, 0.5), (8, 7, 0.5), (3, 40, 0.2)):
+        exact = sum(comb(n, j) * q**j * (1 - q) ** (n - j) for j in range(k, n + 1))
+        assert binomial_at_least(k, n, q) == pytest.approx(exact, rel=1e-9, abs=1e-15)
+    assert binomial_at_least(41, 960, 0.01) < 1e-12 and binomial_at_least(1, 10, 0.0) == 0.0

@@ -141,6 +141,27 @@ def test_summary_counts_rows_and_rates_only_what_was_screened_now() -> None:
     assert problem.failed and problem.problems == 1 and "1 heatmap not written" in problem.line()
 
 
+def test_the_site_check_tests_the_unfamiliar_share_against_the_expected_one() -> None:
+    from cxrbatch.metrics import binomial_at_least
+
+    def rows(k: int, n: int) -> list[Record]:
+        return [Record.of(f"{i}.png", "classified", "g", "c", label="NORMAL", unfamiliar=i < k) for i in range(n)]
+
+    rejected = Record.of("r.png", "rejected", "g", "c", gate_score=0.1)  # no familiarity: not in the base
+    usual = Summary.of([*rows(2, 100), rejected], unfamiliar_expected=0.01)  # P(>= 2 of 100) = 0.26
+    odd = Summary.of([*rows(5, 50), rejected], unfamiliar_expected=0.01)  # P(>= 5 of 50) = 1.46e-4
+    assert usual.familiarity_checked == 100 and usual.unfamiliar_p == pytest.approx(binomial_at_least(2, 100, 0.01))
+    assert not usual.unlike_training and usual.site_warning() is None
+    assert odd.unlike_training and odd.unfamiliar_p == pytest.approx(1.457e-4, rel=1e-3)
+    assert odd.site_warning().startswith("5 of 50 classified films (10.0%) are unfamiliar, against about 1%")
+    p = float(f"{odd.unfamiliar_p:.3g}")
+    expected = {"films": 50, "unfamiliar": 5, "expected_share": 0.01, "p": p, "unlike_training": True}
+    assert odd.as_dict()["site_check"] == expected
+    assert odd.recount(rows(0, 10)).unfamiliar_expected == 0.01  # a report file's rows keep the model's share
+    unknown = Summary.of(rows(5, 50))  # a classifier whose metadata gives no expected share
+    assert unknown.unfamiliar_p is None and unknown.as_dict()["site_check"] is None and unknown.site_warning() is None
+
+
 def test_atomic_write_keeps_old_report_when_writing_fails(tmp_path: Path) -> None:
     target = tmp_path / "report.csv"
     target.write_text("good old report\n", encoding="utf-8")

@@ -142,6 +142,9 @@ def run(
         options.reporter = reporter
         summary = runner.run(options)
     typer.echo(summary.line(), err=True)
+    warning = summary.site_warning()
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     if summary.found == 0:
         raise typer.Exit(EXIT_NO_INPUT)
     raise typer.Exit(EXIT_FILE_ERRORS if summary.failed else EXIT_OK)
