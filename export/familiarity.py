@@ -1,12 +1,19 @@
 """Give a classifier a `familiarity` output: how far a film's features lie from the training films'.
 
-The pooled backbone features (the input of the classifier's dense head) of every training film
-give a mean and a covariance, shrunk towards a multiple of the identity by the Ledoit-Wolf rule
-(1280 features from a few thousand films: the raw covariance is nearly singular). The output is
-the Mahalanobis distance sqrt((x - mean)' S^-1 (x - mean)) of a film's features, computed inside
-the ONNX graph (a subtraction, one matrix product and a sum of squares after the pooling the
-graph already does), so it costs the runtime almost nothing. The threshold above which a film is
-`unfamiliar` is a percentile (99th by default) of the validation films' distances.
+Two statistics of the pooled backbone features (the input of the classifier's dense head), each
+computed inside the ONNX graph after the pooling the graph already does, so they cost the runtime
+almost nothing:
+- `knn` (the default): 1 - the cosine similarity of a film's features to its k-th most similar
+  training film's (k = 10). The graph holds every training film's unit-length features (float16)
+  and does one matrix product and a top-k. A film of a collection the model never saw is far from
+  every training film even where it lies inside the spread of all of them together
+  (benchmarks/familiarity_loco.py, models/README.md).
+- `mahalanobis`: sqrt((x - mean)' S^-1 (x - mean)) to the training films' mean, with their
+  covariance shrunk towards a multiple of the identity by the Ledoit-Wolf rule (1280 features
+  from a few thousand films: the raw covariance is nearly singular). It flags what is unlike
+  chest films as a whole (photos, drawings), not a new hospital's films.
+The threshold above which a film is `unfamiliar` is a percentile (99th by default) of the
+validation films' values.
 
 Only onnx and onnxruntime are needed (no TensorFlow): the output is added to an exported model.
 """
@@ -32,6 +39,9 @@ log = logging.getLogger(__name__)
 
 OUTPUT = "familiarity"
 PERCENTILE = 99.0
+STATISTICS = ("knn", "mahalanobis")
+NEIGHBOUR = 10  # knn: the k-th most similar training film
+PREFIX = "familiarity_"  # every node output and initializer the familiarity output adds
 
 
 def pooled_features_name(proto: onnx.ModelProto, score_output: str) -> str:
@@ -90,29 +100,93 @@ def distances(feats: np.ndarray, mean: np.ndarray, white: np.ndarray) -> np.ndar
 
 
 def with_familiarity(proto: onnx.ModelProto, features_name: str, mean: np.ndarray, white: np.ndarray) -> None:
-    """Append the `familiarity` output (N x 1) to the graph: || (features - mean) W ||."""
+    """Append the Mahalanobis `familiarity` output (N x 1) to the graph: || (features - mean) W ||."""
+    proto.graph.initializer.extend(
+        [
+            numpy_helper.from_array(mean.astype(np.float32)[None, :], PREFIX + "mean"),
+            numpy_helper.from_array(white.astype(np.float32), PREFIX + "whitening"),
+        ]
+    )
+    proto.graph.node.extend(
+        [
+            helper.make_node("Sub", [features_name, PREFIX + "mean"], [PREFIX + "centred"]),
+            helper.make_node("MatMul", [PREFIX + "centred", PREFIX + "whitening"], [PREFIX + "white"]),
+            _sum_of_squares(proto, PREFIX + "white", PREFIX + "squared"),
+            helper.make_node("Sqrt", [PREFIX + "squared"], [OUTPUT]),
+        ]
+    )
+    proto.graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
+
+
+def unit_bank(train_feats: np.ndarray) -> np.ndarray:
+    """The training films' features scaled to unit length, as float16: what the knn graph holds."""
+    return (train_feats / np.linalg.norm(train_feats, axis=1, keepdims=True)).astype(np.float16)
+
+
+def knn_distances(feats: np.ndarray, bank: np.ndarray, k: int = NEIGHBOUR) -> np.ndarray:
+    """1 - the cosine similarity of each row of `feats` to its k-th most similar row of `bank`."""
+    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    table = bank.astype(np.float64).T
+    return np.concatenate([1 - np.sort(unit[i : i + 256] @ table, axis=1)[:, -k] for i in range(0, len(unit), 256)])
+
+
+def with_knn_familiarity(proto: onnx.ModelProto, features_name: str, bank: np.ndarray, k: int = NEIGHBOUR) -> None:
+    """Append the knn `familiarity` output (N x 1): 1 - the k-th largest of (features / |features|) . bank'."""
     graph = proto.graph
     graph.initializer.extend(
         [
-            numpy_helper.from_array(mean.astype(np.float32)[None, :], "familiarity_mean"),
-            numpy_helper.from_array(white.astype(np.float32), "familiarity_whitening"),
+            numpy_helper.from_array(np.ascontiguousarray(bank.T), PREFIX + "bank"),  # d x films, float16
+            numpy_helper.from_array(np.array([1e-12], dtype=np.float32), PREFIX + "eps"),
+            numpy_helper.from_array(np.array([1.0], dtype=np.float32), PREFIX + "one"),
+            numpy_helper.from_array(np.array([k], dtype=np.int64), PREFIX + "k"),
+            numpy_helper.from_array(np.array([k - 1], dtype=np.int64), PREFIX + "kth"),
         ]
     )
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if opset >= 18:  # the reduction's axes became an input in opset 18
-        graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "familiarity_axes"))
-        reduce = helper.make_node("ReduceSumSquare", ["familiarity_white", "familiarity_axes"], ["familiarity_squared"])
-    else:
-        reduce = helper.make_node("ReduceSumSquare", ["familiarity_white"], ["familiarity_squared"], axes=[1])
     graph.node.extend(
         [
-            helper.make_node("Sub", [features_name, "familiarity_mean"], ["familiarity_centred"]),
-            helper.make_node("MatMul", ["familiarity_centred", "familiarity_whitening"], ["familiarity_white"]),
-            reduce,
-            helper.make_node("Sqrt", ["familiarity_squared"], [OUTPUT]),
+            _sum_of_squares(proto, features_name, PREFIX + "squared"),
+            helper.make_node("Sqrt", [PREFIX + "squared"], [PREFIX + "norm"]),
+            helper.make_node("Max", [PREFIX + "norm", PREFIX + "eps"], [PREFIX + "safe_norm"]),
+            helper.make_node("Div", [features_name, PREFIX + "safe_norm"], [PREFIX + "unit"]),
+            helper.make_node("Cast", [PREFIX + "bank"], [PREFIX + "bank32"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("MatMul", [PREFIX + "unit", PREFIX + "bank32"], [PREFIX + "similarity"]),
+            helper.make_node(
+                "TopK", [PREFIX + "similarity", PREFIX + "k"], [PREFIX + "top", PREFIX + "top_index"], axis=1
+            ),
+            helper.make_node("Gather", [PREFIX + "top", PREFIX + "kth"], [PREFIX + "kth_similarity"], axis=1),
+            helper.make_node("Sub", [PREFIX + "one", PREFIX + "kth_similarity"], [OUTPUT]),
         ]
     )
     graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
+
+
+def without_familiarity(proto: onnx.ModelProto) -> None:
+    """Remove a familiarity output (its nodes, initializers and graph output) so another can replace it."""
+    graph = proto.graph
+    ours = {OUTPUT} | {o for n in graph.node for o in n.output if o.startswith(PREFIX)}
+    nodes = [n for n in graph.node if not set(n.output) <= ours]
+    used = {i for n in nodes for i in n.input}
+    if used & ours:
+        raise ExportError("the graph uses the familiarity output's tensors elsewhere; it cannot be replaced")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    initializers = [t for t in graph.initializer if not t.name.startswith(PREFIX)]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    outputs = [o for o in graph.output if o.name != OUTPUT]
+    del graph.output[:]
+    graph.output.extend(outputs)
+
+
+def _sum_of_squares(proto: onnx.ModelProto, name: str, out: str) -> onnx.NodeProto:
+    """ReduceSumSquare over axis 1, keeping it: (N, d) -> (N, 1), in the graph's opset."""
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= 18:  # the reduction's axes became an input in opset 18
+        axes = PREFIX + "axes"
+        if not any(t.name == axes for t in proto.graph.initializer):
+            proto.graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
+        return helper.make_node("ReduceSumSquare", [name, axes], [out])
+    return helper.make_node("ReduceSumSquare", [name], [out], axes=[1])
 
 
 def add_familiarity(
@@ -122,33 +196,58 @@ def add_familiarity(
     gate: Path,
     percentile: float = PERCENTILE,
     exclude_sources: tuple[str, ...] = (),
+    statistic: str = "knn",
+    replace: bool = False,
+    version: str | None = None,
 ) -> dict[str, Any]:
-    """Write `dst`: the classifier `src` with a familiarity output from `data_dir`'s train split and
-    its threshold at `percentile` of the val split's distances; return the record it carries.
-    `exclude_sources` leaves manifest sources out of both, as a leave-source-out model's training did."""
+    """Write `dst`: the classifier `src` with a familiarity output (`statistic`, one of STATISTICS)
+    from `data_dir`'s train split and its threshold at `percentile` of the val split's values;
+    return the record it carries. `exclude_sources` leaves manifest sources out of both, as a
+    leave-source-out model's training did. `replace` swaps an existing familiarity output for the
+    new one (the rest of the graph and its metadata unchanged); `version` sets the model's version."""
+    if statistic not in STATISTICS:
+        raise ExportError(f"unknown familiarity statistic {statistic!r} (choose from {', '.join(STATISTICS)})")
     proto = onnx.load(str(src))
     classifier = load_model(src, "classifier", [CPU])
     screener = Screener(load_model(gate, "gate", [CPU]), classifier, batch_size=32)
     spec = classifier.spec
     if spec.familiarity_output:
-        raise ExportError(f"{src} already has a familiarity output; add it to the exported model, not to this one")
+        if not replace:
+            raise ExportError(f"{src} already has a familiarity output; add it to the exported model, not to this one")
+        without_familiarity(proto)
     manifest = read_manifest(data_dir)
     train = without_sources(load_split(data_dir, "train"), manifest, exclude_sources).paths
     val = without_sources(load_split(data_dir, "val"), manifest, exclude_sources).paths
     log.info("familiarity: features of %d train and %d val films", len(train), len(val))
     train_feats = features(proto, spec, train, screener)
-    mean = train_feats.mean(axis=0)
-    cov, shrinkage = ledoit_wolf(train_feats)
-    white = whitening(cov)
-    val_dist = distances(features(proto, spec, val, screener), mean, white)
+    features_name = pooled_features_name(proto, spec.score_output)
+    record: dict[str, Any]
+    if statistic == "knn":
+        bank = unit_bank(train_feats)
+        measure = lambda feats: knn_distances(feats, bank)  # noqa: E731
+        with_knn_familiarity(proto, features_name, bank)
+        record = {
+            "statistic": f"1 - cosine similarity of the pooled backbone features to the {NEIGHBOUR}th most "
+            "similar train film's (the graph holds every train film's unit features as float16)",
+            "neighbour": NEIGHBOUR,
+        }
+    else:
+        mean = train_feats.mean(axis=0)
+        cov, shrinkage = ledoit_wolf(train_feats)
+        white = whitening(cov)
+        measure = lambda feats: distances(feats, mean, white)  # noqa: E731
+        with_familiarity(proto, features_name, mean, white)
+        record = {
+            "statistic": "Mahalanobis distance of the pooled backbone features to the train split's (Ledoit-Wolf)",
+            "shrinkage": round(shrinkage, 6),
+        }
+    val_dist = measure(features(proto, spec, val, screener))
     threshold = float(np.percentile(val_dist, percentile))
-    with_familiarity(proto, pooled_features_name(proto, spec.score_output), mean, white)
-    record = {
-        "statistic": "Mahalanobis distance of the pooled backbone features to the train split's (Ledoit-Wolf)",
+    record |= {
         "train_films": len(train),
-        "shrinkage": round(shrinkage, 6),
-        "threshold_rule": f"{percentile:g}th percentile of the distances of {len(val)} val films",
-        "val_median": round(float(np.median(val_dist)), 4),
+        "threshold_rule": f"{percentile:g}th percentile of the values of {len(val)} val films",
+        "percentile": percentile,
+        "val_median": round(float(np.median(val_dist)), 6),
         "data": data_dir.name,
         "excluded_sources": list(exclude_sources),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -157,11 +256,13 @@ def add_familiarity(
     meta["outputs"][OUTPUT] = OUTPUT
     meta["familiarity_threshold"] = round(threshold, 6)
     meta["familiarity"] = record
+    if version:
+        meta["version"] = version
     embed_metadata(proto, meta)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(dst))
-    check = load_model(dst, "classifier", [CPU])  # the written model loads, and agrees with the numpy sum
-    expected = distances(features(proto, spec, val[:4], screener), mean, white)
+    check = load_model(dst, "classifier", [CPU])  # the written model loads, and agrees with numpy
+    expected = measure(features(proto, spec, val[:4], screener))
     if not np.allclose(_graph_distances(check, val[:4], screener), expected, rtol=1e-3, atol=1e-3):
         raise ExportError("the familiarity output of the graph differs from the statistics it was built from")
     return {**record, "threshold": meta["familiarity_threshold"]}

@@ -126,6 +126,51 @@ def make_classifier(path: Path, review_threshold: float = 0.6) -> Path:
     return _save(graph, path, tiny_spec("classifier", review_threshold))
 
 
+def make_halves_classifier(path: Path) -> Path:
+    """A tiny classifier whose pooled features are two: the brightness of the top and of the bottom
+    half of the film (so a film's features have a direction), and whose head is the tiny one's."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, TINY_SIDE, TINY_SIDE, 1])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 4])
+    cam = helper.make_tensor_value_info("cam", TensorProto.FLOAT, [None, TINY_SIDE, TINY_SIDE, 4])
+    half = TINY_SIDE // 2
+    inits = [
+        numpy_helper.from_array(np.array(1 / 255, dtype=np.float32), "inv255"),
+        numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "axes123"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        numpy_helper.from_array(np.array([[-4.0, 0.0, 4.0, 8.0]] * 2, dtype=np.float32), "w"),
+        numpy_helper.from_array(np.array([4.0, 2.0, -2.0, -8.0], dtype=np.float32), "b"),
+        numpy_helper.from_array(np.array([-8.0, 0.0, 8.0, 16.0], dtype=np.float32), "w4"),
+    ]
+    nodes = [helper.make_node("Mul", ["image", "inv255"], ["unit"])]
+    for i, name in enumerate(("top", "bottom")):
+        nodes += [
+            helper.make_node("Slice", ["unit", f"{name}_start", f"{name}_end", "axis1"], [f"{name}_rows"]),
+            helper.make_node("ReduceMean", [f"{name}_rows", "axes123"], [name], keepdims=1),
+        ]
+        inits += [
+            numpy_helper.from_array(np.array([[0, half][i]], dtype=np.int64), f"{name}_start"),
+            numpy_helper.from_array(np.array([[half, TINY_SIDE][i]], dtype=np.int64), f"{name}_end"),
+        ]
+    nodes += [
+        helper.make_node("Concat", ["top", "bottom"], ["halves"], axis=3),
+        helper.make_node("Flatten", ["halves"], ["features"], axis=1),
+        helper.make_node("MatMul", ["features", "w"], ["mm"]),
+        helper.make_node("Add", ["mm", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["scores"], axis=1),
+        helper.make_node("Mul", ["unit", "w4"], ["cam"]),
+    ]
+    graph = helper.make_graph(nodes, "halves_classifier", [image], [scores, cam], inits)
+    return _save(graph, path, tiny_spec("classifier", 0.6))
+
+
+def halves_image(path: Path, top: int, bottom: int, size: int = 64) -> Path:
+    """A grey film whose top half is one level and bottom half another."""
+    pixels = np.full((size, size), bottom, dtype=np.uint8)
+    pixels[: size // 2] = top
+    Image.fromarray(pixels, mode="L").save(path)
+    return path
+
+
 def make_region_classifier(path: Path) -> Path:
     """A classifier whose head singles out image regions: class k's map is the picture times a mask.
 

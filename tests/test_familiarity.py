@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import grey_image
+from helpers import grey_image, halves_image, make_halves_classifier
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
@@ -50,7 +50,8 @@ def test_familiarity_output_flags_films_unlike_the_training_films(tiny_models: P
     out.mkdir()
     (out / "gate.onnx").write_bytes((tiny_models / "gate.onnx").read_bytes())
     result = CliRunner().invoke(app, ["familiarity", str(tiny_models / "classifier.onnx"), str(out / "classifier.onnx"),
-                                      "--data", str(data), "--gate", str(tiny_models / "gate.onnx")])  # fmt: skip
+                                      "--data", str(data), "--gate", str(tiny_models / "gate.onnx"),
+                                      "--statistic", "mahalanobis"])  # fmt: skip
     assert result.exit_code == 0, result.stderr
     meta = read_metadata(out / "classifier.onnx")
     assert meta["outputs"]["familiarity"] == "familiarity" and meta["familiarity"]["train_films"] == 60
@@ -92,9 +93,8 @@ def test_evaluate_reports_unfamiliar_films_per_source(tiny_models: Path, tmp_pat
     data, out = _tree(tmp_path / "data"), tmp_path / "m"
     out.mkdir()
     (out / "gate.onnx").write_bytes((tiny_models / "gate.onnx").read_bytes())
-    familiarity.add_familiarity(
-        tiny_models / "classifier.onnx", out / "classifier.onnx", data, tiny_models / "gate.onnx"
-    )
+    src, gate = tiny_models / "classifier.onnx", tiny_models / "gate.onnx"
+    familiarity.add_familiarity(src, out / "classifier.onnx", data, gate, statistic="mahalanobis")
     test = data / "test" / "NORMAL"
     test.mkdir(parents=True)
     rows = ["id,source"]
@@ -117,3 +117,107 @@ def test_a_model_that_has_the_output_already_is_refused(tiny_models: Path, tmp_p
     familiarity.add_familiarity(tiny_models / "classifier.onnx", once, data, tiny_models / "gate.onnx")
     with pytest.raises(ExportError, match="already has a familiarity output"):
         familiarity.add_familiarity(once, tmp_path / "twice.onnx", data, tiny_models / "gate.onnx")
+
+
+def test_knn_distances_are_one_minus_the_kth_cosine_similarity() -> None:
+    bank = familiarity.unit_bank(np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]))
+    assert bank.dtype == np.float16 and np.allclose(np.linalg.norm(bank.astype(float), axis=1), 1, atol=1e-3)
+    film = np.array([[3.0, 0.0]])  # similarities to the bank: 1, 0, 0.7071
+    assert familiarity.knn_distances(film, bank, k=1) == pytest.approx([0.0], abs=1e-3)
+    assert familiarity.knn_distances(film, bank, k=2) == pytest.approx([1 - 0.7071], abs=1e-3)
+    assert familiarity.knn_distances(film, bank, k=3) == pytest.approx([1.0], abs=1e-3)
+
+
+def _halves_tree(root: Path, flat: int = 30) -> Path:
+    """Training data whose films are flat greys (top and bottom alike), of many levels."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for label, (low, high) in (("NORMAL", (90, 120)), ("PNEUMONIA", (140, 170))):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i, level in enumerate(rng.uniform(low, high, flat)):
+                halves_image(folder / f"{label}{i}.png", int(level), int(level) + int(rng.integers(-4, 5)))
+    return root
+
+
+def test_knn_familiarity_flags_films_whose_features_point_elsewhere(tiny_models: Path, tmp_path: Path) -> None:
+    data, models = _halves_tree(tmp_path / "data"), tmp_path / "halves"
+    models.mkdir()
+    (models / "gate.onnx").write_bytes((tiny_models / "gate.onnx").read_bytes())
+    make_halves_classifier(tmp_path / "plain.onnx")
+    gate = models / "gate.onnx"
+    record = familiarity.add_familiarity(tmp_path / "plain.onnx", models / "classifier.onnx", data, gate)
+    meta = read_metadata(models / "classifier.onnx")
+    assert meta["familiarity"]["neighbour"] == 10 and meta["familiarity"]["train_films"] == 60
+    assert meta["familiarity"]["percentile"] == 99.0 and record["threshold"] == meta["familiarity_threshold"]
+    _, classifier = load_models(models, "cpu")
+    assert classifier.spec.unfamiliar_expected == pytest.approx(0.01)
+    # top / bottom brightness: flat films of any level point the training films' way; split ones do not
+    films = [(100, 100), (220, 215), (40, 42), (200, 20), (20, 200)]
+    batch = np.stack([np.concatenate([np.full((16, 32, 1), t), np.full((16, 32, 1), b)]) for t, b in films])
+    distance = classifier.run(batch.astype(np.float32))["familiarity"][:, 0]
+    threshold = classifier.spec.familiarity_threshold
+    assert distance[:3].max() < threshold < distance[3:].min()
+    unit = batch.reshape(5, 2, -1).mean(axis=2) / 255  # the features the graph pools
+    bank = familiarity.unit_bank(np.array([[t, b] for t, b in _levels(data / "train")], dtype=float))
+    assert np.allclose(distance, familiarity.knn_distances(unit, bank), atol=1e-4)
+
+
+def _levels(root: Path) -> list[tuple[float, float]]:
+    from PIL import Image
+
+    out = []
+    for path in sorted(root.rglob("*.png")):
+        pixels = np.asarray(Image.open(path).resize((32, 32), Image.Resampling.BILINEAR), dtype=float)
+        out.append((pixels[:16].mean(), pixels[16:].mean()))
+    return out
+
+
+def test_replace_swaps_one_familiarity_output_for_another(tiny_models: Path, tmp_path: Path) -> None:
+    import onnx
+
+    data = _tree(tmp_path / "data")
+    gate, first, second = tiny_models / "gate.onnx", tmp_path / "first.onnx", tmp_path / "second.onnx"
+    familiarity.add_familiarity(tiny_models / "classifier.onnx", first, data, gate, statistic="mahalanobis")
+    familiarity.add_familiarity(first, second, data, gate, statistic="knn", replace=True, version="0.0.2")
+    proto = onnx.load(str(second))
+    assert [o.name for o in proto.graph.output].count("familiarity") == 1
+    names = {t.name for t in proto.graph.initializer}
+    assert "familiarity_bank" in names and not names & {"familiarity_mean", "familiarity_whitening"}
+    meta = read_metadata(second)
+    assert meta["version"] == "0.0.2" and meta["familiarity"]["statistic"].startswith("1 - cosine similarity")
+    assert meta["outputs"]["scores"] == "scores" and meta["outputs"]["cam"] == "cam"
+
+
+def test_an_unknown_statistic_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    from cxrbatch.errors import ExportError
+
+    with pytest.raises(ExportError, match="unknown familiarity statistic 'median'"):
+        familiarity.add_familiarity(
+            tiny_models / "classifier.onnx", tmp_path / "x.onnx", _tree(tmp_path / "d"), tiny_models / "gate.onnx",
+            statistic="median",
+        )  # fmt: skip
+
+
+def test_a_run_of_films_unlike_the_training_films_warns_and_says_so_in_json(tiny_models: Path, tmp_path: Path) -> None:
+    import json
+
+    data, models = _halves_tree(tmp_path / "data"), tmp_path / "halves"
+    models.mkdir()
+    (models / "gate.onnx").write_bytes((tiny_models / "gate.onnx").read_bytes())
+    make_halves_classifier(tmp_path / "plain.onnx")
+    familiarity.add_familiarity(tmp_path / "plain.onnx", models / "classifier.onnx", data, models / "gate.onnx")
+    usual, odd = tmp_path / "usual", tmp_path / "odd"
+    for folder, split in ((usual, False), (odd, True)):
+        folder.mkdir()
+        for i in range(12):
+            level = 95 + 5 * i
+            halves_image(folder / f"f{i}.png", level, 255 - level if split and i < 4 else level)
+    for folder, warned in ((usual, False), (odd, True)):
+        out = tmp_path / f"{folder.name}.json"
+        result = CliRunner().invoke(app, ["run", str(folder), "--models", str(models), "--json", str(out)])
+        assert result.exit_code == 0, result.stderr
+        check = json.loads(out.read_text(encoding="utf-8"))["summary"]["site_check"]
+        assert check["films"] == 12 and check["expected_share"] == 0.01
+        assert check["unfamiliar"] == (4 if warned else 0) and check["unlike_training"] is warned
+        assert ("warning: 4 of 12 classified films (33.3%) are unfamiliar" in result.stderr) is warned

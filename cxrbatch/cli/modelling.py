@@ -339,13 +339,26 @@ def familiarity(
             "--exclude-source", help="leave a MANIFEST.csv source out, as the model's training did (repeatable)"
         ),
     ] = None,
+    statistic: Annotated[
+        str,
+        typer.Option(
+            help="knn: 1 - cosine similarity to the 10th most similar training film; "
+            "mahalanobis: distance to the training films' mean"
+        ),
+    ] = "knn",
+    replace: Annotated[
+        bool, typer.Option("--replace", help="replace the model's familiarity output instead of refusing")
+    ] = False,
+    version: Annotated[str | None, typer.Option(help="model version to record (default: unchanged)")] = None,
     verbose: Verbose = False,
 ) -> None:
-    """Add a `familiarity` output to a classifier: the distance of a film's features to its training films'.
+    """Add a `familiarity` output to a classifier: how far a film's features lie from its training films'.
 
     Example: cxrbatch familiarity runs/classifier.onnx models/classifier.onnx --data data/cxr --gate models/gate.onnx
     """
     _setup_logging(verbose, quiet=False)
     excluded = tuple(exclude_source or ())
-    record = export_module("familiarity").add_familiarity(src, dst, data_dir, gate, percentile, excluded)
+    record = export_module("familiarity").add_familiarity(
+        src, dst, data_dir, gate, percentile, excluded, statistic=statistic, replace=replace, version=version
+    )
     typer.echo(f"wrote {dst}: unfamiliar above {record['threshold']} ({record['threshold_rule']})", err=True)
