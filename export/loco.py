@@ -206,6 +206,17 @@ def _side_by_side(feats: dict[str, np.ndarray], other: dict[str, np.ndarray]) ->
     return {k: np.concatenate([v, other[k]], axis=-1) for k, v in feats.items()}
 
 
+def cached_clean_features(cache: Path) -> dict[str, np.ndarray]:
+    """Each film's clean pooled features (N x d by id) from a study's features cache, whatever settings made
+    it: the clean image of every split (view 0 of a train film's views)."""
+    if not cache.is_file():
+        raise UsageError(f"Features cache not found: {cache}")
+    with np.load(cache, allow_pickle=False) as data:
+        out = dict(zip(data["views_ids"].tolist(), data["views"][:, 0], strict=True))
+        out.update(zip(data["clean_ids"].tolist(), data["clean"][:, 0], strict=True))
+    return out
+
+
 def _kind(split: str) -> str:
     return "views" if split == "train" else "clean"
 
