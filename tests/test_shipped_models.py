@@ -36,7 +36,13 @@ def test_bundled_models_load_with_complete_metadata() -> None:
         assert meta["version"] and meta["training"]["data"]["train"]
         assert meta["input"]["layout"] == "NHWC" and meta["input"]["value_range"] == [0, 255]
         assert 0 < model.spec.threshold < 1
-        assert model.path.stat().st_size <= 15 * 1024 * 1024
+    assert gate.path.stat().st_size <= 15 * 1024 * 1024
+    # the classifier also holds its training films' unit features for the familiarity output (11 MB)
+    assert classifier.path.stat().st_size <= 24 * 1024 * 1024
+    meta = classifier.spec.to_metadata()
+    record = meta["familiarity"]  # the features of every film the classifier was trained on
+    assert record["neighbour"] == 10 and record["train_films"] == sum(meta["training"]["data"]["train"].values())
+    assert classifier.spec.unfamiliar_expected == 0.01 and 0 < (classifier.spec.familiarity_threshold or 0) < 2
 
 
 def test_training_manifest_is_the_record_of_the_shipped_classifier() -> None:
