@@ -12,7 +12,10 @@ binomial.) A bootstrap of the same order statistic, tried first, under-covered b
 
 The calibrated pair of models is the site's gate unchanged and its classifier with the new
 `referral_threshold` and a `calibration` record (counts, target, achieved sensitivity and
-specificity with 95 % intervals, date, the source model's sha256) in its metadata.
+specificity with 95 % intervals, date, the source model's sha256, and how many of the films were
+unfamiliar, at which familiarity threshold) in its metadata. That count is what `cxrbatch run`'s
+site check then holds a run's films against (cxrbatch.sitecheck): a threshold is right for films
+like the ones it was calibrated on.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class Calibration:
     date: str
     source_sha256: str
     films: str  # the labelled folder's name (never its full path)
+    unfamiliar: int | None = None  # calibration films the classifier calls unfamiliar (None: no familiarity output)
+    familiarity_threshold: float | None = None  # the threshold `unfamiliar` was counted at
 
     def record(self) -> dict[str, Any]:
         """The metadata record that travels with the calibrated classifier."""
@@ -64,6 +69,8 @@ class Calibration:
     def table(self) -> str:
         """The calibration as a few readable lines."""
         counts = ", ".join(f"{label} {n}" for label, n in self.counts.items())
+        films = sum(self.counts.values())
+        unfamiliar = [] if self.unfamiliar is None else [f"unfamiliar films: {self.unfamiliar} of {films}"]
         return "\n".join(
             [
                 f"calibration films: {counts}",
@@ -71,6 +78,7 @@ class Calibration:
                 f"referral threshold {self.threshold:.6f}",
                 f"  sensitivity {self.sensitivity:.3f} [{self.sensitivity_ci[0]:.3f}, {self.sensitivity_ci[1]:.3f}]",
                 f"  specificity {self.specificity:.3f} [{self.specificity_ci[0]:.3f}, {self.specificity_ci[1]:.3f}]",
+                *unfamiliar,
             ]
         )
 
@@ -157,6 +165,8 @@ def calibrate(folder: Path, screener: Screener, target: float) -> Calibration:
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         source_sha256=screener.classifier.sha256,
         films=folder.name,
+        unfamiliar=sum(bool(r.unfamiliar) for r in results) if spec.familiarity_output else None,
+        familiarity_threshold=spec.familiarity_threshold,
     )
 
 

@@ -131,18 +131,21 @@ def _threshold_for(pos: np.ndarray, sensitivity: float) -> float:
     return float(np.sort(pos)[::-1][k - 1])
 
 
-def binomial_at_least(k: int, n: int, q: float) -> float:
-    """P(Binomial(n, q) >= k), summed in logs (exact for any n a run can have)."""
-    if k <= 0:
+def hypergeometric_at_least(k: int, draws: int, successes: int, population: int) -> float:
+    """P(X >= k) for X the successes among `draws` taken without replacement from a population of
+    `population` holding `successes`: the one-sided Fisher exact test of a sample against a
+    reference, the two pooled (`draws` of them from the sample)."""
+    low, high = max(0, draws - (population - successes)), min(draws, successes)
+    if k <= low:
         return 1.0
-    if k > n:
+    if k > high:
         return 0.0
-    if q <= 0.0 or q >= 1.0:
-        return float(q >= 1.0)
-    log_q, log_p = math.log(q), math.log1p(-q)
-    terms = [
-        math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_q + (n - j) * log_p
-        for j in range(k, n + 1)
-    ]
+
+    def log_choose(n: int, r: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(r + 1) - math.lgamma(n - r + 1)
+
+    total = log_choose(population, draws)
+    others = population - successes
+    terms = [log_choose(successes, x) + log_choose(others, draws - x) - total for x in range(k, high + 1)]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))

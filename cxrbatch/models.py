@@ -110,15 +110,6 @@ class ModelSpec:
             raise ModelError(f"{source}: a familiarity output needs a familiarity_threshold, and the reverse")
         return spec
 
-    @property
-    def unfamiliar_expected(self) -> float | None:
-        """The share of films like the training films that the familiarity threshold calls unfamiliar
-        (1 - the val percentile it was set at), where the metadata records that percentile."""
-        percentile = (self.extra.get("familiarity") or {}).get("percentile")
-        if self.familiarity_threshold is None or percentile is None:
-            return None
-        return round(1 - float(percentile) / 100, 6)
-
     def require_cam(self) -> str:
         """The name of the classifier's `cam` output, which heatmaps need; a clear error without one."""
         if not self.cam_output:

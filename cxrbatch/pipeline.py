@@ -25,6 +25,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
+from cxrbatch import sitecheck
 from cxrbatch.cores import usable_cores
 from cxrbatch.errors import ImageError
 from cxrbatch.heatmaps import display_copy
@@ -286,7 +287,10 @@ def screen_all(
     started = time.perf_counter()
     results = list(screener.screen(paths, on_result))
     seconds = time.perf_counter() - started
-    return results, Summary.of(map(screener.record, results), screened=len(results), seconds=seconds)
+    records = [screener.record(r) for r in results]
+    classifier = screener.classifier
+    site = sitecheck.check(records, sitecheck.reference_of(classifier.spec), classifier.short_hash)
+    return results, Summary.of(records, screened=len(results), seconds=seconds, site=site)
 
 
 def _chunked(items: Iterator[Path], size: int) -> Iterator[list[Path]]:

@@ -16,14 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from cxrbatch.imaging import display_path
-from cxrbatch.metrics import binomial_at_least
+from cxrbatch.sitecheck import SiteCheck
 
 CLASSIFIED, REJECTED, ERROR = "classified", "rejected", "error"
 STATUSES = (CLASSIFIED, REJECTED, ERROR)
 DECIMALS = 6
-# A run's films are called unlike the training films when so many are unfamiliar that films like
-# the training films would give as many less than once in a thousand runs.
-SITE_ALARM = 0.001
 
 
 def rounded(value: float | None) -> float | None:
@@ -128,8 +125,7 @@ class Summary:
     referred: int = 0  # classified rows at or above the referral threshold
     cleared: int = 0  # classified rows below it
     unfamiliar: int = 0  # classified rows whose film is unlike the classifier's training films
-    familiarity_checked: int = 0  # classified rows with a familiarity value (the unfamiliar share's base)
-    unfamiliar_expected: float | None = None  # share of films like the training films that are unfamiliar
+    site: SiteCheck | None = None  # this run's films against the classifier's reference films (sitecheck)
     found: int = 0  # image files found in the inputs
     screened: int = 0  # files inferred by this run
     reused: int | None = None  # files whose result came from the ledger (None: no ledger)
@@ -149,42 +145,17 @@ class Summary:
                 summary.referred += record.refer
                 summary.cleared += not record.refer
             summary.unfamiliar += bool(record.unfamiliar)
-            summary.familiarity_checked += record.unfamiliar is not None
         return summary
 
     def recount(self, records: Iterable[Record]) -> Summary:
-        """The same run's figures over other rows (a report file that holds earlier rows too)."""
+        """The same run's figures over other rows (a report file that holds earlier rows too); the
+        site check stays this run's."""
         run = {"found": self.found, "screened": self.screened, "reused": self.reused, "seconds": self.seconds}
-        return Summary.of(records, **run, unfamiliar_expected=self.unfamiliar_expected)
-
-    @property
-    def unfamiliar_p(self) -> float | None:
-        """How likely this many unfamiliar films are among films like the training films (a one-sided
-        binomial test against the expected share); None where the classifier gives no expected share."""
-        if self.unfamiliar_expected is None or not self.familiarity_checked:
-            return None
-        return binomial_at_least(self.unfamiliar, self.familiarity_checked, self.unfamiliar_expected)
-
-    @property
-    def unlike_training(self) -> bool:
-        """Too many unfamiliar films to be chance: the films as a whole come from a site, scanner or
-        population unlike the training collections, where the referral threshold is not to be trusted."""
-        p = self.unfamiliar_p
-        return p is not None and p < SITE_ALARM
+        return Summary.of(records, **run, site=self.site)
 
     def site_warning(self) -> str | None:
-        """The sentence a person needs when the run's films as a whole look unlike the training films."""
-        if not self.unlike_training:
-            return None
-        assert self.unfamiliar_expected is not None
-        share = self.unfamiliar / self.familiarity_checked
-        return (
-            f"{self.unfamiliar} of {self.familiarity_checked} classified films ({share:.1%}) are unfamiliar, "
-            f"against about {self.unfamiliar_expected:.0%} of films like the training films "
-            f"(p = {self.unfamiliar_p:.1g}): "
-            "these films look unlike the collections the classifier was trained on. Calibrate on this site's "
-            "labelled films (cxrbatch calibrate) before relying on refer or clear."
-        )
+        """The site check's warning for this run, if it warns."""
+        return self.site.warning() if self.site else None
 
     @property
     def files(self) -> int:
@@ -224,25 +195,13 @@ class Summary:
             "by_status": {s: self.by_status[s] for s in STATUSES},
             "by_label": dict(sorted(self.by_label.items())),
             "referral": {"referred": self.referred, "cleared": self.cleared, "unfamiliar": self.unfamiliar},
-            "site_check": self._site_check(),
+            "site_check": self.site.as_dict() if self.site else None,
             "heatmap_problems": self.problems,
             "found": self.found,
             "screened": self.screened,
             "reused": self.reused,
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
-        }
-
-    def _site_check(self) -> dict[str, object] | None:
-        p = self.unfamiliar_p
-        if p is None:
-            return None
-        return {
-            "films": self.familiarity_checked,
-            "unfamiliar": self.unfamiliar,
-            "expected_share": self.unfamiliar_expected,
-            "p": float(f"{p:.3g}"),
-            "unlike_training": self.unlike_training,
         }
 
 

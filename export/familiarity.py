@@ -21,6 +21,7 @@ Only onnx and onnxruntime are needed (no TensorFlow): the output is added to an 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -109,10 +110,10 @@ def with_familiarity(proto: onnx.ModelProto, features_name: str, mean: np.ndarra
     )
     proto.graph.node.extend(
         [
-            helper.make_node("Sub", [features_name, PREFIX + "mean"], [PREFIX + "centred"]),
-            helper.make_node("MatMul", [PREFIX + "centred", PREFIX + "whitening"], [PREFIX + "white"]),
+            _node("Sub", [features_name, PREFIX + "mean"], [PREFIX + "centred"]),
+            _node("MatMul", [PREFIX + "centred", PREFIX + "whitening"], [PREFIX + "white"]),
             _sum_of_squares(proto, PREFIX + "white", PREFIX + "squared"),
-            helper.make_node("Sqrt", [PREFIX + "squared"], [OUTPUT]),
+            _node("Sqrt", [PREFIX + "squared"], [OUTPUT]),
         ]
     )
     proto.graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
@@ -120,7 +121,8 @@ def with_familiarity(proto: onnx.ModelProto, features_name: str, mean: np.ndarra
 
 def unit_bank(train_feats: np.ndarray) -> np.ndarray:
     """The training films' features scaled to unit length, as float16: what the knn graph holds."""
-    return (train_feats / np.linalg.norm(train_feats, axis=1, keepdims=True)).astype(np.float16)
+    norms = np.maximum(np.linalg.norm(train_feats, axis=1, keepdims=True), 1e-12)  # as the graph divides
+    return (train_feats / norms).astype(np.float16)
 
 
 def knn_distances(feats: np.ndarray, bank: np.ndarray, k: int = NEIGHBOUR) -> np.ndarray:
@@ -145,37 +147,86 @@ def with_knn_familiarity(proto: onnx.ModelProto, features_name: str, bank: np.nd
     graph.node.extend(
         [
             _sum_of_squares(proto, features_name, PREFIX + "squared"),
-            helper.make_node("Sqrt", [PREFIX + "squared"], [PREFIX + "norm"]),
-            helper.make_node("Max", [PREFIX + "norm", PREFIX + "eps"], [PREFIX + "safe_norm"]),
-            helper.make_node("Div", [features_name, PREFIX + "safe_norm"], [PREFIX + "unit"]),
-            helper.make_node("Cast", [PREFIX + "bank"], [PREFIX + "bank32"], to=onnx.TensorProto.FLOAT),
-            helper.make_node("MatMul", [PREFIX + "unit", PREFIX + "bank32"], [PREFIX + "similarity"]),
-            helper.make_node(
-                "TopK", [PREFIX + "similarity", PREFIX + "k"], [PREFIX + "top", PREFIX + "top_index"], axis=1
-            ),
-            helper.make_node("Gather", [PREFIX + "top", PREFIX + "kth"], [PREFIX + "kth_similarity"], axis=1),
-            helper.make_node("Sub", [PREFIX + "one", PREFIX + "kth_similarity"], [OUTPUT]),
+            _node("Sqrt", [PREFIX + "squared"], [PREFIX + "norm"]),
+            _node("Max", [PREFIX + "norm", PREFIX + "eps"], [PREFIX + "safe_norm"]),
+            _node("Div", [features_name, PREFIX + "safe_norm"], [PREFIX + "unit"]),
+            _node("Cast", [PREFIX + "bank"], [PREFIX + "bank32"], to=onnx.TensorProto.FLOAT),
+            _node("MatMul", [PREFIX + "unit", PREFIX + "bank32"], [PREFIX + "similarity"]),
+            _node("TopK", [PREFIX + "similarity", PREFIX + "k"], [PREFIX + "top", PREFIX + "top_index"], axis=1),
+            _node("Gather", [PREFIX + "top", PREFIX + "kth"], [PREFIX + "kth_similarity"], axis=1),
+            _node("Sub", [PREFIX + "one", PREFIX + "kth_similarity"], [OUTPUT]),
         ]
     )
     graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
 
 
-def without_familiarity(proto: onnx.ModelProto) -> None:
-    """Remove a familiarity output (its nodes, initializers and graph output) so another can replace it."""
+@dataclass
+class Detached:
+    """A familiarity output taken out of a graph: its nodes, initializers and graph output."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+    output: onnx.ValueInfoProto
+
+
+def detach_familiarity(proto: onnx.ModelProto) -> Detached:
+    """Take the familiarity output out of the graph (its nodes, initializers, graph output, and any
+    graph input or value info of its tensors) and return it, so that another can replace it or the
+    rest of the graph can be converted without it."""
     graph = proto.graph
     ours = {OUTPUT} | {o for n in graph.node for o in n.output if o.startswith(PREFIX)}
+    mine = [n for n in graph.node if set(n.output) <= ours]
     nodes = [n for n in graph.node if not set(n.output) <= ours]
-    used = {i for n in nodes for i in n.input}
-    if used & ours:
-        raise ExportError("the graph uses the familiarity output's tensors elsewhere; it cannot be replaced")
-    del graph.node[:]
+    if {i for n in nodes for i in n.input} & ours:
+        raise ExportError("the graph uses the familiarity output's tensors elsewhere; it cannot be taken out")
+    output = next((o for o in graph.output if o.name == OUTPUT), None)
+    if output is None:
+        raise ExportError("the graph has no familiarity output")
+    initializers = [t for t in graph.initializer if t.name.startswith(PREFIX)]
+    detached = Detached([_copy(n) for n in mine], [_copy(t) for t in initializers], _copy(output))
+    _keep(graph.node, nodes)
+    _keep(graph.initializer, [t for t in graph.initializer if not t.name.startswith(PREFIX)])
+    _keep(graph.output, [o for o in graph.output if o.name != OUTPUT])
+    _keep(graph.input, [i for i in graph.input if not i.name.startswith(PREFIX)])
+    _keep(graph.value_info, [v for v in graph.value_info if v.name not in ours])
+    return detached
+
+
+def attach_familiarity(proto: onnx.ModelProto, detached: Detached, features_name: str, cast: bool = False) -> None:
+    """Put a detached familiarity output back, reading `features_name`; with `cast`, through a Cast
+    to float32 (the features of a float16 copy), so that the output is computed as before."""
+    graph = proto.graph
+    nodes = [_copy(n) for n in detached.nodes]
+    if cast:
+        features32 = PREFIX + "features32"
+        for node in nodes:
+            node.input[:] = [features32 if name == features_name else name for name in node.input]
+        nodes.insert(0, _node("Cast", [features_name], [features32], to=onnx.TensorProto.FLOAT))
     graph.node.extend(nodes)
-    initializers = [t for t in graph.initializer if not t.name.startswith(PREFIX)]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
-    outputs = [o for o in graph.output if o.name != OUTPUT]
-    del graph.output[:]
-    graph.output.extend(outputs)
+    graph.initializer.extend(detached.initializers)
+    graph.output.append(detached.output)
+
+
+def familiarity_node_names(proto: onnx.ModelProto) -> list[str]:
+    """The names of the familiarity output's nodes, naming any unnamed one after its first output."""
+    names = []
+    for node in proto.graph.node:
+        if node.output and (node.output[0] == OUTPUT or node.output[0].startswith(PREFIX)):
+            node.name = node.name or node.output[0]
+            names.append(node.name)
+    return names
+
+
+def _copy(message: Any) -> Any:
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
+
+
+def _keep(field: Any, items: list[Any]) -> None:
+    kept = [_copy(item) for item in items]
+    del field[:]
+    field.extend(kept)
 
 
 def _sum_of_squares(proto: onnx.ModelProto, name: str, out: str) -> onnx.NodeProto:
@@ -185,8 +236,14 @@ def _sum_of_squares(proto: onnx.ModelProto, name: str, out: str) -> onnx.NodePro
         axes = PREFIX + "axes"
         if not any(t.name == axes for t in proto.graph.initializer):
             proto.graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
-        return helper.make_node("ReduceSumSquare", [name, axes], [out])
-    return helper.make_node("ReduceSumSquare", [name], [out], axes=[1])
+        return _node("ReduceSumSquare", [name, axes], [out])
+    return _node("ReduceSumSquare", [name], [out], axes=[1])
+
+
+def _node(op: str, inputs: list[str], outputs: list[str], **attributes: Any) -> onnx.NodeProto:
+    """A node named after its first output (so tools that pick nodes by name, such as the int8
+    quantizer's exclusion list, can find the familiarity output's)."""
+    return helper.make_node(op, inputs, outputs, name=outputs[0], **attributes)
 
 
 def add_familiarity(
@@ -214,10 +271,12 @@ def add_familiarity(
     if spec.familiarity_output:
         if not replace:
             raise ExportError(f"{src} already has a familiarity output; add it to the exported model, not to this one")
-        without_familiarity(proto)
+        detach_familiarity(proto)
     manifest = read_manifest(data_dir)
     train = without_sources(load_split(data_dir, "train"), manifest, exclude_sources).paths
     val = without_sources(load_split(data_dir, "val"), manifest, exclude_sources).paths
+    if statistic == "knn" and len(train) < NEIGHBOUR:
+        raise ExportError(f"the knn statistic needs at least {NEIGHBOUR} train films, found {len(train)}")
     log.info("familiarity: features of %d train and %d val films", len(train), len(val))
     train_feats = features(proto, spec, train, screener)
     features_name = pooled_features_name(proto, spec.score_output)
@@ -247,6 +306,8 @@ def add_familiarity(
         "train_films": len(train),
         "threshold_rule": f"{percentile:g}th percentile of the values of {len(val)} val films",
         "percentile": percentile,
+        "val_films": len(val),
+        "val_unfamiliar": int((val_dist > round(threshold, 6)).sum()),  # the site check's reference
         "val_median": round(float(np.median(val_dist)), 6),
         "data": data_dir.name,
         "excluded_sources": list(exclude_sources),

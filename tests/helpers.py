@@ -171,6 +171,32 @@ def halves_image(path: Path, top: int, bottom: int, size: int = 64) -> Path:
     return path
 
 
+def halves_tree(root: Path, flat: int = 30) -> Path:
+    """Training data whose films are flat greys (top and bottom alike), of many levels."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for label, (low, high) in (("NORMAL", (90, 120)), ("PNEUMONIA", (140, 170))):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i, level in enumerate(rng.uniform(low, high, flat)):
+                halves_image(folder / f"{label}{i}.png", int(level), int(level) + int(rng.integers(-4, 5)))
+    return root
+
+
+def halves_models(root: Path, gate: Path) -> Path:
+    """A models folder with `gate` and the halves classifier, given a knn familiarity output from
+    `halves_tree` (flat films: a film whose halves differ is unfamiliar). Needs onnx."""
+    from cxrbatch.extras import export_module
+
+    models = root / "halves-models"
+    models.mkdir()
+    (models / "gate.onnx").write_bytes(gate.read_bytes())
+    plain = make_halves_classifier(root / "halves-plain.onnx")
+    data = halves_tree(root / "halves-data")
+    export_module("familiarity").add_familiarity(plain, models / "classifier.onnx", data, gate)
+    return models
+
+
 def make_region_classifier(path: Path) -> Path:
     """A classifier whose head singles out image regions: class k's map is the picture times a mask.
 

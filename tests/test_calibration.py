@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import colour_image, grey_image
+from helpers import colour_image, grey_image, halves_image, halves_models
 from typer.testing import CliRunner
 
 from cxrbatch.calibration import MIN_FILMS, choose_threshold, min_abnormal
@@ -113,3 +114,43 @@ def test_calibrating_into_the_models_own_folder_is_refused(tiny_models: Path, tm
                                  "--force", "--target-sensitivity", "0.9"])  # fmt: skip
     assert result.exit_code == 2 and "holds the models being calibrated" in result.stderr
     assert (tiny_models / "classifier.onnx").read_bytes() == before
+
+
+def test_a_calibrated_model_checks_a_night_against_its_calibration_films(tiny_models: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnx", reason="building a model with a familiarity output needs onnx")
+    models = halves_models(tmp_path, tiny_models / "gate.onnx")
+    site = tmp_path / "site"  # half of the site's films are unlike the flat training films (split halves)
+    for label, levels in (("NORMAL", np.linspace(82, 112, 24)), ("PNEUMONIA", np.linspace(150, 200, 30))):
+        (site / label).mkdir(parents=True)
+        for i, level in enumerate(levels):
+            spread = 30 if i % 2 else 0
+            halves_image(site / label / f"{label.lower()}{i:02d}.png", int(level) + spread, int(level) - spread)
+    out = tmp_path / "site-models"
+    result = runner.invoke(app, ["calibrate", str(site), "--models", str(models), "--out", str(out),
+                                 "--target-sensitivity", "0.9"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "unfamiliar films: 27 of 54" in result.stdout
+    assert read_metadata(out / "classifier.onnx")["calibration"]["unfamiliar"] == 27
+    split = tmp_path / "split-night"
+    split.mkdir()
+    for i in range(20):
+        halves_image(split / f"s{i:02d}.png", 120 + 2 * i, 60)
+    stderr = {}
+    for night, folder, warned in (("site", site, False), ("split", split, True)):
+        for models_dir, expect in ((out, warned), (models, True)):  # the uncalibrated model warns on both
+            report = tmp_path / f"{night}-{models_dir.name}.json"
+            result = runner.invoke(app, ["run", str(folder), "--models", str(models_dir), "--json", str(report)])
+            assert result.exit_code == 0, result.stderr
+            check = json.loads(report.read_text(encoding="utf-8"))["summary"]["site_check"]
+            assert check["unlike_reference"] is expect and ("warning:" in result.stderr) is expect
+            assert check["against"] == ("calibration films" if models_dir == out else "validation films")
+            stderr[night, models_dir.name] = result.stderr
+    calibrated = "20 of 20 classified films (100.0%) are unfamiliar, against 27 of the 54 calibration films"
+    assert calibrated in stderr["split", out.name]
+    val = read_metadata(models / "classifier.onnx")["familiarity"]["val_unfamiliar"]
+    site_text = f"27 of 54 classified films (50.0%) are unfamiliar, against {val} of the 60 validation films"
+    assert site_text in stderr["site", models.name]
+    assert (
+        read_metadata(out / "classifier.onnx")["calibration"]["familiarity_threshold"]
+        == (read_metadata(out / "classifier.onnx")["familiarity_threshold"])
+    )

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import grey_image, halves_image, make_halves_classifier
+from helpers import grey_image, halves_image, halves_models, halves_tree, make_halves_classifier
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
 from cxrbatch.extras import export_module
-from cxrbatch.models import load_models, read_metadata
+from cxrbatch.models import load_model, load_models, read_metadata
 
 pytest.importorskip("onnx", reason="the familiarity tool needs onnx")
 familiarity = export_module("familiarity")
@@ -128,20 +128,8 @@ def test_knn_distances_are_one_minus_the_kth_cosine_similarity() -> None:
     assert familiarity.knn_distances(film, bank, k=3) == pytest.approx([1.0], abs=1e-3)
 
 
-def _halves_tree(root: Path, flat: int = 30) -> Path:
-    """Training data whose films are flat greys (top and bottom alike), of many levels."""
-    rng = np.random.default_rng(1)
-    for split in ("train", "val"):
-        for label, (low, high) in (("NORMAL", (90, 120)), ("PNEUMONIA", (140, 170))):
-            folder = root / split / label
-            folder.mkdir(parents=True)
-            for i, level in enumerate(rng.uniform(low, high, flat)):
-                halves_image(folder / f"{label}{i}.png", int(level), int(level) + int(rng.integers(-4, 5)))
-    return root
-
-
 def test_knn_familiarity_flags_films_whose_features_point_elsewhere(tiny_models: Path, tmp_path: Path) -> None:
-    data, models = _halves_tree(tmp_path / "data"), tmp_path / "halves"
+    data, models = halves_tree(tmp_path / "data"), tmp_path / "halves"
     models.mkdir()
     (models / "gate.onnx").write_bytes((tiny_models / "gate.onnx").read_bytes())
     make_halves_classifier(tmp_path / "plain.onnx")
@@ -150,8 +138,8 @@ def test_knn_familiarity_flags_films_whose_features_point_elsewhere(tiny_models:
     meta = read_metadata(models / "classifier.onnx")
     assert meta["familiarity"]["neighbour"] == 10 and meta["familiarity"]["train_films"] == 60
     assert meta["familiarity"]["percentile"] == 99.0 and record["threshold"] == meta["familiarity_threshold"]
+    assert meta["familiarity"]["val_films"] == 60
     _, classifier = load_models(models, "cpu")
-    assert classifier.spec.unfamiliar_expected == pytest.approx(0.01)
     # top / bottom brightness: flat films of any level point the training films' way; split ones do not
     films = [(100, 100), (220, 215), (40, 42), (200, 20), (20, 200)]
     batch = np.stack([np.concatenate([np.full((16, 32, 1), t), np.full((16, 32, 1), b)]) for t, b in films])
@@ -161,6 +149,8 @@ def test_knn_familiarity_flags_films_whose_features_point_elsewhere(tiny_models:
     unit = batch.reshape(5, 2, -1).mean(axis=2) / 255  # the features the graph pools
     bank = familiarity.unit_bank(np.array([[t, b] for t, b in _levels(data / "train")], dtype=float))
     assert np.allclose(distance, familiarity.knn_distances(unit, bank), atol=1e-4)
+    val = familiarity.knn_distances(np.array(_levels(data / "val")), bank)  # the site check's reference count
+    assert meta["familiarity"]["val_unfamiliar"] == int((val > threshold).sum())
 
 
 def _levels(root: Path) -> list[tuple[float, float]]:
@@ -187,6 +177,34 @@ def test_replace_swaps_one_familiarity_output_for_another(tiny_models: Path, tmp
     meta = read_metadata(second)
     assert meta["version"] == "0.0.2" and meta["familiarity"]["statistic"].startswith("1 - cosine similarity")
     assert meta["outputs"]["scores"] == "scores" and meta["outputs"]["cam"] == "cam"
+    assert [o.name for o in proto.graph.output] == ["scores", "cam", "familiarity"]
+    third = tmp_path / "third.onnx"  # and knn for knn
+    familiarity.add_familiarity(second, third, data, gate, replace=True)
+    assert [o.name for o in onnx.load(str(third)).graph.output] == ["scores", "cam", "familiarity"]
+    batch = np.stack([np.full((32, 32, 1), v, dtype=np.float32) for v in (10, 90, 170, 250)])
+    plain = load_model(tiny_models / "classifier.onnx", "classifier", ["CPUExecutionProvider"]).run(batch)["scores"]
+    replaced = load_model(third, "classifier", ["CPUExecutionProvider"]).run(batch)["scores"]
+    np.testing.assert_array_equal(replaced, plain)
+
+
+@pytest.mark.parametrize("opset", [17, 18])  # the sum of squares takes its axes as an attribute before 18
+def test_the_knn_graph_computes_what_numpy_does_in_either_opset(opset: int) -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    features = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["pooled"])], "g", [features], [])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = 8
+    rng = np.random.default_rng(5)
+    bank = familiarity.unit_bank(rng.uniform(0, 1, (40, 3)))
+    familiarity.with_knn_familiarity(proto, "pooled", bank, k=4)
+    onnx.checker.check_model(proto, full_check=True)
+    films = np.vstack([rng.uniform(0, 1, (5, 3)), np.zeros((1, 3))]).astype(np.float32)  # and a zero vector
+    got = ort.InferenceSession(proto.SerializeToString()).run(["familiarity"], {"x": films})[0][:, 0]
+    np.testing.assert_allclose(got, familiarity.knn_distances(films.astype(float), bank, k=4), atol=1e-6)
+    assert got[-1] == pytest.approx(1.0)  # no direction: as far as can be
 
 
 def test_an_unknown_statistic_is_refused(tiny_models: Path, tmp_path: Path) -> None:
@@ -202,11 +220,7 @@ def test_an_unknown_statistic_is_refused(tiny_models: Path, tmp_path: Path) -> N
 def test_a_run_of_films_unlike_the_training_films_warns_and_says_so_in_json(tiny_models: Path, tmp_path: Path) -> None:
     import json
 
-    data, models = _halves_tree(tmp_path / "data"), tmp_path / "halves"
-    models.mkdir()
-    (models / "gate.onnx").write_bytes((tiny_models / "gate.onnx").read_bytes())
-    make_halves_classifier(tmp_path / "plain.onnx")
-    familiarity.add_familiarity(tmp_path / "plain.onnx", models / "classifier.onnx", data, models / "gate.onnx")
+    models = halves_models(tmp_path, tiny_models / "gate.onnx")
     usual, odd = tmp_path / "usual", tmp_path / "odd"
     for folder, split in ((usual, False), (odd, True)):
         folder.mkdir()
@@ -218,6 +232,8 @@ def test_a_run_of_films_unlike_the_training_films_warns_and_says_so_in_json(tiny
         result = CliRunner().invoke(app, ["run", str(folder), "--models", str(models), "--json", str(out)])
         assert result.exit_code == 0, result.stderr
         check = json.loads(out.read_text(encoding="utf-8"))["summary"]["site_check"]
-        assert check["films"] == 12 and check["expected_share"] == 0.01
-        assert check["unfamiliar"] == (4 if warned else 0) and check["unlike_training"] is warned
-        assert ("warning: 4 of 12 classified films (33.3%) are unfamiliar" in result.stderr) is warned
+        val = read_metadata(models / "classifier.onnx")["familiarity"]["val_unfamiliar"]
+        assert check["films"] == 12 and check["reference"] == {"films": 60, "unfamiliar": val}
+        assert check["unfamiliar"] == (4 if warned else 0) and check["unlike_reference"] is warned
+        text = f"warning: 4 of 12 classified films (33.3%) are unfamiliar, against {val} of the 60 validation films"
+        assert (text in result.stderr) is warned

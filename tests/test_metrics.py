@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxrbatch.metrics import binomial_at_least, bootstrap_intervals, classification_metrics, roc_auc, subset_metrics
+from cxrbatch.metrics import (
+    bootstrap_intervals,
+    classification_metrics,
+    hypergeometric_at_least,
+    roc_auc,
+    subset_metrics,
+)
 
 
 def test_metrics_on_a_known_confusion_matrix() -> None:
@@ -75,10 +81,13 @@ def test_referral_metrics_on_known_scores() -> None:
     assert referral_metrics(scores, abnormal, None)["sensitivity"] is None
 
 
-def test_binomial_at_least_sums_the_upper_tail() -> None:
+def test_hypergeometric_at_least_is_fishers_one_sided_tail() -> None:
     from math import comb
 
-    for k, n, q in ((0, 5, 0.3), (2, 6, 0.01), (4, 149, 0.01), (7, 7, 0.5), (8, 7, 0.5), (3, 40, 0.2)):
-        exact = sum(comb(n, j) * q**j * (1 - q) ** (n - j) for j in range(k, n + 1))
-        assert binomial_at_least(k, n, q) == pytest.approx(exact, rel=1e-9, abs=1e-15)
-    assert binomial_at_least(41, 960, 0.01) < 1e-12 and binomial_at_least(1, 10, 0.0) == 0.0
+    for k, draws, successes, population in ((3, 10, 30, 110), (0, 5, 2, 9), (9, 10, 36, 110), (20, 20, 47, 74)):
+        low, high = max(0, draws - (population - successes)), min(draws, successes)
+        exact = sum(
+            comb(successes, x) * comb(population - successes, draws - x) for x in range(max(k, low), high + 1)
+        ) / comb(population, draws)
+        assert hypergeometric_at_least(k, draws, successes, population) == pytest.approx(exact, rel=1e-9)
+    assert hypergeometric_at_least(3, 2, 5, 10) == 0.0 and hypergeometric_at_least(0, 4, 1, 10) == 1.0

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import tiny_spec
 
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.files import atomic_write
@@ -141,25 +142,65 @@ def test_summary_counts_rows_and_rates_only_what_was_screened_now() -> None:
     assert problem.failed and problem.problems == 1 and "1 heatmap not written" in problem.line()
 
 
-def test_the_site_check_tests_the_unfamiliar_share_against_the_expected_one() -> None:
-    from cxrbatch.metrics import binomial_at_least
+def _flagged(k: int, n: int, model: str = "c") -> list[Record]:
+    return [Record.of(f"{i}.png", "classified", "g", model, label="NORMAL", unfamiliar=i < k) for i in range(n)]
 
-    def rows(k: int, n: int) -> list[Record]:
-        return [Record.of(f"{i}.png", "classified", "g", "c", label="NORMAL", unfamiliar=i < k) for i in range(n)]
 
-    rejected = Record.of("r.png", "rejected", "g", "c", gate_score=0.1)  # no familiarity: not in the base
-    usual = Summary.of([*rows(2, 100), rejected], unfamiliar_expected=0.01)  # P(>= 2 of 100) = 0.26
-    odd = Summary.of([*rows(5, 50), rejected], unfamiliar_expected=0.01)  # P(>= 5 of 50) = 1.46e-4
-    assert usual.familiarity_checked == 100 and usual.unfamiliar_p == pytest.approx(binomial_at_least(2, 100, 0.01))
-    assert not usual.unlike_training and usual.site_warning() is None
-    assert odd.unlike_training and odd.unfamiliar_p == pytest.approx(1.457e-4, rel=1e-3)
-    assert odd.site_warning().startswith("5 of 50 classified films (10.0%) are unfamiliar, against about 1%")
-    p = float(f"{odd.unfamiliar_p:.3g}")
-    expected = {"films": 50, "unfamiliar": 5, "expected_share": 0.01, "p": p, "unlike_training": True}
-    assert odd.as_dict()["site_check"] == expected
-    assert odd.recount(rows(0, 10)).unfamiliar_expected == 0.01  # a report file's rows keep the model's share
-    unknown = Summary.of(rows(5, 50))  # a classifier whose metadata gives no expected share
-    assert unknown.unfamiliar_p is None and unknown.as_dict()["site_check"] is None and unknown.site_warning() is None
+def test_the_site_check_holds_a_run_against_the_reference_films_by_fishers_test() -> None:
+    from cxrbatch.metrics import hypergeometric_at_least
+    from cxrbatch.sitecheck import Reference, check
+
+    validation = Reference("validation films", 9, 910)
+    rejected = Record.of("r.png", "rejected", "g", "c", gate_score=0.1)  # no familiarity: not counted
+    earlier = _flagged(30, 30, model="old")  # rows another classifier judged: not counted
+    usual = check([*_flagged(2, 100), rejected, *earlier], validation, "c")
+    assert usual is not None and (usual.films, usual.unfamiliar) == (100, 2)
+    assert usual.p == pytest.approx(hypergeometric_at_least(2, 100, 11, 1010)) and usual.warning() is None
+    # a site a little more often unfamiliar than the validation films is not warned however many films it screens
+    assert not check(_flagged(140, 10000), validation, "c").unlike_reference  # type: ignore[union-attr]
+    odd = check(_flagged(40, 958), validation, "c")
+    assert odd is not None and odd.unlike_reference
+    assert odd.warning().startswith(  # type: ignore[union-attr]
+        "40 of 958 classified films (4.2%) are unfamiliar, against 9 of the 910 validation films (p = "
+    )
+    assert "unlike the collections the classifier was trained on" in str(odd.warning())
+    assert odd.as_dict() == {
+        "films": 958, "unfamiliar": 40, "against": "validation films", "reference": {"films": 910, "unfamiliar": 9},
+        "p": float(f"{odd.p:.3g}"), "unlike_reference": True,
+    }  # fmt: skip
+    calibrated = check(_flagged(20, 20), Reference("calibration films", 27, 54), "c")
+    assert calibrated is not None and "against 27 of the 54 calibration films" in str(calibrated.warning())
+    assert "Calibrate again on recent labelled films" in str(calibrated.warning())
+    assert not check(_flagged(25, 50), Reference("calibration films", 27, 54), "c").unlike_reference  # type: ignore[union-attr]
+    assert check(_flagged(5, 50), None, "c") is None and check([rejected], validation, "c") is None
+
+
+def test_the_summary_carries_the_runs_site_check_into_report_files_that_hold_earlier_rows() -> None:
+    from cxrbatch.sitecheck import Reference, check
+
+    rows = _flagged(40, 958)
+    summary = Summary.of(rows, site=check(rows, Reference("validation films", 9, 910), "c"))
+    assert summary.site_warning() and summary.as_dict()["site_check"]["unfamiliar"] == 40  # type: ignore[index]
+    union = summary.recount([*rows, *_flagged(0, 500, model="older")])
+    assert union.site == summary.site and union.unfamiliar == 40 and union.files == 1458
+    assert Summary.of(rows).as_dict()["site_check"] is None and Summary.of(rows).site_warning() is None
+
+
+def test_the_reference_comes_from_the_calibration_record_counted_at_the_current_threshold() -> None:
+    from cxrbatch.sitecheck import Reference, reference_of
+
+    familiarity = {"familiarity": {"val_films": 910, "val_unfamiliar": 9, "percentile": 99.0}}
+    spec = tiny_spec("classifier", 0.6, familiarity_output="familiarity", familiarity_threshold=0.3)
+    spec.extra.update(familiarity)
+    assert reference_of(spec) == Reference("validation films", 9, 910)
+    calibration = {"unfamiliar": 27, "familiarity_threshold": 0.3, "counts": {"NORMAL": 24, "PNEUMONIA": 30}}
+    spec.extra["calibration"] = calibration
+    assert reference_of(spec) == Reference("calibration films", 27, 54)
+    spec.extra["calibration"] = {**calibration, "familiarity_threshold": 67.66}  # counted under another output
+    assert reference_of(spec) == Reference("validation films", 9, 910)
+    del spec.extra["familiarity"]
+    assert reference_of(spec) is None  # metadata from before the counts were kept
+    assert reference_of(tiny_spec("classifier", 0.6)) is None  # no familiarity output
 
 
 def test_atomic_write_keeps_old_report_when_writing_fails(tmp_path: Path) -> None:

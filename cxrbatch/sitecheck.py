@@ -1,0 +1,109 @@
+"""The site check: are a run's films, as a whole, unlike the films the classifier's threshold is right for?
+
+One unfamiliar film is not something a reader can act on, but a night with many more of them
+than usual is: the films come from a site, scanner or population unlike the reference films,
+where the referral threshold is not to be trusted. The reference is the films the classifier's
+settings were chosen on, counted when they were chosen:
+- a classifier calibrated by `cxrbatch calibrate`: its calibration films (the `calibration`
+  record's `unfamiliar` count, made at the classifier's current familiarity threshold);
+- otherwise its validation films (the `familiarity` record's `val_unfamiliar` of `val_films`).
+The test is a one-sided Fisher exact test of the run's unfamiliar count against the reference's,
+so the reference's own sampling error is allowed for (a site whose films are a little more
+often unfamiliar than the validation films is not warned however many films it screens). The
+check counts only classified films that the current classifier judged (a report can hold rows
+of earlier runs and models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from cxrbatch.metrics import hypergeometric_at_least
+
+ALARM = 0.001  # warn when the run's count would come up by chance less than once in a thousand runs
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The films a run is held against: how many of them were unfamiliar."""
+
+    against: str  # "validation films" or "calibration films"
+    unfamiliar: int
+    films: int
+
+
+@dataclass(frozen=True)
+class SiteCheck:
+    """The outcome for one run: its unfamiliar count, the reference's, and the test."""
+
+    films: int
+    unfamiliar: int
+    reference: Reference
+    p: float
+
+    @property
+    def unlike_reference(self) -> bool:
+        return self.p < ALARM
+
+    def warning(self) -> str | None:
+        """The sentence a person needs when the run's films look unlike the reference films."""
+        if not self.unlike_reference:
+            return None
+        ref = self.reference
+        found = (
+            f"{self.unfamiliar} of {self.films} classified films ({self.unfamiliar / self.films:.1%}) are unfamiliar"
+        )
+        against = f"against {ref.unfamiliar} of the {ref.films} {ref.against} (p = {self.p:.1g})"
+        if ref.against == "calibration films":
+            advice = (
+                "these films look unlike the films this model was calibrated on. Calibrate again on recent "
+                "labelled films (cxrbatch calibrate) before relying on refer or clear."
+            )
+        else:
+            advice = (
+                "these films look unlike the collections the classifier was trained on. Calibrate on this site's "
+                "labelled films (cxrbatch calibrate) before relying on refer or clear."
+            )
+        return f"{found}, {against}: {advice}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "films": self.films,
+            "unfamiliar": self.unfamiliar,
+            "against": self.reference.against,
+            "reference": {"films": self.reference.films, "unfamiliar": self.reference.unfamiliar},
+            "p": float(f"{self.p:.3g}"),
+            "unlike_reference": self.unlike_reference,
+        }
+
+
+def reference_of(spec: Any) -> Reference | None:
+    """The reference a classifier's metadata records (a ModelSpec), or None: no familiarity output,
+    or metadata from before these counts were kept."""
+    if spec.familiarity_threshold is None:
+        return None
+    calibration = spec.extra.get("calibration") or {}
+    if (
+        calibration.get("unfamiliar") is not None
+        and calibration.get("familiarity_threshold") == spec.familiarity_threshold
+    ):
+        return Reference("calibration films", int(calibration["unfamiliar"]), int(sum(calibration["counts"].values())))
+    record = spec.extra.get("familiarity") or {}
+    if record.get("val_unfamiliar") is not None and record.get("val_films"):
+        return Reference("validation films", int(record["val_unfamiliar"]), int(record["val_films"]))
+    return None
+
+
+def check(records: Iterable[Any], reference: Reference | None, classifier_model: str) -> SiteCheck | None:
+    """The site check over a run's report records (those with an `unfamiliar` value that the
+    classifier `classifier_model`, a short hash, judged); None without a reference or such films."""
+    if reference is None:
+        return None
+    flags = [bool(r.unfamiliar) for r in records if r.unfamiliar is not None and r.classifier_model == classifier_model]
+    if not flags:
+        return None
+    k, n = sum(flags), len(flags)
+    p = hypergeometric_at_least(k, n, k + reference.unfamiliar, n + reference.films)
+    return SiteCheck(films=n, unfamiliar=k, reference=reference, p=p)
