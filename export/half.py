@@ -2,7 +2,9 @@
 
 Weights and activations become float16; the graph's inputs and outputs stay float32, so the runtime
 feeds and reads the same arrays as for the float32 model. The cxrbatch metadata is copied over with
-`"precision": "float16"`. Whether a float16 model may replace the float32 one is decided by
+`"precision": "float16"`. A classifier's familiarity output is taken out before the conversion
+and put back after it, reading the float16 features through a cast, so it is computed in float32
+as the threshold in the metadata assumes. Whether a float16 model may replace the float32 one is decided by
 `cxrbatch evaluate` on both, per class and per source (benchmarks/README.md has the comparison;
 `cxrbatch half` makes the copy).
 """
@@ -16,7 +18,9 @@ import onnx
 from onnxconverter_common import float16
 
 from cxrbatch.errors import UsageError
-from cxrbatch.models import embed_metadata, read_metadata
+from cxrbatch.models import ModelSpec, embed_metadata, read_metadata
+
+from .familiarity import attach_familiarity, detach_familiarity, pooled_features_name
 
 
 def halve(src: Path, dst: Path) -> None:
@@ -24,10 +28,18 @@ def halve(src: Path, dst: Path) -> None:
     if not src.is_file():
         raise UsageError(f"Model not found: {src}")
     meta = read_metadata(src)
+    spec = ModelSpec.from_metadata(meta, str(src))
+    proto = onnx.load(str(src))
+    detached = features = None
+    if spec.familiarity_output:  # converted apart: it stays float32 (its threshold was set in float32)
+        features = pooled_features_name(proto, spec.score_output)
+        detached = detach_familiarity(proto)
     with warnings.catch_warnings():
         # Tiny weights (|w| < 1e-7) are clamped to float16's smallest normal; the converter warns per weight.
         warnings.simplefilter("ignore", UserWarning)
-        model = float16.convert_float_to_float16(_one_reader_per_input(onnx.load(str(src))), keep_io_types=True)
+        model = float16.convert_float_to_float16(_one_reader_per_input(proto), keep_io_types=True)
+    if detached is not None and features is not None:
+        attach_familiarity(model, detached, features, cast=True)
     embed_metadata(model, {**meta, "precision": "float16"})
     onnx.checker.check_model(model)
     dst.parent.mkdir(parents=True, exist_ok=True)

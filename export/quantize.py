@@ -1,7 +1,8 @@
 """Static int8 quantisation of an exported model (QOperator, per-channel, U8 activations, S8 weights).
 
 Calibration images are preprocessed exactly as at run time (from the model's own metadata). The
-cxrbatch metadata is copied over with `"precision": "int8"`. Whether an int8 model may replace the
+cxrbatch metadata is copied over with `"precision": "int8"`. A classifier's familiarity output is
+left in float32 (its threshold was set on float32 values). Whether an int8 model may replace the
 float one is decided by `cxrbatch evaluate` on both, per class and per source. `cxrbatch quantize`
 makes the copy.
 """
@@ -9,6 +10,7 @@ makes the copy.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,8 @@ from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ImageError, UsageError
 from cxrbatch.imaging import load_image, to_model_input
 from cxrbatch.models import ModelSpec, embed_metadata, read_metadata
+
+from .familiarity import familiarity_node_names
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +59,22 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
         raise UsageError(f"No calibration images under {calibration}")
     step = max(1, len(found) // images)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_static(
-        str(src),
-        str(dst),
-        _Reader(spec, found[::step][:images]),
-        quant_format=QuantFormat.QOperator,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    proto = onnx.load(str(src))
+    # the familiarity output stays float32: its threshold was set on float32 values
+    keep = familiarity_node_names(proto) if spec.familiarity_output else []
+    with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
+        named = Path(scratch) / src.name  # the same model, its familiarity nodes named for the exclusion
+        onnx.save(proto, str(named))
+        quantize_static(
+            str(named),
+            str(dst),
+            _Reader(spec, found[::step][:images]),
+            quant_format=QuantFormat.QOperator,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep,
+        )
     model = onnx.load(str(dst))
     embed_metadata(model, {**meta, "precision": "int8"})
     onnx.save(model, str(dst))

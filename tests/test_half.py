@@ -38,3 +38,23 @@ def test_half_copy_keeps_interface_metadata_and_outputs(tiny_models: Path, tmp_p
     np.testing.assert_allclose(half["scores"], full["scores"], atol=2e-3)
     np.testing.assert_allclose(half["cam"], full["cam"], rtol=2e-3, atol=2e-3)
     assert half["scores"].dtype == np.float32
+
+
+def test_half_copy_keeps_the_familiarity_output_in_float32(tiny_models: Path, tmp_path: Path) -> None:
+    from helpers import halves_models
+
+    models, half_dir = halves_models(tmp_path, tiny_models / "gate.onnx"), tmp_path / "fp16"
+    halve(models / "classifier.onnx", half_dir / "classifier.onnx")
+    halve(models / "gate.onnx", half_dir / "gate.onnx")
+    model = onnx.load(str(half_dir / "classifier.onnx"))
+    assert [o.name for o in model.graph.output] == ["scores", "cam", "familiarity"]
+    assert {t.data_type for t in model.graph.initializer if t.name == "familiarity_bank"} == {onnx.TensorProto.FLOAT16}
+    _, full = load_models(models, "cpu")
+    _, half = load_models(half_dir, "cpu")
+    films = [(100, 100), (220, 215), (200, 20), (20, 200)]  # flat films are familiar, split ones are not
+    batch = np.stack([np.concatenate([np.full((16, 32, 1), t), np.full((16, 32, 1), b)]) for t, b in films])
+    full_out, half_out = full.run(batch.astype(np.float32)), half.run(batch.astype(np.float32))
+    threshold = full.spec.familiarity_threshold
+    assert (full_out["familiarity"][:, 0] > threshold).tolist() == [False, False, True, True]
+    np.testing.assert_allclose(half_out["familiarity"], full_out["familiarity"], atol=1e-3)
+    assert (half_out["familiarity"][:, 0] > threshold).tolist() == [False, False, True, True]

@@ -44,3 +44,28 @@ def test_quantize_refuses_missing_inputs(tiny_models: Path, tmp_path: Path) -> N
     args = ["quantize", str(tiny_models / "gate.onnx"), str(tmp_path / "q.onnx"), "--calibration", str(empty)]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "[error] No calibration images under" in result.stderr
+
+
+def test_int8_copy_leaves_the_familiarity_output_in_float32(tiny_models: Path, tmp_path: Path) -> None:
+    from helpers import halves_image, halves_models
+
+    models, int8 = halves_models(tmp_path, tiny_models / "gate.onnx"), tmp_path / "int8"
+    films = tmp_path / "films"
+    films.mkdir()
+    for i, (top, bottom) in enumerate([(90, 95), (120, 118), (160, 165), (200, 40), (60, 180), (140, 140)]):
+        halves_image(films / f"f{i}.png", top, bottom)
+    src, dst = models / "classifier.onnx", int8 / "classifier.onnx"
+    result = runner.invoke(app, ["quantize", str(src), str(dst), "--calibration", str(films), "--images", "6"])
+    assert result.exit_code == 0, result.output
+    nodes = onnx.load(str(dst)).graph.node
+    assert any(n.op_type.startswith("QLinear") for n in nodes)  # the rest was quantised
+    mine = [n for n in nodes if any(o.startswith("familiarity") for o in n.output)]
+    assert {n.op_type for n in mine} >= {"MatMul", "TopK"} and not any(n.op_type.startswith("QLinear") for n in mine)
+    shutil.copy(models / "gate.onnx", int8 / "gate.onnx")
+    _, full = load_models(models, "cpu")
+    _, quantized = load_models(int8, "cpu")
+    halves = [(100, 100), (200, 20)]
+    batch = np.stack([np.concatenate([np.full((16, 32, 1), t), np.full((16, 32, 1), b)]) for t, b in halves])
+    full_out, int8_out = full.run(batch.astype(np.float32)), quantized.run(batch.astype(np.float32))
+    assert (int8_out["familiarity"][:, 0] > full.spec.familiarity_threshold).tolist() == [False, True]
+    np.testing.assert_allclose(int8_out["familiarity"], full_out["familiarity"], atol=0.02)
