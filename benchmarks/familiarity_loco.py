@@ -9,8 +9,9 @@ familiarity` sets it), and the left-out collection's films (all splits) are scor
 - Per film: the share flagged, and the AUC of the value, left-out films against seen val films.
 - Per night (a batch from one site): the left-out collection's median against each seen
   collection's median over its val and test films; and how often `cxrbatch run`'s site check
-  warns on nights of 50, 100 and 200 films drawn from the left-out collection, against nights
-  drawn from each seen collection's test films (false alarms).
+  warns (its Fisher test against the val films' count) on nights of 50, 100, 200 and 1,000 films
+  drawn from the left-out collection, against nights drawn from each seen collection's test films
+  (false alarms).
 
 Features come from either
 - `--features-cache F`: the frozen ImageNet backbone's pooled features that `cxrbatch loco
@@ -41,7 +42,7 @@ from cxrbatch.metrics import roc_auc
 Score = Callable[[np.ndarray], np.ndarray]
 MIN_FILMS = 50  # a collection smaller than this is neither a fold nor a group of its own
 PERCENTILE = 99.0
-NIGHTS = (50, 100, 200)  # films per night for the site check
+NIGHTS = (50, 100, 200, 1000)  # films per night for the site check
 NIGHT_DRAWS = 200
 
 
@@ -140,7 +141,7 @@ def fold(features: np.ndarray, split: np.ndarray, group: np.ndarray, left_out: s
         held_median = float(np.median(held_scores))
         nights = {
             str(n): night_alarms(held_scores, {g: score(features[(group == g) & (split == "test")]) for g in medians},
-                                 threshold, n)
+                                 threshold, (int((val_scores > threshold).sum()), len(val_scores)), n)
             for n in NIGHTS
         }  # fmt: skip
         out[name] = {
@@ -155,28 +156,31 @@ def fold(features: np.ndarray, split: np.ndarray, group: np.ndarray, left_out: s
     return out
 
 
-def night_alarms(held: np.ndarray, seen: dict[str, np.ndarray], threshold: float, n: int) -> dict[str, object]:
-    """How often a night of `n` films warns that the films are unlike the training films (`cxrbatch run`'s
-    site check: too many unfamiliar films for the expected 1 %), for nights drawn (with replacement)
-    from the left-out collection, and for nights from each seen collection's test films (false alarms:
-    the largest share over the seen collections, and the share over all their nights)."""
-    from cxrbatch.metrics import binomial_at_least
-    from cxrbatch.records import SITE_ALARM
+def night_alarms(
+    held: np.ndarray, seen: dict[str, np.ndarray], threshold: float, reference: tuple[int, int], n: int
+) -> dict[str, object]:
+    """How often a night of `n` films warns that the films are unlike the reference films (`cxrbatch
+    run`'s site check: a one-sided Fisher exact test of the night's unfamiliar count against the
+    val films' `reference` = (unfamiliar, films)), for nights drawn (with replacement) from the
+    left-out collection, and for nights from each seen collection's test films (false alarms: the
+    largest share over the seen collections of 20 films or more, and the mean over them)."""
+    from cxrbatch.metrics import hypergeometric_at_least
+    from cxrbatch.sitecheck import ALARM
 
     rng = np.random.default_rng(20261206)
-    expected = 1 - PERCENTILE / 100
+    k_ref, n_ref = reference
 
     def share(values: np.ndarray) -> float:
         flagged = (rng.choice(values, (NIGHT_DRAWS, n)) > threshold).sum(axis=1)
-        return float(np.mean([binomial_at_least(int(k), n, expected) < SITE_ALARM for k in flagged]))
+        return float(np.mean([hypergeometric_at_least(int(k), n, int(k) + k_ref, n + n_ref) < ALARM for k in flagged]))
 
     false = {g: share(v) for g, v in seen.items() if len(v) >= 20}
-    worst = max(false, key=lambda g: false[g])
+    worst = max(false, key=lambda g: false[g]) if false else None
     return {
         "left_out": round(share(held), 4),
-        "seen_max": round(false[worst], 4),
+        "seen_max": round(false[worst], 4) if worst else None,
         "seen_worst": worst,
-        "seen_mean": round(float(np.mean(list(false.values()))), 4),
+        "seen_mean": round(float(np.mean(list(false.values()))), 4) if false else None,
     }
 
 
@@ -252,7 +256,7 @@ def print_table(result: dict[str, object]) -> None:
     for name in ("global Mahalanobis (1.3.0)", "10th-nearest film, cosine"):
         for n in NIGHTS:
             cells = [folds[g][name]["nights"][str(n)] for g in folds]  # type: ignore[index]
-            row = " ".join(f"{c['left_out']:5.2f}/{c['seen_max']:5.2f} {c['seen_worst'][:8]:8}" for c in cells)  # type: ignore[index]
+            row = " ".join(_night_cell(c) for c in cells)  # type: ignore[arg-type]
             print(f"{name[:30]:30} {n:>4} films {row}")
     print("\nper night: seen collections whose median is at or above the left-out one's (of all seen)")
     for name in METHODS:
@@ -262,6 +266,11 @@ def print_table(result: dict[str, object]) -> None:
             for c in cells
         )
         print(f"{name:42} {row}")
+
+
+def _night_cell(c: dict[str, object]) -> str:
+    worst = f"{c['seen_max']:5.2f} {str(c['seen_worst'])[:8]:8}" if c["seen_worst"] else "    -         "
+    return f"{c['left_out']:5.2f}/{worst}"
 
 
 if __name__ == "__main__":
