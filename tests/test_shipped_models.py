@@ -14,6 +14,7 @@ from cxrbatch import evaluation
 from cxrbatch.cli import app
 from cxrbatch.models import default_models_dir, load_models
 from cxrbatch.pipeline import Screener
+from cxrbatch.sitecheck import Reference, reference_of
 
 SAMPLES = REPO / "samples"
 EXPECTED = {
@@ -42,7 +43,10 @@ def test_bundled_models_load_with_complete_metadata() -> None:
     meta = classifier.spec.to_metadata()
     record = meta["familiarity"]  # the features of every film the classifier was trained on
     assert record["neighbour"] == 10 and record["train_films"] == sum(meta["training"]["data"]["train"].values())
-    assert classifier.spec.unfamiliar_expected == 0.01 and 0 < (classifier.spec.familiarity_threshold or 0) < 2
+    assert 0 < (classifier.spec.familiarity_threshold or 0) < 2 and record["percentile"] == 99.0
+    reference = reference_of(classifier.spec)  # the site check holds a run against the val films
+    assert reference == Reference("validation films", record["val_unfamiliar"], record["val_films"])
+    assert 0 < reference.unfamiliar < 0.02 * reference.films
 
 
 def test_training_manifest_is_the_record_of_the_shipped_classifier() -> None:
