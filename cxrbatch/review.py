@@ -110,7 +110,10 @@ def _counts(summary: Summary, flagged: int) -> str:
         spans.append(f"<span>unfamiliar films: <b>{summary.unfamiliar}</b></span>")
     spans.append(f"<span>for a reader's look: <b>{flagged}</b></span>")
     warning = summary.site_warning()
-    note = f"<p class='disclaimer'><strong>Unlike the training films.</strong> {escape(warning)}</p>" if warning else ""
+    note = ""
+    if warning:
+        title = "<strong>Unlike the reference films.</strong>"
+        note = f"<p class='disclaimer' id='site-check'>{title} {escape(warning)}</p>"
     return f"<h2>Summary: {summary.files} files</h2><div class='counts'>{''.join(spans)}</div>{note}"
 
 

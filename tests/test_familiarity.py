@@ -228,8 +228,9 @@ def test_a_run_of_films_unlike_the_training_films_warns_and_says_so_in_json(tiny
             level = 95 + 5 * i
             halves_image(folder / f"f{i}.png", level, 255 - level if split and i < 4 else level)
     for folder, warned in ((usual, False), (odd, True)):
-        out = tmp_path / f"{folder.name}.json"
-        result = CliRunner().invoke(app, ["run", str(folder), "--models", str(models), "--json", str(out)])
+        out, page = tmp_path / f"{folder.name}.json", tmp_path / f"{folder.name}.html"
+        args = ["run", str(folder), "--models", str(models), "--json", str(out), "--html", str(page)]
+        result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.stderr
         check = json.loads(out.read_text(encoding="utf-8"))["summary"]["site_check"]
         val = read_metadata(models / "classifier.onnx")["familiarity"]["val_unfamiliar"]
@@ -237,3 +238,4 @@ def test_a_run_of_films_unlike_the_training_films_warns_and_says_so_in_json(tiny
         assert check["unfamiliar"] == (4 if warned else 0) and check["unlike_reference"] is warned
         text = f"warning: 4 of 12 classified films (33.3%) are unfamiliar, against {val} of the 60 validation films"
         assert (text in result.stderr) is warned
+        assert ("id='site-check'" in page.read_text(encoding="utf-8")) is warned  # the review page says it too
