@@ -288,8 +288,7 @@ def screen_all(
     results = list(screener.screen(paths, on_result))
     seconds = time.perf_counter() - started
     records = [screener.record(r) for r in results]
-    classifier = screener.classifier
-    site = sitecheck.check(records, sitecheck.reference_of(classifier.spec), classifier.short_hash)
+    site = sitecheck.of_run(records, screener.classifier)
     return results, Summary.of(records, screened=len(results), seconds=seconds, site=site)
 
 

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cxrbatch import sitecheck
 from cxrbatch.discovery import iter_images
@@ -205,19 +204,14 @@ def union(earlier: list[Record], rows: list[Record]) -> list[Record]:
     return [*mended, *(r for r in rows if r not in seen)]
 
 
-def _site_check(screener: Screener, rows: list[Record]) -> dict[str, Any]:
-    """The run's site check (its films against the classifier's reference films), for Summary.of."""
-    classifier = screener.classifier
-    return {"site": sitecheck.check(rows, sitecheck.reference_of(classifier.spec), classifier.short_hash)}
-
-
 def _run_plain(screener: Screener, paths: list[Path], report: Report, reporter: Progress | None) -> Summary:
     """Screen every file and report every result."""
     started = time.perf_counter()
     items = [(r.path, screener.record(r)) for r in screener.screen(paths, _progress_hook(len(paths), reporter))]
     seconds = time.perf_counter() - started
     rows = report.finish_rows(items)
-    summary = Summary.of(rows, found=len(paths), screened=len(items), seconds=seconds, **_site_check(screener, rows))
+    site = sitecheck.of_run(rows, screener.classifier)
+    summary = Summary.of(rows, found=len(paths), screened=len(items), seconds=seconds, site=site)
     report.write(rows, summary)
     return summary
 
@@ -248,7 +242,7 @@ def _run_with_ledger(
     items += unreadable
     rows = report.finish_rows(items)
     run = {"found": len(paths), "screened": len(todo), "reused": reused, "seconds": seconds}
-    summary = Summary.of(rows, **run, **_site_check(screener, rows))
+    summary = Summary.of(rows, **run, site=sitecheck.of_run(rows, screener.classifier))
     crash_point("before_report")
     report.write(rows, summary, earlier=ledger.delivered_to)
     crash_point("after_report")

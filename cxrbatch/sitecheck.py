@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cxrbatch.metrics import hypergeometric_at_least
+
+if TYPE_CHECKING:
+    from cxrbatch.models import Model, ModelSpec
 
 ALARM = 0.001  # warn when the run's count would come up by chance less than once in a thousand runs
 
@@ -32,6 +35,11 @@ class Reference:
     against: str  # "validation films" or "calibration films"
     unfamiliar: int
     films: int
+
+    def p_value(self, unfamiliar: int, films: int) -> float:
+        """How likely a run of `films` films has `unfamiliar` or more if its films are like these:
+        the one-sided Fisher exact test, the run and the reference pooled."""
+        return hypergeometric_at_least(unfamiliar, films, unfamiliar + self.unfamiliar, films + self.films)
 
 
 @dataclass(frozen=True)
@@ -79,8 +87,8 @@ class SiteCheck:
         }
 
 
-def reference_of(spec: Any) -> Reference | None:
-    """The reference a classifier's metadata records (a ModelSpec), or None: no familiarity output,
+def reference_of(spec: ModelSpec) -> Reference | None:
+    """The reference a classifier's metadata records, or None: no familiarity output,
     or metadata from before these counts were kept."""
     if spec.familiarity_threshold is None:
         return None
@@ -105,5 +113,10 @@ def check(records: Iterable[Any], reference: Reference | None, classifier_model:
     if not flags:
         return None
     k, n = sum(flags), len(flags)
-    p = hypergeometric_at_least(k, n, k + reference.unfamiliar, n + reference.films)
-    return SiteCheck(films=n, unfamiliar=k, reference=reference, p=p)
+    return SiteCheck(films=n, unfamiliar=k, reference=reference, p=reference.p_value(k, n))
+
+
+def of_run(records: Iterable[Any], classifier: Model) -> SiteCheck | None:
+    """The site check of a run's report records, held against the reference that `classifier`
+    (the model that judged them) records."""
+    return check(records, reference_of(classifier.spec), classifier.short_hash)

@@ -174,7 +174,7 @@ def detach_familiarity(proto: onnx.ModelProto) -> Detached:
     graph input or value info of its tensors) and return it, so that another can replace it or the
     rest of the graph can be converted without it."""
     graph = proto.graph
-    ours = {OUTPUT} | {o for n in graph.node for o in n.output if o.startswith(PREFIX)}
+    ours = {o for n in graph.node for o in n.output if _is_ours(o)}
     mine = [n for n in graph.node if set(n.output) <= ours]
     nodes = [n for n in graph.node if not set(n.output) <= ours]
     if {i for n in nodes for i in n.input} & ours:
@@ -182,12 +182,12 @@ def detach_familiarity(proto: onnx.ModelProto) -> Detached:
     output = next((o for o in graph.output if o.name == OUTPUT), None)
     if output is None:
         raise ExportError("the graph has no familiarity output")
-    initializers = [t for t in graph.initializer if t.name.startswith(PREFIX)]
+    initializers = [t for t in graph.initializer if _is_ours(t.name)]
     detached = Detached([_copy(n) for n in mine], [_copy(t) for t in initializers], _copy(output))
     _keep(graph.node, nodes)
-    _keep(graph.initializer, [t for t in graph.initializer if not t.name.startswith(PREFIX)])
+    _keep(graph.initializer, [t for t in graph.initializer if not _is_ours(t.name)])
     _keep(graph.output, [o for o in graph.output if o.name != OUTPUT])
-    _keep(graph.input, [i for i in graph.input if not i.name.startswith(PREFIX)])
+    _keep(graph.input, [i for i in graph.input if not _is_ours(i.name)])
     _keep(graph.value_info, [v for v in graph.value_info if v.name not in ours])
     return detached
 
@@ -211,10 +211,15 @@ def familiarity_node_names(proto: onnx.ModelProto) -> list[str]:
     """The names of the familiarity output's nodes, naming any unnamed one after its first output."""
     names = []
     for node in proto.graph.node:
-        if node.output and (node.output[0] == OUTPUT or node.output[0].startswith(PREFIX)):
+        if node.output and _is_ours(node.output[0]):
             node.name = node.name or node.output[0]
             names.append(node.name)
     return names
+
+
+def _is_ours(name: str) -> bool:
+    """Whether a tensor is the familiarity output or one of the tensors it adds."""
+    return name == OUTPUT or name.startswith(PREFIX)
 
 
 def _copy(message: Any) -> Any:

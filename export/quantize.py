@@ -10,7 +10,6 @@ makes the copy.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -62,19 +61,16 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
     proto = onnx.load(str(src))
     # the familiarity output stays float32: its threshold was set on float32 values
     keep = familiarity_node_names(proto) if spec.familiarity_output else []
-    with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
-        named = Path(scratch) / src.name  # the same model, its familiarity nodes named for the exclusion
-        onnx.save(proto, str(named))
-        quantize_static(
-            str(named),
-            str(dst),
-            _Reader(spec, found[::step][:images]),
-            quant_format=QuantFormat.QOperator,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=keep,
-        )
+    quantize_static(
+        proto,  # with its familiarity nodes named, for the exclusion
+        str(dst),
+        _Reader(spec, found[::step][:images]),
+        quant_format=QuantFormat.QOperator,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=keep,
+    )
     model = onnx.load(str(dst))
     embed_metadata(model, {**meta, "precision": "int8"})
     onnx.save(model, str(dst))
