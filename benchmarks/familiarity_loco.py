@@ -86,15 +86,13 @@ def nearest_collection_own(train: np.ndarray, groups: np.ndarray) -> Score:
     return lambda x: np.min(np.stack([distances(x, m, w) / r for m, w, r in parts]), axis=0)
 
 
-def knn_cosine(train: np.ndarray, groups: np.ndarray, k: int = 10) -> Score:
-    """1 - cosine similarity to the k-th nearest train film (features L2-normalised)."""
-    bank = train / np.linalg.norm(train, axis=1, keepdims=True)
+def knn_cosine(train: np.ndarray, groups: np.ndarray) -> Score:
+    """The shipped statistic: 1 - cosine similarity to the 10th most similar train film, with the
+    train films' unit features rounded to float16 as the graph holds them."""
+    from export.familiarity import knn_distances, unit_bank
 
-    def score(x: np.ndarray) -> np.ndarray:
-        z = x / np.linalg.norm(x, axis=1, keepdims=True)
-        return np.concatenate([1 - np.sort(z[i : i + 512] @ bank.T, axis=1)[:, -k] for i in range(0, len(z), 512)])
-
-    return score
+    bank = unit_bank(train)
+    return lambda x: knn_distances(x, bank)
 
 
 def principal(train: np.ndarray, groups: np.ndarray, m: int = 64, residual: bool = False) -> Score:
@@ -164,15 +162,14 @@ def night_alarms(
     val films' `reference` = (unfamiliar, films)), for nights drawn (with replacement) from the
     left-out collection, and for nights from each seen collection's test films (false alarms: the
     largest share over the seen collections of 20 films or more, and the mean over them)."""
-    from cxrbatch.metrics import hypergeometric_at_least
-    from cxrbatch.sitecheck import ALARM
+    from cxrbatch.sitecheck import ALARM, Reference
 
     rng = np.random.default_rng(20261206)
-    k_ref, n_ref = reference
+    val = Reference("validation films", *reference)
 
     def share(values: np.ndarray) -> float:
         flagged = (rng.choice(values, (NIGHT_DRAWS, n)) > threshold).sum(axis=1)
-        return float(np.mean([hypergeometric_at_least(int(k), n, int(k) + k_ref, n + n_ref) < ALARM for k in flagged]))
+        return float(np.mean([val.p_value(int(k), n) < ALARM for k in flagged]))
 
     false = {g: share(v) for g, v in seen.items() if len(v) >= 20}
     worst = max(false, key=lambda g: false[g]) if false else None
