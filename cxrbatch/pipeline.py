@@ -5,8 +5,9 @@ them; `workers` batches run side by side (one per usable core by default) and `p
 queued, so memory stays bounded however large the folder is. The models' sessions run one batch
 on one core each (`load_models`): batches side by side did 196.5 images/s of inference on 2 cores
 against 185.8 for one batch at a time on two intra-op threads (benchmarks/README.md), and
-decoding and inference of different batches interleave with no hand-over between them. Results
-come out in input order, one per path, whatever happens to the file.
+decoding and inference of different batches interleave with no hand-over between them. With
+`decoders`, processes decode instead and each thread waits for its batch's inputs
+(`cxrbatch.decoding`). Results come out in input order, one per path, whatever happens to the file.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from PIL import Image
 
 from cxrbatch import sitecheck
 from cxrbatch.cores import usable_cores
-from cxrbatch.errors import ImageError
-from cxrbatch.heatmaps import display_copy
-from cxrbatch.imaging import PREPROCESSING_VERSION, check_size, load_image, to_model_input
+from cxrbatch.decoding import Decoded, DecodePool, Decoder
+from cxrbatch.imaging import PREPROCESSING_VERSION
 from cxrbatch.models import Model
 from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR, REJECTED, Record, Summary
 
@@ -67,17 +67,6 @@ class Result:
         return cls(path=path, **json.loads(text))
 
 
-@dataclass
-class Decoded:
-    """One file read into both models' inputs, or the reason it could not be."""
-
-    path: Path
-    gate_input: np.ndarray | None = None
-    classifier_input: np.ndarray | None = None
-    error: str | None = None
-    picture: Image.Image | None = None  # a small copy for drawing a heatmap, kept only when asked
-
-
 class Screener:
     """Runs the gate and the classifier over many files with bounded, overlapped decoding."""
 
@@ -90,18 +79,29 @@ class Screener:
         draft: bool = True,
         prefetch: int = 2,
         transform: Callable[[Image.Image], Image.Image] | None = None,
+        decoders: int = 0,
     ) -> None:
         """`transform`, when given, changes every decoded picture before the model inputs are made
         (the stress tests of `cxrbatch evaluate`; never in a screening run). `workers` threads
-        decode and screen batches side by side; None is one per usable core (`cxrbatch.cores`)."""
-        workers = workers or usable_cores()
-        if batch_size < 1 or workers < 1:
-            raise ValueError("batch_size and workers must be at least 1")
+        decode and screen batches side by side; None is one per usable core (`cxrbatch.cores`),
+        or one per decoding process if there are more of those. With `decoders`, that many
+        processes decode instead and the threads only screen (`cxrbatch.decoding`); `close` stops them."""
+        if batch_size < 1 or (workers is not None and workers < 1) or decoders < 0:
+            raise ValueError("batch_size and workers must be at least 1, decoders at least 0")
+        workers = workers or max(usable_cores(), decoders)
         self.gate, self.classifier = gate, classifier
         self.batch_size, self.workers, self.prefetch = batch_size, workers, prefetch
         specs = (gate.spec.input, classifier.spec.input)
         self.draft_size = max(max(s.height, s.width) for s in specs) if draft else None
         self.transform = transform
+        self.decoder = Decoder(gate.spec.input, classifier.spec.input, self.draft_size, transform)
+        self.decoders = decoders
+        self._pool = DecodePool(self.decoder, decoders) if decoders else None
+
+    def close(self) -> None:
+        """Stop the decoding processes, if there are any."""
+        if self._pool is not None:
+            self._pool.close()
 
     def settings(self) -> dict[str, object]:
         """Every setting that can change a result: the ledger's run fingerprint is made of these.
@@ -120,11 +120,14 @@ class Screener:
 
     def describe(self) -> dict[str, object]:
         """The engine that screens, for the JSON report."""
-        return {"name": "local", "threads": self.workers}
+        described: dict[str, object] = {"name": "local", "threads": self.workers}
+        if self.decoders:
+            described["decoding_processes"] = self.decoders
+        return described
 
     def screen(self, paths: Iterable[Path], on_result: Callable[[Result], None] | None = None) -> Iterator[Result]:
         """Yield one Result per path, in order."""
-        for results in self._batchwise(paths, lambda batch: self.infer([self.decode(p) for p in batch])):
+        for results in self._batchwise(paths, lambda batch: self.infer(self.decode_batch(batch))):
             for result in results:
                 if on_result is not None:
                     on_result(result)
@@ -133,7 +136,7 @@ class Screener:
     def decoded_batches(self, paths: Iterable[Path], pictures: bool = False) -> Iterator[list[Decoded]]:
         """Decode paths in worker threads and yield the batches in order, for a caller that runs
         the models itself; with `pictures`, each keeps a small copy of the picture for drawing on."""
-        return self._batchwise(paths, lambda batch: [self.decode(p, pictures) for p in batch])
+        return self._batchwise(paths, lambda batch: self.decode_batch(batch, pictures))
 
     def model_outputs(self, paths: Iterable[Path]) -> Iterator[tuple[list[Decoded], ModelOutputs | None]]:
         """Both models on every readable file, whatever the gate says (evaluation scores them all),
@@ -142,7 +145,7 @@ class Screener:
         return self._batchwise(paths, self._model_outputs)
 
     def _model_outputs(self, batch: list[Path]) -> tuple[list[Decoded], ModelOutputs | None]:
-        decoded = [self.decode(p) for p in batch]
+        decoded = self.decode_batch(batch)
         good = [d for d in decoded if d.error is None]
         if not good:
             return decoded, None
@@ -157,7 +160,7 @@ class Screener:
 
     def _class_maps(self, batch: list[Path]) -> list[tuple[Decoded, np.ndarray | None]]:
         name = self.classifier.spec.require_cam()
-        decoded = [self.decode(p, picture=True) for p in batch]
+        decoded = self.decode_batch(batch, picture=True)
         ok = [d for d in decoded if d.error is None]
         inputs = [d.classifier_input for d in ok]
         maps: np.ndarray | list[np.ndarray] = self.classify(np.stack(inputs), with_cam=True)[name] if ok else []  # type: ignore[arg-type]
@@ -184,22 +187,13 @@ class Screener:
 
     def decode(self, path: Path, picture: bool = False) -> Decoded:
         """Read one file into both models' inputs (and a small picture when asked), or an error message."""
-        try:
-            img = load_image(path, draft_size=self.draft_size)
-            check_size(img)
-            if self.transform is not None:
-                img = self.transform(img)
-            return Decoded(
-                path,
-                to_model_input(img, self.gate.spec.input),
-                to_model_input(img, self.classifier.spec.input),
-                picture=display_copy(img) if picture else None,
-            )
-        except ImageError as exc:
-            return Decoded(path, error=str(exc))
-        except Exception as exc:  # one odd file must not end the night's run; it becomes an error row
-            log.debug("unexpected failure decoding %s", path, exc_info=True)
-            return Decoded(path, error=f"unexpected decoder failure ({type(exc).__name__}: {exc})")
+        return self.decoder(path, picture)
+
+    def decode_batch(self, paths: list[Path], picture: bool = False) -> list[Decoded]:
+        """`decode` on each path, in the decoding processes if there are any, else in this thread."""
+        if self._pool is not None:
+            return self._pool.decode(paths, picture)
+        return [self.decode(p, picture) for p in paths]
 
     def infer(self, decoded: list[Decoded]) -> list[Result]:
         """Gate a decoded batch, classify what passes, and return results in the same order."""

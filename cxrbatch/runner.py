@@ -44,6 +44,7 @@ class RunOptions:
     models_dir: Path | None = None
     batch_size: int = 8
     workers: int | None = None  # screening threads (None: one per usable core); on Ray, each actor's worker threads
+    decoders: int = 0  # with engine "local": processes that decode (0: the screening threads decode)
     device: str = "auto"
     draft: bool = True
     ledger: Path | None = None
@@ -93,10 +94,18 @@ def _inputs_and_models(
 def _engine(options: RunOptions, gate: Model, classifier: Model) -> Iterator[Screener]:
     """The screener of the run's engine: threads in this process, or actors on a Ray cluster."""
     if options.engine == "local":
-        yield Screener(gate, classifier, options.batch_size, options.workers, options.draft)
+        screener = Screener(
+            gate, classifier, options.batch_size, options.workers, options.draft, decoders=options.decoders
+        )
+        try:
+            yield screener
+        finally:
+            screener.close()
         return
     if options.engine != "ray":
         raise UsageError(f"unknown engine {options.engine!r}: use local or ray")
+    if options.decoders:
+        raise UsageError("decoding processes are for the local engine: Ray actors decode in their own processes")
     from cxrbatch import ray_engine
 
     with ray_engine.session(

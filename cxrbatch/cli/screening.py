@@ -53,6 +53,15 @@ def run(
             " with --engine ray, each actor's worker threads, default 2)",
         ),
     ] = None,
+    decoders: Annotated[
+        int,
+        typer.Option(
+            "--decoders",
+            min=0,
+            help="processes that decode the files, leaving the threads only the models (for a many-core"
+            " machine feeding a GPU; default 0: the threads decode)",
+        ),
+    ] = 0,
     device: Annotated[
         Device, typer.Option("--device", help="where the models run (auto: CUDA when onnxruntime-gpu has it)")
     ] = Device.auto,
@@ -118,7 +127,7 @@ def run(
         raise typer.BadParameter("--report-all needs --ledger", param_hint="--report-all")
     if heatmaps_for is not None and heatmaps is None:
         raise typer.BadParameter("--heatmaps-for needs --heatmaps", param_hint="--heatmaps-for")
-    _check_engine_options(engine, ray_address, actors, gpus_per_actor, device)
+    _check_engine_options(engine, ray_address, actors, gpus_per_actor, device, decoders)
     options = runner.RunOptions(
         inputs=inputs,
         csv_out="-" if out is None and json_out is None else out,
@@ -126,6 +135,7 @@ def run(
         models_dir=models,
         batch_size=batch_size,
         workers=workers,
+        decoders=decoders,
         device=device.value,
         draft=draft,
         ledger=ledger,
@@ -151,11 +161,13 @@ def run(
 
 
 def _check_engine_options(
-    engine: Engine, address: str | None, actors: int | None, gpus_per_actor: float, device: Device
+    engine: Engine, address: str | None, actors: int | None, gpus_per_actor: float, device: Device, decoders: int
 ) -> None:
     if engine is Engine.ray:
         if device is Device.cuda and gpus_per_actor == 0:
             raise typer.BadParameter("with --engine ray, use --gpus-per-actor for CUDA", param_hint="--device")
+        if decoders:
+            raise typer.BadParameter("Ray actors decode in their own processes already", param_hint="--decoders")
         return
     given = [n for n, v in (("--ray-address", address), ("--actors", actors)) if v is not None]
     given += ["--gpus-per-actor"] if gpus_per_actor else []

@@ -1,0 +1,124 @@
+"""Decoding in processes (`--decoders`): the same results as the threads, a process that dies on
+a file costs that file only, and a run leaves no process behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cxrbatch.cli import app
+from cxrbatch.decoding import CRASHED
+from cxrbatch.discovery import iter_images
+from cxrbatch.models import load_models
+from cxrbatch.pipeline import Screener, screen_all
+from cxrbatch.runner import RunOptions
+from cxrbatch.runner import run as run_screening
+
+runner = CliRunner()
+CLI = "import sys\nfrom cxrbatch.cli import app\napp(sys.argv[1:])\n"
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return {Path(row["path"]).name: row for row in csv.DictReader(fh)}
+
+
+def test_processes_give_what_the_threads_give(tiny_models: Path, incoming: Path) -> None:
+    gate, classifier = load_models(tiny_models, "cpu")
+    paths = list(iter_images([incoming]))
+    threads, _ = screen_all(Screener(gate, classifier, batch_size=2, workers=2), paths)
+    processes = Screener(gate, classifier, batch_size=2, workers=2, decoders=2)
+    try:
+        decoded, _ = screen_all(processes, paths)
+        pictures = list(processes.class_maps(paths))
+    finally:
+        processes.close()
+    # every field, scores to the last bit: the same pixels reach the same models
+    assert [asdict(r) for r in decoded] == [asdict(r) for r in threads]
+    assert {r.status for r in decoded} == {"classified", "rejected", "error"}
+    # a heatmap's picture and map come back from a process as they are made in a thread
+    in_thread = Screener(gate, classifier, batch_size=2, workers=2)
+    for (mine, cam), (theirs, their_cam) in zip(pictures, in_thread.class_maps(paths), strict=True):
+        assert mine.error == theirs.error
+        assert (cam is None) == (their_cam is None)
+        if cam is not None:
+            np.testing.assert_array_equal(cam, their_cam)
+            assert mine.picture is not None and theirs.picture is not None
+            assert mine.picture.tobytes() == theirs.picture.tobytes()
+
+
+def test_a_process_that_dies_on_a_file_costs_that_file_only(tmp_path: Path, tiny_models: Path, incoming: Path) -> None:
+    base = [sys.executable, "-c", CLI, "run", str(incoming), "--models", str(tiny_models), "--batch-size", "2", "-q"]
+    clean = subprocess.run([*base, "--out", str(tmp_path / "clean.csv")], capture_output=True, timeout=120)
+    assert clean.returncode == 3  # the broken JPEG
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "decoding c_light.PNG"}  # kill -9 of the process decoding it
+    died = subprocess.run(
+        [*base, "--decoders", "2", "--out", str(tmp_path / "died.csv")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert died.returncode == 3
+    assert "a decoding process died" in died.stderr and f"c_light.PNG: {CRASHED}" in died.stderr
+    rows, reference = _rows(tmp_path / "died.csv"), _rows(tmp_path / "clean.csv")
+    assert rows.keys() == reference.keys()
+    lost = rows.pop("c_light.PNG")
+    assert lost["status"] == "error" and lost["error"] == CRASHED and lost["label"] == ""
+    assert reference.pop("c_light.PNG")["status"] == "classified"
+    # the other file of its batch, and the batch in flight beside it, were decoded again
+    assert rows == reference
+
+
+def test_a_run_leaves_no_decoding_process_behind(tmp_path: Path, tiny_models: Path, incoming: Path) -> None:
+    out = tmp_path / "r.csv"
+    summary = run_screening(
+        RunOptions(inputs=[incoming], csv_out=str(out), models_dir=tiny_models, batch_size=2, decoders=2)
+    )
+    assert summary.by_status == {"classified": 4, "rejected": 1, "error": 1}
+    assert multiprocessing.active_children() == []
+
+
+def test_the_json_report_names_the_decoding_processes(tmp_path: Path, tiny_models: Path, incoming: Path) -> None:
+    args = ["run", str(incoming), "--models", str(tiny_models), "-q", "--workers", "1"]
+    with_processes = runner.invoke(app, [*args, "--decoders", "3", "--json", str(tmp_path / "p.json")])
+    in_threads = runner.invoke(app, [*args, "--json", str(tmp_path / "t.json")])
+    assert with_processes.exit_code == in_threads.exit_code == 3
+    report = json.loads((tmp_path / "p.json").read_text(encoding="utf-8"))
+    assert report["engine"] == {"name": "local", "threads": 1, "decoding_processes": 3}
+    assert json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["engine"] == {"name": "local", "threads": 1}
+    assert report["results"] == json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["results"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--decoders", "-1"], "-1 is not in the range x>=0"),
+        (["--decoders", "2", "--engine", "ray"], "Ray actors decode in their own processes already"),
+    ],
+)
+def test_decoders_refused_where_they_make_no_sense(
+    tiny_models: Path, incoming: Path, extra: list[str], message: str
+) -> None:
+    result = runner.invoke(app, ["run", str(incoming), "--models", str(tiny_models), *extra])
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_more_processes_than_cores_get_a_thread_each(tiny_models: Path) -> None:
+    gate, classifier = load_models(tiny_models, "cpu")
+    screener = Screener(gate, classifier, decoders=64)
+    assert screener.workers == 64  # a thread waits on each process's batch
+    assert Screener(gate, classifier, workers=2, decoders=64).workers == 2  # unless told otherwise
+    with pytest.raises(ValueError, match="decoders at least 0"):
+        Screener(gate, classifier, decoders=-1)
