@@ -14,6 +14,10 @@ A decoding process can die on a file (a decoder's fault on hostile data, the ker
 killer). The run goes on: the batch it was decoding, and any other batch in flight on the pool it
 took down, is decoded again one file at a time in a private process, so that only the file that
 kills a process alone becomes an error row. In threads the same fault would end the whole run.
+
+Processes that cannot start at all (no fork server or spawn here, the process limit reached, a
+script without the `if __name__ == "__main__":` guard that multiprocessing needs) are no reason
+to lose a night: the pool says so once and the screening threads decode, as without `--decoders`.
 """
 
 from __future__ import annotations
@@ -104,15 +108,19 @@ class DecodePool:
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._generation = 0  # how many pools a dead process has taken down so far
+        self.unavailable = False  # processes could not start here: the calling threads decode
 
     def decode(self, paths: list[Path], picture: bool = False) -> list[Decoded]:
         """Decode a batch in one of the processes; the results in the order of `paths`."""
-        pool, generation = self._current()
+        try:
+            pool, generation = self._current()
+        except _CannotStart:
+            return [self.decoder(p, picture) for p in paths]
         try:
             decoded = pool.submit(_decode_here, paths, picture).result()
         except BrokenProcessPool:
             self._discard(generation)
-            decoded = self._one_by_one(paths, picture)
+            return self._one_by_one(paths, picture)
         return [d.as_float() for d in decoded]
 
     def close(self) -> None:
@@ -124,8 +132,15 @@ class DecodePool:
 
     def _current(self) -> tuple[ProcessPoolExecutor, int]:
         with self._lock:
+            if self.unavailable:
+                raise _CannotStart
             if self._pool is None:
-                self._pool = _executor(self.decoder, self.processes)
+                try:
+                    self._pool = _started(self.decoder, self.processes)
+                except _CannotStart as exc:
+                    self.unavailable = True
+                    log.warning("decoding processes could not start (%s): the screening threads decode instead", exc)
+                    raise
             return self._pool, self._generation
 
     def _discard(self, generation: int) -> None:
@@ -146,8 +161,15 @@ class DecodePool:
         out: list[Decoded] = []
         pool: ProcessPoolExecutor | None = None
         try:
-            for path in paths:
-                pool = pool or _executor(self.decoder, 1)
+            for i, path in enumerate(paths):
+                try:
+                    pool = pool or _started(self.decoder, 1)
+                except _CannotStart:
+                    with self._lock:
+                        self.unavailable = True
+                    log.warning("decoding processes no longer start: the screening threads decode instead")
+                    out += [self.decoder(p, picture) for p in paths[i:]]
+                    break
                 try:
                     out += pool.submit(_decode_here, [path], picture).result()
                 except BrokenProcessPool:
@@ -158,15 +180,37 @@ class DecodePool:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
-        return out
+        return [d.as_float() for d in out]
 
 
-def _executor(decoder: Decoder, processes: int) -> ProcessPoolExecutor:
-    """Processes that hold `decoder`, started by a fork server where there is one (forking this
-    process, with onnxruntime's threads running, is not safe), by spawning elsewhere."""
+class _CannotStart(Exception):
+    """Decoding processes cannot be started here."""
+
+
+def _started(decoder: Decoder, processes: int) -> ProcessPoolExecutor:
+    """`processes` running processes that hold `decoder`, started by a fork server where there is
+    one (forking this process, with onnxruntime's threads running, is not safe), by spawning
+    elsewhere; all of them answer once before any file is given to them, so that a pool that
+    cannot start is not taken for a file that kills its process."""
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    return ProcessPoolExecutor(processes, mp_context=context, initializer=_hold, initargs=(decoder,))
+    if "forkserver" in methods:
+        context.set_forkserver_preload(["cxrbatch.decoding"])  # each process starts with these imports done
+    try:
+        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_hold, initargs=(decoder,))
+    except OSError as exc:
+        raise _CannotStart(str(exc)) from None
+    try:
+        for probe in [pool.submit(_ready) for _ in range(processes)]:
+            probe.result()
+    except (BrokenProcessPool, OSError) as exc:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise _CannotStart(str(exc) or type(exc).__name__) from None
+    return pool
+
+
+def _ready() -> bool:
+    return True
 
 
 _held: Decoder | None = None  # in a decoding process: the decoder its pool gave it

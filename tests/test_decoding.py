@@ -122,3 +122,31 @@ def test_more_processes_than_cores_get_a_thread_each(tiny_models: Path) -> None:
     assert Screener(gate, classifier, workers=2, decoders=64).workers == 2  # unless told otherwise
     with pytest.raises(ValueError, match="decoders at least 0"):
         Screener(gate, classifier, decoders=-1)
+
+
+UNGUARDED = """\
+import sys
+from pathlib import Path
+from cxrbatch.runner import RunOptions, run
+run(RunOptions(inputs=[Path(sys.argv[1])], csv_out=sys.argv[2], models_dir=Path(sys.argv[3]), batch_size=2, decoders=2))
+"""
+
+
+def test_processes_that_cannot_start_leave_the_decoding_to_the_threads(
+    tmp_path: Path, tiny_models: Path, incoming: Path
+) -> None:
+    # a script without `if __name__ == "__main__":` cannot start processes that import it again
+    script = tmp_path / "nightly.py"
+    script.write_text(UNGUARDED, encoding="utf-8")
+    out, reference = tmp_path / "r.csv", tmp_path / "t.csv"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(incoming), str(out), str(tiny_models)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "decoding processes could not start" in proc.stderr
+    assert CRASHED not in out.read_text(encoding="utf-8")
+    run_screening(RunOptions(inputs=[incoming], csv_out=str(reference), models_dir=tiny_models, batch_size=2))
+    assert _rows(out) == _rows(reference)
