@@ -9,7 +9,8 @@ section runs on its own, so one failure is recorded in the JSON and does not hid
 1. which providers the sessions really got (`--device cuda` must not fall back to the CPU);
 2. parity: CUDA against CPU scores and CAMs on the same tensors (TF32 on and off, and float16);
 3. inference only, gate + classifier on pre-decoded tensors, CPU against CUDA, by batch size;
-4. `cxrbatch run` end to end in a fresh process, CPU against CUDA, by batch size and decode workers;
+4. `cxrbatch run` end to end in a fresh process, CPU against CUDA, by batch size, worker threads and
+   decoding processes (`--decoders`), whole process and screening phase apart;
 5. one image, process start to report written, CPU against CUDA.
 """
 
@@ -222,23 +223,31 @@ def _both_rate(gate: Model, clf: Model, g: np.ndarray, c: np.ndarray, batch: int
     return stats(len(g), timed(both, repeats))
 
 
-def end_to_end(folder: Path, n: int, configs: list[tuple[str, int, int, Path]], repeats: int) -> dict[str, Any]:
-    """Fresh-process `cxrbatch run` per (device, batch, workers, models), first run apart from the rest."""
+def end_to_end(folder: Path, n: int, configs: list[tuple[str, int, int, int, Path]], repeats: int) -> dict[str, Any]:
+    """Fresh-process `cxrbatch run` per (device, batch, workers, decoding processes, models), first
+    run apart from the rest; the screening phase (first file to last result, from the run's JSON)
+    apart from the whole process, whose start-up (CUDA's above all) weighs on a small folder."""
     out: dict[str, Any] = {}
     report = folder.parent / "e2e.csv"
-    for device, batch, workers, models_dir in configs:
-        args = ["run", str(folder), "--out", str(report), "-q", "--device", device]
-        args += ["--batch-size", str(batch), "--workers", str(workers), "--models", str(models_dir)]
+    for device, batch, workers, decoders, models_dir in configs:
+        args = ["run", str(folder), "--out", str(report), "--json", str(report.with_suffix(".json")), "-q"]
+        args += ["--device", device, "--batch-size", str(batch), "--workers", str(workers)]
+        args += ["--decoders", str(decoders), "--models", str(models_dir)]
         key = f"{device} {models_dir.name} batch {batch} workers {workers}"
-        out[key] = attempt(_fresh_runs, args, n, repeats)
+        key += f" decoders {decoders}" if decoders else ""
+        out[key] = attempt(_fresh_runs, args, report.with_suffix(".json"), n, repeats)
     return out
 
 
-def _fresh_runs(args: list[str], n: int, repeats: int) -> dict[str, Any]:
-    runs = [cli_run(args) for _ in range(repeats + 1)]
+def _fresh_runs(args: list[str], doc: Path, n: int, repeats: int) -> dict[str, Any]:
+    runs, screening = [], []
+    for _ in range(repeats + 1):
+        runs.append(cli_run(args))
+        screening.append(json.loads(doc.read_text(encoding="utf-8"))["summary"]["seconds"])
     return {
         "first_s": round(runs[0][0], 2),
         **stats(n, [r[0] for r in runs[1:]]),
+        "screening_phase": stats(n, screening[1:]),
     }
 
 
@@ -266,8 +275,9 @@ def main() -> None:
     parser.add_argument(
         "--e2e",
         nargs="+",
-        default=["cpu:8:2", "cpu:32:8", "cuda:32:2", "cuda:32:8", "cuda:32:14", "cuda:64:14"],
-        help="end-to-end runs as DEVICE:BATCH:WORKERS (the float16 models are added at cuda:64:14)",
+        default=["cpu:8:2", "cpu:32:8", "cuda:32:2", "cuda:32:8", "cuda:32:14", "cuda:64:14", "cuda:32:14:14"],
+        help="end-to-end runs as DEVICE:BATCH:WORKERS[:DECODERS], DECODERS being `--decoders` (decoding"
+        " processes; default 0); the float16 models are added at cuda:64:14",
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -280,9 +290,10 @@ def main() -> None:
         add_photos(syn, int(args.images * args.photos))
         paths = sorted(syn.iterdir())
         n = len(paths)
-        configs = [(d, int(b), int(w), fp32_dir) for d, b, w in (c.split(":") for c in args.e2e)]
+        fields = [c.split(":") for c in args.e2e]
+        configs = [(d, int(b), int(w), int(p[0]) if p else 0, fp32_dir) for d, b, w, *p in fields]
         if "fp16" in models:
-            configs.append(("cuda", 64, 14, models["fp16"]))
+            configs.append(("cuda", 64, 14, 0, models["fp16"]))
         measures: dict[str, Callable[[], Any]] = {
             "environment": environment,
             "providers": lambda: providers_check(fp32_dir),

@@ -7,7 +7,8 @@
    time on sessions with a thread per core; the faster is the ceiling. Each model alone too (the
    gate's share of inference time);
 2. `cxrbatch run` end to end (decode + gate + classifier + reports) in a fresh process, first
-   (cold) and repeated (warm), on ../shared/data/bench and on a synthetic set;
+   (cold) and repeated (warm), on ../shared/data/bench and on a synthetic set; on the bench set
+   also with a decoding process per core (`--decoders`), as a ratio to the default threads;
 3. the seed-style baseline: the same Keras MobileNetV2 classifier, `model.predict` one image at a
    time (needs the export extra; skipped with a note otherwise);
 4. decode-only rate per format (with and without JPEG draft mode);
@@ -201,13 +202,14 @@ def cli_run(args: list[str], ok: tuple[int, ...] = (0, 3)) -> tuple[float, int, 
     return elapsed, int(usage.ru_maxrss / 1024), usage.ru_utime + usage.ru_stime
 
 
-def end_to_end(folder: Path, n: int, repeats: int, out: Path) -> dict[str, Any]:
-    """Cold (first) and warm (repeated) fresh-process runs over a folder; the JSON report of each
-    says how long its screening phase took (from the first file to the last result)."""
+def end_to_end(folder: Path, n: int, repeats: int, out: Path, options: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Cold (first) and warm (repeated) fresh-process runs over a folder, with `options` for
+    `cxrbatch run`; the JSON report of each says how long its screening phase took (from the
+    first file to the last result)."""
     doc = out.with_suffix(".json")
     runs, screening = [], []
     for _ in range(repeats + 1):
-        runs.append(cli_run(["run", str(folder), "--out", str(out), "--json", str(doc), "-q"]))
+        runs.append(cli_run(["run", str(folder), "--out", str(out), "--json", str(doc), "-q", *options]))
         screening.append(json.loads(doc.read_text(encoding="utf-8"))["summary"]["seconds"])
     cold, warm = runs[0], runs[1:]
     return {
@@ -314,6 +316,8 @@ def main() -> None:
             "all": [round(s, 2) for s in single],
         }
         report["end_to_end_bench"] = end_to_end(BENCH, len(bench), args.repeats, root / "r.csv")
+        decoders = ("--decoders", str(usable_cores()))
+        report["end_to_end_bench_decoders"] = end_to_end(BENCH, len(bench), args.repeats, root / "d.csv", decoders)
         syn = synthetic_set(root / "synthetic", bench, args.synthetic)
         report["end_to_end_synthetic"] = end_to_end(syn, args.synthetic, 1, root / "s.csv")
         report["inference_only_bench"] = inference_only(bench, args.repeats, batch=8)
@@ -327,6 +331,7 @@ def main() -> None:
     report["ratios"] = {
         "end_to_end_over_inference_only": round(warm / ceiling, 3),
         "end_to_end_over_seed_loop": round(warm / seed, 1) if seed else None,
+        "decoding_processes_over_threads": round(report["end_to_end_bench_decoders"]["warm"]["median_per_s"] / warm, 3),
     }
     report["pipeline_efficiency"] = efficiency(report, usable_cores())
     print_table(report)
@@ -350,6 +355,11 @@ def print_table(r: dict[str, Any]) -> None:
     rows += [
         ("cxrbatch run, bench, cold", f"{e2e['cold']['per_s']} img/s", f"{e2e['cold']['seconds']} s"),
         ("cxrbatch run, bench, warm", f"{e2e['warm']['median_per_s']} img/s", _spread(e2e["warm"])),
+        (
+            "  the same with a decoding process per core",
+            f"{r['end_to_end_bench_decoders']['warm']['median_per_s']} img/s",
+            f"{r['ratios']['decoding_processes_over_threads']} of the threads' rate",
+        ),
         ("cxrbatch run, synthetic 1024px JPEG, warm", f"{r['end_to_end_synthetic']['warm']['median_per_s']} img/s", ""),
         ("seed-style Keras loop (bench subset)", str(r["seed_baseline_bench"].get("median_per_s", "skipped")), ""),
         ("end to end / inference only", str(r["ratios"]["end_to_end_over_inference_only"]), ""),

@@ -1,4 +1,4 @@
-"""How far decoding in threads scales: the share of a decode that holds the GIL.
+"""How far decoding in threads scales (the share of a decode that holds the GIL), and in processes.
 
 Decodes the files of a folder into both models' inputs as `cxrbatch run` does (`Screener.decode`:
 JPEG at draft scale, both inputs made) with 1 thread and with one per usable core, per format, best of
@@ -9,17 +9,25 @@ per file); both are None where the speed-up reaches the core count (no share lef
 An estimate, not a measurement on a large machine: memory bandwidth and the models' own work
 there are not in it.
 
+Processes (`cxrbatch run --decoders N`, `cxrbatch.decoding.DecodePool`): the same files decoded by
+one process per core, batches of 8 handed out by one thread per process as the run does. This
+process then only receives each batch (unpickling uint8 inputs, casting them to float32): its CPU
+seconds per file, all counted as if they held the GIL, bound processes at 1 / that rate on any
+number of cores, a floor under the true bound.
+
     python -m benchmarks.threads ../shared/data/bench --json benchmarks/results/threads.json
 """
 
 from __future__ import annotations
 
+import resource
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from benchmarks.run import folder_args, folder_record, timed, write_json
 from cxrbatch.cores import usable_cores
+from cxrbatch.decoding import DecodePool
 from cxrbatch.discovery import iter_images
 from cxrbatch.models import default_models_dir, load_models
 from cxrbatch.pipeline import Screener
@@ -49,6 +57,30 @@ def scaling(screener: Screener, paths: list[Path], cores: int, repeats: int) -> 
     }
 
 
+def in_processes(screener: Screener, paths: list[Path], processes: int, repeats: int) -> dict[str, Any]:
+    """Files per second decoded by `processes` processes (best of `repeats`, after one warm-up
+    batch per process), and this process's own CPU seconds per file while they did."""
+    batches = [paths[i : i + 8] for i in range(0, len(paths), 8)]
+    pool = DecodePool(screener.decoder, processes)
+    try:
+        with ThreadPoolExecutor(max_workers=processes) as threads:
+            list(threads.map(pool.decode, batches[:processes]))
+            walls, cpus = [], []
+            for _ in range(repeats):
+                before = resource.getrusage(resource.RUSAGE_SELF)
+                walls += timed(lambda: list(threads.map(pool.decode, batches)), 1)
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    finally:
+        pool.close()
+    parent = min(cpus) / len(paths)
+    return {
+        f"{processes}_processes_per_s": round(len(paths) / min(walls), 1),
+        "parent_cpu_s_per_file": round(parent, 6),
+        "parent_bound_per_s": round(1 / parent) if parent > 0 else None,
+    }
+
+
 def main() -> None:
     args = folder_args(__doc__)
     paths = list(iter_images([args.folder])) * 2  # enough work per timing on a fast machine
@@ -62,16 +94,23 @@ def main() -> None:
     }
     result = {
         **folder_record(args),
-        "formats": {k: scaling(screener, v, cores, args.repeats) for k, v in groups.items() if v},
+        "formats": {
+            k: {**scaling(screener, v, cores, args.repeats), **in_processes(screener, v, cores, args.repeats)}
+            for k, v in groups.items()
+            if v
+        },
     }
     print(
         f"{'format':<6} {'files':>6} {'1 thread':>9} {f'{cores} threads':>10} {'speed-up':>9}"
-        f" {'GIL share':>10} {'GIL-bound rate':>15}"
+        f" {'GIL share':>10} {'GIL-bound rate':>15} {f'{cores} processes':>12} {'parent CPU/file':>16}"
+        f" {'parent bound':>13}"
     )
     for name, row in result["formats"].items():
         print(
             f"{name:<6} {row['files']:>6} {row['one_thread_per_s']:>9} {row[f'{cores}_threads_per_s']:>10} "
             f"{row['speed_up']:>9} {row['gil_share']!s:>10} {row['gil_bound_per_s']!s:>15}"
+            f" {row[f'{cores}_processes_per_s']:>12} {row['parent_cpu_s_per_file']:>16}"
+            f" {row['parent_bound_per_s']!s:>13}"
         )
     write_json(args.json, result)
 
