@@ -15,20 +15,26 @@ killer). The run goes on: the batch it was decoding, and any other batch in flig
 took down, is decoded again one file at a time in a private process, so that only the file that
 kills a process alone becomes an error row. In threads the same fault would end the whole run.
 
-Processes that cannot start at all (no fork server or spawn here, the process limit reached, a
-script without the `if __name__ == "__main__":` guard that multiprocessing needs) are no reason
-to lose a night: the pool says so once and the screening threads decode, as without `--decoders`.
+Processes that cannot start (the process limit reached, a script without the
+`if __name__ == "__main__":` guard that multiprocessing needs, a start that takes longer than
+`START_TIMEOUT_S`) are no reason to lose a night: the run warns and the screening threads decode,
+with the same results. The processes ignore Ctrl-C (this process stops them) and end themselves
+when this process ends, however it ends, so a killed run leaves none behind.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +48,7 @@ from cxrbatch.ledger import crash_point
 log = logging.getLogger(__name__)
 
 CRASHED = "the decoding process died on this file (a decoder fault on its data?); it was not screened"
+START_TIMEOUT_S = 60.0  # for every decoding process of a pool to start and answer
 
 
 @dataclass
@@ -109,6 +116,7 @@ class DecodePool:
         self._pool: ProcessPoolExecutor | None = None
         self._generation = 0  # how many pools a dead process has taken down so far
         self.unavailable = False  # processes could not start here: the calling threads decode
+        self._closed = False
 
     def decode(self, paths: list[Path], picture: bool = False) -> list[Decoded]:
         """Decode a batch in one of the processes; the results in the order of `paths`."""
@@ -124,15 +132,16 @@ class DecodePool:
         return [d.as_float() for d in decoded]
 
     def close(self) -> None:
-        """Stop the processes (queued batches are dropped, running ones finish)."""
+        """Stop the processes (queued batches are dropped, running ones finish); for good: a
+        later `decode` decodes in the calling thread."""
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._closed = self._pool, None, True
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _current(self) -> tuple[ProcessPoolExecutor, int]:
         with self._lock:
-            if self.unavailable:
+            if self.unavailable or self._closed:
                 raise _CannotStart
             if self._pool is None:
                 try:
@@ -164,10 +173,11 @@ class DecodePool:
             for i, path in enumerate(paths):
                 try:
                     pool = pool or _started(self.decoder, 1)
-                except _CannotStart:
+                except _CannotStart as exc:
                     with self._lock:
-                        self.unavailable = True
-                    log.warning("decoding processes no longer start: the screening threads decode instead")
+                        first, self.unavailable = not self.unavailable, True
+                    if first:
+                        log.warning("decoding processes no longer start (%s): the threads decode instead", exc)
                     out += [self.decoder(p, picture) for p in paths[i:]]
                     break
                 try:
@@ -183,42 +193,72 @@ class DecodePool:
         return [d.as_float() for d in out]
 
 
-class _CannotStart(Exception):
-    """Decoding processes cannot be started here."""
-
-
 def _started(decoder: Decoder, processes: int) -> ProcessPoolExecutor:
     """`processes` running processes that hold `decoder`, started by a fork server where there is
     one (forking this process, with onnxruntime's threads running, is not safe), by spawning
-    elsewhere; all of them answer once before any file is given to them, so that a pool that
-    cannot start is not taken for a file that kills its process."""
+    elsewhere. Each of them answers once before any file is given to them (a barrier holds every
+    answer until all have started), so that a pool that cannot start is not taken for a file that
+    kills its process; one that cannot is stopped, its processes killed, and `_CannotStart` raised."""
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
         context.set_forkserver_preload(["cxrbatch.decoding"])  # each process starts with these imports done
+    pool: ProcessPoolExecutor | None = None
     try:
-        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_hold, initargs=(decoder,))
-    except OSError as exc:
-        raise _CannotStart(str(exc)) from None
-    try:
-        for probe in [pool.submit(_ready) for _ in range(processes)]:
-            probe.result()
-    except (BrokenProcessPool, OSError) as exc:
-        pool.shutdown(wait=False, cancel_futures=True)
+        everyone = context.Barrier(processes)
+        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_hold, initargs=(decoder, everyone))
+        for probe in [pool.submit(_ready, START_TIMEOUT_S) for _ in range(processes)]:
+            probe.result(timeout=START_TIMEOUT_S)
+        return pool
+    # BrokenProcessPool: a process died starting; OSError: no fork or pipe; EOFError: the fork server
+    # died (it could not fork); a broken barrier or a timeout: a process never came up
+    except (BrokenProcessPool, OSError, EOFError, threading.BrokenBarrierError, FutureTimeout) as exc:
+        if pool is not None:
+            _stop(pool)
         raise _CannotStart(str(exc) or type(exc).__name__) from None
-    return pool
 
 
-def _ready() -> bool:
-    return True
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's processes and let it go (one that did not start, or is broken)."""
+    for process in list(getattr(pool, "_processes", {}).values()):  # not public; no other way to reach them
+        try:
+            process.kill()
+        except (OSError, ValueError):
+            pass
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _CannotStart(Exception):
+    """Decoding processes cannot be started here."""
 
 
 _held: Decoder | None = None  # in a decoding process: the decoder its pool gave it
 
 
-def _hold(decoder: Decoder) -> None:
-    global _held
-    _held = decoder
+def _hold(decoder: Decoder, everyone: threading.Barrier) -> None:
+    """A decoding process's start: keep the decoder, ignore Ctrl-C (the screening process stops
+    its processes itself), and end when the screening process ends, even by kill -9."""
+    global _held, _everyone
+    _held, _everyone = decoder, everyone
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_end_with, args=(parent.sentinel,), daemon=True).start()
+
+
+_everyone: threading.Barrier | None = None
+
+
+def _end_with(sentinel: int) -> None:
+    wait([sentinel])
+    os._exit(1)
+
+
+def _ready(timeout: float) -> bool:
+    """A probe: answers once every process of the pool has started (each answers one probe)."""
+    assert _everyone is not None
+    _everyone.wait(timeout)
+    return True
 
 
 def _decode_here(paths: list[Path], picture: bool) -> list[Decoded]:

@@ -66,7 +66,8 @@ def test_run_help_documents_exit_codes() -> None:
     assert "3 finished, but some files could not be read" in text
     assert "run [OPTIONS] {INPUT...}" in text  # one or more inputs
     workers_help = "--workers <int range> threads that decode and screen batches side by side"
-    assert f"{workers_help} (default: one per usable core;" in text
+    assert f"{workers_help} (default: one per usable core, or one per decoding process if --decoders is more;" in text
+    assert "--decoders <int range> processes that decode the files" in text
 
 
 def test_run_writes_csv_and_json_and_exits_3_on_bad_file(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:

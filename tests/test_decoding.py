@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def test_processes_give_what_the_threads_give(tiny_models: Path, incoming: Path)
     try:
         decoded, _ = screen_all(processes, paths)
         pictures = list(processes.class_maps(paths))
+        assert len(multiprocessing.active_children()) >= 2  # the processes did decode (no fallback)
     finally:
         processes.close()
     # every field, scores to the last bit: the same pixels reach the same models
@@ -150,3 +152,32 @@ def test_processes_that_cannot_start_leave_the_decoding_to_the_threads(
     assert CRASHED not in out.read_text(encoding="utf-8")
     run_screening(RunOptions(inputs=[incoming], csv_out=str(reference), models_dir=tiny_models, batch_size=2))
     assert _rows(out) == _rows(reference)
+
+
+def _marked(mark: str) -> list[int]:
+    """The processes whose environment carries `mark`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if mark.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux's /proc to find the processes")
+def test_a_killed_run_leaves_no_decoding_process_behind(tmp_path: Path, tiny_models: Path, incoming: Path) -> None:
+    mark = f"CXRBATCH_TEST_MARK={os.getpid()}-{tmp_path.name}"
+    key, value = mark.split("=")
+    env = {**os.environ, key: value, "CXRBATCH_CRASH_AT": "batch_committed"}  # kill -9 after a first batch
+    args = ["run", str(incoming), "--models", str(tiny_models), "--ledger", str(tmp_path / "l.db"), "--decoders", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI, *args, "--batch-size", "2", "-q"], env=env, capture_output=True, timeout=120
+    )
+    assert proc.returncode == -9
+    deadline = time.monotonic() + 10
+    while _marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _marked(mark) == []

@@ -49,8 +49,8 @@ def run(
         typer.Option(
             "--workers",
             min=1,
-            help="threads that decode and screen batches side by side (default: one per usable core;"
-            " with --engine ray, each actor's worker threads, default 2)",
+            help="threads that decode and screen batches side by side (default: one per usable core, or one"
+            " per decoding process if --decoders is more; with --engine ray, each actor's worker threads, default 2)",
         ),
     ] = None,
     decoders: Annotated[
