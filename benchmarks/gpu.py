@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.run import cli_run, model_inputs, stats, synthetic_set, timed
+from benchmarks.run import end_to_end as run_end_to_end
 from cxrbatch.imaging import load_image
 from cxrbatch.models import CPU, CUDA, Model, default_models_dir, load_model, load_models
 
@@ -224,31 +225,17 @@ def _both_rate(gate: Model, clf: Model, g: np.ndarray, c: np.ndarray, batch: int
 
 
 def end_to_end(folder: Path, n: int, configs: list[tuple[str, int, int, int, Path]], repeats: int) -> dict[str, Any]:
-    """Fresh-process `cxrbatch run` per (device, batch, workers, decoding processes, models), first
-    run apart from the rest; the screening phase (first file to last result, from the run's JSON)
-    apart from the whole process, whose start-up (CUDA's above all) weighs on a small folder."""
+    """`benchmarks.run.end_to_end` (fresh-process runs, cold apart from warm, the screening phase
+    from each run's JSON apart from the whole process, whose start-up, CUDA's above all, weighs on
+    a small folder) per (device, batch, workers, decoding processes, models)."""
     out: dict[str, Any] = {}
-    report = folder.parent / "e2e.csv"
     for device, batch, workers, decoders, models_dir in configs:
-        args = ["run", str(folder), "--out", str(report), "--json", str(report.with_suffix(".json")), "-q"]
-        args += ["--device", device, "--batch-size", str(batch), "--workers", str(workers)]
-        args += ["--decoders", str(decoders), "--models", str(models_dir)]
+        options = ["--device", device, "--batch-size", str(batch), "--workers", str(workers)]
+        options += ["--decoders", str(decoders), "--models", str(models_dir)]
         key = f"{device} {models_dir.name} batch {batch} workers {workers}"
         key += f" decoders {decoders}" if decoders else ""
-        out[key] = attempt(_fresh_runs, args, report.with_suffix(".json"), n, repeats)
+        out[key] = attempt(run_end_to_end, folder, n, repeats, folder.parent / "e2e.csv", tuple(options))
     return out
-
-
-def _fresh_runs(args: list[str], doc: Path, n: int, repeats: int) -> dict[str, Any]:
-    runs, screening = [], []
-    for _ in range(repeats + 1):
-        runs.append(cli_run(args))
-        screening.append(json.loads(doc.read_text(encoding="utf-8"))["summary"]["seconds"])
-    return {
-        "first_s": round(runs[0][0], 2),
-        **stats(n, [r[0] for r in runs[1:]]),
-        "screening_phase": stats(n, screening[1:]),
-    }
 
 
 def single_image(path: Path, out_dir: Path, repeats: int) -> dict[str, Any]:

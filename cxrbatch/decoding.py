@@ -112,7 +112,7 @@ class DecodePool:
         if processes < 1:
             raise ValueError("a decode pool needs at least one process")
         self.decoder, self.processes = decoder, processes
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # `_give_up` takes it again while `_current` holds it
         self._pool: ProcessPoolExecutor | None = None
         self._generation = 0  # how many pools a dead process has taken down so far
         self.unavailable = False  # processes could not start here: the calling threads decode
@@ -128,7 +128,7 @@ class DecodePool:
             decoded = pool.submit(_decode_here, paths, picture).result()
         except BrokenProcessPool:
             self._discard(generation)
-            return self._one_by_one(paths, picture)
+            decoded = self._one_by_one(paths, picture)
         return [d.as_float() for d in decoded]
 
     def close(self) -> None:
@@ -147,10 +147,16 @@ class DecodePool:
                 try:
                     self._pool = _started(self.decoder, self.processes)
                 except _CannotStart as exc:
-                    self.unavailable = True
-                    log.warning("decoding processes could not start (%s): the screening threads decode instead", exc)
+                    self._give_up(exc)
                     raise
             return self._pool, self._generation
+
+    def _give_up(self, why: _CannotStart) -> None:
+        """From now on the calling threads decode; the first to find out says so."""
+        with self._lock:
+            first, self.unavailable = not self.unavailable, True
+        if first:
+            log.warning("decoding processes could not start (%s): the screening threads decode instead", why)
 
     def _discard(self, generation: int) -> None:
         """Drop the pool a dead process broke; the first thread to see it does, the others find a
@@ -166,7 +172,8 @@ class DecodePool:
 
     def _one_by_one(self, paths: list[Path], picture: bool) -> list[Decoded]:
         """Each file in a private process of its own, one after another: a file that kills that
-        process is the one to blame, and becomes an error row."""
+        process is the one to blame, and becomes an error row (inputs left as uint8, as a batch
+        comes back from a process)."""
         out: list[Decoded] = []
         pool: ProcessPoolExecutor | None = None
         try:
@@ -174,11 +181,8 @@ class DecodePool:
                 try:
                     pool = pool or _started(self.decoder, 1)
                 except _CannotStart as exc:
-                    with self._lock:
-                        first, self.unavailable = not self.unavailable, True
-                    if first:
-                        log.warning("decoding processes no longer start (%s): the threads decode instead", exc)
-                    out += [self.decoder(p, picture) for p in paths[i:]]
+                    self._give_up(exc)
+                    out += [self.decoder.pixels(p, picture) for p in paths[i:]]
                     break
                 try:
                     out += pool.submit(_decode_here, [path], picture).result()
@@ -190,7 +194,7 @@ class DecodePool:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
-        return [d.as_float() for d in out]
+        return out
 
 
 def _started(decoder: Decoder, processes: int) -> ProcessPoolExecutor:

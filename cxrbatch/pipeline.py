@@ -92,11 +92,20 @@ class Screener:
         self.gate, self.classifier = gate, classifier
         self.batch_size, self.workers, self.prefetch = batch_size, workers, prefetch
         specs = (gate.spec.input, classifier.spec.input)
-        self.draft_size = max(max(s.height, s.width) for s in specs) if draft else None
-        self.transform = transform
-        self.decoder = Decoder(gate.spec.input, classifier.spec.input, self.draft_size, transform)
+        draft_size = max(max(s.height, s.width) for s in specs) if draft else None
+        self.decoder = Decoder(gate.spec.input, classifier.spec.input, draft_size, transform)
         self.decoders = decoders
         self._pool = DecodePool(self.decoder, decoders) if decoders else None
+
+    @property
+    def draft_size(self) -> int | None:
+        """The least size JPEGs are decoded at (None: full size)."""
+        return self.decoder.draft_size
+
+    @property
+    def transform(self) -> Callable[[Image.Image], Image.Image] | None:
+        """The stress test applied to every decoded picture, if any."""
+        return self.decoder.transform
 
     def close(self) -> None:
         """Stop the decoding processes, if there are any."""
