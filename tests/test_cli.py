@@ -185,3 +185,58 @@ def test_referral_columns_in_both_reports_and_the_summary(tiny_models: Path, inc
     again = tmp_path / "again.csv"  # re-delivered from the ledger: the same referral cells
     code, _, _ = _run(*args[:4], "--ledger", str(ledger), "--report-all", "--out", str(again))
     assert again.read_text(encoding="utf-8").splitlines()[1:] == report.read_text(encoding="utf-8").splitlines()[1:]
+
+
+# The console script ends without the interpreter's teardown once a command is done
+# (`cxrbatch.cli._end_without_teardown`). Each script below runs `main()` as the console script
+# does, with an object whose finaliser writes TEARDOWN only if the teardown happens.
+_ENTRY = (
+    "import atexit, sys, threading, time\n"
+    "from cxrbatch.cli import main\n"
+    "class Witness:\n"
+    "    def __del__(self):\n"
+    "        sys.stderr.write('TEARDOWN\\n')\n"
+    "witness = Witness()\n"
+    "atexit.register(lambda: print('EXIT-HANDLER'))\n"
+)
+
+
+def _entry(tmp_path: Path, before_main: str, *args: str) -> subprocess.CompletedProcess[str]:
+    script = _ENTRY + before_main + f"sys.argv = ['cxrbatch', *{list(args)!r}]\nmain()\n"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+def test_console_script_skips_the_teardown_but_not_the_exit_handlers_or_the_exit_code(
+    tiny_models: Path, incoming: Path, tmp_path: Path
+) -> None:
+    done = _entry(tmp_path, "", "run", str(incoming), "--models", str(tiny_models), "--out", "-", "-q")
+    assert done.returncode == 3, done.stderr  # f_broken.jpg
+    assert "TEARDOWN" not in done.stderr
+    rows = list(csv.DictReader(io.StringIO(done.stdout.replace("EXIT-HANDLER\n", ""))))
+    assert sorted(Path(r["path"]).name for r in rows) == [
+        "a_dark.png",
+        "b_mid.jpg",
+        "c_light.PNG",
+        "d_white.jpeg",
+        "e_photo.png",
+        "f_broken.jpg",
+    ]
+    assert done.stdout.endswith("EXIT-HANDLER\n")  # the handlers ran after the report was flushed
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, code in (((str(empty),), 5), (("--batch-size", "0", str(incoming)), 2)):
+        done = _entry(tmp_path, "", "run", *args, "--models", str(tiny_models), "-q")
+        assert done.returncode == code, done.stderr
+        assert "TEARDOWN" not in done.stderr
+
+
+def test_console_script_waits_for_a_running_thread_and_keeps_an_exit_message(tmp_path: Path) -> None:
+    late = "threading.Thread(target=lambda: (time.sleep(0.3), print('THREAD-DONE'))).start()\n"
+    done = _entry(tmp_path, late, "--version")
+    assert done.returncode == 0, done.stderr
+    assert "THREAD-DONE" in done.stdout and "EXIT-HANDLER" in done.stdout
+    assert "TEARDOWN" in done.stderr  # the normal exit, which waits for the thread
+    plain = _entry(tmp_path, "", "--version")
+    assert plain.returncode == 0 and plain.stdout.startswith("cxrbatch ") and "TEARDOWN" not in plain.stderr
+    message = _entry(tmp_path, "import typer\ntyper.Typer.__call__ = lambda *a, **k: sys.exit('stopped: why')\n")
+    assert message.returncode == 1 and "stopped: why" in message.stderr
