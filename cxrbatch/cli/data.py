@@ -1,7 +1,5 @@
 """`cxrbatch data build`: the training tree, rebuilt from the source registry and local mirrors."""
 
-from __future__ import annotations
-
 from collections import Counter
 from pathlib import Path
 from typing import Annotated

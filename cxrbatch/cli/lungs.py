@@ -1,8 +1,6 @@
 """`cxrbatch lungs train` and `cxrbatch lungs crop`: the lung-field box model and the cropped
 training tree that measures it (export extra; see export/lungs.py)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

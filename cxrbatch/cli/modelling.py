@@ -5,8 +5,6 @@ so every `--help` works without the export extra. Errors are raised, never caugh
 command group turns them into one `[error]` line and the exit code of their class.
 """
 
-from __future__ import annotations
-
 import json
 from dataclasses import replace
 from enum import Enum

@@ -1,7 +1,5 @@
 """`cxrbatch run` and `cxrbatch ledger`: the nightly screening commands."""
 
-from __future__ import annotations
-
 import sys
 from enum import Enum
 from pathlib import Path
