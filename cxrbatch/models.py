@@ -276,6 +276,10 @@ def model_from_bytes(data: bytes, path: Path, role: str, providers: list[Any], t
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Two sessions take turns on the same cores: spinning threads of one starve the other.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Prepacking rearranges weights when the session opens, for the matrix products' kernels; here
+    # it cost about 0.03 s of each run's start (mostly the classifier's 1280 x 4329 familiarity
+    # matrix) and bought no measurable speed at batch 8 (benchmarks/README.md, *Start-up*).
+    options.add_session_config_entry("session.disable_prepacking", "1")
     options.intra_op_num_threads = threads or usable_cores()
     options.log_severity_level = 3
     try:
