@@ -183,9 +183,16 @@ def decode_cost(paths: list[Path]) -> dict[str, Any]:
     return {"images": len(paths), "cpu_s_per_image": round((time.thread_time() - started) / len(paths), 5)}
 
 
-def cli_run(args: list[str], ok: tuple[int, ...] = (0, 3)) -> tuple[float, int, float]:
-    """Run `cxrbatch` in a fresh process; return wall seconds, its peak RSS in MB and the CPU
-    seconds (user + system) it used.
+def in_tree(tree: Path | None) -> dict[str, Any]:
+    """Popen arguments that make `python -m cxrbatch…` import the package of source `tree`: first on
+    the path, and the working folder (which `-m` puts before it) the tree itself."""
+    return {} if tree is None else {"cwd": tree, "env": {**os.environ, "PYTHONPATH": str(tree)}}
+
+
+def cli_run(args: list[str], ok: tuple[int, ...] = (0, 3), tree: Path | None = None) -> tuple[float, int, float]:
+    """Run `cxrbatch` in a fresh process (the package of source `tree` if given, else the one this
+    process imports); return wall seconds, its peak RSS in MB and the CPU seconds (user + system)
+    it used.
 
     An exit status outside `ok` ends the benchmark with the command's stderr, which goes to a
     file rather than a pipe: nobody reads a pipe before the child ends, so a full one would block it.
@@ -193,7 +200,7 @@ def cli_run(args: list[str], ok: tuple[int, ...] = (0, 3)) -> tuple[float, int, 
     cmd = [sys.executable, "-m", "cxrbatch.cli", *args]
     with tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, **in_tree(tree))
         _, status, usage = os.wait4(proc.pid, 0)
         elapsed = time.perf_counter() - started
         if os.waitstatus_to_exitcode(status) not in ok:
