@@ -128,10 +128,14 @@ class Screener:
         }
 
     def describe(self) -> dict[str, object]:
-        """The engine that screens, for the JSON report."""
+        """The engine that screened, for the JSON report: decoding processes that could not start
+        count as none, with the reason (the threads decoded instead)."""
         described: dict[str, object] = {"name": "local", "threads": self.workers}
-        if self.decoders:
-            described["decoding_processes"] = self.decoders
+        if self._pool is not None:
+            why = self._pool.unavailable
+            described["decoding_processes"] = self.decoders if why is None else 0
+            if why is not None:
+                described["decoding_processes_unavailable"] = why
         return described
 
     def screen(self, paths: Iterable[Path], on_result: Callable[[Result], None] | None = None) -> Iterator[Result]:

@@ -160,7 +160,6 @@ class Report:
         self.labels = screener.classifier.spec.labels
         self.heatmap = options.heatmaps is not None
         self.models = {"gate": screener.gate.describe(), "classifier": screener.classifier.describe()}
-        self.engine = screener.describe()
 
     def finish_rows(self, items: Sequence[tuple[Path | None, Record]]) -> list[Record]:
         """The rows to report: with --heatmaps, each one that gets a heatmap has it (or says why not)."""
@@ -191,7 +190,8 @@ class Report:
         return render_csv(rows, self.labels, self.heatmap)
 
     def _json(self, rows: list[Record], summary: Summary, target: str) -> str:
-        return render_json(rows, self.labels, self.models, summary, self.started, self.heatmap, self.engine)
+        engine = self.screener.describe()  # after screening: what decoded, not what was asked for
+        return render_json(rows, self.labels, self.models, summary, self.started, self.heatmap, engine)
 
     def _html(self, rows: list[Record], summary: Summary, target: str) -> str:
         negative = self.screener.classifier.spec.negative_label or ""

@@ -130,7 +130,8 @@ UNGUARDED = """\
 import sys
 from pathlib import Path
 from cxrbatch.runner import RunOptions, run
-run(RunOptions(inputs=[Path(sys.argv[1])], csv_out=sys.argv[2], models_dir=Path(sys.argv[3]), batch_size=2, decoders=2))
+run(RunOptions(inputs=[Path(sys.argv[1])], csv_out=sys.argv[2], models_dir=Path(sys.argv[3]), batch_size=2, decoders=2,
+               json_out=sys.argv[4]))
 """
 
 
@@ -142,7 +143,7 @@ def test_processes_that_cannot_start_leave_the_decoding_to_the_threads(
     script.write_text(UNGUARDED, encoding="utf-8")
     out, reference = tmp_path / "r.csv", tmp_path / "t.csv"
     proc = subprocess.run(
-        [sys.executable, str(script), str(incoming), str(out), str(tiny_models)],
+        [sys.executable, str(script), str(incoming), str(out), str(tiny_models), str(tmp_path / "r.json")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -152,6 +153,9 @@ def test_processes_that_cannot_start_leave_the_decoding_to_the_threads(
     assert CRASHED not in out.read_text(encoding="utf-8")
     run_screening(RunOptions(inputs=[incoming], csv_out=str(reference), models_dir=tiny_models, batch_size=2))
     assert _rows(out) == _rows(reference)
+    engine = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["engine"]
+    assert engine["decoding_processes"] == 0  # the JSON says what decoded, not what was asked for
+    assert engine["decoding_processes_unavailable"] in proc.stderr
 
 
 def _marked(mark: str) -> list[int]:
