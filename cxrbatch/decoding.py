@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 from collections.abc import Callable
@@ -115,7 +116,7 @@ class DecodePool:
         self._lock = threading.RLock()  # `_give_up` takes it again while `_current` holds it
         self._pool: ProcessPoolExecutor | None = None
         self._generation = 0  # how many pools a dead process has taken down so far
-        self.unavailable = False  # processes could not start here: the calling threads decode
+        self.unavailable: str | None = None  # why processes could not start here (the calling threads decode)
         self._closed = False
 
     def decode(self, paths: list[Path], picture: bool = False) -> list[Decoded]:
@@ -141,7 +142,7 @@ class DecodePool:
 
     def _current(self) -> tuple[ProcessPoolExecutor, int]:
         with self._lock:
-            if self.unavailable or self._closed:
+            if self.unavailable is not None or self._closed:
                 raise _CannotStart
             if self._pool is None:
                 try:
@@ -154,7 +155,9 @@ class DecodePool:
     def _give_up(self, why: _CannotStart) -> None:
         """From now on the calling threads decode; the first to find out says so."""
         with self._lock:
-            first, self.unavailable = not self.unavailable, True
+            first = self.unavailable is None
+            if first:
+                self.unavailable = str(why)
         if first:
             log.warning("decoding processes could not start (%s): the screening threads decode instead", why)
 
@@ -210,7 +213,9 @@ def _started(decoder: Decoder, processes: int) -> ProcessPoolExecutor:
     pool: ProcessPoolExecutor | None = None
     try:
         everyone = context.Barrier(processes)
-        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_hold, initargs=(decoder, everyone))
+        pool = ProcessPoolExecutor(
+            processes, mp_context=context, initializer=_hold, initargs=(decoder, everyone, _logging_here())
+        )
         for probe in [pool.submit(_ready, START_TIMEOUT_S) for _ in range(processes)]:
             probe.result(timeout=START_TIMEOUT_S)
         return pool
@@ -239,11 +244,31 @@ class _CannotStart(Exception):
 _held: Decoder | None = None  # in a decoding process: the decoder its pool gave it
 
 
-def _hold(decoder: Decoder, everyone: threading.Barrier) -> None:
-    """A decoding process's start: keep the decoder, ignore Ctrl-C (the screening process stops
-    its processes itself), and end when the screening process ends, even by kill -9."""
+def _logging_here() -> tuple[int, logging.Formatter | None]:
+    """This process's log level and format (its root logger's first formatter, if it can travel
+    to another process), so that a decoding process logs as the run does: the command line's
+    timestamped lines, and its debug lines with -v."""
+    root = logging.getLogger()
+    formatter = next((h.formatter for h in root.handlers if h.formatter is not None), None)
+    try:
+        pickle.dumps(formatter)
+    except Exception:  # a caller's own formatter may hold anything; then the default format
+        formatter = None
+    return root.level, formatter
+
+
+def _hold(decoder: Decoder, everyone: threading.Barrier, logs: tuple[int, logging.Formatter | None]) -> None:
+    """A decoding process's start: keep the decoder, log as the screening process does, ignore
+    Ctrl-C (the screening process stops its processes itself), and end when the screening process
+    ends, even by kill -9."""
     global _held, _everyone
     _held, _everyone = decoder, everyone
+    level, formatter = logs
+    if formatter is not None:
+        handler = logging.StreamHandler()  # stderr, which the process shares with the run
+        handler.setFormatter(formatter)
+        logging.getLogger().handlers[:] = [handler]
+    logging.getLogger().setLevel(level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is not None:

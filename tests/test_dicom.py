@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,6 +105,20 @@ def test_multi_frame_gives_first_frame_with_warning(tmp_path: Path, caplog: pyte
         arr = np.asarray(load_image(make_dicom(tmp_path / "mf.dcm", frames)))
     assert arr[0, 0] == 0
     assert "multi-frame DICOM (2 frames)" in caplog.text
+
+
+@pytest.mark.parametrize("decoders", ["0", "1"])
+def test_the_warning_is_a_line_of_the_runs_log_in_a_decoding_process_too(
+    tmp_path: Path, tiny_models: Path, decoders: str
+) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    make_dicom(folder / "mf.dcm", np.stack([ramp(), ramp()[::-1]]))
+    args = ["run", str(folder), "--models", str(tiny_models), "--out", str(tmp_path / "r.csv"), "--decoders", decoders]
+    done = subprocess.run([sys.executable, "-m", "cxrbatch.cli", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    stamped = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[warning\] multi-frame DICOM \(2 frames\)"
+    assert re.search(stamped, done.stderr, re.MULTILINE), done.stderr
 
 
 def test_no_pixel_data_is_an_error(tmp_path: Path) -> None:
