@@ -186,7 +186,10 @@ def decode_cost(paths: list[Path]) -> dict[str, Any]:
 def in_tree(tree: Path | None) -> dict[str, Any]:
     """Popen arguments that make `python -m cxrbatch…` import the package of source `tree`: first on
     the path, and the working folder (which `-m` puts before it) the tree itself."""
-    return {} if tree is None else {"cwd": tree, "env": {**os.environ, "PYTHONPATH": str(tree)}}
+    if tree is None:
+        return {}
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+    return {"cwd": tree, "env": {**os.environ, "PYTHONPATH": path}}
 
 
 def cli_run(args: list[str], ok: tuple[int, ...] = (0, 3), tree: Path | None = None) -> tuple[float, int, float]:

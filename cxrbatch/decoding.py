@@ -117,6 +117,7 @@ class DecodePool:
         self._pool: ProcessPoolExecutor | None = None
         self._generation = 0  # how many pools a dead process has taken down so far
         self.unavailable: str | None = None  # why processes could not start here (the calling threads decode)
+        self.ran = False  # whether processes started here and were given files
         self._closed = False
 
     def decode(self, paths: list[Path], picture: bool = False) -> list[Decoded]:
@@ -150,6 +151,7 @@ class DecodePool:
                 except _CannotStart as exc:
                     self._give_up(exc)
                     raise
+                self.ran = True
             return self._pool, self._generation
 
     def _give_up(self, why: _CannotStart) -> None:
@@ -247,7 +249,7 @@ _held: Decoder | None = None  # in a decoding process: the decoder its pool gave
 def _logging_here() -> tuple[int, logging.Formatter | None]:
     """This process's log level and format (its root logger's first formatter, if it can travel
     to another process), so that a decoding process logs as the run does: the command line's
-    timestamped lines, and its debug lines with -v."""
+    timestamped lines (`cxrbatch.logs`), and its debug lines with -v."""
     root = logging.getLogger()
     formatter = next((h.formatter for h in root.handlers if h.formatter is not None), None)
     try:

@@ -116,7 +116,10 @@ class Screener:
         """Every setting that can change a result: the ledger's run fingerprint is made of these.
 
         Batch size and worker threads change nothing (reports are byte-identical across them);
-        the device does, in the last decimals (CUDA and CPU agree within about 3e-6).
+        the device does, in the last decimals (CUDA and CPU agree within about 3e-6). The CPU's own
+        kernels are not in it: onnxruntime chooses them by instruction set, and its session
+        options choose how they are fed (prepacked weights or not: up to 1e-6 on the bench films),
+        so the sixth decimal can move between CPU machines and versions under one fingerprint.
         """
         return {
             "gate": self.gate.sha256,
@@ -128,14 +131,14 @@ class Screener:
         }
 
     def describe(self) -> dict[str, object]:
-        """The engine that screened, for the JSON report: decoding processes that could not start
-        count as none, with the reason (the threads decoded instead)."""
+        """The engine that screened, for the JSON report: the decoding processes if they decoded
+        (none if they never started), and why they could not start if that happened (the threads
+        decoded from then on)."""
         described: dict[str, object] = {"name": "local", "threads": self.workers}
         if self._pool is not None:
-            why = self._pool.unavailable
-            described["decoding_processes"] = self.decoders if why is None else 0
-            if why is not None:
-                described["decoding_processes_unavailable"] = why
+            described["decoding_processes"] = self.decoders if self._pool.ran else 0
+            if self._pool.unavailable is not None:
+                described["decoding_processes_unavailable"] = self._pool.unavailable
         return described
 
     def screen(self, paths: Iterable[Path], on_result: Callable[[Result], None] | None = None) -> Iterator[Result]:

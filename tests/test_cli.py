@@ -240,3 +240,26 @@ def test_console_script_waits_for_a_running_thread_and_keeps_an_exit_message(tmp
     assert plain.returncode == 0 and plain.stdout.startswith("cxrbatch ") and "TEARDOWN" not in plain.stderr
     message = _entry(tmp_path, "import typer\ntyper.Typer.__call__ = lambda *a, **k: sys.exit('stopped: why')\n")
     assert message.returncode == 1 and "stopped: why" in message.stderr
+
+
+@pytest.mark.parametrize("closed", [">&-", "2>&-"])
+def test_console_script_with_a_closed_stream_keeps_its_exit_code(closed: str) -> None:
+    done = subprocess.run(
+        ["/bin/sh", "-c", f'"$0" -m cxrbatch.cli --version {closed}; echo "rc=$?" >&2', sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stderr.splitlines()[-1] == "rc=0", done.stderr  # the shell's own stderr is open
+
+
+def test_console_script_under_a_profiler_lets_it_write_its_results(tmp_path: Path) -> None:
+    profile = tmp_path / "run.prof"
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "cxrbatch.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert profile.is_file() and profile.stat().st_size > 0

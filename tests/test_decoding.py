@@ -100,6 +100,13 @@ def test_the_json_report_names_the_decoding_processes(tmp_path: Path, tiny_model
     assert report["engine"] == {"name": "local", "threads": 1, "decoding_processes": 3}
     assert json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["engine"] == {"name": "local", "threads": 1}
     assert report["results"] == json.loads((tmp_path / "t.json").read_text(encoding="utf-8"))["results"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = runner.invoke(
+        app, [*args[:1], str(empty), *args[2:], "--decoders", "3", "--json", str(tmp_path / "e.json")]
+    )
+    assert nothing.exit_code == 5  # no file, so no process started: none named
+    assert json.loads((tmp_path / "e.json").read_text(encoding="utf-8"))["engine"]["decoding_processes"] == 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,20 @@
+"""How cxrbatch's log lines look, in the command line and in its decoding processes alike.
+
+A module of its own, importing nothing of cxrbatch, so that a decoding process can be given the
+run's format (`cxrbatch.decoding`) without importing the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+class LineFormatter(logging.Formatter):
+    """`2026-12-02 02:00:03 [error] message`: a timestamp on every line, the level as a grep-able word."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self.formatTime(record, TIME_FORMAT)} [{record.levelname.lower()}] {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else ""
+        )
