@@ -13,7 +13,6 @@ decoding and inference of different batches interleave with no hand-over between
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +32,6 @@ from cxrbatch.imaging import PREPROCESSING_VERSION
 from cxrbatch.models import Model
 from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR, REJECTED, Record, Summary
 
-log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 # The gate's scores (N,) and the classifier's named outputs for the N readable files of a batch.
 ModelOutputs = tuple[np.ndarray, dict[str, np.ndarray]]
@@ -94,7 +92,6 @@ class Screener:
         specs = (gate.spec.input, classifier.spec.input)
         draft_size = max(max(s.height, s.width) for s in specs) if draft else None
         self.decoder = Decoder(gate.spec.input, classifier.spec.input, draft_size, transform)
-        self.decoders = decoders
         self._pool = DecodePool(self.decoder, decoders) if decoders else None
 
     @property
@@ -136,7 +133,7 @@ class Screener:
         decoded from then on)."""
         described: dict[str, object] = {"name": "local", "threads": self.workers}
         if self._pool is not None:
-            described["decoding_processes"] = self.decoders if self._pool.ran else 0
+            described["decoding_processes"] = self._pool.processes if self._pool.ran else 0
             if self._pool.unavailable is not None:
                 described["decoding_processes_unavailable"] = self._pool.unavailable
         return described
