@@ -249,6 +249,11 @@ class Screener:
             unfamiliar=result.unfamiliar,
         )
 
+    def summary(self, records: list[Record], **run: object) -> Summary:
+        """The counts of a run's reported rows (`run`: found, screened, reused, seconds), with
+        the site check of those rows against this classifier's reference films."""
+        return Summary.of(records, **run, site=sitecheck.of_run(records, self.classifier))
+
     def gate_scores(self, batch: np.ndarray) -> np.ndarray:
         """The gate's score of each picture of a stacked batch of gate inputs, shape (N,)."""
         return self._run(self.gate, batch)[self.gate.spec.score_output][:, 0]
@@ -294,9 +299,7 @@ def screen_all(
     started = time.perf_counter()
     results = list(screener.screen(paths, on_result))
     seconds = time.perf_counter() - started
-    records = [screener.record(r) for r in results]
-    site = sitecheck.of_run(records, screener.classifier)
-    return results, Summary.of(records, screened=len(results), seconds=seconds, site=site)
+    return results, screener.summary([screener.record(r) for r in results], screened=len(results), seconds=seconds)
 
 
 def _chunked(items: Iterator[Path], size: int) -> Iterator[list[Path]]:

@@ -18,7 +18,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxrbatch import sitecheck
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.heatmaps import add_heatmaps
@@ -219,8 +218,7 @@ def _run_plain(screener: Screener, paths: list[Path], report: Report, reporter: 
     items = [(r.path, screener.record(r)) for r in screener.screen(paths, _progress_hook(len(paths), reporter))]
     seconds = time.perf_counter() - started
     rows = report.finish_rows(items)
-    site = sitecheck.of_run(rows, screener.classifier)
-    summary = Summary.of(rows, found=len(paths), screened=len(items), seconds=seconds, site=site)
+    summary = screener.summary(rows, found=len(paths), screened=len(items), seconds=seconds)
     report.write(rows, summary)
     return summary
 
@@ -251,7 +249,7 @@ def _run_with_ledger(
     items += unreadable
     rows = report.finish_rows(items)
     run = {"found": len(paths), "screened": len(todo), "reused": reused, "seconds": seconds}
-    summary = Summary.of(rows, **run, site=sitecheck.of_run(rows, screener.classifier))
+    summary = screener.summary(rows, **run)
     crash_point("before_report")
     report.write(rows, summary, earlier=ledger.delivered_to)
     crash_point("after_report")
