@@ -1,4 +1,4 @@
-"""`cxrbatch data build`: the training tree, rebuilt from the source registry and local mirrors."""
+"""`cxrbatch data`: the training tree rebuilt from the registry and local mirrors, its record, selections of it."""
 
 from collections import Counter
 from pathlib import Path
@@ -10,7 +10,7 @@ from cxrbatch.cli import _setup_logging, app
 
 data_app = typer.Typer(
     no_args_is_help=True,
-    help="Build training data from a source registry.\n\n"
+    help="Build training data from a source registry, record it, select from it.\n\n"
     "Example: cxrbatch data build export/registry.toml --mirrors MIRRORS --out DATA_DIR",
 )
 app.add_typer(data_app, name="data")
@@ -73,3 +73,33 @@ def record(
     text, images = training_record(data_dir)
     write_text(str(out), text)
     typer.echo(f"wrote the record of {images} images to {out}", err=True)
+
+
+@data_app.command("select")
+def select(
+    data_dir: Annotated[Path, typer.Argument(help="a labelled tree, e.g. one written by `cxrbatch data build`")],
+    out: Annotated[Path, typer.Option("--out", help="folder to write the <LABEL>/ links and MANIFEST.csv into")],
+    split: Annotated[str, typer.Option(help="split to take (train, val, test); all: every split")] = "val",
+    source: Annotated[
+        list[str] | None, typer.Option("--source", help="only films of this MANIFEST.csv source (repeatable)")
+    ] = None,
+    exclude_source: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-source", help="leave this MANIFEST.csv source out (repeatable)"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an earlier selection in --out")] = False,
+) -> None:
+    """Link some of a tree's films into a labelled folder that `calibrate`, `evaluate` and `run` read.
+
+    The films are linked, not copied; OUT/MANIFEST.csv keeps their rows. For example, a fold
+    model trained without NIH is calibrated on the val films of the collections it saw:
+
+    Example: cxrbatch data select data/union --split val --exclude-source nih-cxr14 --out runs/val-seen
+    """
+    from cxrbatch.databuild.select import select as select_films
+
+    chosen = select_films(
+        data_dir, split, out, only=tuple(source or ()), exclude=tuple(exclude_source or ()), force=force
+    )
+    counts = ", ".join(f"{label} {n}" for label, n in chosen.counts().items())
+    typer.echo(f"linked {len(chosen.paths)} films into {out} ({counts})")

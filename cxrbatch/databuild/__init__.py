@@ -4,7 +4,9 @@
 - `readers`: the files of one source, from a local git mirror, a wheel or a folder;
 - `hashing`: pixel ids and the dHashes that find copies across collections;
 - `clusters`: near-duplicate and patient links joined into clusters;
-- `builder`: conversion, exclusions, the split by cluster and the MANIFEST.csv.
+- `builder`: conversion, exclusions, the split by cluster and the MANIFEST.csv;
+- `record`: a built tree's manifest without the images (`cxrbatch data record`);
+- `select`: a labelled folder linking some of a tree's films, by split and source (`cxrbatch data select`).
 
 Nothing here downloads: mirrors are fetched beforehand, and a rebuild of the same mirrors gives
 byte-identical output.
