@@ -99,8 +99,15 @@ def test_refusals_leave_everything_as_it_was(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"no MANIFEST\.csv"):
         select(bare, "val", tmp_path / "t", only=("nih",))
     assert not (tmp_path / "t").exists() and not (data / "val-copy").exists()
+    grey_image(bare / "val" / "NORMAL" / "b.png", 30)
+    (bare / "test" / "NORMAL").mkdir(parents=True)
+    grey_image(bare / "test" / "NORMAL" / "b.png", 30)
+    with pytest.raises(UsageError, match=r"share the name\(s\) \['NORMAL/b\.png'\]"):
+        select(bare, "all", tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    (bare / "test" / "NORMAL" / "b.png").unlink()
     select(bare, "val", tmp_path / "t")  # without sources a tree needs no manifest
-    assert [p.name for p in (tmp_path / "t").rglob("*.png")] == ["a.png"]
+    assert sorted(p.name for p in (tmp_path / "t").rglob("*.png")) == ["a.png", "b.png"]
     assert not (tmp_path / "t" / "MANIFEST.csv").exists()
 
 

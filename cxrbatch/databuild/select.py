@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from cxrbatch.datasets import MANIFEST, Split, labelled_images, only_sources, read_manifest, without_sources
@@ -38,14 +39,15 @@ def select(
     chosen = without_sources(only_sources(labelled_images(data_dir, split), manifest, only), manifest, exclude)
     if not chosen.paths:
         raise UsageError("No film is left in this selection")
+    links = [Path(label) / path.name for path, label in zip(chosen.paths, chosen.names(), strict=True)]
+    if len(set(links)) < len(links):
+        twice = sorted(str(link) for link, n in Counter(links).items() if n > 1)
+        raise UsageError(f"selected films share the name(s) {twice[:3]}: select one split at a time")
     _clear(out, force)
     out.mkdir(parents=True)
-    for path, label in zip(chosen.paths, chosen.names(), strict=True):
-        link = out / label / path.name
-        link.parent.mkdir(exist_ok=True)
-        if link.is_symlink():
-            raise UsageError(f"two selected films share the name {label}/{path.name}: select one split at a time")
-        link.symlink_to(path.resolve())
+    for path, link in zip(chosen.paths, links, strict=True):
+        (out / link).parent.mkdir(exist_ok=True)
+        (out / link).symlink_to(path.resolve())
     _write_manifest(out / MANIFEST, data_dir / MANIFEST, {p.stem for p in chosen.paths})
     return chosen
 
