@@ -231,8 +231,9 @@ def calibrate(
 ) -> None:
     """Choose the referral threshold on a site's own labelled films and write the site's models.
 
-    The threshold is the highest whose one-sided 95% bootstrap lower bound of the sensitivity on
-    the abnormal films reaches the target. Then screen with them: cxrbatch run ./incoming --models DIR
+    The threshold is the highest that reaches the target sensitivity on the abnormal films with
+    95% confidence (an order statistic of their scores, chosen by the binomial law; at least 59
+    abnormal films for 0.95). Then screen with them: cxrbatch run ./incoming --models DIR
 
     Example: cxrbatch calibrate site-films --target-sensitivity 0.95 --out site-models
     """
