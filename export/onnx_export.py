@@ -109,6 +109,7 @@ def model_spec(summary: dict[str, Any], version: str, outputs: list[str]) -> Mod
         "training": {
             **{k: summary[k] for k in ("config", "data", "history", "train_seconds", "base_weights")},
             "sources": summary.get("sources", []),  # [{"source", "label", "train"}]; older sidecars lack it
+            **({"made_with": summary["made_with"]} if "made_with" in summary else {}),  # older sidecars lack it
         },
         "validation": summary.get("validation", {}),
         "exported": datetime.now(timezone.utc).strftime("%Y-%m-%d"),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -96,9 +97,35 @@ def train(
     model.save(out)
     summary = _summary(data_dir, fitting, history, plan, val_scores, base_weights)
     summary["train_seconds"] = round(time.time() - started, 1)
+    summary["made_with"] = made_with()
     sidecar_path(out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     log.info("saved %s in %.0f s", out, summary["train_seconds"])
     return summary
+
+
+def made_with() -> dict[str, str]:
+    """The libraries and processor a model was trained with: a rerun reproduces a model bit for bit
+    only with the same ones (decoding and augmentation go through Pillow, the kernels through
+    TensorFlow's CPU code paths, which differ between processors)."""
+    import platform
+
+    import PIL
+    import tensorflow as tf
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "cpu": f"{cpu} ({os.cpu_count()} cores)",
+    }
 
 
 def _cache_splits(

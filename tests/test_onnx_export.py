@@ -30,6 +30,8 @@ def test_metadata_round_trip(exported: dict[str, Path]) -> None:
     assert meta["input"]["channels"] == 1 and meta["input"]["equalize"] is True
     assert meta["outputs"] == {"scores": "scores", "cam": "cam"}
     assert meta["negative_label"] == "DARK"  # from `train --negative-label`, through the sidecar
+    sidecar = json.loads((exported["work"] / "classifier.keras.json").read_text(encoding="utf-8"))
+    assert meta["training"]["made_with"] == sidecar["made_with"]
     gate, classifier = load_models(exported["models"], "cpu")
     assert gate.spec.positive_label == "XRAY" and gate.spec.input.colour == "rgb"
     assert classifier.spec.cam_output == "cam" and classifier.spec.negative_label == "DARK"

@@ -36,6 +36,12 @@ def test_checkpoint_sidecar_has_sorted_labels_and_config(exported: dict[str, Pat
     gate = json.loads((exported["work"] / "gate.keras.json").read_text(encoding="utf-8"))
     assert gate["labels"] == ["NOT_XRAY", "XRAY"] and 0 < gate["threshold"] <= 0.5
     assert gate["positive_label"] == "XRAY" and summary["negative_label"] == "DARK"
+    import PIL
+    import tensorflow as tf
+
+    made = summary["made_with"]  # what a bit-for-bit rerun needs the same of
+    assert (made["tensorflow"], made["numpy"], made["pillow"]) == (tf.__version__, np.__version__, PIL.__version__)
+    assert made["keras"] and made["python"].count(".") == 2 and "cores)" in made["cpu"]
 
 
 def test_leave_source_out_training_with_source_alignment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
