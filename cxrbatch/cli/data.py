@@ -101,5 +101,5 @@ def select(
     chosen = select_films(
         data_dir, split, out, only=tuple(source or ()), exclude=tuple(exclude_source or ()), force=force
     )
-    counts = ", ".join(f"{label} {n}" for label, n in chosen.counts().items())
+    counts = ", ".join(f"{label} {n}" for label, n in chosen.counts().items() if n)
     typer.echo(f"linked {len(chosen.paths)} films into {out} ({counts})")
