@@ -161,7 +161,7 @@ def night_alarms(
     run`'s site check: a one-sided Fisher exact test of the night's unfamiliar count against the
     val films' `reference` = (unfamiliar, films)), for nights drawn (with replacement) from the
     left-out collection, and for nights from each seen collection's test films (false alarms: the
-    largest share over the seen collections of 20 films or more, and the mean over them)."""
+    largest share over the seen collections of 20 films or more, the mean over them, and each)."""
     from cxrbatch.sitecheck import ALARM, Reference
 
     rng = np.random.default_rng(20261206)
@@ -178,6 +178,7 @@ def night_alarms(
         "seen_max": round(false[worst], 4) if worst else None,
         "seen_worst": worst,
         "seen_mean": round(float(np.mean(list(false.values()))), 4) if false else None,
+        "seen": {g: round(v, 4) for g, v in sorted(false.items())},
     }
 
 
