@@ -32,7 +32,7 @@ def select(
     manifest = read_manifest(data_dir)
     if (only or exclude) and not manifest:
         raise UsageError(f"{data_dir} has no {MANIFEST}: sources cannot be selected without one")
-    if data_dir.resolve() == out.resolve() or out.resolve().is_relative_to(data_dir.resolve()):
+    if out.resolve().is_relative_to(data_dir.resolve()):
         raise UsageError(f"--out {out} lies inside {data_dir}: choose a folder outside the tree")
     if split != "all" and not (data_dir / split).is_dir():
         raise UsageError(f"{data_dir} has no {split}/ folder")
@@ -48,7 +48,7 @@ def select(
     for path, link in zip(chosen.paths, links, strict=True):
         (out / link).parent.mkdir(exist_ok=True)
         (out / link).symlink_to(path.resolve())
-    _write_manifest(out / MANIFEST, data_dir / MANIFEST, {p.stem for p in chosen.paths})
+    _write_manifest(out / MANIFEST, manifest, {p.stem for p in chosen.paths})
     return chosen
 
 
@@ -66,12 +66,11 @@ def _clear(out: Path, force: bool) -> None:
     shutil.rmtree(out)
 
 
-def _write_manifest(target: Path, source: Path, ids: set[str]) -> None:
-    """Copy the manifest rows of the selected films (every column, the tree's order)."""
-    if not source.is_file():
+def _write_manifest(target: Path, manifest: dict[str, dict[str, str]], ids: set[str]) -> None:
+    """Write the tree's manifest rows of the selected films (every column, the tree's order); none without one."""
+    if not manifest:
         return
-    with source.open(newline="", encoding="utf-8") as fh, target.open("w", newline="", encoding="utf-8") as out:
-        reader = csv.DictReader(fh)
-        writer = csv.DictWriter(out, fieldnames=reader.fieldnames or ["id"], lineterminator="\n")
+    with target.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, fieldnames=list(next(iter(manifest.values()))), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(row for row in reader if row.get("id") in ids)
+        writer.writerows(row for film, row in manifest.items() if film in ids)
