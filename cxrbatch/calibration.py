@@ -1,7 +1,8 @@
 """Site calibration: the referral threshold that keeps a target sensitivity on a site's own films.
 
 A site screens labelled films of its own (`<LABEL>/` folders named by the classifier's labels:
-the no-finding label and any abnormal ones). The referral threshold is chosen so that the
+the no-finding label and any abnormal ones, or `ABNORMAL/` for films a reader called abnormal
+without naming the class, which is what most sites' reads say). The referral threshold is chosen so that the
 sensitivity on the site's abnormal films reaches the target *with 95 % confidence*, whatever the
 distribution of the scores: it is the j-th lowest abnormal score, for the largest j such that
 P(Binomial(n, 1 - target) >= j) >= 0.95. (The j-th lowest of n scores sits below a share
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrbatch.datasets import ABNORMAL
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.models import MODEL_FILES, Model, embed_metadata
@@ -124,13 +126,16 @@ def proportion_ci(hits: np.ndarray, rounds: int = ROUNDS, seed: int = SEED) -> t
 
 
 def labelled_films(folder: Path, labels: tuple[str, ...]) -> dict[str, list[Path]]:
-    """The films under `folder/<LABEL>/`, by label; a folder the classifier has no label for is refused."""
+    """The films under `folder/<LABEL>/` (or `ABNORMAL/`), by label; any other folder is refused."""
     if not folder.is_dir():
         raise UsageError(f"Calibration folder not found: {folder}")
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    unknown = [p.name for p in subfolders if p.name not in labels]
+    unknown = [p.name for p in subfolders if p.name not in labels and p.name != ABNORMAL]
     if unknown:
-        raise UsageError(f"{folder}: folder(s) {unknown} are not labels of the classifier {list(labels)}")
+        raise UsageError(
+            f"{folder}: folder(s) {unknown} are not labels of the classifier {list(labels)} "
+            f"(films read only as abnormal go in {ABNORMAL}/)"
+        )
     return {p.name: list(iter_images([p])) for p in subfolders}
 
 

@@ -15,6 +15,9 @@ The rule, the same for every reader:
   metrics. An image's source is its `collection` where the manifest has one (a tree built by
   `cxrbatch data build` names the hospital or site there, since one repository may hold several
   collections and one collection may come from several repositories), else its `source`.
+- A class folder named `ABNORMAL` holds films a reader called abnormal without naming the class
+  (what most sites have: a normal/abnormal read). `evaluate` and `calibrate` count them as
+  abnormal for refer or clear and leave them out of the class metrics; training refuses them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from cxrbatch.errors import UsageError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "MANIFEST.csv"
+ABNORMAL = "ABNORMAL"  # a class folder of films read as abnormal, of no named class
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,11 @@ class Split:
 def class_names(data_dir: Path) -> tuple[str, ...]:
     """The classes of a training tree: those of its train/ split, sorted; at least two."""
     names = load_split(data_dir, "train").classes
+    if ABNORMAL in names:
+        raise UsageError(
+            f"{data_dir / 'train' / ABNORMAL} holds films of no named class: they can calibrate and evaluate "
+            "a model, not train one"
+        )
     if len(names) < 2:
         raise UsageError(f"{data_dir / 'train'} needs at least two classes, found {list(names)}")
     return names

@@ -1,7 +1,8 @@
 """Evaluate the gate and the classifier on a labelled folder tree (runtime side, no TensorFlow).
 
 A tree whose classes are the classifier's labels is scored as a classifier test (every image goes
-through the classifier, and the gate's acceptance of these X-rays is reported too); one whose
+through the classifier, and the gate's acceptance of these X-rays is reported too); films in an
+`ABNORMAL` folder (read as abnormal, no class named) count for refer or clear only; one whose
 classes are the gate's labels is scored as a gate test. Both models run through the `Screener`,
 as in a screening run (same decoding, same GPU batch padding), but every image reaches both,
 whatever the gate says. How trees and manifests are read is `cxrbatch.datasets`' rule; with a
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxrbatch.datasets import Split, labelled_images, only_sources, read_manifest
+from cxrbatch.datasets import ABNORMAL, Split, labelled_images, only_sources, read_manifest
 from cxrbatch.errors import UsageError
 from cxrbatch.imaging import in_frame
 from cxrbatch.metrics import classification_metrics, referral_metrics, roc_auc, subset_metrics
@@ -155,7 +156,7 @@ def _familiarity_report(
 
 def _kind(classes: set[str], gate: Model, classifier: Model) -> str:
     """Which model a tree tests, from its classes."""
-    if classes <= set(classifier.spec.labels):
+    if classes <= set(classifier.spec.labels) | ({ABNORMAL} if classifier.spec.negative_label else set()):
         return "classifier"
     if classes <= set(gate.spec.labels):
         return "gate"
@@ -188,10 +189,18 @@ def _classifier_report(
 ) -> dict[str, Any]:
     labels = spec.labels
     index = {label: i for i, label in enumerate(labels)}
-    y = np.array([index[t] for t in scored.truth], dtype=np.int64)
+    y = np.array([index.get(t, -1) for t in scored.truth], dtype=np.int64)  # -1: an ABNORMAL film, no class
+    named = y >= 0
     pred = scored.probs.argmax(axis=1) if len(y) else np.zeros(0, dtype=np.int64)
-    out: dict[str, Any] = {"labels": list(labels), "overall": classification_metrics(y, pred, len(labels), ci=True)}
-    out["auc"] = {label: roc_auc(scored.probs[:, i], y == i) for i, label in enumerate(labels)}
+    out: dict[str, Any] = {
+        "labels": list(labels),
+        "overall": classification_metrics(y[named], pred[named], len(labels), ci=True),
+        # films read only as abnormal: how many, and what the model called them
+        "abnormal_unnamed": {
+            k: v for k, v in subset_metrics(y[~named], pred[~named], labels).items() if k in ("n", "predicted")
+        },
+    }
+    out["auc"] = {label: roc_auc(scored.probs[named, i], y[named] == i) for i, label in enumerate(labels)}
     out["gate_accepted"] = float((scored.gate_scores >= gate_threshold).mean()) if len(y) else None
     # refer or clear, as `cxrbatch run` decides it: 1 - P(no finding), rounded as the reports write it
     negative = index[spec.negative_label or ""]
@@ -253,13 +262,32 @@ def _format_metrics(report: dict[str, Any]) -> str:
             lines.append(f"  {kind:<16} n={row['n']:<5} {row['meaning']} {_pct(row['rate'])}")
         return "\n".join(lines)
     overall, labels = report["overall"], report["labels"]
+    unnamed = report.get("abnormal_unnamed", {"n": 0})
+    if unnamed["n"]:
+        called = ", ".join(f"{k} {v}" for k, v in unnamed["predicted"].items())
+        lines.append(
+            f"{ABNORMAL}: {unnamed['n']} films read as abnormal with no class named, called {called} "
+            f"(refer or clear only; the class metrics are of the other {overall['n']})"
+        )
+    if overall["n"]:
+        lines += _class_lines(overall, labels, report)
+    lines.append(_referral_line("refer or clear", report["referral"]))
+    for column in ("source", "collection", "age_group"):
+        for value, row in report.get(f"by_{column}", {}).items():
+            recall = ", ".join(f"{k} {v:.2f}" for k, v in row["recall"].items())
+            lines.append(f"  [{column}] {value[:60]:<60} n={row['n']:<4} acc {_num(row['accuracy'])}  recall: {recall}")
+            lines.append(_referral_line("      refer or clear", row["referral"]))
+    return "\n".join(lines)
+
+
+def _class_lines(overall: dict[str, Any], labels: list[str], report: dict[str, Any]) -> list[str]:
     ci = overall.get("ci95", {})
-    lines.append(
+    lines = [
         f"accuracy {overall['accuracy']:.4f} {_ci(ci.get('accuracy'))}  "
         f"macro-F1 {overall['macro_f1']:.4f} {_ci(ci.get('macro_f1'))}  "
-        f"gate accepted {_pct(report['gate_accepted'])}"
-    )
-    lines.append(f"  {'class':<14}{'precision':>22}{'recall':>22}{'f1':>22}")
+        f"gate accepted {_pct(report['gate_accepted'])}",
+        f"  {'class':<14}{'precision':>22}{'recall':>22}{'f1':>22}",
+    ]
     for i, label in enumerate(labels):
         cells = [
             f"{overall[m][i]:.3f} {_ci(ci.get(m, [None] * len(labels))[i])}" for m in ("precision", "recall", "f1")
@@ -269,13 +297,7 @@ def _format_metrics(report: dict[str, Any]) -> str:
     lines.append("  AUC, one class against the rest: " + ", ".join(f"{k} {_num(v)}" for k, v in auc.items()))
     lines.append("confusion (rows truth, columns predicted): " + " ".join(labels))
     lines += [f"  {label:<14}{row}" for label, row in zip(labels, overall["confusion"], strict=True)]
-    lines.append(_referral_line("refer or clear", report["referral"]))
-    for column in ("source", "collection", "age_group"):
-        for value, row in report.get(f"by_{column}", {}).items():
-            recall = ", ".join(f"{k} {v:.2f}" for k, v in row["recall"].items())
-            lines.append(f"  [{column}] {value[:60]:<60} n={row['n']:<4} acc {row['accuracy']:.3f}  recall: {recall}")
-            lines.append(_referral_line("      refer or clear", row["referral"]))
-    return "\n".join(lines)
+    return lines
 
 
 def _familiarity_lines(f: dict[str, Any]) -> list[str]:

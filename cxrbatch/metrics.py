@@ -31,11 +31,14 @@ def classification_metrics(y: np.ndarray, pred: np.ndarray, k: int, ci: bool = F
 
 
 def subset_metrics(y: np.ndarray, pred: np.ndarray, labels: tuple[str, ...]) -> dict[str, Any]:
-    """Accuracy, recall of each class present and prediction counts of a subset (one source, one age group)."""
-    present = sorted(set(y.tolist()))
+    """Accuracy, recall of each class present and prediction counts of a subset (one source, one age
+    group). A truth below 0 names no class (a film read only as abnormal): such films count in `n`
+    and `predicted`, not in `accuracy` (None when no film of the subset names a class) or `recall`."""
+    named = y >= 0
+    present = sorted(set(y[named].tolist()))
     return {
         "n": len(y),
-        "accuracy": float((y == pred).mean()),
+        "accuracy": float((y[named] == pred[named]).mean()) if named.any() else None,
         "recall": {labels[c]: float((pred[y == c] == c).mean()) for c in present},
         "predicted": {labels[c]: int((pred == c).sum()) for c in range(len(labels)) if (pred == c).any()},
     }

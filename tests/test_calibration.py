@@ -81,6 +81,23 @@ def test_calibrate_then_run_with_the_site_models(tiny_models: Path, tmp_path: Pa
     assert sum(r["refer"] == "true" for r in abnormal) / len(abnormal) == pytest.approx(record["sensitivity"])
 
 
+def test_a_site_with_normal_and_abnormal_reads_only_calibrates(tiny_models: Path, tmp_path: Path) -> None:
+    films, out = _site(tmp_path / "site"), tmp_path / "site-models"
+    (films / "COVID19").rename(films / "ABNORMAL")  # the reads name no class
+    for level in np.linspace(124, 200, 15):  # and the PNEUMONIA films join them
+        grey_image(films / "ABNORMAL" / f"light{int(level)}.png", int(level))
+    for p in (films / "PNEUMONIA").iterdir():
+        p.unlink()
+    (films / "PNEUMONIA").rmdir()
+    result = runner.invoke(app, ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out),
+                                 "--target-sensitivity", "0.9"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert "calibration films: ABNORMAL 30, NORMAL 24" in result.stdout
+    record = read_metadata(out / "classifier.onnx")["calibration"]
+    assert record["counts"] == {"ABNORMAL": 30, "NORMAL": 24} and record["sensitivity"] >= 0.9
+    assert record["specificity"] == 1.0  # the tiny model's mid-grey NORMALs all score below dark and light films
+
+
 def test_calibration_refusals_write_nothing(tiny_models: Path, tmp_path: Path) -> None:
     def calibrate(films: Path, out: Path, *extra: str) -> tuple[int, str]:
         args = ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out), "--target-sensitivity", "0.9"]

@@ -80,6 +80,9 @@ def test_operator_mistakes_in_a_training_tree_are_usage_errors(tmp_path: Path) -
         load_split(data, "val", class_names(data))
     with pytest.raises(UsageError, match=r"has no test/ folder"):
         load_split(data, "test", class_names(data))
+    _tree(tmp_path / "read", ("ABNORMAL", "NORMAL"))  # a site's normal/abnormal reads: no class to learn
+    with pytest.raises(UsageError, match="ABNORMAL holds films of no named class: they can calibrate and evaluate"):
+        class_names(tmp_path / "read")
 
 
 def test_a_class_missing_from_val_counts_zero(tmp_path: Path) -> None:

@@ -89,6 +89,44 @@ def test_framed_stress_test_changes_what_the_models_see(tiny_models: Path, tmp_p
         Framed(0.4)
 
 
+def test_films_read_only_as_abnormal_count_for_refer_or_clear_not_for_classes(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    rows = ["id,source"]
+    for label, levels, source in (
+        ("NORMAL", (95, 100, 110, 250), "site"),  # 250: a NORMAL the tiny model calls TUBERCULOSIS
+        ("COVID19", (20,), "site"),
+        ("ABNORMAL", (20, 30, 170, 105), "site"),  # 105: an abnormal film the tiny model calls NORMAL
+        ("ABNORMAL", (250,), "reads-only"),
+    ):
+        (tmp_path / label).mkdir(exist_ok=True)
+        for level in levels:
+            grey_image(tmp_path / label / f"{label}{level}-{source}.png", level)
+            rows.append(f"{label}{level}-{source},{source}")
+    (tmp_path / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    gate, classifier = load_models(tiny_models, "cpu")
+    report = evaluate(tmp_path, None, Screener(gate, classifier))
+    assert report["kind"] == "classifier" and report["images"] == 10
+    unnamed = report["abnormal_unnamed"]
+    assert unnamed == {"n": 5, "predicted": {"COVID19": 2, "NORMAL": 1, "PNEUMONIA": 1, "TUBERCULOSIS": 1}}
+    assert report["overall"]["n"] == 5 and report["overall"]["accuracy"] == pytest.approx(4 / 5)
+    referral = report["referral"]  # the five ABNORMAL films are abnormal here, as COVID19's one is
+    assert (referral["n_abnormal"], referral["n_normal"]) == (6, 4)
+    assert referral["sensitivity"] == pytest.approx(5 / 6) and referral["specificity"] == 0.75
+    reads_only = report["by_source"]["reads-only"]
+    assert reads_only["n"] == 1 and reads_only["accuracy"] is None and reads_only["recall"] == {}
+    assert reads_only["referral"]["n_abnormal"] == 1 and reads_only["referral"]["sensitivity"] == 1.0
+    text = format_report(report)
+    assert "ABNORMAL: 5 films read as abnormal with no class named, called COVID19 2, NORMAL 1" in text
+    assert "class metrics are of the other 5" in text and "accuracy 0.8000" in text
+    assert "[source] reads-only" in text and "acc n/a" in text
+    only_reads = tmp_path / "reads"
+    (only_reads / "ABNORMAL").mkdir(parents=True)
+    grey_image(only_reads / "ABNORMAL" / "a.png", 20)
+    text = format_report(evaluate(only_reads, None, Screener(gate, classifier)))
+    assert "accuracy" not in text and "refer or clear at 0.500000: abnormal 1, normal 0; sensitivity 1.000" in text
+
+
 def test_evaluate_refuses_unknown_class_folders(tiny_models: Path, tmp_path: Path) -> None:
     (tmp_path / "test" / "CATS").mkdir(parents=True)
     grey_image(tmp_path / "test" / "CATS" / "c.png", 100)

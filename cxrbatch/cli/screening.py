@@ -215,7 +215,11 @@ def _last_run_line(last: dict[str, Any]) -> str:
 @app.command()
 def calibrate(
     labelled_dir: Annotated[
-        Path, typer.Argument(help="the site's labelled films in <LABEL>/ folders named by the classifier's labels")
+        Path,
+        typer.Argument(
+            help="the site's labelled films in <LABEL>/ folders named by the classifier's labels, "
+            "or ABNORMAL/ for films read as abnormal with no class named",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="folder to write the calibrated gate.onnx and classifier.onnx")],
     target_sensitivity: Annotated[
