@@ -227,6 +227,25 @@ def test_a_dataset_source_keeps_its_files_rows_and_splits(tmp_path: Path) -> Non
         build(registry, mirrors, tmp_path / "out2", tmp_path)
 
 
+def test_a_rule_can_hold_its_films_out_as_an_evaluation_site(tmp_path: Path) -> None:
+    """Films read only as normal or abnormal, from a site no model trains on: all in test/."""
+    mirrors = tmp_path / "mirrors"
+    files = {f"normal/{i}.png": png(film(i)) for i in range(6)}
+    files |= {f"abnormal/{i}.png": png(film(50 + i)) for i in range(6)}
+    commit = make_repo(mirrors, "site/reads", files)
+    registry = tmp_path / "sites.toml"
+    held_out = 'split = "test"\n'
+    registry.write_text(
+        entry("site/reads", commit, rule("normal/*", "NORMAL", "site-c") + held_out
+              + rule("abnormal/*", "ABNORMAL", "site-c") + held_out)
+    )  # fmt: skip
+    out = tmp_path / "sites"
+    build(registry, mirrors, out, tmp_path)
+    rows = manifest_rows(out)
+    assert {(r["split"], r["label"]) for r in rows} == {("test", "NORMAL"), ("test", "ABNORMAL")} and len(rows) == 12
+    assert sorted(p.name for p in (out / "test").iterdir()) == ["ABNORMAL", "NORMAL"]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -235,6 +254,8 @@ def test_a_dataset_source_keeps_its_files_rows_and_splits(tmp_path: Path) -> Non
         (entry("a/b", "a" * 40, rule("*", "NORMAL", "s"), licence=""), "state the licence"),
         (entry("a/b", "a" * 40, rule("*", "FRACTURE", "s")), "label 'FRACTURE' is not one of"),
         (entry("a/b", "a" * 40, rule("*", "NORMAL", "s", "no-group")), "needs a group"),
+        (entry("a/b", "a" * 40, rule("*", "ABNORMAL", "s")), 'name no class to learn: give their rule split = "test"'),
+        (entry("a/b", "a" * 40, rule("*", "NORMAL", "s") + 'split = "holdout"\n'), "split 'holdout' is not one of"),
         (entry("a/b", "a" * 40, ""), "needs \\[\\[source.files\\]\\] rules"),
         (entry("a/b", "a" * 40, rule("*", "NORMAL", "s")) * 2, "lists a source twice"),
         ('[[source]]\npackage = "pneumonia-model-package"\nlicence = "x"\n', "pinned as name==version"),

@@ -33,7 +33,9 @@ def build(
     """Convert, deduplicate and split every source of REGISTRY into one labelled tree.
 
     Reads only local copies (it downloads nothing); the same inputs give byte-identical output.
-    Files that cannot be used are listed in OUT/SKIPPED.csv with the reason.
+    Files that cannot be used are listed in OUT/SKIPPED.csv with the reason. A rule's `split`
+    keeps its films in that split; export/sites.toml builds evaluation sites (test/NORMAL and
+    test/ABNORMAL) that no model trains on.
 
     Example: cxrbatch data build export/registry.toml --mirrors ~/mirrors --out ~/data/union
     """

@@ -59,6 +59,7 @@ class Candidate:
     collection: str
     patients: tuple[str, ...]
     row: dict[str, str]  # the manifest row it starts from (a dataset's own; else the registry's fields)
+    split: str = ""  # the split its source gives it (a dataset's own, or a rule's `split`); "" lets the cluster decide
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Built:
     h64: int
     h4096: np.ndarray
     dhash256: str
-    split: str = ""  # a dataset's own split
+    split: str = ""  # the split its source gives it
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def _candidates(source: Source, files: SourceFiles, skipped: list[tuple[str, str
             "age_group": rule.age_group or source.age_group,
             "note": source.note,
         }
-        yield Candidate(source, path, rule.label, rule.collection, (patient,) if patient else (), row)
+        yield Candidate(source, path, rule.label, rule.collection, (patient,) if patient else (), row, rule.split)
 
 
 def _dataset_candidates(source: Source, files: SourceFiles) -> Iterator[Candidate]:
@@ -151,7 +152,7 @@ def _dataset_candidates(source: Source, files: SourceFiles) -> Iterator[Candidat
         patients = tuple(p for p in row.get("patient_group", "").split(";") if p)
         patients += (f"{source.name}#cluster:{row['cluster']}",) if row.get("cluster") else ()
         path = f"{row['split']}/{row['label']}/{row['id']}.jpg"
-        yield Candidate(source, path, row["label"], source.collections[row["source"]], patients, row)
+        yield Candidate(source, path, row["label"], source.collections[row["source"]], patients, row, row["split"])
 
 
 def _read(files: SourceFiles, candidate: Candidate) -> bytes | str:
@@ -167,7 +168,7 @@ def _convert_one(payload: tuple[Candidate, bytes | str]) -> Built | str:
         return data
     try:
         if candidate.source.kind == "dataset":
-            return _stored(candidate, data, candidate.row["id"], candidate.row["split"])
+            return _stored(candidate, data, candidate.row["id"], candidate.split)
         return _convert(candidate, data)
     except ImageError as exc:
         return str(exc)
@@ -189,7 +190,7 @@ def _convert(candidate: Candidate, data: bytes) -> Built | str:
     buffer = io.BytesIO()
     grey.save(buffer, "JPEG", quality=JPEG_QUALITY)
     row = dict(candidate.row, orig_width=str(width), orig_height=str(height), orig_format=orig_format)
-    return _stored(replace(candidate, row=row), buffer.getvalue(), image_id, "")
+    return _stored(replace(candidate, row=row), buffer.getvalue(), image_id, candidate.split)
 
 
 def _stored(candidate: Candidate, jpeg: bytes, image_id: str, split: str) -> Built:

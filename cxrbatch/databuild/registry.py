@@ -9,6 +9,12 @@ collection and patient id; unmatched files are not used. Patient ids are namespa
 collection, or by `patient_namespace` where a rule gives one (the developer set's are `nih`,
 `ieee8023`, `kermany`, `cxnet`, `actualmed`, `figure1`): a film of an NIH patient from another
 repository then shares its cluster with that patient's films in the developer set.
+
+A rule may give its files a `split` of their own, as a dataset's rows have one (a cluster holding
+them takes the most held-out split among its films). Films labelled `ABNORMAL` (read as abnormal,
+no class named: a site's normal/abnormal reads) must be given `val` or `test`: they can calibrate
+and evaluate a model, never train one. A registry of such films (`export/sites.toml`) builds
+evaluation sites the same way the training registry builds the training tree.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+from cxrbatch.datasets import ABNORMAL, SPLITS
 from cxrbatch.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -28,6 +35,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 LABELS = ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
+
 AGE_GROUPS = ("adult", "pediatric", "unknown")
 
 # Reserved for independent evaluation: never a training source, nor any file named like them.
@@ -52,6 +60,7 @@ class FileRule:
     patient: re.Pattern[str] | None = None
     age_group: str | None = None
     patient_namespace: str = ""  # ids are "<namespace>:<id>"; the collection unless given
+    split: str = ""  # the files' own split; "" lets their cluster's hash decide
 
     def patient_key(self, path: str) -> str:
         """The patient link of `path` ("" without an id): the same key joins films across sources."""
@@ -155,7 +164,14 @@ def _source(entry: dict[str, Any], number: int) -> Source:
 
 def _rule(rule: dict[str, Any], where: str, entry: dict[str, Any]) -> FileRule:
     label = str(rule.get("label", ""))
-    _check_choice(label, LABELS, where, "label")
+    _check_choice(label, (*LABELS, ABNORMAL), where, "label")
+    split = str(rule.get("split", ""))
+    if split:
+        _check_choice(split, SPLITS, where, "split")
+    if label == ABNORMAL and split not in ("val", "test"):
+        raise UsageError(
+            f'Registry {where}: {ABNORMAL} films name no class to learn: give their rule split = "test" (or "val")'
+        )
     if "glob" not in rule or "collection" not in rule:
         raise UsageError(f"Registry {where}: every [[source.files]] rule needs glob, label and collection")
     age = rule.get("age_group")
@@ -169,7 +185,7 @@ def _rule(rule: dict[str, Any], where: str, entry: dict[str, Any]) -> FileRule:
         raise UsageError(f"Registry {where}: the patient regex needs a group for the id")
     return FileRule(
         str(rule["glob"]), label, str(rule["collection"]), patient, str(age) if age else None,
-        str(rule.get("patient_namespace", "")),
+        str(rule.get("patient_namespace", "")), split,
     )  # fmt: skip
 
 
