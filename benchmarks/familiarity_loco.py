@@ -194,9 +194,9 @@ def load_features(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.
         return np.stack([cached[p.stem] for p in images.paths]).astype(np.float64), split, group, "frozen ImageNet"
     import onnx
 
+    from cxrbatch.features import features
     from cxrbatch.models import CPU, load_model
     from cxrbatch.pipeline import Screener
-    from export.familiarity import features
 
     classifier = load_model(args.classifier, "classifier", [CPU])
     gate = load_model(args.classifier.with_name("gate.onnx"), "gate", [CPU])

@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from cxrbatch.datasets import load_split, read_manifest, without_sources
 from cxrbatch.errors import ExportError
-from cxrbatch.models import CPU, ModelSpec, embed_metadata, load_model
+from cxrbatch.features import features, node, pooled_features_name, sum_of_squares, unit_length, unit_length_nodes
+from cxrbatch.models import CPU, embed_metadata, load_model
 from cxrbatch.pipeline import Screener
 
 log = logging.getLogger(__name__)
@@ -43,36 +43,6 @@ PERCENTILE = 99.0
 STATISTICS = ("knn", "mahalanobis")
 NEIGHBOUR = 10  # knn: the k-th most similar training film
 PREFIX = "familiarity_"  # every node output and initializer the familiarity output adds
-
-
-def pooled_features_name(proto: onnx.ModelProto, score_output: str) -> str:
-    """The tensor that feeds the dense head: scores = Softmax(Add(MatMul(features, W), b))."""
-    producers = {out: node for node in proto.graph.node for out in node.output}
-    node = producers.get(score_output)
-    for op in ("Softmax", "Add", "MatMul"):
-        if node is None or node.op_type != op:
-            raise ExportError(f"the classifier graph does not end in MatMul -> Add -> Softmax at {op}")
-        if op == "MatMul":
-            return str(node.input[0])
-        node = producers.get(node.input[0])
-    raise ExportError("unreachable")  # pragma: no cover
-
-
-def features(proto: onnx.ModelProto, spec: ModelSpec, paths: list[Path], screener: Screener) -> np.ndarray:
-    """The pooled features (N x D) of `paths`, decoded exactly as `cxrbatch run` decodes them."""
-    name = pooled_features_name(proto, spec.score_output)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=[CPU])
-    out = []
-    for batch in screener.decoded_batches(paths):
-        unreadable = [d.path.name for d in batch if d.error is not None]
-        if unreadable:
-            raise ExportError(f"cannot read {unreadable} for the familiarity statistics")
-        inputs = np.stack([d.classifier_input for d in batch])  # type: ignore[misc]
-        out.append(session.run([name], {spec.input_name: inputs})[0])
-    return np.concatenate(out).astype(np.float64)
 
 
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
@@ -110,10 +80,10 @@ def with_familiarity(proto: onnx.ModelProto, features_name: str, mean: np.ndarra
     )
     proto.graph.node.extend(
         [
-            _node("Sub", [features_name, PREFIX + "mean"], [PREFIX + "centred"]),
-            _node("MatMul", [PREFIX + "centred", PREFIX + "whitening"], [PREFIX + "white"]),
-            _sum_of_squares(proto, PREFIX + "white", PREFIX + "squared"),
-            _node("Sqrt", [PREFIX + "squared"], [OUTPUT]),
+            node("Sub", [features_name, PREFIX + "mean"], [PREFIX + "centred"]),
+            node("MatMul", [PREFIX + "centred", PREFIX + "whitening"], [PREFIX + "white"]),
+            sum_of_squares(proto, PREFIX + "white", PREFIX + "squared", PREFIX),
+            node("Sqrt", [PREFIX + "squared"], [OUTPUT]),
         ]
     )
     proto.graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
@@ -121,13 +91,12 @@ def with_familiarity(proto: onnx.ModelProto, features_name: str, mean: np.ndarra
 
 def unit_bank(train_feats: np.ndarray) -> np.ndarray:
     """The training films' features scaled to unit length, as float16: what the knn graph holds."""
-    norms = np.maximum(np.linalg.norm(train_feats, axis=1, keepdims=True), 1e-12)  # as the graph divides
-    return (train_feats / norms).astype(np.float16)
+    return unit_length(train_feats).astype(np.float16)
 
 
 def knn_distances(feats: np.ndarray, bank: np.ndarray, k: int = NEIGHBOUR) -> np.ndarray:
     """1 - the cosine similarity of each row of `feats` to its k-th most similar row of `bank`."""
-    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    unit = unit_length(feats)
     table = bank.astype(np.float64).T
     return np.concatenate([1 - np.sort(unit[i : i + 256] @ table, axis=1)[:, -k] for i in range(0, len(unit), 256)])
 
@@ -135,10 +104,10 @@ def knn_distances(feats: np.ndarray, bank: np.ndarray, k: int = NEIGHBOUR) -> np
 def with_knn_familiarity(proto: onnx.ModelProto, features_name: str, bank: np.ndarray, k: int = NEIGHBOUR) -> None:
     """Append the knn `familiarity` output (N x 1): 1 - the k-th largest of (features / |features|) . bank'."""
     graph = proto.graph
+    unit_nodes, unit = unit_length_nodes(proto, features_name, PREFIX)
     graph.initializer.extend(
         [
             numpy_helper.from_array(np.ascontiguousarray(bank.T), PREFIX + "bank"),  # d x films, float16
-            numpy_helper.from_array(np.array([1e-12], dtype=np.float32), PREFIX + "eps"),
             numpy_helper.from_array(np.array([1.0], dtype=np.float32), PREFIX + "one"),
             numpy_helper.from_array(np.array([k], dtype=np.int64), PREFIX + "k"),
             numpy_helper.from_array(np.array([k - 1], dtype=np.int64), PREFIX + "kth"),
@@ -146,15 +115,12 @@ def with_knn_familiarity(proto: onnx.ModelProto, features_name: str, bank: np.nd
     )
     graph.node.extend(
         [
-            _sum_of_squares(proto, features_name, PREFIX + "squared"),
-            _node("Sqrt", [PREFIX + "squared"], [PREFIX + "norm"]),
-            _node("Max", [PREFIX + "norm", PREFIX + "eps"], [PREFIX + "safe_norm"]),
-            _node("Div", [features_name, PREFIX + "safe_norm"], [PREFIX + "unit"]),
-            _node("Cast", [PREFIX + "bank"], [PREFIX + "bank32"], to=onnx.TensorProto.FLOAT),
-            _node("MatMul", [PREFIX + "unit", PREFIX + "bank32"], [PREFIX + "similarity"]),
-            _node("TopK", [PREFIX + "similarity", PREFIX + "k"], [PREFIX + "top", PREFIX + "top_index"], axis=1),
-            _node("Gather", [PREFIX + "top", PREFIX + "kth"], [PREFIX + "kth_similarity"], axis=1),
-            _node("Sub", [PREFIX + "one", PREFIX + "kth_similarity"], [OUTPUT]),
+            *unit_nodes,
+            node("Cast", [PREFIX + "bank"], [PREFIX + "bank32"], to=onnx.TensorProto.FLOAT),
+            node("MatMul", [unit, PREFIX + "bank32"], [PREFIX + "similarity"]),
+            node("TopK", [PREFIX + "similarity", PREFIX + "k"], [PREFIX + "top", PREFIX + "top_index"], axis=1),
+            node("Gather", [PREFIX + "top", PREFIX + "kth"], [PREFIX + "kth_similarity"], axis=1),
+            node("Sub", [PREFIX + "one", PREFIX + "kth_similarity"], [OUTPUT]),
         ]
     )
     graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
@@ -199,9 +165,9 @@ def attach_familiarity(proto: onnx.ModelProto, detached: Detached, features_name
     nodes = [_copy(n) for n in detached.nodes]
     if cast:
         features32 = PREFIX + "features32"
-        for node in nodes:
-            node.input[:] = [features32 if name == features_name else name for name in node.input]
-        nodes.insert(0, _node("Cast", [features_name], [features32], to=onnx.TensorProto.FLOAT))
+        for n in nodes:
+            n.input[:] = [features32 if name == features_name else name for name in n.input]
+        nodes.insert(0, node("Cast", [features_name], [features32], to=onnx.TensorProto.FLOAT))
     graph.node.extend(nodes)
     graph.initializer.extend(detached.initializers)
     graph.output.append(detached.output)
@@ -210,10 +176,10 @@ def attach_familiarity(proto: onnx.ModelProto, detached: Detached, features_name
 def familiarity_node_names(proto: onnx.ModelProto) -> list[str]:
     """The names of the familiarity output's nodes, naming any unnamed one after its first output."""
     names = []
-    for node in proto.graph.node:
-        if node.output and _is_ours(node.output[0]):
-            node.name = node.name or node.output[0]
-            names.append(node.name)
+    for n in proto.graph.node:
+        if n.output and _is_ours(n.output[0]):
+            n.name = n.name or n.output[0]
+            names.append(n.name)
     return names
 
 
@@ -232,23 +198,6 @@ def _keep(field: Any, items: list[Any]) -> None:
     kept = [_copy(item) for item in items]
     del field[:]
     field.extend(kept)
-
-
-def _sum_of_squares(proto: onnx.ModelProto, name: str, out: str) -> onnx.NodeProto:
-    """ReduceSumSquare over axis 1, keeping it: (N, d) -> (N, 1), in the graph's opset."""
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if opset >= 18:  # the reduction's axes became an input in opset 18
-        axes = PREFIX + "axes"
-        if not any(t.name == axes for t in proto.graph.initializer):
-            proto.graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
-        return _node("ReduceSumSquare", [name, axes], [out])
-    return _node("ReduceSumSquare", [name], [out], axes=[1])
-
-
-def _node(op: str, inputs: list[str], outputs: list[str], **attributes: Any) -> onnx.NodeProto:
-    """A node named after its first output (so tools that pick nodes by name, such as the int8
-    quantizer's exclusion list, can find the familiarity output's)."""
-    return helper.make_node(op, inputs, outputs, name=outputs[0], **attributes)
 
 
 def add_familiarity(

@@ -18,9 +18,10 @@ import onnx
 from onnxconverter_common import float16
 
 from cxrbatch.errors import UsageError
+from cxrbatch.features import pooled_features_name
 from cxrbatch.models import ModelSpec, embed_metadata, read_metadata
 
-from .familiarity import attach_familiarity, detach_familiarity, pooled_features_name
+from .familiarity import attach_familiarity, detach_familiarity
 
 
 def halve(src: Path, dst: Path) -> None:

@@ -76,12 +76,12 @@ def test_a_graph_without_a_dense_head_is_refused(tmp_path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from cxrbatch.errors import ExportError
+    from cxrbatch.errors import ModelError
 
     image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 4])
     scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 4])
     graph = helper.make_graph([helper.make_node("Softmax", ["image"], ["scores"])], "g", [image], [scores])
-    with pytest.raises(ExportError, match="does not end in MatMul -> Add -> Softmax"):
+    with pytest.raises(ModelError, match="does not end in MatMul -> Add -> Softmax"):
         familiarity.pooled_features_name(helper.make_model(graph), "scores")
     assert onnx  # the import is the point: the tool needs nothing heavier than onnx
 

@@ -1,0 +1,87 @@
+"""The pooled backbone features of a classifier graph, and the graph pieces that read them.
+
+The classifier ends in `scores = Softmax(Add(MatMul(features, W), b))`; `features` (N x D, the
+pooled output of the backbone) is what the familiarity output (export/familiarity.py) and a site
+head (cxrbatch.sitehead) are computed from. Both are added to the graph as extra outputs with
+onnx alone, so the runtime pays a few small matrix products for them. Only onnx and onnxruntime
+are needed here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from cxrbatch.errors import ModelError
+from cxrbatch.models import CPU, ModelSpec
+from cxrbatch.pipeline import Screener
+
+
+def pooled_features_name(proto: onnx.ModelProto, score_output: str) -> str:
+    """The tensor that feeds the dense head: scores = Softmax(Add(MatMul(features, W), b))."""
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    node = producers.get(score_output)
+    for op in ("Softmax", "Add", "MatMul"):
+        if node is None or node.op_type != op:
+            raise ModelError(f"the classifier graph does not end in MatMul -> Add -> Softmax at {op}")
+        if op == "MatMul":
+            return str(node.input[0])
+        node = producers.get(node.input[0])
+    raise ModelError("unreachable")  # pragma: no cover
+
+
+def features(proto: onnx.ModelProto, spec: ModelSpec, paths: list[Path], screener: Screener) -> np.ndarray:
+    """The pooled features (N x D) of `paths`, decoded exactly as `cxrbatch run` decodes them."""
+    name = pooled_features_name(proto, spec.score_output)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=[CPU])
+    out = []
+    for batch in screener.decoded_batches(paths):
+        unreadable = [d.path.name for d in batch if d.error is not None]
+        if unreadable:
+            raise ModelError(f"cannot read {unreadable} to compute their features")
+        inputs = np.stack([d.classifier_input for d in batch])  # type: ignore[misc]
+        out.append(session.run([name], {spec.input_name: inputs})[0])
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
+
+
+def unit_length(feats: np.ndarray) -> np.ndarray:
+    """The rows of `feats` scaled to unit length, as the graph's `unit_length_nodes` do."""
+    return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+
+
+def unit_length_nodes(proto: onnx.ModelProto, features_name: str, prefix: str) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes (and their constants, added to the graph) that scale `features_name` to unit length
+    per row; returns the nodes and the name of their output, `<prefix>unit`."""
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([1e-12], dtype=np.float32), prefix + "eps"))
+    nodes = [
+        sum_of_squares(proto, features_name, prefix + "squared", prefix),
+        node("Sqrt", [prefix + "squared"], [prefix + "norm"]),
+        node("Max", [prefix + "norm", prefix + "eps"], [prefix + "safe_norm"]),
+        node("Div", [features_name, prefix + "safe_norm"], [prefix + "unit"]),
+    ]
+    return nodes, prefix + "unit"
+
+
+def sum_of_squares(proto: onnx.ModelProto, name: str, out: str, prefix: str) -> onnx.NodeProto:
+    """ReduceSumSquare over axis 1, keeping it: (N, d) -> (N, 1), in the graph's opset."""
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= 18:  # the reduction's axes became an input in opset 18
+        axes = prefix + "axes"
+        if not any(t.name == axes for t in proto.graph.initializer):
+            proto.graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), axes))
+        return node("ReduceSumSquare", [name, axes], [out])
+    return node("ReduceSumSquare", [name], [out], axes=[1])
+
+
+def node(op: str, inputs: list[str], outputs: list[str], **attributes: Any) -> onnx.NodeProto:
+    """A node named after its first output (so tools that pick nodes by name, such as the int8
+    quantizer's exclusion list, can find an added output's)."""
+    return helper.make_node(op, inputs, outputs, name=outputs[0], **attributes)
