@@ -11,6 +11,12 @@ binomial.) A bootstrap of the same order statistic, tried first, under-covered b
 (about 62 % at n = 20). The rule needs n >= ln(0.05) / ln(target) abnormal films (59 for 0.95,
 29 for 0.90); with fewer, no threshold can promise the target and calibration is refused.
 
+With `site_head`, the site's films also fit a site head (cxrbatch.sitehead): a referral score of
+their own, learnt on the classifier's features, which ranks a site the classifier never saw
+better than 1 - P(NORMAL) can. The threshold is then chosen by the same rule on the head's
+out-of-fold scores (films it was not fitted on), and the sensitivity and specificity reported are
+those scores'.
+
 The calibrated pair of models is the site's gate unchanged and its classifier with the new
 `referral_threshold` and a `calibration` record (counts, target, achieved sensitivity and
 specificity with 95 % intervals, date, the source model's sha256, and how many of the films were
@@ -30,12 +36,14 @@ from typing import Any
 
 import numpy as np
 
+from cxrbatch import sitehead
 from cxrbatch.datasets import ABNORMAL
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.models import MODEL_FILES, Model, embed_metadata
 from cxrbatch.pipeline import Screener
 from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR
+from cxrbatch.sitehead import SiteHead
 
 MIN_FILMS = 20  # of each side at least; the abnormal side needs more for a high target (min_abnormal)
 CONFIDENCE = 0.95  # the chance that the threshold's sensitivity on the site's abnormal films reaches the target
@@ -59,6 +67,7 @@ class Calibration:
     films: str  # the labelled folder's name (never its full path)
     unfamiliar: int | None = None  # calibration films the classifier calls unfamiliar (None: no familiarity output)
     familiarity_threshold: float | None = None  # the threshold `unfamiliar` was counted at
+    site_head: SiteHead | None = None  # fitted on these films; the threshold is on its out-of-fold scores
 
     def record(self) -> dict[str, Any]:
         """The metadata record that travels with the calibrated classifier."""
@@ -66,13 +75,21 @@ class Calibration:
             f"the j-th lowest abnormal score, largest j with P(Binomial(n, 1 - target) >= j) >= {CONFIDENCE}: "
             f"sensitivity at or above the target with {CONFIDENCE:.0%} confidence"
         )
-        return {**asdict(self), "rule": rule}
+        fields = {k: v for k, v in asdict(self).items() if k != "site_head"}
+        head = {} if self.site_head is None else {"site_head": self.site_head.record(sum(self.counts.values()))}
+        return {**fields, "rule": rule, **head}
 
     def table(self) -> str:
         """The calibration as a few readable lines."""
         counts = ", ".join(f"{label} {n}" for label, n in self.counts.items())
         films = sum(self.counts.values())
         unfamiliar = [] if self.unfamiliar is None else [f"unfamiliar films: {self.unfamiliar} of {films}"]
+        head = self.site_head
+        if head is not None:
+            unfamiliar.append(
+                f"site head: out-of-fold AUC {head.cv_auc:.3f} (penalty {head.penalty:g}); "
+                "sensitivity and specificity above are of its out-of-fold scores"
+            )
         return "\n".join(
             [
                 f"calibration films: {counts}",
@@ -139,8 +156,9 @@ def labelled_films(folder: Path, labels: tuple[str, ...]) -> dict[str, list[Path
     return {p.name: list(iter_images([p])) for p in subfolders}
 
 
-def calibrate(folder: Path, screener: Screener, target: float) -> Calibration:
-    """Screen the labelled films and choose the referral threshold for `target` sensitivity."""
+def calibrate(folder: Path, screener: Screener, target: float, site_head: bool = False) -> Calibration:
+    """Screen the labelled films and choose the referral threshold for `target` sensitivity; with
+    `site_head`, fit a site head on them first and choose the threshold on its out-of-fold scores."""
     spec = screener.classifier.spec
     negative = spec.negative_label or ""
     films = labelled_films(folder, spec.labels)
@@ -157,6 +175,9 @@ def calibrate(folder: Path, screener: Screener, target: float) -> Calibration:
     results = list(screener.screen(paths))
     _refuse_unusable(folder, results)
     scores = np.array([r.referral_score for r in results], dtype=np.float64)
+    head = None
+    if site_head:
+        head, scores = _fit_site_head(screener, paths, truth)
     threshold = choose_threshold(scores[truth], target)
     refer = np.round(scores, DECIMALS) >= threshold
     return Calibration(
@@ -172,7 +193,22 @@ def calibrate(folder: Path, screener: Screener, target: float) -> Calibration:
         films=folder.name,
         unfamiliar=sum(bool(r.unfamiliar) for r in results) if spec.familiarity_output else None,
         familiarity_threshold=spec.familiarity_threshold,
+        site_head=head,
     )
+
+
+def _fit_site_head(screener: Screener, paths: list[Path], truth: np.ndarray) -> tuple[SiteHead, np.ndarray]:
+    import onnx
+
+    from cxrbatch.features import features
+
+    classifier = screener.classifier
+    if classifier.spec.referral_output:
+        raise UsageError(
+            f"{classifier.path.name} already has a site head; calibrate a site head from the model it was made from"
+        )
+    feats = features(onnx.load(str(classifier.path)), classifier.spec, paths, screener)
+    return sitehead.fit(feats, truth)
 
 
 def _refuse_unusable(folder: Path, results: list[Any]) -> None:
@@ -204,6 +240,11 @@ def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, o
     meta["referral_threshold"] = calibration.threshold
     meta["calibration"] = calibration.record()
     proto = onnx.load(str(classifier.path))
+    if calibration.site_head is not None:
+        from cxrbatch.features import pooled_features_name
+
+        sitehead.add_to_graph(proto, calibration.site_head, pooled_features_name(proto, classifier.spec.score_output))
+        meta["outputs"]["referral"] = sitehead.OUTPUT
     embed_metadata(proto, meta)
     target = out / MODEL_FILES["classifier"]
     try:

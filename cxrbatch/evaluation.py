@@ -38,6 +38,7 @@ class Scored:
     probs: np.ndarray  # (N, K) classifier probabilities
     errors: list[str]
     familiarity: np.ndarray | None = None  # (N,) when the classifier has a familiarity output
+    referral: np.ndarray | None = None  # (N,) when the classifier has a site head's referral output
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def score(screener: Screener, images: Split) -> Scored:
     """Run both models on every readable image, whatever the gate says."""
     keep_paths: list[Path] = []
     keep_truth: list[str] = []
-    gate_scores, probs, distances, errors = [], [], [], []
+    gate_scores, probs, distances, referrals, errors = [], [], [], [], []
     label_of = dict(zip(images.paths, images.names(), strict=True))
     spec = screener.classifier.spec
     for batch, outputs in screener.model_outputs(images.paths):
@@ -83,6 +84,8 @@ def score(screener: Screener, images: Split) -> Scored:
         probs.append(out[spec.score_output])
         if spec.familiarity_output:
             distances.append(out[spec.familiarity_output][:, 0])
+        if spec.referral_output:
+            referrals.append(out[spec.referral_output][:, 0])
         keep_paths += [d.path for d in good]
         keep_truth += [label_of[d.path] for d in good]
     return Scored(
@@ -92,6 +95,7 @@ def score(screener: Screener, images: Split) -> Scored:
         np.concatenate(probs) if probs else np.zeros((0, len(spec.labels))),
         errors,
         (np.concatenate(distances) if distances else np.zeros(0)) if spec.familiarity_output else None,
+        (np.concatenate(referrals) if referrals else np.zeros(0)) if spec.referral_output else None,
     )
 
 
@@ -202,9 +206,11 @@ def _classifier_report(
     }
     out["auc"] = {label: roc_auc(scored.probs[named, i], y[named] == i) for i, label in enumerate(labels)}
     out["gate_accepted"] = float((scored.gate_scores >= gate_threshold).mean()) if len(y) else None
-    # refer or clear, as `cxrbatch run` decides it: 1 - P(no finding), rounded as the reports write it
+    # refer or clear, as `cxrbatch run` decides it: 1 - P(no finding) or the site head's score,
+    # rounded as the reports write it
     negative = index[spec.negative_label or ""]
-    referral = np.round(1.0 - scored.probs[:, negative].astype(np.float64), DECIMALS) if len(y) else np.zeros(0)
+    raw = scored.referral if scored.referral is not None else 1.0 - scored.probs[:, negative]
+    referral = np.round(raw.astype(np.float64), DECIMALS) if len(y) else np.zeros(0)
     abnormal = y != negative
     out["referral"] = referral_metrics(referral, abnormal, spec.referral_threshold)
     for column, values in groups.items():

@@ -58,7 +58,8 @@ class ModelSpec:
     positive_label: str | None = None  # gate: the label its sigmoid scores (a chest X-ray)
     negative_label: str | None = None  # classifier: the label that is not a finding
     cam_output: str | None = None
-    referral_threshold: float | None = None  # classifier: refer at or above this 1 - P(negative_label)
+    referral_threshold: float | None = None  # classifier: refer at or above this referral score
+    referral_output: str | None = None  # classifier: a site head's score (N x 1); without one, 1 - P(negative_label)
     familiarity_output: str | None = None  # classifier: distance of a film's features to the training films'
     familiarity_threshold: float | None = None  # classifier: unfamiliar above this distance
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # every other metadata key, kept as is
@@ -90,6 +91,7 @@ class ModelSpec:
                 cam_output=meta["outputs"].get("cam"),
                 referral_threshold=_optional_float(meta.get("referral_threshold")),
                 familiarity_output=meta["outputs"].get("familiarity"),
+                referral_output=meta["outputs"].get("referral"),
                 familiarity_threshold=_optional_float(meta.get("familiarity_threshold")),
                 threshold=float(meta["threshold"]),
                 positive_label=meta.get("positive_label"),
@@ -121,7 +123,8 @@ class ModelSpec:
         extra_input = self.extra.get("input", {})
         inp = {**extra_input, **asdict(self.input), "name": self.input_name}
         outputs = {"scores": self.score_output}
-        for key, name in (("cam", self.cam_output), ("familiarity", self.familiarity_output)):
+        named = (("cam", self.cam_output), ("familiarity", self.familiarity_output), ("referral", self.referral_output))
+        for key, name in named:
             if name:
                 outputs[key] = name
         meta: dict[str, Any] = {
@@ -169,8 +172,9 @@ class Model:
     def run(self, batch: np.ndarray, with_cam: bool = False) -> dict[str, np.ndarray]:
         """Run a NHWC float32 batch and return the named outputs."""
         names = [self.spec.score_output]
-        if self.spec.familiarity_output:  # one number per film: always worth having
-            names.append(self.spec.familiarity_output)
+        for extra in (self.spec.familiarity_output, self.spec.referral_output):  # one number per film each
+            if extra:
+                names.append(extra)
         if with_cam and self.spec.cam_output:
             names.append(self.spec.cam_output)
         outputs = self.session.run(names, {self.spec.input_name: batch})
@@ -192,6 +196,7 @@ class Model:
             "labels": list(self.spec.labels),
             "threshold": self.spec.threshold,
             **{k: v for k, v in self._thresholds().items() if v is not None},
+            **({"referral_from": "site head"} if self.spec.referral_output else {}),
             "providers": self.providers,
         }
 

@@ -49,7 +49,7 @@ class Result:
     probabilities: dict[str, float] | None = None
     needs_review: bool | None = None
     error: str | None = None
-    referral_score: float | None = None  # 1 - P(no finding): how strongly the film asks for a reader
+    referral_score: float | None = None  # 1 - P(no finding) or a site head's score: how much it asks for a reader
     refer: bool | None = None  # referral_score at or above the classifier's referral threshold
     familiarity: float | None = None  # distance of the film's features to the training films'
     unfamiliar: bool | None = None  # familiarity above the classifier's familiarity threshold
@@ -225,9 +225,15 @@ class Screener:
         if accepted:
             clf_in = np.stack([decoded[i].classifier_input for i in accepted])  # type: ignore[misc]
             out = self.classify(clf_in)
-            familiarity = out.get(self.classifier.spec.familiarity_output or "")
-            for k, (i, p) in enumerate(zip(accepted, out[self.classifier.spec.score_output], strict=True)):
-                self._fill(results[i], p, None if familiarity is None else float(np.ravel(familiarity[k])[0]))
+            spec = self.classifier.spec
+            familiarity, referral = out.get(spec.familiarity_output or ""), out.get(spec.referral_output or "")
+            for k, (i, p) in enumerate(zip(accepted, out[spec.score_output], strict=True)):
+                self._fill(
+                    results[i],
+                    p,
+                    None if familiarity is None else float(np.ravel(familiarity[k])[0]),
+                    None if referral is None else float(np.ravel(referral[k])[0]),
+                )
         return results
 
     def record(self, result: Result) -> Record:
@@ -276,14 +282,16 @@ class Screener:
         padded[:n] = batch
         return {name: out[:n] for name, out in model.run(padded, with_cam=with_cam).items()}
 
-    def _fill(self, result: Result, probs: np.ndarray, familiarity: float | None) -> None:
+    def _fill(self, result: Result, probs: np.ndarray, familiarity: float | None, referral: float | None) -> None:
         spec = self.classifier.spec
         top = int(np.argmax(probs))
         result.status = CLASSIFIED
         result.label = spec.labels[top]
         result.confidence = float(probs[top])
         result.probabilities = {label: float(p) for label, p in zip(spec.labels, probs, strict=True)}
-        result.referral_score = 1.0 - float(probs[spec.labels.index(spec.negative_label or "")])
+        if referral is None:  # no site head: how unlikely the no-finding label is
+            referral = 1.0 - float(probs[spec.labels.index(spec.negative_label or "")])
+        result.referral_score = referral
         if spec.referral_threshold is not None:
             result.refer = round(result.referral_score, DECIMALS) >= spec.referral_threshold
         if familiarity is not None and spec.familiarity_threshold is not None:

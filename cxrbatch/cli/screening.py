@@ -229,6 +229,14 @@ def calibrate(
         Path | None,
         typer.Option("--models", help="folder with the models to calibrate [default: the bundled models]"),
     ] = None,
+    site_head: Annotated[
+        bool,
+        typer.Option(
+            "--site-head",
+            help="also learn the referral score itself from these films (a linear head on the classifier's "
+            "features): for a site whose films the bundled score ranks poorly",
+        ),
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="replace the models in an existing --out folder")] = False,
     device: Annotated[Device, typer.Option("--device", help="where the models run")] = Device.auto,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and tracebacks")] = False,
@@ -237,7 +245,8 @@ def calibrate(
 
     The threshold is the highest that reaches the target sensitivity on the abnormal films with
     95% confidence (an order statistic of their scores, chosen by the binomial law; at least 59
-    abnormal films for 0.95). Then screen with them: cxrbatch run ./incoming --models DIR
+    abnormal films for 0.95). With --site-head the films first fit a site head, and the threshold
+    is chosen on its out-of-fold scores. Then screen with them: cxrbatch run ./incoming --models DIR
 
     Example: cxrbatch calibrate site-films --target-sensitivity 0.95 --out site-models
     """
@@ -249,7 +258,7 @@ def calibrate(
     if out.exists() and not force:  # before screening: say so at once, not after minutes of work
         raise UsageError(f"{out} exists; choose another folder or pass --force to replace its models")
     gate, classifier = load_models(models or default_models_dir(), device.value)
-    calibration = site.calibrate(labelled_dir, Screener(gate, classifier), target_sensitivity)
+    calibration = site.calibrate(labelled_dir, Screener(gate, classifier), target_sensitivity, site_head)
     written = site.write_calibrated(gate, classifier, calibration, out, force)
     load_models(out, "cpu")  # the written pair loads and its metadata parses
     typer.echo(calibration.table())

@@ -1,0 +1,166 @@
+"""A site head: a referral score learnt from a site's own labelled films, on the classifier's features.
+
+The shipped referral score (1 - P(NORMAL)) ranks films from collections the classifier saw well
+and a new hospital's poorly (models/README.md, *On a site it never saw*); a threshold alone
+cannot mend a ranking. The pooled backbone features carry more than the four-class head reads
+from them, so a site with labelled films can fit its own linear score on them:
+
+1. each film's features are scaled to unit length and centred on the calibration films' mean;
+2. a ridge regression onto +1 (abnormal) / -1 (normal), solved in its dual form (films are
+   fewer than features), with the penalty chosen from `PENALTIES` (relative to the mean squared
+   norm of the centred features) by the AUC of out-of-fold scores in `FOLDS` stratified folds;
+3. a logistic (Platt) fit of the out-of-fold scores maps the ridge score to a probability, the
+   `referral_score` the reports show.
+
+The out-of-fold probabilities are scores of films the head was not fitted on: calibration
+chooses the referral threshold on them (cxrbatch.calibration), so the threshold is not set on
+scores the head has already learnt. The head is then refitted on all the films and added to the
+graph as the output `site_referral` (N x 1): one unit-length step, one (D x 1) product and a
+sigmoid. Everything is numpy and onnx (no TensorFlow, no scikit-learn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from cxrbatch.errors import UsageError
+from cxrbatch.features import node, unit_length, unit_length_nodes
+from cxrbatch.metrics import roc_auc
+
+OUTPUT = "site_referral"
+PREFIX = "site_head_"  # every node output and initializer the site head adds
+PENALTIES = tuple(float(10.0**k) for k in np.arange(-2.0, 4.5, 0.5))
+FOLDS = 5
+SEED = 20261206
+
+
+@dataclass(frozen=True)
+class SiteHead:
+    """A fitted site head: probability = sigmoid(slope * ((unit(x) - mean) . weights + bias) + intercept)."""
+
+    mean: np.ndarray  # (D,) mean unit-length feature of the calibration films
+    weights: np.ndarray  # (D,)
+    bias: float
+    slope: float
+    intercept: float
+    penalty: float  # the ridge penalty chosen, relative to the mean squared norm of the centred features
+    cv_auc: float  # AUC of the out-of-fold scores at that penalty
+
+    def probability(self, feats: np.ndarray) -> np.ndarray:
+        """The referral score of each row of pooled features `feats`, as the graph computes it."""
+        raw = (unit_length(feats) - self.mean) @ self.weights + self.bias
+        return _sigmoid(self.slope * raw + self.intercept)
+
+    def record(self, films: int) -> dict[str, object]:
+        """What the calibration record says of the head."""
+        return {
+            "output": OUTPUT,
+            "films": films,
+            "features": len(self.weights),
+            "penalty": self.penalty,
+            "cv_auc": round(self.cv_auc, 6),
+            "folds": FOLDS,
+            "rule": "ridge regression of +1/-1 on unit-length, centred pooled features; penalty by the AUC of "
+            f"{FOLDS}-fold out-of-fold scores; Platt scaling of those scores; threshold chosen on them",
+        }
+
+
+def fit(feats: np.ndarray, abnormal: np.ndarray, seed: int = SEED) -> tuple[SiteHead, np.ndarray]:
+    """Fit a site head on pooled features `feats` (N x D) of films labelled `abnormal` (N,), and
+    return it with the out-of-fold probability of every film (the scores a threshold is chosen on)."""
+    abnormal = np.asarray(abnormal, dtype=bool)
+    if min(abnormal.sum(), (~abnormal).sum()) < FOLDS:
+        raise UsageError(f"a site head needs at least {FOLDS} abnormal and {FOLDS} normal films")
+    unit = unit_length(np.asarray(feats, dtype=np.float64))
+    folds = _folds(abnormal, np.random.default_rng(seed))
+    best: tuple[float, float, np.ndarray] | None = None
+    for penalty in PENALTIES:
+        oof = np.zeros(len(abnormal))
+        for k in range(FOLDS):
+            held = folds == k
+            mean, weights, bias = _ridge(unit[~held], abnormal[~held], penalty)
+            oof[held] = (unit[held] - mean) @ weights + bias
+        auc = roc_auc(oof, abnormal) or 0.0
+        if best is None or auc > best[0]:
+            best = (auc, penalty, oof)
+    assert best is not None
+    auc, penalty, oof = best
+    slope, intercept = _platt(oof, abnormal)
+    mean, weights, bias = _ridge(unit, abnormal, penalty)
+    head = SiteHead(mean, weights, bias, slope, intercept, penalty, auc)
+    return head, _sigmoid(slope * oof + intercept)
+
+
+def add_to_graph(proto: onnx.ModelProto, head: SiteHead, features_name: str) -> None:
+    """Append the `site_referral` output (N x 1) computing `head.probability` from `features_name`."""
+    graph = proto.graph
+    if any(o.name == OUTPUT for o in graph.output):
+        raise UsageError("the classifier already has a site head; calibrate the model it was made from")
+    unit_nodes, unit = unit_length_nodes(proto, features_name, PREFIX)
+    # slope * ((u - mean) . w + bias) + intercept = (u - mean) . (slope w) + (slope bias + intercept)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(head.mean.astype(np.float32)[None, :], PREFIX + "mean"),
+            numpy_helper.from_array((head.slope * head.weights).astype(np.float32)[:, None], PREFIX + "weights"),
+            numpy_helper.from_array(
+                np.array([head.slope * head.bias + head.intercept], dtype=np.float32), PREFIX + "offset"
+            ),
+        ]
+    )
+    graph.node.extend(
+        [
+            *unit_nodes,
+            node("Sub", [unit, PREFIX + "mean"], [PREFIX + "centred"]),
+            node("MatMul", [PREFIX + "centred", PREFIX + "weights"], [PREFIX + "raw"]),
+            node("Add", [PREFIX + "raw", PREFIX + "offset"], [PREFIX + "logit"]),
+            node("Sigmoid", [PREFIX + "logit"], [OUTPUT]),
+        ]
+    )
+    graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
+
+
+def _ridge(unit: np.ndarray, abnormal: np.ndarray, penalty: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Ridge regression of +1/-1 on centred rows, in the dual (N x N) form."""
+    mean = unit.mean(axis=0)
+    centred = unit - mean
+    target = np.where(abnormal, 1.0, -1.0)
+    bias = float(target.mean())
+    gram = centred @ centred.T
+    scale = max(float(np.trace(gram)) / len(target), 1e-12)
+    dual = np.linalg.solve(gram + penalty * scale * np.eye(len(target)), target - bias)
+    return mean, centred.T @ dual, bias
+
+
+def _folds(abnormal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A fold number per film, each side spread evenly over the folds at random."""
+    folds = np.zeros(len(abnormal), dtype=np.int64)
+    for side in (True, False):
+        index = rng.permutation(np.flatnonzero(abnormal == side))
+        folds[index] = np.arange(len(index)) % FOLDS
+    return folds
+
+
+def _platt(scores: np.ndarray, abnormal: np.ndarray, steps: int = 50) -> tuple[float, float]:
+    """Slope and intercept of the logistic regression of `abnormal` on `scores` (Newton's method,
+    with Platt's smoothed targets so that separable scores keep a finite slope)."""
+    n_pos, n_neg = int(abnormal.sum()), int((~abnormal).sum())
+    target = np.where(abnormal, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    x = np.stack([scores, np.ones_like(scores)], axis=1)
+    params = np.zeros(2)
+    for _ in range(steps):
+        p = _sigmoid(x @ params)
+        gradient = x.T @ (p - target)
+        hessian = x.T @ (x * (p * (1 - p))[:, None]) + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        params -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(params[0]), float(params[1])
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + exp(-z)), without overflow

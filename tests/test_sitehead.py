@@ -1,0 +1,136 @@
+"""The site head: a referral score fitted on a site's labelled films, its graph output, calibrate --site-head."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import halves_image, make_gate, make_halves_classifier
+from typer.testing import CliRunner
+
+from cxrbatch import sitehead
+from cxrbatch.cli import app
+from cxrbatch.errors import UsageError
+from cxrbatch.evaluation import evaluate
+from cxrbatch.metrics import roc_auc
+from cxrbatch.models import load_models, read_metadata
+from cxrbatch.pipeline import Screener
+
+onnx = pytest.importorskip("onnx", reason="a site head is written into the graph with onnx")
+runner = CliRunner()
+
+
+def _films(rng: np.random.Generator, n: int, shift: float) -> np.ndarray:
+    """Pooled-feature-like rows: positive, 20 wide, abnormal ones moved along one direction."""
+    direction = np.linspace(-1.0, 1.0, 20)
+    return np.abs(rng.normal(3.0, 1.0, (n, 20))) + shift * direction
+
+
+def test_fit_learns_the_direction_and_scores_films_it_was_not_fitted_on() -> None:
+    rng = np.random.default_rng(5)
+    feats = np.vstack([_films(rng, 40, 0.0), _films(rng, 40, 1.5)])
+    abnormal = np.arange(80) >= 40
+    head, oof = sitehead.fit(feats, abnormal)
+    assert head.penalty in sitehead.PENALTIES and head.slope > 0
+    assert oof.shape == (80,) and ((oof > 0) & (oof < 1)).all()
+    assert roc_auc(oof, abnormal) == pytest.approx(head.cv_auc)  # the sigmoid keeps the out-of-fold order
+    assert head.cv_auc > 0.9
+    fresh = np.vstack([_films(rng, 200, 0.0), _films(rng, 200, 1.5)])
+    fresh_auc = roc_auc(head.probability(fresh), np.arange(400) >= 200)
+    assert fresh_auc is not None and fresh_auc > 0.9
+    again, again_oof = sitehead.fit(feats, abnormal)  # the folds come from a fixed seed
+    assert np.array_equal(again_oof, oof) and again.penalty == head.penalty
+    record = head.record(80)
+    assert record["films"] == 80 and record["features"] == 20 and record["output"] == "site_referral"
+    with pytest.raises(UsageError, match="at least 5 abnormal and 5 normal films"):
+        sitehead.fit(feats[:44], abnormal[:44])
+
+
+def test_the_graph_output_is_the_head_numpy_computes(tmp_path: Path) -> None:
+    from cxrbatch.features import features, pooled_features_name
+
+    gate, classifier = make_gate(tmp_path / "gate.onnx"), make_halves_classifier(tmp_path / "classifier.onnx")
+    paths = [halves_image(tmp_path / f"f{i}.png", 60 + 7 * i, 200 - 9 * i) for i in range(12)]
+    models = tmp_path / "models"
+    models.mkdir()
+    for p in (gate, classifier):
+        (models / p.name).write_bytes(p.read_bytes())
+    g, c = load_models(models, "cpu")
+    screener = Screener(g, c)
+    proto = onnx.load(str(classifier))
+    feats = features(proto, c.spec, paths, screener)
+    head, _ = sitehead.fit(feats, np.arange(12) % 2 == 1)
+    sitehead.add_to_graph(proto, head, pooled_features_name(proto, c.spec.score_output))
+    onnx.checker.check_model(proto, full_check=True)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    inputs = np.stack([d.classifier_input for batch in screener.decoded_batches(paths) for d in batch])
+    graph = session.run([sitehead.OUTPUT], {c.spec.input_name: inputs})[0][:, 0]
+    assert np.allclose(graph, head.probability(feats), atol=1e-5)
+    with pytest.raises(UsageError, match="already has a site head"):
+        sitehead.add_to_graph(proto, head, pooled_features_name(proto, c.spec.score_output))
+
+
+def _site(root: Path, per_side: int = 40) -> Path:
+    """A site the halves classifier ranks badly: its score follows a film's mean brightness, and
+    here abnormal films (top half darker than the bottom) are as bright on average as normal (flat) ones."""
+    rng = np.random.default_rng(11)
+    for label in ("NORMAL", "ABNORMAL"):
+        (root / label).mkdir(parents=True)
+        for i, level in enumerate(rng.uniform(90, 170, per_side)):
+            gap = 0 if label == "NORMAL" else int(rng.integers(30, 50))
+            halves_image(root / label / f"{label.lower()}{i:02d}.png", int(level) - gap // 2, int(level) + gap // 2)
+    return root
+
+
+def _halves_models(root: Path) -> Path:
+    models = root / "halves"
+    models.mkdir()
+    make_gate(models / "gate.onnx")
+    make_halves_classifier(models / "classifier.onnx")
+    return models
+
+
+def test_calibrate_with_a_site_head_ranks_the_site_and_run_reports_its_score(tmp_path: Path) -> None:
+    films, models = _site(tmp_path / "site"), _halves_models(tmp_path)
+
+    def calibrate(out: Path, *extra: str, source: Path = models) -> tuple[int, str]:
+        args = ["calibrate", str(films), "--models", str(source), "--out", str(out), "--target-sensitivity", "0.9"]
+        result = runner.invoke(app, [*args, *extra])
+        return result.exit_code, result.stdout + result.stderr
+
+    code, plain_text = calibrate(tmp_path / "plain")
+    assert code == 0, plain_text
+    code, text = calibrate(tmp_path / "headed", "--site-head")
+    assert code == 0, text
+    assert "site head: out-of-fold AUC" in text and "site head" not in plain_text
+    plain = read_metadata(tmp_path / "plain" / "classifier.onnx")["calibration"]
+    meta = read_metadata(tmp_path / "headed" / "classifier.onnx")
+    record = meta["calibration"]
+    assert meta["outputs"]["referral"] == "site_referral" and record["site_head"]["films"] == 80
+    assert record["site_head"]["cv_auc"] > 0.95 and record["sensitivity"] >= 0.9
+    assert record["specificity"] > plain["specificity"] + 0.3  # the bundled score cannot rank this site
+
+    report = tmp_path / "r.csv"
+    code = runner.invoke(app, ["run", str(films), "--models", str(tmp_path / "headed"), "--out", str(report)]).exit_code
+    assert code == 0
+    rows = list(csv.DictReader(report.open(encoding="utf-8")))
+    _, headed = load_models(tmp_path / "headed", "cpu")
+    assert headed.describe()["referral_from"] == "site head"
+    for row in rows:  # the score is the head's, not 1 - P(NORMAL)
+        assert row["refer"] == ("true" if float(row["referral_score"]) >= record["threshold"] else "false")
+        assert float(row["referral_score"]) != pytest.approx(1 - float(row["p_NORMAL"]), abs=1e-3)
+    abnormal = np.array(["abnormal" in Path(r["path"]).name for r in rows])
+    scores = np.array([float(r["referral_score"]) for r in rows])
+    assert roc_auc(scores, abnormal) == pytest.approx(1.0)
+
+    gate, classifier = load_models(tmp_path / "headed", "cpu")
+    found = evaluate(films, None, Screener(gate, classifier))["referral"]
+    assert found["auc"] == pytest.approx(1.0) and found["threshold"] == record["threshold"]
+
+    code, text = calibrate(tmp_path / "twice", "--site-head", source=tmp_path / "headed")
+    assert code == 2 and "already has a site head; calibrate a site head from the model it was made from" in text
+    assert not (tmp_path / "twice").exists()
