@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import halves_image, make_gate, make_halves_classifier
+from helpers import halves_image, make_halves_classifier
 from typer.testing import CliRunner
 
 from cxrbatch import sitehead
@@ -48,16 +48,12 @@ def test_fit_learns_the_direction_and_scores_films_it_was_not_fitted_on() -> Non
         sitehead.fit(feats[:44], abnormal[:44])
 
 
-def test_the_graph_output_is_the_head_numpy_computes(tmp_path: Path) -> None:
+def test_the_graph_output_is_the_head_numpy_computes(tiny_models: Path, tmp_path: Path) -> None:
     from cxrbatch.features import features, pooled_features_name
 
-    gate, classifier = make_gate(tmp_path / "gate.onnx"), make_halves_classifier(tmp_path / "classifier.onnx")
+    classifier = make_halves_classifier(tiny_models / "classifier.onnx")  # the tiny gate, a classifier of two features
     paths = [halves_image(tmp_path / f"f{i}.png", 60 + 7 * i, 200 - 9 * i) for i in range(12)]
-    models = tmp_path / "models"
-    models.mkdir()
-    for p in (gate, classifier):
-        (models / p.name).write_bytes(p.read_bytes())
-    g, c = load_models(models, "cpu")
+    g, c = load_models(tiny_models, "cpu")
     screener = Screener(g, c)
     proto = onnx.load(str(classifier))
     feats = features(proto, c.spec, paths, screener)
@@ -86,16 +82,9 @@ def _site(root: Path, per_side: int = 40) -> Path:
     return root
 
 
-def _halves_models(root: Path) -> Path:
-    models = root / "halves"
-    models.mkdir()
-    make_gate(models / "gate.onnx")
-    make_halves_classifier(models / "classifier.onnx")
-    return models
-
-
-def test_calibrate_with_a_site_head_ranks_the_site_and_run_reports_its_score(tmp_path: Path) -> None:
-    films, models = _site(tmp_path / "site"), _halves_models(tmp_path)
+def test_calibrate_with_a_site_head_ranks_the_site_and_run_reports_its_score(tiny_models: Path, tmp_path: Path) -> None:
+    films, models = _site(tmp_path / "site"), tiny_models
+    make_halves_classifier(models / "classifier.onnx")  # the tiny gate, a classifier of two features
 
     def calibrate(out: Path, *extra: str, source: Path = models) -> tuple[int, str]:
         args = ["calibrate", str(films), "--models", str(source), "--out", str(out), "--target-sensitivity", "0.9"]
