@@ -72,7 +72,7 @@ class SiteCheck:
         else:
             advice = (
                 "these films look unlike the collections the classifier was trained on. Calibrate on this site's "
-                "labelled films (cxrbatch calibrate) before relying on refer or clear."
+                "labelled films (cxrbatch calibrate --site-head) before relying on refer or clear."
             )
         return f"{found}, {against}: {advice}"
 

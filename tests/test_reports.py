@@ -164,6 +164,7 @@ def test_the_site_check_holds_a_run_against_the_reference_films_by_fishers_test(
         "40 of 958 classified films (4.2%) are unfamiliar, against 9 of the 910 validation films (p = "
     )
     assert "unlike the collections the classifier was trained on" in str(odd.warning())
+    assert "(cxrbatch calibrate --site-head)" in str(odd.warning())  # the remedy for a new site's ranking
     assert odd.as_dict() == {
         "films": 958, "unfamiliar": 40, "against": "validation films", "reference": {"films": 910, "unfamiliar": 9},
         "p": float(f"{odd.p:.3g}"), "unlike_reference": True,
