@@ -71,28 +71,43 @@ class SiteHead:
 
 def fit(feats: np.ndarray, abnormal: np.ndarray, seed: int = SEED) -> tuple[SiteHead, np.ndarray]:
     """Fit a site head on pooled features `feats` (N x D) of films labelled `abnormal` (N,), and
-    return it with the out-of-fold probability of every film (the scores a threshold is chosen on)."""
+    return it with the out-of-fold probability of every film (the scores a threshold is chosen on).
+    Among penalties whose out-of-fold AUC ties, the strongest is taken."""
     abnormal = np.asarray(abnormal, dtype=bool)
     if min(abnormal.sum(), (~abnormal).sum()) < FOLDS:
         raise UsageError(f"a site head needs at least {FOLDS} abnormal and {FOLDS} normal films")
     unit = unit_length(np.asarray(feats, dtype=np.float64))
     folds = _folds(abnormal, np.random.default_rng(seed))
-    best: tuple[float, float, np.ndarray] | None = None
-    for penalty in PENALTIES:
-        oof = np.zeros(len(abnormal))
-        for k in range(FOLDS):
-            held = folds == k
-            mean, weights, bias = _ridge(unit[~held], abnormal[~held], penalty)
-            oof[held] = (unit[held] - mean) @ weights + bias
-        auc = roc_auc(oof, abnormal) or 0.0
-        if best is None or auc > best[0]:
-            best = (auc, penalty, oof)
-    assert best is not None
-    auc, penalty, oof = best
-    slope, intercept = _platt(oof, abnormal)
-    mean, weights, bias = _ridge(unit, abnormal, penalty)
-    head = SiteHead(mean, weights, bias, slope, intercept, penalty, auc)
-    return head, _sigmoid(slope * oof + intercept)
+    oof = np.zeros((len(PENALTIES), len(abnormal)))
+    for k in range(FOLDS):
+        held = folds == k
+        for i, (mean, weights, bias) in enumerate(_ridge(unit[~held], abnormal[~held], PENALTIES)):
+            oof[i, held] = (unit[held] - mean) @ weights + bias
+    aucs = [roc_auc(row, abnormal) or 0.0 for row in oof]
+    best = max(range(len(PENALTIES)), key=lambda i: (aucs[i], i))
+    slope, intercept = _platt(oof[best], abnormal)
+    if slope <= 0:
+        raise UsageError(
+            f"a site head learnt nothing from these films (out-of-fold AUC {aucs[best]:.3f}): "
+            "calibrate without --site-head"
+        )
+    [(mean, weights, bias)] = _ridge(unit, abnormal, (PENALTIES[best],))
+    head = SiteHead(mean, weights, bias, slope, intercept, PENALTIES[best], aucs[best])
+    return head, _sigmoid(slope * oof[best] + intercept)
+
+
+def fit_if_better(feats: np.ndarray, abnormal: np.ndarray, bundled: np.ndarray) -> tuple[SiteHead, np.ndarray]:
+    """`fit`, refused (UsageError) where the head's out-of-fold scores rank the films no better than
+    the `bundled` scores do (scores of a model not fitted on these films): a site like the
+    training collections keeps the bundled score."""
+    head, oof = fit(feats, abnormal)
+    bundled_auc = roc_auc(bundled, np.asarray(abnormal, dtype=bool)) or 0.0
+    if head.cv_auc <= bundled_auc:
+        raise UsageError(
+            f"a site head ranks these films no better than the bundled score (out-of-fold AUC {head.cv_auc:.3f}, "
+            f"bundled {bundled_auc:.3f}): calibrate without --site-head"
+        )
+    return head, oof
 
 
 def add_to_graph(proto: onnx.ModelProto, head: SiteHead, features_name: str) -> None:
@@ -123,16 +138,28 @@ def add_to_graph(proto: onnx.ModelProto, head: SiteHead, features_name: str) -> 
     graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
 
 
-def _ridge(unit: np.ndarray, abnormal: np.ndarray, penalty: float) -> tuple[np.ndarray, np.ndarray, float]:
-    """Ridge regression of +1/-1 on centred rows, in the dual (N x N) form."""
+def _ridge(
+    unit: np.ndarray, abnormal: np.ndarray, penalties: tuple[float, ...]
+) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Ridge regressions of +1/-1 on the centred rows, one per penalty, from one eigendecomposition:
+    of the N x N Gram matrix when films are fewer than features (the dual form), else of the D x D
+    scatter matrix. A penalty is relative to the mean squared norm of the centred rows."""
     mean = unit.mean(axis=0)
     centred = unit - mean
     target = np.where(abnormal, 1.0, -1.0)
     bias = float(target.mean())
-    gram = centred @ centred.T
-    scale = max(float(np.trace(gram)) / len(target), 1e-12)
-    dual = np.linalg.solve(gram + penalty * scale * np.eye(len(target)), target - bias)
-    return mean, centred.T @ dual, bias
+    residual = target - bias
+    n, d = centred.shape
+    scale = max(float(np.sum(centred**2)) / n, 1e-12)
+    dual = n <= d
+    values, vectors = np.linalg.eigh(centred @ centred.T if dual else centred.T @ centred)
+    values = np.clip(values, 0.0, None)
+    projected = vectors.T @ (residual if dual else centred.T @ residual)
+    fits = []
+    for penalty in penalties:
+        solved = vectors @ (projected / (values + penalty * scale))
+        fits.append((mean, centred.T @ solved if dual else solved, bias))
+    return fits
 
 
 def _folds(abnormal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -145,11 +172,12 @@ def _folds(abnormal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _platt(scores: np.ndarray, abnormal: np.ndarray, steps: int = 50) -> tuple[float, float]:
-    """Slope and intercept of the logistic regression of `abnormal` on `scores` (Newton's method,
-    with Platt's smoothed targets so that separable scores keep a finite slope)."""
+    """Slope and intercept of the logistic regression of `abnormal` on `scores` (Newton's method on
+    standardised scores, with Platt's smoothed targets so that separable scores keep a finite slope)."""
     n_pos, n_neg = int(abnormal.sum()), int((~abnormal).sum())
     target = np.where(abnormal, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-    x = np.stack([scores, np.ones_like(scores)], axis=1)
+    centre, spread = float(scores.mean()), max(float(scores.std()), 1e-12)
+    x = np.stack([(scores - centre) / spread, np.ones_like(scores)], axis=1)
     params = np.zeros(2)
     for _ in range(steps):
         p = _sigmoid(x @ params)
@@ -159,7 +187,8 @@ def _platt(scores: np.ndarray, abnormal: np.ndarray, steps: int = 50) -> tuple[f
         params -= step
         if np.abs(step).max() < 1e-10:
             break
-    return float(params[0]), float(params[1])
+    slope = float(params[0]) / spread
+    return slope, float(params[1]) - slope * centre
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
