@@ -39,7 +39,7 @@ import numpy as np
 from cxrbatch import sitehead
 from cxrbatch.datasets import ABNORMAL
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import ReportError, UsageError
+from cxrbatch.errors import ModelError, ReportError, UsageError
 from cxrbatch.models import MODEL_FILES, Model, embed_metadata
 from cxrbatch.pipeline import Screener
 from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR
@@ -161,6 +161,7 @@ def calibrate(folder: Path, screener: Screener, target: float, site_head: bool =
     `site_head`, fit a site head on them first and choose the threshold on its out-of-fold scores."""
     spec = screener.classifier.spec
     negative = spec.negative_label or ""
+    _check_calibratable(screener.classifier, site_head)
     films = labelled_films(folder, spec.labels)
     counts = {label: len(paths) for label, paths in films.items()}
     abnormal_n = sum(n for label, n in counts.items() if label != negative)
@@ -177,7 +178,7 @@ def calibrate(folder: Path, screener: Screener, target: float, site_head: bool =
     scores = np.array([r.referral_score for r in results], dtype=np.float64)
     head = None
     if site_head:
-        head, scores = _fit_site_head(screener, paths, truth)
+        head, scores = _fit_site_head(screener, paths, truth, scores)
     threshold = choose_threshold(scores[truth], target)
     refer = np.round(scores, DECIMALS) >= threshold
     return Calibration(
@@ -197,18 +198,40 @@ def calibrate(folder: Path, screener: Screener, target: float, site_head: bool =
     )
 
 
-def _fit_site_head(screener: Screener, paths: list[Path], truth: np.ndarray) -> tuple[SiteHead, np.ndarray]:
+def _check_calibratable(classifier: Model, site_head: bool) -> None:
+    """Refuse, before any film is screened, what cannot be calibrated: a classifier that already
+    has a site head (its scores on the films it was fitted on are in-sample, and its record would
+    be lost), or one whose dense head a site head cannot be read from (a float16 or int8 copy)."""
+    if classifier.spec.referral_output:
+        raise UsageError(
+            f"{classifier.path.name} already has a site head, fitted on other films; calibrate the model it "
+            "was made from (such as the bundled models) again, with --site-head"
+        )
+    if site_head:
+        import onnx
+
+        from cxrbatch.features import pooled_features_name
+
+        try:
+            pooled_features_name(onnx.load(str(classifier.path)), classifier.spec.score_output)
+        except ModelError as exc:
+            raise UsageError(
+                f"{classifier.path.name} cannot take a site head ({exc}): calibrate the float32 model it was made from"
+            ) from None
+
+
+def _fit_site_head(
+    screener: Screener, paths: list[Path], truth: np.ndarray, bundled: np.ndarray
+) -> tuple[SiteHead, np.ndarray]:
+    """Fit a site head on the films; refused where its out-of-fold scores rank them no better than
+    the bundled score does (which was not fitted on them)."""
     import onnx
 
     from cxrbatch.features import features
 
     classifier = screener.classifier
-    if classifier.spec.referral_output:
-        raise UsageError(
-            f"{classifier.path.name} already has a site head; calibrate a site head from the model it was made from"
-        )
     feats = features(onnx.load(str(classifier.path)), classifier.spec, paths, screener)
-    return sitehead.fit(feats, truth)
+    return sitehead.fit_if_better(feats, truth, bundled)
 
 
 def _refuse_unusable(folder: Path, results: list[Any]) -> None:

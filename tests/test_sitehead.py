@@ -57,7 +57,7 @@ def test_the_graph_output_is_the_head_numpy_computes(tiny_models: Path, tmp_path
     screener = Screener(g, c)
     proto = onnx.load(str(classifier))
     feats = features(proto, c.spec, paths, screener)
-    head, _ = sitehead.fit(feats, np.arange(12) % 2 == 1)
+    head, _ = sitehead.fit(feats, np.arange(12) >= 6)  # the later films: a darker top than bottom
     sitehead.add_to_graph(proto, head, pooled_features_name(proto, c.spec.score_output))
     onnx.checker.check_model(proto, full_check=True)
     import onnxruntime as ort
@@ -119,7 +119,35 @@ def test_calibrate_with_a_site_head_ranks_the_site_and_run_reports_its_score(tin
     gate, classifier = load_models(tmp_path / "headed", "cpu")
     found = evaluate(films, None, Screener(gate, classifier))["referral"]
     assert found["auc"] == pytest.approx(1.0) and found["threshold"] == record["threshold"]
+    referred = np.array([r["refer"] == "true" for r in rows])
+    assert found["sensitivity"] == pytest.approx(referred[abnormal].mean())  # evaluate refers as run does
+    assert found["specificity"] == pytest.approx((~referred[~abnormal]).mean())
 
-    code, text = calibrate(tmp_path / "twice", "--site-head", source=tmp_path / "headed")
-    assert code == 2 and "already has a site head; calibrate a site head from the model it was made from" in text
-    assert not (tmp_path / "twice").exists()
+    for extra in (("--site-head",), ()):  # its scores on its own films are in-sample, and its record would go
+        code, text = calibrate(tmp_path / "twice", *extra, source=tmp_path / "headed")
+        assert code == 2 and "already has a site head, fitted on other films; calibrate the model it was made" in text
+        assert not (tmp_path / "twice").exists()
+    from cxrbatch.extras import export_module
+
+    headed_file = tmp_path / "headed" / "classifier.onnx"
+    with pytest.raises(UsageError, match="has a site head: a float16 copy would move its referral scores"):
+        export_module("half").halve(headed_file, tmp_path / "half.onnx")
+    with pytest.raises(UsageError, match="has a site head: an int8 copy would move its referral scores"):
+        export_module("quantize").quantize(headed_file, tmp_path / "int8.onnx", films, 8)
+
+
+def test_a_site_head_no_better_than_the_bundled_score_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    """Where the bundled score already ranks the site (abnormal films brighter), a head is not written."""
+    rng = np.random.default_rng(2)
+    for label, (low, high) in (("NORMAL", (90, 110)), ("ABNORMAL", (150, 200))):
+        (tmp_path / "site" / label).mkdir(parents=True)
+        for i, level in enumerate(rng.uniform(low, high, 40)):
+            halves_image(tmp_path / "site" / label / f"{i}.png", int(level), int(level))
+    make_halves_classifier(tiny_models / "classifier.onnx")
+    args = ["calibrate", str(tmp_path / "site"), "--models", str(tiny_models), "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--target-sensitivity", "0.9", "--site-head"])
+    assert result.exit_code == 2 and "ranks these films no better than the bundled score" in result.stderr
+    assert "bundled 1.000): calibrate without --site-head" in result.stderr and not (tmp_path / "out").exists()
+    feats = np.abs(np.random.default_rng(3).normal(size=(40, 6)))  # no signal at all: nothing to learn
+    with pytest.raises(UsageError, match=r"no better than the bundled score|learnt nothing from these films"):
+        sitehead.fit_if_better(feats, np.arange(40) % 2 == 0, np.linspace(0, 1, 40))
