@@ -5,8 +5,10 @@ each class (half of a class with fewer than 80): the site's calibration films. I
 referral threshold on them exactly as `cxrbatch calibrate` does, and measures the sensitivity
 and specificity on the films not drawn.
 With `--site-head`, each draw also fits a site head on its calibration films (as `cxrbatch
-calibrate --site-head` does: threshold on the head's out-of-fold scores) and measures it on the
-same films not drawn, beside the bundled score; both rows report the AUC on those films too.
+calibrate --site-head` does: threshold on the head's out-of-fold scores; where calibrate would
+refuse the head as no better than the bundled score, the draw keeps the bundled score, and the
+JSON counts those draws) and measures it on the same films not drawn, beside the bundled score;
+both rows report the AUC on those films too.
 Prints a table and writes JSON. A measurement of the calibration procedure on data it does not
 tune: the models and the threshold rule are fixed before it runs.
 
@@ -25,6 +27,7 @@ import numpy as np
 from cxrbatch import sitehead
 from cxrbatch.calibration import choose_threshold
 from cxrbatch.datasets import labelled_images
+from cxrbatch.errors import UsageError
 from cxrbatch.metrics import roc_auc
 from cxrbatch.models import default_models_dir, load_models
 from cxrbatch.pipeline import Screener
@@ -60,6 +63,7 @@ def main() -> None:
         kept = [p for p, good in zip(images.paths, ok, strict=True) if good]
         feats = features(onnx.load(str(classifier.path)), classifier.spec, kept, screener)
     rng = np.random.default_rng(20261202)
+    refused = 0
     rows: dict[str, list[tuple[float, float, float, float | None]]] = {"bundled score": [], "site head": []}
     for _ in range(args.draws):
         drawn = np.zeros(len(scores), dtype=bool)
@@ -67,8 +71,13 @@ def main() -> None:
             index = np.flatnonzero(labels == label)
             drawn[rng.choice(index, min(args.per_class, len(index) // 2), replace=False)] = True
         rows["bundled score"].append(_held_out(raw[drawn & abnormal], scores, drawn, abnormal, args.target))
-        if feats is not None:
-            head, oof = sitehead.fit(feats[drawn], abnormal[drawn])
+        if feats is not None:  # as calibrate --site-head: a head no better than the bundled score is refused
+            try:
+                head, oof = sitehead.fit_if_better(feats[drawn], abnormal[drawn], raw[drawn])
+            except UsageError:
+                refused += 1
+                rows["site head"].append(rows["bundled score"][-1])  # the site keeps the bundled score
+                continue
             head_scores = np.round(head.probability(feats), DECIMALS)
             rows["site head"].append(_held_out(oof[abnormal[drawn]], head_scores, drawn, abnormal, args.target))
     result = {
@@ -81,7 +90,7 @@ def main() -> None:
         **_summary(rows["bundled score"], args.target),
     }
     if rows["site head"]:
-        result["site_head"] = _summary(rows["site head"], args.target)
+        result["site_head"] = {**_summary(rows["site head"], args.target), "refused_draws": refused}
     print(
         f"{'score':<14} {'draws':>6} {'per class':>10} {'target':>7} {'sens median':>12} {'sens p5':>8} "
         f"{'>= target-5':>12} {'spec median':>12} {'AUC median':>11}"
