@@ -48,6 +48,20 @@ def test_fit_learns_the_direction_and_scores_films_it_was_not_fitted_on() -> Non
         sitehead.fit(feats[:44], abnormal[:44])
 
 
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])  # fewer films than features (the dual form), and more
+def test_ridge_is_the_closed_form_solution_in_either_form(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(8)
+    unit = rng.normal(size=shape)
+    abnormal = np.arange(shape[0]) % 3 == 0
+    centred = unit - unit.mean(axis=0)
+    target = np.where(abnormal, 1.0, -1.0)
+    scale = np.sum(centred**2) / shape[0]
+    for penalty, (mean, weights, bias) in zip((0.1, 10.0), sitehead._ridge(unit, abnormal, (0.1, 10.0)), strict=True):
+        direct = np.linalg.solve(centred.T @ centred + penalty * scale * np.eye(shape[1]), centred.T @ (target - bias))
+        assert np.allclose(weights, direct, atol=1e-8) and np.allclose(mean, unit.mean(axis=0))
+        assert bias == pytest.approx(target.mean())
+
+
 def test_the_graph_output_is_the_head_numpy_computes(tiny_models: Path, tmp_path: Path) -> None:
     from cxrbatch.features import features, pooled_features_name
 
