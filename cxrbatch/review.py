@@ -169,13 +169,22 @@ def _other_table(title: str, rows: list[Record], key: str, heading: str) -> str:
 
 def _models(models: dict[str, Any]) -> str:
     rows = "".join(
-        f"<tr>{_cell(role)}{_cell(m.get('name'))}{_cell(m.get('version'))}{_cell(m.get('sha256'), cls='path')}</tr>"
+        f"<tr>{_cell(role)}{_cell(m.get('name'))}{_cell(m.get('version'))}{_cell(_referral(m))}"
+        f"{_cell(m.get('sha256'), cls='path')}</tr>"
         for role, m in models.items()
     )
     return (
-        "<h2>Models</h2><table><thead><tr><th>role</th><th>name</th><th>version</th><th>sha256</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>"
+        "<h2>Models</h2><table><thead><tr><th>role</th><th>name</th><th>version</th><th>referral score</th>"
+        f"<th>sha256</th></tr></thead><tbody>{rows}</tbody></table>"
     )
+
+
+def _referral(model: dict[str, Any]) -> str:
+    """Where a classifier's referral score comes from, and the threshold it is held against."""
+    if model.get("referral_threshold") is None:
+        return ""
+    source = "the site's own head" if model.get("referral_from") == "site head" else "1 - p(no finding)"
+    return f"{source}, refer at >= {model['referral_threshold']:.6f}"
 
 
 def _cell(value: Any, cls: str = "") -> str:

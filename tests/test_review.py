@@ -73,6 +73,7 @@ def test_page_is_self_contained_and_escaped(page: Path) -> None:
     assert text.count("<img src='maps/") == 2  # the referred film's thumbnail and its larger view, linked relatively
     assert "<a href='#read-0' title='larger view'>" in text and "<a class='zoom' id='read-0' href='#_'>" in text
     assert "referral score" in text and "<td data-v='refer'>refer</td>" in text
+    assert "1 - p(no finding), refer at &gt;= 0.375901" in text  # the models table says where the score comes from
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs Debian's chromium)")

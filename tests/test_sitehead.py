@@ -117,9 +117,10 @@ def test_calibrate_with_a_site_head_ranks_the_site_and_run_reports_its_score(tin
     assert record["site_head"]["cv_auc"] > 0.95 and record["sensitivity"] >= 0.9
     assert record["specificity"] > plain["specificity"] + 0.3  # the bundled score cannot rank this site
 
-    report = tmp_path / "r.csv"
-    code = runner.invoke(app, ["run", str(films), "--models", str(tmp_path / "headed"), "--out", str(report)]).exit_code
-    assert code == 0
+    report, page = tmp_path / "r.csv", tmp_path / "review.html"
+    args = ["run", str(films), "--models", str(tmp_path / "headed"), "--out", str(report), "--html", str(page)]
+    assert runner.invoke(app, args).exit_code == 0
+    assert f"the site&#x27;s own head, refer at &gt;= {record['threshold']:.6f}" in page.read_text(encoding="utf-8")
     rows = list(csv.DictReader(report.open(encoding="utf-8")))
     _, headed = load_models(tmp_path / "headed", "cpu")
     assert headed.describe()["referral_from"] == "site head"
