@@ -197,6 +197,18 @@ def halves_models(root: Path, gate: Path) -> Path:
     return models
 
 
+def halves_site(root: Path, per_side: int = 40) -> Path:
+    """A site the halves classifier ranks badly: its score follows a film's mean brightness, and
+    here abnormal films (top half darker than the bottom) are as bright on average as normal (flat) ones."""
+    rng = np.random.default_rng(11)
+    for label in ("NORMAL", "ABNORMAL"):
+        (root / label).mkdir(parents=True)
+        for i, level in enumerate(rng.uniform(90, 170, per_side)):
+            gap = 0 if label == "NORMAL" else int(rng.integers(30, 50))
+            halves_image(root / label / f"{label.lower()}{i:02d}.png", int(level) - gap // 2, int(level) + gap // 2)
+    return root
+
+
 def make_region_classifier(path: Path) -> Path:
     """A classifier whose head singles out image regions: class k's map is the picture times a mask.
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO, grey_image
+from helpers import REPO, grey_image, halves_site, make_halves_classifier
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
@@ -86,6 +86,19 @@ def test_ray_writes_the_local_engines_rows_with_the_bundled_models(ray_address: 
     assert local["engine"] == {"name": "local", "threads": 2}
     statuses = [r["status"] for r in ray["results"]]
     assert statuses.count("classified") >= 2 and statuses.count("rejected") >= 2 and statuses.count("error") == 1
+
+
+def test_ray_reports_a_site_heads_referral_score_as_the_local_engine_does(
+    ray_address: str, tiny_models: Path, tmp_path: Path
+) -> None:
+    films = halves_site(tmp_path / "site")
+    make_halves_classifier(tiny_models / "classifier.onnx")
+    args = ["calibrate", str(films), "--models", str(tiny_models), "--out", str(tmp_path / "headed"), "--site-head"]
+    assert runner.invoke(app, [*args, "--target-sensitivity", "0.9"]).exit_code == 0
+    local, ray = _both(films, tmp_path / "headed", tmp_path)  # the same CSV bytes from both engines
+    rows = _csv(tmp_path / "ray.csv")
+    assert len(rows) == 80 and all(abs(float(r["referral_score"]) - (1 - float(r["p_NORMAL"]))) > 1e-3 for r in rows)
+    assert ray["models"]["classifier"]["referral_from"] == "site head" == local["models"]["classifier"]["referral_from"]
 
 
 def test_ray_writes_the_same_error_rows_for_every_bad_file(

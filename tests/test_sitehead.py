@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import halves_image, make_halves_classifier
+from helpers import halves_image, halves_site, make_halves_classifier
 from typer.testing import CliRunner
 
 from cxrbatch import sitehead
@@ -84,20 +84,8 @@ def test_the_graph_output_is_the_head_numpy_computes(tiny_models: Path, tmp_path
         sitehead.add_to_graph(proto, head, pooled_features_name(proto, c.spec.score_output))
 
 
-def _site(root: Path, per_side: int = 40) -> Path:
-    """A site the halves classifier ranks badly: its score follows a film's mean brightness, and
-    here abnormal films (top half darker than the bottom) are as bright on average as normal (flat) ones."""
-    rng = np.random.default_rng(11)
-    for label in ("NORMAL", "ABNORMAL"):
-        (root / label).mkdir(parents=True)
-        for i, level in enumerate(rng.uniform(90, 170, per_side)):
-            gap = 0 if label == "NORMAL" else int(rng.integers(30, 50))
-            halves_image(root / label / f"{label.lower()}{i:02d}.png", int(level) - gap // 2, int(level) + gap // 2)
-    return root
-
-
 def test_calibrate_with_a_site_head_ranks_the_site_and_run_reports_its_score(tiny_models: Path, tmp_path: Path) -> None:
-    films, models = _site(tmp_path / "site"), tiny_models
+    films, models = halves_site(tmp_path / "site"), tiny_models
     make_halves_classifier(models / "classifier.onnx")  # the tiny gate, a classifier of two features
 
     def calibrate(out: Path, *extra: str, source: Path = models) -> tuple[int, str]:
