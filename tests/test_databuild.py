@@ -244,6 +244,20 @@ def test_a_rule_can_hold_its_films_out_as_an_evaluation_site(tmp_path: Path) -> 
     rows = manifest_rows(out)
     assert {(r["split"], r["label"]) for r in rows} == {("test", "NORMAL"), ("test", "ABNORMAL")} and len(rows) == 12
     assert sorted(p.name for p in (out / "test").iterdir()) == ["ABNORMAL", "NORMAL"]
+    # another collection holds smaller copies: one read PNEUMONIA agrees with ABNORMAL, one read NORMAL does not
+    smaller = {f"p/{i}.png": png(film(50 + i).resize((60, 48), Image.Resampling.LANCZOS)) for i in (0, 1)}
+    other = make_repo(mirrors, "site/other", smaller)
+    registry.write_text(
+        registry.read_text() + entry("site/other", other, rule("p/0.png", "PNEUMONIA", "site-d")
+                                     + rule("p/1.png", "NORMAL", "site-d"))
+    )  # fmt: skip
+    build(registry, mirrors, out, tmp_path, force=True)
+    rows = {r["path_in_source"]: r for r in manifest_rows(out)}
+    assert rows["p/0.png"]["label"] == "PNEUMONIA" and rows["abnormal/0.png"]["label"] == "ABNORMAL"
+    assert rows["p/0.png"]["cluster"] == rows["abnormal/0.png"]["cluster"] and rows["p/0.png"]["split"] == "test"
+    assert "p/1.png" not in rows and "abnormal/1.png" not in rows
+    reasons = {r["path_in_source"]: r["reason"] for r in skipped_rows(out)}
+    assert reasons["p/1.png"] == "copies of this film carry more than one label (ABNORMAL, NORMAL)"
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ from cxrbatch.databuild import hashing
 from cxrbatch.databuild.clusters import UnionFind, link_groups, near_duplicate_pairs
 from cxrbatch.databuild.readers import SourceFiles, open_source
 from cxrbatch.databuild.registry import RESERVED_FILE, Source, load_registry
+from cxrbatch.datasets import ABNORMAL
 from cxrbatch.errors import ImageError, ReportError, UsageError
 
 MANIFEST_COLUMNS = (
@@ -217,7 +218,7 @@ def _link_and_split(built: list[Built], skipped: list[tuple[str, str, str]]) -> 
     keep = [True] * len(built)
     for indices in _members(copies).values():
         labels = sorted({built[i].candidate.label for i in indices})
-        if len(labels) > 1:
+        if _disagree(set(labels)):
             for i in indices:
                 keep[i] = False
                 c = built[i].candidate
@@ -231,6 +232,13 @@ def _link_and_split(built: list[Built], skipped: list[tuple[str, str, str]]) -> 
     for indices in _members(clusters).values():
         rows += _cluster_rows([kept[i] for i in indices])
     return sorted(rows, key=lambda r: r["id"])
+
+
+def _disagree(labels: set[str]) -> bool:
+    """Whether copies of one film carry labels that cannot all be true. A read of ABNORMAL agrees
+    with one named finding (it only names no class), not with NORMAL."""
+    named = labels - {ABNORMAL}
+    return len(named) > 1 or (ABNORMAL in labels and "NORMAL" in named)
 
 
 def _members(uf: UnionFind) -> dict[int, list[int]]:
