@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from cxrbatch import sitehead
 from cxrbatch.datasets import ABNORMAL
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ModelError, ReportError, UsageError
+from cxrbatch.features import features, pooled_features_name
 from cxrbatch.models import MODEL_FILES, Model, embed_metadata
 from cxrbatch.pipeline import Screener
 from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR
@@ -161,7 +163,8 @@ def calibrate(folder: Path, screener: Screener, target: float, site_head: bool =
     `site_head`, fit a site head on them first and choose the threshold on its out-of-fold scores."""
     spec = screener.classifier.spec
     negative = spec.negative_label or ""
-    _check_calibratable(screener.classifier, site_head)
+    _refuse_site_headed(screener.classifier)
+    graph = _site_head_graph(screener.classifier) if site_head else None  # checked before any film is screened
     films = labelled_films(folder, spec.labels)
     counts = {label: len(paths) for label, paths in films.items()}
     abnormal_n = sum(n for label, n in counts.items() if label != negative)
@@ -177,8 +180,8 @@ def calibrate(folder: Path, screener: Screener, target: float, site_head: bool =
     _refuse_unusable(folder, results)
     scores = np.array([r.referral_score for r in results], dtype=np.float64)
     head = None
-    if site_head:
-        head, scores = _fit_site_head(screener, paths, truth, scores)
+    if graph is not None:
+        head, scores = _fit_site_head(screener, graph, paths, truth, scores)
     threshold = choose_threshold(scores[truth], target)
     refer = np.round(scores, DECIMALS) >= threshold
     return Calibration(
@@ -198,39 +201,35 @@ def calibrate(folder: Path, screener: Screener, target: float, site_head: bool =
     )
 
 
-def _check_calibratable(classifier: Model, site_head: bool) -> None:
-    """Refuse, before any film is screened, what cannot be calibrated: a classifier that already
-    has a site head (its scores on the films it was fitted on are in-sample, and its record would
-    be lost), or one whose dense head a site head cannot be read from (a float16 or int8 copy)."""
+def _refuse_site_headed(classifier: Model) -> None:
+    """A classifier that already has a site head is not calibrated again: its scores on the films
+    it was fitted on are in-sample, and its record would be lost."""
     if classifier.spec.referral_output:
         raise UsageError(
             f"{classifier.path.name} already has a site head, fitted on other films; calibrate the model it "
             "was made from (such as the bundled models) again, with --site-head"
         )
-    if site_head:
-        import onnx
 
-        from cxrbatch.features import pooled_features_name
 
-        try:
-            pooled_features_name(onnx.load(str(classifier.path)), classifier.spec.score_output)
-        except ModelError as exc:
-            raise UsageError(
-                f"{classifier.path.name} cannot take a site head ({exc}): calibrate the float32 model it was made from"
-            ) from None
+def _site_head_graph(classifier: Model) -> onnx.ModelProto:
+    """The classifier's graph, refused where a site head cannot read its pooled features (a float16
+    or int8 copy)."""
+    graph = onnx.load(str(classifier.path))
+    try:
+        pooled_features_name(graph, classifier.spec.score_output)
+    except ModelError as exc:
+        raise UsageError(
+            f"{classifier.path.name} cannot take a site head ({exc}): calibrate the float32 model it was made from"
+        ) from None
+    return graph
 
 
 def _fit_site_head(
-    screener: Screener, paths: list[Path], truth: np.ndarray, bundled: np.ndarray
+    screener: Screener, graph: onnx.ModelProto, paths: list[Path], truth: np.ndarray, bundled: np.ndarray
 ) -> tuple[SiteHead, np.ndarray]:
     """Fit a site head on the films; refused where its out-of-fold scores rank them no better than
     the bundled score does (which was not fitted on them)."""
-    import onnx
-
-    from cxrbatch.features import features
-
-    classifier = screener.classifier
-    feats = features(onnx.load(str(classifier.path)), classifier.spec, paths, screener)
+    feats = features(graph, screener.classifier.spec, paths, screener)
     return sitehead.fit_if_better(feats, truth, bundled)
 
 
@@ -251,8 +250,6 @@ def _refuse_unusable(folder: Path, results: list[Any]) -> None:
 
 def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, out: Path, force: bool) -> Path:
     """Write the site's pair of models into `out`: the gate as it is, the classifier with the new threshold."""
-    import onnx
-
     if out.exists() and not force:
         raise UsageError(f"{out} exists; choose another folder or pass --force to replace its models")
     if out.exists() and not out.is_dir():
@@ -264,8 +261,6 @@ def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, o
     meta["calibration"] = calibration.record()
     proto = onnx.load(str(classifier.path))
     if calibration.site_head is not None:
-        from cxrbatch.features import pooled_features_name
-
         sitehead.add_to_graph(proto, calibration.site_head, pooled_features_name(proto, classifier.spec.score_output))
         meta["outputs"]["referral"] = sitehead.OUTPUT
     embed_metadata(proto, meta)

@@ -160,7 +160,7 @@ def _familiarity_report(
 
 def _kind(classes: set[str], gate: Model, classifier: Model) -> str:
     """Which model a tree tests, from its classes."""
-    if classes <= set(classifier.spec.labels) | ({ABNORMAL} if classifier.spec.negative_label else set()):
+    if classes <= {*classifier.spec.labels, ABNORMAL}:  # a classifier always names its no-finding label
         return "classifier"
     if classes <= set(gate.spec.labels):
         return "gate"

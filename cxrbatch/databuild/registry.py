@@ -35,7 +35,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 LABELS = ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
-
 AGE_GROUPS = ("adult", "pediatric", "unknown")
 
 # Reserved for independent evaluation: never a training source, nor any file named like them.
