@@ -204,7 +204,7 @@ def calibrate(folder: Path, screener: Screener, target: float, site_head: bool =
 def _refuse_site_headed(classifier: Model) -> None:
     """A classifier that already has a site head is not calibrated again: its scores on the films
     it was fitted on are in-sample, and its record would be lost."""
-    if classifier.spec.referral_output:
+    if classifier.spec.site_headed:
         raise UsageError(
             f"{classifier.path.name} already has a site head, fitted on other films; calibrate the model it "
             "was made from (such as the bundled models) again, with --site-head"

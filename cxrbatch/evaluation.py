@@ -38,7 +38,7 @@ class Scored:
     probs: np.ndarray  # (N, K) classifier probabilities
     errors: list[str]
     familiarity: np.ndarray | None = None  # (N,) when the classifier has a familiarity output
-    referral: np.ndarray | None = None  # (N,) when the classifier has a site head's referral output
+    referral: np.ndarray | None = None  # (N,) when the classifier has a referral head (bundled or a site's)
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def _classifier_report(
     }
     out["auc"] = {label: roc_auc(scored.probs[named, i], y[named] == i) for i, label in enumerate(labels)}
     out["gate_accepted"] = float((scored.gate_scores >= gate_threshold).mean()) if len(y) else None
-    # refer or clear, as `cxrbatch run` decides it: 1 - P(no finding) or the site head's score,
+    # refer or clear, as `cxrbatch run` decides it: 1 - P(no finding) or the referral head's score,
     # rounded as the reports write it
     negative = index[spec.negative_label or ""]
     raw = scored.referral if scored.referral is not None else 1.0 - scored.probs[:, negative]

@@ -1,4 +1,5 @@
-"""The export side (training, ONNX export, probe, familiarity, int8 and float16 copies), imported only on demand.
+"""The export side (training, ONNX export, probe, familiarity, referral head, int8 and float16
+copies), imported only on demand.
 
 The repository keeps it in its top-level `export/` folder; a wheel installs that folder as the
 package `cxrbatch_export` (a package named `export` would collide in users' site-packages). When
@@ -32,6 +33,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "quantize": ("onnx",),
     "half": ("onnx", "onnxconverter_common"),
     "familiarity": ("onnx",),
+    "referral_head": ("onnx",),
 }
 
 

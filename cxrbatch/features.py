@@ -18,7 +18,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from cxrbatch.errors import ModelError
-from cxrbatch.models import CPU, ModelSpec
+from cxrbatch.models import CPU, Model, ModelSpec, embed_metadata, load_model
 from cxrbatch.pipeline import Screener
 
 
@@ -85,3 +85,14 @@ def node(op: str, inputs: list[str], outputs: list[str], **attributes: Any) -> o
     """A node named after its first output (so tools that pick nodes by name, such as the int8
     quantizer's exclusion list, can find an added output's)."""
     return helper.make_node(op, inputs, outputs, name=outputs[0], **attributes)
+
+
+def save_classifier(proto: onnx.ModelProto, meta: dict[str, Any], dst: Path, version: str | None = None) -> Model:
+    """Write `proto` to `dst` with the metadata record `meta` (and `version`, if given), after
+    onnx's full check, and load it back as the runtime will: the classifier a graph tool made."""
+    if version:
+        meta["version"] = version
+    embed_metadata(proto, meta)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(dst))
+    return load_model(dst, "classifier", [CPU])

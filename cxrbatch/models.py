@@ -36,6 +36,11 @@ _SPEC_KEYS = frozenset(
 )
 MODEL_FILES = {"gate": "gate.onnx", "classifier": "classifier.onnx"}
 CPU = "CPUExecutionProvider"
+# The graph outputs a referral score can come from instead of 1 - P(negative_label): a head fitted on
+# the training collections at export (export/referral_head.py), or on a site's films (cxrbatch.sitehead).
+BUNDLED_REFERRAL = "referral"
+SITE_REFERRAL = "site_referral"
+REFERRAL_FROM = {BUNDLED_REFERRAL: "bundled head", SITE_REFERRAL: "site head"}
 CUDA = "CUDAExecutionProvider"
 # cuDNN's exhaustive search (onnxruntime's default) benchmarks every convolution again for each new
 # batch shape: seconds per shape, every night; its heuristics pick at once. TF32 moved probabilities
@@ -59,7 +64,7 @@ class ModelSpec:
     negative_label: str | None = None  # classifier: the label that is not a finding
     cam_output: str | None = None
     referral_threshold: float | None = None  # classifier: refer at or above this referral score
-    referral_output: str | None = None  # classifier: a site head's score (N x 1); without one, 1 - P(negative_label)
+    referral_output: str | None = None  # classifier: a referral head's score (N x 1); else 1 - P(negative_label)
     familiarity_output: str | None = None  # classifier: distance of a film's features to the training films'
     familiarity_threshold: float | None = None  # classifier: unfamiliar above this distance
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # every other metadata key, kept as is
@@ -111,6 +116,18 @@ class ModelSpec:
         if (spec.familiarity_output is None) != (spec.familiarity_threshold is None):
             raise ModelError(f"{source}: a familiarity output needs a familiarity_threshold, and the reverse")
         return spec
+
+    @property
+    def referral_from(self) -> str:
+        """Where the referral score comes from: "site head", "bundled head" or "1 - p(no finding)"."""
+        if not self.referral_output:
+            return "1 - p(no finding)"
+        return REFERRAL_FROM.get(self.referral_output, f"output {self.referral_output}")
+
+    @property
+    def site_headed(self) -> bool:
+        """Whether the referral score is a site head's, fitted on a site's labelled films."""
+        return self.referral_output == SITE_REFERRAL
 
     def require_cam(self) -> str:
         """The name of the classifier's `cam` output, which heatmaps need; a clear error without one."""
@@ -196,7 +213,7 @@ class Model:
             "labels": list(self.spec.labels),
             "threshold": self.spec.threshold,
             **{k: v for k, v in self._thresholds().items() if v is not None},
-            **({"referral_from": "site head"} if self.spec.referral_output else {}),
+            **({"referral_from": self.spec.referral_from} if self.spec.referral_output else {}),
             "providers": self.providers,
         }
 

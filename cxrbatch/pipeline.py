@@ -49,7 +49,7 @@ class Result:
     probabilities: dict[str, float] | None = None
     needs_review: bool | None = None
     error: str | None = None
-    referral_score: float | None = None  # 1 - P(no finding) or a site head's score: how much it asks for a reader
+    referral_score: float | None = None  # 1 - P(no finding) or a referral head's score: how much it asks for a reader
     refer: bool | None = None  # referral_score at or above the classifier's referral threshold
     familiarity: float | None = None  # distance of the film's features to the training films'
     unfamiliar: bool | None = None  # familiarity above the classifier's familiarity threshold
@@ -289,7 +289,7 @@ class Screener:
         result.label = spec.labels[top]
         result.confidence = float(probs[top])
         result.probabilities = {label: float(p) for label, p in zip(spec.labels, probs, strict=True)}
-        if referral is None:  # no site head: how unlikely the no-finding label is
+        if referral is None:  # no referral head: how unlikely the no-finding label is
             referral = 1.0 - float(probs[spec.labels.index(spec.negative_label or "")])
         result.referral_score = referral
         if spec.referral_threshold is not None:

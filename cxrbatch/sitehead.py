@@ -30,8 +30,9 @@ from onnx import helper, numpy_helper
 from cxrbatch.errors import UsageError
 from cxrbatch.features import node, unit_length, unit_length_nodes
 from cxrbatch.metrics import roc_auc
+from cxrbatch.models import SITE_REFERRAL
 
-OUTPUT = "site_referral"
+OUTPUT = SITE_REFERRAL
 PREFIX = "site_head_"  # every node output and initializer the site head adds
 PENALTIES = tuple(float(10.0**k) for k in np.arange(-2.0, 4.5, 0.5))
 FOLDS = 5
@@ -110,32 +111,39 @@ def fit_if_better(feats: np.ndarray, abnormal: np.ndarray, bundled: np.ndarray) 
     return head, oof
 
 
-def add_to_graph(proto: onnx.ModelProto, head: SiteHead, features_name: str) -> None:
-    """Append the `site_referral` output (N x 1) computing `head.probability` from `features_name`."""
+def add_to_graph(
+    proto: onnx.ModelProto, head: SiteHead, features_name: str, output: str = OUTPUT, prefix: str = PREFIX
+) -> None:
+    """Append the output `output` (N x 1) computing `head.probability` from `features_name`, its
+    nodes and initializers named with `prefix` (a bundled referral head, export/referral_head.py,
+    is written the same way under its own names)."""
     graph = proto.graph
-    if any(o.name == OUTPUT for o in graph.output):
-        raise UsageError("the classifier already has a site head; calibrate the model it was made from")
-    unit_nodes, unit = unit_length_nodes(proto, features_name, PREFIX)
+    if any(o.name == output for o in graph.output):
+        raise UsageError(
+            f"the classifier already has a {'site' if output == OUTPUT else 'referral'} head; "
+            "calibrate the model it was made from"
+        )
+    unit_nodes, unit = unit_length_nodes(proto, features_name, prefix)
     # slope * ((u - mean) . w + bias) + intercept = (u - mean) . (slope w) + (slope bias + intercept)
     graph.initializer.extend(
         [
-            numpy_helper.from_array(head.mean.astype(np.float32)[None, :], PREFIX + "mean"),
-            numpy_helper.from_array((head.slope * head.weights).astype(np.float32)[:, None], PREFIX + "weights"),
+            numpy_helper.from_array(head.mean.astype(np.float32)[None, :], prefix + "mean"),
+            numpy_helper.from_array((head.slope * head.weights).astype(np.float32)[:, None], prefix + "weights"),
             numpy_helper.from_array(
-                np.array([head.slope * head.bias + head.intercept], dtype=np.float32), PREFIX + "offset"
+                np.array([head.slope * head.bias + head.intercept], dtype=np.float32), prefix + "offset"
             ),
         ]
     )
     graph.node.extend(
         [
             *unit_nodes,
-            node("Sub", [unit, PREFIX + "mean"], [PREFIX + "centred"]),
-            node("MatMul", [PREFIX + "centred", PREFIX + "weights"], [PREFIX + "raw"]),
-            node("Add", [PREFIX + "raw", PREFIX + "offset"], [PREFIX + "logit"]),
-            node("Sigmoid", [PREFIX + "logit"], [OUTPUT]),
+            node("Sub", [unit, prefix + "mean"], [prefix + "centred"]),
+            node("MatMul", [prefix + "centred", prefix + "weights"], [prefix + "raw"]),
+            node("Add", [prefix + "raw", prefix + "offset"], [prefix + "logit"]),
+            node("Sigmoid", [prefix + "logit"], [output]),
         ]
     )
-    graph.output.append(helper.make_tensor_value_info(OUTPUT, onnx.TensorProto.FLOAT, [None, 1]))
+    graph.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, [None, 1]))
 
 
 def _ridge(

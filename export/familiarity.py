@@ -32,8 +32,16 @@ from onnx import helper, numpy_helper
 
 from cxrbatch.datasets import load_split, read_manifest, without_sources
 from cxrbatch.errors import ExportError
-from cxrbatch.features import features, node, pooled_features_name, sum_of_squares, unit_length, unit_length_nodes
-from cxrbatch.models import CPU, embed_metadata, load_model
+from cxrbatch.features import (
+    features,
+    node,
+    pooled_features_name,
+    save_classifier,
+    sum_of_squares,
+    unit_length,
+    unit_length_nodes,
+)
+from cxrbatch.models import CPU, load_model
 from cxrbatch.pipeline import Screener
 
 log = logging.getLogger(__name__)
@@ -271,12 +279,7 @@ def add_familiarity(
     meta["outputs"][OUTPUT] = OUTPUT
     meta["familiarity_threshold"] = round(threshold, 6)
     meta["familiarity"] = record
-    if version:
-        meta["version"] = version
-    embed_metadata(proto, meta)
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(dst))
-    check = load_model(dst, "classifier", [CPU])  # the written model loads, and agrees with numpy
+    check = save_classifier(proto, meta, dst, version)  # the written model loads, and agrees with numpy
     expected = measure(features(proto, spec, val[:4], screener))
     if not np.allclose(_graph_distances(check, val[:4], screener), expected, rtol=1e-3, atol=1e-3):
         raise ExportError("the familiarity output of the graph differs from the statistics it was built from")

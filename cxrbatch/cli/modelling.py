@@ -360,3 +360,43 @@ def familiarity(
         src, dst, data_dir, gate, percentile, excluded, statistic=statistic, replace=replace, version=version
     )
     typer.echo(f"wrote {dst}: unfamiliar above {record['threshold']} ({record['threshold_rule']})", err=True)
+
+
+@app.command("referral-head")
+def referral_head(
+    src: Annotated[Path, typer.Argument(help="exported classifier ONNX model")],
+    dst: Annotated[Path, typer.Argument(help="classifier ONNX model to write, with the referral output")],
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            "--data", help="the classifier's training data with its MANIFEST.csv: train/ fits the head, val/ scales it"
+        ),
+    ],
+    gate: Annotated[Path, typer.Option("--gate", help="the gate ONNX model (its decoding settings are shared)")],
+    exclude_source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude-source", help="leave a MANIFEST.csv source out, as the model's training did (repeatable)"
+        ),
+    ] = None,
+    version: Annotated[str | None, typer.Option(help="model version to record (default: unchanged)")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Add a bundled `referral` output to a classifier: abnormal against normal, learnt only from the
+    differences within each training collection. The model's referral threshold is dropped: choose
+    the new one with `cxrbatch calibrate` on the val split.
+
+    Example: cxrbatch referral-head runs/classifier.onnx runs/headed/classifier.onnx --data data/union
+    --gate models/gate.onnx
+    """
+    _setup_logging(verbose, quiet=False)
+    record = export_module("referral_head").add_referral_head(
+        src, dst, data_dir, gate, tuple(exclude_source or ()), version=version
+    )
+    aucs = ", ".join(f"{name} {auc:.3f}" for name, auc in record["left_out_auc"].items())
+    typer.echo(
+        f"wrote {dst}: penalty {record['penalty']:g}; within-collection AUC, each left out: {aucs}; "
+        f"val AUC {record['val_auc']:.3f}. Now choose its threshold: cxrbatch calibrate VAL_DIR --models "
+        f"{dst.parent} --out DIR",
+        err=True,
+    )
