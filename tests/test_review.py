@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
+from cxrbatch.models import default_models_dir, load_models
 
 EVIL = "<img src=x onerror=\"document.title='pwned'\">"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -63,7 +64,7 @@ def test_page_is_self_contained_and_escaped(page: Path) -> None:
     assert "Not a diagnosis." in text
     assert "Rejected by the gate (not a chest X-ray) (4)" in text  # two photos, the payload, the CT
     assert "Files that could not be read (1)" in text
-    # classifier 1.4.0 refers the pneumonia sample and clears the normal one, sure of both
+    # the shipped classifier refers the pneumonia sample and clears the normal one, sure of both
     assert "Referred to a reader (1), most suspicious first" in text and "Cleared, but unsure (0)" in text
     cards = text.split("Referred to a reader", 1)[1].split("<h2>", 1)[0]
     assert "person1947_bacteria_4876.jpeg" in cards and "NORMAL2-IM-1437-0001.jpeg" not in cards
@@ -73,7 +74,8 @@ def test_page_is_self_contained_and_escaped(page: Path) -> None:
     assert text.count("<img src='maps/") == 2  # the referred film's thumbnail and its larger view, linked relatively
     assert "<a href='#read-0' title='larger view'>" in text and "<a class='zoom' id='read-0' href='#_'>" in text
     assert "referral score" in text and "<td data-v='refer'>refer</td>" in text
-    assert "1 - p(no finding), refer at &gt;= 0.375901" in text  # the models table says where the score comes from
+    threshold = load_models(default_models_dir(), "cpu")[1].spec.referral_threshold  # the shipped one
+    assert f"the bundled referral head, refer at &gt;= {threshold:.6f}" in text  # where the score comes from
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs Debian's chromium)")
