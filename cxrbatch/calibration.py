@@ -13,9 +13,10 @@ binomial.) A bootstrap of the same order statistic, tried first, under-covered b
 
 With `site_head`, the site's films also fit a site head (cxrbatch.sitehead): a referral score of
 their own, learnt on the classifier's features, which ranks a site the classifier never saw
-better than 1 - P(NORMAL) can. The threshold is then chosen by the same rule on the head's
-out-of-fold scores (films it was not fitted on), and the sensitivity and specificity reported are
-those scores'.
+better than the bundled score can (the bundled referral head, or 1 - P(NORMAL) for a model
+without one); it takes that score's place, and is refused where it ranks the films no better.
+The threshold is then chosen by the same rule on the head's out-of-fold scores (films it was not
+fitted on), and the sensitivity and specificity reported are those scores'.
 
 The calibrated pair of models is the site's gate unchanged and its classifier with the new
 `referral_threshold` and a `calibration` record (counts, target, achieved sensitivity and
@@ -263,6 +264,8 @@ def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, o
     if calibration.site_head is not None:
         sitehead.add_to_graph(proto, calibration.site_head, pooled_features_name(proto, classifier.spec.score_output))
         meta["outputs"]["referral"] = sitehead.OUTPUT
+        if isinstance(meta.get("referral_head"), dict):  # the bundled head stays in the graph, unused
+            meta["referral_head"]["in_use"] = False
     embed_metadata(proto, meta)
     target = out / MODEL_FILES["classifier"]
     try:

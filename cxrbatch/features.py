@@ -1,14 +1,17 @@
 """The pooled backbone features of a classifier graph, and the graph pieces that read them.
 
 The classifier ends in `scores = Softmax(Add(MatMul(features, W), b))`; `features` (N x D, the
-pooled output of the backbone) is what the familiarity output (export/familiarity.py) and a site
-head (cxrbatch.sitehead) are computed from. Both are added to the graph as extra outputs with
-onnx alone, so the runtime pays a few small matrix products for them. Only onnx and onnxruntime
+pooled output of the backbone) is what the familiarity output (export/familiarity.py), the
+bundled referral head (export/referral_head.py) and a site head (cxrbatch.sitehead) are computed
+from. Each is added to the graph as an extra output with onnx alone, so the runtime pays a few
+small matrix products for them. Only onnx and onnxruntime
 are needed here.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +90,25 @@ def node(op: str, inputs: list[str], outputs: list[str], **attributes: Any) -> o
     return helper.make_node(op, inputs, outputs, name=outputs[0], **attributes)
 
 
-def save_classifier(proto: onnx.ModelProto, meta: dict[str, Any], dst: Path, version: str | None = None) -> Model:
-    """Write `proto` to `dst` with the metadata record `meta` (and `version`, if given), after
-    onnx's full check, and load it back as the runtime will: the classifier a graph tool made."""
+def save_classifier(
+    proto: onnx.ModelProto,
+    meta: dict[str, Any],
+    dst: Path,
+    version: str | None = None,
+    check: Callable[[Model], None] = lambda model: None,
+) -> None:
+    """Write `proto` to `dst` with the metadata record `meta` (and `version`, if given): the
+    classifier a graph tool made. It must pass onnx's full check, load as the runtime loads it and
+    pass `check` (which raises) before it takes `dst`'s place, so a failure leaves `dst` as it was
+    (even where `dst` is the model it was made from)."""
     if version:
         meta["version"] = version
     embed_metadata(proto, meta)
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(dst))
-    return load_model(dst, "classifier", [CPU])
+    partial = dst.with_name(f".{dst.name}.partial")
+    try:
+        onnx.save(proto, str(partial))
+        check(load_model(partial, "classifier", [CPU]))
+        os.replace(partial, dst)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -42,7 +42,7 @@ class Record:
     probabilities: dict[str, float] | None = field(default=None, hash=False)  # classifier label order
     needs_review: bool | None = None
     error: str | None = None  # why the file could not be read, or what went wrong after screening
-    referral_score: float | None = None  # 1 - P(no-finding label), or the site head's score
+    referral_score: float | None = None  # a referral head's score (bundled or a site's), else 1 - P(no-finding label)
     refer: bool | None = None  # referral_score at or above the classifier's referral threshold
     familiarity: float | None = None  # distance of the film's features to the classifier's training films
     unfamiliar: bool | None = None  # familiarity above the classifier's familiarity threshold

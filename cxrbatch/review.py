@@ -183,8 +183,9 @@ def _referral(model: dict[str, Any]) -> str:
     """Where a classifier's referral score comes from, and the threshold it is held against."""
     if model.get("referral_threshold") is None:
         return ""
+    named = model.get("referral_from")
     source = {"site head": "the site's own head", "bundled head": "the bundled referral head"}.get(
-        model.get("referral_from", ""), "1 - p(no finding)"
+        named or "", named or "1 - p(no finding)"
     )
     return f"{source}, refer at >= {model['referral_threshold']:.6f}"
 

@@ -1,8 +1,9 @@
 """A site head: a referral score learnt from a site's own labelled films, on the classifier's features.
 
-The shipped referral score (1 - P(NORMAL)) ranks films from collections the classifier saw well
-and a new hospital's poorly (models/README.md, *On a site it never saw*); a threshold alone
-cannot mend a ranking. The pooled backbone features carry more than the four-class head reads
+The bundled referral score (the bundled referral head of export/referral_head.py, or
+1 - P(NORMAL) for a model without one) ranks films from collections the classifier saw well and
+a new hospital's poorly (models/README.md, *On a site it never saw*); a threshold alone cannot
+mend a ranking. The pooled backbone features carry more than the four-class head reads
 from them, so a site with labelled films can fit its own linear score on them:
 
 1. each film's features are scaled to unit length and centred on the calibration films' mean;
@@ -119,10 +120,8 @@ def add_to_graph(
     is written the same way under its own names)."""
     graph = proto.graph
     if any(o.name == output for o in graph.output):
-        raise UsageError(
-            f"the classifier already has a {'site' if output == OUTPUT else 'referral'} head; "
-            "calibrate the model it was made from"
-        )
+        advice = "calibrate the model it was made from" if output == OUTPUT else "add one to a model without"
+        raise UsageError(f"the classifier already has a {'site' if output == OUTPUT else 'referral'} head; {advice}")
     unit_nodes, unit = unit_length_nodes(proto, features_name, prefix)
     # slope * ((u - mean) . w + bias) + intercept = (u - mean) . (slope w) + (slope bias + intercept)
     graph.initializer.extend(

@@ -279,10 +279,13 @@ def add_familiarity(
     meta["outputs"][OUTPUT] = OUTPUT
     meta["familiarity_threshold"] = round(threshold, 6)
     meta["familiarity"] = record
-    check = save_classifier(proto, meta, dst, version)  # the written model loads, and agrees with numpy
     expected = measure(features(proto, spec, val[:4], screener))
-    if not np.allclose(_graph_distances(check, val[:4], screener), expected, rtol=1e-3, atol=1e-3):
-        raise ExportError("the familiarity output of the graph differs from the statistics it was built from")
+
+    def agrees(written: Any) -> None:  # the written model loads, and agrees with numpy
+        if not np.allclose(_graph_distances(written, val[:4], screener), expected, rtol=1e-3, atol=1e-3):
+            raise ExportError("the familiarity output of the graph differs from the statistics it was built from")
+
+    save_classifier(proto, meta, dst, version, agrees)
     return {**record, "threshold": meta["familiarity_threshold"]}
 
 

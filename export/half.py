@@ -32,7 +32,8 @@ def halve(src: Path, dst: Path) -> None:
     spec = ModelSpec.from_metadata(meta, str(src))
     if spec.referral_output:  # its threshold was chosen on float32 scores; a referral head stays with float32 models
         raise UsageError(
-            f"{src} has a {spec.referral_from}: a float16 copy would move its referral scores off its threshold"
+            f"{src} has a {spec.referral_from}: a float16 copy would move its referral scores, and any "
+            "threshold chosen on them"
         )
     proto = onnx.load(str(src))
     detached = features = None

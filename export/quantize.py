@@ -55,7 +55,8 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
     spec = ModelSpec.from_metadata(meta, str(src))
     if spec.referral_output:  # its threshold was chosen on float32 scores; a referral head stays with float32 models
         raise UsageError(
-            f"{src} has a {spec.referral_from}: an int8 copy would move its referral scores off its threshold"
+            f"{src} has a {spec.referral_from}: an int8 copy would move its referral scores, and any "
+            "threshold chosen on them"
         )
     found = list(iter_images([calibration]))
     if not found:

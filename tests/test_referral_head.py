@@ -19,7 +19,7 @@ from cxrbatch.metrics import roc_auc
 from cxrbatch.models import load_models, read_metadata
 from cxrbatch.pipeline import Screener
 
-pytest.importorskip("onnx", reason="the referral head is written into the graph with onnx")
+onnx = pytest.importorskip("onnx", reason="the referral head is written into the graph with onnx")
 referral_head = export_module("referral_head")
 runner = CliRunner()
 
@@ -30,8 +30,13 @@ COLLECTIONS = {"dark": (95, True), "bright": (155, True), "tb-only": (185, False
 
 
 def _data(root: Path, per_side: int = 12) -> Path:
-    """A training tree with MANIFEST.csv naming each film's collection."""
+    """A training tree with MANIFEST.csv naming each film's collection. Its train split also holds
+    a few COVID19 films, of no collection, that val does not: COVID19 sorts before NORMAL, so val's
+    class numbers are right only if val is read with train's classes."""
     rng = np.random.default_rng(4)
+    (root / "train" / "COVID19").mkdir(parents=True)
+    for i in range(5):
+        halves_image(root / "train" / "COVID19" / f"covid{i}.png", 120, 60)  # not in MANIFEST.csv
     rows = []
     for split in ("train", "val"):
         for collection, (level, has_normals) in COLLECTIONS.items():
@@ -52,16 +57,29 @@ def _data(root: Path, per_side: int = 12) -> Path:
     return root
 
 
+def _val_folder(data: Path, root: Path) -> Path:
+    """The val films as calibrate reads them (class folders only)."""
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label).mkdir(parents=True)
+        for film in (data / "val" / label).iterdir():
+            (root / label / film.name).write_bytes(film.read_bytes())
+    return root
+
+
 def _headed(tiny_models: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """The halves classifier given a referral head by the command line; returns its folder and data."""
+    """The halves classifier, calibrated on the val films, then given a referral head by the command
+    line; returns the headed model's folder and the data."""
     make_halves_classifier(tiny_models / "classifier.onnx")
-    data, out = _data(tmp_path / "data"), tmp_path / "headed"
+    data, calibrated, out = _data(tmp_path / "data"), tmp_path / "plain-calibrated", tmp_path / "headed"
+    args = ["calibrate", str(_val_folder(data, tmp_path / "plain-val")), "--models", str(tiny_models)]
+    assert runner.invoke(app, [*args, "--out", str(calibrated), "--target-sensitivity", "0.9"]).exit_code == 0
+    assert "calibration" in read_metadata(calibrated / "classifier.onnx")
     out.mkdir()
-    (out / "gate.onnx").write_bytes((tiny_models / "gate.onnx").read_bytes())
-    args = ["referral-head", str(tiny_models / "classifier.onnx"), str(out / "classifier.onnx"), "--data", str(data)]
+    args = ["referral-head", str(calibrated / "classifier.onnx"), str(out / "classifier.onnx"), "--data", str(data)]
     result = runner.invoke(app, [*args, "--gate", str(tiny_models / "gate.onnx"), "--version", "0.0.2"])
     assert result.exit_code == 0, result.stderr
-    assert "Now choose its threshold: cxrbatch calibrate" in result.stderr
+    assert f"--models {out} --out DIR (after copying the gate into {out})" in result.stderr
+    (out / "gate.onnx").write_bytes((tiny_models / "gate.onnx").read_bytes())
     return out, data
 
 
@@ -90,8 +108,35 @@ def test_collections_are_centred_on_their_class_balanced_mean_and_one_sided_ones
     best, aucs = referral_head.choose_penalty(rows)
     means = {p: np.mean([a[p] for a in aucs.values()]) for p in referral_head.PENALTIES}
     assert best in referral_head.PENALTIES and means[best] == max(means.values()) and set(aucs) == {"a", "b"}
-    with pytest.raises(CxrBatchError, match="needs two collections"):
+    with pytest.raises(UsageError, match="needs two collections with 10 normal and 10 abnormal train films each"):
         referral_head.choose_penalty({"a": rows["a"]})
+    blank = np.where(collections == "b", "", collections)  # films of no named collection take no part
+    assert sorted(referral_head.within_collection_rows(unit, abnormal, blank)) == ["a"]
+    separable = {name: (np.where(side[:, None], 1.0, -1.0) * np.ones((20, 3)), side) for name in ("x", "y")
+                 for side in [np.arange(20) < 10]}  # fmt: skip
+    assert referral_head.choose_penalty(separable)[0] == max(referral_head.PENALTIES)  # ties: the strongest
+
+
+def test_the_head_learns_what_differs_within_collections_not_between_them() -> None:
+    """Two collections differ along feature 0 and in their share of abnormal films (a shortcut);
+    within each, abnormal films differ along feature 1 only."""
+    rng = np.random.default_rng(9)
+    unit, abnormal, collections = [], [], []
+    for name, offset, share in (("mostly-abnormal", 3.0, 0.8), ("mostly-normal", -3.0, 0.2)):
+        side = rng.random(200) < share
+        feats = rng.normal(0.0, 0.3, (200, 6))
+        feats[:, 0] += offset
+        feats[:, 1] += np.where(side, 0.5, -0.5)
+        unit.append(feats)
+        abnormal.append(side)
+        collections += [name] * 200
+    x, y = np.concatenate(unit), np.concatenate(abnormal)
+    weights, penalty, aucs, rows = referral_head.fit_head(x, y, np.array(collections))
+    assert abs(weights[1]) > 100 * abs(weights[0]) and weights[1] > 0
+    assert min(a for fold in aucs.values() for a in fold.values()) > 0.95
+    assert set(rows) == {"mostly-normal", "mostly-abnormal"}
+    plain = referral_head.ridge(x - x.mean(axis=0), y, (penalty,))[0]  # centred as a whole: the shortcut is learnt
+    assert abs(plain[0]) / abs(plain[1]) > 10 * abs(weights[0]) / abs(weights[1])
 
 
 def test_the_head_ranks_a_new_site_the_bundled_score_cannot(tiny_models: Path, tmp_path: Path) -> None:
@@ -108,12 +153,11 @@ def test_the_head_ranks_a_new_site_the_bundled_score_cannot(tiny_models: Path, t
     found = evaluate(site, None, Screener(*load_models(headed, "cpu")))["referral"]
     assert plain["auc"] < 0.7 and found["auc"] > 0.95 and found["threshold"] is None
 
-    with pytest.raises(CxrBatchError, match="already has a referral head"):
-        referral_head.add_referral_head(
-            headed / "classifier.onnx", tmp_path / "again.onnx", tmp_path / "data", headed / "gate.onnx"
-        )
+    args = ["referral-head", str(headed / "classifier.onnx"), str(tmp_path / "again.onnx"), "--data"]
+    result = runner.invoke(app, [*args, str(tmp_path / "data"), "--gate", str(headed / "gate.onnx")])
+    assert result.exit_code == 2 and "already has a referral head (referral)" in result.stderr
     (tmp_path / "data" / "MANIFEST.csv").unlink()
-    with pytest.raises(CxrBatchError, match=r"has no MANIFEST\.csv"):
+    with pytest.raises(UsageError, match=r"has no MANIFEST\.csv"):
         referral_head.add_referral_head(
             tiny_models / "classifier.onnx", tmp_path / "x.onnx", tmp_path / "data", headed / "gate.onnx"
         )
@@ -122,11 +166,7 @@ def test_the_head_ranks_a_new_site_the_bundled_score_cannot(tiny_models: Path, t
 
 def test_a_headed_model_is_calibrated_run_and_given_a_site_head(tiny_models: Path, tmp_path: Path) -> None:
     headed, data = _headed(tiny_models, tmp_path)
-    val = tmp_path / "val"
-    for label in ("NORMAL", "PNEUMONIA"):  # the val films as calibrate reads them
-        (val / label).mkdir(parents=True)
-        for film in (data / "val" / label).iterdir():
-            (val / label / film.name).write_bytes(film.read_bytes())
+    val = _val_folder(data, tmp_path / "val")
     calibrated = tmp_path / "calibrated"
     args = ["calibrate", str(val), "--models", str(headed), "--out", str(calibrated), "--target-sensitivity", "0.9"]
     result = runner.invoke(app, args)
@@ -169,7 +209,28 @@ def test_a_headed_model_is_calibrated_run_and_given_a_site_head(tiny_models: Pat
     result = runner.invoke(app, [*args, "--target-sensitivity", "0.9"])
     assert result.exit_code == 0, result.stderr
     meta = read_metadata(sited / "classifier.onnx")
-    assert meta["outputs"]["referral"] == "site_referral" and "referral_head" in meta  # the bundled one stays recorded
+    assert meta["outputs"]["referral"] == "site_referral"
+    assert meta["referral_head"]["in_use"] is False  # the bundled head stays in the graph, recorded, unused
     gate, classifier = load_models(sited, "cpu")
     assert classifier.describe()["referral_from"] == "site head" and classifier.spec.site_headed
     assert evaluate(reversed_site, None, Screener(gate, classifier))["referral"]["auc"] == pytest.approx(1.0)
+
+
+def test_a_written_model_takes_its_place_only_once_it_passes_its_check(tiny_models: Path, tmp_path: Path) -> None:
+    from cxrbatch.features import save_classifier
+
+    source = make_halves_classifier(tiny_models / "classifier.onnx")
+    before = source.read_bytes()
+    proto, meta = onnx.load(str(source)), read_metadata(source)
+
+    def refuse(model: object) -> None:
+        raise CxrBatchError("the check failed")
+
+    with pytest.raises(CxrBatchError, match="the check failed"):
+        save_classifier(proto, meta, source, "9.9.9", refuse)  # the model it was made from, in place
+    assert source.read_bytes() == before and sorted(p.name for p in tiny_models.iterdir()) == [
+        "classifier.onnx",
+        "gate.onnx",
+    ]
+    save_classifier(proto, meta, source, "9.9.9")
+    assert read_metadata(source)["version"] == "9.9.9"
