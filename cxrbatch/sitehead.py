@@ -87,7 +87,7 @@ def fit(feats: np.ndarray, abnormal: np.ndarray, seed: int = SEED) -> tuple[Site
             oof[i, held] = (unit[held] - mean) @ weights + bias
     aucs = [roc_auc(row, abnormal) or 0.0 for row in oof]
     best = max(range(len(PENALTIES)), key=lambda i: (aucs[i], i))
-    slope, intercept = _platt(oof[best], abnormal)
+    slope, intercept = platt(oof[best], abnormal)
     if slope <= 0:
         raise UsageError(
             f"a site head learnt nothing from these films (out-of-fold AUC {aucs[best]:.3f}): "
@@ -178,7 +178,7 @@ def _folds(abnormal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return folds
 
 
-def _platt(scores: np.ndarray, abnormal: np.ndarray, steps: int = 50) -> tuple[float, float]:
+def platt(scores: np.ndarray, abnormal: np.ndarray, steps: int = 50) -> tuple[float, float]:
     """Slope and intercept of the logistic regression of `abnormal` on `scores` (Newton's method on
     standardised scores, with Platt's smoothed targets so that separable scores keep a finite slope)."""
     n_pos, n_neg = int(abnormal.sum()), int((~abnormal).sum())

@@ -138,7 +138,7 @@ def add_referral_head(
     weights, penalty, aucs, rows = fit_head(unit, train.labels != negative, collections)
     val_abnormal = val.labels != negative
     val_raw = unit_length(features(proto, spec, val.paths, screener)) @ weights
-    slope, intercept = sitehead._platt(val_raw, val_abnormal)
+    slope, intercept = sitehead.platt(val_raw, val_abnormal)
     if slope <= 0:
         raise ExportError("the referral head ranks the val films backwards (Platt slope <= 0); not written")
     head = sitehead.SiteHead(

@@ -154,3 +154,14 @@ def test_a_site_head_no_better_than_the_bundled_score_is_refused(tiny_models: Pa
     feats = np.abs(np.random.default_rng(3).normal(size=(40, 6)))  # no signal at all: nothing to learn
     with pytest.raises(UsageError, match=r"no better than the bundled score|learnt nothing from these films"):
         sitehead.fit_if_better(feats, np.arange(40) % 2 == 0, np.linspace(0, 1, 40))
+
+
+def test_platt_recovers_the_logistic_model_the_labels_were_drawn_from() -> None:
+    rng = np.random.default_rng(21)
+    scores = rng.normal(5.0, 2.0, 20000)
+    abnormal = rng.random(20000) < 1 / (1 + np.exp(-(1.5 * scores - 6.0)))
+    slope, intercept = sitehead.platt(scores, abnormal)
+    assert slope == pytest.approx(1.5, rel=0.05) and intercept == pytest.approx(-6.0, rel=0.05)
+    separable = np.arange(40.0)  # Platt's smoothed targets keep the slope finite
+    slope, _ = sitehead.platt(separable, separable >= 20)
+    assert 0 < slope < 100
