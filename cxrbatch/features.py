@@ -4,8 +4,7 @@ The classifier ends in `scores = Softmax(Add(MatMul(features, W), b))`; `feature
 pooled output of the backbone) is what the familiarity output (export/familiarity.py), the
 bundled referral head (export/referral_head.py) and a site head (cxrbatch.sitehead) are computed
 from. Each is added to the graph as an extra output with onnx alone, so the runtime pays a few
-small matrix products for them. Only onnx and onnxruntime
-are needed here.
+small matrix products for them. Only onnx and onnxruntime are needed here.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cxrbatch.cores import usable_cores
-from cxrbatch.errors import DeviceError, ModelError
+from cxrbatch.errors import DeviceError, ModelError, UsageError
 from cxrbatch.imaging import InputSpec
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,16 @@ _SPEC_KEYS = frozenset(
 )
 MODEL_FILES = {"gate": "gate.onnx", "classifier": "classifier.onnx"}
 CPU = "CPUExecutionProvider"
-# The graph outputs a referral score can come from instead of 1 - P(negative_label): a head fitted on
-# the training collections at export (export/referral_head.py), or on a site's films (cxrbatch.sitehead).
-BUNDLED_REFERRAL = "referral"
-SITE_REFERRAL = "site_referral"
-REFERRAL_FROM = {BUNDLED_REFERRAL: "bundled head", SITE_REFERRAL: "site head"}
 CUDA = "CUDAExecutionProvider"
 # cuDNN's exhaustive search (onnxruntime's default) benchmarks every convolution again for each new
 # batch shape: seconds per shape, every night; its heuristics pick at once. TF32 moved probabilities
 # by up to 3.4e-3 from the CPU's; without it by 3.1e-6 (benchmarks/README.md).
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
+# The graph outputs a referral score can come from instead of 1 - P(negative_label): a head fitted on
+# the training collections at export (export/referral_head.py), or on a site's films (cxrbatch.sitehead).
+BUNDLED_REFERRAL = "referral"
+SITE_REFERRAL = "site_referral"
+REFERRAL_FROM = {BUNDLED_REFERRAL: "bundled head", SITE_REFERRAL: "site head"}
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,15 @@ class ModelSpec:
     def site_headed(self) -> bool:
         """Whether the referral score is a site head's, fitted on a site's labelled films."""
         return self.referral_output == SITE_REFERRAL
+
+    def refuse_referral_head(self, source: str, copy: str) -> None:
+        """Refuse (UsageError) to make `copy` (such as "a float16 copy") of a classifier with a referral
+        head: its threshold was chosen on float32 scores, so a head stays with float32 models."""
+        if self.referral_output:
+            raise UsageError(
+                f"{source} has a {self.referral_from}: {copy} would move its referral scores, and any "
+                "threshold chosen on them"
+            )
 
     def require_cam(self) -> str:
         """The name of the classifier's `cam` output, which heatmaps need; a clear error without one."""

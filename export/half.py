@@ -30,11 +30,7 @@ def halve(src: Path, dst: Path) -> None:
         raise UsageError(f"Model not found: {src}")
     meta = read_metadata(src)
     spec = ModelSpec.from_metadata(meta, str(src))
-    if spec.referral_output:  # its threshold was chosen on float32 scores; a referral head stays with float32 models
-        raise UsageError(
-            f"{src} has a {spec.referral_from}: a float16 copy would move its referral scores, and any "
-            "threshold chosen on them"
-        )
+    spec.refuse_referral_head(str(src), "a float16 copy")
     proto = onnx.load(str(src))
     detached = features = None
     if spec.familiarity_output:  # converted apart: it stays float32 (its threshold was set in float32)

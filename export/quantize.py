@@ -53,11 +53,7 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
         raise UsageError(f"Model not found: {src}")
     meta = read_metadata(src)
     spec = ModelSpec.from_metadata(meta, str(src))
-    if spec.referral_output:  # its threshold was chosen on float32 scores; a referral head stays with float32 models
-        raise UsageError(
-            f"{src} has a {spec.referral_from}: an int8 copy would move its referral scores, and any "
-            "threshold chosen on them"
-        )
+    spec.refuse_referral_head(str(src), "an int8 copy")
     found = list(iter_images([calibration]))
     if not found:
         raise UsageError(f"No calibration images under {calibration}")
