@@ -170,4 +170,4 @@ def _flush() -> None:
 
 
 # The commands register themselves on `app` when their modules are imported.
-from cxrbatch.cli import data, lungs, modelling, screening  # noqa: E402, F401
+from cxrbatch.cli import data, derive, lungs, modelling, screening  # noqa: E402, F401
