@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cxrbatch.cli import _setup_logging, app
-from cxrbatch.cli.modelling import Verbose, _write_json
+from cxrbatch.cli.modelling import BaseWeights, Verbose, _write_json
 from cxrbatch.extras import export_module
 
 lungs_app = typer.Typer(
@@ -22,10 +22,7 @@ app.add_typer(lungs_app, name="lungs")
 def train(
     mirrors: Annotated[Path, typer.Option("--mirrors", help="folder of local git mirrors (owner+name/)")],
     out: Annotated[Path, typer.Option("--out", help="write the Keras box model here (.keras)")],
-    base_weights: Annotated[
-        Path | None,
-        typer.Option("--base-weights", help="ImageNet MobileNetV2 no-top .weights.h5 file (default: random init)"),
-    ] = None,
+    base_weights: BaseWeights = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the training record here")] = None,
     views: Annotated[int, typer.Option(min=1, help="views per training film (the film and views-1 framed)")] = 8,
     seed: Annotated[int, typer.Option(help="random seed")] = 1234,

@@ -18,6 +18,10 @@ from cxrbatch.cli import Device, _setup_logging, app
 from cxrbatch.extras import export_module
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="log debug messages, and the traceback of a failure")]
+BaseWeights = Annotated[
+    Path | None,
+    typer.Option("--base-weights", help="ImageNet MobileNetV2 no-top .weights.h5 file (default: random init)"),
+]
 
 
 class Role(str, Enum):
@@ -42,10 +46,7 @@ def train(
     role: Annotated[Role, typer.Argument(metavar="ROLE", help="which model to train: gate or classifier")],
     data_dir: Annotated[Path, typer.Argument(help="folder with train/ val/ (test/) <CLASS>/ subfolders")],
     out: Annotated[Path, typer.Option("--out", help="checkpoint to write (.keras); a .json sidecar goes beside it")],
-    base_weights: Annotated[
-        Path | None,
-        typer.Option("--base-weights", help="ImageNet MobileNetV2 no-top .weights.h5 file (default: random init)"),
-    ] = None,
+    base_weights: BaseWeights = None,
     size: Annotated[int | None, typer.Option(help="input side in pixels (default: gate 112, classifier 224)")] = None,
     alpha: Annotated[float, typer.Option(help="MobileNetV2 width multiplier")] = 1.0,
     views: Annotated[
@@ -230,10 +231,7 @@ def probe(
 def loco(
     data_dir: Annotated[Path, typer.Argument(help="training tree with a MANIFEST.csv naming each image's collection")],
     json_out: Annotated[Path, typer.Option("--json", help="write the study's record here")],
-    base_weights: Annotated[
-        Path | None,
-        typer.Option("--base-weights", help="ImageNet MobileNetV2 no-top .weights.h5 file (default: random init)"),
-    ] = None,
+    base_weights: BaseWeights = None,
     fold: Annotated[
         list[str] | None,
         typer.Option("--fold", help="collection to leave out (repeatable; default: every one whose class has others)"),
