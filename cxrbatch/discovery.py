@@ -27,7 +27,8 @@ def iter_images(
 ) -> Iterator[Path]:
     """Yield image paths from files and folders; folders are walked recursively in sorted order.
 
-    Explicitly named files are yielded whatever their extension. Hidden files and folders,
+    Explicitly named files are yielded whatever their extension. A folder that cannot be listed
+    is yielded itself (its error row says why). Hidden files and folders,
     files and folders in `skip` (the run's own outputs) and folders already visited are skipped,
     so a symlink loop cannot make the walk endless; `skipped`, when given, counts the skipped
     files by reason. A missing input raises UsageError.
@@ -50,8 +51,14 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
     try:
         stat = folder.stat()
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        return  # gone since its parent was listed: nothing of it to screen
     except OSError:
-        return  # an unreadable folder yields nothing; its files cannot be named in a report
+        # A folder that cannot be listed (no permission) hides files that are due: it is yielded
+        # itself, so that it becomes an error row (imaging says why) and the run's exit code 3.
+        if _resolved(folder) not in skip:
+            yield folder
+        return
     key = (stat.st_dev, stat.st_ino)
     if key in seen or _resolved(folder) in skip:
         return

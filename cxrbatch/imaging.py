@@ -91,7 +91,12 @@ def _regular_file_size(path: str | os.PathLike[str]) -> int:
         st = os.stat(path)
     except OSError as exc:
         raise ImageError(_os_message(path, exc)) from None
-    if stat.S_ISDIR(st.st_mode):
+    if stat.S_ISDIR(st.st_mode):  # a folder the walk could not list (cxrbatch.discovery)
+        try:
+            os.listdir(path)
+        except OSError as exc:
+            reason = "permission denied" if isinstance(exc, PermissionError) else exc.strerror or str(exc)
+            raise ImageError(f"folder cannot be read ({reason}): its files were not screened") from None
         raise ImageError("is a directory, not an image")
     if not stat.S_ISREG(st.st_mode):
         raise ImageError("not a regular file (a pipe, socket or device)")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import UsageError
+from cxrbatch.errors import ImageError, UsageError
+from cxrbatch.imaging import load_image
 
 
 def _touch(path: Path) -> Path:
@@ -50,3 +51,44 @@ def test_symlink_loop_terminates(tmp_path: Path) -> None:
 def test_directory_named_like_image_is_walked_not_yielded(tmp_path: Path) -> None:
     _touch(tmp_path / "odd.png" / "inner.png")
     assert [p.name for p in iter_images([tmp_path])] == ["inner.png"]
+
+
+def test_unlistable_folder_is_yielded_so_it_becomes_an_error_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tests run as root in CI, where chmod cannot lock a folder; simulate what listing it says.
+    _touch(tmp_path / "a.png")
+    locked = tmp_path / "locked"
+    _touch(locked / "b.png")
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def deny_scandir(path: object) -> object:
+        if Path(str(path)) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    def deny_listdir(path: object) -> object:
+        if Path(str(path)) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_listdir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", deny_scandir)
+    monkeypatch.setattr(os, "listdir", deny_listdir)
+    assert list(iter_images([tmp_path])) == [tmp_path / "a.png", locked]
+    with pytest.raises(ImageError, match=r"folder cannot be read \(permission denied\): its files were not screened"):
+        load_image(locked)
+
+
+def test_folder_that_vanishes_during_the_walk_is_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _touch(tmp_path / "a.png")
+    gone = tmp_path / "gone"
+    _touch(gone / "b.png")
+    real_scandir = os.scandir
+
+    def vanish(path: object) -> object:
+        if Path(str(path)) == gone:
+            raise FileNotFoundError(2, "No such file or directory")
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", vanish)
+    assert list(iter_images([tmp_path])) == [tmp_path / "a.png"]
