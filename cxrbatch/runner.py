@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cxrbatch.discovery import iter_images
@@ -273,8 +273,8 @@ def _screen_into(
     started = time.perf_counter()
     for result in screener.screen(todo, _progress_hook(len(todo), reporter)):
         record = screener.record(result)
-        if result.path not in known:
-            unreadable.append((result.path, record))
+        if result.path not in known:  # named as the ledger names every path, so a later row replaces it
+            unreadable.append((result.path, replace(record, path=key_of(result.path))))
         pending.append((result.path, known.get(result.path), record))
         if len(pending) >= screener.batch_size:
             ledger.store(pending, fp)  # a crash loses at most the batch in flight

@@ -222,3 +222,30 @@ def test_undecodable_file_names_are_kept_in_the_ledger(tmp_path: Path, tiny_mode
     assert code == 0 and [Path(r["path"]).name for r in rows] == ["scan-\\xff.png"]
     code, rows, _ = _run(inbox, tiny_models, ledger, out)
     assert code == 0 and rows == []  # recognised on the second run
+
+
+def test_a_file_unreadable_then_readable_replaces_its_error_row_in_the_same_report(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tests run as root in CI, where chmod cannot lock a file; simulate what open() says. The
+    # folder is named relative to the working directory, as a cron line names it.
+    monkeypatch.chdir(folder.parent)
+    locked = folder / "img1.png"
+    real_open = open
+
+    def deny(file: object, *args: object, **kwargs: object) -> object:
+        if Path(str(file)).absolute() == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    args = ["run", folder.name, "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out)]
+    monkeypatch.setattr("builtins.open", deny)
+    assert runner.invoke(app, args).exit_code == 3
+    monkeypatch.setattr("builtins.open", real_open)
+    assert runner.invoke(app, args).exit_code == 0  # the same day's report path, now readable
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert len(rows) == 5 and len({r["path"] for r in rows}) == 5
+    assert all(Path(r["path"]).is_absolute() for r in rows)
+    [row] = [r for r in rows if Path(r["path"]).name == "img1.png"]
+    assert row["status"] != "error" and row["error"] == ""
