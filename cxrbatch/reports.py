@@ -53,12 +53,20 @@ def csv_cell(value: Any) -> str:
 
 def render_csv(records: Sequence[Record], labels: Sequence[str], heatmap: bool = False) -> str:
     """Render records as CSV text with the contract's header (plus the heatmap column)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    header = columns(labels, heatmap)
-    writer.writerow(header)
+    buf, row = io.StringIO(), io.StringIO()
+    # The csv module quotes a cell holding a character of its line terminator: with "\r\n" a bare
+    # "\r" in a file name is quoted too (with "\n" alone it would split the row). Rows end in "\n".
+    writer = csv.writer(row, lineterminator="\r\n")
+
+    def write(cells: Sequence[str]) -> None:
+        row.seek(0)
+        row.truncate()
+        writer.writerow(cells)
+        buf.write(row.getvalue()[:-2] + "\n")
+
+    write(columns(labels, heatmap))
     for record in records:
-        writer.writerow([csv_cell(v) for v in report_fields(record, labels, heatmap).values()])
+        write([csv_cell(v) for v in report_fields(record, labels, heatmap).values()])
     return buf.getvalue()
 
 

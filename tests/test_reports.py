@@ -75,6 +75,17 @@ def test_records_and_csv_rows(tmp_path: Path) -> None:
     assert with_maps["heatmap"] == ""
 
 
+def test_line_breaks_in_a_file_name_stay_inside_their_cell() -> None:
+    # A bare carriage return split the row (and its second half began with an undefused formula).
+    names = ["scan\r=cmd|' -C calc'!A0", "two\nlines.png", "crlf\r\nname.png"]
+    records = [Record.of(Path(n), ERROR, "g" * 12, "c" * 12, error="x") for n in names]
+    text = render_csv(records, LABELS)
+    assert text.endswith("\n") and not text.endswith("\r\n") and text.count("\n") == 1 + 1 + 2 + 2
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+    assert [r[0] for r in rows[1:]] == names
+    assert {len(r) for r in rows} == {len(columns(LABELS))}
+
+
 def test_record_survives_the_ledger_round_trip_and_reads_schema_1_rows() -> None:
     probs = {"COVID19": 0.1, "NORMAL": 0.7, "PNEUMONIA": 0.15, "TUBERCULOSIS": 0.05}
     ok = Record.of(
