@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import stat
 import time
@@ -73,6 +74,8 @@ CREATE INDEX IF NOT EXISTS run_targets_target ON run_targets (target);
 
 # Schema 1 keyed results by the two model hashes alone ("models"); its rows stay, under keys that
 # no run fingerprint matches, so nothing made with unrecorded settings is ever reused.
+TABLE_NAMES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _TABLES))
+
 _FROM_1 = """
 ALTER TABLE results RENAME COLUMN models TO fingerprint;
 ALTER TABLE entries RENAME COLUMN models TO fingerprint;
@@ -278,7 +281,10 @@ class Ledger:
 
 
 def lock_path(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
+    """The lock file beside the ledger, named from its real path: one ledger reached by two names
+    (a symbolic link) has one lock."""
+    real = Path(os.path.realpath(path))
+    return real.with_name(real.name + ".lock")
 
 
 def _lock(path: Path) -> int:
@@ -299,21 +305,34 @@ def _lock(path: Path) -> int:
 
 
 def connect(path: Path, migrate: bool) -> sqlite3.Connection:
-    """Open the ledger, checking a file that exists before anything is written to it."""
+    """Open the ledger, checking a file that exists before anything is written to it. A file whose
+    creation never finished (a full disk, a kill) holds nothing to keep: a run creates it again."""
     existed = path.exists() and path.stat().st_size > 0
     try:
         db = sqlite3.connect(path)
-        if existed:
+        if existed and not _unfinished(db):
             _check_schema(db, path, migrate)
+        elif not migrate:  # inspection never writes
+            db.close()
+            raise LedgerError(f"{path} holds no ledger yet (its creation did not finish); the next run creates it")
         else:
             db.execute("PRAGMA journal_mode=WAL")
-            with db:
-                db.executescript(_TABLES)
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA,))
+            # one transaction: the tables and the schema row are there together, or not at all
+            db.executescript(f"BEGIN;{_TABLES}INSERT OR REPLACE INTO meta VALUES ('schema', '{SCHEMA}');COMMIT;")
         db.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path} is not a usable cxrbatch ledger ({exc}); it was left untouched") from None
     return db
+
+
+def _unfinished(db: sqlite3.Connection) -> bool:
+    """A file with none but this ledger's tables, all of them empty, and no schema row: what an
+    interrupted creation leaves (SQLite's header alone, or, from earlier versions of this code, the
+    tables without the schema row). It holds nothing to lose."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables <= set(TABLE_NAMES):
+        return False
+    return all(db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None for table in tables)
 
 
 def _check_schema(db: sqlite3.Connection, path: Path, migrate: bool) -> None:

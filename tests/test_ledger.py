@@ -15,6 +15,8 @@ from helpers import grey_image, make_gate
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
+from cxrbatch.ledger import _TABLES as TABLES
+from cxrbatch.ledger import LedgerError, connect
 
 runner = CliRunner()
 
@@ -57,6 +59,18 @@ def folder(tmp_path: Path) -> Path:
     for i, level in enumerate((20, 110, 170, 250, 60)):
         grey_image(inbox / f"img{i}.png", level)
     return inbox
+
+
+def test_a_ledger_reached_through_a_symbolic_link_has_the_same_lock(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    assert _run(folder, tiny_models, ledger, out)[0] == 0
+    (tmp_path / "link.db").symlink_to(ledger)
+    with open(tmp_path / "l.db.lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        code, _, err = _run(folder, tiny_models, tmp_path / "link.db", out)
+    assert code == 4 and "Another cxrbatch run holds the ledger" in err
 
 
 def test_second_run_with_nothing_new_reports_nothing(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
@@ -249,3 +263,34 @@ def test_a_file_unreadable_then_readable_replaces_its_error_row_in_the_same_repo
     assert all(Path(r["path"]).is_absolute() for r in rows)
     [row] = [r for r in rows if Path(r["path"]).name == "img1.png"]
     assert row["status"] != "error" and row["error"] == ""
+
+
+@pytest.mark.parametrize("left", ["header", "tables"])
+def test_a_ledger_whose_creation_was_interrupted_is_created_by_the_next_run(
+    folder: Path, tiny_models: Path, tmp_path: Path, left: str
+) -> None:
+    # What a full disk or a kill during creation left: SQLite's header alone (journal_mode=WAL writes
+    # it), or, from earlier versions of this code, the tables committed without their schema row.
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    with sqlite3.connect(ledger) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        if left == "tables":
+            db.executescript(TABLES)
+    db.close()
+    assert ledger.stat().st_size > 0
+    view = runner.invoke(app, ["ledger", str(ledger)])
+    assert view.exit_code == 1 and "holds no ledger yet" in view.stderr
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and len(rows) == 5
+    assert runner.invoke(app, ["ledger", str(ledger)]).exit_code == 0
+
+
+def test_ledger_creation_is_one_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A creation that fails part way (here: a statement after the first tables) leaves no tables behind.
+    ledger = tmp_path / "l.db"
+    monkeypatch.setattr("cxrbatch.ledger._TABLES", TABLES + "CREATE TABLE broken (;")
+    with pytest.raises(LedgerError):
+        connect(ledger, migrate=True)
+    with sqlite3.connect(ledger) as db:
+        assert db.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    db.close()
