@@ -112,8 +112,11 @@ class Screener:
     def settings(self) -> dict[str, object]:
         """Every setting that can change a result: the ledger's run fingerprint is made of these.
 
-        Batch size and worker threads change nothing (reports are byte-identical across them);
-        the device does, in the last decimals (CUDA and CPU agree within about 3e-6). The CPU's own
+        Worker threads change nothing (reports are byte-identical across them). Batch size is
+        left out too, though how many films a batch holds can move a probability by 1e-6:
+        onnxruntime's kernels add up a batch in an order that depends on its size (the gate
+        rejecting some films shrinks the classifier's batch the same way). The device changes the
+        last decimals (CUDA and CPU agree within about 3e-6). The CPU's own
         kernels are not in it: onnxruntime chooses them by instruction set, and its session
         options choose how they are fed (prepacked weights or not: up to 1e-6 on the bench films),
         so the sixth decimal can move between CPU machines and versions under one fingerprint.
