@@ -78,6 +78,11 @@ class Calibration:
             f"the j-th lowest abnormal score, largest j with P(Binomial(n, 1 - target) >= j) >= {CONFIDENCE}: "
             f"sensitivity at or above the target with {CONFIDENCE:.0%} confidence"
         )
+        if self.site_head is not None:
+            rule += (
+                "; applied to the site head's out-of-fold scores, which stand in for the refitted head's, so the "
+                "confidence is approximate (benchmarks/site_head_coverage.py)"
+            )
         fields = {k: v for k, v in asdict(self).items() if k != "site_head"}
         head = {} if self.site_head is None else {"site_head": self.site_head.record(sum(self.counts.values()))}
         return {**fields, "rule": rule, **head}
@@ -96,7 +101,8 @@ class Calibration:
         return "\n".join(
             [
                 f"calibration films: {counts}",
-                f"target sensitivity {self.target:.2f} (reached with {CONFIDENCE:.0%} confidence): "
+                f"target sensitivity {self.target:.2f} (reached with {'about ' if head else ''}{CONFIDENCE:.0%} "
+                "confidence): "
                 f"referral threshold {self.threshold:.6f}",
                 f"  sensitivity {self.sensitivity:.3f} [{self.sensitivity_ci[0]:.3f}, {self.sensitivity_ci[1]:.3f}]",
                 f"  specificity {self.specificity:.3f} [{self.specificity_ci[0]:.3f}, {self.specificity_ci[1]:.3f}]",

@@ -83,7 +83,7 @@ def fit(feats: np.ndarray, abnormal: np.ndarray, seed: int = SEED) -> tuple[Site
     oof = np.zeros((len(PENALTIES), len(abnormal)))
     for k in range(FOLDS):
         held = folds == k
-        for i, (mean, weights, bias) in enumerate(_ridge(unit[~held], abnormal[~held], PENALTIES)):
+        for i, (mean, weights, bias) in enumerate(_ridge(unit[~held], abnormal[~held], PENALTIES, len(abnormal))):
             oof[i, held] = (unit[held] - mean) @ weights + bias
     aucs = [roc_auc(row, abnormal) or 0.0 for row in oof]
     best = max(range(len(PENALTIES)), key=lambda i: (aucs[i], i))
@@ -146,18 +146,22 @@ def add_to_graph(
 
 
 def _ridge(
-    unit: np.ndarray, abnormal: np.ndarray, penalties: tuple[float, ...]
+    unit: np.ndarray, abnormal: np.ndarray, penalties: tuple[float, ...], films: int | None = None
 ) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """Ridge regressions of +1/-1 on the centred rows, one per penalty, from one eigendecomposition:
     of the N x N Gram matrix when films are fewer than features (the dual form), else of the D x D
-    scatter matrix. A penalty is relative to the mean squared norm of the centred rows."""
+    scatter matrix. A penalty is relative to the mean squared norm of the centred rows, and holds
+    for `films` films (default: the rows): a fold fitted on 4/5 of them gets 4/5 of the penalty,
+    so that it is shrunk as much, film for film, as the head refitted on all of them. (With the
+    full penalty the folds were shrunk more, their out-of-fold scores were not the refitted
+    head's, and a threshold chosen on them missed its sensitivity more often than it promised.)"""
     mean = unit.mean(axis=0)
     centred = unit - mean
     target = np.where(abnormal, 1.0, -1.0)
     bias = float(target.mean())
     residual = target - bias
     n, d = centred.shape
-    scale = max(float(np.sum(centred**2)) / n, 1e-12)
+    scale = max(float(np.sum(centred**2)) / n, 1e-12) * n / (films or n)
     dual = n <= d
     values, vectors = np.linalg.eigh(centred @ centred.T if dual else centred.T @ centred)
     values = np.clip(values, 0.0, None)

@@ -62,6 +62,20 @@ def test_ridge_is_the_closed_form_solution_in_either_form(shape: tuple[int, int]
         assert bias == pytest.approx(target.mean())
 
 
+def test_a_fold_is_penalised_per_film_like_the_refitted_head() -> None:
+    # 24 of 30 films: 24/30 of the penalty, so that the fold is shrunk as much, film for film.
+    rng = np.random.default_rng(9)
+    unit = rng.normal(size=(30, 50))
+    abnormal = np.arange(30) % 3 == 0
+    fold, part = unit[:24], abnormal[:24]
+    centred = fold - fold.mean(axis=0)
+    residual = np.where(part, 1.0, -1.0) - np.where(part, 1.0, -1.0).mean()
+    scale = np.sum(centred**2) / 24
+    [(_, weights, _)] = sitehead._ridge(fold, part, (10.0,), films=30)
+    direct = np.linalg.solve(centred.T @ centred + 10.0 * scale * 24 / 30 * np.eye(50), centred.T @ residual)
+    assert np.allclose(weights, direct, atol=1e-8)
+
+
 def test_the_graph_output_is_the_head_numpy_computes(tiny_models: Path, tmp_path: Path) -> None:
     from cxrbatch.features import features, pooled_features_name
 
@@ -98,10 +112,12 @@ def test_calibrate_with_a_site_head_ranks_the_site_and_run_reports_its_score(tin
     code, text = calibrate(tmp_path / "headed", "--site-head")
     assert code == 0, text
     assert "site head: out-of-fold AUC" in text and "site head" not in plain_text
+    assert "(reached with about 95% confidence)" in text and "(reached with 95% confidence)" in plain_text
     plain = read_metadata(tmp_path / "plain" / "classifier.onnx")["calibration"]
     meta = read_metadata(tmp_path / "headed" / "classifier.onnx")
     record = meta["calibration"]
     assert meta["outputs"]["referral"] == "site_referral" and record["site_head"]["films"] == 80
+    assert "the confidence is approximate" in record["rule"] and "approximate" not in plain["rule"]
     assert record["site_head"]["cv_auc"] > 0.95 and record["sensitivity"] >= 0.9
     assert record["specificity"] > plain["specificity"] + 0.3  # the bundled score cannot rank this site
 
