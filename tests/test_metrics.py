@@ -41,6 +41,18 @@ def test_bootstrap_is_reproducible_and_brackets_each_class() -> None:
     assert perfect["accuracy"] == [1.0, 1.0] and perfect["macro_f1"][1] == 1.0  # no spread without errors
 
 
+def test_a_rare_class_keeps_its_films_in_every_resample() -> None:
+    # 3 films of 100 in class 2: resampling all films together left it out of some resamples, whose
+    # recall and F1 counted as 0 (a perfect classifier got the interval [0, 1] for its recall).
+    y = np.array([0] * 60 + [1] * 37 + [2] * 3)
+    perfect = bootstrap_intervals(y, y, 3)
+    assert perfect["recall"] == [[1.0, 1.0]] * 3 and perfect["macro_f1"] == [1.0, 1.0]
+    pred = y.copy()
+    pred[97] = 0  # one of the three missed
+    low, high = bootstrap_intervals(y, pred, 3)["recall"][2]
+    assert low == 0.0 and high == 1.0 and low < 2 / 3 < high
+
+
 def test_roc_auc_counts_ordered_pairs_and_half_ties() -> None:
     positive = np.array([True, True, False, False, False])
     # pairs (pos, neg): 0.9 beats all three; 0.4 beats 0.1, ties 0.4, loses to 0.5 -> (3 + 1 + 0.5) / 6
