@@ -48,6 +48,9 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Area under the ROC curve of `scores` for the `positive` images against the rest (ties
     count half); None when either side is empty. Threshold-free: it tells a better ranking from a
     moved decision boundary."""
+    positive = np.asarray(positive, dtype=bool)  # a 0/1 integer mask would index, not select
+    if np.isnan(scores).any():
+        raise ValueError("roc_auc: a score is NaN, which has no rank")
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
     if n_pos == 0 or n_neg == 0:

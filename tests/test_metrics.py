@@ -41,6 +41,13 @@ def test_bootstrap_is_reproducible_and_brackets_each_class() -> None:
     assert perfect["accuracy"] == [1.0, 1.0] and perfect["macro_f1"][1] == 1.0  # no spread without errors
 
 
+def test_roc_auc_reads_a_0_1_mask_as_a_mask_and_refuses_nan() -> None:
+    scores = np.array([0.9, 0.8, 0.1, 0.2])
+    assert roc_auc(scores, np.array([1, 1, 0, 0])) == roc_auc(scores, np.array([True, True, False, False])) == 1.0
+    with pytest.raises(ValueError, match="NaN"):
+        roc_auc(np.array([np.nan, 0.8, 0.1]), np.array([True, False, False]))
+
+
 def test_a_rare_class_keeps_its_films_in_every_resample() -> None:
     # 3 films of 100 in class 2: resampling all films together left it out of some resamples, whose
     # recall and F1 counted as 0 (a perfect classifier got the interval [0, 1] for its recall).
