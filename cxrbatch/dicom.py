@@ -49,8 +49,10 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageError(f"unreadable DICOM file ({type(exc).__name__})") from None
     if "PixelData" not in ds:
         raise ImageError("DICOM file has no pixel data (not an image)")
+    _refuse_too_large(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     try:
+        ds.pixel_array_options(index=0 if frames > 1 else None)  # decode the first frame only
         arr = ds.pixel_array
     except Exception as exc:  # missing decoder plugins and corrupt pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -59,21 +61,37 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageError(f"DICOM pixel data cannot be decoded ({type(exc).__name__})") from None
     if frames > 1:
         log.warning("multi-frame DICOM (%d frames): screening the first frame only", frames)
-        arr = arr[0]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:
-        return _colour(arr, photometric)
+        return _colour(arr, int(ds.get("BitsStored", 8) or 8))
     if arr.ndim != 2:
         raise ImageError(f"unsupported DICOM pixel layout {arr.shape}")
-    values = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+    values = apply_modality_lut(arr, ds)
+    try:
+        values = apply_voi_lut(values, ds)
+    except (ValueError, ZeroDivisionError, IndexError, KeyError):  # an invalid window (width 0): ignored, as viewers do
+        pass
+    values = values.astype(np.float64)
     if photometric == "MONOCHROME1":  # after VOI, as the standard orders it
         values = values.max() + values.min() - values
     return values
 
 
-def _colour(arr: np.ndarray, photometric: str) -> np.ndarray:
-    from pydicom.pixels import convert_color_space
+def _refuse_too_large(ds: object) -> None:
+    """Pillow's decompression-bomb limit, for DICOM too: a small compressed file can declare a frame
+    of hundreds of megapixels, and decoding it would take gigabytes."""
+    from PIL import Image
 
-    if photometric.startswith("YBR"):
-        arr = convert_color_space(arr, photometric, "RGB")
+    pixels = int(getattr(ds, "Rows", 0) or 0) * int(getattr(ds, "Columns", 0) or 0)
+    limit = None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS  # where Pillow refuses
+    if limit is not None and pixels > limit:
+        raise ImageError(f"image too large to decode safely ({pixels} pixels, more than {limit})")
+
+
+def _colour(arr: np.ndarray, bits_stored: int) -> np.ndarray:
+    """A colour frame as 8-bit RGB. pydicom (3.0 and later) has already turned YBR into RGB; values
+    of more than 8 bits are scaled, not clipped."""
+    if arr.dtype.itemsize > 1:
+        top = float(2 ** min(max(bits_stored, 1), 8 * arr.dtype.itemsize) - 1)
+        return np.clip(np.round(arr.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
     return np.clip(arr, 0, 255).astype(np.uint8)

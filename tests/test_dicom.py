@@ -121,6 +121,51 @@ def test_the_warning_is_a_line_of_the_runs_log_in_a_decoding_process_too(
     assert re.search(stamped, done.stderr, re.MULTILINE), done.stderr
 
 
+def _colour_dicom(path: Path, values: np.ndarray, photometric: str, bits: int) -> Path:
+    """A colour (3 samples, interleaved) DICOM holding `values` as stored."""
+    path = make_dicom(path, None)
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = values.shape[:2]
+    ds.SamplesPerPixel, ds.PlanarConfiguration, ds.PhotometricInterpretation = 3, 0, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (8 if bits <= 8 else 16), bits, bits - 1, 0
+    ds.add_new(0x7FE00010, "OB" if bits <= 8 else "OW", values.astype(np.uint8 if bits <= 8 else np.uint16).tobytes())
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_ybr_colour_is_converted_to_rgb_once(tmp_path: Path) -> None:
+    # pydicom 3 already hands back RGB; converting again turned a red film green.
+    from pydicom.pixels import convert_color_space
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[...] = (200, 30, 40)
+    path = _colour_dicom(tmp_path / "ybr.dcm", convert_color_space(rgb, "RGB", "YBR_FULL"), "YBR_FULL", 8)
+    got = np.asarray(load_image(path).convert("RGB"))[0, 0].astype(int)
+    assert np.abs(got - (200, 30, 40)).max() <= 2
+
+
+def test_colour_of_more_than_8_bits_is_scaled_not_clipped(tmp_path: Path) -> None:
+    values = np.zeros((16, 16, 3), np.uint16)
+    values[:8] = 4095  # 12-bit white
+    values[8:] = 2048  # 12-bit middle grey
+    arr = np.asarray(load_image(_colour_dicom(tmp_path / "rgb12.dcm", values, "RGB", 12)).convert("RGB"))
+    assert arr[0, 0].tolist() == [255, 255, 255] and arr[15, 15].tolist() == [128, 128, 128]
+
+
+def test_a_frame_too_large_to_decode_safely_is_refused_before_decoding(tmp_path: Path) -> None:
+    from PIL import Image
+
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 1
+    path = make_dicom(tmp_path / "huge.dcm", ramp(), Rows=side, Columns=side)  # a header that declares it
+    with pytest.raises(ImageError, match="image too large to decode safely"):
+        load_image(path)
+
+
+def test_an_invalid_window_is_ignored_as_viewers_do(tmp_path: Path) -> None:
+    arr = np.asarray(load_image(make_dicom(tmp_path / "ww0.dcm", ramp(), WindowCenter=2000, WindowWidth=0)))
+    assert arr.min() == 0 and arr.max() == 255  # the stored ramp, scaled
+
+
 def test_no_pixel_data_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="no pixel data"):
         load_image(make_dicom(tmp_path / "sr.dcm", None))
