@@ -178,12 +178,15 @@ def test_compressed_without_decoder_names_the_packages(tmp_path: Path) -> None:
     assert PATIENT not in str(info.value) and PATIENT_ID not in str(info.value)
 
 
-def test_extensionless_dicom_is_found_by_its_preamble(tmp_path: Path) -> None:
-    make_dicom(tmp_path / "IM000001", ramp())
+def test_dicom_of_any_name_is_found_by_its_preamble(tmp_path: Path) -> None:
+    names = ["1.2.840.113619.2.55.3.604688119.868.123", "IM000001", "film.IMA", "study.dicom"]
+    for name in names:
+        make_dicom(tmp_path / name, ramp())
     (tmp_path / "README").write_text("not dicom", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("not dicom either", encoding="utf-8")
     found = list(iter_images([tmp_path]))
-    assert [p.name for p in found] == ["IM000001"]
-    assert load_image(found[0]).size == (64, 64)
+    assert [p.name for p in found] == sorted(names)
+    assert all(load_image(p).size == (64, 64) for p in found)
 
 
 def test_reports_never_carry_patient_identifiers(tmp_path: Path, tiny_models: Path) -> None:
