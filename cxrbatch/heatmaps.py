@@ -15,6 +15,7 @@ a fresh one, and a heatmap that cannot be written (a full disk) becomes a proble
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -37,9 +38,15 @@ OUTLINE = (255, 48, 32)
 PNG_LEVEL = 1  # zlib level: the default (6) spent three quarters of a heatmap's time compressing
 
 
-def heatmap_name(path: Path) -> str:
-    """A file name for the heatmap of `path`: 16 hex digits of the sha256 of the path, .png."""
-    return hashlib.sha256(display_path(path).encode("utf-8")).hexdigest()[:16] + ".png"
+SAME_FILM = 1e-4  # probabilities drawn again differ from the screened ones by at most this, or the file changed
+
+
+def heatmap_name(path: Path, record: Record) -> str:
+    """A file name for the heatmap of `path`'s result `record`: 16 hex digits of the sha256 of the
+    path's bytes and the result, .png. Two results for one path (the file changed between two runs
+    that write one report) get two pictures, not one drawn over the other."""
+    result = f"{record.label}|{record.confidence}|{record.referral_score}".encode()
+    return hashlib.sha256(os.fsencode(path) + b"\0" + result).hexdigest()[:16] + ".png"
 
 
 def display_copy(img: Image.Image) -> Image.Image:
@@ -75,9 +82,11 @@ def overlay(picture: Image.Image, heat: np.ndarray, caption: str) -> Image.Image
     return out
 
 
-def write_heatmap(folder: Path, path: Path, picture: Image.Image, heat: np.ndarray, caption: str) -> Path:
-    """Write the heatmap PNG of `path` into `folder` (atomically) and return where it went."""
-    target = folder / heatmap_name(path)
+def write_heatmap(
+    folder: Path, path: Path, record: Record, picture: Image.Image, heat: np.ndarray, caption: str
+) -> Path:
+    """Write the heatmap PNG of `path`'s result `record` into `folder` (atomically) and return where it went."""
+    target = folder / heatmap_name(path, record)
     drawn = overlay(picture, heat, caption)
     atomic_write(target, lambda fh: drawn.save(fh, format="PNG", compress_level=PNG_LEVEL), binary=True, what="heatmap")
     return target
@@ -89,32 +98,40 @@ def add_heatmaps(
     """The records with a heatmap drawn for each classified one (or each flagged one), in order.
 
     A file that can no longer be decoded, one whose content changed since it was screened (its
-    path is None), a label the classifier does not have, or a heatmap that cannot be written
-    leaves the record's result as it is, its `heatmap` empty and the reason in its `error` cell.
+    path is None, where the ledger saw it, or its probabilities drawn again are not the screened
+    ones), a label the classifier does not have, or a heatmap that cannot be written leaves the
+    record's result as it is, its `heatmap` empty and the reason in its `error` cell. The `heatmap`
+    cell holds the picture's absolute path, so a later run started elsewhere still finds it.
     """
     spec = screener.classifier.spec
     negative = spec.negative_label or ""
+    changed = "heatmap not drawn: the file has changed since it was screened"
     out = [record for _, record in items]
     wanted = []
     for i, (path, record) in enumerate(items):
         if record.status != CLASSIFIED or (flagged_only and not record.flagged(negative)):
             continue
         if path is None:
-            out[i] = record.with_problem("heatmap not drawn: the file has changed since it was screened")
+            out[i] = record.with_problem(changed)
         elif record.label not in spec.labels:
             out[i] = record.with_problem(f"heatmap not drawn: the classifier has no label {record.label}")
         else:
             wanted.append((i, path))
     maps = screener.class_maps([path for _, path in wanted])
-    for (i, path), (decoded, cam) in zip(wanted, maps, strict=True):
+    for (i, path), (decoded, cam, probs) in zip(wanted, maps, strict=True):
         record = items[i][1]
-        if cam is None or decoded.picture is None:
+        if cam is None or probs is None or decoded.picture is None:
             out[i] = record.with_problem(f"heatmap not drawn: {decoded.error}")
+            continue
+        screened = np.array([(record.probabilities or {}).get(label, np.nan) for label in spec.labels])
+        if not np.abs(probs - screened).max() <= SAME_FILM:
+            out[i] = record.with_problem(changed)
             continue
         heat = class_map(cam, spec.labels.index(record.label or ""))
         caption = f"{record.label} {record.confidence:.2f}" + (" (review)" if record.needs_review else "")
         try:
-            out[i] = replace(record, heatmap=display_path(write_heatmap(folder, path, decoded.picture, heat, caption)))
+            target = write_heatmap(folder, path, record, decoded.picture, heat, caption)
+            out[i] = replace(record, heatmap=display_path(target.absolute()))
         except ReportError as exc:
             out[i] = record.with_problem(f"heatmap not written: {exc.reason}")
     return out

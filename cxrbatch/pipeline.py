@@ -168,20 +168,23 @@ class Screener:
         gate = self.gate_scores(np.stack([d.gate_input for d in good]))  # type: ignore[misc]
         return decoded, (gate, self.classify(np.stack([d.classifier_input for d in good])))  # type: ignore[misc]
 
-    def class_maps(self, paths: Iterable[Path]) -> Iterator[tuple[Decoded, np.ndarray | None]]:
+    def class_maps(self, paths: Iterable[Path]) -> Iterator[tuple[Decoded, np.ndarray | None, np.ndarray | None]]:
         """Decode again and yield each file's small picture with the classifier's `cam` maps
-        (h x w x labels), or None for a file that can no longer be decoded (its `error` says why)."""
+        (h x w x labels) and its probabilities now (to tell whether the file is still the one that
+        was screened), or None for both for a file that can no longer be decoded (`error` says why)."""
         for mapped in self._batchwise(paths, self._class_maps):
             yield from mapped
 
-    def _class_maps(self, batch: list[Path]) -> list[tuple[Decoded, np.ndarray | None]]:
+    def _class_maps(self, batch: list[Path]) -> list[tuple[Decoded, np.ndarray | None, np.ndarray | None]]:
         name = self.classifier.spec.require_cam()
         decoded = self.decode_batch(batch, picture=True)
         ok = [d for d in decoded if d.error is None]
-        inputs = [d.classifier_input for d in ok]
-        maps: np.ndarray | list[np.ndarray] = self.classify(np.stack(inputs), with_cam=True)[name] if ok else []  # type: ignore[arg-type]
-        by_path = {d.path: m for d, m in zip(ok, maps, strict=True)}
-        return [(d, by_path.get(d.path)) for d in decoded]
+        if not ok:
+            return [(d, None, None) for d in decoded]
+        out = self.classify(np.stack([d.classifier_input for d in ok]), with_cam=True)  # type: ignore[misc]
+        probs = out[self.classifier.spec.score_output]
+        by_path = {d.path: (m, p) for d, m, p in zip(ok, out[name], probs, strict=True)}
+        return [(d, *by_path.get(d.path, (None, None))) for d in decoded]
 
     def _batchwise(self, paths: Iterable[Path], work: Callable[[list[Path]], _T]) -> Iterator[_T]:
         """`work` on each batch of paths in the worker threads, `workers` batches side by side and

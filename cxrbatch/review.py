@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from cxrbatch.records import CLASSIFIED, ERROR, REJECTED, STATUSES, Record, Summary
 
@@ -122,11 +123,14 @@ def _cards(title: str, rows: list[Record], folder: Path, section: str) -> str:
     for i, r in enumerate(rows):
         view = ""
         if r.heatmap:
-            src = escape(Path(os.path.relpath(r.heatmap, folder)).as_posix(), quote=True)
+            # a relative URL: quoted, so that a folder named "maps #1" or "50%" is not read as a
+            # fragment or an escape; loaded lazily, so that a page of thousands of cards opens
+            src = escape(quote(Path(os.path.relpath(r.heatmap, folder)).as_posix()), quote=True)
             zoom = f"{section}-{i}"
             view = (
-                f"<a href='#{zoom}' title='larger view'><img src='{src}' alt='film with its strongest regions marked'>"
-                f"</a><a class='zoom' id='{zoom}' href='#_'><img src='{src}' alt='larger view'></a>"
+                f"<a href='#{zoom}' title='larger view'><img src='{src}' loading='lazy' "
+                f"alt='film with its strongest regions marked'></a><a class='zoom' id='{zoom}' href='#_'>"
+                f"<img src='{src}' loading='lazy' alt='larger view'></a>"
             )
         badges = " · ".join(b for b, on in (("needs review", r.needs_review), ("unfamiliar film", r.unfamiliar)) if on)
         score = f" · referral {r.referral_score:.3f}" if r.referral_score is not None else ""

@@ -50,11 +50,12 @@ def test_processes_give_what_the_threads_give(tiny_models: Path, incoming: Path)
     assert {r.status for r in decoded} == {"classified", "rejected", "error"}
     # a heatmap's picture and map come back from a process as they are made in a thread
     in_thread = Screener(gate, classifier, batch_size=2, workers=2)
-    for (mine, cam), (theirs, their_cam) in zip(pictures, in_thread.class_maps(paths), strict=True):
+    for (mine, cam, probs), (theirs, their_cam, their_probs) in zip(pictures, in_thread.class_maps(paths), strict=True):
         assert mine.error == theirs.error
-        assert (cam is None) == (their_cam is None)
+        assert (cam is None) == (their_cam is None) == (probs is None) == (their_probs is None)
         if cam is not None:
             np.testing.assert_array_equal(cam, their_cam)
+            np.testing.assert_array_equal(probs, their_probs)
             assert mine.picture is not None and theirs.picture is not None
             assert mine.picture.tobytes() == theirs.picture.tobytes()
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import make_classifier, make_gate, make_region_classifier
 from PIL import Image
 from typer.testing import CliRunner
@@ -13,6 +15,7 @@ from typer.testing import CliRunner
 from cxrbatch.cli import app
 from cxrbatch.heatmaps import class_map, heatmap_name, overlay
 from cxrbatch.models import load_models
+from cxrbatch.records import Record
 
 
 def test_class_map_peaks_where_the_head_looks(tmp_path: Path) -> None:
@@ -45,10 +48,36 @@ def test_overlay_outlines_the_hot_region_and_leaves_the_film_readable() -> None:
     assert (arr[150, :, 0] == film[150]).all() and (arr[60, 60, 0] == film[60, 60])  # the film itself, inside too
 
 
-def test_heatmap_names_come_from_a_hash_of_the_path() -> None:
-    a = heatmap_name(Path("../../etc/passwd.png"))
+def test_heatmap_names_come_from_a_hash_of_the_path_and_the_result() -> None:
+    normal = Record.of(Path("x/a.png"), "classified", "g" * 12, "c" * 12, label="NORMAL", confidence=0.7)
+    a = heatmap_name(Path("../../etc/passwd.png"), normal)
     assert len(a) == 20 and a.endswith(".png") and "/" not in a and "passwd" not in a
-    assert heatmap_name(Path("x/a.png")) != heatmap_name(Path("y/a.png"))
+    assert heatmap_name(Path("x/a.png"), normal) != heatmap_name(Path("y/a.png"), normal)
+    other = Record.of(Path("x/a.png"), "classified", "g" * 12, "c" * 12, label="PNEUMONIA", confidence=0.9)
+    assert heatmap_name(Path("x/a.png"), normal) != heatmap_name(Path("x/a.png"), other)  # one picture per result
+    raw, text = Path(os.fsdecode(b"x\xff.png")), Path("x\\xff.png")  # one report spelling, two names
+    assert heatmap_name(raw, normal) != heatmap_name(text, normal)
+
+
+def test_a_file_changed_after_screening_gets_no_heatmap_of_the_other_film(
+    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxrbatch import runner as runner_module
+
+    draw = runner_module.add_heatmaps
+
+    def swap_then_draw(items, screener, folder, flagged_only):  # type: ignore[no-untyped-def]
+        (incoming / "sub" / "c_light.PNG").write_bytes((incoming / "a_dark.png").read_bytes())
+        return draw(items, screener, folder, flagged_only)
+
+    monkeypatch.setattr(runner_module, "add_heatmaps", swap_then_draw)
+    out, maps = tmp_path / "r.csv", tmp_path / "maps"
+    args = ["run", str(incoming), "--models", str(tiny_models), "--out", str(out), "--heatmaps", str(maps)]
+    assert CliRunner().invoke(app, args).exit_code == 3
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open(encoding="utf-8"))}
+    assert rows["c_light.PNG"]["heatmap"] == ""
+    assert rows["c_light.PNG"]["error"] == "heatmap not drawn: the file has changed since it was screened"
+    assert rows["a_dark.png"]["heatmap"] and Path(rows["a_dark.png"]["heatmap"]).is_absolute()
 
 
 def test_run_writes_heatmaps_and_the_report_column(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
@@ -61,7 +90,17 @@ def test_run_writes_heatmaps_and_the_report_column(tiny_models: Path, incoming: 
     assert list(rows[0])[-1] == "heatmap"
     for row in rows:
         if row["status"] == "classified":
-            assert Path(row["heatmap"]).name == heatmap_name(Path(row["path"]))
+            score = float(row["referral_score"]) if row["referral_score"] else None
+            result = Record.of(
+                Path(row["path"]),
+                "classified",
+                "",
+                "",
+                label=row["label"],
+                confidence=float(row["confidence"]),
+                referral_score=score,
+            )
+            assert Path(row["heatmap"]).name == heatmap_name(Path(row["path"]), result)
             assert Image.open(row["heatmap"]).size[0] > 0
         else:
             assert row["heatmap"] == ""

@@ -47,7 +47,7 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--out",
             str(root / "out" / "r.csv"),
             "--heatmaps",
-            str(root / "out" / "maps"),
+            str(root / "out" / "maps #1"),  # a folder name that is no URL as it stands
             "--html",
             str(html),
             "--quiet",
@@ -71,7 +71,8 @@ def test_page_is_self_contained_and_escaped(page: Path) -> None:
     table = text.split("<h2>Classified (2), most suspicious first", 1)[1].split("<h2>", 1)[0]
     assert table.index("person1947_bacteria_4876.jpeg") < table.index("NORMAL2-IM-1437-0001.jpeg")  # by score
     assert "<td data-v='clear'>clear</td>" in table
-    assert text.count("<img src='maps/") == 2  # the referred film's thumbnail and its larger view, linked relatively
+    # the referred film's thumbnail and its larger view, linked relatively, quoted, loaded when shown
+    assert text.count("<img src='maps%20%231/") == 2 and text.count("loading='lazy'") == 2
     assert "<a href='#read-0' title='larger view'>" in text and "<a class='zoom' id='read-0' href='#_'>" in text
     assert "referral score" in text and "<td data-v='refer'>refer</td>" in text
     threshold = load_models(default_models_dir(), "cpu")[1].spec.referral_threshold  # the shipped one
