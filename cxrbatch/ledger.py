@@ -123,8 +123,10 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
 
 def key_of(path: Path) -> str:
-    """The ledger's key of a path: absolute, undecodable name bytes escaped as in the reports (\\xNN)."""
-    return display_path(path.absolute())
+    """The ledger's key of a path: absolute and normalised (`in/../in/a.png` is `in/a.png`: one
+    file, one key, whichever folder the run starts from), undecodable name bytes escaped as in the
+    reports (\\xNN)."""
+    return display_path(os.path.abspath(path))
 
 
 def now() -> str:

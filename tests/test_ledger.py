@@ -73,6 +73,14 @@ def test_a_ledger_reached_through_a_symbolic_link_has_the_same_lock(
     assert code == 4 and "Another cxrbatch run holds the ledger" in err
 
 
+def test_a_folder_named_through_dot_dot_is_the_same_files(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    assert _run(folder, tiny_models, ledger, out)[0] == 0
+    (tmp_path / "other").mkdir()
+    code, rows, _ = _run(tmp_path / "other" / ".." / folder.name, tiny_models, ledger, out)
+    assert code == 0 and rows == []  # nothing new: the same five files, not five moved ones
+
+
 def test_second_run_with_nothing_new_reports_nothing(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
     code, rows, err = _run(folder, tiny_models, ledger, out)
