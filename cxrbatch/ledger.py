@@ -124,9 +124,14 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
 def key_of(path: Path) -> str:
     """The ledger's key of a path: absolute and normalised (`in/../in/a.png` is `in/a.png`: one
-    file, one key, whichever folder the run starts from), undecodable name bytes escaped as in the
-    reports (\\xNN)."""
-    return display_path(os.path.abspath(path))
+    file, one key, whichever folder the run starts from) where the shorter spelling is the same
+    file (after a symbolic link, `..` leads elsewhere: such a path keeps it), undecodable name
+    bytes escaped as in the reports (\\xNN)."""
+    raw = str(path.absolute())
+    short = os.path.abspath(raw)
+    if short != raw and os.path.realpath(short) != os.path.realpath(raw):
+        short = raw
+    return display_path(short)
 
 
 def now() -> str:
@@ -319,8 +324,10 @@ def connect(path: Path, migrate: bool) -> sqlite3.Connection:
             raise LedgerError(f"{path} holds no ledger yet (its creation did not finish); the next run creates it")
         else:
             db.execute("PRAGMA journal_mode=WAL")
-            # one transaction: the tables and the schema row are there together, or not at all
-            db.executescript(f"BEGIN;{_TABLES}INSERT OR REPLACE INTO meta VALUES ('schema', '{SCHEMA}');COMMIT;")
+            # one transaction: the tables and the schema row are there together, or not at all; the
+            # empty tables of an unfinished creation go first (an earlier schema's have other columns)
+            drop = "".join(f"DROP TABLE IF EXISTS {table};" for table in TABLE_NAMES)
+            db.executescript(f"BEGIN;{drop}{_TABLES}INSERT OR REPLACE INTO meta VALUES ('schema', '{SCHEMA}');COMMIT;")
         db.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path} is not a usable cxrbatch ledger ({exc}); it was left untouched") from None
