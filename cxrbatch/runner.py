@@ -10,6 +10,7 @@ completed ledger runs wrote before gets the union of their rows and this run's.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -205,11 +206,19 @@ def _file_key(target: str) -> str:
 def union(earlier: list[Record], rows: list[Record]) -> list[Record]:
     """The rows a report file received before, then this run's, each row once, in that order; a
     new row for a file whose earlier row failed (unreadable then, or its heatmap not written)
-    takes that row's place, so a rerun after exit 3 mends the report instead of adding to it."""
+    takes that row's place (a folder that could not be listed gives way to rows of its files), so a
+    rerun after exit 3 mends the report instead of adding to it."""
     newer = {r.path: r for r in rows}
     mended = [newer[r.path] if r.error and r.path in newer else r for r in earlier]
+    # a folder that could not be listed then: its row goes once rows of its files come
+    mended = [r for r in mended if not (r.error and r.path not in newer and _holds_any(r.path, newer))]
     seen = set(mended)
     return [*mended, *(r for r in rows if r not in seen)]
+
+
+def _holds_any(folder: str, paths: dict[str, Record]) -> bool:
+    inside = folder.rstrip(os.sep) + os.sep
+    return any(path.startswith(inside) for path in paths)
 
 
 def _run_plain(screener: Screener, paths: list[Path], report: Report, reporter: Progress | None) -> Summary:
