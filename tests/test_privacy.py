@@ -39,3 +39,15 @@ def test_a_user_may_turn_it_on(tiny_models: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     assert _session_in_a_fresh_process(tiny_models / "gate.onnx", home, ORT_DISABLE_TELEMETRY="0") == "0"
+
+
+def test_a_program_that_imported_onnxruntime_first_is_warned(tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import onnxruntime, cxrbatch"],
+        env={**clean, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "onnxruntime was imported before cxrbatch, so its telemetry is on in this process" in done.stderr
