@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cxrbatch.cli import app
 from cxrbatch.ledger import _TABLES as TABLES
-from cxrbatch.ledger import LedgerError, connect
+from cxrbatch.ledger import LedgerError, connect, key_of
 
 runner = CliRunner()
 
@@ -79,6 +79,19 @@ def test_a_folder_named_through_dot_dot_is_the_same_files(folder: Path, tiny_mod
     (tmp_path / "other").mkdir()
     code, rows, _ = _run(tmp_path / "other" / ".." / folder.name, tiny_models, ledger, out)
     assert code == 0 and rows == []  # nothing new: the same five files, not five moved ones
+
+
+def test_a_key_keeps_a_dot_dot_that_follows_a_symbolic_link(tmp_path: Path) -> None:
+    # data/current -> mnt/day/2: data/current/../archive is mnt/day/archive, not data/archive
+    (tmp_path / "mnt" / "day" / "2").mkdir(parents=True)
+    (tmp_path / "mnt" / "day" / "archive").mkdir()
+    (tmp_path / "data" / "archive").mkdir(parents=True)
+    (tmp_path / "data" / "current").symlink_to(tmp_path / "mnt" / "day" / "2")
+    through_link = tmp_path / "data" / "current" / ".." / "archive" / "film.png"
+    assert key_of(through_link) == str(through_link)
+    assert key_of(through_link) != key_of(tmp_path / "data" / "archive" / "film.png")
+    plain = tmp_path / "data" / "archive" / ".." / "archive" / "film.png"
+    assert key_of(plain) == str(tmp_path / "data" / "archive" / "film.png")
 
 
 def test_second_run_with_nothing_new_reports_nothing(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
@@ -273,7 +286,38 @@ def test_a_file_unreadable_then_readable_replaces_its_error_row_in_the_same_repo
     assert row["status"] != "error" and row["error"] == ""
 
 
-@pytest.mark.parametrize("left", ["header", "tables"])
+def test_a_folder_unlistable_then_listable_gives_way_to_its_films_in_the_same_report(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locked = folder / "sub"
+    locked.mkdir()
+    grey_image(locked / "deep.png", 90)
+    real_scandir, real_listdir = os.scandir, os.listdir
+
+    def deny(real):  # type: ignore[no-untyped-def]
+        def call(path: object) -> object:
+            if Path(str(path)) == locked:
+                raise PermissionError(13, "Permission denied")
+            return real(path)
+
+        return call
+
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out)]
+    monkeypatch.setattr(os, "scandir", deny(real_scandir))
+    monkeypatch.setattr(os, "listdir", deny(real_listdir))
+    assert runner.invoke(app, args).exit_code == 3
+    first = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert [r["path"] for r in first if r["status"] == "error"] == [str(locked)]
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    monkeypatch.setattr(os, "listdir", real_listdir)
+    assert runner.invoke(app, args).exit_code == 0  # the same day's report, the folder readable now
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert sorted(Path(r["path"]).name for r in rows) == ["deep.png", *sorted(f"img{i}.png" for i in range(5))]
+    assert all(r["status"] != "error" for r in rows)
+
+
+@pytest.mark.parametrize("left", ["header", "tables", "schema-1 tables"])
 def test_a_ledger_whose_creation_was_interrupted_is_created_by_the_next_run(
     folder: Path, tiny_models: Path, tmp_path: Path, left: str
 ) -> None:
@@ -284,6 +328,8 @@ def test_a_ledger_whose_creation_was_interrupted_is_created_by_the_next_run(
         db.execute("PRAGMA journal_mode=WAL")
         if left == "tables":
             db.executescript(TABLES)
+        elif left == "schema-1 tables":  # the same names, other columns
+            db.executescript(TABLES.replace("fingerprint", "models"))
     db.close()
     assert ledger.stat().st_size > 0
     view = runner.invoke(app, ["ledger", str(ledger)])

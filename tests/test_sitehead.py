@@ -76,6 +76,23 @@ def test_a_fold_is_penalised_per_film_like_the_refitted_head() -> None:
     assert np.allclose(weights, direct, atol=1e-8)
 
 
+def test_fit_penalises_every_fold_for_all_the_films(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(10)
+    abnormal = np.arange(40) % 2 == 0
+    feats = rng.normal(size=(40, 20)) + 2.0 * abnormal[:, None] * (np.arange(20) == 0)  # something to learn
+    seen: list[tuple[int, int | None]] = []
+    ridge = sitehead._ridge
+
+    def spy(unit: np.ndarray, part: np.ndarray, penalties: tuple[float, ...], films: int | None = None) -> object:
+        seen.append((len(part), films))
+        return ridge(unit, part, penalties, films)
+
+    monkeypatch.setattr(sitehead, "_ridge", spy)
+    sitehead.fit(feats, abnormal)
+    assert seen[:-1] == [(32, 40)] * sitehead.FOLDS  # each fold: 4/5 of the films, penalised per film of all 40
+    assert seen[-1] == (40, None)  # the refit on all of them
+
+
 def test_the_graph_output_is_the_head_numpy_computes(tiny_models: Path, tmp_path: Path) -> None:
     from cxrbatch.features import features, pooled_features_name
 
