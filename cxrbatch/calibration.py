@@ -29,7 +29,6 @@ like the ones it was calibrated on.
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +42,7 @@ from cxrbatch.datasets import ABNORMAL
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ModelError, ReportError, UsageError
 from cxrbatch.features import features, pooled_features_name
+from cxrbatch.files import atomic_write, file_sha256
 from cxrbatch.models import MODEL_FILES, Model, embed_metadata
 from cxrbatch.pipeline import Screener
 from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR
@@ -162,7 +162,34 @@ def labelled_films(folder: Path, labels: tuple[str, ...]) -> dict[str, list[Path
             f"{folder}: folder(s) {unknown} are not labels of the classifier {list(labels)} "
             f"(films read only as abnormal go in {ABNORMAL}/)"
         )
-    return {p.name: list(iter_images([p])) for p in subfolders}
+    films = {p.name: list(iter_images([p])) for p in subfolders}
+    _refuse_copies(folder, films)
+    return films
+
+
+def _refuse_copies(folder: Path, films: dict[str, list[Path]]) -> None:
+    """One film twice (a copy, a symbolic link, a folder linked into another label) would count
+    twice: the binomial rule takes the films as independent, and a film under two labels is both
+    abnormal and normal. Refused, naming the first pairs (by content: the sha256 of the file)."""
+    first: dict[str, tuple[str, Path]] = {}
+    twice: list[str] = []
+    for label, paths in films.items():
+        for path in paths:
+            try:
+                digest = file_sha256(path)
+            except OSError:
+                continue  # unreadable: screening reports it
+            if digest in first:
+                other_label, other = first[digest]
+                twice.append(f"{other_label}/{other.name} and {label}/{path.name}")
+            else:
+                first[digest] = (label, path)
+    if twice:
+        more = f" and {len(twice) - 5} more" if len(twice) > 5 else ""
+        raise UsageError(
+            f"{folder}: the same film is there twice ({'; '.join(twice[:5])}{more}); keep each film once, "
+            "under its one label"
+        )
 
 
 def calibrate(folder: Path, screener: Screener, target: float, site_head: bool = False) -> Calibration:
@@ -276,8 +303,11 @@ def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, o
     target = out / MODEL_FILES["classifier"]
     try:
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(gate.path, out / MODEL_FILES["gate"])
-        onnx.save(proto, str(target))
     except OSError as exc:
         raise ReportError(f"Cannot write the calibrated models into {out}: {exc.strerror or exc}") from None
+    # each file through a temporary one renamed into place, the classifier last: a run killed or a
+    # disk filled part way leaves no truncated model, and with --force the old pair stands until then
+    gate_bytes = gate.path.read_bytes()
+    atomic_write(out / MODEL_FILES["gate"], lambda fh: fh.write(gate_bytes), binary=True, what="model")
+    atomic_write(target, lambda fh: fh.write(proto.SerializeToString()), binary=True, what="model")
     return target

@@ -1,4 +1,4 @@
-"""Write output files atomically, with the permissions a user expects.
+"""Write output files atomically, with the permissions a user expects; hash a file's content.
 
 Every report, review page and heatmap goes through a temporary file in the target's folder that
 is renamed over the target, so an interrupted run never leaves a truncated file where a good one
@@ -9,6 +9,7 @@ account or a web server can still read what the cron job wrote.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
@@ -18,6 +19,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from cxrbatch.errors import ReportError
+
+HASH_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """Hash a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @cache

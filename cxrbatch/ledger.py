@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbatch.errors import EXIT_BUSY, CxrBatchError
+from cxrbatch.files import file_sha256
 from cxrbatch.imaging import display_path
 from cxrbatch.records import ERROR, Record
 
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "cxrbatch.ledger/2"
 OLD_SCHEMAS = ("cxrbatch.ledger/1",)
-HASH_CHUNK = 1 << 20
 LOCK_TRIES = 10  # over about a second
 
 _TABLES = """
@@ -106,15 +106,6 @@ def crash_point(name: str) -> None:
     """Die here, as `kill -9` would, when CXRBATCH_CRASH_AT names this point (crash tests only)."""
     if os.environ.get("CXRBATCH_CRASH_AT") == name:
         os.kill(os.getpid(), 9)
-
-
-def file_sha256(path: Path) -> str:
-    """Hash a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fingerprint(settings: dict[str, Any]) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -115,13 +118,48 @@ def test_calibration_refusals_write_nothing(tiny_models: Path, tmp_path: Path) -
     colour_image(photo / "NORMAL" / "holiday.png")
     code, err = calibrate(photo, tmp_path / "o3")
     assert code == 2 and "1 film(s) cannot be used for calibration: holiday.png: rejected by the gate" in err
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    copied = _site(tmp_path / "copied")
+    (copied / "PNEUMONIA" / "again.png").write_bytes((copied / "PNEUMONIA" / "pneumonia00.png").read_bytes())
+    code, err = calibrate(copied, tmp_path / "o4")
+    assert code == 2 and "the same film is there twice (PNEUMONIA/again.png and PNEUMONIA/pneumonia00.png)" in err
+    linked = _site(tmp_path / "linked")
+    (linked / "NORMAL" / "more").symlink_to(linked / "COVID19")  # a folder of one label linked into another
+    code, err = calibrate(linked, tmp_path / "o5")
+    assert code == 2 and "COVID19/covid1900.png and NORMAL/covid1900.png" in err and "and 10 more" in err
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
     good, existing = _site(tmp_path / "good"), tmp_path / "existing"
     existing.mkdir()
     code, err = calibrate(good, existing)
     assert code == 2 and "exists; choose another folder or pass --force" in err and not list(existing.iterdir())
     code, _ = calibrate(good, existing, "--force")
     assert code == 0 and sorted(p.name for p in existing.iterdir()) == ["classifier.onnx", "gate.onnx"]
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+from cxrbatch.cli import app
+app(sys.argv[2:])
+"""
+
+
+def test_a_calibration_that_fails_while_writing_leaves_the_old_models_whole(tiny_models: Path, tmp_path: Path) -> None:
+    films, out = _site(tmp_path / "site"), tmp_path / "site-models"
+    args = ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out), "--target-sensitivity", "0.9"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    limit = (tiny_models / "gate.onnx").stat().st_size + 8  # the gate fits, the calibrated classifier does not
+    assert len(before["classifier.onnx"]) > limit
+    done = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, str(limit), *args, "--force"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    assert done.returncode == 1 and "File too large" in done.stderr, done.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, no truncated model
 
 
 def test_calibrating_into_the_models_own_folder_is_refused(tiny_models: Path, tmp_path: Path) -> None:
