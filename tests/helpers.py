@@ -163,10 +163,13 @@ def make_halves_classifier(path: Path) -> Path:
     return _save(graph, path, tiny_spec("classifier", 0.6))
 
 
-def halves_image(path: Path, top: int, bottom: int, size: int = 64) -> Path:
-    """A grey film whose top half is one level and bottom half another."""
+def halves_image(path: Path, top: int, bottom: int, size: int = 64, mark: int | None = None) -> Path:
+    """A grey film whose top half is one level and bottom half another; with `mark`, its last
+    pixel is set to that value, so that films of one level are still different films."""
     pixels = np.full((size, size), bottom, dtype=np.uint8)
     pixels[: size // 2] = top
+    if mark is not None:
+        pixels[-1, -1] = mark % 256
     Image.fromarray(pixels, mode="L").save(path)
     return path
 
@@ -205,7 +208,8 @@ def halves_site(root: Path, per_side: int = 40) -> Path:
         (root / label).mkdir(parents=True)
         for i, level in enumerate(rng.uniform(90, 170, per_side)):
             gap = 0 if label == "NORMAL" else int(rng.integers(30, 50))
-            halves_image(root / label / f"{label.lower()}{i:02d}.png", int(level) - gap // 2, int(level) + gap // 2)
+            top, bottom = int(level) - gap // 2, int(level) + gap // 2
+            halves_image(root / label / f"{label.lower()}{i:02d}.png", top, bottom, mark=i)
     return root
 
 

@@ -178,7 +178,7 @@ def test_a_site_head_no_better_than_the_bundled_score_is_refused(tiny_models: Pa
     for label, (low, high) in (("NORMAL", (90, 110)), ("ABNORMAL", (150, 200))):
         (tmp_path / "site" / label).mkdir(parents=True)
         for i, level in enumerate(rng.uniform(low, high, 40)):
-            halves_image(tmp_path / "site" / label / f"{i}.png", int(level), int(level))
+            halves_image(tmp_path / "site" / label / f"{i}.png", int(level), int(level), mark=i)
     make_halves_classifier(tiny_models / "classifier.onnx")
     args = ["calibrate", str(tmp_path / "site"), "--models", str(tiny_models), "--out", str(tmp_path / "out")]
     result = runner.invoke(app, [*args, "--target-sensitivity", "0.9", "--site-head"])
