@@ -36,7 +36,7 @@ def _data(root: Path, per_side: int = 12) -> Path:
     rng = np.random.default_rng(4)
     (root / "train" / "COVID19").mkdir(parents=True)
     for i in range(5):
-        halves_image(root / "train" / "COVID19" / f"covid{i}.png", 120, 60)  # not in MANIFEST.csv
+        halves_image(root / "train" / "COVID19" / f"covid{i}.png", 120, 60, mark=i)  # not in MANIFEST.csv
     rows = []
     for split in ("train", "val"):
         for collection, (level, has_normals) in COLLECTIONS.items():
@@ -47,7 +47,7 @@ def _data(root: Path, per_side: int = 12) -> Path:
                     mean = int(level + rng.integers(-8, 9))
                     gap = 0 if label == "NORMAL" else int(rng.integers(30, 50))
                     stem = f"{collection}-{split}-{label}-{i}"
-                    halves_image(folder / f"{stem}.png", mean - gap // 2, mean + gap // 2)
+                    halves_image(folder / f"{stem}.png", mean - gap // 2, mean + gap // 2, mark=i)
                     row = {"id": stem, "split": split, "label": label, "source": "tests", "collection": collection}
                     rows.append(row)
     with (root / "MANIFEST.csv").open("w", newline="", encoding="utf-8") as fh:
@@ -204,7 +204,7 @@ def test_a_headed_model_is_calibrated_run_and_given_a_site_head(tiny_models: Pat
         for i, level in enumerate(rng.uniform(90, 170, 40)):
             gap = 0 if label == "NORMAL" else int(rng.integers(30, 50))
             film = reversed_site / label / f"{label.lower()}{i:02d}.png"
-            halves_image(film, int(level) + gap // 2, int(level) - gap // 2)
+            halves_image(film, int(level) + gap // 2, int(level) - gap // 2, mark=i)
     args = ["calibrate", str(reversed_site), "--models", str(calibrated), "--out", str(sited), "--site-head"]
     result = runner.invoke(app, [*args, "--target-sensitivity", "0.9"])
     assert result.exit_code == 0, result.stderr

@@ -29,7 +29,7 @@ def _tree(root: Path) -> Path:
                 if source == "jsrt" and label != "NORMAL":
                     continue
                 stem = f"{split[0]}{label[0]}{i}"
-                grey_image(root / split / label / f"{stem}.png", 20 + 10 * i)
+                grey_image(root / split / label / f"{stem}.png", 20 + 10 * i + 5 * (label != "NORMAL"))  # all different
                 rows.append(f'{stem},{split},{label},{source},owner/{source},"a note, with a comma"')
     (root / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return root
