@@ -326,6 +326,13 @@ def test_cli_builds_prints_counts_and_refuses_to_overwrite(two_sources: tuple[Pa
     refused = runner.invoke(app, [*args[:-1], str(stranger), "--force"])
     assert refused.exit_code == 2 and "did not build" in refused.output
     assert (stranger / "holiday.jpg").read_bytes() == b"x"
+    dataset = tmp_path / "devset"  # a folder of this project's format, not built here: a dataset source
+    (dataset / "val" / "NORMAL").mkdir(parents=True)
+    (dataset / "MANIFEST.csv").write_text("id,split,label\n", encoding="utf-8")
+    (dataset / "README.md").write_text("the developer set", encoding="utf-8")
+    refused = runner.invoke(app, [*args[:-1], str(dataset), "--force"])
+    assert refused.exit_code == 2 and "did not build" in refused.output
+    assert (dataset / "README.md").read_text(encoding="utf-8") == "the developer set"
 
 
 def test_record_is_the_manifest_without_images_and_refuses_other_folders(

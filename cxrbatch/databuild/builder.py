@@ -117,8 +117,12 @@ def _check_out(out: Path, force: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise UsageError(f"{out} exists and is not empty; pass --force to replace it")
-        if not (out / "MANIFEST.csv").is_file():
-            raise UsageError(f"{out} holds no MANIFEST.csv: refusing to replace a folder this command did not build")
+        if not ((out / "MANIFEST.csv").is_file() and (out / "SKIPPED.csv").is_file()):
+            # both are what a build writes; a MANIFEST.csv alone is also a dataset source (the
+            # developer set), a `data select` folder or an evaluation site
+            raise UsageError(
+                f"{out} holds no MANIFEST.csv and SKIPPED.csv: refusing to replace a folder this command did not build"
+            )
 
 
 def _candidates(source: Source, files: SourceFiles, skipped: list[tuple[str, str, str]]) -> Iterator[Candidate]:
