@@ -158,3 +158,21 @@ def test_every_image_goes_through_both_models_via_the_screener(tiny_models: Path
     assert report["images"] == 2 and report["gate_accepted"] == 0.5
     assert len(report["unreadable"]) == 1 and "broken.png" in report["unreadable"][0]
     assert "unreadable: 1" in format_report(report)
+
+
+def test_evaluate_checks_its_json_target_before_scoring(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from cxrbatch import evaluation
+    from cxrbatch.cli import app
+
+    (tmp_path / "test" / "NORMAL").mkdir(parents=True)
+    grey_image(tmp_path / "test" / "NORMAL" / "n.png", 100)
+    scored: list[Path] = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda data, *rest: scored.append(data))
+    args = ["evaluate", str(tmp_path), "--models", str(tiny_models), "--json", str(tmp_path / "no" / "such" / "m.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "folder" in result.stderr and "does not exist" in result.stderr
+    assert scored == []  # refused before any film was scored

@@ -164,13 +164,16 @@ def evaluate(
     from cxrbatch import evaluation
     from cxrbatch.models import default_models_dir, load_models
     from cxrbatch.pipeline import Screener
+    from cxrbatch.reports import check_writable
 
     _setup_logging(verbose, quiet=False)
+    if json_out is not None:
+        check_writable(json_out)  # before the scoring, not after it
     transform = evaluation.Framed(frame) if frame != 1.0 else None
     gate, classifier = load_models(models or default_models_dir(), device.value)
     report = evaluation.evaluate(data_dir, split, Screener(gate, classifier, transform=transform), tuple(source or ()))
+    typer.echo(evaluation.format_report(report))  # shown even if the JSON then cannot be written
     _write_json(json_out, report)
-    typer.echo(evaluation.format_report(report))
 
 
 @app.command("export")
