@@ -134,7 +134,7 @@ def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
     manifest = data_dir / MANIFEST
     if not manifest.is_file():
         return {}
-    with manifest.open(newline="", encoding="utf-8") as fh:
+    with manifest.open(newline="", encoding="utf-8-sig") as fh:  # a BOM (a spreadsheet's save) is not part of "id"
         return {row["id"]: row for row in csv.DictReader(fh) if "id" in row}
 
 

@@ -121,3 +121,8 @@ def test_without_and_only_sources_select_by_manifest_source(tmp_path: Path) -> N
     val = load_split(data, "val", split.classes)  # its images are not in the manifest at all
     with pytest.raises(UsageError, match="No image of this selection"):
         only_sources(val, manifest, ("kept",))
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    (tmp_path / "MANIFEST.csv").write_text("id,label,collection\nabc,NORMAL,site-a\n", encoding="utf-8-sig")
+    assert read_manifest(tmp_path) == {"abc": {"id": "abc", "label": "NORMAL", "collection": "site-a"}}
