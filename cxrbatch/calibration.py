@@ -282,14 +282,20 @@ def _refuse_unusable(folder: Path, results: list[Any]) -> None:
     )
 
 
-def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, out: Path, force: bool) -> Path:
-    """Write the site's pair of models into `out`: the gate as it is, the classifier with the new threshold."""
+def check_out(out: Path, models_dir: Path, force: bool) -> None:
+    """Refuse an `out` the site's models cannot go to: run before screening (say so at once, not
+    after minutes of work) and again before writing."""
     if out.exists() and not force:
         raise UsageError(f"{out} exists; choose another folder or pass --force to replace its models")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} is a file, not a folder for the calibrated models")
-    if out.resolve() == classifier.path.parent.resolve():
+    if out.resolve() == models_dir.resolve():
         raise UsageError(f"{out} holds the models being calibrated; write the site's models to another folder")
+
+
+def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, out: Path, force: bool) -> Path:
+    """Write the site's pair of models into `out`: the gate as it is, the classifier with the new threshold."""
+    check_out(out, classifier.path.parent, force)
     meta = classifier.spec.to_metadata()
     meta["referral_threshold"] = calibration.threshold
     meta["calibration"] = calibration.record()

@@ -162,6 +162,22 @@ def test_a_calibration_that_fails_while_writing_leaves_the_old_models_whole(tiny
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, no truncated model
 
 
+def test_an_out_that_cannot_take_the_models_is_refused_before_screening(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxrbatch import calibration
+
+    films, a_file = _site(tmp_path / "site"), tmp_path / "notes.txt"
+    a_file.write_text("mine", encoding="utf-8")
+    screened: list[Path] = []
+    monkeypatch.setattr(calibration, "calibrate", lambda folder, *rest: screened.append(folder))
+    for out, message in ((a_file, "is a file, not a folder"), (tiny_models, "holds the models being calibrated")):
+        args = ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out), "--force"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.stderr
+    assert screened == [] and a_file.read_text(encoding="utf-8") == "mine"
+
+
 def test_calibrating_into_the_models_own_folder_is_refused(tiny_models: Path, tmp_path: Path) -> None:
     films = _site(tmp_path / "site")
     before = (tiny_models / "classifier.onnx").read_bytes()

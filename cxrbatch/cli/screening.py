@@ -255,9 +255,8 @@ def calibrate(
     from cxrbatch.pipeline import Screener
 
     _setup_logging(verbose, quiet=False)
-    if out.exists() and not force:  # before screening: say so at once, not after minutes of work
-        raise UsageError(f"{out} exists; choose another folder or pass --force to replace its models")
     gate, classifier = load_models(models or default_models_dir(), device.value)
+    site.check_out(out, classifier.path.parent, force)  # before screening
     calibration = site.calibrate(labelled_dir, Screener(gate, classifier), target_sensitivity, site_head)
     written = site.write_calibrated(gate, classifier, calibration, out, force)
     load_models(out, "cpu")  # the written pair loads and its metadata parses
