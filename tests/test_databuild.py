@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -293,6 +294,20 @@ def test_missing_mirror_or_commit_is_a_usage_error(two_sources: tuple[Path, Path
     with pytest.raises(UsageError, match="lacks commit 0000000000"):
         build(registry, mirrors, tmp_path / "out", registry.parent)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_last_mirror_stops_the_build_before_any_conversion(
+    two_sources: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxrbatch.databuild import builder
+
+    registry, mirrors = two_sources
+    shutil.rmtree(mirrors / "site+pneumonia")  # the registry's second source
+    converted: list[object] = []
+    monkeypatch.setattr(builder, "_convert_one", lambda payload: converted.append(payload))
+    with pytest.raises(UsageError, match="No mirror of site/pneumonia"):
+        build(registry, mirrors, tmp_path / "out", registry.parent)
+    assert converted == []
 
 
 def test_dhash256_is_the_documented_procedure() -> None:

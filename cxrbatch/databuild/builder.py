@@ -94,10 +94,12 @@ def build(registry: Path, mirrors: Path, out: Path, base: Path, workers: int = 2
     _check_out(out, force)
     built: list[Built] = []
     skipped: list[tuple[str, str, str]] = []
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for source in sources:
-            files = open_source(source, mirrors, base)
-            try:
+    opened: list[SourceFiles] = []
+    try:
+        for source in sources:  # every mirror and commit first: a missing last one stops the build at once
+            opened.append(open_source(source, mirrors, base))
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for source, files in zip(sources, opened, strict=True):
                 candidates = list(_candidates(source, files, skipped))
                 for chunk in _chunks(candidates, CHUNK):
                     payloads = [(c, _read(files, c)) for c in chunk]
@@ -106,8 +108,9 @@ def build(registry: Path, mirrors: Path, out: Path, base: Path, workers: int = 2
                             skipped.append((source.label, candidate.path, result))
                         else:
                             built.append(result)
-            finally:
-                files.close()
+    finally:
+        for files in opened:
+            files.close()
     rows = _link_and_split(built, skipped)
     _write(out, built, rows, skipped)
     return BuildResult(rows, skipped)
