@@ -41,9 +41,9 @@ from cxrbatch import sitehead
 from cxrbatch.datasets import ABNORMAL
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ModelError, ReportError, UsageError
-from cxrbatch.features import features, pooled_features_name
+from cxrbatch.features import features, pooled_features_name, save_classifier
 from cxrbatch.files import atomic_write, file_sha256
-from cxrbatch.models import MODEL_FILES, Model, embed_metadata
+from cxrbatch.models import MODEL_FILES, Model
 from cxrbatch.pipeline import Screener
 from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR
 from cxrbatch.sitehead import SiteHead
@@ -305,15 +305,15 @@ def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, o
         meta["outputs"]["referral"] = sitehead.OUTPUT
         if isinstance(meta.get("referral_head"), dict):  # the bundled head stays in the graph, unused
             meta["referral_head"]["in_use"] = False
-    embed_metadata(proto, meta)
     target = out / MODEL_FILES["classifier"]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(f"Cannot write the calibrated models into {out}: {exc.strerror or exc}") from None
-    # each file through a temporary one renamed into place, the classifier last: a run killed or a
-    # disk filled part way leaves no truncated model, and with --force the old pair stands until then
+    # each file through a temporary one renamed into place, the classifier last and only once it
+    # loads as the runtime loads it: a run killed or a disk filled part way leaves no truncated
+    # model, and with --force the old pair stands until then
     gate_bytes = gate.path.read_bytes()
     atomic_write(out / MODEL_FILES["gate"], lambda fh: fh.write(gate_bytes), binary=True, what="model")
-    atomic_write(target, lambda fh: fh.write(proto.SerializeToString()), binary=True, what="model")
+    save_classifier(proto, meta, target)
     return target

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from cxrbatch.errors import ModelError
+from cxrbatch.errors import ModelError, ReportError
 from cxrbatch.models import CPU, Model, ModelSpec, embed_metadata, load_model
 from cxrbatch.pipeline import Screener
 
@@ -99,7 +99,8 @@ def save_classifier(
     """Write `proto` to `dst` with the metadata record `meta` (and `version`, if given): the
     classifier a graph tool made. It must pass onnx's full check, load as the runtime loads it and
     pass `check` (which raises) before it takes `dst`'s place, so a failure leaves `dst` as it was
-    (even where `dst` is the model it was made from)."""
+    (even where `dst` is the model it was made from). A file system that refuses the write (a
+    full disk) is a ReportError naming the file."""
     if version:
         meta["version"] = version
     embed_metadata(proto, meta)
@@ -109,5 +110,7 @@ def save_classifier(
         onnx.save(proto, str(partial))
         check(load_model(partial, "classifier", [CPU]))
         os.replace(partial, dst)
+    except OSError as exc:
+        raise ReportError(f"Cannot write model {dst}: {exc.strerror or exc}", exc.strerror or str(exc)) from None
     finally:
         partial.unlink(missing_ok=True)

@@ -258,7 +258,6 @@ def calibrate(
     gate, classifier = load_models(models or default_models_dir(), device.value)
     site.check_out(out, classifier.path.parent, force)  # before screening
     calibration = site.calibrate(labelled_dir, Screener(gate, classifier), target_sensitivity, site_head)
-    written = site.write_calibrated(gate, classifier, calibration, out, force)
-    load_models(out, "cpu")  # the written pair loads and its metadata parses
+    written = site.write_calibrated(gate, classifier, calibration, out, force)  # checks that it loads
     typer.echo(calibration.table())
     typer.echo(f"calibrated models written to {out} ({written.name}: referral_threshold {calibration.threshold:.6f})")
