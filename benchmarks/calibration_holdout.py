@@ -61,7 +61,7 @@ def main() -> None:
         from cxrbatch.features import features
 
         kept = [p for p, good in zip(images.paths, ok, strict=True) if good]
-        feats = features(onnx.load(str(classifier.path)), classifier.spec, kept, screener)
+        feats = features(onnx.load(str(classifier.path)), kept, screener)
     rng = np.random.default_rng(20261202)
     refused = 0
     rows: dict[str, list[tuple[float, float, float, float | None]]] = {"bundled score": [], "site head": []}

@@ -201,7 +201,7 @@ def load_features(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.
     classifier = load_model(args.classifier, "classifier", [CPU])
     gate = load_model(args.classifier.with_name("gate.onnx"), "gate", [CPU])
     proto = onnx.load(str(args.classifier))
-    feats = features(proto, classifier.spec, images.paths, Screener(gate, classifier, batch_size=32))
+    feats = features(proto, images.paths, Screener(gate, classifier, batch_size=32))
     return feats, split, group, f"classifier {classifier.short_hash}"
 
 

@@ -41,7 +41,7 @@ from cxrbatch import sitehead
 from cxrbatch.datasets import ABNORMAL
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ModelError, ReportError, UsageError
-from cxrbatch.features import features, pooled_features_name, save_classifier
+from cxrbatch.features import pooled_features_name, save_classifier, with_features
 from cxrbatch.files import atomic_write, file_sha256
 from cxrbatch.models import MODEL_FILES, Model
 from cxrbatch.pipeline import Screener
@@ -192,13 +192,14 @@ def _refuse_copies(folder: Path, films: dict[str, list[Path]]) -> None:
         )
 
 
-def calibrate(folder: Path, screener: Screener, target: float, site_head: bool = False) -> Calibration:
+def calibrate(folder: Path, gate: Model, classifier: Model, target: float, site_head: bool = False) -> Calibration:
     """Screen the labelled films and choose the referral threshold for `target` sensitivity; with
-    `site_head`, fit a site head on them first and choose the threshold on its out-of-fold scores."""
-    spec = screener.classifier.spec
+    `site_head`, fit a site head on them first (on the features the same screening gives) and
+    choose the threshold on its out-of-fold scores."""
+    spec = classifier.spec
     negative = spec.negative_label or ""
-    _refuse_site_headed(screener.classifier)
-    graph = _site_head_graph(screener.classifier) if site_head else None  # checked before any film is screened
+    _refuse_site_headed(classifier)
+    graph = _site_head_graph(classifier) if site_head else None  # checked before any film is screened
     films = labelled_films(folder, spec.labels)
     counts = {label: len(paths) for label, paths in films.items()}
     abnormal_n = sum(n for label, n in counts.items() if label != negative)
@@ -210,12 +211,14 @@ def calibrate(folder: Path, screener: Screener, target: float, site_head: bool =
         )
     paths = [p for label in films for p in films[label]]
     truth = np.array([label != negative for label in films for _ in films[label]])
+    screener = Screener(gate, classifier if graph is None else with_features(classifier, graph))
     results = list(screener.screen(paths))
     _refuse_unusable(folder, results)
     scores = np.array([r.referral_score for r in results], dtype=np.float64)
     head = None
     if graph is not None:
-        head, scores = _fit_site_head(screener, graph, paths, truth, scores)
+        feats = np.stack([r.features for r in results]).astype(np.float64)  # type: ignore[misc]
+        head, scores = sitehead.fit_if_better(feats, truth, scores)
     threshold = choose_threshold(scores[truth], target)
     refer = np.round(scores, DECIMALS) >= threshold
     return Calibration(
@@ -227,7 +230,7 @@ def calibrate(folder: Path, screener: Screener, target: float, site_head: bool =
         specificity=float((~refer[~truth]).mean()),
         specificity_ci=proportion_ci(~refer[~truth]),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        source_sha256=screener.classifier.sha256,
+        source_sha256=classifier.sha256,
         films=folder.name,
         unfamiliar=sum(bool(r.unfamiliar) for r in results) if spec.familiarity_output else None,
         familiarity_threshold=spec.familiarity_threshold,
@@ -256,15 +259,6 @@ def _site_head_graph(classifier: Model) -> onnx.ModelProto:
             f"{classifier.path.name} cannot take a site head ({exc}): calibrate the float32 model it was made from"
         ) from None
     return graph
-
-
-def _fit_site_head(
-    screener: Screener, graph: onnx.ModelProto, paths: list[Path], truth: np.ndarray, bundled: np.ndarray
-) -> tuple[SiteHead, np.ndarray]:
-    """Fit a site head on the films; refused where its out-of-fold scores rank them no better than
-    the bundled score does (which was not fitted on them)."""
-    feats = features(graph, screener.classifier.spec, paths, screener)
-    return sitehead.fit_if_better(feats, truth, bundled)
 
 
 def _refuse_unusable(folder: Path, results: list[Any]) -> None:

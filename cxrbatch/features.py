@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from cxrbatch.errors import ModelError, ReportError
-from cxrbatch.models import CPU, Model, ModelSpec, embed_metadata, load_model
+from cxrbatch.models import CPU, Model, embed_metadata, load_model, model_from_bytes
 from cxrbatch.pipeline import Screener
 
 
@@ -37,20 +36,31 @@ def pooled_features_name(proto: onnx.ModelProto, score_output: str) -> str:
     raise ModelError("unreachable")  # pragma: no cover
 
 
-def features(proto: onnx.ModelProto, spec: ModelSpec, paths: list[Path], screener: Screener) -> np.ndarray:
-    """The pooled features (N x D) of `paths`, decoded exactly as `cxrbatch run` decodes them."""
-    name = pooled_features_name(proto, spec.score_output)
+def with_features(classifier: Model, proto: onnx.ModelProto, threads: int | None = 1) -> Model:
+    """`classifier` served from `proto` (its graph) with the pooled features as one more output,
+    which `Model.run` fetches beside the scores: one pass gives a film's result and its features.
+    It keeps the classifier's path and hash, since its scores are the classifier's. Its session
+    runs on `threads` cores (None: all), as `load_model`'s."""
+    name = pooled_features_name(proto, classifier.spec.score_output)
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=[CPU])
+    served = model_from_bytes(probe.SerializeToString(), classifier.path, "classifier", [CPU], threads, announce=False)
+    return Model(classifier.path, served.spec, served.session, classifier.sha256, features_output=name)
+
+
+def features(proto: onnx.ModelProto, paths: list[Path], screener: Screener) -> np.ndarray:
+    """The pooled features (N x D) of `paths` in the screener's classifier, whose graph is
+    `proto`, decoded exactly as `cxrbatch run` decodes them, whatever the gate would say of them."""
+    probe = with_features(screener.classifier, proto, threads=None)
+    name = probe.features_output or ""
     out = []
     for batch in screener.decoded_batches(paths):
         unreadable = [d.path.name for d in batch if d.error is not None]
         if unreadable:
             raise ModelError(f"cannot read {unreadable} to compute their features")
         inputs = np.stack([d.classifier_input for d in batch])  # type: ignore[misc]
-        out.append(session.run([name], {spec.input_name: inputs})[0])
+        out.append(probe.session.run([name], {probe.spec.input_name: inputs})[0])  # `proto` may lack the spec's outputs
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
 
 

@@ -177,11 +177,16 @@ def _optional_float(value: Any) -> float | None:
 class Model:
     """One onnxruntime session with the spec that says how to feed it."""
 
-    def __init__(self, path: Path, spec: ModelSpec, session: Any, sha256: str) -> None:
+    def __init__(
+        self, path: Path, spec: ModelSpec, session: Any, sha256: str, features_output: str | None = None
+    ) -> None:
+        """`features_output` names a graph output `run` fetches too, the pooled features a tool
+        reads in the same pass as the scores (cxrbatch.features.with_features); never in a run."""
         self.path = path
         self.spec = spec
         self.session = session
         self.sha256 = sha256
+        self.features_output = features_output
 
     @property
     def short_hash(self) -> str:
@@ -198,7 +203,7 @@ class Model:
     def run(self, batch: np.ndarray, with_cam: bool = False) -> dict[str, np.ndarray]:
         """Run a NHWC float32 batch and return the named outputs."""
         names = [self.spec.score_output]
-        for extra in (self.spec.familiarity_output, self.spec.referral_output):  # one number per film each
+        for extra in (self.spec.familiarity_output, self.spec.referral_output, self.features_output):
             if extra:
                 names.append(extra)
         if with_cam and self.spec.cam_output:
@@ -298,9 +303,12 @@ def load_model(path: Path, role: str, providers: list[Any], threads: int | None 
     return model_from_bytes(path.read_bytes(), path, role, providers, threads)
 
 
-def model_from_bytes(data: bytes, path: Path, role: str, providers: list[Any], threads: int | None = None) -> Model:
+def model_from_bytes(
+    data: bytes, path: Path, role: str, providers: list[Any], threads: int | None = None, announce: bool = True
+) -> Model:
     """`load_model` on a file's bytes (a Ray actor gets them from the driver, not from a shared
-    folder); `path` names the file in messages and reports."""
+    folder); `path` names the file in messages and reports. `announce` logs the load (not for a
+    tool's working copy of a model already announced)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -323,7 +331,10 @@ def model_from_bytes(data: bytes, path: Path, role: str, providers: list[Any], t
     if spec.role != role:
         raise ModelError(f"{path} is a {spec.role} model, expected a {role} model")
     model = Model(path, spec, session, hashlib.sha256(data).hexdigest())
-    log.info("loaded %s %s v%s (%s) on %s", role, spec.name, spec.version, model.short_hash, ", ".join(model.providers))
+    if announce:
+        log.info(
+            "loaded %s %s v%s (%s) on %s", role, spec.name, spec.version, model.short_hash, ", ".join(model.providers)
+        )
     return model
 
 

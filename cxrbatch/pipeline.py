@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import TypeVar
@@ -53,11 +53,13 @@ class Result:
     refer: bool | None = None  # referral_score at or above the classifier's referral threshold
     familiarity: float | None = None  # distance of the film's features to the training films'
     unfamiliar: bool | None = None  # familiarity above the classifier's familiarity threshold
+    # The pooled features, where the classifier serves them (`Model.features_output`): a tool's, never a report's.
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_wire(self) -> str:
         """The result without its path as JSON, for another process (a Ray actor sends it to the
         driver); Python's float repr makes every score round-trip exactly."""
-        return json.dumps({k: v for k, v in asdict(self).items() if k != "path"})
+        return json.dumps({k: v for k, v in asdict(self).items() if k not in ("path", "features")})
 
     @classmethod
     def from_wire(cls, path: Path, text: str) -> Result:
@@ -233,7 +235,10 @@ class Screener:
             out = self.classify(clf_in)
             spec = self.classifier.spec
             familiarity, referral = out.get(spec.familiarity_output or ""), out.get(spec.referral_output or "")
+            feats = out.get(self.classifier.features_output or "")
             for k, (i, p) in enumerate(zip(accepted, out[spec.score_output], strict=True)):
+                if feats is not None:
+                    results[i].features = feats[k]
                 self._fill(
                     results[i],
                     p,

@@ -240,7 +240,7 @@ def add_familiarity(
     if statistic == "knn" and len(train) < NEIGHBOUR:
         raise ExportError(f"the knn statistic needs at least {NEIGHBOUR} train films, found {len(train)}")
     log.info("familiarity: features of %d train and %d val films", len(train), len(val))
-    train_feats = features(proto, spec, train, screener)
+    train_feats = features(proto, train, screener)
     features_name = pooled_features_name(proto, spec.score_output)
     record: dict[str, Any]
     if statistic == "knn":
@@ -262,7 +262,7 @@ def add_familiarity(
             "statistic": "Mahalanobis distance of the pooled backbone features to the train split's (Ledoit-Wolf)",
             "shrinkage": round(shrinkage, 6),
         }
-    val_dist = measure(features(proto, spec, val, screener))
+    val_dist = measure(features(proto, val, screener))
     threshold = float(np.percentile(val_dist, percentile))
     record |= {
         "train_films": len(train),
@@ -279,7 +279,7 @@ def add_familiarity(
     meta["outputs"][OUTPUT] = OUTPUT
     meta["familiarity_threshold"] = round(threshold, 6)
     meta["familiarity"] = record
-    expected = measure(features(proto, spec, val[:4], screener))
+    expected = measure(features(proto, val[:4], screener))
 
     def agrees(written: Any) -> None:  # the written model loads, and agrees with numpy
         if not np.allclose(_graph_distances(written, val[:4], screener), expected, rtol=1e-3, atol=1e-3):

@@ -133,11 +133,11 @@ def add_referral_head(
     negative = train.classes.index(spec.negative_label)
     screener = Screener(load_model(gate, "gate", [CPU]), classifier, batch_size=32)
     log.info("referral head: features of %d train and %d val films", len(train.paths), len(val.paths))
-    unit = unit_length(features(proto, spec, train.paths, screener))
+    unit = unit_length(features(proto, train.paths, screener))
     collections = np.array(sources_of(train.paths, manifest))
     weights, penalty, aucs, rows = fit_head(unit, train.labels != negative, collections)
     val_abnormal = val.labels != negative
-    val_raw = unit_length(features(proto, spec, val.paths, screener)) @ weights
+    val_raw = unit_length(features(proto, val.paths, screener)) @ weights
     slope, intercept = sitehead.platt(val_raw, val_abnormal)
     if slope <= 0:
         raise ExportError("the referral head ranks the val films backwards (Platt slope <= 0); not written")
@@ -171,7 +171,7 @@ def add_referral_head(
     for stale in ("referral_threshold", "calibration"):  # they belonged to 1 - P(NORMAL)
         meta.pop(stale, None)
     inputs = np.stack([d.classifier_input for batch in screener.decoded_batches(val.paths[:4]) for d in batch])  # type: ignore[misc]
-    expected = head.probability(features(proto, spec, val.paths[:4], screener))
+    expected = head.probability(features(proto, val.paths[:4], screener))
 
     def agrees(written: Model) -> None:  # the written model loads, and agrees with numpy
         if not np.allclose(written.run(inputs)[BUNDLED_REFERRAL][:, 0], expected, rtol=1e-4, atol=1e-5):

@@ -101,7 +101,7 @@ def test_the_graph_output_is_the_head_numpy_computes(tiny_models: Path, tmp_path
     g, c = load_models(tiny_models, "cpu")
     screener = Screener(g, c)
     proto = onnx.load(str(classifier))
-    feats = features(proto, c.spec, paths, screener)
+    feats = features(proto, paths, screener)
     head, _ = sitehead.fit(feats, np.arange(12) >= 6)  # the later films: a darker top than bottom
     sitehead.add_to_graph(proto, head, pooled_features_name(proto, c.spec.score_output))
     onnx.checker.check_model(proto, full_check=True)
@@ -170,6 +170,34 @@ def test_calibrate_with_a_site_head_ranks_the_site_and_run_reports_its_score(tin
         export_module("half").halve(headed_file, tmp_path / "half.onnx")
     with pytest.raises(UsageError, match="has a site head: an int8 copy would move its referral scores"):
         export_module("quantize").quantize(headed_file, tmp_path / "int8.onnx", films, 8)
+
+
+def test_calibrate_with_a_site_head_decodes_each_film_once_and_fits_on_its_features(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The features the head is fitted on come from the screening pass itself, not a second one."""
+    from cxrbatch import calibration
+    from cxrbatch.decoding import Decoder
+    from cxrbatch.features import features
+
+    films = halves_site(tmp_path / "site")
+    make_halves_classifier(tiny_models / "classifier.onnx")
+    gate, classifier = load_models(tiny_models, "cpu")
+    decoded: list[Path] = []
+    plain_call = Decoder.__call__
+
+    def counted(self: Decoder, path: Path, picture: bool = False):  # type: ignore[no-untyped-def]
+        decoded.append(path)
+        return plain_call(self, path, picture)
+
+    monkeypatch.setattr(Decoder, "__call__", counted)
+    found = calibration.calibrate(films, gate, classifier, 0.9, site_head=True)
+    assert len(decoded) == 80 and len(set(decoded)) == 80
+    assert found.site_head is not None and found.source_sha256 == classifier.sha256
+    paths = sorted(decoded)  # as calibrate lists them: by label folder, then by name
+    again = features(onnx.load(str(classifier.path)), paths, Screener(gate, classifier))
+    head, _ = sitehead.fit(again, np.array(["ABNORMAL" in p.parent.name for p in paths]))
+    assert head.penalty == found.site_head.penalty and np.allclose(head.weights, found.site_head.weights, atol=1e-6)
 
 
 def test_a_site_head_no_better_than_the_bundled_score_is_refused(tiny_models: Path, tmp_path: Path) -> None:

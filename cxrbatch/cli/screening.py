@@ -252,12 +252,11 @@ def calibrate(
     """
     from cxrbatch import calibration as site
     from cxrbatch.models import default_models_dir, load_models
-    from cxrbatch.pipeline import Screener
 
     _setup_logging(verbose, quiet=False)
     gate, classifier = load_models(models or default_models_dir(), device.value)
     site.check_out(out, classifier.path.parent, force)  # before screening
-    calibration = site.calibrate(labelled_dir, Screener(gate, classifier), target_sensitivity, site_head)
+    calibration = site.calibrate(labelled_dir, gate, classifier, target_sensitivity, site_head)
     written = site.write_calibrated(gate, classifier, calibration, out, force)  # checks that it loads
     typer.echo(calibration.table())
     typer.echo(f"calibrated models written to {out} ({written.name}: referral_threshold {calibration.threshold:.6f})")
