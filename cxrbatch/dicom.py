@@ -1,7 +1,8 @@
 """Read the pixels of a DICOM file into an 8-bit picture (needs the `dicom` extra: pydicom).
 
 Order, as the standard has it: stored values -> Modality LUT (or rescale slope/intercept) ->
-VOI LUT (or the first window centre/width) -> MONOCHROME1 inverted; `cxrbatch.imaging` then
+VOI LUT (or the first window centre/width) -> MONOCHROME1 inverted; PALETTE COLOR values go
+through their colour tables, and colour comes as 8-bit RGB; `cxrbatch.imaging` then
 scales the result's minimum..maximum linearly to 0..255. Nothing from the header except what that needs is read,
 and nothing of it (names, ids, dates) is ever put in a message.
 """
@@ -10,10 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cxrbatch.errors import ImageError
+
+if TYPE_CHECKING:  # pydicom is the optional `dicom` extra
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,8 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
     if frames > 1:
         log.warning("multi-frame DICOM (%d frames): screening the first frame only", frames)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR" and arr.ndim == 2:
+        return _palette(arr, ds)
     if arr.ndim == 3:
         return _colour(arr, int(ds.get("BitsStored", 8) or 8))
     if arr.ndim != 2:
@@ -86,6 +93,18 @@ def _refuse_too_large(ds: object) -> None:
     limit = None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS  # where Pillow refuses
     if limit is not None and pixels > limit:
         raise ImageError(f"image too large to decode safely ({pixels} pixels, more than {limit})")
+
+
+def _palette(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """A PALETTE COLOR frame through its red, green and blue lookup tables, as 8-bit RGB (its
+    stored values are indices into the tables, not brightness)."""
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        rgb = apply_color_lut(arr, ds)[..., :3]  # an alpha table, if any, is dropped
+    except Exception as exc:  # missing or malformed tables: pydicom raises several types
+        raise ImageError(f"PALETTE COLOR DICOM without a usable colour palette ({type(exc).__name__})") from None
+    return _colour(rgb, 8 * rgb.dtype.itemsize)  # the tables' entries are 8 or 16 bits
 
 
 def _colour(arr: np.ndarray, bits_stored: int) -> np.ndarray:

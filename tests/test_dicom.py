@@ -152,6 +152,36 @@ def test_colour_of_more_than_8_bits_is_scaled_not_clipped(tmp_path: Path) -> Non
     assert arr[0, 0].tolist() == [255, 255, 255] and arr[15, 15].tolist() == [128, 128, 128]
 
 
+def _palette_dicom(path: Path, indices: np.ndarray, tables: np.ndarray | None) -> Path:
+    """A PALETTE COLOR DICOM: 8-bit `indices` into 16-bit red, green and blue `tables` (256 x 3)."""
+    path = make_dicom(path, None)
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = indices.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "PALETTE COLOR"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.add_new(0x7FE00010, "OB", indices.astype(np.uint8).tobytes())
+    if tables is not None:
+        for k, table in enumerate(tables.T):  # (0028,1101-1103) descriptors, (0028,1201-1203) tables
+            ds.add_new(0x00281101 + k, "US", [256, 0, 16])
+            ds.add_new(0x00281201 + k, "OW", table.astype("<u2").tobytes())
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_palette_colour_goes_through_its_colour_tables(tmp_path: Path) -> None:
+    # Its stored values are indices: read as grey, a table that reverses them showed the film inverted.
+    indices = np.zeros((16, 16), np.uint8)
+    indices[:8] = 10
+    indices[8:] = 200
+    tables = np.zeros((256, 3), np.uint16)
+    tables[10] = (65535, 0, 0)  # index 10 is red
+    tables[200] = (0, 0, 32896)  # index 200 a middle blue
+    arr = np.asarray(load_image(_palette_dicom(tmp_path / "palette.dcm", indices, tables)).convert("RGB"))
+    assert arr[0, 0].tolist() == [255, 0, 0] and arr[15, 15].tolist() == [0, 0, 128]
+    with pytest.raises(ImageError, match="PALETTE COLOR DICOM without a usable colour palette"):
+        load_image(_palette_dicom(tmp_path / "no-tables.dcm", indices, None))
+
+
 def test_a_frame_too_large_to_decode_safely_is_refused_before_decoding(tmp_path: Path) -> None:
     from PIL import Image
 
