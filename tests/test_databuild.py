@@ -310,6 +310,25 @@ def test_a_missing_last_mirror_stops_the_build_before_any_conversion(
     assert converted == []
 
 
+def test_a_pattern_that_matches_no_file_stops_the_build_before_any_conversion(
+    two_sources: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxrbatch.databuild import builder
+
+    registry, mirrors = two_sources
+    text = registry.read_text()
+    converted: list[object] = []
+    monkeypatch.setattr(builder, "_convert_one", lambda payload: converted.append(payload))
+    registry.write_text(text.replace('glob = "p/*.jpg"', 'glob = "p/*.jpeg"'))  # the pneumonia files are .jpg
+    with pytest.raises(UsageError, match=r"match no file: site/pneumonia at [0-9a-f]{10}: rule 'p/\*.jpeg' \(a typo"):
+        build(registry, mirrors, tmp_path / "out", registry.parent)
+    shadowed = text.replace('glob = "img/*_0.png"', 'glob = "img/*_1.png"')  # the first rule takes them all
+    registry.write_text(shadowed.replace('licence = "CC BY 4.0"', 'licence = "CC BY 4.0"\nexclude = ["img/*.jpg"]', 1))
+    with pytest.raises(UsageError, match=r"site/tb-set at [0-9a-f]{10}: rule 'img/\*_1.png', exclude 'img/\*.jpg'"):
+        build(registry, mirrors, tmp_path / "out", registry.parent)
+    assert converted == [] and not (tmp_path / "out").exists()
+
+
 def test_dhash256_is_the_documented_procedure() -> None:
     # brighter than the right-hand neighbour everywhere: every bit set; darker everywhere: none
     falling = Image.fromarray(np.tile(np.arange(255, 85, -10, dtype=np.uint8), (16, 1)), "L")

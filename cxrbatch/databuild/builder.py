@@ -98,6 +98,7 @@ def build(registry: Path, mirrors: Path, out: Path, base: Path, workers: int = 2
     try:
         for source in sources:  # every mirror and commit first: a missing last one stops the build at once
             opened.append(open_source(source, mirrors, base))
+        _refuse_idle_patterns(sources, opened)
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for source, files in zip(sources, opened, strict=True):
                 candidates = list(_candidates(source, files, skipped))
@@ -114,6 +115,21 @@ def build(registry: Path, mirrors: Path, out: Path, base: Path, workers: int = 2
     rows = _link_and_split(built, skipped)
     _write(out, built, rows, skipped)
     return BuildResult(rows, skipped)
+
+
+def _refuse_idle_patterns(sources: list[Source], opened: list[SourceFiles]) -> None:
+    """A rule that takes no file or an exclusion that matches none is refused before anything is
+    converted: the films it was written for would be missing from the data set, or kept in it."""
+    idle = [
+        f"{source.label} at {source.version[:10] or 'its files'}: {', '.join(patterns)}"
+        for source, files in zip(sources, opened, strict=True)
+        if source.kind != "dataset" and (patterns := source.idle_patterns(files.paths()))
+    ]
+    if idle:
+        raise UsageError(
+            f"Registry patterns that match no file: {'; '.join(idle)} (a typo in the glob, another commit, or a "
+            "rule an earlier one takes every file of)"
+        )
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -96,6 +96,13 @@ class Source:
             return None
         return next((rule for rule in self.rules if rule.matches(path)), None)
 
+    def idle_patterns(self, paths: list[str]) -> list[str]:
+        """The rules that take none of `paths` and the exclusions that leave them all: at a pinned
+        commit, a typo in a glob (or a rule an earlier one shadows), never a choice."""
+        taken = {id(self.rule_for(path)) for path in paths}
+        idle = [f"rule {rule.glob!r}" for rule in self.rules if id(rule) not in taken]
+        return idle + [f"exclude {g!r}" for g in self.exclude if not any(fnmatchcase(p, g) for p in paths)]
+
     @property
     def label(self) -> str:
         """How the source is named in the manifest's `source` column."""
