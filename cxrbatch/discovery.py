@@ -13,6 +13,8 @@ from cxrbatch.errors import UsageError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm"})
 # Why a file in a walked folder was not screened (the keys of `iter_images(skipped=...)`).
 HIDDEN, NOT_AN_IMAGE, OWN_OUTPUT = "hidden", "not an image file name", "the run's own output"
+# Left by `run --heatmaps` in its folder: what a folder holding it has is never screened, by any run.
+HEATMAPS_MARKER = ".cxrbatch-heatmaps"
 
 
 def is_candidate(name: str) -> bool:
@@ -29,11 +31,12 @@ def iter_images(
 
     Explicitly named files are yielded whatever their extension. A folder that cannot be listed
     is yielded itself (its error row says why). Hidden files and folders,
-    files and folders in `skip` (the run's own outputs) and folders already visited are skipped,
+    files and folders in `skip` (the run's own outputs), heatmaps folders (HEATMAPS_MARKER) and
+    folders already visited are skipped,
     so a symlink loop cannot make the walk endless; `skipped`, when given, counts the skipped
     files by reason. A missing input raises UsageError.
     """
-    skip_resolved = {_resolved(p) for p in skip}
+    skip_resolved = {resolved(p) for p in skip}
     seen_dirs: set[tuple[int, int]] = set()
     count = skipped if skipped is not None else Counter()
     for raw in inputs:
@@ -41,7 +44,7 @@ def iter_images(
         if path.is_dir():
             yield from _walk(path, skip_resolved, seen_dirs, count)
         elif path.exists() or path.is_symlink():
-            if _resolved(path) not in skip_resolved:
+            if resolved(path) not in skip_resolved:
                 yield path
         else:
             raise UsageError(f"Input not found: {path}")
@@ -56,13 +59,16 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
     except OSError:
         # A folder that cannot be listed (no permission) hides files that are due: it is yielded
         # itself, so that it becomes an error row (imaging says why) and the run's exit code 3.
-        if _resolved(folder) not in skip:
+        if resolved(folder) not in skip:
             yield folder
         return
     key = (stat.st_dev, stat.st_ino)
-    if key in seen or _resolved(folder) in skip:
+    if key in seen or resolved(folder) in skip:
         return
     seen.add(key)
+    if any(entry.name == HEATMAPS_MARKER for entry in entries):  # a heatmaps folder, written by another run
+        skipped[OWN_OUTPUT] += sum(not e.name.startswith(".") for e in entries)
+        return
     for entry in entries:
         path = Path(entry.path)
         try:
@@ -75,7 +81,7 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
             yield from _walk(path, skip, seen, skipped)
         elif not (is_candidate(entry.name) or _is_dicom_by_content(entry)):
             skipped[NOT_AN_IMAGE] += 1
-        elif _resolved(path) in skip:
+        elif resolved(path) in skip:
             skipped[OWN_OUTPUT] += 1
         else:
             yield path
@@ -94,7 +100,8 @@ def _is_dicom_by_content(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _resolved(path: Path) -> Path:
+def resolved(path: Path) -> Path:
+    """The path with its symbolic links followed as far as they exist (absolute where that fails)."""
     try:
         return path.resolve()
     except (OSError, RuntimeError):

@@ -19,7 +19,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cxrbatch.discovery import iter_images
+from cxrbatch.dicom import is_dicom
+from cxrbatch.discovery import HEATMAPS_MARKER, is_candidate, iter_images, resolved
 from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.heatmaps import add_heatmaps
 from cxrbatch.ledger import Ledger, crash_point, key_of, now
@@ -32,6 +33,8 @@ from cxrbatch.review import render_html
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+# The ledger's own files: the database, SQLite's write-ahead log and shared memory, and the run lock.
+LEDGER_FILES = ("", "-wal", "-shm", "-journal", ".lock")
 
 
 @dataclass
@@ -84,6 +87,7 @@ def _inputs_and_models(
     without the overlap."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="models") as pool:
         loading = pool.submit(load_models, options.models_dir or default_models_dir(), device)
+        _refuse_clashes(options, report_targets)
         for target in report_targets:
             check_writable(target)
         paths = _discover(options, report_targets)
@@ -128,6 +132,32 @@ def _opened(path: Path | None) -> Iterator[Ledger | None]:
         yield ledger
 
 
+def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
+    """Refuse, before screening, outputs that would destroy what the run reads or another output:
+    a report written over a film (named like an image, a DICOM file, or a named input), over the
+    ledger or its files, or over another report; two reports on stdout; heatmaps in a folder that
+    holds an input folder (its marker would hide the films from every later run)."""
+    if report_targets.count("-") > 1:
+        raise UsageError("only one report can go to stdout (-): give the others file names")
+    files = [t for t in report_targets if t != "-"]
+    named = {resolved(p) for p in options.inputs if not p.is_dir()}
+    ledger = None if options.ledger is None else resolved(options.ledger)
+    for i, target in enumerate(files):
+        path, real = Path(target), resolved(Path(target))
+        if any(resolved(Path(other)) == real for other in files[:i]):
+            raise UsageError(f"{target} is named for two reports: give each report its own file")
+        if real in named or is_candidate(path.name) or (path.is_file() and is_dicom(path)):
+            raise UsageError(
+                f"report {target} would be written over a film (or be screened as one): name it .csv, .json or .html"
+            )
+        if ledger is not None and real in {ledger.with_name(ledger.name + end) for end in LEDGER_FILES}:
+            raise UsageError(f"report {target} would be written over the ledger {options.ledger} or its files")
+    heatmaps = None if options.heatmaps is None else resolved(options.heatmaps)
+    for given in (g for g in options.inputs if heatmaps is not None and g.is_dir()):
+        if heatmaps == resolved(given) or heatmaps in resolved(given).parents:
+            raise UsageError(f"--heatmaps {options.heatmaps} would hold the films of {given}: give it its own folder")
+
+
 def _discover(options: RunOptions, report_targets: list[str]) -> list[Path]:
     """The files to screen; the run's own outputs are left out, skipped files counted in the log."""
     skip = [Path(t) for t in report_targets if t != "-"]
@@ -140,6 +170,14 @@ def _discover(options: RunOptions, report_targets: list[str]) -> list[Path]:
             options.heatmaps.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ReportError(f"Cannot make the heatmaps folder {options.heatmaps}: {exc.strerror or exc}") from None
+        try:
+            (options.heatmaps / HEATMAPS_MARKER).touch()  # no later run screens the maps as films
+        except OSError as exc:  # a heatmap that cannot be written is a row's problem, and so is this
+            log.warning(
+                "cannot mark %s as a heatmaps folder (%s): a run without --heatmaps would screen its maps",
+                options.heatmaps,
+                exc.strerror or exc,
+            )
         skip.append(options.heatmaps)
     skipped: Counter[str] = Counter()
     paths = list(iter_images(options.inputs, skip=skip, skipped=skipped))

@@ -105,7 +105,7 @@ def test_review_page_and_heatmaps_are_readable_by_others(site: Path, tiny_models
     )
     done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    maps = list((site / "maps").iterdir())
+    maps = list((site / "maps").glob("*.png"))
     assert len(maps) == 2
     for path in (site / "review.html", site / "r.csv", *maps):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

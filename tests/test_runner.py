@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from cxrbatch import files
 from cxrbatch.cli import app
+from cxrbatch.discovery import HEATMAPS_MARKER
 from cxrbatch.ledger_view import inspect
 from cxrbatch.runner import RunOptions, run, union
 
@@ -69,7 +70,8 @@ def test_a_full_disk_while_writing_heatmaps_loses_no_result(
     assert rows["f_broken.jpg"]["error"].startswith("corrupt or truncated image")
     assert "4 heatmaps not written" in err
     assert "No space left on device" in (tmp_path / "review.html").read_text(encoding="utf-8")  # the page says so
-    assert not [p for p in (full_disk / "maps").iterdir() if p.name.startswith(".")]  # no temp file left
+    left = [p.name for p in (full_disk / "maps").iterdir() if p.name.startswith(".")]
+    assert left == [HEATMAPS_MARKER]  # no temp file left, only the mark that keeps later runs out
 
 
 def test_a_heatmap_that_cannot_be_written_is_a_row_problem(
@@ -88,7 +90,7 @@ def test_a_heatmap_that_cannot_be_written_is_a_row_problem(
     rows = _rows(report)
     flagged = [n for n, r in rows.items() if r["error"] == "heatmap not written: No space left on device"]
     assert sorted(flagged) == ["a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"]  # b_mid is unsure
-    assert list((tmp_path / "maps").iterdir()) == []
+    assert [p.name for p in (tmp_path / "maps").iterdir()] == [HEATMAPS_MARKER]
 
 
 def test_ledger_does_not_reuse_results_made_with_other_settings(
@@ -104,7 +106,7 @@ def test_ledger_does_not_reuse_results_made_with_other_settings(
     assert "6 screened" in err and "0 reused from the ledger" in err  # --no-draft is another fingerprint
     rows = _rows(tmp_path / "2.csv")
     assert all(rows[n]["heatmap"] for n in ("a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"))
-    assert len(list(maps.iterdir())) == 4
+    assert len(list(maps.glob("*.png"))) == 4
 
 
 def test_heatmaps_are_drawn_for_results_reused_from_the_ledger(
@@ -204,3 +206,50 @@ def test_heatmaps_folder_that_is_a_file_is_a_usage_error(tiny_models: Path, inco
     taken.write_text("not a folder", encoding="utf-8")
     code, err = _invoke("run", str(incoming), "--models", str(tiny_models), "--heatmaps", str(taken))
     assert code == 2 and "is a file, not a folder" in err and "Traceback" not in err
+
+
+def test_outputs_that_would_destroy_an_input_the_ledger_or_each_other_are_refused_before_screening(
+    tiny_models: Path, incoming: Path, tmp_path: Path
+) -> None:
+    film = incoming / "b_mid.jpg"
+    before = film.read_bytes()
+    ledger = tmp_path / "night.db"
+    models = ("--models", str(tiny_models))
+    refused = {
+        "over a film in the folder": (str(incoming), "--out", str(film)),
+        "over a film named as input": (str(film), "--html", str(film)),
+        "a report named like an image": (str(incoming), "--json", str(tmp_path / "report.png")),
+        "two reports in one file": (str(incoming), "--out", str(tmp_path / "r.csv"), "--json", str(tmp_path / "r.csv")),
+        "two reports on stdout": (str(incoming), "--html", "-"),
+        "over the ledger": (str(incoming), "--ledger", str(ledger), "--out", str(ledger)),
+        "over the ledger's log": (str(incoming), "--ledger", str(ledger), "--json", f"{ledger}-wal"),
+        "heatmaps holding the inputs": (str(incoming / "sub"), "--heatmaps", str(incoming)),
+    }
+    expected = {
+        "over a film in the folder": "would be written over a film (or be screened as one)",
+        "over a film named as input": "would be written over a film",
+        "a report named like an image": "would be written over a film (or be screened as one)",
+        "two reports in one file": "is named for two reports",
+        "two reports on stdout": "only one report can go to stdout",
+        "over the ledger": "would be written over the ledger",
+        "over the ledger's log": "would be written over the ledger",
+        "heatmaps holding the inputs": "would hold the films of",
+    }
+    for case, args in refused.items():
+        code, err = _invoke("run", *args, *models)
+        assert code == 2 and expected[case] in err and "Traceback" not in err, case
+    assert film.read_bytes() == before and not (tmp_path / "r.csv").exists() and not (tmp_path / "report.png").exists()
+    code, _ = _invoke("run", str(incoming), "--ledger", str(ledger), "--out", str(tmp_path / "night.db.csv"), *models)
+    assert code == 3 and (tmp_path / "night.db.csv").is_file()  # a name that only begins like the ledger's is fine
+
+
+def test_heatmaps_inside_the_screened_folder_are_never_screened_by_a_later_run(
+    tiny_models: Path, incoming: Path, tmp_path: Path
+) -> None:
+    maps = incoming / "maps"
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    code, _ = _invoke("run", str(incoming), "--models", str(tiny_models), "--heatmaps", str(maps), "--out", str(first))
+    assert code == 3 and any(p.suffix == ".png" for p in maps.iterdir())
+    code, _ = _invoke("run", str(incoming), "--models", str(tiny_models), "--out", str(second))  # no --heatmaps now
+    assert code == 3 and set(_rows(second)) == set(_rows(first))
+    assert not any("maps" in Path(r["path"]).parts for r in _rows(second).values())
