@@ -23,7 +23,8 @@ from cxrbatch.datasets import ABNORMAL, Split, labelled_images, only_sources, re
 from cxrbatch.errors import UsageError
 from cxrbatch.imaging import in_frame
 from cxrbatch.metrics import classification_metrics, referral_metrics, roc_auc, subset_metrics
-from cxrbatch.models import Model, ModelSpec
+from cxrbatch.models import Model
+from cxrbatch.modelspec import ModelSpec
 from cxrbatch.pipeline import Screener
 from cxrbatch.records import DECIMALS
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from cxrbatch.errors import ModelError, ReportError
@@ -36,32 +37,38 @@ def pooled_features_name(proto: onnx.ModelProto, score_output: str) -> str:
     raise ModelError("unreachable")  # pragma: no cover
 
 
-def with_features(classifier: Model, proto: onnx.ModelProto, threads: int | None = 1) -> Model:
+def with_features(classifier: Model, proto: onnx.ModelProto) -> Model:
     """`classifier` served from `proto` (its graph) with the pooled features as one more output,
     which `Model.run` fetches beside the scores: one pass gives a film's result and its features.
-    It keeps the classifier's path and hash, since its scores are the classifier's. Its session
-    runs on `threads` cores (None: all), as `load_model`'s."""
+    It keeps the classifier's path and hash, since its scores are the classifier's."""
     name = pooled_features_name(proto, classifier.spec.score_output)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    served = model_from_bytes(probe.SerializeToString(), classifier.path, "classifier", [CPU], threads, announce=False)
+    served = model_from_bytes(_probe(proto, name), classifier.path, "classifier", [CPU], threads=1, announce=False)
     return Model(classifier.path, served.spec, served.session, classifier.sha256, features_output=name)
 
 
 def features(proto: onnx.ModelProto, paths: list[Path], screener: Screener) -> np.ndarray:
-    """The pooled features (N x D) of `paths` in the screener's classifier, whose graph is
-    `proto`, decoded exactly as `cxrbatch run` decodes them, whatever the gate would say of them."""
-    probe = with_features(screener.classifier, proto, threads=None)
-    name = probe.features_output or ""
+    """The pooled features (N x D) of `paths` in the classifier graph `proto` (whose metadata may
+    name outputs a graph tool has taken out), decoded exactly as `cxrbatch run` decodes them,
+    whatever the gate would say of them."""
+    name = pooled_features_name(proto, screener.classifier.spec.score_output)
+    session = ort.InferenceSession(_probe(proto, name), providers=[CPU])
+    input_name = session.get_inputs()[0].name
     out = []
     for batch in screener.decoded_batches(paths):
         unreadable = [d.path.name for d in batch if d.error is not None]
         if unreadable:
             raise ModelError(f"cannot read {unreadable} to compute their features")
         inputs = np.stack([d.classifier_input for d in batch])  # type: ignore[misc]
-        out.append(probe.session.run([name], {probe.spec.input_name: inputs})[0])  # `proto` may lack the spec's outputs
+        out.append(session.run([name], {input_name: inputs})[0])
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
+
+
+def _probe(proto: onnx.ModelProto, name: str) -> bytes:
+    """`proto` with the tensor `name` as one more graph output."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return probe.SerializeToString()
 
 
 def unit_length(feats: np.ndarray) -> np.ndarray:

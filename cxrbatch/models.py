@@ -2,7 +2,8 @@
 
 Each model carries its own description as JSON in the ONNX `metadata_props` under the key
 `cxrbatch` (schema `cxrbatch.model/1`, documented in models/README.md). Everything the runtime
-needs to feed and read a model comes from there: preprocessing, labels, thresholds.
+needs to feed and read a model comes from there: preprocessing, labels, thresholds (parsed, and
+checked against the graph, by cxrbatch.modelspec).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import hashlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,21 +19,12 @@ from typing import Any
 import numpy as np
 
 from cxrbatch.cores import usable_cores
-from cxrbatch.errors import DeviceError, ModelError, UsageError
-from cxrbatch.imaging import InputSpec
+from cxrbatch.errors import DeviceError, ModelError
+from cxrbatch.modelspec import ROLES, ModelSpec
 
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "cxrbatch"
-SCHEMA = "cxrbatch.model/1"
-ROLES = ("gate", "classifier")
-# Keys of the record that ModelSpec holds in its own fields (the rest stays in `extra`).
-_SPEC_KEYS = frozenset(
-    (
-        *("schema", "role", "name", "version", "labels", "outputs", "threshold", "positive_label", "negative_label"),
-        *("referral_threshold", "familiarity_threshold"),
-    )
-)
 MODEL_FILES = {"gate": "gate.onnx", "classifier": "classifier.onnx"}
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -41,137 +32,6 @@ CUDA = "CUDAExecutionProvider"
 # batch shape: seconds per shape, every night; its heuristics pick at once. TF32 moved probabilities
 # by up to 3.4e-3 from the CPU's; without it by 3.1e-6 (benchmarks/README.md).
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
-# The graph outputs a referral score can come from instead of 1 - P(negative_label): a head fitted on
-# the training collections at export (export/referral_head.py), or on a site's films (cxrbatch.sitehead).
-BUNDLED_REFERRAL = "referral"
-SITE_REFERRAL = "site_referral"
-REFERRAL_FROM = {BUNDLED_REFERRAL: "bundled head", SITE_REFERRAL: "site head"}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The metadata record of one model, parsed and checked."""
-
-    role: str
-    name: str
-    version: str
-    input_name: str
-    input: InputSpec
-    labels: tuple[str, ...]
-    score_output: str
-    threshold: float  # gate: accept at or above; classifier: needs review below
-    positive_label: str | None = None  # gate: the label its sigmoid scores (a chest X-ray)
-    negative_label: str | None = None  # classifier: the label that is not a finding
-    cam_output: str | None = None
-    referral_threshold: float | None = None  # classifier: refer at or above this referral score
-    referral_output: str | None = None  # classifier: a referral head's score (N x 1); else 1 - P(negative_label)
-    familiarity_output: str | None = None  # classifier: distance of a film's features to the training films'
-    familiarity_threshold: float | None = None  # classifier: unfamiliar above this distance
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # every other metadata key, kept as is
-
-    @classmethod
-    def from_metadata(cls, meta: dict[str, Any], source: str) -> ModelSpec:
-        """Build a spec from the JSON record, naming what is missing."""
-        if meta.get("schema") != SCHEMA:
-            raise ModelError(f"{source}: metadata schema is {meta.get('schema')!r}, expected {SCHEMA!r}")
-        try:
-            inp = meta["input"]
-            role = meta["role"]
-            spec = cls(
-                role=role,
-                name=meta["name"],
-                version=str(meta["version"]),
-                input_name=inp["name"],
-                input=InputSpec(
-                    height=int(inp["height"]),
-                    width=int(inp["width"]),
-                    channels=int(inp["channels"]),
-                    colour=inp["colour"],
-                    equalize=bool(inp["equalize"]),
-                    resample=inp.get("resample", "bilinear"),
-                    clahe=float(inp.get("clahe", 0.0)),
-                ),
-                labels=tuple(meta["labels"]),
-                score_output=meta["outputs"]["scores"],
-                cam_output=meta["outputs"].get("cam"),
-                referral_threshold=_optional_float(meta.get("referral_threshold")),
-                familiarity_output=meta["outputs"].get("familiarity"),
-                referral_output=meta["outputs"].get("referral"),
-                familiarity_threshold=_optional_float(meta.get("familiarity_threshold")),
-                threshold=float(meta["threshold"]),
-                positive_label=meta.get("positive_label"),
-                negative_label=meta.get("negative_label"),
-                extra={k: v for k, v in meta.items() if k not in _SPEC_KEYS},
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{source}: incomplete model metadata ({type(exc).__name__}: {exc})") from None
-        if role not in ROLES:
-            raise ModelError(f"{source}: unknown role {role!r}")
-        if role == "gate" and spec.positive_label not in spec.labels:
-            raise ModelError(f"{source}: gate metadata needs positive_label among its labels")
-        if role == "classifier" and spec.negative_label not in spec.labels:
-            raise ModelError(f"{source}: classifier metadata needs negative_label (its no-finding label) in labels")
-        if spec.referral_threshold is not None and not 0.0 <= spec.referral_threshold <= 1.0:
-            raise ModelError(f"{source}: referral_threshold must be between 0 and 1, not {spec.referral_threshold}")
-        if (spec.familiarity_output is None) != (spec.familiarity_threshold is None):
-            raise ModelError(f"{source}: a familiarity output needs a familiarity_threshold, and the reverse")
-        return spec
-
-    @property
-    def referral_from(self) -> str:
-        """Where the referral score comes from: "site head", "bundled head" or "1 - p(no finding)"."""
-        if not self.referral_output:
-            return "1 - p(no finding)"
-        return REFERRAL_FROM.get(self.referral_output, f"output {self.referral_output}")
-
-    @property
-    def site_headed(self) -> bool:
-        """Whether the referral score is a site head's, fitted on a site's labelled films."""
-        return self.referral_output == SITE_REFERRAL
-
-    def refuse_referral_head(self, source: str, copy: str) -> None:
-        """Refuse (UsageError) to make `copy` (such as "a float16 copy") of a classifier with a referral
-        head: its threshold was chosen on float32 scores, so a head stays with float32 models."""
-        if self.referral_output:
-            raise UsageError(
-                f"{source} has a {self.referral_from}: {copy} would move its referral scores, and any "
-                "threshold chosen on them"
-            )
-
-    def require_cam(self) -> str:
-        """The name of the classifier's `cam` output, which heatmaps need; a clear error without one."""
-        if not self.cam_output:
-            raise ModelError("heatmaps need a classifier with a 'cam' output (export it with `cxrbatch export`)")
-        return self.cam_output
-
-    def to_metadata(self) -> dict[str, Any]:
-        """The JSON record `from_metadata` reads back: the one writer of the schema."""
-        extra_input = self.extra.get("input", {})
-        inp = {**extra_input, **asdict(self.input), "name": self.input_name}
-        outputs = {"scores": self.score_output}
-        named = (("cam", self.cam_output), ("familiarity", self.familiarity_output), ("referral", self.referral_output))
-        for key, name in named:
-            if name:
-                outputs[key] = name
-        meta: dict[str, Any] = {
-            **{k: v for k, v in self.extra.items() if k != "input"},
-            "schema": SCHEMA,
-            "role": self.role,
-            "name": self.name,
-            "version": self.version,
-            "input": inp,
-            "labels": list(self.labels),
-            "outputs": outputs,
-            "threshold": self.threshold,
-        }
-        for key in ("positive_label", "negative_label", "referral_threshold", "familiarity_threshold"):
-            if getattr(self, key) is not None:
-                meta[key] = getattr(self, key)
-        return meta
-
-
-def _optional_float(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 class Model:
@@ -281,6 +141,11 @@ def embed_metadata(proto: Any, meta: dict[str, Any]) -> None:
     props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
 
 
+def _shapes(args: list[Any]) -> dict[str, list[Any]]:
+    """onnxruntime's NodeArgs by name, as their shapes."""
+    return {arg.name: list(arg.shape or []) for arg in args}
+
+
 def _metadata_of(session: Any, path: Path) -> dict[str, Any]:
     props = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in props:
@@ -289,6 +154,8 @@ def _metadata_of(session: Any, path: Path) -> dict[str, Any]:
         meta: dict[str, Any] = json.loads(props[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: model metadata is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: model metadata is {type(meta).__name__} JSON, not a record")
     return meta
 
 
@@ -330,6 +197,7 @@ def model_from_bytes(
     spec = ModelSpec.from_metadata(_metadata_of(session, path), str(path))
     if spec.role != role:
         raise ModelError(f"{path} is a {spec.role} model, expected a {role} model")
+    spec.check_graph(_shapes(session.get_inputs()), _shapes(session.get_outputs()), str(path))
     model = Model(path, spec, session, hashlib.sha256(data).hexdigest())
     if announce:
         log.info(

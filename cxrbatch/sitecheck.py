@@ -20,10 +20,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cxrbatch.errors import ModelError
 from cxrbatch.metrics import hypergeometric_at_least
 
 if TYPE_CHECKING:
-    from cxrbatch.models import Model, ModelSpec
+    from cxrbatch.models import Model
+from cxrbatch.modelspec import ModelSpec
 
 ALARM = 0.001  # warn when the run's count would come up by chance less than once in a thousand runs
 
@@ -89,19 +91,32 @@ class SiteCheck:
 
 def reference_of(spec: ModelSpec) -> Reference | None:
     """The reference a classifier's metadata records, or None: no familiarity output,
-    or metadata from before these counts were kept."""
+    or metadata from before these counts were kept. A malformed record is a ModelError (the model
+    is refused when it loads, not after a night's screening)."""
     if spec.familiarity_threshold is None:
         return None
-    calibration = spec.extra.get("calibration") or {}
-    if (
-        calibration.get("unfamiliar") is not None
-        and calibration.get("familiarity_threshold") == spec.familiarity_threshold
-    ):
-        return Reference("calibration films", int(calibration["unfamiliar"]), int(sum(calibration["counts"].values())))
-    record = spec.extra.get("familiarity") or {}
-    if record.get("val_unfamiliar") is not None and record.get("val_films"):
-        return Reference("validation films", int(record["val_unfamiliar"]), int(record["val_films"]))
+    try:
+        calibration = spec.extra.get("calibration") or {}
+        if (
+            calibration.get("unfamiliar") is not None
+            and calibration.get("familiarity_threshold") == spec.familiarity_threshold
+        ):
+            films = int(sum(calibration["counts"].values()))
+            return _checked(Reference("calibration films", int(calibration["unfamiliar"]), films))
+        record = spec.extra.get("familiarity") or {}
+        if record.get("val_unfamiliar") is not None and record.get("val_films"):
+            return _checked(Reference("validation films", int(record["val_unfamiliar"]), int(record["val_films"])))
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(
+            f"the classifier's calibration or familiarity record is malformed ({type(exc).__name__}: {exc})"
+        ) from None
     return None
+
+
+def _checked(reference: Reference) -> Reference:
+    if not 0 <= reference.unfamiliar <= reference.films:
+        raise ValueError(f"{reference.unfamiliar} unfamiliar of {reference.films} {reference.against}")
+    return reference
 
 
 def check(records: Iterable[Any], reference: Reference | None, classifier_model: str) -> SiteCheck | None:

@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 from cxrbatch.errors import UsageError
 from cxrbatch.features import node, unit_length, unit_length_nodes
 from cxrbatch.metrics import roc_auc
-from cxrbatch.models import SITE_REFERRAL
+from cxrbatch.modelspec import SITE_REFERRAL
 
 OUTPUT = SITE_REFERRAL
 PREFIX = "site_head_"  # every node output and initializer the site head adds

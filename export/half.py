@@ -19,7 +19,8 @@ from onnxconverter_common import float16
 
 from cxrbatch.errors import UsageError
 from cxrbatch.features import pooled_features_name
-from cxrbatch.models import ModelSpec, embed_metadata, read_metadata
+from cxrbatch.models import embed_metadata, read_metadata
+from cxrbatch.modelspec import ModelSpec
 
 from .familiarity import attach_familiarity, detach_familiarity
 

@@ -24,7 +24,8 @@ import tf2onnx
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ExportError, UsageError
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
-from cxrbatch.models import ModelSpec, embed_metadata
+from cxrbatch.models import embed_metadata
+from cxrbatch.modelspec import ModelSpec
 
 from .config import sidecar_path
 from .network import backbone_features

@@ -19,7 +19,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ImageError, UsageError
 from cxrbatch.imaging import load_image, to_model_input
-from cxrbatch.models import ModelSpec, embed_metadata, read_metadata
+from cxrbatch.models import embed_metadata, read_metadata
+from cxrbatch.modelspec import ModelSpec
 
 from .familiarity import familiarity_node_names
 

@@ -40,7 +40,8 @@ from cxrbatch.datasets import load_split, read_manifest, sources_of, without_sou
 from cxrbatch.errors import ExportError, UsageError
 from cxrbatch.features import features, pooled_features_name, save_classifier, unit_length
 from cxrbatch.metrics import roc_auc
-from cxrbatch.models import BUNDLED_REFERRAL, CPU, Model, load_model
+from cxrbatch.models import CPU, Model, load_model
+from cxrbatch.modelspec import BUNDLED_REFERRAL
 from cxrbatch.pipeline import Screener
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from cxrbatch.imaging import InputSpec
-from cxrbatch.models import METADATA_KEY, ModelSpec
+from cxrbatch.models import METADATA_KEY
+from cxrbatch.modelspec import ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

@@ -17,13 +17,13 @@ from cxrbatch.models import (
     CUDA,
     CUDA_OPTIONS,
     METADATA_KEY,
-    ModelSpec,
     choose_providers,
     embed_metadata,
     load_model,
     load_models,
     read_metadata,
 )
+from cxrbatch.modelspec import ModelSpec
 
 
 def test_load_models_reads_metadata(tiny_models: Path) -> None:
@@ -184,3 +184,54 @@ def test_cuda_sessions_get_heuristic_algorithm_search(tiny_models: Path, monkeyp
     load_model(tiny_models / "gate.onnx", "gate", [CPU])
     assert asked == [[(CUDA, CUDA_OPTIONS), CPU], [mine, CPU], [CPU]]
     assert CUDA_OPTIONS == {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
+
+
+def _edited(path: Path, edit: Any) -> Path:
+    """The model at `path` with its metadata record changed by `edit` (in place; may return a new record)."""
+    model = onnx.load(str(path))
+    meta = json.loads(model.metadata_props[0].value)
+    changed = edit(meta)
+    model.metadata_props[0].value = json.dumps(meta if changed is None else changed)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("role", "edit", "message"),
+    [
+        ("classifier", lambda m: m["input"].update(name="nope"), r"input 'nope' is not the graph's \(\['image'\]\)"),
+        ("classifier", lambda m: m["input"].update(height=16), r"graph's input is .* the metadata says N x 16 x 32 x 1"),
+        ("classifier", lambda m: m["input"].update(channels=3), r"the metadata says N x 32 x 32 x 3"),
+        ("classifier", lambda m: m["input"].update(height=0), r"input must be at least 1 x 1"),
+        ("classifier", lambda m: m.update(labels=m["labels"][:3]), r"is .* needs 3 value\(s\) per film"),
+        ("classifier", lambda m: m["outputs"].update(scores="nope"), r"names output 'nope', which the graph lacks"),
+        ("classifier", lambda m: m["outputs"].update(cam="scores"), r"names one graph output for two things"),
+        ("classifier", lambda m: m.update(labels=["NORMAL", "NORMAL", "PNEUMONIA", "TUBERCULOSIS"]), "listed twice"),
+        ("classifier", lambda m: m.update(labels="NORMAL"), r"labels must be a list of names"),
+        ("classifier", lambda m: m.update(threshold=float("nan")), r"threshold must be between 0 and 1, not nan"),
+        ("gate", lambda m: m.update(threshold=2.0), r"threshold must be between 0 and 1, not 2.0"),
+        ("gate", lambda m: m.update(threshold=-1.0), r"threshold must be between 0 and 1, not -1.0"),
+        ("classifier", lambda m: [1, 2], r"metadata is list JSON, not a record"),
+    ],
+)
+def test_metadata_that_does_not_describe_its_graph_is_refused_when_the_model_loads(
+    tiny_models: Path, role: str, edit: Any, message: str
+) -> None:
+    # Each of these screened a whole folder and then failed, or wrote wrong rows with exit 0.
+    path = _edited(tiny_models / f"{role}.onnx", edit)
+    with pytest.raises(ModelError, match=message):
+        load_model(path, role, [CPU])
+
+
+def test_familiarity_and_site_check_records_are_checked_when_the_model_loads(tmp_path: Path) -> None:
+    record = {**_record("classifier"), "outputs": {"scores": "scores", "familiarity": "f"}}
+    with pytest.raises(ModelError, match=r"familiarity_threshold must be a distance \(0 or more\), not nan"):
+        ModelSpec.from_metadata({**record, "familiarity_threshold": float("nan")}, "m.onnx")
+    record["familiarity_threshold"] = 0.3
+    broken = {"unfamiliar": 3, "familiarity_threshold": 0.3}  # a calibration record without its counts
+    with pytest.raises(ModelError, match=r"m.onnx: the classifier's calibration or familiarity record is malformed"):
+        ModelSpec.from_metadata({**record, "calibration": broken}, "m.onnx")
+    with pytest.raises(ModelError, match=r"record is malformed .*7 unfamiliar of 5 validation films"):
+        ModelSpec.from_metadata({**record, "familiarity": {"val_unfamiliar": 7, "val_films": 5}}, "m.onnx")
+    good = ModelSpec.from_metadata({**record, "familiarity": {"val_unfamiliar": 2, "val_films": 5}}, "m.onnx")
+    assert good.familiarity_threshold == 0.3

@@ -16,7 +16,8 @@ pytest.importorskip("tf2onnx", reason="the export extra (tf2onnx) is not install
 from cxrbatch.cli import app
 from cxrbatch.errors import ExportError
 from cxrbatch.extras import export_module
-from cxrbatch.models import ModelSpec, load_models, read_metadata
+from cxrbatch.models import load_models, read_metadata
+from cxrbatch.modelspec import ModelSpec
 
 pytestmark = pytest.mark.export
 runner = CliRunner()
