@@ -308,7 +308,8 @@ class Screener:
         if familiarity is not None and spec.familiarity_threshold is not None:
             result.familiarity = familiarity
             result.unfamiliar = round(familiarity, DECIMALS) > spec.familiarity_threshold  # as the report shows it
-        result.needs_review = result.confidence < spec.threshold or bool(result.unfamiliar)
+        # below the threshold as the report shows the confidence, as refer and unfamiliar are judged
+        result.needs_review = round(result.confidence, DECIMALS) < spec.threshold or bool(result.unfamiliar)
 
 
 def screen_all(

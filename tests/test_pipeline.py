@@ -10,7 +10,7 @@ import pytest
 from helpers import grey_image
 
 from cxrbatch.models import Model, load_models
-from cxrbatch.pipeline import CLASSIFIED, ERROR, REJECTED, Decoded, Screener, screen_all
+from cxrbatch.pipeline import CLASSIFIED, ERROR, REJECTED, Decoded, Result, Screener, screen_all
 
 
 @pytest.fixture
@@ -204,3 +204,17 @@ def test_model_outputs_score_every_readable_file_as_screening_does(tiny_models: 
             if result.probabilities is not None:
                 assert list(result.probabilities.values()) == [float(x) for x in p]
     assert seen == paths
+
+
+def test_needs_review_judges_the_confidence_as_the_report_shows_it(tiny_models: Path) -> None:
+    # A confidence of 0.5999996 is printed 0.600000: below a 0.6 threshold only unrounded, and the
+    # row would contradict its own rule ("needs review below the threshold"), as refer once did.
+    gate, classifier = load_models(tiny_models, "cpu")
+    screener = Screener(gate, classifier)
+    assert classifier.spec.threshold == 0.6
+    for top, expected in ((0.6 - 4e-7, False), (0.6 - 6e-7, True)):
+        result = Result(Path("film.png"), "error")
+        rest = (1.0 - top) / 3
+        screener._fill(result, np.array([top, rest, rest, rest]), None, None)
+        shown = screener.record(result).confidence  # as the report prints it
+        assert result.needs_review is expected and (shown < 0.6) is expected
