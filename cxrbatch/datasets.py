@@ -86,14 +86,27 @@ def load_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
     return Split(paths, np.asarray([index[n] for n in names], dtype=np.int64), known)
 
 
+def split_used(data_dir: Path, split: str | None) -> str | None:
+    """The split `labelled_images` reads: `split` where its folder exists ("all": where any split
+    folder does), None for a tree without split folders (read whole). A tree with split folders
+    but not the one asked for is a UsageError, not the whole tree read in its place."""
+    present = [s for s in SPLITS if (data_dir / s).is_dir()]
+    if split and ((split == "all" and present) or (data_dir / split).is_dir()):
+        return split
+    if split and present:
+        raise UsageError(f"{data_dir} has no {split}/ folder (its splits: {', '.join(present)})")
+    return None
+
+
 def labelled_images(data_dir: Path, split: str | None) -> Split:
     """Read the images to evaluate: `data_dir/split` if that folder exists, else `data_dir` itself
     (a tree without splits, or a flat labelled folder); `split="all"` joins every split present
     (for sources a model never saw, such as a leave-source-out run's)."""
-    if split == "all" and any((data_dir / s).is_dir() for s in SPLITS):
+    used = split_used(data_dir, split)
+    if used == "all":
         roots = [data_dir / s for s in SPLITS if (data_dir / s).is_dir()]
     else:
-        roots = [data_dir / split if split and (data_dir / split).is_dir() else data_dir]
+        roots = [data_dir / used if used else data_dir]
     paths: list[Path] = []
     names: list[str] = []
     for root in roots:

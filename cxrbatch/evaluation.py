@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cxrbatch.datasets import ABNORMAL, Split, labelled_images, only_sources, read_manifest
+from cxrbatch.datasets import ABNORMAL, Split, labelled_images, only_sources, read_manifest, split_used
 from cxrbatch.errors import UsageError
 from cxrbatch.imaging import in_frame
 from cxrbatch.metrics import classification_metrics, referral_metrics, roc_auc, subset_metrics
@@ -111,7 +111,7 @@ def evaluate(data_dir: Path, split: str | None, screener: Screener, sources: tup
     groups = _groups(scored.paths, manifest)
     report: dict[str, Any] = {
         "data": str(data_dir.name),
-        "split": split,
+        "split": split_used(data_dir, split),  # None: a tree without split folders, read whole
         "sources": list(sources),
         "transform": None if screener.transform is None else str(screener.transform),
         "kind": kind,
@@ -255,11 +255,14 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _format_metrics(report: dict[str, Any]) -> str:
-    lines = [f"{report['kind']} evaluation on {report['data']}/{report['split'] or ''}: {report['images']} images"]
+    where = report["data"] if report["split"] is None else f"{report['data']}/{report['split']}"
+    lines = [f"{report['kind']} evaluation on {where}: {report['images']} images"]
     if report.get("transform"):
         lines.append(f"stress test: {report['transform']}")
-    if report["unreadable"]:
-        lines.append(f"unreadable: {len(report['unreadable'])}")
+    if report["unreadable"]:  # left out of every figure below: name them, as run's error rows do
+        unreadable = report["unreadable"]
+        more = f"; and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+        lines.append(f"unreadable, left out of every figure: {len(unreadable)} ({'; '.join(unreadable[:10])}{more})")
     if report["kind"] == "gate":
         lines.append(
             f"threshold {report['threshold']:.4f}: XRAY kept {_pct(report['xray_kept'])}, "
@@ -291,13 +294,13 @@ def _class_lines(overall: dict[str, Any], labels: list[str], report: dict[str, A
     ci = overall.get("ci95", {})
     lines = [
         f"accuracy {overall['accuracy']:.4f} {_ci(ci.get('accuracy'))}  "
-        f"macro-F1 {overall['macro_f1']:.4f} {_ci(ci.get('macro_f1'))}  "
+        f"macro-F1 {overall['macro_f1']:.4f} {_ci(ci.get('macro_f1'))}{_present(overall)}  "
         f"gate accepted {_pct(report['gate_accepted'])}",
         f"  {'class':<14}{'precision':>22}{'recall':>22}{'f1':>22}",
     ]
     for i, label in enumerate(labels):
-        cells = [
-            f"{overall[m][i]:.3f} {_ci(ci.get(m, [None] * len(labels))[i])}" for m in ("precision", "recall", "f1")
+        cells = [  # n/a: recall and F1 of a class with no films, precision of a class never predicted
+            f"{_num(overall[m][i])} {_ci(ci.get(m, [None] * len(labels))[i])}" for m in ("precision", "recall", "f1")
         ]
         lines.append(f"  {label:<14}" + "".join(f"{c:>22}" for c in cells))
     auc = report.get("auc", {})
@@ -338,6 +341,12 @@ def _referral_line(title: str, r: dict[str, Any]) -> str:
         if r[key] is not None:
             cells.append(f"{name} {r[key]:.3f} {_ci(ci[key])}")
     return "; ".join(cells)
+
+
+def _present(overall: dict[str, Any]) -> str:
+    """Which classes macro-F1 averages, where some have no films."""
+    present = sum(f is not None for f in overall["f1"])
+    return "" if present == len(overall["f1"]) else f" (of the {present} classes with films)"
 
 
 def _num(value: float | None) -> str:

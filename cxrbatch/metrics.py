@@ -13,21 +13,36 @@ BOOTSTRAP_SEED = 20261126
 
 
 def classification_metrics(y: np.ndarray, pred: np.ndarray, k: int, ci: bool = False) -> dict[str, Any]:
-    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (rows = truth)."""
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix (rows = truth).
+
+    A class with no films has no recall or F1 (None), and macro-F1 averages the classes that have
+    films: a site's NORMAL/ABNORMAL folders, or a split without one class, are not scored down for
+    the classes they do not hold. Precision is None for a class never predicted. Accuracy and
+    macro-F1 are None without films."""
     confusion = _confusion(y, pred, k)
     precision, recall, f1 = _prf(confusion)
     metrics: dict[str, Any] = {
         "n": len(y),
-        "accuracy": float(np.trace(confusion) / max(1, confusion.sum())),
-        "macro_f1": float(f1.mean()),
-        "precision": precision.tolist(),
-        "recall": recall.tolist(),
-        "f1": f1.tolist(),
+        "accuracy": float(np.trace(confusion) / confusion.sum()) if len(y) else None,
+        "macro_f1": _mean_of_present(f1),
+        "precision": _listed(precision),
+        "recall": _listed(recall),
+        "f1": _listed(f1),
         "confusion": confusion.tolist(),
     }
     if ci and len(y):
         metrics["ci95"] = bootstrap_intervals(y, pred, k)
     return metrics
+
+
+def _mean_of_present(f1: np.ndarray) -> float | None:
+    """Macro-F1: the mean F1 of the classes with films (NaN marks the others); None without any."""
+    present = f1[~np.isnan(f1)]
+    return float(present.mean()) if len(present) else None
+
+
+def _listed(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
 
 
 def subset_metrics(y: np.ndarray, pred: np.ndarray, labels: tuple[str, ...]) -> dict[str, Any]:
@@ -65,7 +80,8 @@ def bootstrap_intervals(y: np.ndarray, pred: np.ndarray, k: int) -> dict[str, An
     """Percentile 95% intervals of accuracy, macro-F1 and per-class precision/recall/F1 from
     resampling images with replacement within each true class (fixed seed, so a report is
     reproducible). Within each class: a resample that happened to hold no image of a rare class
-    would count its recall and F1 as 0, and stretch their intervals down to 0."""
+    would count its recall and F1 as 0, and stretch their intervals down to 0. A class with no
+    films has no interval (None); precision's interval is over the resamples that predict the class."""
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     n = len(y)
     members = [np.flatnonzero(y == c) for c in range(k)]
@@ -77,11 +93,23 @@ def bootstrap_intervals(y: np.ndarray, pred: np.ndarray, k: int) -> dict[str, An
         confusion = _confusion(y[idx], pred[idx], k)
         precision, recall, f1 = _prf(confusion)
         stats["accuracy"].append(np.trace(confusion) / n)
-        stats["macro_f1"].append(f1.mean())
+        stats["macro_f1"].append(_mean_of_present(f1))
         stats["precision"].append(precision)
         stats["recall"].append(recall)
         stats["f1"].append(f1)
-    return {name: np.percentile(np.asarray(v), [2.5, 97.5], axis=0).T.tolist() for name, v in stats.items()}
+    return {name: _intervals(np.asarray(v, dtype=np.float64)) for name, v in stats.items()}
+
+
+def _intervals(rounds: np.ndarray) -> Any:
+    """The 2.5th and 97.5th percentiles over the rounds (axis 0) of each statistic, NaN rounds left
+    out; None for a statistic with no defined round."""
+    if rounds.ndim == 1:
+        return _intervals(rounds[:, None])[0]
+    out: list[list[float] | None] = []
+    for column in rounds.T:
+        defined = column[~np.isnan(column)]
+        out.append(np.percentile(defined, [2.5, 97.5]).tolist() if len(defined) else None)
+    return out
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -89,14 +117,17 @@ def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
 
 
 def _prf(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class precision, recall and F1 of a confusion matrix; 0 where undefined, never NaN."""
+    """Per-class precision, recall and F1 of a confusion matrix; NaN where undefined: recall and
+    F1 of a class with no films, precision of a class never predicted (its F1 is then 0)."""
     tp = np.diag(confusion).astype(np.float64)
     predicted = confusion.sum(axis=0)
     actual = confusion.sum(axis=1)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    nan = np.full_like(tp, np.nan)
+    precision = np.divide(tp, predicted, out=nan.copy(), where=predicted > 0)
+    recall = np.divide(tp, actual, out=nan.copy(), where=actual > 0)
+    denom = np.nan_to_num(precision) + recall
+    f1 = np.divide(2 * np.nan_to_num(precision) * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    f1[actual == 0] = np.nan
     return precision, recall, f1
 
 

@@ -157,7 +157,8 @@ def test_every_image_goes_through_both_models_via_the_screener(tiny_models: Path
     assert rows == {"gate": 2, "classifier": 2}
     assert report["images"] == 2 and report["gate_accepted"] == 0.5
     assert len(report["unreadable"]) == 1 and "broken.png" in report["unreadable"][0]
-    assert "unreadable: 1" in format_report(report)
+    text = format_report(report)
+    assert "unreadable, left out of every figure: 1 (" in text and "broken.png: " in text
 
 
 def test_evaluate_checks_its_json_target_before_scoring(
@@ -176,3 +177,26 @@ def test_evaluate_checks_its_json_target_before_scoring(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and "folder" in result.stderr and "does not exist" in result.stderr
     assert scored == []  # refused before any film was scored
+
+
+def test_a_site_of_two_folders_is_not_scored_down_for_the_classes_it_does_not_hold(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    # NORMAL/ and ABNORMAL/ only, every NORMAL film right: macro-F1 was 0.25 and the absent
+    # classes showed recall 0.000; a missing split read the whole tree and was reported as `test`.
+    for i in range(3):
+        (tmp_path / "site" / "NORMAL").mkdir(parents=True, exist_ok=True)
+        grey_image(tmp_path / "site" / "NORMAL" / f"n{i}.png", 110)
+    gate, classifier = load_models(tiny_models, "cpu")
+    report = evaluate(tmp_path / "site", "test", Screener(gate, classifier))
+    overall = report["overall"]
+    assert report["split"] is None and overall["accuracy"] == 1.0 and overall["macro_f1"] == 1.0
+    normal = classifier.spec.labels.index("NORMAL")
+    assert [r is None for r in overall["recall"]] == [i != normal for i in range(4)]
+    text = format_report(report)
+    assert text.startswith("classifier evaluation on site: 3 images")
+    assert "macro-F1 1.0000 [1.000, 1.000] (of the 1 classes with films)" in text
+    assert "n/a" in text.split("\n")[3]  # the first class row: COVID19 has no films
+    (tmp_path / "tree" / "train" / "NORMAL").mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"tree has no test/ folder \(its splits: train\)"):
+        evaluate(tmp_path / "tree", "test", Screener(gate, classifier))

@@ -70,9 +70,18 @@ def test_roc_auc_counts_ordered_pairs_and_half_ties() -> None:
     assert roc_auc(np.ones(3), np.array([True, True, True])) is None
 
 
-def test_absent_class_scores_zero_not_nan() -> None:
-    m = classification_metrics(np.array([0, 0]), np.array([0, 0]), 2)
-    assert m["recall"] == [1.0, 0.0] and not np.isnan(m["macro_f1"])
+def test_a_class_with_no_films_has_no_recall_or_f1_and_is_not_averaged() -> None:
+    # All films of one class, all right: macro-F1 was 0.25 with the three absent classes as 0.
+    m = classification_metrics(np.array([0, 0, 0]), np.array([0, 0, 0]), 4, ci=True)
+    assert m["recall"] == [1.0, None, None, None] and m["f1"] == [1.0, None, None, None]
+    assert m["precision"] == [1.0, None, None, None] and m["macro_f1"] == 1.0
+    assert m["ci95"]["recall"] == [[1.0, 1.0], None, None, None] and m["ci95"]["macro_f1"] == [1.0, 1.0]
+    # a class with films never predicted: precision undefined, recall and F1 0 (it counts)
+    m = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 0, 0, 0]), 3)
+    assert m["precision"] == [0.5, None, None] and m["recall"] == [1.0, 0.0, None]
+    assert m["f1"] == pytest.approx([2 / 3, 0.0, None]) and m["macro_f1"] == pytest.approx(1 / 3)
+    empty = classification_metrics(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 2, ci=True)
+    assert empty["accuracy"] is None and empty["macro_f1"] is None and "ci95" not in empty
 
 
 def test_subset_metrics_name_present_classes_and_predictions() -> None:
