@@ -40,7 +40,10 @@ REVIEW_THRESHOLD = 0.6  # classifier: a top probability below this marks the res
 def export(ckpt: Path, out: Path, check_images: list[Path], version: str = "1.0.0") -> dict[str, Any]:
     """Convert `ckpt` to ONNX at `out`, embed its metadata, and verify it against Keras."""
     summary = _read_sidecar(ckpt)
-    model = keras.models.load_model(ckpt, compile=False)
+    try:
+        model = keras.models.load_model(ckpt, compile=False)
+    except Exception as exc:  # Keras raises ValueError, OSError and zip errors for a damaged file
+        raise ExportError(f"{ckpt} is not a Keras checkpoint it can read ({type(exc).__name__})") from None
     spec = InputSpec(**summary["input"])
     graph_model, output_names = _with_outputs(model, summary["role"])
     signature = (tf.TensorSpec((None, spec.height, spec.width, spec.channels), tf.float32, name="image"),)
@@ -89,8 +92,16 @@ def _read_sidecar(ckpt: Path) -> dict[str, Any]:
     sidecar = sidecar_path(ckpt)
     if not sidecar.is_file():
         raise ExportError(f"{ckpt} has no sidecar {sidecar.name}: export checkpoints made by `cxrbatch train`")
-    summary: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8"))
-    return summary
+    try:
+        summary = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"cannot read the sidecar {sidecar} ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in ("role", "input", "labels") if not isinstance(summary, dict) or k not in summary]
+    if missing:
+        raise ExportError(
+            f"the sidecar {sidecar} lacks {', '.join(missing)}: export checkpoints made by `cxrbatch train`"
+        )
+    return dict(summary)
 
 
 def model_spec(summary: dict[str, Any], version: str, outputs: list[str]) -> ModelSpec:

@@ -117,3 +117,25 @@ def test_export_errors_are_one_line_without_traceback(exported: dict[str, Path],
     result = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "c.onnx"), "--check-images", str(empty)])
     assert result.exit_code == 1 and "[error] the parity check needs at least one real image" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "c.onnx").exists()
+
+
+def test_a_damaged_checkpoint_or_sidecar_is_one_line_without_traceback(
+    exported: dict[str, Path], tmp_path: Path
+) -> None:
+    images = str(exported["work"])
+    fake = tmp_path / "fake.keras"
+    fake.write_bytes(b"junk")
+    cases = {
+        '{"role": "classifier"}': "lacks input, labels: export checkpoints made by `cxrbatch train`",
+        "not json": "cannot read the sidecar",
+        "[1, 2]": "lacks role, input, labels",
+    }
+    for text, message in cases.items():
+        fake.with_name("fake.keras.json").write_text(text, encoding="utf-8")
+        result = runner.invoke(app, ["export", str(fake), "--out", str(tmp_path / "c.onnx"), "--check-images", images])
+        assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.stderr, text
+    good = json.loads((exported["work"] / "classifier.keras.json").read_text(encoding="utf-8"))
+    fake.with_name("fake.keras.json").write_text(json.dumps(good), encoding="utf-8")
+    result = runner.invoke(app, ["export", str(fake), "--out", str(tmp_path / "c.onnx"), "--check-images", images])
+    assert result.exit_code == 1 and "is not a Keras checkpoint it can read" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "c.onnx").exists()
