@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from cxrbatch.modelspec import BUNDLED_REFERRAL, REFERRAL_FROM, SITE_REFERRAL
 from cxrbatch.records import CLASSIFIED, ERROR, REJECTED, STATUSES, Record, Summary
 
 DISCLAIMER = (
@@ -183,14 +184,19 @@ def _models(models: dict[str, Any]) -> str:
     )
 
 
+# How the page names the referral heads that `Model.describe` reports (its `referral_from`).
+_REFERRAL_SOURCE = {
+    REFERRAL_FROM[SITE_REFERRAL]: "the site's own head",
+    REFERRAL_FROM[BUNDLED_REFERRAL]: "the bundled referral head",
+}
+
+
 def _referral(model: dict[str, Any]) -> str:
     """Where a classifier's referral score comes from, and the threshold it is held against."""
     if model.get("referral_threshold") is None:
         return ""
     named = model.get("referral_from")
-    source = {"site head": "the site's own head", "bundled head": "the bundled referral head"}.get(
-        named or "", named or "1 - p(no finding)"
-    )
+    source = _REFERRAL_SOURCE.get(named or "", named or "1 - p(no finding)")
     return f"{source}, refer at >= {model['referral_threshold']:.6f}"
 
 
