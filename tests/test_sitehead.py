@@ -14,6 +14,7 @@ from cxrbatch import sitehead
 from cxrbatch.cli import app
 from cxrbatch.errors import UsageError
 from cxrbatch.evaluation import evaluate
+from cxrbatch.features import unit_length
 from cxrbatch.metrics import roc_auc
 from cxrbatch.models import load_models, read_metadata
 from cxrbatch.pipeline import Screener
@@ -89,7 +90,9 @@ def test_fit_penalises_every_fold_for_all_the_films(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(sitehead, "_ridge", spy)
     sitehead.fit(feats, abnormal)
-    assert seen[:-1] == [(32, 40)] * sitehead.FOLDS  # each fold: 4/5 of the films, penalised per film of all 40
+    # every fold, inner (3/5 of the films) or outer (4/5), penalised per film of all 40; the last, the head, on all
+    assert seen[-1] == (40, None) and {films for _, films in seen[:-1]} == {40}
+    assert {n for n, _ in seen[:-1]} == {32, 24}
     assert seen[-1] == (40, None)  # the refit on all of them
 
 
@@ -215,6 +218,27 @@ def test_a_site_head_no_better_than_the_bundled_score_is_refused(tiny_models: Pa
     feats = np.abs(np.random.default_rng(3).normal(size=(40, 6)))  # no signal at all: nothing to learn
     with pytest.raises(UsageError, match=r"no better than the bundled score|learnt nothing from these films"):
         sitehead.fit_if_better(feats, np.arange(40) % 2 == 0, np.linspace(0, 1, 40))
+
+
+def test_out_of_fold_scores_are_not_chosen_on_themselves() -> None:
+    # With nothing to learn, the best penalty's out-of-fold AUC (what the head reported before)
+    # rose above chance by being the best of 13; the nested scores choose each fold's penalty
+    # without it.
+    nested, chosen = [], []
+    abnormal = np.arange(80) % 2 == 0
+    for site in range(20):
+        unit = unit_length(np.abs(np.random.default_rng(100 + site).normal(3.0, 1.0, (80, 50))))
+        folds = sitehead._folds(abnormal, np.random.default_rng(sitehead.SEED))
+        nested.append(roc_auc(sitehead.out_of_fold(unit, abnormal, folds), abnormal))
+        best = np.zeros((len(sitehead.PENALTIES), 80))
+        for k in range(sitehead.FOLDS):
+            held = folds == k
+            for i, (mean, weights, bias) in enumerate(
+                sitehead._ridge(unit[~held], abnormal[~held], sitehead.PENALTIES, 80)
+            ):
+                best[i, held] = (unit[held] - mean) @ weights + bias
+        chosen.append(max(roc_auc(row, abnormal) or 0.0 for row in best))
+    assert np.mean(nested) < 0.55 and np.mean(chosen) > np.mean(nested) + 0.02
 
 
 def test_platt_recovers_the_logistic_model_the_labels_were_drawn_from() -> None:
