@@ -48,6 +48,10 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
         raise ImageError(f"DICOM file, but pydicom is not installed: {INSTALL_HINT}") from None
+    # pydicom logs what it meets in a file (header values among it) and the traceback of a frame
+    # it cannot decode: the row's error says what matters, and no header value goes to a log.
+    # Set after its import, which sets its own level.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # pydicom raises many types for malformed files

@@ -208,6 +208,16 @@ def test_compressed_without_decoder_names_the_packages(tmp_path: Path) -> None:
     assert PATIENT not in str(info.value) and PATIENT_ID not in str(info.value)
 
 
+def test_pydicom_logs_nothing_of_a_file_not_even_with_verbose(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # It logged the traceback of a frame it could not decode as an [error] line beside the row's
+    # own error, and its warnings can quote header values, which no log may hold.
+    caplog.set_level(logging.DEBUG)
+    path = make_dicom(tmp_path / "j2k.dcm", ramp(), syntax=JPEG2000Lossless)
+    with pytest.raises(ImageError, match="needs a decoder"):
+        load_image(path)
+    assert [r for r in caplog.records if r.name.startswith("pydicom")] == []
+
+
 def test_dicom_of_any_name_is_found_by_its_preamble(tmp_path: Path) -> None:
     names = ["1.2.840.113619.2.55.3.604688119.868.123", "IM000001", "film.IMA", "study.dicom"]
     for name in names:
