@@ -76,7 +76,8 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
         except OSError:
             is_dir = False
         if entry.name.startswith("."):
-            skipped[HIDDEN] += not is_dir
+            if not is_dir:  # a hidden folder's files are not counted (nor listed)
+                skipped[HIDDEN] += 1
         elif is_dir:
             yield from _walk(path, skip, seen, skipped)
         elif not (is_candidate(entry.name) or _is_dicom_by_content(entry)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,16 @@ def _touch(path: Path) -> Path:
 def test_walks_sorted_recursive_case_insensitive(tmp_path: Path) -> None:
     for name in ["b.png", "a.JPG", "sub/c.jpeg", "sub/deeper/d.PNG", "e.txt", ".hidden.png", ".cache/f.png"]:
         _touch(tmp_path / name)
-    found = [p.relative_to(tmp_path).as_posix() for p in iter_images([tmp_path])]
+    skipped: Counter[str] = Counter()
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_images([tmp_path], skipped=skipped)]
     assert found == ["a.JPG", "b.png", "sub/c.jpeg", "sub/deeper/d.PNG"]
+    assert skipped == {"hidden": 1, "not an image file name": 1}  # a hidden folder counts no file
+
+
+def test_a_hidden_folder_alone_is_no_skipped_file(tmp_path: Path) -> None:
+    _touch(tmp_path / ".cache" / "f.png")  # the log said "skipped 0 files: hidden"
+    skipped: Counter[str] = Counter()
+    assert list(iter_images([tmp_path], skipped=skipped)) == [] and dict(skipped) == {}
 
 
 def test_explicit_files_are_kept_whatever_their_extension(tmp_path: Path) -> None:
