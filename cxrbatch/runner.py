@@ -170,8 +170,10 @@ def _discover(options: RunOptions, report_targets: list[str]) -> list[Path]:
             options.heatmaps.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ReportError(f"Cannot make the heatmaps folder {options.heatmaps}: {exc.strerror or exc}") from None
-        try:
-            (options.heatmaps / HEATMAPS_MARKER).touch()  # no later run screens the maps as films
+        marker = options.heatmaps / HEATMAPS_MARKER
+        try:  # no later run screens the maps as films
+            if not marker.exists():
+                marker.touch()
         except OSError as exc:  # a heatmap that cannot be written is a row's problem, and so is this
             log.warning(
                 "cannot mark %s as a heatmaps folder (%s): a run without --heatmaps would screen its maps",

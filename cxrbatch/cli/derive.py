@@ -32,7 +32,9 @@ def quantize(
 ) -> None:
     """Write a static int8 copy of an exported model, for comparison with `cxrbatch evaluate` (needs the export extra).
 
-    Example: cxrbatch quantize models/classifier.onnx runs/int8/classifier.onnx --calibration data/cxr/train
+    A classifier with a referral head (the bundled one) is refused: take the model `cxrbatch export` wrote.
+
+    Example: cxrbatch quantize runs/c140/classifier.onnx runs/int8/classifier.onnx --calibration data/cxr/train
     """
     _setup_logging(verbose, quiet=False)
     export_module("quantize").quantize(src, dst, calibration, images)
@@ -47,7 +49,9 @@ def half(
 ) -> None:
     """Write a float16 copy of an exported model, meant for the CUDA provider (needs the export extra).
 
-    Example: cxrbatch half models/classifier.onnx runs/fp16/classifier.onnx
+    A classifier with a referral head (the bundled one) is refused: take the model `cxrbatch export` wrote.
+
+    Example: cxrbatch half runs/c140/classifier.onnx runs/fp16/classifier.onnx
     """
     _setup_logging(verbose, quiet=False)
     export_module("half").halve(src, dst)

@@ -102,7 +102,7 @@ def run(
         typer.Option("--gpus-per-actor", min=0.0, help="with --engine ray: GPU share per actor (above 0: CUDA)"),
     ] = 0.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and tracebacks")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only warnings and errors")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="only warnings, errors and the summary line")] = False,
 ) -> None:
     """Screen chest X-ray files: gate, then classify, then write the reports.
 
