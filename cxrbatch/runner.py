@@ -296,6 +296,8 @@ def _run_with_ledger(
         (by_key.get(s.key, Path(s.key)) if current.get(s.key, s.sha256) == s.sha256 else None, s.record) for s in stored
     ]
     items += unreadable
+    position = {key_of(p): i for i, p in enumerate(paths)}  # rows are keyed as the ledger keys paths
+    items.sort(key=lambda item: position.get(item[1].path, len(paths)))  # input order, as without a ledger
     rows = report.finish_rows(items)
     run = {"found": len(paths), "screened": len(todo), "reused": reused, "seconds": seconds}
     summary = screener.summary(rows, **run)

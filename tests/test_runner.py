@@ -167,11 +167,14 @@ def test_a_pipe_in_the_folder_does_not_hang_a_ledger_run(tiny_models: Path, tmp_
     inbox.mkdir()
     os.mkfifo(inbox / "pipe.png")
     grey_image(inbox / "a.png", 110)
+    grey_image(inbox / "z.png", 120)
     report = tmp_path / "r.csv"
     code, _ = _invoke("run", str(inbox), "--models", str(tiny_models), "--ledger", str(tmp_path / "l.db"),
                       "--out", str(report))  # fmt: skip
     assert code == 3
-    assert _rows(report)["pipe.png"]["error"] == "not a regular file (a pipe, socket or device)"
+    rows = _rows(report)
+    assert rows["pipe.png"]["error"] == "not a regular file (a pipe, socket or device)"
+    assert list(rows) == ["a.png", "pipe.png", "z.png"]  # input order: the unhashable row came last
 
 
 def test_run_returns_the_summary_and_writes_the_union_of_a_report_path(tiny_models: Path, tmp_path: Path) -> None:
