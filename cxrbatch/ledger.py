@@ -1,9 +1,10 @@
 """The nightly ledger: what was screened, with which settings, and what was delivered in which report.
 
-SQLite (WAL), schema `cxrbatch.ledger/2`:
+SQLite (WAL), schema `cxrbatch.ledger/3`:
 
-- `files`: path -> size, mtime, sha256 of the content (a file whose size and mtime are unchanged
-  is not hashed again);
+- `files`: path -> size, mtime, change time (ctime), sha256 of the content (a file whose size,
+  mtime and ctime are unchanged is not hashed again; no tool can put a ctime back, so content
+  written with its size and mtime restored is hashed);
 - `settings`: run fingerprint -> what it stands for (both models' sha256, the JPEG draft size,
   the preprocessing version, the device): every setting that can change a result;
 - `results`: (sha256, fingerprint) -> the result record; one inference per content and settings;
@@ -47,14 +48,15 @@ from cxrbatch.records import ERROR, Record
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "cxrbatch.ledger/2"
-OLD_SCHEMAS = ("cxrbatch.ledger/1",)
+SCHEMA = "cxrbatch.ledger/3"
+OLD_SCHEMAS = ("cxrbatch.ledger/1", "cxrbatch.ledger/2")
 LOCK_TRIES = 10  # over about a second
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
-    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL);
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    ctime_ns INTEGER NOT NULL DEFAULT -1);
 CREATE TABLE IF NOT EXISTS settings (fingerprint TEXT PRIMARY KEY, settings TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS results (
     sha256 TEXT NOT NULL, fingerprint TEXT NOT NULL, record TEXT NOT NULL, run INTEGER NOT NULL,
@@ -80,6 +82,9 @@ _FROM_1 = """
 ALTER TABLE results RENAME COLUMN models TO fingerprint;
 ALTER TABLE entries RENAME COLUMN models TO fingerprint;
 """
+# Schema 2 kept no change time: its files are hashed once more, on the first run after the upgrade.
+_FROM_2 = "ALTER TABLE files ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT -1;"
+_UPGRADES = {"cxrbatch.ledger/1": _FROM_1 + _FROM_2, "cxrbatch.ledger/2": _FROM_2}
 
 
 class LedgerBusy(CxrBatchError):
@@ -166,8 +171,9 @@ class Ledger:
         return fp
 
     def content_hashes(self, paths: Iterable[Path]) -> dict[Path, str | None]:
-        """sha256 of each file, reusing the stored one when size and mtime are unchanged (None: unreadable)."""
-        known = {row[0]: row[1:] for row in self.db.execute("SELECT path, size, mtime_ns, sha256 FROM files")}
+        """sha256 of each file, reusing the stored one when size, mtime and ctime are unchanged (None: unreadable)."""
+        rows = self.db.execute("SELECT path, size, mtime_ns, ctime_ns, sha256 FROM files")
+        known = {row[0]: row[1:] for row in rows}
         out: dict[Path, str | None] = {}
         fresh = []
         for path in paths:
@@ -178,15 +184,17 @@ class Ledger:
                     out[path] = None
                     continue
                 cached = known.get(key)
-                if cached and cached[0] == st.st_size and cached[1] == st.st_mtime_ns:
-                    out[path] = cached[2]
+                if cached and cached[:3] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                    out[path] = cached[3]
                     continue
                 out[path] = file_sha256(path)
-                fresh.append((key, st.st_size, st.st_mtime_ns, out[path]))
+                fresh.append((key, st.st_size, st.st_mtime_ns, st.st_ctime_ns, out[path]))
             except OSError:
                 out[path] = None  # screened anyway; the decoder says what is wrong with it
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)", fresh)
+            self.db.executemany(
+                "INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, sha256) VALUES (?, ?, ?, ?, ?)", fresh
+            )
         return out
 
     def cached(self, sha256s: Iterable[str], fp: str) -> set[str]:
@@ -342,14 +350,18 @@ def _check_schema(db: sqlite3.Connection, path: Path, migrate: bool) -> None:
         return
     if found in OLD_SCHEMAS and migrate:
         with db:  # one transaction: a failed upgrade leaves the old ledger as it was
-            db.executescript("BEGIN;" + _FROM_1 + _TABLES + f"UPDATE meta SET value = '{SCHEMA}' WHERE key = 'schema';")
-        log.warning(
-            "ledger %s upgraded from %s to %s: results made before were keyed by the models alone, not by "
-            "every setting, so this run screens every file again and reports each once more",
-            path,
-            found,
-            SCHEMA,
-        )
+            upgrade = _UPGRADES[found] + _TABLES + f"UPDATE meta SET value = '{SCHEMA}' WHERE key = 'schema';"
+            db.executescript("BEGIN;" + upgrade)
+        if found == "cxrbatch.ledger/1":
+            log.warning(
+                "ledger %s upgraded from %s to %s: results made before were keyed by the models alone, not by "
+                "every setting, so this run screens every file again and reports each once more",
+                path,
+                found,
+                SCHEMA,
+            )
+        else:
+            log.info("ledger %s upgraded from %s to %s: this run hashes every file once more", path, found, SCHEMA)
         return
     db.close()
     if found in OLD_SCHEMAS:  # inspection never writes: the upgrade is the next run's

@@ -116,6 +116,42 @@ def test_new_and_changed_files_are_screened_and_reported(folder: Path, tiny_mode
     assert _inferences(ledger) == [1] * 7
 
 
+def test_content_written_with_its_size_and_mtime_put_back_is_screened_again(tiny_models: Path, tmp_path: Path) -> None:
+    # An export that rewrites a film of fixed size and stamps it with the study time (or `cp -p`,
+    # `touch -r`) kept the old content's result: size and mtime were all that was compared.
+    inbox, ledger, out = tmp_path / "in", tmp_path / "l.db", tmp_path / "r.csv"
+    inbox.mkdir()
+    film = grey_image(inbox / "film.bmp", 110)
+    before = film.stat()
+    code, rows, _ = _run(inbox, tiny_models, ledger, out)
+    assert code == 0 and rows[0]["label"] == "NORMAL"
+    grey_image(film, 240)  # another film, the same number of bytes
+    os.utime(film, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = film.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    code, rows, _ = _run(inbox, tiny_models, ledger, out)
+    assert code == 0 and [r["label"] for r in rows] == ["TUBERCULOSIS"]
+    code, rows, _ = _run(inbox, tiny_models, ledger, out)
+    assert code == 0 and rows == []  # unchanged since: neither hashed into a new result nor delivered again
+
+
+def test_a_schema_2_ledger_is_upgraded_and_only_hashes_its_files_again(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    _run(folder, tiny_models, ledger, out)
+    with sqlite3.connect(ledger) as db:  # as schema 2 left it: no change times
+        db.execute("ALTER TABLE files DROP COLUMN ctime_ns")
+        db.execute("UPDATE meta SET value = 'cxrbatch.ledger/2' WHERE key = 'schema'")
+    db.close()
+    code, rows, err = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and rows == [] and "upgraded from cxrbatch.ledger/2 to cxrbatch.ledger/3" in err
+    assert _inferences(ledger) == [1] * 5  # nothing screened again, nothing delivered again
+    with sqlite3.connect(ledger) as db:
+        assert db.execute("SELECT count(*) FROM files WHERE ctime_ns = -1").fetchone() == (0,)  # hashed once more
+    db.close()
+
+
 def test_renamed_file_is_reported_without_inference(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
     _run(folder, tiny_models, ledger, out)

@@ -223,7 +223,7 @@ def test_a_schema_1_ledger_is_upgraded_without_losing_rows(tiny_models: Path, tm
     result = runner.invoke(app, ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger),
                                  "--out", str(report)])  # fmt: skip
     assert result.exit_code == 0, result.stderr
-    assert "upgraded from cxrbatch.ledger/1 to cxrbatch.ledger/2" in result.stderr
+    assert "upgraded from cxrbatch.ledger/1 to cxrbatch.ledger/3" in result.stderr
     rows = {Path(r["path"]).name: r for r in csv.DictReader(report.open(encoding="utf-8"))}
     assert sorted(rows) == ["killed-run.png", "new.png"]  # the dead run's undelivered row is delivered now
     assert rows["killed-run.png"]["p_NORMAL"] == "0.700000" and rows["new.png"]["label"] == "TUBERCULOSIS"
