@@ -106,9 +106,11 @@ def _palette(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 
     try:
         rgb = apply_color_lut(arr, ds)[..., :3]  # an alpha table, if any, is dropped
+        # the entries' bits as the descriptor gives them: 8-bit entries can come in 16-bit words
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
     except Exception as exc:  # missing or malformed tables: pydicom raises several types
         raise ImageError(f"PALETTE COLOR DICOM without a usable colour palette ({type(exc).__name__})") from None
-    return _colour(rgb, 8 * rgb.dtype.itemsize)  # the tables' entries are 8 or 16 bits
+    return _colour(rgb, bits if bits in (8, 16) else 8 * rgb.dtype.itemsize)
 
 
 def _colour(arr: np.ndarray, bits_stored: int) -> np.ndarray:

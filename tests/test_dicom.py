@@ -152,8 +152,9 @@ def test_colour_of_more_than_8_bits_is_scaled_not_clipped(tmp_path: Path) -> Non
     assert arr[0, 0].tolist() == [255, 255, 255] and arr[15, 15].tolist() == [128, 128, 128]
 
 
-def _palette_dicom(path: Path, indices: np.ndarray, tables: np.ndarray | None) -> Path:
-    """A PALETTE COLOR DICOM: 8-bit `indices` into 16-bit red, green and blue `tables` (256 x 3)."""
+def _palette_dicom(path: Path, indices: np.ndarray, tables: np.ndarray | None, bits: int = 16) -> Path:
+    """A PALETTE COLOR DICOM: 8-bit `indices` into red, green and blue `tables` (256 x 3) of `bits`-bit
+    entries, stored in 16-bit words either way."""
     path = make_dicom(path, None)
     ds = pydicom.dcmread(path)
     ds.Rows, ds.Columns = indices.shape
@@ -162,7 +163,7 @@ def _palette_dicom(path: Path, indices: np.ndarray, tables: np.ndarray | None) -
     ds.add_new(0x7FE00010, "OB", indices.astype(np.uint8).tobytes())
     if tables is not None:
         for k, table in enumerate(tables.T):  # (0028,1101-1103) descriptors, (0028,1201-1203) tables
-            ds.add_new(0x00281101 + k, "US", [256, 0, 16])
+            ds.add_new(0x00281101 + k, "US", [256, 0, bits])
             ds.add_new(0x00281201 + k, "OW", table.astype("<u2").tobytes())
     ds.save_as(path, enforce_file_format=True)
     return path
@@ -180,6 +181,12 @@ def test_palette_colour_goes_through_its_colour_tables(tmp_path: Path) -> None:
     assert arr[0, 0].tolist() == [255, 0, 0] and arr[15, 15].tolist() == [0, 0, 128]
     with pytest.raises(ImageError, match="PALETTE COLOR DICOM without a usable colour palette"):
         load_image(_palette_dicom(tmp_path / "no-tables.dcm", indices, None))
+    # 8-bit entries in 16-bit words (pydicom returns them as uint16 holding 0..255): scaled by the
+    # descriptor's 8 bits, not the words' 16, or the film came out black
+    eight = np.zeros((256, 3), np.uint16)
+    eight[10], eight[200] = (255, 0, 0), (0, 0, 128)
+    arr = np.asarray(load_image(_palette_dicom(tmp_path / "palette8.dcm", indices, eight, bits=8)).convert("RGB"))
+    assert arr[0, 0].tolist() == [255, 0, 0] and arr[15, 15].tolist() == [0, 0, 128]
 
 
 def test_a_frame_too_large_to_decode_safely_is_refused_before_decoding(tmp_path: Path) -> None:
