@@ -67,7 +67,9 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
         return
     seen.add(key)
     if any(entry.name == HEATMAPS_MARKER for entry in entries):  # a heatmaps folder, written by another run
-        skipped[OWN_OUTPUT] += sum(not e.name.startswith(".") for e in entries)
+        maps = sum(not e.name.startswith(".") and _is_file(e) for e in entries)
+        if maps:
+            skipped[OWN_OUTPUT] += maps
         return
     for entry in entries:
         path = Path(entry.path)
@@ -86,6 +88,13 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
             skipped[OWN_OUTPUT] += 1
         else:
             yield path
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def _is_dicom_by_content(entry: os.DirEntry[str]) -> bool:

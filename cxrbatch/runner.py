@@ -136,7 +136,7 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
     """Refuse, before screening, outputs that would destroy what the run reads or another output:
     a report written over a film (named like an image, a DICOM file, or a named input), over the
     ledger or its files, or over another report; two reports on stdout; heatmaps in a folder that
-    holds an input folder (its marker would hide the films from every later run)."""
+    is or holds an input, folder or film (its marker would hide the films from every later run)."""
     if report_targets.count("-") > 1:
         raise UsageError("only one report can go to stdout (-): give the others file names")
     files = [t for t in report_targets if t != "-"]
@@ -153,8 +153,9 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
         if ledger is not None and real in {ledger.with_name(ledger.name + end) for end in LEDGER_FILES}:
             raise UsageError(f"report {target} would be written over the ledger {options.ledger} or its files")
     heatmaps = None if options.heatmaps is None else resolved(options.heatmaps)
-    for given in (g for g in options.inputs if heatmaps is not None and g.is_dir()):
-        if heatmaps == resolved(given) or heatmaps in resolved(given).parents:
+    for given in (g for g in options.inputs if heatmaps is not None):
+        real = resolved(given)  # a folder screened whole, or a film named in it
+        if (heatmaps == real and given.is_dir()) or heatmaps in real.parents:
             raise UsageError(f"--heatmaps {options.heatmaps} would hold the films of {given}: give it its own folder")
 
 

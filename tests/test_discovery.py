@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrbatch.discovery import iter_images
+from cxrbatch.discovery import HEATMAPS_MARKER, iter_images
 from cxrbatch.errors import ImageError, UsageError
 from cxrbatch.imaging import load_image
 
@@ -101,3 +101,13 @@ def test_folder_that_vanishes_during_the_walk_is_left_out(tmp_path: Path, monkey
 
     monkeypatch.setattr(os, "scandir", vanish)
     assert list(iter_images([tmp_path])) == [tmp_path / "a.png"]
+
+
+def test_a_heatmaps_folder_is_skipped_whole_and_counts_only_its_files(tmp_path: Path) -> None:
+    keep = _touch(tmp_path / "film.png")
+    _touch(tmp_path / "maps" / HEATMAPS_MARKER)
+    skipped: Counter[str] = Counter()
+    assert list(iter_images([tmp_path], skipped=skipped)) == [keep] and dict(skipped) == {}  # empty: no "0 files"
+    _touch(tmp_path / "maps" / "3f9c.png")
+    (tmp_path / "maps" / "sub").mkdir()
+    assert list(iter_images([tmp_path], skipped=skipped)) == [keep] and dict(skipped) == {"the run's own output": 1}

@@ -223,10 +223,11 @@ def test_outputs_that_would_destroy_an_input_the_ledger_or_each_other_are_refuse
         "over a film named as input": (str(film), "--html", str(film)),
         "a report named like an image": (str(incoming), "--json", str(tmp_path / "report.png")),
         "two reports in one file": (str(incoming), "--out", str(tmp_path / "r.csv"), "--json", str(tmp_path / "r.csv")),
-        "two reports on stdout": (str(incoming), "--html", "-"),
+        "two reports on stdout": (str(incoming), "--out", "-", "--html", "-"),
         "over the ledger": (str(incoming), "--ledger", str(ledger), "--out", str(ledger)),
         "over the ledger's log": (str(incoming), "--ledger", str(ledger), "--json", f"{ledger}-wal"),
         "heatmaps holding the inputs": (str(incoming / "sub"), "--heatmaps", str(incoming)),
+        "heatmaps beside a named film": (str(film), "--heatmaps", str(incoming)),
     }
     expected = {
         "over a film in the folder": "would be written over a film (or be screened as one)",
@@ -237,6 +238,7 @@ def test_outputs_that_would_destroy_an_input_the_ledger_or_each_other_are_refuse
         "over the ledger": "would be written over the ledger",
         "over the ledger's log": "would be written over the ledger",
         "heatmaps holding the inputs": "would hold the films of",
+        "heatmaps beside a named film": "would hold the films of",
     }
     for case, args in refused.items():
         code, err = _invoke("run", *args, *models)
@@ -256,3 +258,10 @@ def test_heatmaps_inside_the_screened_folder_are_never_screened_by_a_later_run(
     code, _ = _invoke("run", str(incoming), "--models", str(tiny_models), "--out", str(second))  # no --heatmaps now
     assert code == 3 and set(_rows(second)) == set(_rows(first))
     assert not any("maps" in Path(r["path"]).parts for r in _rows(second).values())
+
+
+def test_the_review_page_alone_can_go_to_stdout(tiny_models: Path, incoming: Path) -> None:
+    # The CSV went to stdout by default beside it, and the two were refused as two reports on stdout.
+    result = runner.invoke(app, ["run", str(incoming / "b_mid.jpg"), "--models", str(tiny_models), "--html", "-"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.lstrip().startswith("<!DOCTYPE html>") and "path,status" not in result.stdout

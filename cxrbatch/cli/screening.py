@@ -128,7 +128,7 @@ def run(
     _check_engine_options(engine, ray_address, actors, gpus_per_actor, device, decoders)
     options = runner.RunOptions(
         inputs=inputs,
-        csv_out="-" if out is None and json_out is None else out,
+        csv_out="-" if out is None and json_out is None and html != "-" else out,
         json_out=json_out,
         models_dir=models,
         batch_size=batch_size,
