@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "cxrbatch.ledger/3"
 OLD_SCHEMAS = ("cxrbatch.ledger/1", "cxrbatch.ledger/2")
+# Older schemas `cxrbatch ledger` reads without their upgrade: what it reads did not change since.
+VIEWABLE_AS_IS = ("cxrbatch.ledger/2",)
 LOCK_TRIES = 10  # over about a second
 
 _TABLES = """
@@ -346,7 +348,7 @@ def _unfinished(db: sqlite3.Connection) -> bool:
 def _check_schema(db: sqlite3.Connection, path: Path, migrate: bool) -> None:
     row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if _has_meta(db) else None
     found = row[0] if row else None
-    if found == SCHEMA:
+    if found == SCHEMA or (found in VIEWABLE_AS_IS and not migrate):
         return
     if found in OLD_SCHEMAS and migrate:
         with db:  # one transaction: a failed upgrade leaves the old ledger as it was

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
 import os
 import sqlite3
 import subprocess
@@ -144,6 +145,8 @@ def test_a_schema_2_ledger_is_upgraded_and_only_hashes_its_files_again(
         db.execute("ALTER TABLE files DROP COLUMN ctime_ns")
         db.execute("UPDATE meta SET value = 'cxrbatch.ledger/2' WHERE key = 'schema'")
     db.close()
+    viewed = runner.invoke(app, ["ledger", str(ledger), "--json"])  # a monitoring job, before the upgrade
+    assert viewed.exit_code == 0 and json.loads(viewed.stdout)["files"] == 5
     code, rows, err = _run(folder, tiny_models, ledger, out)
     assert code == 0 and rows == [] and "upgraded from cxrbatch.ledger/2 to cxrbatch.ledger/3" in err
     assert _inferences(ledger) == [1] * 5  # nothing screened again, nothing delivered again
