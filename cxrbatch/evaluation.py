@@ -151,12 +151,17 @@ def _familiarity_report(
     }
     if gate.spec.positive_label in set(scored.truth):
         other = np.array([t != gate.spec.positive_label for t in scored.truth])
-        slipped = other & (scored.gate_scores >= gate.spec.threshold)
+        slipped = other & _accepted(scored, gate.spec.threshold)
         out["auc_not_xray"] = roc_auc(scored.familiarity, other)
         out["not_xray_unfamiliar"] = float(unfamiliar[other].mean()) if other.any() else None
         out["xray_unfamiliar"] = float(unfamiliar[~other].mean()) if (~other).any() else None
         out["passed_gate_not_xray"] = {"n": int(slipped.sum()), "unfamiliar": int(unfamiliar[slipped].sum())}
     return out
+
+
+def _accepted(scored: Scored, threshold: float) -> np.ndarray:
+    """Which films the gate accepts, as `cxrbatch run` decides it: on the score the report prints."""
+    return np.round(scored.gate_scores.astype(np.float64), DECIMALS) >= threshold
 
 
 def _kind(classes: set[str], gate: Model, classifier: Model) -> str:
@@ -206,7 +211,7 @@ def _classifier_report(
         },
     }
     out["auc"] = {label: roc_auc(scored.probs[named, i], y[named] == i) for i, label in enumerate(labels)}
-    out["gate_accepted"] = float((scored.gate_scores >= gate_threshold).mean()) if len(y) else None
+    out["gate_accepted"] = float(_accepted(scored, gate_threshold).mean()) if len(y) else None
     # refer or clear, as `cxrbatch run` decides it: 1 - P(no finding) or the referral head's score,
     # rounded as the reports write it
     negative = index[spec.negative_label or ""]
@@ -227,7 +232,7 @@ def _classifier_report(
 
 def _gate_report(scored: Scored, gate: Model, groups: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
     positive = gate.spec.positive_label
-    accepted = scored.gate_scores >= gate.spec.threshold
+    accepted = _accepted(scored, gate.spec.threshold)
     is_pos = np.array([t == positive for t in scored.truth])
     out: dict[str, Any] = {
         "threshold": gate.spec.threshold,

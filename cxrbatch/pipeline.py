@@ -226,7 +226,7 @@ class Screener:
         accepted = []
         for i, score in zip(ok, gate_scores, strict=True):
             results[i].gate_score = float(score)
-            if score >= self.gate.spec.threshold:
+            if round(float(score), DECIMALS) >= self.gate.spec.threshold:  # as the report prints the score
                 accepted.append(i)
             else:
                 results[i].status = REJECTED

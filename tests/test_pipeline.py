@@ -218,3 +218,23 @@ def test_needs_review_judges_the_confidence_as_the_report_shows_it(tiny_models: 
         screener._fill(result, np.array([top, rest, rest, rest]), None, None)
         shown = screener.record(result).confidence  # as the report prints it
         assert result.needs_review is expected and (shown < 0.6) is expected
+
+
+def test_the_gate_decides_on_its_score_as_the_report_prints_it(tiny_models: Path, tmp_path: Path) -> None:
+    # 0.4999996 is printed 0.500000: rejected at a 0.5 threshold, the row contradicted itself.
+    gate, classifier = load_models(tiny_models, "cpu")
+
+    class Scoring(Screener):
+        below = 0.0
+
+        def gate_scores(self, batch: np.ndarray) -> np.ndarray:
+            return np.full(len(batch), gate.spec.threshold - self.below)
+
+    screener = Scoring(gate, classifier)
+    film = screener.decode(grey_image(tmp_path / "film.png", 110))
+    for below, status in ((4e-7, CLASSIFIED), (6e-7, REJECTED)):
+        screener.below = below
+        [result] = screener.infer([film])
+        shown = screener.record(result).gate_score
+        assert result.status == status and shown is not None
+        assert (shown >= gate.spec.threshold) is (status == CLASSIFIED)
