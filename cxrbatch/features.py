@@ -40,9 +40,10 @@ def pooled_features_name(proto: onnx.ModelProto, score_output: str) -> str:
 def with_features(classifier: Model, proto: onnx.ModelProto) -> Model:
     """`classifier` served from `proto` (its graph) with the pooled features as one more output,
     which `Model.run` fetches beside the scores: one pass gives a film's result and its features.
-    It keeps the classifier's path and hash, since its scores are the classifier's."""
+    It keeps the classifier's path, hash and device, since its scores are the classifier's."""
     name = pooled_features_name(proto, classifier.spec.score_output)
-    served = model_from_bytes(_probe(proto, name), classifier.path, "classifier", [CPU], threads=1, announce=False)
+    providers = classifier.providers  # on the device the classifier was opened on (`calibrate --device`)
+    served = model_from_bytes(_probe(proto, name), classifier.path, "classifier", providers, threads=1, announce=False)
     return Model(classifier.path, served.spec, served.session, classifier.sha256, features_output=name)
 
 

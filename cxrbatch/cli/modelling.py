@@ -136,7 +136,9 @@ def train(
 @app.command()
 def evaluate(
     data_dir: Annotated[Path, typer.Argument(help="labelled tree: [split/]<CLASS>/images, MANIFEST.csv optional")],
-    split: Annotated[str, typer.Option(help="split folder to score (ignored if absent); all: every split")] = "test",
+    split: Annotated[
+        str, typer.Option(help="split folder to score (a tree without splits: all of it); all: every split")
+    ] = "test",
     source: Annotated[
         list[str] | None, typer.Option("--source", help="only images of this MANIFEST.csv source (repeatable)")
     ] = None,
