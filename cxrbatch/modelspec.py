@@ -130,7 +130,10 @@ class ModelSpec:
         shape = inputs.get(self.input_name)
         if shape is None:
             raise ModelError(f"{source}: the metadata's input {self.input_name!r} is not the graph's ({list(inputs)})")
-        if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected, strict=False)):
+        known = bool(shape)  # a graph may leave its input's rank open
+        if known and (
+            len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected, strict=False))
+        ):
             raise ModelError(
                 f"{source}: the graph's input is {shape}, the metadata says N x {' x '.join(map(str, expected))}"
             )

@@ -239,3 +239,11 @@ def test_familiarity_and_site_check_records_are_checked_when_the_model_loads(tmp
         ModelSpec.from_metadata({**record, "familiarity": {"val_unfamiliar": 7, "val_films": 5}}, "m.onnx")
     good = ModelSpec.from_metadata({**record, "familiarity": {"val_unfamiliar": 2, "val_films": 5}}, "m.onnx")
     assert good.familiarity_threshold == 0.3
+
+
+def test_a_graph_that_leaves_its_input_rank_open_loads(tiny_models: Path) -> None:
+    path = tiny_models / "classifier.onnx"
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    onnx.save(model, str(path))
+    assert load_model(path, "classifier", [CPU]).spec.input.height == 32
