@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -81,17 +82,31 @@ def session(
     address = address or os.environ.get("RAY_ADDRESS") or None
     host_port = None if address in (None, "auto") else _host_port(address)
     started_here = not ray.is_initialized()
-    if started_here:
-        if host_port is not None:
-            _check_reachable(*host_port)  # ray.init waits for an unreachable head for ever
-        _connect(ray, address)
-    try:
-        _configure_data(ray)
-        count = actor_count(ray.cluster_resources(), actors, gpus_per_actor, actor_cpus(gpus_per_actor, workers))
-        yield RayScreener(gate, classifier, batch_size, draft, count, gpus_per_actor, workers)
-    finally:
+    with _stdout_to_stderr():
         if started_here:
-            ray.shutdown()
+            if host_port is not None:
+                _check_reachable(*host_port)  # ray.init waits for an unreachable head for ever
+            _connect(ray, address)
+        try:
+            _configure_data(ray)
+            count = actor_count(ray.cluster_resources(), actors, gpus_per_actor, actor_cpus(gpus_per_actor, workers))
+            yield RayScreener(gate, classifier, batch_size, draft, count, gpus_per_actor, workers)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what Ray prints to stdout (a dead worker's `(raylet) ...` lines, whatever
+    `log_to_driver` says) to stderr while the session lasts: stdout may be carrying a report. The
+    run writes its stdout report to the stream it found when it started (`runner.Report`)."""
+    kept = sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout = kept
 
 
 def _connect(ray: Any, address: str | None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import IO
 
 from cxrbatch.dicom import is_dicom
 from cxrbatch.discovery import HEATMAPS_MARKER, is_candidate, iter_images, resolved
@@ -64,7 +66,7 @@ class RunOptions:
 
 def run(options: RunOptions) -> Summary:
     """Screen every input file and write the requested reports; return the summary."""
-    started = now()
+    started, stdout = now(), sys.stdout
     report_targets = [t for t in (options.csv_out, options.json_out, options.html) if t is not None]
     # on Ray the actors choose their device; the driver's models only draw heatmaps
     device = "cpu" if options.engine == "ray" else options.device
@@ -73,7 +75,7 @@ def run(options: RunOptions) -> Summary:
         if options.heatmaps is not None:
             classifier.spec.require_cam()  # before screening, not after it
         with _engine(options, gate, classifier) as screener:
-            report = Report(options, screener, started)
+            report = Report(options, screener, started, stdout)
             if ledger is None:
                 return _run_plain(screener, paths, report, options.reporter)
             return _run_with_ledger(ledger, screener, paths, report, options)
@@ -196,8 +198,11 @@ def _discover(options: RunOptions, report_targets: list[str]) -> list[Path]:
 class Report:
     """Turns a run's rows into the requested CSV, JSON and HTML reports."""
 
-    def __init__(self, options: RunOptions, screener: Screener, started: str) -> None:
+    def __init__(self, options: RunOptions, screener: Screener, started: str, stdout: IO[str] | None = None) -> None:
+        """`stdout` is where a report to `-` goes: the stream the run found when it started (the Ray
+        engine sends what Ray prints there to stderr while it runs)."""
         self.options, self.screener, self.started = options, screener, started
+        self.stdout = stdout
         self.labels = screener.classifier.spec.labels
         self.heatmap = options.heatmaps is not None
         self.models = {"gate": screener.gate.describe(), "classifier": screener.classifier.describe()}
@@ -224,7 +229,7 @@ class Report:
             if earlier is not None and target != "-":
                 these = union(earlier(_file_key(target)), rows)
                 counts = summary.recount(these)
-            write_text(target, render(these, counts, target))
+            write_text(target, render(these, counts, target), self.stdout)
             log.info("report written: %s (%s)", target, plural(len(these), "row"))
 
     def _csv(self, rows: list[Record], summary: Summary, target: str) -> str:

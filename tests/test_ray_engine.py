@@ -8,6 +8,7 @@ process (a driver killed, an address nobody answers) join it or need none.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -124,6 +125,21 @@ def test_a_worker_that_dies_on_a_file_costs_that_file_only(ray_address: str, tin
     assert [Path(r["path"]).name for r in lost] == [CRASH_FILE] and lost[0]["error"] == LOST
     assert all(r["status"] == "classified" for r in rows if r not in lost)
     assert "screening them again one by one" in err
+
+
+def test_what_ray_prints_of_a_dead_worker_stays_out_of_a_report_on_stdout(
+    ray_address: str, tiny_models: Path, tmp_path: Path
+) -> None:
+    # Its "(raylet) A worker died ..." lines went to stdout, into the CSV being written there.
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    for i, level in enumerate((20, 110, 170)):
+        grey_image(inbox / f"img{i}.png", level)
+    grey_image(inbox / CRASH_FILE, 110)
+    result = runner.invoke(app, ["run", str(inbox), "--models", str(tiny_models), "--engine", "ray"])
+    assert result.exit_code == 3, result.stderr
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0][0] == "path" and len(rows) == 5 and {len(r) for r in rows} == {len(rows[0])}, result.stdout
 
 
 def test_a_killed_driver_loses_no_file_and_the_rerun_delivers_each_once(
