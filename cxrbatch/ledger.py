@@ -44,7 +44,7 @@ from typing import Any
 from cxrbatch.errors import EXIT_BUSY, CxrBatchError
 from cxrbatch.files import file_sha256
 from cxrbatch.imaging import display_path
-from cxrbatch.records import ERROR, Record
+from cxrbatch.records import ERROR, Record, RecordError
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,8 @@ class Ledger:
         """
         wanted = set(sha256s)
         rows = self.db.execute("SELECT sha256, record FROM results WHERE fingerprint = ?", (fp,))
-        return {sha for sha, record in rows if sha in wanted and json.loads(record).get("status") != ERROR}
+        found = {sha: _readable(sha, record) for sha, record in rows if sha in wanted}
+        return {sha for sha, record in found.items() if record is not None and record.status != ERROR}
 
     def store(self, items: Sequence[tuple[Path, str | None, Record]], fp: str) -> None:
         """Commit a batch of fresh results and their entries in one transaction."""
@@ -218,7 +219,9 @@ class Ledger:
                 before = self.db.execute(
                     "SELECT record FROM results WHERE sha256 = ? AND fingerprint = ?", (sha, fp)
                 ).fetchone()
-                if before is not None and before[0] != record.to_json():  # a retried error that now reads
+                earlier = None if before is None else _readable(sha, before[0], warn=False)
+                if earlier is not None and earlier.status == ERROR and before[0] != record.to_json():
+                    # a retried error that now reads: delivered again (a damaged record is replaced, not)
                     self.db.execute(
                         "UPDATE entries SET delivered_run = NULL WHERE sha256 = ? AND fingerprint = ?", (sha, fp)
                     )
@@ -256,7 +259,8 @@ class Ledger:
             "SELECT e.path, e.sha256, e.fingerprint, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
             f"AND r.fingerprint = e.fingerprint WHERE {where} ORDER BY e.path, e.first_run, e.fingerprint"
         )
-        return [Stored(p, sha, fp, Record.from_json(p, rec)) for p, sha, fp, rec in self.db.execute(sql, args)]
+        found = [(p, sha, fp, _readable(p, rec, p)) for p, sha, fp, rec in self.db.execute(sql, args)]
+        return [Stored(p, sha, fp, record) for p, sha, fp, record in found if record is not None]
 
     def delivered_to(self, target: str) -> list[Record]:
         """The rows that completed runs reported into the report file `target`, oldest run first."""
@@ -264,7 +268,8 @@ class Ledger:
             "SELECT w.path, w.record FROM run_rows w JOIN run_targets t ON t.run = w.run "
             "WHERE t.target = ? ORDER BY w.run, w.seq"
         )
-        return [Record.from_json(path, rec) for path, rec in self.db.execute(sql, (target,))]
+        found = [_readable(path, rec, path) for path, rec in self.db.execute(sql, (target,))]
+        return [record for record in found if record is not None]
 
     def finish(
         self, delivered: Sequence[Stored], rows: Sequence[Record], targets: Iterable[str], screened: int, reused: int
@@ -310,6 +315,20 @@ def _lock(path: Path) -> int:
                 time.sleep(0.1)
     os.close(fd)
     raise LedgerBusy(f"Another cxrbatch run holds the ledger {path}; nothing was done (that run does the work)")
+
+
+def _readable(what: str, text: str, path: str = "", warn: bool = True) -> Record | None:
+    """A stored record read back, or None (with a warning) where it is damaged: its file is then
+    screened again and its record replaced, and a damaged record of a file no run names is left
+    out of the reports instead of stopping every night."""
+    try:
+        return Record.from_json(path, text)
+    except RecordError as exc:
+        if warn:
+            log.warning(
+                "a result in the ledger cannot be read (%s: %s): left out; its file is screened again", what, exc
+            )
+        return None
 
 
 def connect(path: Path, migrate: bool) -> sqlite3.Connection:

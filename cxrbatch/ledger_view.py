@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbatch.ledger import LedgerError, connect, lock_path
-from cxrbatch.records import Record
+from cxrbatch.records import Record, RecordError
 
 
 def inspect(path: Path) -> dict[str, Any]:
@@ -45,8 +45,12 @@ def _status(db: sqlite3.Connection, live: bool) -> dict[str, Any]:
         "SELECT e.path, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
         "AND r.fingerprint = e.fingerprint ORDER BY e.path, e.first_run"
     )
+    damaged = 0
     for key, rec in db.execute(sql):
-        latest[key] = Record.from_json(key, rec)
+        try:
+            latest[key] = Record.from_json(key, rec)
+        except RecordError:  # the next run screens its file again and replaces it
+            damaged += 1
     by_status: dict[str, int] = {}
     by_label: dict[str, int] = {}
     for record in latest.values():
@@ -67,6 +71,7 @@ def _status(db: sqlite3.Connection, live: bool) -> dict[str, Any]:
         "undelivered": db.execute("SELECT COUNT(*) FROM entries WHERE delivered_run IS NULL").fetchone()[0],
         "runs": db.execute("SELECT COUNT(*) FROM runs").fetchone()[0],
         "last_run": last,
+        **({"damaged_results": damaged} if damaged else {}),  # left out above; the next run screens them again
     }
 
 

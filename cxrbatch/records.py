@@ -28,6 +28,10 @@ def rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), DECIMALS)
 
 
+class RecordError(ValueError):
+    """A stored record that cannot be read back as one."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One report row: the outcome for one file."""
@@ -106,13 +110,32 @@ class Record:
 
     @classmethod
     def from_json(cls, path: str, text: str) -> Record:
-        """Read a stored record back; rows of ledger schema 1 (flat p_<LABEL> keys) too."""
-        data = json.loads(text)
+        """Read a stored record back; rows of ledger schema 1 (flat p_<LABEL> keys) too. A record
+        that is not one (damaged, or edited by hand) is a RecordError, never a wrong row."""
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"not JSON ({exc})") from None
+        if not isinstance(data, dict) or data.get("status") not in STATUSES:
+            raise RecordError("not a result record (no status)")
         if "probabilities" not in data:
             probs = {k[2:]: data.pop(k) for k in [k for k in data if k.startswith("p_")]}
             data["probabilities"] = probs if any(v is not None for v in probs.values()) else None
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "path"}
+        wrong = [k for k, v in known.items() if v is not None and not isinstance(v, _FIELD_TYPES.get(k, object))]
+        probs = known.get("probabilities") or {}
+        if wrong or not isinstance(probs, dict) or not all(isinstance(v, (int, float)) for v in probs.values()):
+            raise RecordError(f"fields of the wrong type: {wrong or ['probabilities']}")
         return cls(path=path, **known)
+
+
+# What each stored field may hold besides None (numbers may come back from JSON as integers).
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(("status", "gate_model", "classifier_model", "label", "error", "heatmap"), str),
+    **dict.fromkeys(("gate_score", "confidence", "referral_score", "familiarity"), (int, float)),
+    **dict.fromkeys(("needs_review", "refer", "unfamiliar"), bool),
+    "probabilities": dict,
+}
 
 
 @dataclass

@@ -387,3 +387,22 @@ def test_ledger_creation_is_one_transaction(tmp_path: Path, monkeypatch: pytest.
     with sqlite3.connect(ledger) as db:
         assert db.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
     db.close()
+
+
+@pytest.mark.parametrize("damage", ["{not json", "{}", "null", '{"status": "classified", "label": 7}'])
+def test_a_damaged_result_is_screened_again_not_a_traceback_every_night(
+    folder: Path, tiny_models: Path, tmp_path: Path, damage: str
+) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    _run(folder, tiny_models, ledger, out)
+    with sqlite3.connect(ledger) as db:
+        (sha,) = db.execute("SELECT sha256 FROM results ORDER BY sha256 LIMIT 1").fetchone()
+        db.execute("UPDATE results SET record = ? WHERE sha256 = ?", (damage, sha))
+    db.close()
+    viewed = runner.invoke(app, ["ledger", str(ledger)])
+    assert viewed.exit_code == 0 and "1 stored results cannot be read" in viewed.stdout, viewed.stderr
+    code, rows, err = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and "Traceback" not in err and "a result in the ledger cannot be read" in err
+    assert rows == [] and "1 screened" in err  # screened again and replaced; delivered already, so not again
+    status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
+    assert "damaged_results" not in status and status["files"] == 5
