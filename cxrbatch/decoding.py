@@ -41,10 +41,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cxrbatch.crashes import crash_point
 from cxrbatch.errors import ImageError
 from cxrbatch.heatmaps import display_copy
 from cxrbatch.imaging import InputSpec, check_size, load_image, model_pixels
-from cxrbatch.ledger import crash_point
 
 log = logging.getLogger(__name__)
 

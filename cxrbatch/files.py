@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import IO, Any
 
+from cxrbatch.crashes import crash_point
 from cxrbatch.errors import ReportError
 
 HASH_CHUNK = 1 << 20
@@ -63,6 +64,7 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], object], binary: bool = 
         fh: IO[Any] = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
         with fh:
             write(fh)
+            crash_point(f"writing {path.name}")  # the temporary file holds the report (crash tests only)
             fh.flush()
             os.fchmod(fh.fileno(), mode_for(path))
             os.fsync(fh.fileno())

@@ -109,12 +109,6 @@ class Stored:
     record: Record
 
 
-def crash_point(name: str) -> None:
-    """Die here, as `kill -9` would, when CXRBATCH_CRASH_AT names this point (crash tests only)."""
-    if os.environ.get("CXRBATCH_CRASH_AT") == name:
-        os.kill(os.getpid(), 9)
-
-
 def fingerprint(settings: dict[str, Any]) -> str:
     """The run fingerprint of a set of result-changing settings (16 hex digits)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:16]

@@ -23,8 +23,10 @@ import importlib.util
 import logging
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from cxrbatch.crashes import crash_point
 from cxrbatch.errors import EngineError, ExtraMissing, UsageError
-from cxrbatch.ledger import crash_point
 from cxrbatch.models import CPU, CUDA, Model, model_from_bytes
 from cxrbatch.pipeline import Result, Screener
 from cxrbatch.records import ERROR, plural
@@ -111,6 +113,7 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 def _connect(ray: Any, address: str | None) -> None:
     where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+    ours = signal.getsignal(signal.SIGTERM)  # Ray puts its own in place (exit 15); the command's comes back
     try:
         ray.init(
             address=address or "local",  # never a cluster someone started here with `ray start`, unasked
@@ -121,6 +124,9 @@ def _connect(ray: Any, address: str | None) -> None:
     except Exception as exc:  # ray raises ConnectionError, RuntimeError or its own types
         hint = "" if address is None or os.environ.get("RAY_AUTH_MODE") else AUTH_HINT
         raise EngineError(f"cannot connect to {where}: {type(exc).__name__}: {exc}{hint}") from None
+    finally:
+        if callable(ours) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, ours)
     log.info("connected to %s (%s)", where, _resources_text(ray.cluster_resources()))
 
 

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
+from cxrbatch.crashes import crash_point
 from cxrbatch.dicom import is_dicom
 from cxrbatch.discovery import HEATMAPS_MARKER, is_candidate, iter_images, resolved
 from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.heatmaps import add_heatmaps
-from cxrbatch.ledger import Ledger, crash_point, key_of, now
+from cxrbatch.ledger import Ledger, key_of, now
 from cxrbatch.models import Model, default_models_dir, load_models
 from cxrbatch.pipeline import Result, Screener
 from cxrbatch.records import Record, Summary, plural

@@ -232,6 +232,21 @@ def test_kill_9_then_rerun_reports_every_file_once(folder: Path, tiny_models: Pa
     assert code == 0 and rows == []
 
 
+def test_sigterm_while_a_report_is_written_leaves_no_temporary_file(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # cron's `timeout` sends SIGTERM: Python died at once and left `.r.csv.*.tmp` beside the report.
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out)]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "writing r.csv", "CXRBATCH_CRASH_SIGNAL": "15"}
+    cli = "from cxrbatch.cli import main; main()"  # the console script: argv after -c are its arguments
+    proc = subprocess.run([sys.executable, "-c", cli, *args], env=env, capture_output=True, timeout=120, text=True)
+    assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".r.csv")) == [] and not out.exists()
+    code, rows, _ = _run(folder, tiny_models, ledger, out)  # the rerun delivers what the stopped run could not
+    assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)] and _inferences(ledger) == [1] * 5
+
+
 def test_second_run_on_a_held_ledger_exits_4(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
     with open(tmp_path / "l.db.lock", "w") as holder:

@@ -10,6 +10,7 @@ carries (`cxrbatch.errors`; the same table is in the README):
   3  the run finished but some files could not be read (error rows in the report)
   4  another run holds the ledger (--ledger); nothing was done
   5  the inputs hold no image file at all (an empty or unmounted folder?); empty reports written
+  143  stopped by SIGTERM (cron's `timeout`)
 
 The command modules write their annotations unquoted (no `from __future__ import annotations`):
 Typer reads every command's annotations when a command starts, and evaluating them from strings
@@ -19,6 +20,7 @@ was about 0.015 s of each run.
 import atexit
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -131,11 +133,19 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 
 def main() -> None:
     """Entry point of the console script (and of `python -m cxrbatch.cli`)."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except SystemExit as done:
         _end_without_teardown(done.code)
         raise
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (what cron's `timeout` sends) ends the command as an exception would, with the
+    shell's code for it (143): temporary report files are removed and a Ray session or decoding
+    processes are stopped on the way out. Python's default was to die at once and leave them."""
+    raise SystemExit(128 + signum)
 
 
 def _end_without_teardown(code: object) -> None:
