@@ -23,6 +23,7 @@ The rule, the same for every reader:
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,12 +144,23 @@ def _read_folder(root: Path) -> tuple[list[Path], list[str]]:
 
 
 def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
-    """Map image id (file stem) to its MANIFEST.csv row; {} without a manifest."""
+    """Map image id (file stem) to its MANIFEST.csv row; {} without a manifest. A manifest with no
+    `id` column, or one id on two rows, is a UsageError: its rows could not be told apart, and a
+    film would take another's source or label."""
     manifest = data_dir / MANIFEST
     if not manifest.is_file():
         return {}
     with manifest.open(newline="", encoding="utf-8-sig") as fh:  # a BOM (a spreadsheet's save) is not part of "id"
-        return {row["id"]: row for row in csv.DictReader(fh) if "id" in row}
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    if "id" not in (reader.fieldnames or []):
+        raise UsageError(f"{manifest} has no `id` column (the file stem of each image)")
+    ids = Counter(row["id"] for row in rows)
+    twice = sorted(i for i, n in ids.items() if n > 1)
+    if twice:
+        more = f" and {len(twice) - 5} more" if len(twice) > 5 else ""
+        raise UsageError(f"{manifest} lists an id on more than one row: {', '.join(twice[:5])}{more}")
+    return {row["id"]: row for row in rows}
 
 
 def source_of(row: dict[str, str]) -> str:

@@ -388,6 +388,11 @@ def test_record_is_the_manifest_without_images_and_refuses_other_folders(
     for row in rows:
         assert row == {c: built[row["id"]][c] for c in RECORD_COLUMNS}
         assert len(row["dhash256"]) == 64 and row["path_in_source"] and row["license_as_stated"] == "CC BY 4.0"
+    manifest_before = (out / "MANIFEST.csv").read_bytes()
+    for inside in (out / "MANIFEST.csv", out / "record.csv"):  # over the tree's own manifest, or into it
+        refused = runner.invoke(app, ["data", "record", str(out), "--out", str(inside)])
+        assert refused.exit_code == 2 and "lies inside" in refused.output
+    assert (out / "MANIFEST.csv").read_bytes() == manifest_before and not (out / "record.csv").exists()
     stranger = tmp_path / "photos"
     stranger.mkdir()
     refused = runner.invoke(app, ["data", "record", str(stranger), "--out", str(tmp_path / "x.csv")])

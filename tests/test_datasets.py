@@ -126,3 +126,13 @@ def test_without_and_only_sources_select_by_manifest_source(tmp_path: Path) -> N
 def test_a_manifest_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     (tmp_path / "MANIFEST.csv").write_text("id,label,collection\nabc,NORMAL,site-a\n", encoding="utf-8-sig")
     assert read_manifest(tmp_path) == {"abc": {"id": "abc", "label": "NORMAL", "collection": "site-a"}}
+
+
+def test_a_manifest_without_ids_or_with_an_id_twice_is_refused(tmp_path: Path) -> None:
+    # An id twice let one film take another's source; no id column read as no manifest at all.
+    (tmp_path / "MANIFEST.csv").write_text("id,label,source\nabc,NORMAL,a/one\nabc,NORMAL,evil/dup\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="lists an id on more than one row: abc"):
+        read_manifest(tmp_path)
+    (tmp_path / "MANIFEST.csv").write_text("name,label\nabc,NORMAL\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="has no `id` column"):
+        read_manifest(tmp_path)

@@ -89,6 +89,9 @@ def test_refusals_leave_everything_as_it_was(tmp_path: Path) -> None:
         select(data, "val", data / "val-copy")
     with pytest.raises(UsageError, match="has no test/ folder"):
         select(data, "test", tmp_path / "t")
+    for odd in ("", ".", "../union/val"):  # the split folders became labels of the selection
+        with pytest.raises(UsageError, match=r"--split .*: choose one of train, val, test or all"):
+            select(data, odd, tmp_path / "t")
     with pytest.raises(UsageError, match=r"source\(s\) \['typo'\]"):
         select(data, "val", tmp_path / "t", exclude=("typo",))
     with pytest.raises(UsageError, match="No film is left"):

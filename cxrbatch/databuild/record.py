@@ -12,7 +12,7 @@ import csv
 import io
 from pathlib import Path
 
-from cxrbatch.datasets import MANIFEST
+from cxrbatch.datasets import MANIFEST, read_manifest
 from cxrbatch.errors import UsageError
 
 RECORD_COLUMNS = (
@@ -23,6 +23,7 @@ RECORD_COLUMNS = (
 
 def training_record(data_dir: Path) -> tuple[str, int]:
     """The record of the tree `cxrbatch data build` wrote to `data_dir`: CSV text sorted by id, and its rows."""
+    read_manifest(data_dir)  # its checks: an `id` column, each id once
     manifest = data_dir / MANIFEST
     if not manifest.is_file():
         raise UsageError(f"{data_dir} has no {MANIFEST}: build it with `cxrbatch data build`")
@@ -37,3 +38,10 @@ def training_record(data_dir: Path) -> tuple[str, int]:
     writer.writerow(RECORD_COLUMNS)
     writer.writerows(rows)
     return out.getvalue(), len(rows)
+
+
+def check_out(data_dir: Path, out: Path) -> None:
+    """Refuse a record written into the tree it describes: over its MANIFEST.csv, a film, or
+    anything else of it."""
+    if out.resolve().is_relative_to(data_dir.resolve()):
+        raise UsageError(f"--out {out} lies inside {data_dir}: write the record outside the tree (models/…)")

@@ -15,7 +15,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from cxrbatch.datasets import MANIFEST, Split, labelled_images, only_sources, read_manifest, without_sources
+from cxrbatch.datasets import MANIFEST, SPLITS, Split, labelled_images, only_sources, read_manifest, without_sources
 from cxrbatch.errors import UsageError
 
 
@@ -29,6 +29,8 @@ def select(
     force: bool = False,
 ) -> Split:
     """Link the films of `split` ("all": every split) from the sources `only` (if any) less `exclude` into `out`."""
+    if split not in (*SPLITS, "all"):
+        raise UsageError(f"--split {split!r}: choose one of {', '.join(SPLITS)} or all")
     manifest = read_manifest(data_dir)
     if (only or exclude) and not manifest:
         raise UsageError(f"{data_dir} has no {MANIFEST}: sources cannot be selected without one")
