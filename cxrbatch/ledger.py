@@ -330,7 +330,7 @@ def connect(path: Path, migrate: bool) -> sqlite3.Connection:
     creation never finished (a full disk, a kill) holds nothing to keep: a run creates it again."""
     existed = path.exists() and path.stat().st_size > 0
     try:
-        db = sqlite3.connect(path)
+        db = sqlite3.connect(path) if migrate else _for_reading(path)
         if existed and not _unfinished(db):
             _check_schema(db, path, migrate)
         elif not migrate:  # inspection never writes
@@ -346,6 +346,19 @@ def connect(path: Path, migrate: bool) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path} is not a usable cxrbatch ledger ({exc}); it was left untouched") from None
     return db
+
+
+def _for_reading(path: Path) -> sqlite3.Connection:
+    """A connection that only reads: as a run opens the ledger where it can (SQLite then tidies its
+    write-ahead files away on closing), else, where this user may not write the ledger or its
+    folder (a monitoring account), read as it lies: nothing can be writing it there either."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError:  # "attempt to write a readonly database", "unable to open"
+        db.close()
+        return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro&immutable=1", uri=True)
 
 
 def _unfinished(db: sqlite3.Connection) -> bool:

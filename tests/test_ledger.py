@@ -421,3 +421,28 @@ def test_a_damaged_result_is_screened_again_not_a_traceback_every_night(
     assert rows == [] and "1 screened" in err  # screened again and replaced; delivered already, so not again
     status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
     assert "damaged_results" not in status and status["files"] == 5
+
+
+def test_the_ledger_command_reads_a_ledger_it_may_not_write(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A monitoring account that may not write the ledger's folder: a read-write open failed with
+    # "attempt to write a readonly database", though nothing needs writing to read it.
+    ledger = tmp_path / "l.db"
+    _run(folder, tiny_models, ledger, tmp_path / "r.csv")
+    opened = sqlite3.connect
+
+    class Refused:  # what a read-write connection gives where the user may not write the folder
+        def execute(self, *args: object) -> None:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+        def close(self) -> None:
+            pass
+
+    def read_only_folder(target: object, *args: object, **kwargs: object) -> object:
+        return opened(target, *args, **kwargs) if kwargs.get("uri") else Refused()  # type: ignore[arg-type]
+
+    monkeypatch.setattr("cxrbatch.ledger.sqlite3.connect", read_only_folder)
+    viewed = runner.invoke(app, ["ledger", str(ledger), "--json"])
+    assert viewed.exit_code == 0, viewed.stderr
+    assert json.loads(viewed.stdout)["files"] == 5
