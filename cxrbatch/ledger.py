@@ -257,13 +257,30 @@ class Ledger:
         return [Stored(p, sha, fp, record) for p, sha, fp, record in found if record is not None]
 
     def delivered_to(self, target: str) -> list[Record]:
-        """The rows that completed runs reported into the report file `target`, oldest run first."""
+        """The rows that completed runs reported into the report file `target`, oldest run first. A
+        row that cannot be read back is taken from the result that run delivered for its path, or,
+        where there is none (a file that could not be hashed), left out with a warning."""
         sql = (
-            "SELECT w.path, w.record FROM run_rows w JOIN run_targets t ON t.run = w.run "
+            "SELECT w.run, w.path, w.record FROM run_rows w JOIN run_targets t ON t.run = w.run "
             "WHERE t.target = ? ORDER BY w.run, w.seq"
         )
-        found = [_readable(path, rec, path) for path, rec in self.db.execute(sql, (target,))]
-        return [record for record in found if record is not None]
+        rows = []
+        for run, path, rec in self.db.execute(sql, (target,)).fetchall():
+            record = _readable(path, rec, path, warn=False) or self._delivered_result(run, path)
+            if record is None:
+                log.warning("a row of %s cannot be read back (%s): the report leaves it out", target, path)
+            else:
+                rows.append(record)
+        return rows
+
+    def _delivered_result(self, run: int, key: str) -> Record | None:
+        """The result run `run` delivered for the path `key`, read from the results table."""
+        found = self.db.execute(
+            "SELECT r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 AND r.fingerprint = e.fingerprint "
+            "WHERE e.path = ? AND e.delivered_run = ?",
+            (key, run),
+        ).fetchone()
+        return None if found is None else _readable(key, found[0], key, warn=False)
 
     def finish(
         self, delivered: Sequence[Stored], rows: Sequence[Record], targets: Iterable[str], screened: int, reused: int
@@ -350,14 +367,22 @@ def connect(path: Path, migrate: bool) -> sqlite3.Connection:
 
 def _for_reading(path: Path) -> sqlite3.Connection:
     """A connection that only reads: as a run opens the ledger where it can (SQLite then tidies its
-    write-ahead files away on closing), else, where this user may not write the ledger or its
-    folder (a monitoring account), read as it lies: nothing can be writing it there either."""
+    write-ahead files away on closing). Where this user may not write the ledger's folder (a
+    monitoring account) and no run has it open, the main file is read as it lies, which holds
+    everything once no write-ahead log is left beside it; with one left (a run that died), it is
+    refused rather than read without the results the log holds."""
     db = sqlite3.connect(path)
     try:
         db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return db
-    except sqlite3.OperationalError:  # "attempt to write a readonly database", "unable to open"
+    except sqlite3.OperationalError as exc:  # "attempt to write a readonly database", "unable to open"
         db.close()
+        wal = path.with_name(path.name + "-wal")
+        if "locked" in str(exc) or (wal.exists() and wal.stat().st_size > 0):
+            raise LedgerError(
+                f"{path} cannot be read by this user now ({exc}): its write-ahead log needs write access to "
+                "its folder; read it as the account that runs the screening"
+            ) from None
         return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro&immutable=1", uri=True)
 
 

@@ -40,17 +40,18 @@ def inspect(path: Path) -> dict[str, Any]:
 
 def _status(db: sqlite3.Connection, live: bool) -> dict[str, Any]:
     """Counts by status and label of the newest entry per path, the last run, undelivered entries."""
-    latest: dict[str, Record] = {}
+    newest: dict[str, Record | None] = {}  # None: the newest result of the path cannot be read back
     sql = (
         "SELECT e.path, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
         "AND r.fingerprint = e.fingerprint ORDER BY e.path, e.first_run"
     )
-    damaged = 0
     for key, rec in db.execute(sql):
         try:
-            latest[key] = Record.from_json(key, rec)
-        except RecordError:  # the next run screens its file again and replaces it
-            damaged += 1
+            newest[key] = Record.from_json(key, rec)
+        except RecordError:  # a run with these settings screens its file again and replaces it
+            newest[key] = None
+    latest = {key: record for key, record in newest.items() if record is not None}
+    damaged = len(newest) - len(latest)
     by_status: dict[str, int] = {}
     by_label: dict[str, int] = {}
     for record in latest.values():

@@ -124,6 +124,8 @@ def _connect(ray: Any, address: str | None) -> None:
     except Exception as exc:  # ray raises ConnectionError, RuntimeError or its own types
         hint = "" if address is None or os.environ.get("RAY_AUTH_MODE") else AUTH_HINT
         raise EngineError(f"cannot connect to {where}: {type(exc).__name__}: {exc}{hint}") from None
+    except SystemExit as stop:  # SIGTERM while Ray starts: its handler exits 15; the command's code is 143
+        raise SystemExit(128 + signal.SIGTERM if stop.code == signal.SIGTERM else stop.code) from None
     finally:
         if callable(ours) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, ours)

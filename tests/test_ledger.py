@@ -446,3 +446,55 @@ def test_the_ledger_command_reads_a_ledger_it_may_not_write(
     viewed = runner.invoke(app, ["ledger", str(ledger), "--json"])
     assert viewed.exit_code == 0, viewed.stderr
     assert json.loads(viewed.stdout)["files"] == 5
+
+
+def test_a_damaged_row_of_a_report_is_taken_again_from_the_result_that_run_delivered(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # A same-day rerun rewrites the report with the rows it received before: a damaged one was lost.
+    ledger, out = tmp_path / "l.db", tmp_path / "day.csv"
+    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    before = out.read_text(encoding="utf-8")
+    with sqlite3.connect(ledger) as db:
+        db.execute("UPDATE run_rows SET record = 'garbage' WHERE seq = 2")
+    db.close()
+    grey_image(folder / "later.png", 90)
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "cannot be read back" not in again.stderr
+    rows = out.read_text(encoding="utf-8").splitlines()
+    assert rows[: len(before.splitlines())] == before.splitlines() and rows[-1].split(",")[0].endswith("later.png")
+
+
+def test_the_ledger_command_counts_only_the_newest_result_of_a_path(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    _run(folder, tiny_models, ledger, out)
+    with sqlite3.connect(ledger) as db:
+        (sha,) = db.execute("SELECT sha256 FROM results ORDER BY sha256 LIMIT 1").fetchone()
+        db.execute("UPDATE results SET record = 'garbage' WHERE sha256 = ?", (sha,))
+    db.close()
+    _run(folder, tiny_models, ledger, out, "--no-draft")  # other settings: a newer result for every path
+    status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
+    assert "damaged_results" not in status and status["files"] == 5  # the damaged one is superseded
+
+
+def test_a_ledger_with_a_write_ahead_log_is_not_read_without_it(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read as it lies (immutable), the main file lacks what the log of a run that died still holds.
+    ledger = tmp_path / "l.db"
+    _run(folder, tiny_models, ledger, tmp_path / "r.csv")
+    (tmp_path / "l.db-wal").write_bytes(b"\0" * 4096)  # as a killed run leaves it
+
+    class Refused:
+        def execute(self, *args: object) -> None:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr("cxrbatch.ledger.sqlite3.connect", lambda *args, **kwargs: Refused())
+    viewed = runner.invoke(app, ["ledger", str(ledger)])
+    assert viewed.exit_code == 1 and "its write-ahead log needs write access to its folder" in viewed.stderr

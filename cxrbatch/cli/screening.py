@@ -196,7 +196,10 @@ def ledger_status(
         return
     typer.echo(f"{status['files']} files in the ledger; {status['undelivered']} results not yet delivered")
     if status.get("damaged_results"):
-        typer.echo(f"{status['damaged_results']} stored results cannot be read: the next run screens their files again")
+        typer.echo(
+            f"{status['damaged_results']} stored results cannot be read: the next run with their settings screens "
+            "their files again"
+        )
     typer.echo("by status: " + ", ".join(f"{k} {v}" for k, v in status["by_status"].items()))
     typer.echo("by label: " + ", ".join(f"{k} {v}" for k, v in status["by_label"].items()))
     if status["last_run"]:
