@@ -311,6 +311,13 @@ def lock_path(path: Path) -> Path:
     return real.with_name(real.name + ".lock")
 
 
+def ledger_files(path: Path) -> set[Path]:
+    """Every file the ledger at `path` is kept in, by real path: the database, SQLite's write-ahead
+    log, shared memory and journal, and the run lock (nothing else may be written over them)."""
+    real = Path(os.path.realpath(path))
+    return {real, *(real.with_name(real.name + end) for end in ("-wal", "-shm", "-journal"))} | {lock_path(path)}
+
+
 def _lock(path: Path) -> int:
     lock = lock_path(path)
     try:

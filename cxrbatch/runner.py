@@ -26,7 +26,7 @@ from cxrbatch.dicom import is_dicom
 from cxrbatch.discovery import HEATMAPS_MARKER, is_candidate, iter_images, resolved
 from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.heatmaps import add_heatmaps
-from cxrbatch.ledger import Ledger, key_of, now
+from cxrbatch.ledger import Ledger, key_of, ledger_files, now
 from cxrbatch.models import Model, default_models_dir, load_models
 from cxrbatch.pipeline import Result, Screener
 from cxrbatch.records import Record, Summary, plural
@@ -36,8 +36,6 @@ from cxrbatch.review import render_html
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-# The ledger's own files: the database, SQLite's write-ahead log and shared memory, and the run lock.
-LEDGER_FILES = ("", "-wal", "-shm", "-journal", ".lock")
 
 
 @dataclass
@@ -144,7 +142,7 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
         raise UsageError("only one report can go to stdout (-): give the others file names")
     files = [t for t in report_targets if t != "-"]
     named = {resolved(p) for p in options.inputs if not p.is_dir()}
-    ledger = None if options.ledger is None else resolved(options.ledger)
+    ledger = set() if options.ledger is None else ledger_files(options.ledger)
     for i, target in enumerate(files):
         path, real = Path(target), resolved(Path(target))
         if any(resolved(Path(other)) == real for other in files[:i]):
@@ -153,10 +151,12 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
             raise UsageError(
                 f"report {target} would be written over a film (or be screened as one): name it .csv, .json or .html"
             )
-        if ledger is not None and real in {ledger.with_name(ledger.name + end) for end in LEDGER_FILES}:
+        if real in ledger:
             raise UsageError(f"report {target} would be written over the ledger {options.ledger} or its files")
-    heatmaps = None if options.heatmaps is None else resolved(options.heatmaps)
-    for given in (g for g in options.inputs if heatmaps is not None):
+    if options.heatmaps is None:
+        return
+    heatmaps = resolved(options.heatmaps)
+    for given in options.inputs:
         real = resolved(given)  # a folder screened whole, or a film named in it
         if (heatmaps == real and given.is_dir()) or heatmaps in real.parents:
             raise UsageError(f"--heatmaps {options.heatmaps} would hold the films of {given}: give it its own folder")
