@@ -201,7 +201,7 @@ class Ledger:
         """
         wanted = set(sha256s)
         rows = self.db.execute("SELECT sha256, record FROM results WHERE fingerprint = ?", (fp,))
-        found = {sha: _readable(sha, record) for sha, record in rows if sha in wanted}
+        found = {sha: readable(sha, record) for sha, record in rows if sha in wanted}
         return {sha for sha, record in found.items() if record is not None and record.status != ERROR}
 
     def store(self, items: Sequence[tuple[Path, str | None, Record]], fp: str) -> None:
@@ -213,7 +213,7 @@ class Ledger:
                 before = self.db.execute(
                     "SELECT record FROM results WHERE sha256 = ? AND fingerprint = ?", (sha, fp)
                 ).fetchone()
-                earlier = None if before is None else _readable(sha, before[0], warn=False)
+                earlier = None if before is None else readable(sha, before[0], warn=False)
                 if earlier is not None and earlier.status == ERROR and before[0] != record.to_json():
                     # a retried error that now reads: delivered again (a damaged record is replaced, not)
                     self.db.execute(
@@ -253,7 +253,7 @@ class Ledger:
             "SELECT e.path, e.sha256, e.fingerprint, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
             f"AND r.fingerprint = e.fingerprint WHERE {where} ORDER BY e.path, e.first_run, e.fingerprint"
         )
-        found = [(p, sha, fp, _readable(p, rec, p)) for p, sha, fp, rec in self.db.execute(sql, args)]
+        found = [(p, sha, fp, readable(p, rec)) for p, sha, fp, rec in self.db.execute(sql, args)]
         return [Stored(p, sha, fp, record) for p, sha, fp, record in found if record is not None]
 
     def delivered_to(self, target: str) -> list[Record]:
@@ -266,7 +266,7 @@ class Ledger:
         )
         rows = []
         for run, path, rec in self.db.execute(sql, (target,)).fetchall():
-            record = _readable(path, rec, path, warn=False) or self._delivered_result(run, path)
+            record = readable(path, rec, warn=False) or self._delivered_result(run, path)
             if record is None:
                 log.warning("a row of %s cannot be read back (%s): the report leaves it out", target, path)
             else:
@@ -280,7 +280,7 @@ class Ledger:
             "WHERE e.path = ? AND e.delivered_run = ?",
             (key, run),
         ).fetchone()
-        return None if found is None else _readable(key, found[0], key, warn=False)
+        return None if found is None else readable(key, found[0], warn=False)
 
     def finish(
         self, delivered: Sequence[Stored], rows: Sequence[Record], targets: Iterable[str], screened: int, reused: int
@@ -335,16 +335,16 @@ def _lock(path: Path) -> int:
     raise LedgerBusy(f"Another cxrbatch run holds the ledger {path}; nothing was done (that run does the work)")
 
 
-def _readable(what: str, text: str, path: str = "", warn: bool = True) -> Record | None:
-    """A stored record read back, or None (with a warning) where it is damaged: its file is then
-    screened again and its record replaced, and a damaged record of a file no run names is left
-    out of the reports instead of stopping every night."""
+def readable(key: str, text: str, warn: bool = True) -> Record | None:
+    """The stored record `text` of the path (or content) `key` read back, or None (with a warning)
+    where it is damaged: its file is then screened again and its record replaced, and a damaged
+    record of a file no run names is left out of the reports instead of stopping every night."""
     try:
-        return Record.from_json(path, text)
+        return Record.from_json(key, text)
     except RecordError as exc:
         if warn:
             log.warning(
-                "a result in the ledger cannot be read (%s: %s): left out; its file is screened again", what, exc
+                "a result in the ledger cannot be read (%s: %s): left out; its file is screened again", key, exc
             )
         return None
 

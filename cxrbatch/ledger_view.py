@@ -13,8 +13,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from cxrbatch.ledger import LedgerError, connect, lock_path
-from cxrbatch.records import Record, RecordError
+from cxrbatch.ledger import LedgerError, connect, lock_path, readable
+from cxrbatch.records import Record
 
 
 def inspect(path: Path) -> dict[str, Any]:
@@ -45,11 +45,8 @@ def _status(db: sqlite3.Connection, live: bool) -> dict[str, Any]:
         "SELECT e.path, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
         "AND r.fingerprint = e.fingerprint ORDER BY e.path, e.first_run"
     )
-    for key, rec in db.execute(sql):
-        try:
-            newest[key] = Record.from_json(key, rec)
-        except RecordError:  # a run with these settings screens its file again and replaces it
-            newest[key] = None
+    for key, rec in db.execute(sql):  # None: a run with these settings screens its file again, replacing it
+        newest[key] = readable(key, rec, warn=False)
     latest = {key: record for key, record in newest.items() if record is not None}
     damaged = len(newest) - len(latest)
     by_status: dict[str, int] = {}
