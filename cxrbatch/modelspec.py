@@ -90,8 +90,6 @@ class ModelSpec:
             raise ModelError(f"{source}: gate metadata needs positive_label among its labels")
         if role == "classifier" and spec.negative_label not in spec.labels:
             raise ModelError(f"{source}: classifier metadata needs negative_label (its no-finding label) in labels")
-        if spec.referral_threshold is not None and not 0.0 <= spec.referral_threshold <= 1.0:
-            raise ModelError(f"{source}: referral_threshold must be between 0 and 1, not {spec.referral_threshold}")
         if (spec.familiarity_output is None) != (spec.familiarity_threshold is None):
             raise ModelError(f"{source}: a familiarity output needs a familiarity_threshold, and the reverse")
         return spec
@@ -103,8 +101,10 @@ class ModelSpec:
             raise ModelError(f"{source}: labels must be a list of names, not {labels!r}")
         if len(set(labels)) != len(labels):
             raise ModelError(f"{source}: a label is listed twice in {labels}")
-        if not 0.0 <= self.threshold <= 1.0:  # NaN fails too
-            raise ModelError(f"{source}: threshold must be between 0 and 1, not {self.threshold}")
+        for key in ("threshold", "referral_threshold"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too
+                raise ModelError(f"{source}: {key} must be between 0 and 1, not {value}")
         if self.familiarity_threshold is not None and not 0.0 <= self.familiarity_threshold < float("inf"):
             raise ModelError(
                 f"{source}: familiarity_threshold must be a distance (0 or more), not {self.familiarity_threshold}"
