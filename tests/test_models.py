@@ -215,6 +215,7 @@ def _edited(path: Path, edit: Any) -> Path:
         ("classifier", lambda m: m.update(threshold=float("nan")), r"threshold must be between 0 and 1, not nan"),
         ("gate", lambda m: m.update(threshold=2.0), r"threshold must be between 0 and 1, not 2.0"),
         ("gate", lambda m: m.update(threshold=-1.0), r"threshold must be between 0 and 1, not -1.0"),
+        ("classifier", lambda m: m.update(referral_threshold=1.5), r"referral_threshold must be .* not 1.5"),
         ("classifier", lambda m: [1, 2], r"metadata is list JSON, not a record"),
     ],
 )
