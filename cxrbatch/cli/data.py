@@ -69,10 +69,11 @@ def record(
 
     Example: cxrbatch data record ~/data/union --out models/training-manifest.csv
     """
-    from cxrbatch.databuild.record import check_out, training_record
+    from cxrbatch.databuild.record import training_record
+    from cxrbatch.datasets import refuse_out_inside
     from cxrbatch.reports import write_text
 
-    check_out(data_dir, out)
+    refuse_out_inside(data_dir, out)
     text, images = training_record(data_dir)
     write_text(str(out), text)
     typer.echo(f"wrote the record of {images} images to {out}", err=True)

@@ -38,10 +38,3 @@ def training_record(data_dir: Path) -> tuple[str, int]:
     writer.writerow(RECORD_COLUMNS)
     writer.writerows(rows)
     return out.getvalue(), len(rows)
-
-
-def check_out(data_dir: Path, out: Path) -> None:
-    """Refuse a record written into the tree it describes: over its MANIFEST.csv, a film, or
-    anything else of it."""
-    if out.resolve().is_relative_to(data_dir.resolve()):
-        raise UsageError(f"--out {out} lies inside {data_dir}: write the record outside the tree (models/…)")

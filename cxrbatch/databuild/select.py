@@ -15,7 +15,16 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from cxrbatch.datasets import MANIFEST, SPLITS, Split, labelled_images, only_sources, read_manifest, without_sources
+from cxrbatch.datasets import (
+    MANIFEST,
+    SPLITS,
+    Split,
+    labelled_images,
+    only_sources,
+    read_manifest,
+    refuse_out_inside,
+    without_sources,
+)
 from cxrbatch.errors import UsageError
 
 
@@ -34,8 +43,7 @@ def select(
     manifest = read_manifest(data_dir)
     if (only or exclude) and not manifest:
         raise UsageError(f"{data_dir} has no {MANIFEST}: sources cannot be selected without one")
-    if out.resolve().is_relative_to(data_dir.resolve()):
-        raise UsageError(f"--out {out} lies inside {data_dir}: choose a folder outside the tree")
+    refuse_out_inside(data_dir, out)
     if split != "all" and not (data_dir / split).is_dir():
         raise UsageError(f"{data_dir} has no {split}/ folder")
     chosen = without_sources(only_sources(labelled_images(data_dir, split), manifest, only), manifest, exclude)
