@@ -102,12 +102,7 @@ def _is_dicom_by_content(entry: os.DirEntry[str]) -> bool:
     exports name files without an extension (IM000001), by their UID (1.2.840.113619.2.55.123: to
     `splitext`, an extension ".123"), or .dicom / .IMA. It costs a 132-byte read of each file in a
     walked folder that is not named like an image."""
-    if entry.name.startswith("."):
-        return False
-    try:
-        return entry.is_file() and is_dicom(entry.path)
-    except OSError:
-        return False
+    return not entry.name.startswith(".") and _is_file(entry) and is_dicom(entry.path)  # is_dicom: False if unreadable
 
 
 def resolved(path: Path) -> Path:
