@@ -20,7 +20,8 @@ ones, so a second run on the same day never replaces a full report with an empti
 
 One run at a time: an exclusive `flock` on `<ledger>.lock`, released by the OS when the holder
 exits or dies, so a crashed run never leaves a lock to clean by hand. What the ledger holds is
-read by `cxrbatch.ledger_view`, without the lock.
+read by `cxrbatch.ledger_view`, without the lock. The file itself (its tables, the upgrades of
+older schemas, opening it to run or only to read) is `cxrbatch.ledger_schema`.
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ from typing import Any
 from cxrbatch.errors import EXIT_BUSY, CxrBatchError
 from cxrbatch.files import file_sha256
 from cxrbatch.imaging import display_path
+from cxrbatch.ledger_schema import LedgerError, connect
 from cxrbatch.records import ERROR, Record, RecordError
 
 log = logging.getLogger(__name__)
+
+LOCK_TRIES = 10  # over about a second
 
 SCHEMA = "cxrbatch.ledger/3"
 OLD_SCHEMAS = ("cxrbatch.ledger/1", "cxrbatch.ledger/2")
@@ -93,10 +97,6 @@ class LedgerBusy(CxrBatchError):
     """Another run holds the ledger: nothing to do, that run does the work."""
 
     exit_code = EXIT_BUSY
-
-
-class LedgerError(CxrBatchError):
-    """The ledger file is not a cxrbatch ledger or cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -347,87 +347,3 @@ def readable(key: str, text: str, warn: bool = True) -> Record | None:
                 "a result in the ledger cannot be read (%s: %s): left out; its file is screened again", key, exc
             )
         return None
-
-
-def connect(path: Path, migrate: bool) -> sqlite3.Connection:
-    """Open the ledger, checking a file that exists before anything is written to it. A file whose
-    creation never finished (a full disk, a kill) holds nothing to keep: a run creates it again."""
-    existed = path.exists() and path.stat().st_size > 0
-    try:
-        db = sqlite3.connect(path) if migrate else _for_reading(path)
-        if existed and not _unfinished(db):
-            _check_schema(db, path, migrate)
-        elif not migrate:  # inspection never writes
-            db.close()
-            raise LedgerError(f"{path} holds no ledger yet (its creation did not finish); the next run creates it")
-        else:
-            db.execute("PRAGMA journal_mode=WAL")
-            # one transaction: the tables and the schema row are there together, or not at all; the
-            # empty tables of an unfinished creation go first (an earlier schema's have other columns)
-            drop = "".join(f"DROP TABLE IF EXISTS {table};" for table in TABLE_NAMES)
-            db.executescript(f"BEGIN;{drop}{_TABLES}INSERT OR REPLACE INTO meta VALUES ('schema', '{SCHEMA}');COMMIT;")
-        db.execute("PRAGMA synchronous=NORMAL")
-    except sqlite3.DatabaseError as exc:
-        raise LedgerError(f"{path} is not a usable cxrbatch ledger ({exc}); it was left untouched") from None
-    return db
-
-
-def _for_reading(path: Path) -> sqlite3.Connection:
-    """A connection that only reads: as a run opens the ledger where it can (SQLite then tidies its
-    write-ahead files away on closing). Where this user may not write the ledger's folder (a
-    monitoring account) and no run has it open, the main file is read as it lies, which holds
-    everything once no write-ahead log is left beside it; with one left (a run that died), it is
-    refused rather than read without the results the log holds."""
-    db = sqlite3.connect(path)
-    try:
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        return db
-    except sqlite3.OperationalError as exc:  # "attempt to write a readonly database", "unable to open"
-        db.close()
-        wal = path.with_name(path.name + "-wal")
-        if "locked" in str(exc) or (wal.exists() and wal.stat().st_size > 0):
-            raise LedgerError(
-                f"{path} cannot be read by this user now ({exc}): its write-ahead log needs write access to "
-                "its folder; read it as the account that runs the screening"
-            ) from None
-        return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro&immutable=1", uri=True)
-
-
-def _unfinished(db: sqlite3.Connection) -> bool:
-    """A file with none but this ledger's tables, all of them empty, and no schema row: what an
-    interrupted creation leaves (SQLite's header alone, or, from earlier versions of this code, the
-    tables without the schema row). It holds nothing to lose."""
-    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if not tables <= set(TABLE_NAMES):
-        return False
-    return all(db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None for table in tables)
-
-
-def _check_schema(db: sqlite3.Connection, path: Path, migrate: bool) -> None:
-    row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if _has_meta(db) else None
-    found = row[0] if row else None
-    if found == SCHEMA or (found in VIEWABLE_AS_IS and not migrate):
-        return
-    if found in OLD_SCHEMAS and migrate:
-        with db:  # one transaction: a failed upgrade leaves the old ledger as it was
-            upgrade = _UPGRADES[found] + _TABLES + f"UPDATE meta SET value = '{SCHEMA}' WHERE key = 'schema';"
-            db.executescript("BEGIN;" + upgrade)
-        if found == "cxrbatch.ledger/1":
-            log.warning(
-                "ledger %s upgraded from %s to %s: results made before were keyed by the models alone, not by "
-                "every setting, so this run screens every file again and reports each once more",
-                path,
-                found,
-                SCHEMA,
-            )
-        else:
-            log.info("ledger %s upgraded from %s to %s: this run hashes every file once more", path, found, SCHEMA)
-        return
-    db.close()
-    if found in OLD_SCHEMAS:  # inspection never writes: the upgrade is the next run's
-        raise LedgerError(f"{path} is a ledger of schema {found}; the next `cxrbatch run --ledger` upgrades it")
-    raise LedgerError(f"{path} is not a cxrbatch ledger (schema {found or 'missing'}); it was left untouched")
-
-
-def _has_meta(db: sqlite3.Connection) -> bool:
-    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is not None

@@ -13,7 +13,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from cxrbatch.ledger import LedgerError, connect, lock_path, readable
+from cxrbatch.ledger import lock_path, readable
+from cxrbatch.ledger_schema import LedgerError, connect
 from cxrbatch.records import Record
 
 

@@ -16,8 +16,9 @@ from helpers import grey_image, make_gate
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
-from cxrbatch.ledger import _TABLES as TABLES
-from cxrbatch.ledger import LedgerError, connect, key_of
+from cxrbatch.ledger import key_of
+from cxrbatch.ledger_schema import _TABLES as TABLES
+from cxrbatch.ledger_schema import LedgerError, connect
 
 runner = CliRunner()
 
@@ -396,7 +397,7 @@ def test_a_ledger_whose_creation_was_interrupted_is_created_by_the_next_run(
 def test_ledger_creation_is_one_transaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A creation that fails part way (here: a statement after the first tables) leaves no tables behind.
     ledger = tmp_path / "l.db"
-    monkeypatch.setattr("cxrbatch.ledger._TABLES", TABLES + "CREATE TABLE broken (;")
+    monkeypatch.setattr("cxrbatch.ledger_schema._TABLES", TABLES + "CREATE TABLE broken (;")
     with pytest.raises(LedgerError):
         connect(ledger, migrate=True)
     with sqlite3.connect(ledger) as db:

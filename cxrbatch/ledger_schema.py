@@ -1,0 +1,144 @@
+"""The ledger's file: its tables (schema `cxrbatch.ledger/3`, described in `cxrbatch.ledger`), the
+upgrades of older schemas, and opening it, to run (creating or upgrading it) or only to read.
+
+A file whose creation never finished is created again; a file that is not a cxrbatch ledger, or
+of a schema this code does not know, is refused and left untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+from pathlib import Path
+
+from cxrbatch.errors import CxrBatchError
+
+log = logging.getLogger("cxrbatch.ledger")  # its messages are the ledger's, under the ledger's name
+
+SCHEMA = "cxrbatch.ledger/3"
+OLD_SCHEMAS = ("cxrbatch.ledger/1", "cxrbatch.ledger/2")
+# Older schemas `cxrbatch ledger` reads without their upgrade: what it reads did not change since.
+VIEWABLE_AS_IS = ("cxrbatch.ledger/2",)
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
+    ctime_ns INTEGER NOT NULL DEFAULT -1);
+CREATE TABLE IF NOT EXISTS settings (fingerprint TEXT PRIMARY KEY, settings TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    sha256 TEXT NOT NULL, fingerprint TEXT NOT NULL, record TEXT NOT NULL, run INTEGER NOT NULL,
+    inferences INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (sha256, fingerprint));
+CREATE TABLE IF NOT EXISTS entries (
+    path TEXT NOT NULL, sha256 TEXT NOT NULL, fingerprint TEXT NOT NULL, first_run INTEGER NOT NULL,
+    delivered_run INTEGER, PRIMARY KEY (path, sha256, fingerprint));
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY, started TEXT NOT NULL, finished TEXT, status TEXT NOT NULL,
+    screened INTEGER NOT NULL DEFAULT 0, reused INTEGER NOT NULL DEFAULT 0, reported INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS run_rows (
+    run INTEGER NOT NULL, seq INTEGER NOT NULL, path TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (run, seq));
+CREATE TABLE IF NOT EXISTS run_targets (run INTEGER NOT NULL, target TEXT NOT NULL, PRIMARY KEY (run, target));
+CREATE INDEX IF NOT EXISTS entries_undelivered ON entries (delivered_run);
+CREATE INDEX IF NOT EXISTS run_targets_target ON run_targets (target);
+"""
+
+# Schema 1 keyed results by the two model hashes alone ("models"); its rows stay, under keys that
+# no run fingerprint matches, so nothing made with unrecorded settings is ever reused.
+TABLE_NAMES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _TABLES))
+
+_FROM_1 = """
+ALTER TABLE results RENAME COLUMN models TO fingerprint;
+ALTER TABLE entries RENAME COLUMN models TO fingerprint;
+"""
+# Schema 2 kept no change time: its files are hashed once more, on the first run after the upgrade.
+_FROM_2 = "ALTER TABLE files ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT -1;"
+_UPGRADES = {"cxrbatch.ledger/1": _FROM_1 + _FROM_2, "cxrbatch.ledger/2": _FROM_2}
+
+
+class LedgerError(CxrBatchError):
+    """The ledger file is not a cxrbatch ledger or cannot be used."""
+
+
+def connect(path: Path, migrate: bool) -> sqlite3.Connection:
+    """Open the ledger, checking a file that exists before anything is written to it. A file whose
+    creation never finished (a full disk, a kill) holds nothing to keep: a run creates it again."""
+    existed = path.exists() and path.stat().st_size > 0
+    try:
+        db = sqlite3.connect(path) if migrate else _for_reading(path)
+        if existed and not _unfinished(db):
+            _check_schema(db, path, migrate)
+        elif not migrate:  # inspection never writes
+            db.close()
+            raise LedgerError(f"{path} holds no ledger yet (its creation did not finish); the next run creates it")
+        else:
+            db.execute("PRAGMA journal_mode=WAL")
+            # one transaction: the tables and the schema row are there together, or not at all; the
+            # empty tables of an unfinished creation go first (an earlier schema's have other columns)
+            drop = "".join(f"DROP TABLE IF EXISTS {table};" for table in TABLE_NAMES)
+            db.executescript(f"BEGIN;{drop}{_TABLES}INSERT OR REPLACE INTO meta VALUES ('schema', '{SCHEMA}');COMMIT;")
+        db.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.DatabaseError as exc:
+        raise LedgerError(f"{path} is not a usable cxrbatch ledger ({exc}); it was left untouched") from None
+    return db
+
+
+def _for_reading(path: Path) -> sqlite3.Connection:
+    """A connection that only reads: as a run opens the ledger where it can (SQLite then tidies its
+    write-ahead files away on closing). Where this user may not write the ledger's folder (a
+    monitoring account) and no run has it open, the main file is read as it lies, which holds
+    everything once no write-ahead log is left beside it; with one left (a run that died), it is
+    refused rather than read without the results the log holds."""
+    db = sqlite3.connect(path)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError as exc:  # "attempt to write a readonly database", "unable to open"
+        db.close()
+        wal = path.with_name(path.name + "-wal")
+        if "locked" in str(exc) or (wal.exists() and wal.stat().st_size > 0):
+            raise LedgerError(
+                f"{path} cannot be read by this user now ({exc}): its write-ahead log needs write access to "
+                "its folder; read it as the account that runs the screening"
+            ) from None
+        return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro&immutable=1", uri=True)
+
+
+def _unfinished(db: sqlite3.Connection) -> bool:
+    """A file with none but this ledger's tables, all of them empty, and no schema row: what an
+    interrupted creation leaves (SQLite's header alone, or, from earlier versions of this code, the
+    tables without the schema row). It holds nothing to lose."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables <= set(TABLE_NAMES):
+        return False
+    return all(db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None for table in tables)
+
+
+def _check_schema(db: sqlite3.Connection, path: Path, migrate: bool) -> None:
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if _has_meta(db) else None
+    found = row[0] if row else None
+    if found == SCHEMA or (found in VIEWABLE_AS_IS and not migrate):
+        return
+    if found in OLD_SCHEMAS and migrate:
+        with db:  # one transaction: a failed upgrade leaves the old ledger as it was
+            upgrade = _UPGRADES[found] + _TABLES + f"UPDATE meta SET value = '{SCHEMA}' WHERE key = 'schema';"
+            db.executescript("BEGIN;" + upgrade)
+        if found == "cxrbatch.ledger/1":
+            log.warning(
+                "ledger %s upgraded from %s to %s: results made before were keyed by the models alone, not by "
+                "every setting, so this run screens every file again and reports each once more",
+                path,
+                found,
+                SCHEMA,
+            )
+        else:
+            log.info("ledger %s upgraded from %s to %s: this run hashes every file once more", path, found, SCHEMA)
+        return
+    db.close()
+    if found in OLD_SCHEMAS:  # inspection never writes: the upgrade is the next run's
+        raise LedgerError(f"{path} is a ledger of schema {found}; the next `cxrbatch run --ledger` upgrades it")
+    raise LedgerError(f"{path} is not a cxrbatch ledger (schema {found or 'missing'}); it was left untouched")
+
+
+def _has_meta(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is not None
