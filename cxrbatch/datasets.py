@@ -61,6 +61,10 @@ class Split:
 def class_names(data_dir: Path) -> tuple[str, ...]:
     """The classes of a training tree: those of its train/ split, sorted; at least two."""
     names = load_split(data_dir, "train").classes
+    folders = {p.name for p in (data_dir / "train").iterdir() if p.is_dir() and not p.name.startswith(".")}
+    empty = sorted(folders - set(names))
+    if empty:  # a model without a class the tree names is not what anyone asked for
+        raise UsageError(f"{data_dir / 'train'}: class folder(s) {empty} hold no image; fill or remove them")
     if ABNORMAL in names:
         raise UsageError(
             f"{data_dir / 'train' / ABNORMAL} holds films of no named class: they can calibrate and evaluate "

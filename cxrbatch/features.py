@@ -9,6 +9,7 @@ small matrix products for them. Only onnx and onnxruntime are needed here.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +20,54 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from cxrbatch.errors import ModelError, ReportError
+from cxrbatch.datasets import Split, load_split, read_manifest, source_of, without_sources
+from cxrbatch.errors import ModelError, ReportError, UsageError
 from cxrbatch.models import CPU, Model, embed_metadata, load_model, model_from_bytes
+from cxrbatch.modelspec import ModelSpec
 from cxrbatch.pipeline import Screener
+
+log = logging.getLogger(__name__)
+
+
+def open_source(src: Path, gate: Path, what: str) -> tuple[onnx.ModelProto, Model, Screener]:
+    """The exported classifier `src` that a graph tool adds `what` to (its graph, the model) and a
+    screener with `gate`, which decodes films as `cxrbatch run` does. A file that is no classifier
+    (or no gate), or a float16/int8 copy, is the command's input mistake (UsageError)."""
+    try:
+        classifier = load_model(src, "classifier", [CPU])
+        screener = Screener(load_model(gate, "gate", [CPU]), classifier, batch_size=32)
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
+    classifier.spec.refuse_reduced_precision(str(src), what)
+    return onnx.load(str(src)), classifier, screener
+
+
+def training_films(
+    data_dir: Path, spec: ModelSpec, exclude: tuple[str, ...], what: str
+) -> tuple[Split, Split, dict[str, dict[str, str]], tuple[str, ...]]:
+    """The train and val splits of the classifier's training data that `what` learns from, the
+    manifest, and the sources left out: `exclude` and every source of the manifest the model's own
+    training left out (a leave-one-collection-out model must not learn its output from the
+    collection it is checked on). Classes the classifier does not know, and an empty split, are refused."""
+    manifest = read_manifest(data_dir)
+    present = {source_of(row) for row in manifest.values()}
+    inherited = [s for s in spec.trained_without() if s in present and s not in exclude]
+    if inherited:
+        log.info("left out as the model's training left them out: %s", ", ".join(inherited))
+    excluded = (*exclude, *inherited)
+    train = without_sources(load_split(data_dir, "train"), manifest, excluded)
+    val = without_sources(load_split(data_dir, "val", train.classes), manifest, excluded)
+    foreign = sorted(set(train.classes) - set(spec.labels))
+    if foreign:
+        raise UsageError(
+            f"{data_dir / 'train'} has class(es) {foreign} that the classifier does not know ({list(spec.labels)}): "
+            f"{what} learns from the classifier's own training data"
+        )
+    for name, split in (("train", train), ("val", val)):
+        if not len(split.paths):
+            left_out = f" once {list(excluded)} are left out" if excluded else ""
+            raise UsageError(f"{what} needs films in train/ and val/: {data_dir / name} has none{left_out}")
+    return train, val, manifest, excluded
 
 
 def pooled_features_name(proto: onnx.ModelProto, score_output: str) -> str:

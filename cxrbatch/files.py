@@ -1,4 +1,5 @@
-"""Write output files atomically, with the permissions a user expects; hash a file's content.
+"""Write output files atomically, with the permissions a user expects; hash a file's content;
+refuse, before any work, an output path that cannot take its file.
 
 Every report, review page and heatmap goes through a temporary file in the target's folder that
 is renamed over the target, so an interrupted run never leaves a truncated file where a good one
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cxrbatch.crashes import crash_point
-from cxrbatch.errors import ReportError
+from cxrbatch.errors import ReportError, UsageError
 
 HASH_CHUNK = 1 << 20
 
@@ -96,3 +97,18 @@ def _unlink_quietly(tmp: str) -> None:
         os.unlink(tmp)
     except FileNotFoundError:
         pass
+
+
+def check_out(out: Path, suffix: str, option: str = "--out") -> None:
+    """Refuse, before any work, an output path (given as `option`) that cannot take its file: a
+    folder, another kind of file, a folder that cannot be made or written to."""
+    if out.is_dir():
+        raise UsageError(f"{option} {out} is a folder: name the {suffix} file to write")
+    if out.suffix != suffix:
+        raise UsageError(f"{option} {out} must name a {suffix} file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{option} {out}: its folder cannot be made ({exc.strerror or exc})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {out}: its folder {out.parent} cannot be written to")

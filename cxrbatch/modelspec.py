@@ -171,6 +171,22 @@ class ModelSpec:
                 "threshold chosen on them"
             )
 
+    def refuse_reduced_precision(self, source: str, what: str) -> None:
+        """Refuse (UsageError) to make `what` from a float16 or int8 copy: the derived outputs and
+        copies are made from the float32 model `cxrbatch export` wrote, whose scores they were set on."""
+        precision = self.extra.get("precision")
+        if precision in ("float16", "int8"):
+            raise UsageError(
+                f"{source} is a {precision} copy: make {what} from the float32 model `cxrbatch export` wrote"
+            )
+
+    def trained_without(self) -> tuple[str, ...]:
+        """The manifest sources the model's training left out (`train --exclude-source`)."""
+        training = self.extra.get("training")
+        config = training.get("config") if isinstance(training, dict) else None
+        left_out = config.get("exclude_sources") if isinstance(config, dict) else None
+        return tuple(str(source) for source in left_out or ())
+
     def require_cam(self) -> str:
         """The name of the classifier's `cam` output, which heatmaps need; a clear error without one."""
         if not self.cam_output:

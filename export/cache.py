@@ -13,8 +13,10 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from PIL import Image
 
 from cxrbatch.datasets import Split
+from cxrbatch.errors import ImageError, UsageError
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
 
 from .augment import augment
@@ -23,9 +25,18 @@ from .config import TrainConfig
 log = logging.getLogger(__name__)
 
 
+def read_film(path: Path) -> Image.Image:
+    """A training film, decoded as the runtime decodes it; one that cannot be read is named (training
+    data is meant to be read whole)."""
+    try:
+        return load_image(path)
+    except ImageError as exc:
+        raise UsageError(f"training film {path} cannot be read: {exc}") from None
+
+
 def views_of(path: Path, spec: InputSpec, seed: int, views: int, config: TrainConfig) -> np.ndarray:
     """The image as the runtime sees it, then `views - 1` augmented versions (views=0: clean only)."""
-    img = load_image(path)
+    img = read_film(path)
     clean = to_model_input(img, spec)
     if views <= 1:
         return clean[None]

@@ -32,12 +32,29 @@ class TrainConfig:
     zoom_out: float = 0.0  # chance that an augmented view is set in a wider frame (`augment.zoom_out_frame`)
     crop_area: float = 0.70  # the other views are cropped to this share of the film's area or more
     negative_label: str | None = None  # classifier only: the class that is not a finding (a class folder)
+    positive_label: str | None = None  # gate only: the class folder of chest X-rays, which its sigmoid scores
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.zoom_out <= 1.0 or not 0.0 < self.crop_area <= 1.0:
             raise UsageError(
                 f"zoom_out must be in [0, 1] and crop_area in (0, 1], not {self.zoom_out}, {self.crop_area}"
             )
+        # what MobileNetV2 and the two phases can run with, refused before any work rather than after
+        wrong = [
+            f"{name} {value} (at least {least})"
+            for name, value, least in (
+                ("size", self.size, 32),
+                ("views", self.views, 1),
+                ("epochs1", self.epochs1, 1),
+                ("epochs2", self.epochs2, 0),
+                ("batch_size", self.batch_size, 1),
+            )
+            if value < least
+        ]
+        if not self.alpha > 0:
+            wrong.append(f"alpha {self.alpha} (above 0)")
+        if wrong:
+            raise UsageError(f"cannot train with {', '.join(wrong)}")
 
     def input_spec(self) -> InputSpec:
         """Gate sees colour (photos are colourful); the classifier sees equalised grey."""
@@ -47,7 +64,7 @@ class TrainConfig:
 
 
 DEFAULTS = {
-    "gate": TrainConfig(role="gate", size=112, views=3),
+    "gate": TrainConfig(role="gate", size=112, views=3, positive_label="XRAY"),
     "classifier": TrainConfig(
         role="classifier",
         size=224,

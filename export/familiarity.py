@@ -30,18 +30,19 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from cxrbatch.datasets import load_split, read_manifest, without_sources
-from cxrbatch.errors import ExportError
+from cxrbatch.errors import ExportError, UsageError
 from cxrbatch.features import (
     features,
     node,
+    open_source,
     pooled_features_name,
     save_classifier,
     sum_of_squares,
+    training_films,
     unit_length,
     unit_length_nodes,
 )
-from cxrbatch.models import CPU, load_model
+from cxrbatch.files import check_out
 from cxrbatch.pipeline import Screener
 
 log = logging.getLogger(__name__)
@@ -225,20 +226,18 @@ def add_familiarity(
     leave-source-out model's training did. `replace` swaps an existing familiarity output for the
     new one (the rest of the graph and its metadata unchanged); `version` sets the model's version."""
     if statistic not in STATISTICS:
-        raise ExportError(f"unknown familiarity statistic {statistic!r} (choose from {', '.join(STATISTICS)})")
-    proto = onnx.load(str(src))
-    classifier = load_model(src, "classifier", [CPU])
-    screener = Screener(load_model(gate, "gate", [CPU]), classifier, batch_size=32)
+        raise UsageError(f"unknown familiarity statistic {statistic!r} (choose from {', '.join(STATISTICS)})")
+    check_out(dst, ".onnx", "DST")
+    proto, classifier, screener = open_source(src, gate, "a familiarity output")
     spec = classifier.spec
     if spec.familiarity_output:
         if not replace:
-            raise ExportError(f"{src} already has a familiarity output; add it to the exported model, not to this one")
+            raise UsageError(f"{src} already has a familiarity output: add it to the exported model, or give --replace")
         detach_familiarity(proto)
-    manifest = read_manifest(data_dir)
-    train = without_sources(load_split(data_dir, "train"), manifest, exclude_sources).paths
-    val = without_sources(load_split(data_dir, "val"), manifest, exclude_sources).paths
+    splits = training_films(data_dir, spec, exclude_sources, "a familiarity output")
+    train, val, exclude_sources = splits[0].paths, splits[1].paths, splits[3]
     if statistic == "knn" and len(train) < NEIGHBOUR:
-        raise ExportError(f"the knn statistic needs at least {NEIGHBOUR} train films, found {len(train)}")
+        raise UsageError(f"the knn statistic needs at least {NEIGHBOUR} train films, found {len(train)}")
     log.info("familiarity: features of %d train and %d val films", len(train), len(val))
     train_feats = features(proto, train, screener)
     features_name = pooled_features_name(proto, spec.score_output)

@@ -19,6 +19,7 @@ from onnxconverter_common import float16
 
 from cxrbatch.errors import UsageError
 from cxrbatch.features import pooled_features_name
+from cxrbatch.files import check_out
 from cxrbatch.models import embed_metadata, read_metadata
 from cxrbatch.modelspec import ModelSpec
 
@@ -32,6 +33,10 @@ def halve(src: Path, dst: Path) -> None:
     meta = read_metadata(src)
     spec = ModelSpec.from_metadata(meta, str(src))
     spec.refuse_referral_head(str(src), "a float16 copy")
+    spec.refuse_reduced_precision(str(src), "a float16 copy")
+    check_out(dst, ".onnx", "DST")
+    if dst.resolve() == src.resolve():
+        raise UsageError(f"DST {dst} is SRC: write the copy beside the float32 model, not over it")
     proto = onnx.load(str(src))
     detached = features = None
     if spec.familiarity_output:  # converted apart: it stays float32 (its threshold was set in float32)

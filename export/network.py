@@ -14,8 +14,10 @@ import keras
 import numpy as np
 
 from cxrbatch.datasets import Split
-from cxrbatch.imaging import InputSpec, load_image, to_model_input
+from cxrbatch.errors import UsageError
+from cxrbatch.imaging import InputSpec, to_model_input
 
+from .cache import read_film
 from .config import TrainConfig
 
 
@@ -31,7 +33,13 @@ def build_model(config: TrainConfig, n_classes: int, base_weights: Path | None) 
         input_shape=(spec.height, spec.width, 3), alpha=config.alpha, include_top=False, weights=None
     )
     if base_weights is not None:
-        base.load_weights(str(base_weights))
+        try:
+            base.load_weights(str(base_weights))
+        except Exception as exc:  # Keras raises ValueError, OSError, KeyError for another file or width
+            raise UsageError(
+                f"{base_weights} cannot be loaded into MobileNetV2 of width {config.alpha} "
+                f"({type(exc).__name__}): give the no-top .weights.h5 file of that width"
+            ) from None
     features = base(x)
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
     dropped = keras.layers.Dropout(config.dropout, name="dropout")(pooled)
@@ -108,7 +116,7 @@ def calibrate_batchnorm(model: keras.Model, split: Split, spec: InputSpec, n: in
     """
     base = backbone_of(model)
     pick = np.linspace(0, len(split.paths) - 1, min(n, len(split.paths))).astype(int)
-    batch = np.stack([to_model_input(load_image(split.paths[i]), spec) for i in pick])
+    batch = np.stack([to_model_input(read_film(split.paths[i]), spec) for i in pick])
     layers = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [layer.momentum for layer in layers]
     for layer in layers:

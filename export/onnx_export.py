@@ -22,7 +22,8 @@ import tensorflow as tf
 import tf2onnx
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import ExportError, UsageError
+from cxrbatch.errors import ExportError, ImageError, UsageError
+from cxrbatch.files import check_out
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
 from cxrbatch.models import embed_metadata
 from cxrbatch.modelspec import ModelSpec
@@ -40,11 +41,19 @@ REVIEW_THRESHOLD = 0.6  # classifier: a top probability below this marks the res
 def export(ckpt: Path, out: Path, check_images: list[Path], version: str = "1.0.0") -> dict[str, Any]:
     """Convert `ckpt` to ONNX at `out`, embed its metadata, and verify it against Keras."""
     summary = _read_sidecar(ckpt)
+    check_out(out, ".onnx")
     try:
         model = keras.models.load_model(ckpt, compile=False)
     except Exception as exc:  # Keras raises ValueError, OSError and zip errors for a damaged file
         raise ExportError(f"{ckpt} is not a Keras checkpoint it can read ({type(exc).__name__})") from None
     spec = InputSpec(**summary["input"])
+    shape = tuple(model.input.shape[1:])
+    if shape != (spec.height, spec.width, spec.channels):
+        raise ExportError(
+            f"the sidecar {sidecar_path(ckpt).name} describes a {spec.height}x{spec.width}x{spec.channels} input, "
+            f"the checkpoint takes {'x'.join(map(str, shape))}: export the sidecar `cxrbatch train` wrote with it"
+        )
+    batch = check_inputs(check_images, spec)  # a bad check image is named before the conversion, not after
     graph_model, output_names = _with_outputs(model, summary["role"])
     signature = (tf.TensorSpec((None, spec.height, spec.width, spec.channels), tf.float32, name="image"),)
     proto, _ = tf2onnx.convert.from_keras(graph_model, input_signature=signature, opset=OPSET)
@@ -54,8 +63,7 @@ def export(ckpt: Path, out: Path, check_images: list[Path], version: str = "1.0.
     embed_metadata(proto, meta)
     proto.doc_string = f"cxrbatch {summary['role']} {version}"
     onnx.checker.check_model(proto, full_check=True)
-    parity = check_parity(graph_model, proto, spec, check_images, output_names)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    parity = check_parity(graph_model, proto, batch, output_names)
     onnx.save(proto, str(out))
     log.info("exported %s: max |keras - onnx| = %.2e over %d images", out, parity["max_abs_diff"], parity["images"])
     return {"out": str(out), "metadata": meta, "parity": parity}
@@ -113,11 +121,13 @@ def model_spec(summary: dict[str, Any], version: str, outputs: list[str]) -> Mod
             'or add "negative_label" (the no-finding class) to the .keras.json file'
         )
     gate = role == "gate"
-    positive = summary.get("positive_label") or labels[1]  # the sigmoid scores label index 1
+    positive = summary.get("positive_label") or labels[1]  # sidecars before the gate's label was named: index 1
+    imagenet = bool(summary.get("base_weights"))
+    init = "ImageNet" if imagenet else "random"
     in_graph = "grey replicated to 3 channels where channels=1; x/127.5 - 1"
     extra: dict[str, Any] = {
         "input": {"layout": "NHWC", "dtype": "float32", "value_range": [0, 255], "in_graph": in_graph},
-        "architecture": "MobileNetV2 (ImageNet init) + global average pooling + dropout + dense",
+        "architecture": f"MobileNetV2 ({init} init) + global average pooling + dropout + dense",
         "training": {
             **{k: summary[k] for k in ("config", "data", "history", "train_seconds", "base_weights")},
             "sources": summary.get("sources", []),  # [{"source", "label", "train"}]; older sidecars lack it
@@ -127,8 +137,9 @@ def model_spec(summary: dict[str, Any], version: str, outputs: list[str]) -> Mod
         "exported": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "licence": (
             "trained by the cxrbatch project; the training images carry mixed terms (CC BY, CC BY-NC-SA, "
-            "'research purposes only', none stated): research and screening-support use only; "
-            "ImageNet init MIT/Apache-2.0. See models/README.md"
+            "'research purposes only', none stated): research and screening-support use only"
+            + ("; ImageNet init MIT/Apache-2.0" if imagenet else "")
+            + ". See models/README.md"
         ),
         "score_meaning": f"sigmoid probability of {positive}; accepted at or above threshold"
         if gate
@@ -150,15 +161,25 @@ def model_spec(summary: dict[str, Any], version: str, outputs: list[str]) -> Mod
     )
 
 
-def check_parity(
-    graph_model: keras.Model, proto: onnx.ModelProto, spec: InputSpec, images: list[Path], names: list[str]
-) -> dict[str, Any]:
-    """Compare Keras and onnxruntime on real images; raise ExportError beyond the tolerance."""
-    import onnxruntime as ort
-
+def check_inputs(images: list[Path], spec: InputSpec) -> np.ndarray:
+    """The check images as the model's input; a file that cannot be read is named."""
     if not images:
         raise ExportError("the parity check needs at least one real image: give a folder of images the model will see")
-    batch = np.stack([to_model_input(load_image(p), spec) for p in images])
+    batch = []
+    for path in images:
+        try:
+            batch.append(to_model_input(load_image(path), spec))
+        except ImageError as exc:
+            raise ExportError(f"check image {path} cannot be read: {exc}") from None
+    return np.stack(batch)
+
+
+def check_parity(
+    graph_model: keras.Model, proto: onnx.ModelProto, batch: np.ndarray, names: list[str]
+) -> dict[str, Any]:
+    """Compare Keras and onnxruntime on real images (`check_inputs`); raise ExportError beyond the tolerance."""
+    import onnxruntime as ort
+
     expected = graph_model.predict(batch, verbose=0)
     expected = expected if isinstance(expected, list) else [expected]
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -168,7 +189,7 @@ def check_parity(
     # over 1280 channels in float32) relative to their largest value.
     scale = {n: 1.0 if n == "scores" else max(1.0, float(np.max(np.abs(g)))) for n, g in zip(names, got, strict=True)}
     spread = float(np.std(got[0], axis=0).max())
-    if spread == 0.0 and len(images) > 1:
+    if spread == 0.0 and len(batch) > 1:
         raise ExportError(
             "export check failed: the model gives the same output for every check image, parity would prove nothing"
         )
@@ -178,7 +199,7 @@ def check_parity(
             f"export check failed: ONNX output differs from Keras by {worst:.2e} (> {PARITY_TOLERANCE:.0e}): {diffs}"
         )
     return {
-        "images": len(images),
+        "images": len(batch),
         "max_abs_diff": diffs["scores"],
         "relative_diff": worst,
         "per_output": diffs,

@@ -18,6 +18,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ImageError, UsageError
+from cxrbatch.files import check_out
 from cxrbatch.imaging import load_image, to_model_input
 from cxrbatch.models import embed_metadata, read_metadata
 from cxrbatch.modelspec import ModelSpec
@@ -33,6 +34,7 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
 
     def __init__(self, spec: ModelSpec, paths: list[Path], batch: int = 16) -> None:
         self.spec = spec
+        self.read = 0
         self.chunks = iter([paths[i : i + batch] for i in range(0, len(paths), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -43,6 +45,7 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
                     arrays.append(to_model_input(load_image(path), self.spec.input))
                 except ImageError as exc:
                     log.warning("calibration image skipped: %s (%s)", path, exc)
+            self.read += len(arrays)
             if arrays:
                 return {self.spec.input_name: np.stack(arrays)}
         return None
@@ -55,6 +58,10 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
     meta = read_metadata(src)
     spec = ModelSpec.from_metadata(meta, str(src))
     spec.refuse_referral_head(str(src), "an int8 copy")
+    spec.refuse_reduced_precision(str(src), "an int8 copy")
+    check_out(dst, ".onnx", "DST")
+    if dst.resolve() == src.resolve():
+        raise UsageError(f"DST {dst} is SRC: write the copy beside the float32 model, not over it")
     found = list(iter_images([calibration]))
     if not found:
         raise UsageError(f"No calibration images under {calibration}")
@@ -63,16 +70,23 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
     proto = onnx.load(str(src))
     # the familiarity output stays float32: its threshold was set on float32 values
     keep = familiarity_node_names(proto) if spec.familiarity_output else []
-    quantize_static(
-        proto,  # with its familiarity nodes named, for the exclusion
-        str(dst),
-        _Reader(spec, found[::step][:images]),
-        quant_format=QuantFormat.QOperator,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=keep,
-    )
+    reader = _Reader(spec, found[::step][:images])
+    log.info("calibrating on %d images (of %d found; --images %d)", len(found[::step][:images]), len(found), images)
+    try:
+        quantize_static(
+            proto,  # with its familiarity nodes named, for the exclusion
+            str(dst),
+            reader,
+            quant_format=QuantFormat.QOperator,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=keep,
+        )
+    except (ValueError, RuntimeError):  # onnxruntime: "No data is collected", and the like
+        if reader.read == 0:
+            raise UsageError(f"none of the calibration images under {calibration} could be read") from None
+        raise
     model = onnx.load(str(dst))
     embed_metadata(model, {**meta, "precision": "int8"})
     onnx.save(model, str(dst))

@@ -33,16 +33,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from cxrbatch import sitehead
-from cxrbatch.datasets import load_split, read_manifest, sources_of, without_sources
+from cxrbatch.datasets import read_manifest, sources_of
 from cxrbatch.errors import ExportError, UsageError
-from cxrbatch.features import features, pooled_features_name, save_classifier, unit_length
+from cxrbatch.features import (
+    features,
+    open_source,
+    pooled_features_name,
+    save_classifier,
+    training_films,
+    unit_length,
+)
+from cxrbatch.files import check_out
 from cxrbatch.metrics import roc_auc
-from cxrbatch.models import CPU, Model, load_model
+from cxrbatch.models import Model
 from cxrbatch.modelspec import BUNDLED_REFERRAL
-from cxrbatch.pipeline import Screener
 
 log = logging.getLogger(__name__)
 
@@ -119,20 +125,19 @@ def add_referral_head(
     """Write `dst`: the classifier `src` with a bundled referral head fitted on `data_dir`'s train
     split (its MANIFEST.csv names each film's collection) and Platt-scaled on its val split, less
     `exclude_sources` (as the model's training left them out); return the record it carries."""
-    proto = onnx.load(str(src))
-    classifier = load_model(src, "classifier", [CPU])
+    check_out(dst, ".onnx", "DST")
+    proto, classifier, screener = open_source(src, gate, "a referral head")
     spec = classifier.spec
     if spec.referral_output:
         raise UsageError(f"{src} already has a referral head ({spec.referral_output}); add one to a model without")
-    manifest = read_manifest(data_dir)
-    if not manifest:
+    if not read_manifest(data_dir):
         raise UsageError(f"{data_dir} has no MANIFEST.csv: a referral head needs each film's collection")
-    train = without_sources(load_split(data_dir, "train"), manifest, exclude_sources)
-    val = without_sources(load_split(data_dir, "val", train.classes), manifest, exclude_sources)
+    train, val, manifest, exclude_sources = training_films(data_dir, spec, exclude_sources, "a referral head")
     if spec.negative_label not in train.classes:
         raise UsageError(f"{data_dir}/train has no {spec.negative_label} folder: a referral head needs normal films")
     negative = train.classes.index(spec.negative_label)
-    screener = Screener(load_model(gate, "gate", [CPU]), classifier, batch_size=32)
+    if len(set((val.labels != negative).tolist())) < 2:  # Platt scaling and the val AUC need both
+        raise UsageError(f"{data_dir / 'val'} needs normal and abnormal films to scale the referral head")
     log.info("referral head: features of %d train and %d val films", len(train.paths), len(val.paths))
     unit = unit_length(features(proto, train.paths, screener))
     collections = np.array(sources_of(train.paths, manifest))
@@ -161,7 +166,7 @@ def add_referral_head(
         "penalty": penalty,
         "left_out_auc": {name: round(a[penalty], 6) for name, a in aucs.items()},
         "val_films": len(val.paths),
-        "val_auc": round(roc_auc(val_raw, val_abnormal) or 0.0, 6),
+        "val_auc": round(roc_auc(val_raw, val_abnormal) or 0.0, 6),  # both sides are there (checked above)
         "data": data_dir.name,
         "excluded_sources": list(exclude_sources),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),

@@ -36,8 +36,17 @@ from typing import Any
 import keras
 import numpy as np
 
-from cxrbatch.datasets import Split, class_names, load_split, read_manifest, sources_of, without_sources
-from cxrbatch.errors import ExportError, UsageError
+from cxrbatch.datasets import (
+    Split,
+    class_names,
+    load_split,
+    read_manifest,
+    refuse_out_inside,
+    sources_of,
+    without_sources,
+)
+from cxrbatch.errors import UsageError
+from cxrbatch.files import check_out
 
 from .cache import ViewSampler, cache_activations, pool_features
 from .config import DEFAULTS, TrainConfig, sidecar_path
@@ -62,10 +71,15 @@ class _Fitting:
     weights: np.ndarray
 
     def targets(self, split: Split) -> np.ndarray:
-        """One-hot class targets (classifier) or the 0/1 target of the sigmoid (gate)."""
+        """One-hot class targets (classifier) or the 0/1 target of the sigmoid (gate: 1 for its positive label)."""
         if self.config.role == "gate":
-            return split.labels.astype(np.float32)[:, None]
+            return positives(split, self.config).astype(np.float32)[:, None]
         return np.eye(len(split.classes), dtype=np.float32)[split.labels]
+
+
+def positives(split: Split, config: TrainConfig) -> np.ndarray:
+    """The gate's films of its positive label (chest X-rays), whatever the folders' order."""
+    return split.labels == split.classes.index(str(config.positive_label))
 
 
 def train(
@@ -77,6 +91,8 @@ def train(
 ) -> dict[str, Any]:
     """Train one model on `data_dir` and save `out` (.keras) with its `.json` sidecar."""
     config = config or DEFAULTS[role]
+    check_out(out, ".keras")  # before the hours of training, not after
+    refuse_out_inside(data_dir, out)
     train_split, val_split, manifest = load_data(data_dir, config)
     if base_weights is not None and not base_weights.is_file():
         raise UsageError(f"Base weights not found: {base_weights}")
@@ -93,7 +109,6 @@ def train(
     else:
         plan, phase2, val_scores = _phase2(model, above, fitting)
         history.update(phase2)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
     summary = _summary(data_dir, fitting, history, plan, val_scores, base_weights)
     summary["train_seconds"] = round(time.time() - started, 1)
@@ -165,12 +180,25 @@ def load_data(data_dir: Path, config: TrainConfig) -> tuple[Split, Split, dict[s
             f"({list(classes)}); give the no-finding class as --negative-label"
         )
     if config.role == "gate" and config.negative_label is not None:
-        raise UsageError("only the classifier has a negative label (the gate scores its second class)")
+        raise UsageError(f"only the classifier has a negative label (the gate scores {config.positive_label})")
+    if config.role == "gate" and (len(classes) != 2 or config.positive_label not in classes):
+        raise UsageError(
+            f"the gate learns chest X-rays against everything else: {data_dir / 'train'} needs two class folders, "
+            f"{config.positive_label} and one other (e.g. NOT_{config.positive_label}), found {list(classes)}"
+        )
     manifest = read_manifest(data_dir)
     train_split = without_sources(load_split(data_dir, "train", classes), manifest, config.exclude_sources)
     val_split = without_sources(load_split(data_dir, "val", classes), manifest, config.exclude_sources)
     if not len(train_split.paths) or not len(val_split.paths):
-        raise ExportError(f"{data_dir}: train and val splits both need images")
+        raise UsageError(f"{data_dir}: train and val splits both need images")
+    if config.role == "gate" and 0 in val_split.counts().values():
+        raise UsageError(f"the gate's threshold is set on val: {data_dir / 'val'} needs films of both {list(classes)}")
+    untrained = [c for c, n in train_split.counts().items() if n == 0]
+    if untrained:
+        raise UsageError(
+            f"{data_dir / 'train'}: no film of {untrained} is left to train on"
+            + (f" once {list(config.exclude_sources)} are left out" if config.exclude_sources else "")
+        )
     return train_split, val_split, manifest
 
 
@@ -249,12 +277,11 @@ def _summary(
 ) -> dict[str, Any]:
     """The checkpoint sidecar: what the exporter writes into the model's metadata."""
     config, classes = f.config, f.train.classes
-    validation, threshold = _validate(config, f.val.labels, val_scores)
+    validation, threshold = _validate(config, f.val, val_scores)
     return {
         "role": config.role,
         "labels": list(classes),
-        # The gate's sigmoid scores class index 1 (its 0/1 targets are the label indices).
-        "positive_label": classes[1] if config.role == "gate" else None,
+        "positive_label": config.positive_label if config.role == "gate" else None,  # what the sigmoid scores
         "negative_label": config.negative_label,
         "input": asdict(config.input_spec()),
         "config": asdict(config),
@@ -274,16 +301,17 @@ def training_sources(sources: list[str], labels: list[str]) -> list[dict[str, An
     return [{"source": s or "unknown", "label": lab, "train": n} for (s, lab), n in sorted(counts.items())]
 
 
-def _validate(config: TrainConfig, labels: np.ndarray, scores: np.ndarray) -> tuple[dict[str, float], float]:
+def _validate(config: TrainConfig, val: Split, scores: np.ndarray) -> tuple[dict[str, float], float]:
     """Score the val split; for the gate, pick the threshold that keeps 99.8% of val X-rays (at most 0.5)."""
     if config.role != "gate":
-        accuracy = float((scores.argmax(axis=1) == labels).mean())
+        accuracy = float((scores.argmax(axis=1) == val.labels).mean())
         return {"val_accuracy": round(accuracy, 4)}, 0.0
-    positive = scores[labels == 1, 0]
+    xray = positives(val, config)
+    positive = scores[xray, 0]
     threshold = float(min(0.5, np.quantile(positive, 0.002)))
     return {
         "val_xray_kept": round(float((positive >= threshold).mean()), 4),
-        "val_not_xray_rejected": round(float((scores[labels == 0, 0] < threshold).mean()), 4),
+        "val_not_xray_rejected": round(float((scores[~xray, 0] < threshold).mean()), 4),
     }, threshold
 
 

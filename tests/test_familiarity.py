@@ -111,11 +111,11 @@ def test_evaluate_reports_unfamiliar_films_per_source(tiny_models: Path, tmp_pat
 
 
 def test_a_model_that_has_the_output_already_is_refused(tiny_models: Path, tmp_path: Path) -> None:
-    from cxrbatch.errors import ExportError
+    from cxrbatch.errors import UsageError
 
     data, once = _tree(tmp_path / "data"), tmp_path / "once.onnx"
     familiarity.add_familiarity(tiny_models / "classifier.onnx", once, data, tiny_models / "gate.onnx")
-    with pytest.raises(ExportError, match="already has a familiarity output"):
+    with pytest.raises(UsageError, match="already has a familiarity output: add it to the exported model, or give"):
         familiarity.add_familiarity(once, tmp_path / "twice.onnx", data, tiny_models / "gate.onnx")
 
 
@@ -208,9 +208,9 @@ def test_the_knn_graph_computes_what_numpy_does_in_either_opset(opset: int) -> N
 
 
 def test_an_unknown_statistic_is_refused(tiny_models: Path, tmp_path: Path) -> None:
-    from cxrbatch.errors import ExportError
+    from cxrbatch.errors import UsageError
 
-    with pytest.raises(ExportError, match="unknown familiarity statistic 'median'"):
+    with pytest.raises(UsageError, match="unknown familiarity statistic 'median'"):
         familiarity.add_familiarity(
             tiny_models / "classifier.onnx", tmp_path / "x.onnx", _tree(tmp_path / "d"), tiny_models / "gate.onnx",
             statistic="median",
@@ -239,3 +239,38 @@ def test_a_run_of_films_unlike_the_training_films_warns_and_says_so_in_json(tiny
         text = f"warning: 4 of 12 classified films (33.3%) are unfamiliar, against {val} of the 60 validation films"
         assert (text in result.stderr) is warned
         assert ("id='site-check'" in page.read_text(encoding="utf-8")) is warned  # the review page says it too
+
+
+def test_familiarity_learns_only_from_the_classifiers_own_training_data(tiny_models: Path, tmp_path: Path) -> None:
+    from cxrbatch.errors import UsageError
+
+    data, gate = _tree(tmp_path / "data"), tiny_models / "gate.onnx"
+    source = tiny_models / "classifier.onnx"
+    (data / "val" / "TUBERCULOSIS").mkdir()  # a val class train has not
+    grey_image(data / "val" / "TUBERCULOSIS" / "tb.png", 130)
+    with pytest.raises(UsageError, match="has class"):
+        familiarity.add_familiarity(source, tmp_path / "x.onnx", data, gate)
+    (data / "val" / "TUBERCULOSIS" / "tb.png").unlink()
+    (data / "val" / "TUBERCULOSIS").rmdir()
+    gate_data = tmp_path / "gate-data"  # another model's training data
+    for split in ("train", "val"):
+        for label in ("NOT_XRAY", "XRAY"):
+            (gate_data / split / label).mkdir(parents=True)
+            for i in range(12):
+                grey_image(gate_data / split / label / f"{label}{i}.png", 60 + 10 * i)
+    with pytest.raises(UsageError, match=r"class\(es\) \['NOT_XRAY', 'XRAY'\] that the classifier does not know"):
+        familiarity.add_familiarity(source, tmp_path / "x.onnx", gate_data, gate)
+    rows = ["id,source"] + [
+        f"{p.stem},{'odd' if p.stem.endswith('1') else 'usual'}" for p in (data / "train").rglob("*.png")
+    ]
+    (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    from cxrbatch.models import embed_metadata, read_metadata
+
+    onnx = pytest.importorskip("onnx")
+    proto, meta = onnx.load(str(source)), read_metadata(source)
+    meta["training"] = {"config": {"exclude_sources": ["odd"]}}  # a leave-source-out model
+    embed_metadata(proto, meta)
+    onnx.save(proto, str(tmp_path / "fold.onnx"))
+    record = familiarity.add_familiarity(tmp_path / "fold.onnx", tmp_path / "x.onnx", data, gate)
+    odd_train = sum(1 for p in (data / "train").rglob("*.png") if p.stem.endswith("1"))
+    assert record["excluded_sources"] == ["odd"] and record["train_films"] == 60 - odd_train

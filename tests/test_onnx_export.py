@@ -74,7 +74,7 @@ def test_parity_check_fails_loudly(exported: dict[str, Path]) -> None:
     head.set_weights([kernel + 0.5, bias])  # a Keras model that no longer matches the ONNX file
     graph_model, names = onnx_export._with_outputs(model, "classifier")
     with pytest.raises(ExportError, match="differs from Keras"):
-        onnx_export.check_parity(graph_model, proto, spec, images, names)
+        onnx_export.check_parity(graph_model, proto, onnx_export.check_inputs(images, spec), names)
 
 
 def test_evaluate_end_to_end(exported: dict[str, Path], tmp_path: Path) -> None:
@@ -139,3 +139,35 @@ def test_a_damaged_checkpoint_or_sidecar_is_one_line_without_traceback(
     result = runner.invoke(app, ["export", str(fake), "--out", str(tmp_path / "c.onnx"), "--check-images", images])
     assert result.exit_code == 1 and "is not a Keras checkpoint it can read" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "c.onnx").exists()
+
+
+def test_export_refuses_before_converting_what_would_fail_after(exported: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = exported["work"] / "classifier.keras"
+    check = ["--check-images", str(exported["cxr"] / "val")]
+    (tmp_path / "dir.onnx").mkdir()
+    result = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "dir.onnx"), *check])
+    assert result.exit_code == 2 and "is a folder" in result.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "film.png").write_bytes(b"<html>not a film</html>")
+    result = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "c.onnx"), "--check-images", str(bad)])
+    assert result.exit_code == 1 and f"check image {bad / 'film.png'} cannot be read" in result.stderr
+    twin = tmp_path / "twin.keras"  # the checkpoint with a sidecar that describes another input size
+    twin.write_bytes(ckpt.read_bytes())
+    summary = json.loads((exported["work"] / "classifier.keras.json").read_text(encoding="utf-8"))
+    summary["input"]["height"] = summary["input"]["width"] = 64
+    (tmp_path / "twin.keras.json").write_text(json.dumps(summary), encoding="utf-8")
+    result = runner.invoke(app, ["export", str(twin), "--out", str(tmp_path / "c.onnx"), *check])
+    assert result.exit_code == 1 and "describes a 64x64x1 input, the checkpoint takes 32x32x1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "c.onnx").exists()
+
+
+def test_the_record_says_how_the_network_was_initialised(exported: dict[str, Path]) -> None:
+    meta = read_metadata(exported["models"] / "classifier.onnx")  # the tiny models start from random weights
+    assert meta["architecture"].startswith("MobileNetV2 (random init)") and "ImageNet" not in meta["licence"]
+    spec = onnx_export.model_spec({**_sidecar(exported), "base_weights": "mnv2.weights.h5"}, "1.0.0", ["scores", "cam"])
+    assert spec.extra["architecture"].startswith("MobileNetV2 (ImageNet init)") and "ImageNet" in spec.extra["licence"]
+
+
+def _sidecar(exported: dict[str, Path]) -> dict[str, object]:
+    return json.loads((exported["work"] / "classifier.keras.json").read_text(encoding="utf-8"))

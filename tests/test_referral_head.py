@@ -234,3 +234,57 @@ def test_a_written_model_takes_its_place_only_once_it_passes_its_check(tiny_mode
     ]
     save_classifier(proto, meta, source, "9.9.9")
     assert read_metadata(source)["version"] == "9.9.9"
+
+
+def _with_meta(source: Path, out: Path, **changes: object) -> Path:
+    """A copy of the model `source` whose metadata record has `changes` (a nested key as a dict)."""
+    from cxrbatch.models import embed_metadata
+
+    proto, meta = onnx.load(str(source)), read_metadata(source)
+    for key, value in changes.items():
+        meta[key] = {**meta.get(key, {}), **value} if isinstance(value, dict) else value
+    embed_metadata(proto, meta)
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_the_head_is_refused_what_would_make_a_wrong_model(tiny_models: Path, tmp_path: Path) -> None:
+    source = make_halves_classifier(tiny_models / "classifier.onnx")
+    data, gate = _data(tmp_path / "data"), tiny_models / "gate.onnx"
+
+    def head(src: Path, dst: Path, tree: Path = data, model_gate: Path = gate) -> tuple[int, str]:
+        result = runner.invoke(
+            app, ["referral-head", str(src), str(dst), "--data", str(tree), "--gate", str(model_gate)]
+        )
+        return result.exit_code, result.stderr
+
+    one_sided = tmp_path / "one-sided"  # val without abnormal films: no Platt fit, no AUC
+    for film in data.rglob("*"):
+        target = one_sided / film.relative_to(data)
+        if film.is_dir() or "val/PNEUMONIA" in film.as_posix():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(film.read_bytes())
+    code, err = head(source, tmp_path / "h.onnx", one_sided)
+    assert code == 2 and "needs normal and abnormal films to scale the referral head" in err
+    code, err = head(gate, tmp_path / "h.onnx")  # a gate given as the classifier
+    assert code == 2 and "is a gate model, expected a classifier model" in err
+    code, err = head(source, tmp_path / "h.onnx", data, source)  # and the classifier as the gate
+    assert code == 2 and "is a classifier model, expected a gate model" in err
+    half = _with_meta(source, tmp_path / "half.onnx", precision="float16")
+    code, err = head(half, tmp_path / "h.onnx")
+    assert code == 2 and "is a float16 copy: make a referral head from the float32 model" in err
+    (tmp_path / "folder.onnx").mkdir()
+    code, err = head(source, tmp_path / "folder.onnx")
+    assert code == 2 and "is a folder" in err
+    assert "Traceback" not in err and not (tmp_path / "h.onnx").exists()
+
+
+def test_the_head_leaves_out_what_the_models_training_left_out(tiny_models: Path, tmp_path: Path) -> None:
+    source = make_halves_classifier(tiny_models / "classifier.onnx")
+    data, gate = _data(tmp_path / "data"), tiny_models / "gate.onnx"
+    plain = referral_head.add_referral_head(source, tmp_path / "plain.onnx", data, gate)
+    fold = _with_meta(source, tmp_path / "fold.onnx", training={"config": {"exclude_sources": ["tb-only"]}})
+    record = referral_head.add_referral_head(fold, tmp_path / "h.onnx", data, gate)  # not named again here
+    assert record["excluded_sources"] == ["tb-only"] and plain["excluded_sources"] == []
+    assert (plain["val_films"], record["val_films"]) == (60, 48)  # tb-only's 12 val films left out

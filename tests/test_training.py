@@ -230,3 +230,45 @@ def test_study_with_a_second_tree_puts_each_films_features_side_by_side(
     assert short.exit_code == 2 and "lacks 1 film(s)" in short.stderr
     lone = runner.invoke(app, [*args, "--with-features-cache", str(tmp_path / "x.npz")])
     assert lone.exit_code == 2 and "needs --with" in lone.stderr
+
+
+def test_train_refuses_before_training_what_would_fail_or_mislead_after_it(tmp_path: Path) -> None:
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=2)
+    for out, message in ((tmp_path / "runs", "is a folder"), (tmp_path / "c.onnx", "must name a .keras file")):
+        (tmp_path / "runs").mkdir(exist_ok=True)
+        result = runner.invoke(
+            app, ["train", "classifier", str(data), "--out", str(out), *TINY, "--negative-label", "DARK"]
+        )
+        assert result.exit_code == 2 and message in result.stderr
+    inside = data / "train" / "DARK" / "c.keras"
+    result = runner.invoke(
+        app, ["train", "classifier", str(data), "--out", str(inside), *TINY, "--negative-label", "DARK"]
+    )
+    assert result.exit_code == 2 and "lies inside" in result.stderr
+    for option, value in (("--views", "0"), ("--epochs1", "0"), ("--size", "16"), ("--alpha", "0")):
+        code, err = _train(data, tmp_path, "--negative-label", "DARK", option, value)
+        assert code == 2 and "[error] cannot train with" in err and option[2:] in err
+    not_weights = next((data / "test" / "DARK").iterdir())
+    code, err = _train(data, tmp_path, "--negative-label", "DARK", "--base-weights", str(not_weights))
+    assert code == 2 and "cannot be loaded into MobileNetV2 of width 0.35" in err
+    (data / "train" / "EMPTY").mkdir()  # a class folder with no film: not a three-class model in silence
+    code, err = _train(data, tmp_path, "--negative-label", "DARK")
+    assert code == 2 and "class folder(s) ['EMPTY'] hold no image" in err
+    (data / "train" / "EMPTY").rmdir()
+    film = next((data / "train" / "DARK").iterdir())
+    film.write_bytes(b"not an image")
+    code, err = _train(data, tmp_path, "--negative-label", "DARK")
+    assert code == 2 and f"training film {film} cannot be read" in err
+    assert "Traceback" not in err and not (tmp_path / "c.keras").exists()
+
+
+def test_the_gate_scores_its_xray_folder_whatever_the_folders_order(tmp_path: Path) -> None:
+    two = blob_dataset(tmp_path / "g", {"CXR": (False, False), "PHOTO": (True, True)}, per_class=2)
+    result = runner.invoke(app, ["train", "gate", str(two), "--out", str(tmp_path / "g.keras"), *TINY])
+    assert result.exit_code == 2 and "needs two class folders, XRAY and one other" in result.stderr
+    # XRAY sorts first here: its films are still the sigmoid's positives
+    data = blob_dataset(tmp_path / "gate", {"XRAY": (False, False), "ZPHOTO": (True, True)}, per_class=4)
+    split = export_module("training").load_data(data, export_module("config").DEFAULTS["gate"])[0]
+    positives = export_module("training").positives(split, export_module("config").DEFAULTS["gate"])
+    assert split.classes == ("XRAY", "ZPHOTO") and positives.tolist() == (split.labels == 0).tolist()
+    assert positives.sum() == 4

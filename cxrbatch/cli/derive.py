@@ -123,10 +123,14 @@ def referral_head(
         src, dst, data_dir, gate, tuple(exclude_source or ()), version=version
     )
     aucs = ", ".join(f"{name} {auc:.3f}" for name, auc in record["left_out_auc"].items())
-    gate_there = "" if (dst.parent / "gate.onnx").is_file() else f" (after copying the gate into {dst.parent})"
+    if dst.name != "classifier.onnx":  # `--models` reads a folder's classifier.onnx and gate.onnx
+        then = "copy it as classifier.onnx, with the gate as gate.onnx, into a folder F, then: cxrbatch calibrate "
+        then += "VAL_DIR --models F --out DIR"
+    else:
+        gate_there = "" if (dst.parent / "gate.onnx").is_file() else f" (after copying the gate into {dst.parent})"
+        then = f"cxrbatch calibrate VAL_DIR --models {dst.parent} --out DIR{gate_there}"
     typer.echo(
         f"wrote {dst}: penalty {record['penalty']:g}; within-collection AUC, each left out: {aucs}; "
-        f"val AUC {record['val_auc']:.3f}. Now choose its threshold: cxrbatch calibrate VAL_DIR --models "
-        f"{dst.parent} --out DIR{gate_there}",
+        f"val AUC {record['val_auc']:.3f}. Now choose its threshold: {then}",
         err=True,
     )
