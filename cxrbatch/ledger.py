@@ -137,6 +137,7 @@ class Ledger:
     def __init__(self, path: Path, db: sqlite3.Connection, lock_fd: int) -> None:
         self.path, self.db, self._lock_fd = path, db, lock_fd
         self.run_id = 0
+        self._hashed: dict[Path, tuple[int, int, int]] = {}  # size, mtime, ctime of each file when hashed
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -180,7 +181,8 @@ class Ledger:
                     out[path] = None
                     continue
                 cached = known.get(key)
-                if cached and cached[:3] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                self._hashed[path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                if cached and cached[:3] == self._hashed[path]:
                     out[path] = cached[3]
                     continue
                 out[path] = file_sha256(path)
@@ -192,6 +194,16 @@ class Ledger:
                 "INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, sha256) VALUES (?, ?, ?, ?, ?)", fresh
             )
         return out
+
+    def unchanged(self, path: Path) -> bool:
+        """Whether `path` is still the file `content_hashes` hashed (size, mtime and ctime): a file
+        replaced or still growing between its hashing and its decoding gave a result of another
+        content than its hash names, which must not be stored under it."""
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return self._hashed.get(path) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def cached(self, sha256s: Iterable[str], fp: str) -> set[str]:
         """The contents among `sha256s` that already have a result under these settings.

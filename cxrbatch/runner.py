@@ -29,11 +29,13 @@ from cxrbatch.heatmaps import add_heatmaps
 from cxrbatch.ledger import Ledger, key_of, ledger_files, now
 from cxrbatch.models import Model, default_models_dir, load_models
 from cxrbatch.pipeline import Result, Screener
-from cxrbatch.records import Record, Summary, plural
+from cxrbatch.records import ERROR, Record, Summary, plural
 from cxrbatch.reports import check_writable, render_csv, render_json, write_text
 from cxrbatch.review import render_html
 
 log = logging.getLogger(__name__)
+
+CHANGED = "the file changed while it was screened (still being copied, or replaced): screened again on the next run"
 
 Progress = Callable[[int, int], None]
 
@@ -331,6 +333,10 @@ def _screen_into(
     started = time.perf_counter()
     for result in screener.screen(todo, _progress_hook(len(todo), reporter)):
         record = screener.record(result)
+        if result.path in known and not ledger.unchanged(result.path):  # its result is of no hashed content
+            changed = Record.of(result.path, ERROR, record.gate_model, record.classifier_model, error=CHANGED)
+            unreadable.append((result.path, replace(changed, path=key_of(result.path))))  # reported, never stored
+            continue
         if result.path not in known:  # named as the ledger names every path, so a later row replaces it
             unreadable.append((result.path, replace(record, path=key_of(result.path))))
         pending.append((result.path, known.get(result.path), record))

@@ -499,3 +499,33 @@ def test_a_ledger_with_a_write_ahead_log_is_not_read_without_it(
     monkeypatch.setattr("cxrbatch.ledger.sqlite3.connect", lambda *args, **kwargs: Refused())
     viewed = runner.invoke(app, ["ledger", str(ledger)])
     assert viewed.exit_code == 1 and "its write-ahead log needs write access to its folder" in viewed.stderr
+
+
+def test_a_film_replaced_between_its_hashing_and_its_decoding_gives_no_film_its_result(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxrbatch.ledger import Ledger
+
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    hashed = Ledger.content_hashes
+    original = (folder / "img1.png").read_bytes()
+
+    def then_replaced(self: Ledger, paths: list[Path]) -> dict[Path, str | None]:
+        found = hashed(self, paths)
+        grey_image(folder / "new.png", 250)  # rsync's way: another film renamed over the path
+        os.replace(folder / "new.png", folder / "img1.png")
+        return found
+
+    monkeypatch.setattr(Ledger, "content_hashes", then_replaced)
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    row = next(r for r in rows if r["path"].endswith("img1.png"))
+    assert code == 3 and row["status"] == "error" and "changed while it was screened" in row["error"]
+    monkeypatch.undo()
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "old.png").write_bytes(original)  # the content that was hashed, elsewhere
+    code, rows, _ = _run(folder, tiny_models, ledger, out)  # the film now there is screened, as it is
+    assert code == 0 and [Path(r["path"]).name for r in rows] == ["img1.png"] and rows[0]["status"] != "error"
+    code, rows, _ = _run(tmp_path / "archive", tiny_models, ledger, out)
+    alone = runner.invoke(app, ["run", str(tmp_path / "archive"), "--models", str(tiny_models), "--out", "-"])
+    expected = next(csv.DictReader(alone.stdout.splitlines()))
+    assert code == 0 and rows[0]["p_NORMAL"] == expected["p_NORMAL"]  # its own result, not the replacement's
