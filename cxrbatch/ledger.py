@@ -94,7 +94,7 @@ _UPGRADES = {"cxrbatch.ledger/1": _FROM_1 + _FROM_2, "cxrbatch.ledger/2": _FROM_
 
 
 class LedgerBusy(CxrBatchError):
-    """Another run holds the ledger: nothing to do, that run does the work."""
+    """Another run holds the ledger: nothing was done (that run screens its own inputs)."""
 
     exit_code = EXIT_BUSY
 
@@ -251,9 +251,13 @@ class Ledger:
             (key_of(path), sha, fp, self.run_id),
         )
 
-    def undelivered(self) -> list[Stored]:
-        """Every entry computed but not yet delivered in a completed report, by path."""
-        return self._select("e.delivered_run IS NULL", ())
+    def undelivered(self, inputs: Iterable[Path]) -> list[Stored]:
+        """Every entry computed but not yet delivered in a completed report, by path, of a file named
+        in `inputs` or under one of them: what a run over other folders left undelivered (a run
+        stopped part-way) waits for a run over those, and never goes into this run's report."""
+        roots = {key_of(p) for p in inputs}
+        prefixes = tuple(root.rstrip("/") + "/" for root in roots)
+        return [s for s in self._select("e.delivered_run IS NULL", ()) if s.key in roots or s.key.startswith(prefixes)]
 
     def for_paths(self, pairs: Iterable[tuple[Path, str]], fp: str) -> list[Stored]:
         """The stored entries of these (path, content) pairs under these settings, delivered or not."""
@@ -344,7 +348,10 @@ def _lock(path: Path) -> int:
             if attempt + 1 < LOCK_TRIES:
                 time.sleep(0.1)
     os.close(fd)
-    raise LedgerBusy(f"Another cxrbatch run holds the ledger {path}; nothing was done (that run does the work)")
+    raise LedgerBusy(
+        f"Another cxrbatch run holds the ledger {path}; nothing was done (the same job started twice needs "
+        "nothing more; a ledger serves one job: give another input folder's job a ledger of its own)"
+    )
 
 
 def readable(key: str, text: str, warn: bool = True) -> Record | None:

@@ -297,7 +297,7 @@ def _run_with_ledger(
     ledger.note_entries(((p, h) for p, h in known.items() if h in cached), fp)
     unreadable, seconds = _screen_into(ledger, screener, todo, known, fp, options.reporter)
     ledger.note_entries(((p, known[p]) for p in later), fp)  # same content as a file screened now
-    stored = ledger.for_paths(known.items(), fp) if options.report_all else ledger.undelivered()
+    stored = ledger.for_paths(known.items(), fp) if options.report_all else ledger.undelivered(options.inputs)
     by_key = {key_of(p): p for p in paths}
     # a row from a killed run for an older content of a path gets no heatmap drawn from the new one
     current = {key_of(p): h for p, h in known.items()}

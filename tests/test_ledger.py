@@ -529,3 +529,24 @@ def test_a_film_replaced_between_its_hashing_and_its_decoding_gives_no_film_its_
     alone = runner.invoke(app, ["run", str(tmp_path / "archive"), "--models", str(tiny_models), "--out", "-"])
     expected = next(csv.DictReader(alone.stdout.splitlines()))
     assert code == 0 and rows[0]["p_NORMAL"] == expected["p_NORMAL"]  # its own result, not the replacement's
+
+
+def test_what_a_stopped_run_left_undelivered_waits_for_a_run_over_its_own_folder(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ward_b = tmp_path / "ward-b"
+    ward_b.mkdir()
+    grey_image(ward_b / "b.png", 130)
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+
+    def stop(name: str) -> None:
+        if name == "before_report":
+            raise RuntimeError("stopped")  # as a SIGTERM after the results were committed
+
+    monkeypatch.setattr("cxrbatch.runner.crash_point", stop)
+    assert _run(folder, tiny_models, ledger, out)[0] == 1
+    monkeypatch.undo()
+    code, rows, _ = _run(ward_b, tiny_models, ledger, out)  # another job on the same ledger
+    assert code == 0 and _names(rows) == ["b.png"]
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)]
