@@ -215,7 +215,7 @@ def test_a_schema_1_ledger_is_upgraded_without_losing_rows(tiny_models: Path, tm
     with sqlite3.connect(ledger) as db:
         db.executescript(SCHEMA_1)
         db.execute("INSERT INTO results VALUES ('f' , 'g:c', ?, 1, 1)", (json.dumps(old),))
-        db.execute("INSERT INTO entries VALUES ('/old/killed-run.png', 'f', 'g:c', 1, NULL)")
+        db.execute("INSERT INTO entries VALUES (?, 'f', 'g:c', 1, NULL)", (f"{inbox}/killed-run.png",))
     db.close()
     inspected = runner.invoke(app, ["ledger", str(ledger)])
     assert inspected.exit_code == 1 and "the next `cxrbatch run --ledger` upgrades it" in inspected.stderr
