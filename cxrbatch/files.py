@@ -56,6 +56,7 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], object], binary: bool = 
     Any OSError (a full disk, a read-only folder) becomes a ReportError naming the file; the
     temporary file is removed and whatever was at `path` before stays as it was.
     """
+    path = written_at(path)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
@@ -77,6 +78,12 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], object], binary: bool = 
     except BaseException:
         _unlink_quietly(tmp)
         raise
+
+
+def written_at(path: Path) -> Path:
+    """Where a file named `path` is written: through a symbolic link to the file it names (a
+    `latest.csv` link keeps pointing at a report that is kept up to date, not replaced by a copy)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _sync_folder(folder: Path) -> None:

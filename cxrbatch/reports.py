@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cxrbatch.errors import ReportError
-from cxrbatch.files import atomic_write
+from cxrbatch.files import atomic_write, written_at
 from cxrbatch.records import DECIMALS, Record, Summary
 
 JSON_SCHEMA = "cxrbatch.report/1"
@@ -95,8 +95,11 @@ def write_text(target: str | Path, text: str, stdout: IO[str] | None = None) -> 
     """Write a report to a file atomically, or to stdout when target is '-'."""
     if str(target) == "-":
         out = stdout or sys.stdout
-        out.write(text)
-        out.flush()
+        try:
+            out.write(text)
+            out.flush()
+        except OSError as exc:  # a full disk or a closed pipe behind stdout
+            raise ReportError(f"Cannot write the report to stdout: {exc.strerror or exc}", exc.strerror or "") from None
         return
     atomic_write(Path(target), lambda fh: fh.write(text))
 
@@ -105,11 +108,13 @@ def check_writable(target: str | Path) -> None:
     """Fail before screening when a report could not be written at the end."""
     if str(target) == "-":
         return
-    path = Path(target)
+    path = written_at(Path(target))
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ReportError(f"Cannot write report {path}: folder {folder} does not exist")
     if path.is_dir():
         raise ReportError(f"Cannot write report {path}: it is a directory")
+    if path.exists() and not path.is_file():  # replaced by a rename, a device node would be gone for everyone
+        raise ReportError(f"Cannot write report {target}: it is a device or a pipe, not a file (stdout is -)")
     if not os.access(folder, os.W_OK):
         raise ReportError(f"Cannot write report {path}: folder {folder} is not writable")

@@ -240,3 +240,33 @@ def test_unwritable_targets_fail_early(tmp_path: Path) -> None:
         ro.mkdir(mode=0o500)
         with pytest.raises(CxrBatchError, match="not writable"):
             check_writable(ro / "r.csv")
+
+
+def test_a_report_is_never_renamed_over_a_device_or_a_pipe_and_goes_through_a_link(tmp_path: Path) -> None:
+    import stat
+
+    pipe = tmp_path / "pipe.csv"
+    os.mkfifo(pipe)
+    with pytest.raises(CxrBatchError, match="it is a device or a pipe, not a file"):
+        check_writable(pipe)
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    (tmp_path / "reports").mkdir()
+    day = tmp_path / "reports" / "day1.csv"
+    day.write_text("old\n", encoding="utf-8")
+    latest = tmp_path / "latest.csv"
+    latest.symlink_to(day)
+    check_writable(latest)
+    atomic_write(latest, lambda fh: fh.write("new\n"))
+    assert latest.is_symlink() and day.read_text(encoding="utf-8") == "new\n"
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["day1.csv"]  # no temporary file left
+
+
+def test_a_report_that_stdout_cannot_take_is_an_error_not_a_traceback() -> None:
+    from cxrbatch.reports import write_text
+
+    class Full(io.StringIO):
+        def flush(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(CxrBatchError, match="Cannot write the report to stdout: No space left on device"):
+        write_text("-", "path,status\n", stdout=Full())
