@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,12 @@ import numpy as np
 from PIL import Image
 
 from cxrbatch.databuild.readers import GitFiles, find_git_dir
-from cxrbatch.datasets import labelled_images
+from cxrbatch.datasets import labelled_images, refuse_out_inside
 from cxrbatch.errors import ImageError, UsageError
-from cxrbatch.imaging import decode_bytes, load_image, to_model_input
+from cxrbatch.imaging import decode_bytes, to_model_input
 
 from .augment import degrade
+from .cache import read_film
 from .config import DEFAULTS
 
 log = logging.getLogger(__name__)
@@ -311,6 +313,18 @@ def crop_to_lungs(img: Image.Image, box: np.ndarray, margin: float = MARGIN) -> 
     return img if rect is None else img.crop(rect)
 
 
+def load_box_model(path: Path) -> keras.Model:
+    """The box model `lungs train` saved; another file is the command's input mistake."""
+    if not path.is_file():
+        raise UsageError(f"box model not found: {path}")
+    try:
+        return keras.models.load_model(path)
+    except Exception as exc:  # Keras raises ValueError, OSError, zip errors for another kind of file
+        raise UsageError(
+            f"{path} is not a Keras model it can read ({type(exc).__name__}): give `lungs train`'s .keras"
+        ) from None
+
+
 def crop_tree(data_dir: Path, model: keras.Model, out: Path, longest: int = 512, batch: int = 16) -> dict[str, Any]:
     """A copy of a training tree (split/CLASS/files and MANIFEST.csv) with every film cut to its
     lung field and saved as PNG (at most `longest` px on its longer side; the classifier reads
@@ -318,13 +332,37 @@ def crop_tree(data_dir: Path, model: keras.Model, out: Path, longest: int = 512,
     film's box and whether it was cut."""
     if out.exists():
         raise UsageError(f"{out} exists: choose a new folder")
+    refuse_out_inside(data_dir, out)
+    if not (data_dir / "MANIFEST.csv").is_file():
+        raise UsageError(f"{data_dir} has no MANIFEST.csv: the cut tree keeps each film's id and source")
+    if tuple(model.output_shape)[-1:] != (4,):
+        raise UsageError(f"the --model gives {model.output_shape[-1]} values per film, not a lung box's 4")
     paths = labelled_images(data_dir, "all").paths  # every split's image files, by the evaluation's rule
-    out.mkdir(parents=True)
+    targets = Counter((out / p.relative_to(data_dir)).with_suffix(".png") for p in paths)
+    twice = sorted(str(t.relative_to(out)) for t, n in targets.items() if n > 1)
+    if twice:
+        raise UsageError(f"films of one name in one folder would be cut to one PNG: {', '.join(twice[:5])}")
+    partial = out.with_name(f".{out.name}.partial")  # the folder takes its name only once it is whole
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        summary = _cut_all(data_dir, paths, model, partial, longest, batch)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(out)
+    return summary
+
+
+def _cut_all(
+    data_dir: Path, paths: list[Path], model: keras.Model, out: Path, longest: int, batch: int
+) -> dict[str, Any]:
+    """`crop_tree`'s work, into the folder `out`."""
     shutil.copy2(data_dir / "MANIFEST.csv", out / "MANIFEST.csv")
     rows, kept_whole = [], 0
     for i in range(0, len(paths), batch):
         chunk = paths[i : i + batch]
-        images = [load_image(p) for p in chunk]
+        images = [read_film(p) for p in chunk]
         for path, img, box in zip(chunk, images, lung_box(model, images), strict=True):
             rect = crop_box(img.size, box)
             kept_whole += rect is None

@@ -168,3 +168,23 @@ def test_trained_box_model_and_the_cropped_tree(
         assert summary["kept_whole"] == sum(r["cut"] == "no" for r in rows)
     with pytest.raises(Exception, match="exists"):
         lungs.crop_tree(data, model, out)
+    # what would have cut a tree into itself, lost a film, or read another model's outputs as boxes
+    from cxrbatch.errors import UsageError
+
+    with pytest.raises(UsageError, match="lies inside"):
+        lungs.crop_tree(data, model, data / "test" / "CUT")
+    lungs_film((300, 260), (40, 30, 260, 230)).save(data / "train" / "NORMAL" / "aaa.png")  # aaa.jpg's twin
+    with pytest.raises(UsageError, match=r"would be cut to one PNG: train/NORMAL/aaa.png"):
+        lungs.crop_tree(data, model, tmp_path / "cut2")
+    (data / "train" / "NORMAL" / "aaa.png").write_bytes(b"not a film")
+    (data / "train" / "NORMAL" / "aaa.jpg").unlink()
+    with pytest.raises(UsageError, match=r"aaa\.png cannot be read"):
+        lungs.crop_tree(data, model, tmp_path / "cut2")
+    assert not (tmp_path / "cut2").exists() and not (tmp_path / ".cut2.partial").exists()  # a rerun may use it
+    import keras
+
+    four_classes = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="softmax")])
+    with pytest.raises(UsageError, match="gives 3 values per film, not a lung box's 4"):
+        lungs.crop_tree(data, four_classes, tmp_path / "cut2")
+    with pytest.raises(UsageError, match="is not a Keras model"):
+        lungs.load_box_model(data / "MANIFEST.csv")

@@ -53,7 +53,5 @@ def crop(
     """Copy a training tree with every film cut to its lung field (PNG, same ids and manifest)."""
     _setup_logging(verbose, quiet=False)
     lungs = export_module("lungs")
-    import keras
-
-    summary = lungs.crop_tree(data_dir, keras.models.load_model(model), out)
+    summary = lungs.crop_tree(data_dir, lungs.load_box_model(model), out)
     typer.echo(f"{summary['films']} films written to {out}; {summary['kept_whole']} kept whole (no lung box found)")
