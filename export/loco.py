@@ -29,6 +29,7 @@ import numpy as np
 
 from cxrbatch.datasets import Split, class_names, load_split, read_manifest, sources_of
 from cxrbatch.errors import UsageError
+from cxrbatch.files import file_sha256
 from cxrbatch.metrics import roc_auc
 
 from .cache import cache_activations
@@ -56,13 +57,25 @@ def study(
     features in both trees side by side, as a classifier that sees both would have them."""
     if config.role != "classifier" or config.epochs2 != 0:
         raise UsageError("the study measures the classifier's head-only recipe (epochs2 0)")
+    if base_weights is not None and not base_weights.is_file():
+        raise UsageError(f"Base weights not found: {base_weights}")
+    for cache in (features_cache, None if with_tree is None else with_tree[1]):
+        if cache is not None and cache.is_dir():
+            raise UsageError(f"features cache {cache} is a folder: name the .npz file to keep them in")
     classes = class_names(data_dir)
     if config.negative_label not in classes:
         raise UsageError(f"the negative label {config.negative_label!r} is not a class of {data_dir} ({list(classes)})")
     manifest = read_manifest(data_dir)
+    if not (data_dir / "val").is_dir():
+        raise UsageError(f"{data_dir} has no val/ folder: each head stops early on the val films")
     splits = {name: load_split(data_dir, name, classes) for name in SPLITS if (data_dir / name).is_dir()}
     sources = {name: np.asarray(sources_of(split.paths, manifest), dtype=object) for name, split in splits.items()}
     chosen = folds or default_folds(splits, sources)
+    if not chosen:
+        raise UsageError(
+            f"{data_dir}: no collection to leave out (a MANIFEST.csv must name the collections, and a class "
+            "needs two or more of them); name folds with --fold"
+        )
     unknown = sorted(set(chosen) - {s for found in sources.values() for s in found})
     if unknown:
         raise UsageError(f"No image of {data_dir} comes from the collection(s) {unknown}")
@@ -162,7 +175,8 @@ def _features(
 
     Kept per image (by id, the file stem) in `cache`, so a tree that grew by a source costs only
     the new images; an image's views are drawn from a seed made of the run's seed and its id."""
-    stored = _read_cache(cache, config)
+    key = _feature_key(config, base_weights)
+    stored = _read_cache(cache, key)
     wanted = {name: [p for p in split.paths if p.stem not in stored[_kind(name)]] for name, split in splits.items()}
     if any(wanted.values()):
         log.info("computing features of %d images (%d kept)", sum(map(len, wanted.values())), len(stored["clean"]))
@@ -178,7 +192,7 @@ def _features(
                 seeds = np.asarray([_seed(config.seed, p.stem) for p in paths], dtype=np.uint64)
                 acts = cache_activations(pooled, part, config.input_spec(), config, seeds, views=views)
                 stored[_kind(name)].update(zip((p.stem for p in paths), acts, strict=True))
-        _write_cache(cache, config, stored)
+        _write_cache(cache, key, stored)
     out = {"train": np.stack([stored["views"][p.stem] for p in splits["train"].paths])}
     for name, split in splits.items():
         if name == "train":
@@ -225,12 +239,12 @@ def _seed(seed: int, image_id: str) -> int:
     return int(hashlib.sha1(f"{seed}:{image_id}".encode()).hexdigest()[:8], 16)
 
 
-def _read_cache(cache: Path | None, config: TrainConfig) -> dict[str, dict[str, np.ndarray]]:
+def _read_cache(cache: Path | None, key: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     stored: dict[str, dict[str, np.ndarray]] = {"views": {}, "clean": {}}
     if cache is None or not cache.is_file():
         return stored
     with np.load(cache, allow_pickle=False) as data:
-        if json.loads(str(data["key"])) != _feature_key(config):
+        if json.loads(str(data["key"])) != key:
             log.info("%s was made with other settings: computing the features again", cache)
             return stored
         for kind in stored:
@@ -238,10 +252,10 @@ def _read_cache(cache: Path | None, config: TrainConfig) -> dict[str, dict[str, 
     return stored
 
 
-def _write_cache(cache: Path | None, config: TrainConfig, stored: dict[str, dict[str, np.ndarray]]) -> None:
+def _write_cache(cache: Path | None, key: dict[str, Any], stored: dict[str, dict[str, np.ndarray]]) -> None:
     if cache is None:
         return
-    arrays = {"key": np.asarray(json.dumps(_feature_key(config)))}
+    arrays = {"key": np.asarray(json.dumps(key))}
     for kind, by_id in stored.items():
         ids = sorted(by_id)
         arrays[f"{kind}_ids"] = np.asarray(ids, dtype=str)
@@ -252,10 +266,12 @@ def _write_cache(cache: Path | None, config: TrainConfig, stored: dict[str, dict
     part.replace(cache)
 
 
-def _feature_key(config: TrainConfig) -> dict[str, Any]:
-    """What the features depend on (the head's settings do not change them)."""
+def _feature_key(config: TrainConfig, base_weights: Path | None) -> dict[str, Any]:
+    """What the features depend on (the head's settings do not change them): the recipe's settings
+    and the backbone's starting weights, by content (None: random)."""
     keys = ("size", "alpha", "views", "seed", "zoom_out", "crop_area", "clahe", "cache_layer")
-    return {k: getattr(config, k) for k in keys}
+    weights = None if base_weights is None else file_sha256(base_weights)
+    return {k: getattr(config, k) for k in keys} | {"base_weights_sha256": weights}
 
 
 def _config_record(config: TrainConfig) -> dict[str, Any]:

@@ -272,3 +272,31 @@ def test_the_gate_scores_its_xray_folder_whatever_the_folders_order(tmp_path: Pa
     positives = export_module("training").positives(split, export_module("config").DEFAULTS["gate"])
     assert split.classes == ("XRAY", "ZPHOTO") and positives.tolist() == (split.labels == 0).tolist()
     assert positives.sum() == 4
+
+
+def test_studies_refuse_before_the_work_what_would_overwrite_their_tree_or_measure_nothing(tmp_path: Path) -> None:
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=2)
+    manifest = data / "MANIFEST.csv"
+    manifest.write_text("id,source\n" + "".join(f"{c}_{i},s{i}\n" for c in CLASSES for i in range(2)), encoding="utf-8")
+    before = manifest.read_bytes()
+    args = ["--size", "32", "--alpha", "0.35", "--views", "1", "--epochs1", "1", "--negative-label", "DARK"]
+    result = runner.invoke(app, ["loco", str(data), "--json", str(manifest), *args])
+    assert result.exit_code == 2 and "lies inside" in result.stderr and manifest.read_bytes() == before
+    film = next((data / "test" / "DARK").iterdir())
+    result = runner.invoke(app, ["evaluate", str(data), "--json", str(film)])
+    assert result.exit_code == 2 and "lies inside" in result.stderr and film.read_bytes()[:4] == b"\x89PNG"
+    result = runner.invoke(app, ["loco", str(data), "--json", str(tmp_path / "l.json"), *args, "--fold", "nowhere"])
+    assert result.exit_code == 2 and "comes from the collection(s) ['nowhere']" in result.stderr
+    manifest.write_text("id,source\n", encoding="utf-8")  # no film names a collection: no fold to study
+    result = runner.invoke(app, ["loco", str(data), "--json", str(tmp_path / "l.json"), *args])
+    assert result.exit_code == 2 and "no collection to leave out" in result.stderr
+    assert not (tmp_path / "l.json").exists()
+
+
+def test_the_features_cache_is_kept_apart_for_other_starting_weights(tmp_path: Path) -> None:
+    loco, config = export_module("loco"), export_module("config").DEFAULTS["classifier"]
+    one, other = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
+    one.write_bytes(b"weights one")
+    other.write_bytes(b"weights two")
+    keys = [loco._feature_key(config, weights) for weights in (None, one, other)]
+    assert keys[0]["base_weights_sha256"] is None and len({json.dumps(k) for k in keys}) == 3

@@ -31,6 +31,17 @@ class Role(str, Enum):
     classifier = "classifier"
 
 
+def _json_target(path: Path | None, data_dir: Path) -> None:
+    """Refuse, before the work, a --json file that cannot be written, or that lies inside the tree
+    the command reads (over a film, over its MANIFEST.csv)."""
+    from cxrbatch.datasets import refuse_out_inside
+    from cxrbatch.reports import check_writable
+
+    if path is not None:
+        refuse_out_inside(data_dir, path)
+        check_writable(path)
+
+
 def _write_json(path: Path | None, data: dict[str, Any]) -> str:
     """The report as indented JSON, also written to `path` when given."""
     from cxrbatch.reports import write_text
@@ -166,11 +177,9 @@ def evaluate(
     from cxrbatch import evaluation
     from cxrbatch.models import default_models_dir, load_models
     from cxrbatch.pipeline import Screener
-    from cxrbatch.reports import check_writable
 
     _setup_logging(verbose, quiet=False)
-    if json_out is not None:
-        check_writable(json_out)  # before the scoring, not after it
+    _json_target(json_out, data_dir)  # before the scoring, not after it
     transform = evaluation.Framed(frame) if frame != 1.0 else None
     gate, classifier = load_models(models or default_models_dir(), device.value)
     report = evaluation.evaluate(data_dir, split, Screener(gate, classifier, transform=transform), tuple(source or ()))
@@ -228,6 +237,7 @@ def probe(
     Example: cxrbatch probe runs/classifier.keras data/cxr --base-weights mnv2_no_top.weights.h5
     """
     _setup_logging(verbose, quiet=False)
+    _json_target(json_out, data_dir)
     report = export_module("probe").probe(ckpt, data_dir, base_weights, label)
     typer.echo(_write_json(json_out, report))
 
@@ -276,6 +286,7 @@ def loco(
     Example: cxrbatch loco data/union --json runs/loco.json --base-weights mnv2_no_top.weights.h5
     """
     _setup_logging(verbose, quiet=False)
+    _json_target(json_out, data_dir)
     config_module = export_module("config")
     config = replace(
         config_module.DEFAULTS["classifier"], size=size, alpha=alpha, views=views, seed=seed, zoom_out=zoom_out,
