@@ -26,7 +26,7 @@ import numpy as np
 
 from cxrbatch import sitehead
 from cxrbatch.calibration import choose_threshold
-from cxrbatch.datasets import labelled_images
+from cxrbatch.datasets import labelled_images, split_used
 from cxrbatch.errors import UsageError
 from cxrbatch.metrics import roc_auc
 from cxrbatch.models import default_models_dir, load_models
@@ -81,7 +81,7 @@ def main() -> None:
             head_scores = np.round(head.probability(feats), DECIMALS)
             rows["site head"].append(_held_out(oof[abnormal[drawn]], head_scores, drawn, abnormal, args.target))
     result = {
-        "data": f"{args.data_dir.name}/{args.split}",
+        "data": args.data_dir.name + (f"/{used}" if (used := split_used(args.data_dir, args.split)) else " (whole)"),
         "classifier": classifier.short_hash,
         "films": {str(label): int((labels == label).sum()) for label in np.unique(labels)},
         "per_class": args.per_class,

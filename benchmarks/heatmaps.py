@@ -27,7 +27,8 @@ def timed(folder: Path, root: Path, extra: list[str], repeats: int) -> tuple[flo
         args = ["run", str(folder), "--out", str(out / "r.csv"), "--html", str(out / "review.html"), "-q"]
         seconds.append(cli_run([*args, *[a.replace("MAPS", str(out / "maps")) for a in extra]])[0])
         maps = out / "maps"
-    return statistics.median(seconds), len(list(maps.iterdir())) if maps.is_dir() else 0
+    drawn = [p for p in maps.iterdir() if not p.name.startswith(".")] if maps.is_dir() else []  # not the folder's mark
+    return statistics.median(seconds), len(drawn)
 
 
 def main() -> None:
