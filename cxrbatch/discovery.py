@@ -51,19 +51,52 @@ def iter_images(
 
 
 def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Counter[str]) -> Iterator[Path]:
+    """The files to screen under `folder`, depth first and by name. Iterative: a tree of any depth
+    (a recursive walk failed past about 1,000 levels, and every night with it)."""
+    stack = [_listing(folder, skip, seen, skipped)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif isinstance(entry, Path):  # a folder that cannot be listed
+            yield entry
+        else:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if entry.name.startswith("."):
+                if not is_dir:  # a hidden folder's files are not counted (nor listed)
+                    skipped[HIDDEN] += 1
+            elif is_dir:
+                stack.append(_listing(path, skip, seen, skipped))
+            elif not (is_candidate(entry.name) or _is_dicom_by_content(entry)):
+                skipped[NOT_AN_IMAGE] += 1
+            elif resolved(path) in skip:
+                skipped[OWN_OUTPUT] += 1
+            else:
+                yield path
+
+
+def _listing(
+    folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Counter[str]
+) -> Iterator[os.DirEntry[str] | Path]:
+    """A folder's entries by name, once per folder (by device and inode: a link loop ends); none
+    for a heatmaps folder (its maps counted as the run's own output) or a folder to skip. A folder
+    that cannot be listed (no permission) hides files that are due: it is given itself, so that it
+    becomes an error row (imaging says why) and the run's exit code 3."""
     try:
         stat = folder.stat()
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except FileNotFoundError:
         return  # gone since its parent was listed: nothing of it to screen
     except OSError:
-        # A folder that cannot be listed (no permission) hides files that are due: it is yielded
-        # itself, so that it becomes an error row (imaging says why) and the run's exit code 3.
         if resolved(folder) not in skip:
             yield folder
         return
     key = (stat.st_dev, stat.st_ino)
-    if key in seen or resolved(folder) in skip:
+    if key in seen or (skip and resolved(folder) in skip):  # resolving is a walk up the whole path
         return
     seen.add(key)
     if any(entry.name == HEATMAPS_MARKER for entry in entries):  # a heatmaps folder, written by another run
@@ -71,23 +104,7 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
         if maps:
             skipped[OWN_OUTPUT] += maps
         return
-    for entry in entries:
-        path = Path(entry.path)
-        try:
-            is_dir = entry.is_dir()
-        except OSError:
-            is_dir = False
-        if entry.name.startswith("."):
-            if not is_dir:  # a hidden folder's files are not counted (nor listed)
-                skipped[HIDDEN] += 1
-        elif is_dir:
-            yield from _walk(path, skip, seen, skipped)
-        elif not (is_candidate(entry.name) or _is_dicom_by_content(entry)):
-            skipped[NOT_AN_IMAGE] += 1
-        elif resolved(path) in skip:
-            skipped[OWN_OUTPUT] += 1
-        else:
-            yield path
+    yield from entries
 
 
 def _is_file(entry: os.DirEntry[str]) -> bool:

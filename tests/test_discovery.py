@@ -111,3 +111,15 @@ def test_a_heatmaps_folder_is_skipped_whole_and_counts_only_its_files(tmp_path: 
     _touch(tmp_path / "maps" / "3f9c.png")
     (tmp_path / "maps" / "sub").mkdir()
     assert list(iter_images([tmp_path], skipped=skipped)) == [keep] and dict(skipped) == {"the run's own output": 1}
+
+
+def test_a_tree_deeper_than_the_interpreters_recursion_limit_is_walked(tmp_path: Path) -> None:
+    import sys
+
+    deep = tmp_path
+    for _ in range(sys.getrecursionlimit() + 100):  # a recursive walk ended in RecursionError
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "film.png").write_bytes(b"")
+    (tmp_path / "top.png").write_bytes(b"")
+    assert [p.name for p in iter_images([tmp_path])] == ["film.png", "top.png"]  # "d" sorts before "top.png"
