@@ -116,10 +116,15 @@ def test_a_heatmaps_folder_is_skipped_whole_and_counts_only_its_files(tmp_path: 
 def test_a_tree_deeper_than_the_interpreters_recursion_limit_is_walked(tmp_path: Path) -> None:
     import sys
 
-    deep = tmp_path
+    levels = [tmp_path]
     for _ in range(sys.getrecursionlimit() + 100):  # a recursive walk ended in RecursionError
-        deep = deep / "d"
-        deep.mkdir()
-    (deep / "film.png").write_bytes(b"")
+        levels.append(levels[-1] / "d")
+        levels[-1].mkdir()
+    (levels[-1] / "film.png").write_bytes(b"")
     (tmp_path / "top.png").write_bytes(b"")
-    assert [p.name for p in iter_images([tmp_path])] == ["film.png", "top.png"]  # "d" sorts before "top.png"
+    try:
+        assert [p.name for p in iter_images([tmp_path])] == ["film.png", "top.png"]  # "d" sorts before "top.png"
+    finally:  # removed here, deepest first: pytest's own clean-up of old temporary folders recurses
+        (levels[-1] / "film.png").unlink()
+        for level in reversed(levels[1:]):
+            level.rmdir()
