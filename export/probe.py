@@ -71,6 +71,8 @@ def run_probe(model: keras.Model, spec: InputSpec, data_dir: Path, label: str) -
     keep_t = [i for i, s in enumerate(train_src) if s in sources]
     val_paths, val_src = pick(val)
     keep_v = [i for i, s in enumerate(val_src) if s in sources]
+    if not keep_v:
+        raise UsageError(f"{data_dir / 'val'} has no {label} film of the probed sources {sources}: nothing to score on")
     xt = features(model, spec, [train_paths[i] for i in keep_t])
     xv = features(model, spec, [val_paths[i] for i in keep_v])
     yt = np.array([sources.index(train_src[i]) for i in keep_t])
@@ -102,7 +104,8 @@ def probe(ckpt: Path, data_dir: Path, base_weights: Path | None = None, label: s
     summary = json.loads(sidecar_path(ckpt).read_text(encoding="utf-8"))
     label = label or summary.get("negative_label")
     if label not in summary["labels"]:
-        raise UsageError(f"name the class to probe, one of {summary['labels']} (the sidecar has no negative label)")
+        why = f"{label!r} is not one of them" if label else "the sidecar has no negative label"
+        raise UsageError(f"name the class to probe, one of {summary['labels']} ({why})")
     spec = InputSpec(**summary["input"])
     trained = keras.models.load_model(ckpt, compile=False)
     report = {"trained": run_probe(trained, spec, data_dir, label)}

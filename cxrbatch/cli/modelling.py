@@ -6,7 +6,9 @@ so every `--help` works without the export extra. Errors are raised, never caugh
 command group turns them into one `[error]` line and the exit code of their class.
 """
 
+import contextlib
 import json
+import sys
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
@@ -238,7 +240,8 @@ def probe(
     """
     _setup_logging(verbose, quiet=False)
     _json_target(json_out, data_dir)
-    report = export_module("probe").probe(ckpt, data_dir, base_weights, label)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the report alone
+        report = export_module("probe").probe(ckpt, data_dir, base_weights, label)
     typer.echo(_write_json(json_out, report))
 
 
@@ -297,6 +300,7 @@ def loco(
     if with_cache is not None and with_tree is None:
         raise typer.BadParameter("--with-features-cache needs --with", param_hint="--with-features-cache")
     also = None if with_tree is None else (with_tree, with_cache)
-    record = loco_module.study(data_dir, base_weights, config, tuple(fold or ()), features_cache, also)
+    with contextlib.redirect_stdout(sys.stderr):  # Keras prints its epochs to stdout, which holds the table
+        record = loco_module.study(data_dir, base_weights, config, tuple(fold or ()), features_cache, also)
     _write_json(json_out, record)
     typer.echo(loco_module.format_study(record))
