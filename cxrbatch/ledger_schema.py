@@ -77,6 +77,8 @@ def connect(path: Path, migrate: bool) -> sqlite3.Connection:
             # empty tables of an unfinished creation go first (an earlier schema's have other columns)
             drop = "".join(f"DROP TABLE IF EXISTS {table};" for table in TABLE_NAMES)
             db.executescript(f"BEGIN;{drop}{_TABLES}INSERT OR REPLACE INTO meta VALUES ('schema', '{SCHEMA}');COMMIT;")
+            # by its full path: a relative --ledger from another working folder makes a new ledger
+            log.info("new ledger %s: every file is screened and reported", path.absolute())
         db.execute("PRAGMA synchronous=NORMAL")
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path} is not a usable cxrbatch ledger ({exc}); it was left untouched") from None

@@ -39,7 +39,7 @@ def inspect(path: Path) -> dict[str, Any]:
         db.close()
 
 
-def _status(db: sqlite3.Connection, live: bool) -> dict[str, Any]:
+def _status(db: sqlite3.Connection, live: bool | None) -> dict[str, Any]:
     """Counts by status and label of the newest entry per path, the last run, undelivered entries."""
     newest: dict[str, Record | None] = {}  # None: the newest result of the path cannot be read back
     sql = (
@@ -59,7 +59,9 @@ def _status(db: sqlite3.Connection, live: bool) -> dict[str, Any]:
     keys = ("id", "started", "finished", "status", "screened", "reused", "reported")
     row = db.execute(f"SELECT {', '.join(keys)} FROM runs ORDER BY id DESC LIMIT 1").fetchone()
     last = dict(zip(keys, row, strict=True)) if row else None
-    if last and last["status"] == "running" and not live:
+    if last and last["status"] == "running" and live is None:
+        last["status"] = "running or interrupted (this user may not read the run lock)"
+    elif last and last["status"] == "running" and not live:
         last["status"] = "interrupted"
     if last and last["status"] != "done":
         last["committed"] = db.execute("SELECT COUNT(*) FROM results WHERE run = ?", (last["id"],)).fetchone()[0]
@@ -74,12 +76,15 @@ def _status(db: sqlite3.Connection, live: bool) -> dict[str, Any]:
     }
 
 
-def _lock_is_held(path: Path) -> bool:
-    """Tell whether a run holds the ledger's lock now (a shared lock cannot be had beside it)."""
+def _lock_is_held(path: Path) -> bool | None:
+    """Tell whether a run holds the ledger's lock now (a shared lock cannot be had beside it);
+    None where this user may not open the lock file, so cannot tell."""
     try:
         fd = os.open(lock_path(path), os.O_RDONLY)
-    except OSError:
+    except FileNotFoundError:
         return False  # no lock file: no run has ever held it
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False

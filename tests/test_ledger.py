@@ -100,8 +100,9 @@ def test_second_run_with_nothing_new_reports_nothing(folder: Path, tiny_models: 
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
     code, rows, err = _run(folder, tiny_models, ledger, out)
     assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)]
+    assert f"new ledger {ledger}: every file is screened" in err  # by its full path (a relative one is easily another)
     code, rows, err = _run(folder, tiny_models, ledger, out)
-    assert code == 0 and rows == []
+    assert code == 0 and rows == [] and "new ledger" not in err
     assert _only_header(tmp_path / "r.2.csv")
     assert "0 files: 0 classified" in err
     assert _inferences(ledger) == [1] * 5

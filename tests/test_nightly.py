@@ -133,6 +133,26 @@ def test_ledger_shows_a_killed_run_as_interrupted(tmp_path: Path, tiny_models: P
     assert json.loads(result.stdout)["last_run"]["status"] == "running"
 
 
+def test_a_lock_this_user_may_not_open_does_not_make_a_run_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxrbatch import ledger_view
+
+    (tmp_path / "l.db.lock").write_text("", encoding="utf-8")
+    real_open = os.open
+
+    def refused(path: str | os.PathLike[str], *args: int) -> int:
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args)
+
+    monkeypatch.setattr(ledger_view.os, "open", refused)
+    assert ledger_view._lock_is_held(tmp_path / "l.db") is None  # a monitoring account: it cannot tell
+    (tmp_path / "l.db.lock").unlink()
+    monkeypatch.undo()
+    assert ledger_view._lock_is_held(tmp_path / "l.db") is False  # no lock file: no run ever held it
+
+
 def test_error_lines_carry_a_timestamp_and_a_busy_ledger_is_no_error(tmp_path: Path, incoming: Path) -> None:
     result = runner.invoke(app, ["run", str(incoming), "--models", str(tmp_path / "none")])
     assert result.exit_code == 1
