@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import run_main
 from cxrbatch import sitehead
 from cxrbatch.calibration import choose_threshold
 from cxrbatch.datasets import labelled_images, split_used
@@ -138,4 +139,4 @@ def _summary(rows: list[tuple[float, float, float, float | None]], target: float
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from benchmarks import run_main
 from benchmarks.run import folder_args, folder_record, write_json
 from cxrbatch.imaging import decode_bytes
 
@@ -86,7 +87,9 @@ def decoders() -> tuple[dict[str, Decoder], dict[str, Decoder], list[str]]:
 def measure(files: list[bytes], named: dict[str, Decoder], repeats: int) -> dict[str, dict[str, float]]:
     """Rate and pixel difference of each decoder; the first one (Pillow) is the reference."""
     reference: list[np.ndarray] = []
-    out = {}
+    out: dict[str, dict[str, float]] = {}
+    if not files:
+        return out
     for name, decode in named.items():
         best = float("inf")
         for _ in range(repeats):
@@ -131,4 +134,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

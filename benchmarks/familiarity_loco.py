@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import run_main
 from cxrbatch.datasets import SPLITS, labelled_images, read_manifest, sources_of
 from cxrbatch.metrics import roc_auc
 
@@ -272,4 +273,4 @@ def _night_cell(c: dict[str, object]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import run_main
 from benchmarks.run import cli_run, model_inputs, stats, synthetic_set, timed
 from benchmarks.run import end_to_end as run_end_to_end
 from cxrbatch.imaging import load_image
@@ -296,4 +297,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

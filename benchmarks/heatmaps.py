@@ -14,6 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from benchmarks import run_main
 from benchmarks.run import cli_run, folder_args, folder_record, write_json
 
 
@@ -65,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

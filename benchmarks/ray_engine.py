@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks import run_main
 from benchmarks.run import BENCH, bench_paths, cli_run, machine, synthetic_set, write_json
 
 PORT = 6391  # the loopback cluster's head
@@ -175,4 +176,4 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

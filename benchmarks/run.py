@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from benchmarks import run_main
 from cxrbatch.cores import usable_cores
 from cxrbatch.discovery import iter_images
 from cxrbatch.imaging import load_image, to_model_input
@@ -70,7 +71,12 @@ def folder_args(doc: str) -> argparse.Namespace:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not args.folder.is_dir():
+        parser.error(f"folder not found: {args.folder}")
+    if args.repeats < 1:
+        parser.error("--repeats must be 1 or more")
+    return args
 
 
 def folder_record(args: argparse.Namespace) -> dict[str, Any]:
@@ -409,4 +415,4 @@ def _spread(s: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

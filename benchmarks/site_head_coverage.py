@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import run_main
 from cxrbatch import sitehead
 from cxrbatch.calibration import choose_threshold
 from cxrbatch.errors import UsageError
@@ -96,8 +97,9 @@ def main() -> None:
             f"{row['out_of_fold_auc']:11.3f} {row['chosen_penalty_auc']:11.3f} {row['true_auc']:9.3f}"
         )
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"features": FEATURES, "fresh": FRESH, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import run_main
 from benchmarks.run import BENCH, REPO, bench_paths, cli_run, in_tree, machine, write_json
 
 SAMPLE = REPO / "samples" / "NORMAL2-IM-1437-0001.jpeg"
@@ -109,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

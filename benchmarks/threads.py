@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks import run_main
 from benchmarks.run import folder_args, folder_record, timed, write_json
 from cxrbatch.cores import usable_cores
 from cxrbatch.decoding import DecodePool
@@ -116,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
