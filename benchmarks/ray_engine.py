@@ -35,6 +35,7 @@ from typing import Any
 
 from benchmarks import run_main
 from benchmarks.run import BENCH, bench_paths, cli_run, machine, synthetic_set, write_json
+from cxrbatch.errors import UsageError
 
 PORT = 6391  # the loopback cluster's head
 LOOPBACK = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # nothing leaves this machine
@@ -95,10 +96,24 @@ def _ray(*args: str, cpu: int | None = None) -> None:
     subprocess.run(command, check=True, capture_output=True, env=LOOPBACK, preexec_fn=pin)
 
 
+def _raylets() -> list[str]:
+    """The process ids of the raylets running on this machine (one per Ray node)."""
+    found = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text(encoding="utf-8").strip() == "raylet":
+                found.append(comm.parent.name)
+        except OSError:
+            continue
+    return found
+
+
 @contextlib.contextmanager
 def loopback_cluster(workers: int) -> Iterator[str]:
     """A head that runs nothing (0 CPUs) and `workers` nodes pinned to one core each, all on 127.0.0.1."""
     address = f"127.0.0.1:{PORT}"
+    if _raylets():  # its clean-up, `ray stop --force`, stops every Ray process of the machine
+        raise UsageError("a Ray node already runs on this machine: the loopback cluster's clean-up would stop it")
     _ray("start", "--head", "--port", str(PORT), "--num-cpus", "0", "--node-ip-address", "127.0.0.1",
          "--include-dashboard", "false", "--disable-usage-stats")  # fmt: skip
     try:
