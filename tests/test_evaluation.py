@@ -169,11 +169,12 @@ def test_evaluate_checks_its_json_target_before_scoring(
     from cxrbatch import evaluation
     from cxrbatch.cli import app
 
-    (tmp_path / "test" / "NORMAL").mkdir(parents=True)
-    grey_image(tmp_path / "test" / "NORMAL" / "n.png", 100)
+    data = tmp_path / "data"
+    (data / "test" / "NORMAL").mkdir(parents=True)
+    grey_image(data / "test" / "NORMAL" / "n.png", 100)
     scored: list[Path] = []
     monkeypatch.setattr(evaluation, "evaluate", lambda data, *rest: scored.append(data))
-    args = ["evaluate", str(tmp_path), "--models", str(tiny_models), "--json", str(tmp_path / "no" / "such" / "m.json")]
+    args = ["evaluate", str(data), "--models", str(tiny_models), "--json", str(tmp_path / "no" / "such" / "m.json")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and "folder" in result.stderr and "does not exist" in result.stderr
     assert scored == []  # refused before any film was scored
