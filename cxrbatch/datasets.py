@@ -91,11 +91,11 @@ def load_split(data_dir: Path, split: str, classes: tuple[str, ...] | None = Non
     return Split(paths, np.asarray([index[n] for n in names], dtype=np.int64), known)
 
 
-def refuse_out_inside(data_dir: Path, out: Path) -> None:
+def refuse_out_inside(data_dir: Path, out: Path, option: str = "--out") -> None:
     """Refuse an output written into the tree it is made from (over its MANIFEST.csv, its films,
     or among them, where the next read of the tree would take it for part of it)."""
     if out.resolve().is_relative_to(data_dir.resolve()):
-        raise UsageError(f"--out {out} lies inside {data_dir}: choose a place outside the tree")
+        raise UsageError(f"{option} {out} lies inside {data_dir}: choose a place outside the tree")
 
 
 def split_used(data_dir: Path, split: str | None) -> str | None:

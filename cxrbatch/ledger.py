@@ -137,7 +137,7 @@ class Ledger:
     def __init__(self, path: Path, db: sqlite3.Connection, lock_fd: int) -> None:
         self.path, self.db, self._lock_fd = path, db, lock_fd
         self.run_id = 0
-        self._hashed: dict[Path, tuple[int, int, int]] = {}  # size, mtime, ctime of each file when hashed
+        self._hashed: dict[Path, tuple[tuple[int, ...], str]] = {}  # each file's stat when hashed, and its hash
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -181,12 +181,12 @@ class Ledger:
                     out[path] = None
                     continue
                 cached = known.get(key)
-                self._hashed[path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                if cached and cached[:3] == self._hashed[path]:
+                if cached and cached[:3] == (st.st_size, st.st_mtime_ns, st.st_ctime_ns):
                     out[path] = cached[3]
-                    continue
-                out[path] = file_sha256(path)
-                fresh.append((key, st.st_size, st.st_mtime_ns, st.st_ctime_ns, out[path]))
+                else:
+                    out[path] = file_sha256(path)
+                    fresh.append((key, st.st_size, st.st_mtime_ns, st.st_ctime_ns, out[path]))
+                self._hashed[path] = (_identity(st), str(out[path]))
             except OSError:
                 out[path] = None  # screened anyway; the decoder says what is wrong with it
         with self.db:
@@ -196,14 +196,19 @@ class Ledger:
         return out
 
     def unchanged(self, path: Path) -> bool:
-        """Whether `path` is still the file `content_hashes` hashed (size, mtime and ctime): a file
-        replaced or still growing between its hashing and its decoding gave a result of another
-        content than its hash names, which must not be stored under it."""
+        """Whether `path` still holds the content `content_hashes` hashed: a file replaced or still
+        growing between its hashing and its decoding gave a result of another content than its
+        hash names, which must not be stored under it. The same file with the same size, times and
+        inode is taken as unchanged; where only its metadata may have moved (a `chmod` changes the
+        ctime), it is hashed again."""
+        hashed = self._hashed.get(path)
         try:
             st = path.stat()
+            if hashed is None or st.st_size != hashed[0][0]:
+                return False
+            return _identity(st) == hashed[0] or file_sha256(path) == hashed[1]
         except OSError:
             return False
-        return self._hashed.get(path) == (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def cached(self, sha256s: Iterable[str], fp: str) -> set[str]:
         """The contents among `sha256s` that already have a result under these settings.
@@ -318,6 +323,11 @@ class Ledger:
                 "UPDATE runs SET status = 'done', finished = ?, screened = ?, reused = ?, reported = ? WHERE id = ?",
                 (now(), screened, reused, len(rows), self.run_id),
             )
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What tells a file's content changed without reading it: size, times, and which file it is."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
 def lock_path(path: Path) -> Path:

@@ -104,10 +104,25 @@ def write_text(target: str | Path, text: str, stdout: IO[str] | None = None) -> 
     atomic_write(Path(target), lambda fh: fh.write(text))
 
 
+def _through_dev(path: Path) -> bool:
+    """Whether `path`, or a symbolic link on the way from it, names something under /dev or /proc."""
+    for _ in range(40):  # as the kernel, give up on a longer chain of links
+        path = path.absolute()
+        if str(path).startswith(("/dev/", "/proc/")):
+            return True
+        if not path.is_symlink():
+            return False
+        path = path.parent / os.readlink(path)
+    return False
+
+
 def check_writable(target: str | Path) -> None:
     """Fail before screening when a report could not be written at the end."""
     if str(target) == "-":
         return
+    if _through_dev(Path(target)):
+        # /dev/stdout leads to whatever stdout is (a cron log it would replace, a pipe it cannot rename over)
+        raise ReportError(f"Cannot write report {target}: not a file of its own (for stdout, give -)")
     path = written_at(Path(target))
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():

@@ -25,6 +25,7 @@ from cxrbatch.crashes import crash_point
 from cxrbatch.dicom import is_dicom
 from cxrbatch.discovery import HEATMAPS_MARKER, is_candidate, iter_images, resolved
 from cxrbatch.errors import ReportError, UsageError
+from cxrbatch.files import written_at
 from cxrbatch.heatmaps import add_heatmaps
 from cxrbatch.ledger import Ledger, key_of, ledger_files, now
 from cxrbatch.models import Model, default_models_dir, load_models
@@ -149,7 +150,7 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
         path, real = Path(target), resolved(Path(target))
         if any(resolved(Path(other)) == real for other in files[:i]):
             raise UsageError(f"{target} is named for two reports: give each report its own file")
-        if real in named or is_candidate(path.name) or (path.is_file() and is_dicom(path)):
+        if real in named or is_candidate(path.name) or is_candidate(real.name) or (path.is_file() and is_dicom(path)):
             raise UsageError(
                 f"report {target} would be written over a film (or be screened as one): name it .csv, .json or .html"
             )
@@ -244,7 +245,8 @@ class Report:
 
     def _html(self, rows: list[Record], summary: Summary, target: str) -> str:
         negative = self.screener.classifier.spec.negative_label or ""
-        return render_html(rows, self.labels, negative, self.models, summary, self.started, Path(target))
+        page = written_at(Path(target))  # where it lies (through a link): heatmap links are relative to it
+        return render_html(rows, self.labels, negative, self.models, summary, self.started, page)
 
 
 def _file_key(target: str) -> str:
@@ -295,7 +297,13 @@ def _run_with_ledger(
         "run %d: %s, %d already screened, %d to screen", ledger.run_id, plural(len(paths), "file"), reused, len(todo)
     )
     ledger.note_entries(((p, h) for p, h in known.items() if h in cached), fp)
-    unreadable, seconds = _screen_into(ledger, screener, todo, known, fp, options.reporter)
+    unreadable, seconds, dropped = _screen_into(ledger, screener, todo, known, fp, options.reporter)
+    while waiting := [p for p in later if known[p] in dropped]:  # a copy whose twin changed while screened
+        again = _to_screen(waiting, hashes, set())[0]  # one per content, as before
+        later = [p for p in later if p not in again]
+        more, spent, dropped = _screen_into(ledger, screener, again, known, fp, options.reporter)
+        unreadable, seconds, todo = unreadable + more, seconds + spent, todo + again
+    reused = len(paths) - len(todo)
     ledger.note_entries(((p, known[p]) for p in later), fp)  # same content as a file screened now
     stored = ledger.for_paths(known.items(), fp) if options.report_all else ledger.undelivered(options.inputs)
     by_key = {key_of(p): p for p in paths}
@@ -325,10 +333,12 @@ def _screen_into(
     known: dict[Path, str],
     fp: str,
     reporter: Progress | None,
-) -> tuple[list[tuple[Path, Record]], float]:
+) -> tuple[list[tuple[Path, Record]], float, set[str]]:
     """Screen `todo`, committing results to the ledger batch by batch; return the rows of the files
-    that could not be hashed (reported, never stored) and the seconds spent."""
+    that could not be hashed or changed while screened (reported, never stored), the seconds
+    spent, and the contents that changed (their copies need screening of their own)."""
     unreadable: list[tuple[Path, Record]] = []
+    dropped: set[str] = set()  # the contents of files that changed while they were screened
     pending: list[tuple[Path, str | None, Record]] = []
     started = time.perf_counter()
     for result in screener.screen(todo, _progress_hook(len(todo), reporter)):
@@ -336,6 +346,7 @@ def _screen_into(
         if result.path in known and not ledger.unchanged(result.path):  # its result is of no hashed content
             changed = Record.of(result.path, ERROR, record.gate_model, record.classifier_model, error=CHANGED)
             unreadable.append((result.path, replace(changed, path=key_of(result.path))))  # reported, never stored
+            dropped.add(known[result.path])
             continue
         if result.path not in known:  # named as the ledger names every path, so a later row replaces it
             unreadable.append((result.path, replace(record, path=key_of(result.path))))
@@ -345,7 +356,7 @@ def _screen_into(
             crash_point("batch_committed")
             pending = []
     ledger.store(pending, fp)
-    return unreadable, time.perf_counter() - started
+    return unreadable, time.perf_counter() - started, dropped
 
 
 def _to_screen(paths: list[Path], hashes: dict[Path, str | None], cached: set[str]) -> tuple[list[Path], list[Path]]:

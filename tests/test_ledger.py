@@ -551,3 +551,36 @@ def test_what_a_stopped_run_left_undelivered_waits_for_a_run_over_its_own_folder
     assert code == 0 and _names(rows) == ["b.png"]
     code, rows, _ = _run(folder, tiny_models, ledger, out)
     assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)]
+
+
+def test_a_copy_whose_twin_changed_while_screened_is_screened_itself_and_a_chmod_changes_nothing(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxrbatch.ledger import Ledger
+
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    (folder / "img1_copy.png").write_bytes((folder / "img1.png").read_bytes())  # screened once, as its twin
+    (folder / "img3.png").chmod(0o644)
+    hashed = Ledger.content_hashes
+
+    def then_changed(self: Ledger, paths: list[Path]) -> dict[Path, str | None]:
+        found = hashed(self, paths)
+        grey_image(folder / "new.png", 250)
+        os.replace(folder / "new.png", folder / "img1.png")  # the twin replaced
+        (folder / "img3.png").chmod(0o600)  # only img3's metadata (ctime) moves
+        return found
+
+    monkeypatch.setattr(Ledger, "content_hashes", then_changed)
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    status = {Path(r["path"]).name: r["status"] for r in rows}
+    assert code == 3 and len(rows) == 6 and status["img1.png"] == "error"  # every file has its row
+    assert status["img1_copy.png"] != "error" and status["img3.png"] != "error"
+
+
+def test_a_report_that_is_a_link_to_a_film_is_refused(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    link = tmp_path / "latest.csv"
+    link.symlink_to(folder / "img4.png")
+    before = (folder / "img4.png").read_bytes()
+    result = runner.invoke(app, ["run", str(folder), "--models", str(tiny_models), "--out", str(link)])
+    assert result.exit_code == 2 and "would be written over a film" in result.stderr
+    assert (folder / "img4.png").read_bytes() == before

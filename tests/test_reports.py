@@ -270,3 +270,13 @@ def test_a_report_that_stdout_cannot_take_is_an_error_not_a_traceback() -> None:
 
     with pytest.raises(CxrBatchError, match="Cannot write the report to stdout: No space left on device"):
         write_text("-", "path,status\n", stdout=Full())
+
+
+def test_a_report_is_not_written_through_dev_or_proc(tmp_path: Path) -> None:
+    for target in ("/dev/stdout", "/dev/null", "/proc/self/fd/1"):  # stdout may be a cron log it would replace
+        with pytest.raises(CxrBatchError, match="not a file of its own"):
+            check_writable(target)
+    link = tmp_path / "out.csv"
+    link.symlink_to("/dev/stdout")
+    with pytest.raises(CxrBatchError, match="not a file of its own"):
+        check_writable(link)

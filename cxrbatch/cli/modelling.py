@@ -39,8 +39,8 @@ def _json_target(path: Path | None, data_dir: Path) -> None:
     from cxrbatch.datasets import refuse_out_inside
     from cxrbatch.reports import check_writable
 
-    if path is not None:
-        refuse_out_inside(data_dir, path)
+    if path is not None and str(path) != "-":
+        refuse_out_inside(data_dir, path, "--json")
         check_writable(path)
 
 
