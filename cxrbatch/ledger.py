@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sqlite3
 import stat
 import time
@@ -51,46 +50,6 @@ from cxrbatch.records import ERROR, Record, RecordError
 log = logging.getLogger(__name__)
 
 LOCK_TRIES = 10  # over about a second
-
-SCHEMA = "cxrbatch.ledger/3"
-OLD_SCHEMAS = ("cxrbatch.ledger/1", "cxrbatch.ledger/2")
-# Older schemas `cxrbatch ledger` reads without their upgrade: what it reads did not change since.
-VIEWABLE_AS_IS = ("cxrbatch.ledger/2",)
-LOCK_TRIES = 10  # over about a second
-
-_TABLES = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS files (
-    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL,
-    ctime_ns INTEGER NOT NULL DEFAULT -1);
-CREATE TABLE IF NOT EXISTS settings (fingerprint TEXT PRIMARY KEY, settings TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS results (
-    sha256 TEXT NOT NULL, fingerprint TEXT NOT NULL, record TEXT NOT NULL, run INTEGER NOT NULL,
-    inferences INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (sha256, fingerprint));
-CREATE TABLE IF NOT EXISTS entries (
-    path TEXT NOT NULL, sha256 TEXT NOT NULL, fingerprint TEXT NOT NULL, first_run INTEGER NOT NULL,
-    delivered_run INTEGER, PRIMARY KEY (path, sha256, fingerprint));
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY, started TEXT NOT NULL, finished TEXT, status TEXT NOT NULL,
-    screened INTEGER NOT NULL DEFAULT 0, reused INTEGER NOT NULL DEFAULT 0, reported INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS run_rows (
-    run INTEGER NOT NULL, seq INTEGER NOT NULL, path TEXT NOT NULL, record TEXT NOT NULL, PRIMARY KEY (run, seq));
-CREATE TABLE IF NOT EXISTS run_targets (run INTEGER NOT NULL, target TEXT NOT NULL, PRIMARY KEY (run, target));
-CREATE INDEX IF NOT EXISTS entries_undelivered ON entries (delivered_run);
-CREATE INDEX IF NOT EXISTS run_targets_target ON run_targets (target);
-"""
-
-# Schema 1 keyed results by the two model hashes alone ("models"); its rows stay, under keys that
-# no run fingerprint matches, so nothing made with unrecorded settings is ever reused.
-TABLE_NAMES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _TABLES))
-
-_FROM_1 = """
-ALTER TABLE results RENAME COLUMN models TO fingerprint;
-ALTER TABLE entries RENAME COLUMN models TO fingerprint;
-"""
-# Schema 2 kept no change time: its files are hashed once more, on the first run after the upgrade.
-_FROM_2 = "ALTER TABLE files ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT -1;"
-_UPGRADES = {"cxrbatch.ledger/1": _FROM_1 + _FROM_2, "cxrbatch.ledger/2": _FROM_2}
 
 
 class LedgerBusy(CxrBatchError):
