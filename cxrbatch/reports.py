@@ -105,10 +105,11 @@ def write_text(target: str | Path, text: str, stdout: IO[str] | None = None) -> 
 
 
 def _through_dev(path: Path) -> bool:
-    """Whether `path`, or a symbolic link on the way from it, names something under /dev or /proc."""
+    """Whether `path`, or a symbolic link on the way from it, names something under /dev or /proc
+    (/dev/shm, a memory file system for files, aside)."""
     for _ in range(40):  # as the kernel, give up on a longer chain of links
         path = path.absolute()
-        if str(path).startswith(("/dev/", "/proc/")):
+        if str(path).startswith(("/dev/", "/proc/")) and not str(path).startswith("/dev/shm/"):
             return True
         if not path.is_symlink():
             return False
