@@ -23,6 +23,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -269,6 +270,14 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        print(
+            "no CUDA provider in this onnxruntime: the CUDA sections record a DeviceError and only the CPU figures "
+            "are measured (on a GPU machine, install onnxruntime-gpu)",
+            file=sys.stderr,
+        )
     fp32_dir = default_models_dir()
     models = {"fp32": fp32_dir, **({"fp16": args.fp16.resolve()} if args.fp16 else {})}
     report: dict[str, Any] = {}
