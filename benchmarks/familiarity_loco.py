@@ -38,6 +38,7 @@ import numpy as np
 
 from benchmarks import run_main
 from cxrbatch.datasets import SPLITS, labelled_images, read_manifest, sources_of
+from cxrbatch.errors import UsageError
 from cxrbatch.metrics import roc_auc
 
 Score = Callable[[np.ndarray], np.ndarray]
@@ -221,7 +222,12 @@ def main() -> None:
     features, split, group, kind = load_features(args)
     assert set(split) <= set(SPLITS)
     counts = Counter(group.tolist())
+    unknown = sorted(set(args.unseen) - set(counts))
+    if unknown:
+        raise UsageError(f"no film of {args.data_dir} comes from the collection(s) {unknown}")
     folds = args.unseen or sorted(g for g, n in counts.items() if n >= MIN_FILMS)
+    if not folds:
+        raise UsageError(f"no collection of {args.data_dir} has {MIN_FILMS} films to leave out")
     if args.unseen:  # never-seen collections stay out of every statistic
         keep = ~np.isin(group, args.unseen)
     result: dict[str, object] = {"data": args.data_dir.name, "features": kind, "percentile": PERCENTILE, "folds": {}}
