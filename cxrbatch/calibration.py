@@ -29,6 +29,7 @@ like the ones it was calibrated on.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,8 +51,6 @@ from cxrbatch.sitehead import SiteHead
 
 MIN_FILMS = 20  # of each side at least; the abnormal side needs more for a high target (min_abnormal)
 CONFIDENCE = 0.95  # the chance that the threshold's sensitivity on the site's abnormal films reaches the target
-ROUNDS = 2000  # bootstrap resamples for the reported intervals
-SEED = 20261202
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ class Calibration:
         return "\n".join(
             [
                 f"calibration films: {counts}",
-                f"target sensitivity {self.target:.2f} (reached with {'about ' if head else ''}{CONFIDENCE:.0%} "
+                f"target sensitivity {self.target:g} (reached with {'about ' if head else ''}{CONFIDENCE:.0%} "
                 "confidence): "
                 f"referral threshold {self.threshold:.6f}",
                 f"  sensitivity {self.sensitivity:.3f} [{self.sensitivity_ci[0]:.3f}, {self.sensitivity_ci[1]:.3f}]",
@@ -143,12 +142,36 @@ def _order_statistic(n: int, q: float, confidence: float) -> int | None:
     return None
 
 
-def proportion_ci(hits: np.ndarray, rounds: int = ROUNDS, seed: int = SEED) -> tuple[float, float]:
-    """A percentile 95 % bootstrap interval of the share of True in `hits`."""
-    rng = np.random.default_rng(seed)
-    means = rng.choice(hits.astype(np.float64), size=(rounds, len(hits)), replace=True).mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
+def proportion_ci(hits: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of the share of True in `hits`. A bootstrap's interval
+    of a share of all hits is [1, 1], though 60 hits of 60 only show the share is above 0.94 with
+    97.5 % confidence; this one says so."""
+    n, k = len(hits), int(np.count_nonzero(hits))
+    if n == 0:
+        return 0.0, 1.0
+    half = (1.0 - confidence) / 2
+    low = 0.0 if k == 0 else _bisect(lambda p: _tail(n, k, p) >= half)  # the smallest p that makes k hits likely
+    high = 1.0 if k == n else _bisect(lambda p: 1.0 - _tail(n, k + 1, p) <= half)
+    return low, high
+
+
+def _tail(n: int, k: int, p: float) -> float:
+    """P(Binomial(n, p) >= k)."""
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = (
+        math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_p + (n - j) * log_q
+        for j in range(k, n + 1)
+    )
+    return min(1.0, sum(math.exp(t) for t in terms))
+
+
+def _bisect(reached: Callable[[float], bool]) -> float:
+    """The smallest p in (0, 1) where `reached` (false below it, true above) turns true, to 1e-9."""
+    low, high = 1e-12, 1.0 - 1e-12
+    while high - low > 1e-9:
+        middle = (low + high) / 2
+        low, high = (low, middle) if reached(middle) else (middle, high)
+    return high
 
 
 def labelled_films(folder: Path, labels: tuple[str, ...]) -> dict[str, list[Path]]:
@@ -196,6 +219,8 @@ def calibrate(folder: Path, gate: Model, classifier: Model, target: float, site_
     """Screen the labelled films and choose the referral threshold for `target` sensitivity; with
     `site_head`, fit a site head on them first (on the features the same screening gives) and
     choose the threshold on its out-of-fold scores."""
+    if not 0.0 < target < 1.0:  # NaN too, which no range check of the command line catches
+        raise UsageError(f"a target sensitivity must be between 0 and 1, not {target}")
     spec = classifier.spec
     negative = spec.negative_label or ""
     _refuse_site_headed(classifier)
@@ -231,7 +256,7 @@ def calibrate(folder: Path, gate: Model, classifier: Model, target: float, site_
         specificity_ci=proportion_ci(~refer[~truth]),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         source_sha256=classifier.sha256,
-        films=folder.name,
+        films=folder.resolve().name,  # `.` has no name of its own
         unfamiliar=sum(bool(r.unfamiliar) for r in results) if spec.familiarity_output else None,
         familiarity_threshold=spec.familiarity_threshold,
         site_head=head,

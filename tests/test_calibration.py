@@ -188,7 +188,6 @@ def test_calibrating_into_the_models_own_folder_is_refused(tiny_models: Path, tm
 
 
 def test_a_calibrated_model_checks_a_night_against_its_calibration_films(tiny_models: Path, tmp_path: Path) -> None:
-    pytest.importorskip("onnx", reason="building a model with a familiarity output needs onnx")
     models = halves_models(tmp_path, tiny_models / "gate.onnx")
     site = tmp_path / "site"  # half of the site's films are unlike the flat training films (split halves)
     for label, levels in (("NORMAL", np.linspace(82, 112, 24)), ("PNEUMONIA", np.linspace(150, 200, 30))):
@@ -225,3 +224,20 @@ def test_a_calibrated_model_checks_a_night_against_its_calibration_films(tiny_mo
         read_metadata(out / "classifier.onnx")["calibration"]["familiarity_threshold"]
         == (read_metadata(out / "classifier.onnx")["familiarity_threshold"])
     )
+
+
+def test_intervals_are_exact_binomial_ones_and_all_hits_are_not_certainty() -> None:
+    from cxrbatch.calibration import proportion_ci
+
+    low, high = proportion_ci(np.ones(60, dtype=bool))  # a bootstrap gave [1, 1]
+    assert high == 1.0 and low == pytest.approx(0.025 ** (1 / 60), abs=1e-6)  # Clopper-Pearson's closed form
+    low, high = proportion_ci(np.zeros(10, dtype=bool))
+    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 10), abs=1e-6)
+    low, high = proportion_ci(np.arange(10) < 5)  # 5 of 10: the textbook interval, symmetric about 0.5
+    assert (round(low, 4), round(high, 4)) == (0.1871, 0.8129) and low + high == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_target_of_nan_is_a_usage_error(tiny_models: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["calibrate", str(tmp_path), "--models", str(tiny_models), "--out",
+                                 str(tmp_path / "o"), "--target-sensitivity", "nan"])  # fmt: skip
+    assert result.exit_code == 2 and "between 0 and 1, not nan" in result.stderr
