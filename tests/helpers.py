@@ -18,6 +18,7 @@ import io
 import json
 import os
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -318,3 +319,23 @@ def bomb_png(side: int = 30000) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
     )
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def make_repo(root: Path, name: str, files: dict[str, bytes]) -> str:
+    """A git repository MIRRORS/owner+name/repo with `files` committed; returns the commit."""
+    work = root / name.replace("/", "+") / "repo"
+    work.mkdir(parents=True)
+    for path, data in files.items():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        (work / path).write_bytes(data)
+    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "files"], check=True)
+    return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()

@@ -184,6 +184,7 @@ def test_referral_columns_in_both_reports_and_the_summary(tiny_models: Path, inc
     assert {r["refer"] for r in data["results"]} == {True, False, None}
     again = tmp_path / "again.csv"  # re-delivered from the ledger: the same referral cells
     code, _, _ = _run(*args[:4], "--ledger", str(ledger), "--report-all", "--out", str(again))
+    assert code == 3  # the unreadable film is still in the folder
     assert again.read_text(encoding="utf-8").splitlines()[1:] == report.read_text(encoding="utf-8").splitlines()[1:]
 
 

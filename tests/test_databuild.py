@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_repo, png
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -31,26 +30,6 @@ def film(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
     """A smooth grey picture, different for every seed (not binarised, distinct dHashes)."""
     coarse = np.random.default_rng(seed).integers(40, 215, size=(6, 5), dtype=np.uint8)
     return Image.fromarray(coarse, "L").resize(size, Image.Resampling.BILINEAR)
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def make_repo(root: Path, name: str, files: dict[str, bytes]) -> str:
-    """A git repository MIRRORS/owner+name/repo with `files` committed; returns the commit."""
-    work = root / name.replace("/", "+") / "repo"
-    work.mkdir(parents=True)
-    for path, data in files.items():
-        (work / path).parent.mkdir(parents=True, exist_ok=True)
-        (work / path).write_bytes(data)
-    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "commit.gpgsign=false"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "files"], check=True)
-    return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def entry(repo: str, commit: str, rules: str, licence: str = "CC BY 4.0") -> str:

@@ -14,7 +14,6 @@ from cxrbatch.cli import app
 from cxrbatch.extras import export_module
 from cxrbatch.models import load_model, load_models, read_metadata
 
-pytest.importorskip("onnx", reason="the familiarity tool needs onnx")
 familiarity = export_module("familiarity")
 
 
@@ -73,7 +72,6 @@ def test_familiarity_output_flags_films_unlike_the_training_films(tiny_models: P
 
 
 def test_a_graph_without_a_dense_head_is_refused(tmp_path: Path) -> None:
-    import onnx
     from onnx import TensorProto, helper
 
     from cxrbatch.errors import ModelError
@@ -83,7 +81,6 @@ def test_a_graph_without_a_dense_head_is_refused(tmp_path: Path) -> None:
     graph = helper.make_graph([helper.make_node("Softmax", ["image"], ["scores"])], "g", [image], [scores])
     with pytest.raises(ModelError, match="does not end in MatMul -> Add -> Softmax"):
         familiarity.pooled_features_name(helper.make_model(graph), "scores")
-    assert onnx  # the import is the point: the tool needs nothing heavier than onnx
 
 
 def test_evaluate_reports_unfamiliar_films_per_source(tiny_models: Path, tmp_path: Path) -> None:
@@ -264,9 +261,10 @@ def test_familiarity_learns_only_from_the_classifiers_own_training_data(tiny_mod
         f"{p.stem},{'odd' if p.stem.endswith('1') else 'usual'}" for p in (data / "train").rglob("*.png")
     ]
     (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    import onnx
+
     from cxrbatch.models import embed_metadata, read_metadata
 
-    onnx = pytest.importorskip("onnx")
     proto, meta = onnx.load(str(source)), read_metadata(source)
     meta["training"] = {"config": {"exclude_sources": ["odd"]}}  # a leave-source-out model
     embed_metadata(proto, meta)

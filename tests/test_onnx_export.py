@@ -87,7 +87,8 @@ def test_evaluate_end_to_end(exported: dict[str, Path], tmp_path: Path) -> None:
     report = json.loads(out.read_text(encoding="utf-8"))
     overall = report["overall"]
     assert overall["n"] == 24 and np.array(overall["confusion"]).sum() == 24
-    assert 0.0 <= overall["accuracy"] <= 1.0 and len(overall["ci95"]["recall"]) == 2
+    assert overall["accuracy"] == pytest.approx(np.trace(np.array(overall["confusion"])) / 24, abs=1e-4)
+    assert len(overall["ci95"]["recall"]) == 2
     gate_run = runner.invoke(app, ["evaluate", str(exported["gate"]), "--models", str(exported["models"])])
     assert gate_run.exit_code == 0, gate_run.output
     assert "gate evaluation on gate/test: 24 images" in gate_run.stdout

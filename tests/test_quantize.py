@@ -7,12 +7,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
-from typer.testing import CliRunner
-
-pytest.importorskip("onnx", reason="quantisation needs onnx (export extra)")
-
 import onnx
+from typer.testing import CliRunner
 
 from cxrbatch.cli import app
 from cxrbatch.models import METADATA_KEY, load_models

@@ -23,6 +23,7 @@ from helpers import REPO, grey_image, halves_site, make_halves_classifier
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
+from cxrbatch.cores import usable_cores
 from cxrbatch.errors import EngineError, UsageError
 from cxrbatch.models import load_models
 from cxrbatch.pipeline import Result
@@ -84,7 +85,7 @@ def test_ray_writes_the_local_engines_rows_with_the_bundled_models(ray_address: 
     local, ray = _both(inputs, REPO / "models", tmp_path)
     assert ray["results"] == local["results"] and ray["summary"]["by_status"] == local["summary"]["by_status"]
     assert ray["engine"] == {"name": "ray", "actors": 2, "gpus_per_actor": 0.0}
-    assert local["engine"] == {"name": "local", "threads": 2}
+    assert local["engine"] == {"name": "local", "threads": usable_cores()}  # one per usable core
     statuses = [r["status"] for r in ray["results"]]
     assert statuses.count("classified") >= 2 and statuses.count("rejected") >= 2 and statuses.count("error") == 1
 

@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from helpers import halves_image, halves_site, make_halves_classifier
 from typer.testing import CliRunner
@@ -19,7 +20,6 @@ from cxrbatch.metrics import roc_auc
 from cxrbatch.models import load_models, read_metadata
 from cxrbatch.pipeline import Screener
 
-onnx = pytest.importorskip("onnx", reason="the referral head is written into the graph with onnx")
 referral_head = export_module("referral_head")
 runner = CliRunner()
 
