@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks import run_main
 from cxrbatch import sitehead
-from cxrbatch.calibration import choose_threshold
+from cxrbatch.calibration import choose_threshold, refuse_worse_at_target
 from cxrbatch.datasets import labelled_images, split_used
 from cxrbatch.errors import UsageError
 from cxrbatch.metrics import roc_auc
@@ -75,6 +75,7 @@ def main() -> None:
         if feats is not None:  # as calibrate --site-head: a head no better than the bundled score is refused
             try:
                 head, oof = sitehead.fit_if_better(feats[drawn], abnormal[drawn], raw[drawn])
+                refuse_worse_at_target(raw[drawn], oof, abnormal[drawn], args.target)  # as calibrate does
             except UsageError:
                 refused += 1
                 rows["site head"].append(rows["bundled score"][-1])  # the site keeps the bundled score

@@ -243,7 +243,9 @@ def calibrate(folder: Path, gate: Model, classifier: Model, target: float, site_
     head = None
     if graph is not None:
         feats = np.stack([r.features for r in results]).astype(np.float64)  # type: ignore[misc]
+        bundled = scores
         head, scores = sitehead.fit_if_better(feats, truth, scores)
+        refuse_worse_at_target(bundled, scores, truth, target)
     threshold = choose_threshold(scores[truth], target)
     refer = np.round(scores, DECIMALS) >= threshold
     return Calibration(
@@ -261,6 +263,23 @@ def calibrate(folder: Path, gate: Model, classifier: Model, target: float, site_
         familiarity_threshold=spec.familiarity_threshold,
         site_head=head,
     )
+
+
+def _specificity_at_target(scores: np.ndarray, truth: np.ndarray, target: float) -> float:
+    """The share of normal films cleared at the threshold the rule chooses for `target`."""
+    threshold = choose_threshold(scores[truth], target)
+    return float((np.round(scores[~truth], DECIMALS) < threshold).mean())
+
+
+def refuse_worse_at_target(bundled: np.ndarray, head: np.ndarray, truth: np.ndarray, target: float) -> None:
+    """Refuse a site head that ranks the films better overall but clears fewer normal films than the
+    bundled score at the threshold the target asks for: refer or clear is decided there."""
+    mine, theirs = _specificity_at_target(head, truth, target), _specificity_at_target(bundled, truth, target)
+    if mine < theirs:
+        raise UsageError(
+            f"the site head would clear {mine:.3f} of these normal films at a target of {target:g}, the bundled "
+            f"score {theirs:.3f}: calibrate without --site-head (or with more films)"
+        )
 
 
 def _refuse_site_headed(classifier: Model) -> None:
