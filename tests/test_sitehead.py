@@ -140,6 +140,9 @@ def test_calibrate_with_a_site_head_ranks_the_site_and_run_reports_its_score(tin
     assert "the confidence is approximate" in record["rule"] and "approximate" not in plain["rule"]
     assert record["site_head"]["cv_auc"] > 0.95 and record["sensitivity"] >= 0.9
     assert record["specificity"] > plain["specificity"] + 0.3  # the bundled score cannot rank this site
+    assert record["bundled_specificity"] == plain["specificity"]  # shown beside the head's: the same films, rule
+    assert f"the bundled score, calibrated on the same films, would clear {plain['specificity']:.3f}" in text
+    assert "bundled_specificity" not in plain
 
     report, page = tmp_path / "r.csv", tmp_path / "review.html"
     args = ["run", str(films), "--models", str(tmp_path / "headed"), "--out", str(report), "--html", str(page)]
