@@ -210,8 +210,7 @@ def _refuse_copies(folder: Path, films: dict[str, list[Path]]) -> None:
             except OSError:
                 continue  # unreadable: screening reports it
             if digest in first:
-                other_label, other = first[digest]
-                twice.append(f"{other_label}/{other.name} and {label}/{path.name}")
+                twice.append(f"{_inside(folder, first[digest][1])} and {_inside(folder, path)}")
             else:
                 first[digest] = (label, path)
     if twice:
@@ -301,15 +300,21 @@ def _site_head_graph(classifier: Model) -> onnx.ModelProto:
     return graph
 
 
+def _inside(folder: Path, path: Path) -> str:
+    """A film's path within the labelled folder (`PNEUMONIA/linked/a.jpg`), as the user can find it."""
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
+
+
 def _refuse_unusable(folder: Path, results: list[Any]) -> None:
     """Every calibration film must be read and accepted by the gate, or the threshold means nothing."""
     bad = [r for r in results if r.status != CLASSIFIED]
     if not bad:
         return
-    shown = "; ".join(
-        f"{r.path.name}: {r.error if r.status == ERROR else f'rejected by the gate (score {r.gate_score:.3f})'}"
-        for r in bad[:10]
-    )
+    why = [r.error if r.status == ERROR else f"rejected by the gate (score {r.gate_score:.3f})" for r in bad[:10]]
+    shown = "; ".join(f"{_inside(folder, r.path)}: {reason}" for r, reason in zip(bad, why, strict=False))
     more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
     raise UsageError(
         f"{folder}: {len(bad)} film(s) cannot be used for calibration: {shown}{more}; remove or replace them"
