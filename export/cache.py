@@ -25,13 +25,13 @@ from .config import TrainConfig
 log = logging.getLogger(__name__)
 
 
-def read_film(path: Path) -> Image.Image:
-    """A training film, decoded as the runtime decodes it; one that cannot be read is named (training
-    data is meant to be read whole)."""
+def read_film(path: Path, what: str = "training film") -> Image.Image:
+    """A film a model is made or checked with, decoded as the runtime decodes it; one that cannot
+    be read is named (such data is meant to be read whole)."""
     try:
         return load_image(path)
     except ImageError as exc:
-        raise UsageError(f"training film {path} cannot be read: {exc}") from None
+        raise UsageError(f"{what} {path} cannot be read: {exc}") from None
 
 
 def views_of(path: Path, spec: InputSpec, seed: int, views: int, config: TrainConfig) -> np.ndarray:

@@ -22,12 +22,13 @@ import tensorflow as tf
 import tf2onnx
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import ExportError, ImageError, UsageError
+from cxrbatch.errors import ExportError, UsageError
 from cxrbatch.files import check_out
-from cxrbatch.imaging import InputSpec, load_image, to_model_input
+from cxrbatch.imaging import InputSpec, to_model_input
 from cxrbatch.models import embed_metadata
 from cxrbatch.modelspec import ModelSpec
 
+from .cache import read_film
 from .config import sidecar_path
 from .network import backbone_features
 
@@ -165,13 +166,7 @@ def check_inputs(images: list[Path], spec: InputSpec) -> np.ndarray:
     """The check images as the model's input; a file that cannot be read is named."""
     if not images:
         raise ExportError("the parity check needs at least one real image: give a folder of images the model will see")
-    batch = []
-    for path in images:
-        try:
-            batch.append(to_model_input(load_image(path), spec))
-        except ImageError as exc:
-            raise ExportError(f"check image {path} cannot be read: {exc}") from None
-    return np.stack(batch)
+    return np.stack([to_model_input(read_film(path, "check image"), spec) for path in images])
 
 
 def check_parity(

@@ -152,7 +152,7 @@ def test_export_refuses_before_converting_what_would_fail_after(exported: dict[s
     bad.mkdir()
     (bad / "film.png").write_bytes(b"<html>not a film</html>")
     result = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "c.onnx"), "--check-images", str(bad)])
-    assert result.exit_code == 1 and f"check image {bad / 'film.png'} cannot be read" in result.stderr
+    assert result.exit_code == 2 and f"check image {bad / 'film.png'} cannot be read" in result.stderr
     twin = tmp_path / "twin.keras"  # the checkpoint with a sidecar that describes another input size
     twin.write_bytes(ckpt.read_bytes())
     summary = json.loads((exported["work"] / "classifier.keras.json").read_text(encoding="utf-8"))
