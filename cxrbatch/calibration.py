@@ -21,9 +21,10 @@ fitted on), and the sensitivity and specificity reported are those scores'.
 The calibrated pair of models is the site's gate unchanged and its classifier with the new
 `referral_threshold` and a `calibration` record (counts, target, achieved sensitivity and
 specificity with 95 % intervals, date, the source model's sha256, and how many of the films were
-unfamiliar, at which familiarity threshold) in its metadata. That count is what `cxrbatch run`'s
-site check then holds a run's films against (cxrbatch.sitecheck): a threshold is right for films
-like the ones it was calibrated on.
+unfamiliar, at which familiarity threshold) in its metadata. Where that count is above the
+validation films' beyond chance, `cxrbatch run`'s site check then holds a run's films against it
+instead of the validation films' (cxrbatch.sitecheck): a threshold is right for films like the
+ones it was calibrated on.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def calibrate(folder: Path, gate: Model, classifier: Model, target: float, site_
         specificity_ci=proportion_ci(~refer[~truth]),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         source_sha256=classifier.sha256,
-        films=folder.resolve().name,  # `.` has no name of its own
+        films=folder.absolute().name,  # `.` has no name of its own (and a link keeps the name it was given)
         unfamiliar=sum(bool(r.unfamiliar) for r in results) if spec.familiarity_output else None,
         familiarity_threshold=spec.familiarity_threshold,
         site_head=head,

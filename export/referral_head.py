@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from cxrbatch import sitehead
-from cxrbatch.datasets import sources_of
+from cxrbatch.datasets import read_manifest, sources_of
 from cxrbatch.errors import ExportError, UsageError
 from cxrbatch.features import (
     features,
@@ -130,9 +130,9 @@ def add_referral_head(
     spec = classifier.spec
     if spec.referral_output:
         raise UsageError(f"{src} already has a referral head ({spec.referral_output}); add one to a model without")
-    train, val, manifest, exclude_sources = training_films(data_dir, spec, exclude_sources, "a referral head")
-    if not manifest:
+    if not read_manifest(data_dir):  # before any other complaint about the tree: it names the collections
         raise UsageError(f"{data_dir} has no MANIFEST.csv: a referral head needs each film's collection")
+    train, val, manifest, exclude_sources = training_films(data_dir, spec, exclude_sources, "a referral head")
     if spec.negative_label not in train.classes:
         raise UsageError(f"{data_dir}/train has no {spec.negative_label} folder: a referral head needs normal films")
     negative = train.classes.index(spec.negative_label)

@@ -199,7 +199,7 @@ def test_the_summary_carries_the_runs_site_check_into_report_files_that_hold_ear
 
 
 def test_the_reference_is_the_less_familiar_of_the_calibration_and_validation_films() -> None:
-    from cxrbatch.sitecheck import Reference, reference_of
+    from cxrbatch.sitecheck import Reference, check, reference_of
 
     familiarity = {"familiarity": {"val_films": 910, "val_unfamiliar": 9, "percentile": 99.0}}
     spec = tiny_spec("classifier", 0.6, familiarity_output="familiarity", familiarity_threshold=0.3)
@@ -208,8 +208,13 @@ def test_the_reference_is_the_less_familiar_of_the_calibration_and_validation_fi
     calibration = {"unfamiliar": 27, "familiarity_threshold": 0.3, "counts": {"NORMAL": 24, "PNEUMONIA": 30}}
     spec.extra["calibration"] = calibration
     assert reference_of(spec) == Reference("calibration films", 27, 54)  # a site less familiar than val
-    spec.extra["calibration"] = {**calibration, "unfamiliar": 0}  # as familiar as val or more: val's larger count
-    assert reference_of(spec) == Reference("validation films", 9, 910)
+    for unfamiliar in (0, 1):  # as familiar as val, or not beyond chance (1 of 54: a site like val, often)
+        spec.extra["calibration"] = {**calibration, "unfamiliar": unfamiliar}
+        reference = reference_of(spec)
+        assert reference == Reference("validation films", 9, 910) and reference is not None and reference.calibrated
+    night = check(_flagged(20, 20), reference, "c")  # the advice is a calibrated model's: calibrate again
+    assert night is not None and "Calibrate again on recent labelled films" in str(night.warning())
+    spec.extra["calibration"] = {**calibration, "unfamiliar": 0}
     del spec.extra["familiarity"]
     assert reference_of(spec) == Reference("calibration films", 0, 54)  # the only reference there is
     spec.extra.update(familiarity)
@@ -242,7 +247,9 @@ def test_unwritable_targets_fail_early(tmp_path: Path, monkeypatch: pytest.Monke
     check_writable(tmp_path / "fine.csv")
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as for any user but root (CI runs as root)
+    real_access = os.access
+    # as for any user but root (CI runs as root): only the read-only folder is refused
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real_access(path, mode))
     with pytest.raises(CxrBatchError, match="is not writable"):
         check_writable(ro / "r.csv")
 
