@@ -165,7 +165,7 @@ def model_spec(summary: dict[str, Any], version: str, outputs: list[str]) -> Mod
 def check_inputs(images: list[Path], spec: InputSpec) -> np.ndarray:
     """The check images as the model's input; a file that cannot be read is named."""
     if not images:
-        raise ExportError("the parity check needs at least one real image: give a folder of images the model will see")
+        raise UsageError("the parity check needs at least one real image: give a folder of images the model will see")
     return np.stack([to_model_input(read_film(path, "check image"), spec) for path in images])
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("tensorflow", reason="the export extra (tensorflow) is not i
 pytest.importorskip("tf2onnx", reason="the export extra (tf2onnx) is not installed")
 
 from cxrbatch.cli import app
-from cxrbatch.errors import ExportError
+from cxrbatch.errors import ExportError, UsageError
 from cxrbatch.extras import export_module
 from cxrbatch.models import load_models, read_metadata
 from cxrbatch.modelspec import ModelSpec
@@ -60,7 +60,7 @@ def test_parity_check_fails_loudly(exported: dict[str, Path]) -> None:
 
     ckpt = exported["work"] / "classifier.keras"
     images = sorted((exported["cxr"] / "val").rglob("*.png"))[:4]
-    with pytest.raises(ExportError, match="at least one real image"):
+    with pytest.raises(UsageError, match="at least one real image"):
         onnx_export.export(ckpt, exported["work"] / "x.onnx", [])
     import onnx
 
@@ -116,7 +116,7 @@ def test_export_errors_are_one_line_without_traceback(exported: dict[str, Path],
     empty = tmp_path / "empty"
     empty.mkdir()
     result = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "c.onnx"), "--check-images", str(empty)])
-    assert result.exit_code == 1 and "[error] the parity check needs at least one real image" in result.stderr
+    assert result.exit_code == 2 and "[error] the parity check needs at least one real image" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "c.onnx").exists()
 
 
