@@ -234,8 +234,8 @@ def add_familiarity(
         if not replace:
             raise UsageError(f"{src} already has a familiarity output: add it to the exported model, or give --replace")
         detach_familiarity(proto)
-    splits = training_films(data_dir, spec, exclude_sources, "a familiarity output")
-    train, val, exclude_sources = splits[0].paths, splits[1].paths, splits[3]
+    train_split, val_split, _, exclude_sources = training_films(data_dir, spec, exclude_sources, "a familiarity output")
+    train, val = train_split.paths, val_split.paths
     if statistic == "knn" and len(train) < NEIGHBOUR:
         raise UsageError(f"the knn statistic needs at least {NEIGHBOUR} train films, found {len(train)}")
     log.info("familiarity: features of %d train and %d val films", len(train), len(val))
