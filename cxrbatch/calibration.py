@@ -30,7 +30,6 @@ ones it was calibrated on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,6 +44,7 @@ from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ModelError, ReportError, UsageError
 from cxrbatch.features import pooled_features_name, save_classifier, with_features
 from cxrbatch.files import atomic_write, file_sha256
+from cxrbatch.metrics import proportion_ci
 from cxrbatch.models import MODEL_FILES, Model
 from cxrbatch.pipeline import Screener
 from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR
@@ -148,38 +148,6 @@ def _order_statistic(n: int, q: float, confidence: float) -> int | None:
         if tail >= confidence:
             return j
     return None
-
-
-def proportion_ci(hits: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The exact (Clopper-Pearson) interval of the share of True in `hits`. A bootstrap's interval
-    of a share of all hits is [1, 1], though 60 hits of 60 only show the share is above 0.94 with
-    97.5 % confidence; this one says so."""
-    n, k = len(hits), int(np.count_nonzero(hits))
-    if n == 0:
-        return 0.0, 1.0
-    half = (1.0 - confidence) / 2
-    low = 0.0 if k == 0 else _bisect(lambda p: _tail(n, k, p) >= half)  # the smallest p that makes k hits likely
-    high = 1.0 if k == n else _bisect(lambda p: 1.0 - _tail(n, k + 1, p) <= half)
-    return low, high
-
-
-def _tail(n: int, k: int, p: float) -> float:
-    """P(Binomial(n, p) >= k)."""
-    log_p, log_q = math.log(p), math.log1p(-p)
-    terms = (
-        math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_p + (n - j) * log_q
-        for j in range(k, n + 1)
-    )
-    return min(1.0, sum(math.exp(t) for t in terms))
-
-
-def _bisect(reached: Callable[[float], bool]) -> float:
-    """The smallest p in (0, 1) where `reached` (false below it, true above) turns true, to 1e-9."""
-    low, high = 1e-12, 1.0 - 1e-12
-    while high - low > 1e-9:
-        middle = (low + high) / 2
-        low, high = (low, middle) if reached(middle) else (middle, high)
-    return high
 
 
 def labelled_films(folder: Path, labels: tuple[str, ...]) -> dict[str, list[Path]]:

@@ -22,7 +22,14 @@ from PIL import Image
 from cxrbatch.datasets import ABNORMAL, Split, labelled_images, only_sources, read_manifest, split_used
 from cxrbatch.errors import UsageError
 from cxrbatch.imaging import in_frame
-from cxrbatch.metrics import classification_metrics, referral_metrics, roc_auc, subset_metrics
+from cxrbatch.metrics import (
+    INTERVALS,
+    MIN_BOOTSTRAP_FILMS,
+    classification_metrics,
+    referral_metrics,
+    roc_auc,
+    subset_metrics,
+)
 from cxrbatch.models import Model
 from cxrbatch.modelspec import ModelSpec
 from cxrbatch.pipeline import Screener
@@ -204,6 +211,7 @@ def _classifier_report(
     pred = scored.probs.argmax(axis=1) if len(y) else np.zeros(0, dtype=np.int64)
     out: dict[str, Any] = {
         "labels": list(labels),
+        "intervals": INTERVALS,
         "overall": classification_metrics(y[named], pred[named], len(labels), ci=True),
         # films read only as abnormal: how many, and what the model called them
         "abnormal_unnamed": {
@@ -297,9 +305,10 @@ def _format_metrics(report: dict[str, Any]) -> str:
 
 def _class_lines(overall: dict[str, Any], labels: list[str], report: dict[str, Any]) -> list[str]:
     ci = overall.get("ci95", {})
+    few = f"(no interval: a class has under {MIN_BOOTSTRAP_FILMS} films)"
     lines = [
         f"accuracy {overall['accuracy']:.4f} {_ci(ci.get('accuracy'))}  "
-        f"macro-F1 {overall['macro_f1']:.4f} {_ci(ci.get('macro_f1'))}{_present(overall)}  "
+        f"macro-F1 {overall['macro_f1']:.4f} {_ci(ci.get('macro_f1')) or few}{_present(overall)}  "
         f"gate accepted {_pct(report['gate_accepted'])}",
         f"  {'class':<14}{'precision':>22}{'recall':>22}{'f1':>22}",
     ]
@@ -344,7 +353,9 @@ def _referral_line(title: str, r: dict[str, Any]) -> str:
         ("specificity at 90% sensitivity", "specificity_at_90_sensitivity"),
     ):
         if r[key] is not None:
-            cells.append(f"{name} {r[key]:.3f} {_ci(ci[key])}")
+            cells.append(
+                f"{name} {r[key]:.3f} {_ci(ci[key]) or f'(no interval: under {MIN_BOOTSTRAP_FILMS} films on a side)'}"
+            )
     return "; ".join(cells)
 
 

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 BOOTSTRAP_ROUNDS = 1000
 BOOTSTRAP_SEED = 20261126
+INTERVAL = 0.95
+# A percentile bootstrap over fewer films than this on a side draws only a handful of distinct
+# resamples (1 normal and 1 abnormal film: AUC [1, 1]); such statistics get no interval.
+MIN_BOOTSTRAP_FILMS = 10
+INTERVALS = (
+    "95 % intervals: exact binomial (Clopper-Pearson) for shares (accuracy, precision, recall, "
+    "sensitivity, specificity); percentile bootstrap (1000 rounds, fixed seed) for F1, macro-F1, AUC "
+    f"and the specificity at 90 % sensitivity, given only with at least {MIN_BOOTSTRAP_FILMS} films on each side"
+)
 
 
 def classification_metrics(y: np.ndarray, pred: np.ndarray, k: int, ci: bool = False) -> dict[str, Any]:
@@ -31,8 +41,25 @@ def classification_metrics(y: np.ndarray, pred: np.ndarray, k: int, ci: bool = F
         "confusion": confusion.tolist(),
     }
     if ci and len(y):
-        metrics["ci95"] = bootstrap_intervals(y, pred, k)
+        metrics["ci95"] = class_intervals(y, pred, k)
     return metrics
+
+
+def class_intervals(y: np.ndarray, pred: np.ndarray, k: int) -> dict[str, Any]:
+    """The 95 % intervals of `classification_metrics`: exact for accuracy, precision and recall
+    (shares of films), bootstrap for F1 and macro-F1; None where a class has no films (recall, F1),
+    is never predicted (precision), or has fewer than MIN_BOOTSTRAP_FILMS films (F1, and macro-F1
+    when any class with films has so few)."""
+    boot = bootstrap_intervals(y, pred, k)
+    films = np.bincount(y, minlength=k)
+    few = (films > 0) & (films < MIN_BOOTSTRAP_FILMS)
+    return {
+        "accuracy": list(proportion_ci(y == pred)),
+        "macro_f1": None if few.any() else boot["macro_f1"],
+        "precision": [list(proportion_ci(y[pred == c] == c)) if (pred == c).any() else None for c in range(k)],
+        "recall": [list(proportion_ci(pred[y == c] == c)) if films[c] else None for c in range(k)],
+        "f1": [None if few[c] else boot["f1"][c] for c in range(k)],
+    }
 
 
 def _mean_of_present(f1: np.ndarray) -> float | None:
@@ -137,20 +164,29 @@ TRIAGE_SENSITIVITY = 0.90  # WHO's target for a triage test: sensitivity >= 90 %
 def referral_metrics(scores: np.ndarray, abnormal: np.ndarray, threshold: float | None) -> dict[str, Any]:
     """Refer-or-clear metrics of referral `scores` (refer at or above `threshold`) for `abnormal`
     films against normal ones: sensitivity, specificity, ROC AUC, and the specificity at the
-    triage sensitivity of 90 %, each with a percentile 95 % interval from resampling the abnormal
-    and the normal films separately (fixed seed). A side with no films gives None."""
+    triage sensitivity of 90 %, each with a 95 % interval: exact for sensitivity and specificity,
+    percentile bootstrap for the other two, resampling the abnormal and the normal films
+    separately (fixed seed) and only with MIN_BOOTSTRAP_FILMS films on each side. A side with no
+    films gives None."""
     pos, neg = scores[abnormal], scores[~abnormal]
     point = _referral_point(pos, neg, threshold)
     out: dict[str, Any] = {"n_abnormal": len(pos), "n_normal": len(neg), "threshold": threshold, **point}
     if len(pos) and len(neg):
         out["threshold_at_90_sensitivity"] = _threshold_for(pos, TRIAGE_SENSITIVITY)
+    enough = min(len(pos), len(neg)) >= MIN_BOOTSTRAP_FILMS
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     rounds = [
         _referral_point(rng.choice(pos, len(pos)), rng.choice(neg, len(neg)), threshold)
-        for _ in range(BOOTSTRAP_ROUNDS if len(pos) or len(neg) else 0)
+        for _ in range(BOOTSTRAP_ROUNDS if enough else 0)
     ]
+    exact = {
+        "sensitivity": None if threshold is None or not len(pos) else list(proportion_ci(pos >= threshold)),
+        "specificity": None if threshold is None or not len(neg) else list(proportion_ci(neg < threshold)),
+    }
     out["ci95"] = {
-        name: None if value is None else np.percentile([r[name] for r in rounds], [2.5, 97.5]).tolist()
+        name: exact[name]
+        if name in exact
+        else (None if value is None or not enough else np.percentile([r[name] for r in rounds], [2.5, 97.5]).tolist())
         for name, value in point.items()
     }
     return out
@@ -171,6 +207,38 @@ def _threshold_for(pos: np.ndarray, sensitivity: float) -> float:
     """The highest threshold that refers at least `sensitivity` of the abnormal scores `pos`."""
     k = int(np.ceil(sensitivity * len(pos)))
     return float(np.sort(pos)[::-1][k - 1])
+
+
+def proportion_ci(hits: np.ndarray, confidence: float = INTERVAL) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of the share of True in `hits`. A bootstrap's interval
+    of a share of all hits is [1, 1], though 60 hits of 60 only show the share is above 0.94 with
+    97.5 % confidence; this one says so."""
+    n, k = len(hits), int(np.count_nonzero(hits))
+    if n == 0:
+        return 0.0, 1.0
+    half = (1.0 - confidence) / 2
+    low = 0.0 if k == 0 else _bisect(lambda p: _tail(n, k, p) >= half)  # the smallest p that makes k hits likely
+    high = 1.0 if k == n else _bisect(lambda p: 1.0 - _tail(n, k + 1, p) <= half)
+    return low, high
+
+
+def _tail(n: int, k: int, p: float) -> float:
+    """P(Binomial(n, p) >= k)."""
+    log_p, log_q = math.log(p), math.log1p(-p)
+    terms = (
+        math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_p + (n - j) * log_q
+        for j in range(k, n + 1)
+    )
+    return min(1.0, sum(math.exp(t) for t in terms))
+
+
+def _bisect(reached: Callable[[float], bool]) -> float:
+    """The smallest p in (0, 1) where `reached` (false below it, true above) turns true, to 1e-9."""
+    low, high = 1e-12, 1.0 - 1e-12
+    while high - low > 1e-9:
+        middle = (low + high) / 2
+        low, high = (low, middle) if reached(middle) else (middle, high)
+    return high
 
 
 def hypergeometric_at_least(k: int, draws: int, successes: int, population: int) -> float:

@@ -227,7 +227,7 @@ def test_a_calibrated_model_checks_a_night_against_its_calibration_films(tiny_mo
 
 
 def test_intervals_are_exact_binomial_ones_and_all_hits_are_not_certainty() -> None:
-    from cxrbatch.calibration import proportion_ci
+    from cxrbatch.metrics import proportion_ci
 
     low, high = proportion_ci(np.ones(60, dtype=bool))  # a bootstrap gave [1, 1]
     assert high == 1.0 and low == pytest.approx(0.025 ** (1 / 60), abs=1e-6)  # Clopper-Pearson's closed form

@@ -196,7 +196,7 @@ def test_a_site_of_two_folders_is_not_scored_down_for_the_classes_it_does_not_ho
     assert [r is None for r in overall["recall"]] == [i != normal for i in range(4)]
     text = format_report(report)
     assert text.startswith("classifier evaluation on site: 3 images")
-    assert "macro-F1 1.0000 [1.000, 1.000] (of the 1 classes with films)" in text
+    assert "accuracy 1.0000 [0.292, 1.000]  macro-F1 1.0000 (no interval: a class has under 10 films) (of the 1" in text
     assert "n/a" in text.split("\n")[3]  # the first class row: COVID19 has no films
     (tmp_path / "tree" / "train" / "NORMAL").mkdir(parents=True)
     with pytest.raises(UsageError, match=r"tree has no test/ folder \(its splits: train\)"):

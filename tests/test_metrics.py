@@ -75,7 +75,10 @@ def test_a_class_with_no_films_has_no_recall_or_f1_and_is_not_averaged() -> None
     m = classification_metrics(np.array([0, 0, 0]), np.array([0, 0, 0]), 4, ci=True)
     assert m["recall"] == [1.0, None, None, None] and m["f1"] == [1.0, None, None, None]
     assert m["precision"] == [1.0, None, None, None] and m["macro_f1"] == 1.0
-    assert m["ci95"]["recall"] == [[1.0, 1.0], None, None, None] and m["ci95"]["macro_f1"] == [1.0, 1.0]
+    # 3 of 3 right shows a recall above 0.29 at 95 %: the bootstrap said [1, 1]; F1 and macro-F1
+    # are bootstrap figures, and three films are too few for one
+    assert m["ci95"]["recall"][0] == pytest.approx([0.2924, 1.0], abs=1e-4) and m["ci95"]["recall"][1:] == [None] * 3
+    assert m["ci95"]["f1"] == [None] * 4 and m["ci95"]["macro_f1"] is None
     # a class with films never predicted: precision undefined, recall and F1 0 (it counts)
     m = classification_metrics(np.array([0, 0, 1, 1]), np.array([0, 0, 0, 0]), 3)
     assert m["precision"] == [0.5, None, None] and m["recall"] == [1.0, 0.0, None]
@@ -101,12 +104,29 @@ def test_referral_metrics_on_known_scores() -> None:
     assert m["auc"] == pytest.approx(14 / 16)  # pairs: 0.9, 0.8, 0.7 beat all four normals, 0.2 beats 0.1 and 0.05
     assert m["threshold_at_90_sensitivity"] == 0.2  # all 4 abnormal films (ceil(0.9 x 4)) at or above it
     assert m["specificity_at_90_sensitivity"] == 0.5
-    low, high = m["ci95"]["sensitivity"]
-    assert 0 <= low <= 0.75 <= high <= 1
-    assert referral_metrics(scores, abnormal, 0.5)["ci95"] == m["ci95"]  # a fixed seed
+    # 3 of 4: the exact binomial interval; four films a side are too few for a bootstrap AUC
+    assert m["ci95"]["sensitivity"] == pytest.approx([0.1941, 0.9937], abs=1e-4)
+    assert m["ci95"]["specificity"] == m["ci95"]["sensitivity"]
+    assert m["ci95"]["auc"] is None and m["ci95"]["specificity_at_90_sensitivity"] is None
     only_normal = referral_metrics(scores[4:], abnormal[4:], 0.5)
     assert only_normal["sensitivity"] is None and only_normal["auc"] is None and only_normal["specificity"] == 0.75
     assert referral_metrics(scores, abnormal, None)["sensitivity"] is None
+
+
+def test_referral_intervals_from_ten_films_a_side_are_bootstrapped_reproducibly() -> None:
+    from cxrbatch.metrics import referral_metrics
+
+    rng = np.random.default_rng(5)
+    scores = np.concatenate([rng.uniform(0.3, 1.0, 10), rng.uniform(0.0, 0.7, 10)])
+    abnormal = np.arange(20) < 10
+    m = referral_metrics(scores, abnormal, 0.5)
+    low, high = m["ci95"]["auc"]
+    assert low < m["auc"] < high or m["auc"] == high == 1.0
+    assert high - low > 0.05
+    assert referral_metrics(scores, abnormal, 0.5)["ci95"] == m["ci95"]  # a fixed seed
+    # one film fewer on one side: no bootstrap interval, exact ones still
+    fewer = referral_metrics(scores[1:], abnormal[1:], 0.5)
+    assert fewer["ci95"]["auc"] is None and fewer["ci95"]["sensitivity"] is not None
 
 
 def test_hypergeometric_at_least_is_fishers_one_sided_tail() -> None:
