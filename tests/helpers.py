@@ -14,6 +14,7 @@ Their metadata is written by `ModelSpec.to_metadata`, the one writer the exporte
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -339,3 +340,32 @@ def make_repo(root: Path, name: str, files: dict[str, bytes]) -> str:
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "files"], check=True)
     return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def film(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
+    """A smooth grey picture, different for every seed (not binarised, distinct dHashes)."""
+    coarse = np.random.default_rng(seed).integers(40, 215, size=(6, 5), dtype=np.uint8)
+    return Image.fromarray(coarse, "L").resize(size, Image.Resampling.BILINEAR)
+
+
+def entry(repo: str, commit: str, rules: str, licence: str = "CC BY 4.0") -> str:
+    return f'[[source]]\nrepo = "{repo}"\ncommit = "{commit}"\nlicence = "{licence}"\nage_group = "adult"\n{rules}\n'
+
+
+def rule(glob: str, label: str, collection: str, patient: str = "") -> str:
+    line = f'[[source.files]]\nglob = "{glob}"\nlabel = "{label}"\ncollection = "{collection}"\n'
+    return line + (f"patient = '{patient}'\n" if patient else "")
+
+
+def manifest_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "MANIFEST.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def skipped_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "SKIPPED.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def tree_bytes(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_repo, png
+from helpers import entry, film, make_repo, manifest_rows, png, rule, skipped_rows, tree_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -24,35 +24,6 @@ from cxrbatch.databuild.record import RECORD_COLUMNS
 from cxrbatch.databuild.registry import load_registry
 from cxrbatch.datasets import read_manifest, sources_of
 from cxrbatch.errors import UsageError
-
-
-def film(seed: int, size: tuple[int, int] = (80, 64)) -> Image.Image:
-    """A smooth grey picture, different for every seed (not binarised, distinct dHashes)."""
-    coarse = np.random.default_rng(seed).integers(40, 215, size=(6, 5), dtype=np.uint8)
-    return Image.fromarray(coarse, "L").resize(size, Image.Resampling.BILINEAR)
-
-
-def entry(repo: str, commit: str, rules: str, licence: str = "CC BY 4.0") -> str:
-    return f'[[source]]\nrepo = "{repo}"\ncommit = "{commit}"\nlicence = "{licence}"\nage_group = "adult"\n{rules}\n'
-
-
-def rule(glob: str, label: str, collection: str, patient: str = "") -> str:
-    line = f'[[source.files]]\nglob = "{glob}"\nlabel = "{label}"\ncollection = "{collection}"\n'
-    return line + (f"patient = '{patient}'\n" if patient else "")
-
-
-def manifest_rows(out: Path) -> list[dict[str, str]]:
-    with (out / "MANIFEST.csv").open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def skipped_rows(out: Path) -> list[dict[str, str]]:
-    with (out / "SKIPPED.csv").open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def tree_bytes(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
