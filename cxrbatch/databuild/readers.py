@@ -8,6 +8,7 @@ registered files. Git LFS pointers and submodules are not images and are left ou
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import zipfile
 from collections.abc import Iterator
@@ -75,11 +76,14 @@ class GitFiles:
         return data
 
     def close(self) -> None:
-        """Stop the cat-file process."""
-        if self._cat.poll() is None:
-            assert self._cat.stdin is not None
+        """Stop the cat-file process, at once: a build interrupted inside `read` (Ctrl-C, SIGTERM)
+        leaves it blocked writing a blob that nobody reads, and waiting on it would never end."""
+        assert self._cat.stdin is not None and self._cat.stdout is not None
+        self._cat.stdout.close()
+        self._cat.kill()  # nothing is lost: every answer it gave has been read; a no-op once it has ended
+        self._cat.wait()
+        with contextlib.suppress(BrokenPipeError):  # a request written but not yet flushed when interrupted
             self._cat.stdin.close()
-            self._cat.wait()
 
 
 class WheelFiles:
