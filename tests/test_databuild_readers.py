@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
-from helpers import make_repo
+import pytest
+from helpers import film, make_repo, manifest_rows, png, skipped_rows
 
+from cxrbatch.databuild.builder import build
 from cxrbatch.databuild.readers import GitFiles, find_git_dir
+from cxrbatch.errors import UsageError
+
+WHEEL_SOURCE = '[[source]]\npackage = "pkg-x==1.0"\nlicence = "MIT"\n' + (
+    '[[source.files]]\nglob = "pkg_x/img/*.png"\nlabel = "NORMAL"\ncollection = "w"\n'
+)
 
 
 def test_closing_a_git_reader_interrupted_inside_a_read_does_not_hang(tmp_path: Path) -> None:
@@ -31,3 +39,27 @@ def test_closing_a_git_reader_interrupted_inside_a_read_does_not_hang(tmp_path: 
     if hung:
         cat.kill()  # let the test end
     assert not hung and cat.poll() is not None
+
+
+def test_a_damaged_wheel_member_is_skipped_and_a_wheel_that_is_no_zip_is_a_usage_error(tmp_path: Path) -> None:
+    mirrors = tmp_path / "mirrors"
+    mirrors.mkdir()
+    wheel = mirrors / "pkg_x-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as archive:
+        for i in range(3):
+            archive.writestr(f"pkg_x/img/{i}.png", png(film(i)))
+    data = bytearray(wheel.read_bytes())
+    member = data.find(b"pkg_x/img/1.png") + len(b"pkg_x/img/1.png")
+    data[data.find(b"IDAT", member) + 8] ^= 0xFF  # one byte of the second member's pixels: a bad CRC
+    wheel.write_bytes(bytes(data))
+    registry = tmp_path / "r.toml"
+    registry.write_text(WHEEL_SOURCE)
+    out = tmp_path / "out"
+    build(registry, mirrors, out, tmp_path)
+    assert sorted(r["path_in_source"] for r in manifest_rows(out)) == ["pkg_x/img/0.png", "pkg_x/img/2.png"]
+    [skipped] = skipped_rows(out)
+    assert skipped["path_in_source"] == "pkg_x/img/1.png"
+    assert skipped["reason"].startswith("cannot read: damaged in the wheel: Bad CRC-32")
+    wheel.write_bytes(b"not a zip")
+    with pytest.raises(UsageError, match=r"The wheel .*pkg_x-1.0-py3-none-any.whl cannot be opened"):
+        build(registry, mirrors, tmp_path / "out2", tmp_path)

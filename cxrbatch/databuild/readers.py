@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -90,15 +91,21 @@ class WheelFiles:
     """The members of a wheel (a zip file)."""
 
     def __init__(self, wheel: Path) -> None:
-        self._zip = zipfile.ZipFile(wheel)
+        try:
+            self._zip = zipfile.ZipFile(wheel)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise UsageError(f"The wheel {wheel} cannot be opened ({exc}): download it again") from None
 
     def paths(self) -> list[str]:
         """Every file member, sorted."""
         return sorted(n for n in self._zip.namelist() if not n.endswith("/"))
 
     def read(self, path: str) -> bytes:
-        """The bytes of one member."""
-        return self._zip.read(path)
+        """The bytes of one member; a damaged one (bad CRC, bad compressed data) reads as OSError."""
+        try:
+            return self._zip.read(path)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            raise OSError(f"damaged in the wheel: {exc}") from None
 
     def close(self) -> None:
         """Close the zip file."""
