@@ -118,8 +118,9 @@ def build(registry: Path, mirrors: Path, out: Path, base: Path, workers: int = 2
 
 
 def _refuse_idle_patterns(sources: list[Source], opened: list[SourceFiles]) -> None:
-    """A rule that takes no file or an exclusion that matches none is refused before anything is
-    converted: the films it was written for would be missing from the data set, or kept in it."""
+    """A rule that takes no file, a patient regex that reads no id or an exclusion that matches no
+    file is refused before anything is converted: the films it was written for would be missing
+    from the data set, kept in it, or split without their patient's other films."""
     idle = [
         f"{source.label} at {source.version[:10] or 'its files'}: {', '.join(patterns)}"
         for source, files in zip(sources, opened, strict=True)
@@ -127,8 +128,8 @@ def _refuse_idle_patterns(sources: list[Source], opened: list[SourceFiles]) -> N
     ]
     if idle:
         raise UsageError(
-            f"Registry patterns that match no file: {'; '.join(idle)} (a typo in the glob, another commit, or a "
-            "rule an earlier one takes every file of)"
+            f"Registry patterns that match no file: {'; '.join(idle)} (a typo in the glob or the patient regex, "
+            "another commit, or a rule an earlier one takes every file of)"
         )
 
 

@@ -48,6 +48,15 @@ RESERVED_REPOS = frozenset(
 )
 RESERVED_FILE = re.compile(r"(?:^|/)(?:tuberculosis|normal)-\d+\.png$", re.IGNORECASE)
 
+# The keys each kind of entry takes: any other is refused, never ignored. A dataset's rows are
+# taken whole, with their own labels, licences and splits: no file rules, no exclusions.
+SOURCE_KEYS = {
+    "repo": frozenset({"repo", "commit", "licence", "age_group", "note", "files", "exclude"}),
+    "package": frozenset({"package", "licence", "age_group", "note", "files", "exclude"}),
+    "dataset": frozenset({"dataset", "age_group", "note", "collections"}),
+}
+RULE_KEYS = frozenset({"glob", "label", "collection", "patient", "patient_namespace", "age_group", "split"})
+
 
 @dataclass(frozen=True)
 class FileRule:
@@ -97,10 +106,20 @@ class Source:
         return next((rule for rule in self.rules if rule.matches(path)), None)
 
     def idle_patterns(self, paths: list[str]) -> list[str]:
-        """The rules that take none of `paths` and the exclusions that leave them all: at a pinned
-        commit, a typo in a glob (or a rule an earlier one shadows), never a choice."""
-        taken = {id(self.rule_for(path)) for path in paths}
-        idle = [f"rule {rule.glob!r}" for rule in self.rules if id(rule) not in taken]
+        """The rules that take none of `paths`, the patient regexes that read an id from none of
+        their rule's files, and the exclusions that leave them all: at a pinned commit, a typo (or
+        a rule an earlier one shadows), never a choice. An idle patient regex links no films of
+        one patient, which then fall into different splits."""
+        taken: dict[int, list[str]] = {}
+        for path in paths:
+            taken.setdefault(id(self.rule_for(path)), []).append(path)
+        idle = []
+        for rule in self.rules:
+            mine = taken.get(id(rule), [])
+            if not mine:
+                idle.append(f"rule {rule.glob!r}")
+            elif rule.patient and not any(rule.patient_of(path) for path in mine):
+                idle.append(f"patient '{rule.patient.pattern}' of rule {rule.glob!r}")
         return idle + [f"exclude {g!r}" for g in self.exclude if not any(fnmatchcase(p, g) for p in paths)]
 
     @property
@@ -136,6 +155,7 @@ def _source(entry: dict[str, Any], number: int) -> Source:
     kind = kinds[0]
     name = str(entry[kind])
     where = f"source {number} ({name})"
+    _refuse_unknown_keys(entry, SOURCE_KEYS[kind], where, f"a {kind} entry")
     version = ""
     if kind == "repo":
         version = str(entry.get("commit", ""))
@@ -169,6 +189,7 @@ def _source(entry: dict[str, Any], number: int) -> Source:
 
 
 def _rule(rule: dict[str, Any], where: str, entry: dict[str, Any]) -> FileRule:
+    _refuse_unknown_keys(rule, RULE_KEYS, where, "a [[source.files]] rule")
     label = str(rule.get("label", ""))
     _check_choice(label, (*LABELS, ABNORMAL), where, "label")
     split = str(rule.get("split", ""))
@@ -193,6 +214,13 @@ def _rule(rule: dict[str, Any], where: str, entry: dict[str, Any]) -> FileRule:
         str(rule["glob"]), label, str(rule["collection"]), patient, str(age) if age else None,
         str(rule.get("patient_namespace", "")), split,
     )  # fmt: skip
+
+
+def _refuse_unknown_keys(table: dict[str, Any], allowed: frozenset[str], where: str, what: str) -> None:
+    """A misspelt key (`patinet`, `spilt`) would otherwise be ignored, and what it was meant to do not done."""
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise UsageError(f"Registry {where}: unknown key {unknown[0]!r}; {what} takes {', '.join(sorted(allowed))}")
 
 
 def _check_choice(value: str, choices: tuple[str, ...], where: str, key: str) -> None:
