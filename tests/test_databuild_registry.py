@@ -41,6 +41,36 @@ def test_unknown_keys_are_refused(tmp_path: Path, text: str, message: str) -> No
         load_registry(registry)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            entry("a/b", COMMIT, rule("*", "NORMAL", "s").replace("[[source.files]]", "[source.files]")),
+            "double brackets",
+        ),
+        (
+            entry("a/b", COMMIT, 'files = "img/*.png"\n'),
+            r"source 1 \(a/b\): write each file rule as a \[\[source.files",
+        ),
+        (DATASET.replace('"dev"\n', '"dev"\ncollections = ["org/repo"]\n', 1).split("[source.coll")[0], "a table of"),
+        (
+            entry("a/b", COMMIT, rule("*", "NORMAL", "s")).replace("age_group", 'exclude = "img/1.png"\nage_group'),
+            r'source 1 \(a/b\): exclude must be a list of globs, e.g. exclude = \["img/1.png"\]',
+        ),
+        (
+            entry("a/b", COMMIT, rule("*", "NORMAL", "s").replace('glob = "*"', "glob = 3")),
+            "glob must be a string, not 3",
+        ),
+        ('source = ["a/b"]\n', r"source 1: write each source as a \[\[source\]\] table"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    registry = tmp_path / "r.toml"
+    registry.write_text(text)
+    with pytest.raises(UsageError, match=message):
+        load_registry(registry)
+
+
 def test_a_patient_regex_that_reads_no_id_stops_the_build(tmp_path: Path) -> None:
     """Patient ids are what keep one patient's films in one split: a regex that reads none (here
     lower case against upper-case names) would scatter them over train, val and test."""

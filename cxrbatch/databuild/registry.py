@@ -147,18 +147,20 @@ def load_registry(path: Path) -> list[Source]:
     return sources
 
 
-def _source(entry: dict[str, Any], number: int) -> Source:
-    kinds = [k for k in ("repo", "package", "dataset") if k in entry]
+def _source(entry: object, number: int) -> Source:
     where = f"source {number}"
+    if not isinstance(entry, dict):
+        raise UsageError(f"Registry {where}: write each source as a [[source]] table")
+    kinds = [k for k in ("repo", "package", "dataset") if k in entry]
     if len(kinds) != 1:
         raise UsageError(f"Registry {where}: give exactly one of repo, package or dataset")
     kind = kinds[0]
-    name = str(entry[kind])
+    name = _text(entry, kind, where)
     where = f"source {number} ({name})"
     _refuse_unknown_keys(entry, SOURCE_KEYS[kind], where, f"a {kind} entry")
     version = ""
     if kind == "repo":
-        version = str(entry.get("commit", ""))
+        version = _text(entry, "commit", where)
         if not re.fullmatch(r"[0-9a-f]{40}", version):
             raise UsageError(f"Registry {where}: `commit` must be the full 40-digit commit")
         if name.lower() in RESERVED_REPOS:
@@ -167,12 +169,12 @@ def _source(entry: dict[str, Any], number: int) -> Source:
         name, _, version = name.partition("==")
         if not version:
             raise UsageError(f"Registry {where}: a package is pinned as name==version")
-    age = str(entry.get("age_group", "unknown"))
+    age = _text(entry, "age_group", where, "unknown")
     _check_choice(age, AGE_GROUPS, where, "age_group")
-    rules = tuple(_rule(r, where, entry) for r in entry.get("files", []))
+    rules = tuple(_rule(r, where) for r in _rule_tables(entry, where))
     if kind != "dataset" and not rules:
         raise UsageError(f"Registry {where}: a {kind} needs [[source.files]] rules")
-    licence = str(entry.get("licence", ""))
+    licence = _text(entry, "licence", where)
     if kind != "dataset" and not licence:
         raise UsageError(f"Registry {where}: state the licence as the source gives it (or 'none stated')")
     return Source(
@@ -181,18 +183,18 @@ def _source(entry: dict[str, Any], number: int) -> Source:
         version=version,
         licence=licence,
         age_group=age,
-        note=str(entry.get("note", "")),
+        note=_text(entry, "note", where),
         rules=rules,
-        exclude=tuple(str(g) for g in entry.get("exclude", [])),
-        collections={str(k): str(v) for k, v in entry.get("collections", {}).items()},
+        exclude=_texts(entry, "exclude", where),
+        collections=_collections(entry, where),
     )
 
 
-def _rule(rule: dict[str, Any], where: str, entry: dict[str, Any]) -> FileRule:
+def _rule(rule: dict[str, Any], where: str) -> FileRule:
     _refuse_unknown_keys(rule, RULE_KEYS, where, "a [[source.files]] rule")
-    label = str(rule.get("label", ""))
+    label = _text(rule, "label", where)
     _check_choice(label, (*LABELS, ABNORMAL), where, "label")
-    split = str(rule.get("split", ""))
+    split = _text(rule, "split", where)
     if split:
         _check_choice(split, SPLITS, where, "split")
     if label == ABNORMAL and split not in ("val", "test"):
@@ -201,18 +203,18 @@ def _rule(rule: dict[str, Any], where: str, entry: dict[str, Any]) -> FileRule:
         )
     if "glob" not in rule or "collection" not in rule:
         raise UsageError(f"Registry {where}: every [[source.files]] rule needs glob, label and collection")
-    age = rule.get("age_group")
+    age = _text(rule, "age_group", where) if "age_group" in rule else None
     if age is not None:
-        _check_choice(str(age), AGE_GROUPS, where, "age_group")
+        _check_choice(age, AGE_GROUPS, where, "age_group")
     try:
-        patient = re.compile(str(rule["patient"])) if rule.get("patient") else None
+        patient = re.compile(regex) if (regex := _text(rule, "patient", where)) else None
     except re.error as exc:
         raise UsageError(f"Registry {where}: bad patient regex: {exc}") from None
     if patient is not None and patient.groups < 1:
         raise UsageError(f"Registry {where}: the patient regex needs a group for the id")
     return FileRule(
-        str(rule["glob"]), label, str(rule["collection"]), patient, str(age) if age else None,
-        str(rule.get("patient_namespace", "")), split,
+        _text(rule, "glob", where), label, _text(rule, "collection", where), patient, age,
+        _text(rule, "patient_namespace", where), split,
     )  # fmt: skip
 
 
@@ -221,6 +223,37 @@ def _refuse_unknown_keys(table: dict[str, Any], allowed: frozenset[str], where: 
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise UsageError(f"Registry {where}: unknown key {unknown[0]!r}; {what} takes {', '.join(sorted(allowed))}")
+
+
+def _text(table: dict[str, Any], key: str, where: str, default: str = "") -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise UsageError(f"Registry {where}: {key} must be a string, not {value!r}")
+    return value
+
+
+def _texts(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    """A list of strings (`exclude = "a.png"` would otherwise be read as one glob per character)."""
+    values = table.get(key, [])
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise UsageError(f'Registry {where}: {key} must be a list of globs, e.g. {key} = ["img/1.png"]')
+    return tuple(values)
+
+
+def _rule_tables(entry: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    tables = entry.get("files", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise UsageError(f"Registry {where}: write each file rule as a [[source.files]] table (double brackets)")
+    return tables
+
+
+def _collections(entry: dict[str, Any], where: str) -> dict[str, str]:
+    collections = entry.get("collections", {})
+    if not isinstance(collections, dict) or not all(isinstance(v, str) for v in collections.values()):
+        raise UsageError(
+            f'Registry {where}: give [source.collections] as a table of "manifest source" = "collection" lines'
+        )
+    return collections
 
 
 def _check_choice(value: str, choices: tuple[str, ...], where: str, key: str) -> None:
