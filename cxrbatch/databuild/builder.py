@@ -315,16 +315,20 @@ def _write(out: Path, built: list[Built], rows: list[dict[str, str]], skipped: l
         if out.exists():
             shutil.rmtree(out)
         part.rename(out)
-    except OSError as exc:
+    except BaseException as exc:  # an interrupt or any other failure leaves no half-written folder either
         shutil.rmtree(part, ignore_errors=True)
-        raise ReportError(f"Cannot write the data set to {out}: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            raise ReportError(f"Cannot write the data set to {out}: {exc.strerror or exc}") from None
+        raise
 
 
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[list[str]] | list[tuple[str, str, str]]) -> None:
+    """Write UTF-8 CSV. A mirror's file name is bytes: one that is not UTF-8 (held as surrogates)
+    is written with \\xNN escapes, as the reports write such names."""
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerows([imaging.display_path(cell) for cell in row] for row in rows)
 
 
 def _chunks(items: list[Candidate], size: int) -> Iterator[list[Candidate]]:
