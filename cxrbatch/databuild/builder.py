@@ -112,9 +112,9 @@ def build(registry: Path, mirrors: Path, out: Path, base: Path, workers: int = 2
     finally:
         for files in opened:
             files.close()
-    rows = _link_and_split(built, skipped)
-    _write(out, built, rows, skipped)
-    return BuildResult(rows, skipped)
+    described = _link_and_split(built, skipped)
+    _write(out, described, skipped)
+    return BuildResult([row for row, _ in described], skipped)
 
 
 def _refuse_idle_patterns(sources: list[Source], opened: list[SourceFiles]) -> None:
@@ -226,8 +226,9 @@ def _stored(candidate: Candidate, jpeg: bytes, image_id: str, split: str) -> Bui
     )
 
 
-def _link_and_split(built: list[Built], skipped: list[tuple[str, str, str]]) -> list[dict[str, str]]:
-    """Cluster the images, drop copies that disagree on the label, and give each row its split.
+def _link_and_split(built: list[Built], skipped: list[tuple[str, str, str]]) -> list[tuple[dict[str, str], Built]]:
+    """Cluster the images, drop copies that disagree on the label, and give each row its split;
+    each row comes with the image it describes (the copy whose JPEG is written).
 
     Copies (identical pixels, near-duplicates) of one film must carry one label; a film whose
     copies disagree is left out. Films of one patient may differ (a later film of the same
@@ -252,10 +253,10 @@ def _link_and_split(built: list[Built], skipped: list[tuple[str, str, str]]) -> 
     clusters = UnionFind(len(kept))
     copy_root = [r for r, k in zip(copies.groups(), keep, strict=True) if k]
     link_groups(([f"copy:{r}", *b.candidate.patients] for r, b in zip(copy_root, kept, strict=True)), clusters)
-    rows: list[dict[str, str]] = []
+    rows: list[tuple[dict[str, str], Built]] = []
     for indices in _members(clusters).values():
         rows += _cluster_rows([kept[i] for i in indices])
-    return sorted(rows, key=lambda r: r["id"])
+    return sorted(rows, key=lambda described: described[0]["id"])
 
 
 def _disagree(labels: set[str]) -> bool:
@@ -272,17 +273,18 @@ def _members(uf: UnionFind) -> dict[int, list[int]]:
     return members
 
 
-def _cluster_rows(images: list[Built]) -> list[dict[str, str]]:
+def _cluster_rows(images: list[Built]) -> list[tuple[dict[str, str], Built]]:
+    """One row per distinct image, from its first copy; the others' locations go into its note."""
     key = min(b.id for b in images)
     own = {b.split for b in images if b.split}
     split = next((s for s in SPLIT_ORDER if s in own), "") or _hash_split(key)
     cluster = f"k{key}"
     patients = sorted({p for b in images for p in b.candidate.patients if "#cluster:" not in p})
-    rows: dict[str, dict[str, str]] = {}
+    rows: dict[str, tuple[dict[str, str], Built]] = {}
     for b in images:
         c = b.candidate
         if b.id in rows:
-            kept = rows[b.id]
+            kept, _ = rows[b.id]
             kept["note"] = "; ".join(n for n in (kept["note"], f"same pixels at {c.source.label}:{c.path}") if n)
             continue
         row = {column: c.row.get(column, "") for column in MANIFEST_COLUMNS}
@@ -290,7 +292,7 @@ def _cluster_rows(images: list[Built]) -> list[dict[str, str]]:
             id=b.id, split=split, label=c.label, cluster=cluster, patient_group=";".join(patients),
             collection=c.collection, dhash256=b.dhash256,
         )  # fmt: skip
-        rows[b.id] = row
+        rows[b.id] = (row, b)
     return list(rows.values())
 
 
@@ -299,18 +301,19 @@ def _hash_split(key: str) -> str:
     return "train" if share < 0.70 else "val" if share < 0.85 else "test"
 
 
-def _write(out: Path, built: list[Built], rows: list[dict[str, str]], skipped: list[tuple[str, str, str]]) -> None:
-    """Write into a fresh folder beside `out`, then put it in place: no half-built tree under its name."""
+def _write(out: Path, described: list[tuple[dict[str, str], Built]], skipped: list[tuple[str, str, str]]) -> None:
+    """Write into a fresh folder beside `out`, then put it in place: no half-built tree under its name.
+    Each row's file is the JPEG of the copy the row describes (a dataset's own, where it has one)."""
     part = out.with_name(f".{out.name}.part")
     shutil.rmtree(part, ignore_errors=True)
     try:
         part.mkdir(parents=True)
-        jpegs = {b.id: b.jpeg for b in built}
-        for row in rows:
+        for row, image in described:
             target = part / row["split"] / row["label"] / f"{row['id']}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(jpegs[row["id"]])
-        _write_csv(part / "MANIFEST.csv", MANIFEST_COLUMNS, [[r[c] for c in MANIFEST_COLUMNS] for r in rows])
+            target.write_bytes(image.jpeg)
+        rows = [[row[c] for c in MANIFEST_COLUMNS] for row, _ in described]
+        _write_csv(part / "MANIFEST.csv", MANIFEST_COLUMNS, rows)
         _write_csv(part / "SKIPPED.csv", SKIPPED_COLUMNS, sorted(skipped))
         if out.exists():
             shutil.rmtree(out)
