@@ -33,7 +33,7 @@ from cxrbatch import imaging
 from cxrbatch.databuild import hashing
 from cxrbatch.databuild.clusters import UnionFind, link_groups, near_duplicate_pairs
 from cxrbatch.databuild.readers import SourceFiles, open_source
-from cxrbatch.databuild.registry import RESERVED_FILE, Source, load_registry
+from cxrbatch.databuild.registry import ADMITTED_IN_DATASETS, RESERVED_FILE, RESERVED_REPOS, Source, load_registry
 from cxrbatch.datasets import ABNORMAL
 from cxrbatch.errors import ImageError, ReportError, UsageError
 
@@ -147,7 +147,7 @@ def _check_out(out: Path, force: bool) -> None:
 
 def _candidates(source: Source, files: SourceFiles, skipped: list[tuple[str, str, str]]) -> Iterator[Candidate]:
     if source.kind == "dataset":
-        yield from _dataset_candidates(source, files)
+        yield from _dataset_candidates(source, files, skipped)
         return
     for path in files.paths():
         rule = source.rule_for(path)
@@ -168,16 +168,31 @@ def _candidates(source: Source, files: SourceFiles, skipped: list[tuple[str, str
         yield Candidate(source, path, rule.label, rule.collection, (patient,) if patient else (), row, rule.split)
 
 
-def _dataset_candidates(source: Source, files: SourceFiles) -> Iterator[Candidate]:
+def _dataset_candidates(source: Source, files: SourceFiles, skipped: list[tuple[str, str, str]]) -> Iterator[Candidate]:
     rows = list(csv.DictReader(io.StringIO(files.read("MANIFEST.csv").decode("utf-8"), newline="")))
     unmapped = sorted({r["source"] for r in rows} - set(source.collections))
     if unmapped:
         raise UsageError(f"Registry dataset {source.name}: no collection given for its sources {unmapped}")
     for row in sorted(rows, key=lambda r: r["id"]):
+        path = f"{row['split']}/{row['label']}/{row['id']}.jpg"
+        reserved = _reserved_row(row)
+        if reserved:
+            skipped.append((source.label, path, f"{reserved}: {row['source']}:{row.get('path_in_source', '')}"))
+            continue
         patients = tuple(p for p in row.get("patient_group", "").split(";") if p)
         patients += (f"{source.name}#cluster:{row['cluster']}",) if row.get("cluster") else ()
-        path = f"{row['split']}/{row['label']}/{row['id']}.jpg"
         yield Candidate(source, path, row["label"], source.collections[row["source"]], patients, row, row["split"])
+
+
+def _reserved_row(row: dict[str, str]) -> str:
+    """Why a dataset's row is reserved for independent evaluation ("" if it is not): the registry
+    refuses these repositories and skips these names in every other source."""
+    repo = row["source"].lower()
+    if repo in RESERVED_REPOS and (repo, row.get("commit_or_version", "")) not in ADMITTED_IN_DATASETS:
+        return "from a repository reserved for independent evaluation"
+    if RESERVED_FILE.search(row.get("path_in_source", "")):
+        return "named like a file reserved for independent evaluation"
+    return ""
 
 
 def _read(files: SourceFiles, candidate: Candidate) -> bytes | str:
