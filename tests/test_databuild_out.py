@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import entry, film, make_repo, png, rule
+from helpers import entry, film, make_repo, manifest_rows, png, rule
 
 from cxrbatch.databuild import builder
 from cxrbatch.databuild.builder import build
@@ -32,3 +32,15 @@ def test_a_failed_write_leaves_no_part_folder(
     with pytest.raises(RuntimeError, match="not an OSError"):
         build(registry, mirrors, tmp_path / "out", tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirrors", "r.toml"]
+
+
+def test_out_may_be_the_current_folder(
+    one_source: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    registry, mirrors = one_source
+    build(registry, mirrors, Path("."), tmp_path)
+    assert len(manifest_rows(here)) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "mirrors", "r.toml"]

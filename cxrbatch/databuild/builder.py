@@ -91,6 +91,7 @@ class BuildResult:
 def build(registry: Path, mirrors: Path, out: Path, base: Path, workers: int = 2, force: bool = False) -> BuildResult:
     """Build the tree of `registry` from `mirrors` into `out` (datasets resolve against `base`)."""
     sources = load_registry(registry)
+    out = out.resolve()  # `--out .` has no name to write the .part folder beside
     _check_out(out, force)
     built: list[Built] = []
     skipped: list[tuple[str, str, str]] = []
