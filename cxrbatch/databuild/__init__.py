@@ -5,6 +5,7 @@
 - `hashing`: pixel ids and the dHashes that find copies across collections;
 - `clusters`: near-duplicate and patient links joined into clusters;
 - `builder`: conversion, exclusions, the split by cluster and the MANIFEST.csv;
+- `output`: the checks on the folder a build replaces (`--out`);
 - `record`: a built tree's manifest without the images (`cxrbatch data record`);
 - `select`: a labelled folder linking some of a tree's films, by split and source (`cxrbatch data select`).
 

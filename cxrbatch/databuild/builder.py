@@ -32,7 +32,8 @@ from PIL import Image
 from cxrbatch import imaging
 from cxrbatch.databuild import hashing
 from cxrbatch.databuild.clusters import UnionFind, link_groups, near_duplicate_pairs
-from cxrbatch.databuild.readers import SourceFiles, open_source
+from cxrbatch.databuild.output import check_out
+from cxrbatch.databuild.readers import SourceFiles, dataset_root, open_source
 from cxrbatch.databuild.registry import ADMITTED_IN_DATASETS, RESERVED_FILE, RESERVED_REPOS, Source, load_registry
 from cxrbatch.datasets import ABNORMAL
 from cxrbatch.errors import ImageError, ReportError, UsageError
@@ -92,7 +93,8 @@ def build(registry: Path, mirrors: Path, out: Path, base: Path, workers: int = 2
     """Build the tree of `registry` from `mirrors` into `out` (datasets resolve against `base`)."""
     sources = load_registry(registry)
     out = out.resolve()  # `--out .` has no name to write the .part folder beside
-    _check_out(out, force)
+    read = [registry, mirrors, *(dataset_root(s, base) for s in sources if s.kind == "dataset")]
+    check_out(out, force, read)
     built: list[Built] = []
     skipped: list[tuple[str, str, str]] = []
     opened: list[SourceFiles] = []
@@ -132,18 +134,6 @@ def _refuse_idle_patterns(sources: list[Source], opened: list[SourceFiles]) -> N
             f"Registry patterns that match no file: {'; '.join(idle)} (a typo in the glob or the patient regex, "
             "another commit, or a rule an earlier one takes every file of)"
         )
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise UsageError(f"{out} exists and is not empty; pass --force to replace it")
-        if not ((out / "MANIFEST.csv").is_file() and (out / "SKIPPED.csv").is_file()):
-            # both are what a build writes; a MANIFEST.csv alone is also a dataset source (the
-            # developer set), a `data select` folder or an evaluation site
-            raise UsageError(
-                f"{out} holds no MANIFEST.csv and SKIPPED.csv: refusing to replace a folder this command did not build"
-            )
 
 
 def _candidates(source: Source, files: SourceFiles, skipped: list[tuple[str, str, str]]) -> Iterator[Candidate]:

@@ -133,7 +133,7 @@ class FolderFiles:
 def open_source(source: Source, mirrors: Path, base: Path) -> SourceFiles:
     """A reader for `source`: its mirror under `mirrors`, or (datasets) its folder relative to `base`."""
     if source.kind == "dataset":
-        root = (base / source.name).resolve()
+        root = dataset_root(source, base)
         if not (root / "MANIFEST.csv").is_file():
             raise UsageError(f"Dataset {source.name} not found: {root} has no MANIFEST.csv")
         return FolderFiles(root)
@@ -150,6 +150,11 @@ def open_source(source: Source, mirrors: Path, base: Path) -> SourceFiles:
     except UsageError:
         raise UsageError(f"The mirror of {source.name} ({git_dir}) lacks commit {source.version}") from None
     return GitFiles(git_dir, source.version)
+
+
+def dataset_root(source: Source, base: Path) -> Path:
+    """The folder of a `dataset` source, which the registry names relative to `base`."""
+    return (base / source.name).resolve()
 
 
 def find_git_dir(mirrors: Path, repo: str) -> Path | None:
