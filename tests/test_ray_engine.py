@@ -179,6 +179,7 @@ def test_ray_not_installed_names_the_extra(
 
 
 def test_an_address_nobody_answers_is_a_clear_error(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]  # closed again before the run: nothing listens there
