@@ -50,7 +50,7 @@ def training_films(
     training left out (a leave-one-collection-out model must not learn its output from the
     collection it is checked on). Classes the classifier does not know, and an empty split, are refused."""
     manifest = read_manifest(data_dir)
-    present = {source_of(row) for row in manifest.values()}
+    present = {name for row in manifest.values() for name in (source_of(row), row.get("source", ""))}
     inherited = [s for s in spec.trained_without() if s in present and s not in exclude]
     if inherited:
         log.info("left out as the model's training left them out: %s", ", ".join(inherited))

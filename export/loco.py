@@ -2,8 +2,9 @@
 
 A validation split drawn from the same collections as train rewards learning what those
 collections look like. The study that chooses the recipe instead trains, for each collection
-(`fold`), a model without any of its images (train and val) and scores every image of that
-collection, from every split.
+(`fold`), a model without any of its images (train and val), nor any image of another
+collection that shares a cluster with one of them (a re-encoded copy, the same patient), and
+scores every image of that collection, from every split.
 
 The recipe studied is the head-only recipe (`cxrbatch train classifier --epochs2 0`): the
 frozen ImageNet MobileNetV2's pooled features of `views` views per image (the image as the
@@ -27,7 +28,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from cxrbatch.datasets import Split, class_names, load_split, read_manifest, sources_of
+from cxrbatch.datasets import Split, class_names, left_out, load_split, read_manifest, sources_of
 from cxrbatch.errors import UsageError
 from cxrbatch.files import file_sha256
 from cxrbatch.metrics import roc_auc
@@ -95,7 +96,8 @@ def study(
             fold,
             sum(int((s == fold).sum()) for s in sources.values()),
         )
-        record["folds"][fold] = _fold(fold, splits, sources, feats, config)
+        gone = {name: left_out(split.paths, manifest, (fold,)) for name, split in splits.items()}
+        record["folds"][fold] = _fold(fold, splits, sources, gone, feats, config)
     return record
 
 
@@ -112,11 +114,14 @@ def _fold(
     fold: str,
     splits: dict[str, Split],
     sources: dict[str, np.ndarray],
+    gone: dict[str, np.ndarray],
     feats: dict[str, np.ndarray],
     config: TrainConfig,
 ) -> dict[str, Any]:
+    """Train without the collection's films and every film sharing a cluster with one of them
+    (`datasets.left_out`: its films under another collection's name), score the collection's own."""
     train, val = splits["train"], splits["val"]
-    keep_train, keep_val = sources["train"] != fold, sources["val"] != fold
+    keep_train, keep_val = ~gone["train"], ~gone["val"]
     labels = train.labels[keep_train]
     eye = np.eye(len(train.classes), dtype=np.float32)
     if len(np.unique(labels)) < len(train.classes):
@@ -136,6 +141,8 @@ def _fold(
     probs = np.asarray(head.predict(held_x, batch_size=config.batch_size, verbose=0), dtype=np.float64)
     return {
         "trained_on": int(keep_train.sum()),
+        # films of other collections left out as they share a cluster with the fold's own
+        "left_out_by_cluster": int(sum((gone[name] & (sources[name] != fold)).sum() for name in splits)),
         "history": history,
         **held_out_metrics(probs, held_y, train.classes, config),
     }

@@ -11,6 +11,7 @@ from helpers import grey_image
 from cxrbatch.datasets import (
     class_names,
     labelled_images,
+    left_out,
     load_split,
     only_sources,
     read_manifest,
@@ -114,13 +115,51 @@ def test_without_and_only_sources_select_by_manifest_source(tmp_path: Path) -> N
     only = only_sources(split, manifest, ("left-out",))
     assert [p.stem for p in only.paths] == ["train-DARK_0", "train-LIGHT_0"]
     assert np.array_equal(only.labels, [0, 1])
-    with pytest.raises(UsageError, match=r"comes from the source\(s\) \['typo'\]"):
+    with pytest.raises(UsageError, match=r"comes from the collection\(s\) or source\(s\) \['typo'\]"):
         without_sources(split, manifest, ("typo",))
-    with pytest.raises(UsageError, match="from the source"):
+    with pytest.raises(UsageError, match="from the collection"):
         only_sources(split, manifest, ("typo",))
     val = load_split(data, "val", split.classes)  # its images are not in the manifest at all
     with pytest.raises(UsageError, match="No image of this selection"):
         only_sources(val, manifest, ("kept",))
+
+
+def test_leaving_a_collection_out_leaves_out_its_clusters_in_every_collection(tmp_path: Path) -> None:
+    # The curated Kaggle set holds re-encoded Kermany films: a fold "without kermany" trained on
+    # them under the other collection's name, then was scored on kermany as a collection it never saw.
+    data = _tree(tmp_path)
+    manifest = {
+        f"train-{c}_{i}": {"source": "repo/x", "collection": "kept", "cluster": f"k{c}{i}"}
+        for c in ("DARK", "LIGHT")
+        for i in range(4)
+    }
+    manifest["train-DARK_0"].update(collection="kermany")
+    manifest["train-LIGHT_0"].update(collection="kermany", source="repo/k")
+    manifest["train-DARK_1"].update(cluster="kDARK0")  # a copy of kermany's film, in "kept"
+    manifest["val-copy"] = {"source": "repo/x", "collection": "kept", "cluster": "kLIGHT0"}  # its cluster: other split
+    split = load_split(data, "train", class_names(data))
+    assert left_out(split.paths, manifest, ("kermany",)).tolist() == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+    kept = without_sources(split, manifest, ("kermany",))
+    assert sorted(p.stem for p in kept.paths) == ["train-DARK_2", "train-DARK_3"] + [
+        f"train-LIGHT_{i}" for i in (1, 2, 3)
+    ]
+    # only_sources scores the collection's own films, copies elsewhere are not its films
+    assert [p.stem for p in only_sources(split, manifest, ("kermany",)).paths] == ["train-DARK_0", "train-LIGHT_0"]
+    # a repository's name selects its films too (`data select --exclude-source repo/k`)
+    assert [p.stem for p in only_sources(split, manifest, ("repo/k",)).paths] == ["train-LIGHT_0"]
+    assert len(without_sources(split, manifest, ("repo/k",)).paths) == 7
+    # without a cluster column nothing more is left out than the collection's own films
+    bare = {k: {"collection": v["collection"]} for k, v in manifest.items()}
+    assert len(without_sources(split, bare, ("kermany",)).paths) == 6
 
 
 def test_a_manifest_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:

@@ -37,9 +37,7 @@ def test_missing_extra_is_one_line_with_the_install_command(monkeypatch: pytest.
     ):
         result = runner.invoke(app, args)
         assert result.exit_code == 1, args
-        assert (
-            '[error] this command needs the export extra (tensorflow, keras not installed): pip install "cxrbatch[export]"'
-            in (result.stderr)
-        )
+        needs = "[error] this command needs the export extra (tensorflow, keras not installed)"
+        assert needs + ': pip install "cxrbatch[export]"' in result.stderr
         assert 'pip install -e ".[export]"' in result.stderr and "Traceback" not in result.stderr
         assert runner.invoke(app, [args[0], "--help"]).exit_code == 0  # help needs no extra

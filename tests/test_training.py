@@ -111,7 +111,9 @@ def test_train_reports_operator_mistakes_in_one_line(tmp_path: Path) -> None:
     assert code == 2 and "[error] Data folder not found:" in err
     data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=2)
     code, err = _train(data, tmp_path, "--negative-label", "DARK", "--exclude-source", "typo")
-    assert code == 2 and "[error] No image in the MANIFEST.csv comes from the source(s) ['typo']" in err
+    assert (
+        code == 2 and "[error] No image in the MANIFEST.csv comes from the collection(s) or source(s) ['typo']" in err
+    )
     code, err = _train(data, tmp_path)  # the default negative label, NORMAL, is not a class here
     assert code == 2 and "[error] the classifier's negative label 'NORMAL' is not a class of" in err
     code, err = _train(data, tmp_path, "--negative-label", "DARK", "--base-weights", str(tmp_path / "no.h5"))
@@ -192,6 +194,16 @@ def test_leave_one_collection_out_study(tmp_path: Path, monkeypatch: pytest.Monk
     assert grown.exit_code == 0, grown.output
     assert computed == [1]
     assert json.loads((tmp_path / "loco.json").read_text(encoding="utf-8"))["folds"]["colB"]["trained_on"] == 13
+    # a colC film in one cluster with a colA film (a copy under another collection's name): the
+    # head without colA must not train on it
+    clusters = ["id,source,collection,cluster"] + [f"{r},k{r.split(',')[0]}" for r in [*rows[1:], "DARK_new,repo,colA"]]
+    clusters = [line.replace("VIVID_0,repo,colC,kVIVID_0", "VIVID_0,repo,colC,kDARK_0") for line in clusters]
+    (data / "MANIFEST.csv").write_text("\n".join(clusters) + "\n", encoding="utf-8")
+    assert runner.invoke(app, args).exit_code == 0
+    folds = json.loads((tmp_path / "loco.json").read_text(encoding="utf-8"))["folds"]
+    # (this tree names a film alike in every split: VIVID_0 is left out of train, val and test)
+    assert (folds["colA"]["trained_on"], folds["colA"]["left_out_by_cluster"]) == (11, 3)
+    assert (folds["colB"]["trained_on"], folds["colB"]["left_out_by_cluster"]) == (13, 0)
     unknown = runner.invoke(app, [*args, "--fold", "colZ"])
     assert unknown.exit_code == 2 and "collection(s) ['colZ']" in unknown.stderr
 

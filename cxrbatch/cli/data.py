@@ -85,11 +85,15 @@ def select(
     out: Annotated[Path, typer.Option("--out", help="folder to write the <LABEL>/ links and MANIFEST.csv into")],
     split: Annotated[str, typer.Option(help="split to take (train, val, test); all: every split")] = "val",
     source: Annotated[
-        list[str] | None, typer.Option("--source", help="only films of this MANIFEST.csv source (repeatable)")
+        list[str] | None,
+        typer.Option("--source", help="only films of this collection or MANIFEST.csv source (repeatable)"),
     ] = None,
     exclude_source: Annotated[
         list[str] | None,
-        typer.Option("--exclude-source", help="leave this MANIFEST.csv source out (repeatable)"),
+        typer.Option(
+            "--exclude-source",
+            help="leave this collection or MANIFEST.csv source out, and films in its clusters (repeatable)",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an earlier selection in --out")] = False,
 ) -> None:

@@ -18,7 +18,10 @@ from cxrbatch.extras import export_module
 
 ExcludeSource = Annotated[
     list[str] | None,
-    typer.Option("--exclude-source", help="leave a MANIFEST.csv source out, as the model's training did (repeatable)"),
+    typer.Option(
+        "--exclude-source",
+        help="leave a collection or source out (and its clusters), as the model's training did (repeatable)",
+    ),
 ]
 
 

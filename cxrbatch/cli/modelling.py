@@ -96,7 +96,10 @@ def train(
     ] = None,
     exclude_source: Annotated[
         list[str] | None,
-        typer.Option("--exclude-source", help="leave a MANIFEST.csv source out of train and val (repeatable)"),
+        typer.Option(
+            "--exclude-source",
+            help="leave a collection or source out of train and val, and films in its clusters (repeatable)",
+        ),
     ] = None,
     zoom_out: Annotated[
         float | None,
