@@ -4,8 +4,9 @@ The driver (the `cxrbatch run` process) finds the files, keeps the ledger and wr
 exactly as for a local run: `RayScreener` is a `Screener` whose `screen` sends the work to a Ray
 Data pipeline instead of decoding in threads. Each actor of that pipeline holds one `Screener`
 (both onnxruntime sessions, made from the model bytes the driver sends, so the nodes need no
-models folder) and screens a block of files with its own `decode` and `infer`: the preprocessing
-exists once. Results come back as JSON (`Result.to_wire`), are put back in input order, and go
+models folder) and screens its files with its own `screen`: the preprocessing exists once. An
+item sent to an actor is one inference batch of the local engine (`batch_items`: the same files
+together, by absolute path), so both engines give the same results to the last decimal. Results come back as JSON (`Result.to_wire`), are put back in input order, and go
 through the runner's report writers and ledger commits like the local engine's.
 
 Failures: Ray restarts a dead actor and retries its task (`RETRIES` times). A block that fails
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from cxrbatch.crashes import crash_point
-from cxrbatch.errors import EngineError, ExtraMissing, UsageError
+from cxrbatch.errors import DeviceError, EngineError, ExtraMissing, UsageError
 from cxrbatch.models import CPU, CUDA, Model, model_from_bytes
 from cxrbatch.pipeline import Result, Screener
 from cxrbatch.records import ERROR, plural
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = 'pip install "cxrbatch[ray]" (in a source checkout: pip install -e ".[ray]")'
 AUTH_HINT = "; a cluster with token authentication needs RAY_AUTH_MODE=token and its token here"
 CONNECT_TIMEOUT = 10.0  # seconds to wait for a cluster's head to answer
+# What a gRPC server (a cluster's GCS, or Ray Client) answers first to an HTTP/2 client: a
+# SETTINGS frame (type 4, the fourth byte of its 9-byte frame header).
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+SETTINGS_FRAME = 4
 # Files per Ray block, in inference batches: one batch per block spent a quarter of a 2,000-film
 # run on blocks' round trips (105 images/s on 2 CPUs, against 136 with 4 and 140 with 16); small
 # blocks keep the actors evenly busy and a lost block cheap to send again.
@@ -58,9 +63,13 @@ LOST = "screening failed on the Ray cluster in every attempt (a worker died on t
 def _import_ray() -> Any:
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.data") is None:
         raise ExtraMissing(f"--engine ray needs the ray extra (ray[data] is not installed): {INSTALL_HINT}")
-    import ray
-    import ray.data
-
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:  # a plain `pip install ray`: Ray Data's own dependencies (pandas, pyarrow) missing
+        raise ExtraMissing(
+            f"--engine ray needs the ray extra ({exc.name or exc} is not installed): {INSTALL_HINT}"
+        ) from None
     return ray
 
 
@@ -141,14 +150,27 @@ def _host_port(address: str) -> tuple[str, int]:
 
 
 def _check_reachable(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> None:
-    """Fail at once, with the reason, when nothing listens at a cluster's address."""
+    """Fail at once, with the reason, when nothing listens at a cluster's address, or something
+    that is not a gRPC server does (the dashboard's port, a web server): ray.init retries such an
+    address for ever. (With TLS, RAY_USE_TLS, only the connection is checked.)"""
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return
+            conn.sendall(HTTP2_PREFACE)
+            head = b""
+            while len(head) < 9 and (chunk := conn.recv(9 - len(head))):
+                head += chunk
     except OSError as exc:
         reason = exc.strerror or exc
         raise EngineError(
             f"cannot reach the Ray cluster at {host}:{port}: {reason} (is `ray start --head` running there?)"
         ) from None
+    if len(head) < 9 or head[3] != SETTINGS_FRAME:
+        raise EngineError(
+            f"{host}:{port} answers, but not as a Ray cluster: give the head's GCS port (6379 by default; "
+            "not the dashboard's 8265), or ray://HOST:10001 for Ray Client"
+        )
 
 
 def _configure_data(ray: Any) -> None:
@@ -217,24 +239,26 @@ class RayScreener(Screener):
         """Yield one Result per path, in order, as the actors deliver them."""
         paths = list(paths)
         order = _InOrder(paths, on_result)
-        for index, result in self._results(paths, range(len(paths)), self.batch_size * BLOCK_BATCHES):
+        for index, result in self._results(
+            paths, batch_items(paths, range(len(paths)), self.batch_size), BLOCK_BATCHES
+        ):
             yield from order.add(index, result)
         lost = order.missing()
         if lost:
             log.warning("%s lost on the cluster: screening them again one by one", plural(len(lost), "file"))
-            for index, result in self._results(paths, lost, 1):
+            for index, result in self._results(paths, batch_items(paths, lost, 1), 1):
                 yield from order.add(index, result)
         for index in order.missing():
             log.error("%s: %s", paths[index], LOST)
             yield from order.add(index, Result(paths[index], ERROR, error=LOST))
 
-    def _results(self, paths: list[Path], indices: Sequence[int], per_block: int) -> Iterator[tuple[int, Result]]:
-        """Screen paths[i] for each index on the cluster; yield (index, result) as blocks finish."""
-        if not indices:
+    def _results(self, paths: list[Path], items: list[dict[str, Any]], per_block: int) -> Iterator[tuple[int, Result]]:
+        """Screen the `batch_items` on the cluster, `per_block` of them a block; yield (index,
+        result) as blocks finish."""
+        if not items:
             return
         import ray
 
-        items = [{"index": i, "path": os.fsencode(paths[i])} for i in indices]  # bytes: any file name
         blocks = math.ceil(len(items) / per_block)
         with warnings.catch_warnings():  # retries have no named parameter yet (ray 2.60): pinned below 2.64
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
@@ -270,9 +294,24 @@ class RayScreener(Screener):
             "providers": [CUDA, CPU] if self.gpus_per_actor > 0 else [CPU],
             "threads": cpus,
             "batch_size": self.batch_size,
-            "workers": cpus,
+            "workers": self.workers,  # a CPU actor's threads take turns on its CPU: one decodes, one infers
             "draft": self.draft_size is not None,
         }
+
+
+def batch_items(paths: list[Path], indices: Sequence[int], batch_size: int) -> list[dict[str, Any]]:
+    """The Ray items for paths[i] of `indices`: one per inference batch of the local engine (the
+    same files together, so a result is the same to the last decimal, which batch composition
+    moves), each its first index and its paths made absolute (an actor's working folder is its
+    own) as bytes joined by NUL, which no file name holds. Consecutive indices only share an item."""
+    items: list[dict[str, Any]] = []
+    for position in range(0, len(indices), batch_size):
+        chunk = indices[position : position + batch_size]
+        if list(chunk) != list(range(chunk[0], chunk[0] + len(chunk))):
+            raise ValueError("batch_items takes consecutive indices per batch")
+        names = b"\0".join(os.fsencode(os.path.abspath(paths[i])) for i in chunk)
+        items.append({"first": chunk[0], "paths": names})
+    return items
 
 
 def _same_bytes(model: Model) -> bytes:
@@ -323,13 +362,23 @@ class _ScreenActor:
 
         def load(role: str) -> Model:
             name, data = files[role]
-            return model_from_bytes(data, Path(name), role, providers, threads)
+            model = model_from_bytes(data, Path(name), role, providers, threads)
+            if CUDA in providers and not model.on_gpu:  # onnxruntime falls back to the CPU without a word
+                raise DeviceError(f"a GPU actor's onnxruntime has no CUDA on this node ({model.providers})")
+            return model
 
         self.screener = Screener(load("gate"), load("classifier"), batch_size, workers, draft)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = [Path(os.fsdecode(bytes(raw))) for raw in batch["path"]]
+        """Screen the batch's items (each one local batch), their files in one run of the
+        Screener, whose batches are then the items again."""
+        indices: list[int] = []
+        paths: list[Path] = []
+        for first, names in zip(batch["first"], batch["paths"], strict=True):
+            files = [Path(os.fsdecode(name)) for name in bytes(names).split(b"\0")]
+            indices += range(int(first), int(first) + len(files))
+            paths += files
         for path in paths:
             crash_point(f"screening {path.name}")  # a worker that dies on one file (crash tests only)
-        results = [r for decoded in self.screener.decoded_batches(paths) for r in self.screener.infer(decoded)]
-        return {"index": batch["index"], "result": np.array([r.to_wire() for r in results])}
+        results = list(self.screener.screen(paths))
+        return {"index": np.array(indices), "result": np.array([r.to_wire() for r in results])}

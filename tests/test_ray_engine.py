@@ -27,7 +27,7 @@ from cxrbatch.cores import usable_cores
 from cxrbatch.errors import EngineError, UsageError
 from cxrbatch.models import load_models
 from cxrbatch.pipeline import Result
-from cxrbatch.ray_engine import LOST, _InOrder, _same_bytes, actor_count, actor_cpus
+from cxrbatch.ray_engine import LOST, _check_reachable, _InOrder, _same_bytes, actor_count, actor_cpus, batch_items
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ray's own, at import
 runner = CliRunner()
@@ -239,3 +239,52 @@ def test_actors_get_the_model_bytes_the_reports_name(tiny_models: Path) -> None:
     (tiny_models / "gate.onnx").write_bytes(b"replaced after loading")
     with pytest.raises(EngineError, match="changed since this run loaded it"):
         _same_bytes(gate)
+
+
+def test_each_ray_item_is_one_local_batch_by_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray split the files into even blocks (10, 12, 10 ...) that actors cut into batches from
+    # their own start: batches unlike the local engine's moved a referral score in its sixth
+    # decimal; and a relative path was opened from the actor's working folder, not the driver's.
+    monkeypatch.chdir(tmp_path)
+    paths = [Path(f"in/f{i}.png") for i in range(7)]
+    items = batch_items(paths, range(7), 3)
+    assert [item["first"] for item in items] == [0, 3, 6]
+    assert items[1]["paths"].split(b"\0") == [os.fsencode(tmp_path / f"in/f{i}.png") for i in (3, 4, 5)]
+    assert [len(item["paths"].split(b"\0")) for item in items] == [3, 3, 1]
+    assert [item["first"] for item in batch_items(paths, [2, 5], 1)] == [2, 5]  # files sent again, one each
+    with pytest.raises(ValueError, match="consecutive"):
+        batch_items(paths, [2, 5], 2)
+
+
+def test_ray_rows_match_the_local_engines_over_several_blocks_from_a_relative_folder(
+    ray_address: str, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "in").mkdir()
+    for i in range(29):  # batch size 2, four batches a block: four blocks, the last one short
+        grey_image(tmp_path / "in" / f"f{i:02d}.png", 40 + 7 * i)
+    (tmp_path / "in" / "f07.png").write_bytes(b"not a png")  # an error row inside a batch
+    monkeypatch.chdir(tmp_path)
+    docs = {}
+    for engine in ("local", "ray"):
+        code, err = _run(
+            "in", "--models", str(tiny_models), "--engine", engine, "--batch-size", "2", "--out", f"{engine}.csv",
+        )  # fmt: skip
+        assert code == 3, err
+        docs[engine] = (tmp_path / f"{engine}.csv").read_bytes()
+    assert docs["ray"] == docs["local"]
+    assert docs["ray"].count(b"\n") == 30 and b"in/f07.png,error" in docs["ray"]
+
+
+def test_an_address_that_is_no_ray_cluster_is_refused_at_once(tmp_path: Path) -> None:
+    # A web server (the dashboard's port, say) accepted the connection, and ray.init then
+    # retried it for ever: a cron run hung until `timeout` killed it.
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(EngineError, match=r"answers, but not as a Ray cluster: give the head's GCS port"):
+            _check_reachable("127.0.0.1", server.server_address[1])
+    finally:
+        server.shutdown()
