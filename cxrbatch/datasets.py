@@ -231,3 +231,8 @@ def _check_known(manifest: dict[str, dict[str, str]], sources: tuple[str, ...]) 
     unknown = sorted(s for s in sources if not any(_named(row, (s,)) for row in manifest.values()))
     if unknown:
         raise UsageError(f"No image in the {MANIFEST} comes from the collection(s) or source(s) {unknown}")
+    for name in sources:  # a collection of some rows and the repository of others: which is meant?
+        if any(source_of(r) == name for r in manifest.values()) and any(
+            r.get("source") == name and source_of(r) != name for r in manifest.values()
+        ):
+            raise UsageError(f"{name!r} names a collection of the {MANIFEST} and the source of other rows: rename one")

@@ -6,8 +6,9 @@ Data pipeline instead of decoding in threads. Each actor of that pipeline holds 
 (both onnxruntime sessions, made from the model bytes the driver sends, so the nodes need no
 models folder) and screens its files with its own `screen`: the preprocessing exists once. An
 item sent to an actor is one inference batch of the local engine (`batch_items`: the same files
-together, by absolute path), so both engines give the same results to the last decimal. Results come back as JSON (`Result.to_wire`), are put back in input order, and go
-through the runner's report writers and ledger commits like the local engine's.
+together, by absolute path), so both engines give the same results to the last decimal.
+Results come back as JSON (`Result.to_wire`), are put back in input order, and go through the
+runner's report writers and ledger commits like the local engine's.
 
 Failures: Ray restarts a dead actor and retries its task (`RETRIES` times). A block that fails
 every retry is left out by Ray Data rather than ending the run; its files are sent again one per
@@ -142,8 +143,14 @@ def _connect(ray: Any, address: str | None) -> None:
 
 
 def _host_port(address: str) -> tuple[str, int]:
-    """The host and port of a cluster address: `HOST:PORT`, or `ray://HOST:PORT` for Ray Client."""
-    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    """The host and port of a cluster address, `HOST:PORT`. Ray Client (`ray://`) is refused: a
+    Ray Data pipeline fails through it (AttributeError inside Ray, ray 2.60)."""
+    if address.startswith("ray://"):
+        raise UsageError(
+            f"--ray-address {address!r}: Ray Client addresses cannot run this engine's Ray Data pipeline; "
+            "run cxrbatch on a node of the cluster with the head's address, HOST:6379"
+        )
+    host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise UsageError(f"--ray-address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default)")
     return host.strip("[]"), int(port)
@@ -169,7 +176,7 @@ def _check_reachable(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> 
     if len(head) < 9 or head[3] != SETTINGS_FRAME:
         raise EngineError(
             f"{host}:{port} answers, but not as a Ray cluster: give the head's GCS port (6379 by default; "
-            "not the dashboard's 8265), or ray://HOST:10001 for Ray Client"
+            "not the dashboard's 8265)"
         )
 
 

@@ -141,8 +141,8 @@ def _fold(
     probs = np.asarray(head.predict(held_x, batch_size=config.batch_size, verbose=0), dtype=np.float64)
     return {
         "trained_on": int(keep_train.sum()),
-        # films of other collections left out as they share a cluster with the fold's own
-        "left_out_by_cluster": int(sum((gone[name] & (sources[name] != fold)).sum() for name in splits)),
+        # train and val films of other collections left out as they share a cluster with the fold's own
+        "left_out_by_cluster": int(sum((gone[name] & (sources[name] != fold)).sum() for name in ("train", "val"))),
         "history": history,
         **held_out_metrics(probs, held_y, train.classes, config),
     }

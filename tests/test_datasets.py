@@ -157,6 +157,10 @@ def test_leaving_a_collection_out_leaves_out_its_clusters_in_every_collection(tm
     # a repository's name selects its films too (`data select --exclude-source repo/k`)
     assert [p.stem for p in only_sources(split, manifest, ("repo/k",)).paths] == ["train-LIGHT_0"]
     assert len(without_sources(split, manifest, ("repo/k",)).paths) == 7
+    # a name that is one rows' collection and other rows' repository is refused, not guessed
+    clash = {**manifest, "val-x": {"source": "kermany", "collection": "other"}}
+    with pytest.raises(UsageError, match=r"names a collection of the MANIFEST\.csv and the source of other rows"):
+        without_sources(split, clash, ("kermany",))
     # without a cluster column nothing more is left out than the collection's own films
     bare = {k: {"collection": v["collection"]} for k, v in manifest.items()}
     assert len(without_sources(split, bare, ("kermany",)).paths) == 6

@@ -63,7 +63,7 @@ def test_evaluate_all_splits_of_chosen_sources(tiny_models: Path, tmp_path: Path
     # train's held-out NORMAL is dark (the tiny model calls it COVID19); the other five are right
     assert report["overall"]["confusion"][:2] == [[3, 0, 0, 0], [1, 2, 0, 0]]
     assert report["sources"] == ["held-out"] and f"{tmp_path.name}/all: 6 images" in format_report(report)
-    with pytest.raises(UsageError, match="from the source"):
+    with pytest.raises(UsageError, match=r"from the collection\(s\) or source\(s\) \[.nowhere.\]"):
         evaluate(tmp_path, "all", screener, sources=("nowhere",))
 
 

@@ -193,6 +193,8 @@ def test_an_address_nobody_answers_is_a_clear_error(tiny_models: Path, incoming:
     assert not (tmp_path / "r.csv").exists()
     code, err = _run(*args, "--ray-address", "head-without-port")
     assert code == 2 and "expected HOST:PORT" in err
+    code, err = _run(*args, "--ray-address", "ray://127.0.0.1:10001")  # Ray Client: Ray Data fails through it
+    assert code == 2 and "Ray Client addresses cannot run" in err
 
 
 def test_ray_options_need_the_ray_engine(tiny_models: Path, incoming: Path) -> None:

@@ -156,7 +156,8 @@ def evaluate(
         str, typer.Option(help="split folder to score (a tree without splits: all of it); all: every split")
     ] = "test",
     source: Annotated[
-        list[str] | None, typer.Option("--source", help="only images of this MANIFEST.csv source (repeatable)")
+        list[str] | None,
+        typer.Option("--source", help="only images of this collection or MANIFEST.csv source (repeatable)"),
     ] = None,
     models: Annotated[
         Path | None,
