@@ -4,7 +4,8 @@ Issue #13 asks that the `familiarity` flag fire more often for films of a collec
 never saw than for val films of seen collections. This measures it for six statistics (1.3.0
 shipped the global Mahalanobis distance, 1.3.1 the 10th-nearest film), leaving out each collection
 (MANIFEST.csv `collection`, 50 films or more) in turn: the statistic is fitted on the other
-collections' train films, its threshold is the 99th percentile of their val films (as `cxrbatch
+collections' train films (less any film in a cluster with the left-out collection's: a
+re-encoded copy kept under another collection's name), its threshold is the 99th percentile of their val films (as `cxrbatch
 familiarity` sets it), and the left-out collection's films (all splits) are scored.
 - Per film: the share flagged, and the AUC of the value, left-out films against seen val films.
 - Per night (a batch from one site): the left-out collection's median against each seen
@@ -38,6 +39,7 @@ import numpy as np
 
 from benchmarks import run_main
 from cxrbatch.datasets import SPLITS, labelled_images, read_manifest, sources_of
+from cxrbatch.datasets import left_out as films_left_out
 from cxrbatch.errors import UsageError
 from cxrbatch.metrics import roc_auc
 
@@ -122,8 +124,12 @@ METHODS: dict[str, Callable[[np.ndarray, np.ndarray], Score]] = {
 }
 
 
-def fold(features: np.ndarray, split: np.ndarray, group: np.ndarray, left_out: str) -> dict[str, object]:
-    seen = group != left_out
+def fold(
+    features: np.ndarray, split: np.ndarray, group: np.ndarray, left_out: str, gone: np.ndarray
+) -> dict[str, object]:
+    """The statistics fitted without the collection's films and their cluster-mates (`gone`),
+    scored on the collection's own films."""
+    seen = ~gone
     train, val = seen & (split == "train"), seen & (split == "val")
     held = group == left_out
     out: dict[str, object] = {"films": int(held.sum())}
@@ -184,16 +190,30 @@ def night_alarms(
     }
 
 
-def load_features(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def load_features(
+    args: argparse.Namespace,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, Callable[[str], np.ndarray]]:
+    """Each film's features, split and collection, what they were made with, and for a
+    collection which films a model without it must not see (`datasets.left_out`)."""
     images = labelled_images(args.data_dir, "all")
     manifest = read_manifest(args.data_dir)
+
+    def gone(collection: str) -> np.ndarray:
+        return films_left_out(images.paths, manifest, (collection,))
+
     split = np.array([manifest[p.stem]["split"] for p in images.paths])
     group = np.array(sources_of(images.paths, manifest))
     if args.features_cache:
         from export.loco import cached_clean_features
 
         cached = cached_clean_features(args.features_cache)
-        return np.stack([cached[p.stem] for p in images.paths]).astype(np.float64), split, group, "frozen ImageNet"
+        return (
+            np.stack([cached[p.stem] for p in images.paths]).astype(np.float64),
+            split,
+            group,
+            "frozen ImageNet",
+            gone,
+        )
     import onnx
 
     from cxrbatch.features import features
@@ -204,7 +224,7 @@ def load_features(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.
     gate = load_model(args.classifier.with_name("gate.onnx"), "gate", [CPU])
     proto = onnx.load(str(args.classifier))
     feats = features(proto, images.paths, Screener(gate, classifier, batch_size=32))
-    return feats, split, group, f"classifier {classifier.short_hash}"
+    return feats, split, group, f"classifier {classifier.short_hash}", gone
 
 
 def main() -> None:
@@ -219,7 +239,7 @@ def main() -> None:
         parser.error("give exactly one of --features-cache and --classifier")
     if args.classifier and not args.unseen:
         parser.error("--classifier needs --unseen: the collections its backbone never saw")
-    features, split, group, kind = load_features(args)
+    features, split, group, kind, gone = load_features(args)
     assert set(split) <= set(SPLITS)
     counts = Counter(group.tolist())
     unknown = sorted(set(args.unseen) - set(counts))
@@ -236,9 +256,10 @@ def main() -> None:
             others = [g for g in args.unseen if g != left_out]
             mask = keep | (group == left_out)
             mask &= ~np.isin(group, others)
-            result["folds"][left_out] = fold(features[mask], split[mask], group[mask], left_out)  # type: ignore[index]
+            out = fold(features[mask], split[mask], group[mask], left_out, gone(left_out)[mask])
         else:
-            result["folds"][left_out] = fold(features, split, group, left_out)  # type: ignore[index]
+            out = fold(features, split, group, left_out, gone(left_out))
+        result["folds"][left_out] = out  # type: ignore[index]
         print(f"{left_out}: done", flush=True)
     print_table(result)
     if args.json:
