@@ -26,7 +26,10 @@ from cxrbatch.errors import ImageError
 MIN_SIDE = 32
 # Part of the ledger's run fingerprint: raise it whenever a change here can change a model input
 # (decoding, resizing, equalisation), so that results made before are not reused.
-PREPROCESSING_VERSION = 1
+# 2: 16-bit and float TIFFs stored "white is zero" are read the right way round (they were inverted).
+PREPROCESSING_VERSION = 2
+HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I", "F")  # modes scaled from their minimum to their maximum
+WHITE_IS_ZERO = 0  # TIFF tag 262 (PhotometricInterpretation): 0 = the smallest value is white
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -119,8 +122,13 @@ def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
             if draft_size and img.format == "JPEG":
                 img.draft("RGB" if img.mode not in ("L", "1") else "L", (draft_size, draft_size))
             img.seek(0)  # animated files: the first frame
+            # Pillow reads a chunk at a time; an arithmetic-coded JPEG's decoder needs all of it at once
+            img.decodermaxblock = max(img.decodermaxblock, _size_of(fh))
             img.load()
-            return _to_8bit(ImageOps.exif_transpose(img))
+            # Pillow turns an 8-bit "white is zero" TIFF round itself, not a 16-bit or float one
+            inverted = img.format == "TIFF" and img.mode in HIGH_DEPTH and img.tag_v2.get(262) == WHITE_IS_ZERO
+            grey = _to_8bit(ImageOps.exif_transpose(img))
+            return ImageOps.invert(grey) if inverted else grey
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large to decode safely ({exc})") from None
     except UnidentifiedImageError:
@@ -134,6 +142,15 @@ def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
         raise
     except Exception as exc:  # Pillow's decoders raise other types on hostile data; one file, one error row
         raise ImageError(f"corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def _size_of(fh: BinaryIO) -> int:
+    """The length of a seekable stream, leaving its position where it was."""
+    at = fh.tell()
+    try:
+        return fh.seek(0, io.SEEK_END)
+    finally:
+        fh.seek(at)
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -152,8 +169,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode in ("L", "RGB"):
         return img
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return _window_to_l(np.asarray(img, dtype=np.float64))
+    if mode in HIGH_DEPTH:
+        return _window_to_l(np.asarray(img))
     if mode == "1":
         return img.convert("L")
     if mode == "P":
@@ -166,10 +183,24 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV and the like
 
 
+LUT_RANGE = 1 << 20  # integer images with at most this many distinct levels go through a look-up table
+
+
 def _window_to_l(arr: np.ndarray) -> Image.Image:
-    """Scale a high-bit-depth grey array linearly from its minimum to its maximum."""
+    """Scale a high-bit-depth grey array linearly from its minimum to its maximum. Integer
+    pixels go through a table of the same float64 sums, one per level (4 bytes a pixel at most
+    instead of about 40 for float64 copies of a large film): the same output."""
     if arr.ndim != 2:
         raise ImageError(f"unsupported pixel layout {arr.shape}")
+    if arr.dtype.kind in "iu" and arr.size:
+        low, high = int(arr.min()), int(arr.max())
+        if high - low < LUT_RANGE:
+            levels = np.arange(low, high + 1, dtype=np.float64)
+            step = 255.0 / (high - low) if high > low else 0.0
+            table = np.clip(np.rint((levels - low) * step), 0, 255).astype(np.uint8)
+            index = arr - np.asarray(low, dtype=arr.dtype) if low else arr  # within the dtype: low is its minimum
+            return Image.fromarray(table[index], mode="L")
+    arr = arr.astype(np.float64, copy=False)
     finite = arr[np.isfinite(arr)]
     if finite.size == 0:
         return Image.new("L", (arr.shape[1], arr.shape[0]), 0)

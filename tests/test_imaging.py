@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +251,37 @@ def test_32bit_integer_mode_is_windowed(tmp_path: Path) -> None:
     img = load_image(_save(Image.fromarray(arr, mode="I"), tmp_path / "i.tiff"))
     out = np.asarray(img)
     assert img.mode == "L" and out.min() == 0 and out.max() == 255
+
+
+@pytest.mark.parametrize("mode", ["I;16", "F"])
+def test_a_deep_tiff_stored_white_is_zero_is_read_the_right_way_round(tmp_path: Path, mode: str) -> None:
+    # Pillow turns an 8-bit "white is zero" TIFF round, not a 16-bit or float one: the film was
+    # screened inverted (13 of 24 test films changed label, a TB film was cleared).
+    film = np.tile(np.linspace(0, 1, 64), (64, 1))  # dark on the left, bright on the right
+    stored = (65535 * (1 - film)).astype(np.uint16 if mode == "I;16" else np.float32)  # white stored as 0
+    path = _save(Image.fromarray(stored), tmp_path / "wiz.tif", tiffinfo={262: 0})
+    with Image.open(path) as raw:
+        assert raw.mode == mode and raw.tag_v2.get(262) == 0
+    out = np.asarray(load_image(path)).astype(int)
+    assert out[:, 0].max() <= 1 and out[:, -1].min() >= 254  # as a viewer shows it
+    normal = np.asarray(load_image(_save(Image.fromarray(stored), tmp_path / "biz.tif"))).astype(int)
+    assert np.abs(normal - (255 - out)).max() <= 1  # the same pixels stored "black is zero": the reverse
+
+
+def test_integer_films_are_scaled_through_a_table_as_the_float_sums_would() -> None:
+    from cxrbatch.imaging import _window_to_l
+
+    rng = np.random.default_rng(1)
+    for dtype, low, high in ((np.uint16, 0, 65535), (np.uint16, 100, 4095), (np.int32, -3000, 3000), (np.uint16, 7, 7)):
+        arr = rng.integers(low, high + 1, size=(60, 40)).astype(dtype)
+        assert np.array_equal(np.asarray(_window_to_l(arr)), np.asarray(_window_to_l(arr.astype(np.float64))))
+
+
+@pytest.mark.skipif(shutil.which("cjpeg") is None, reason="cjpeg (libjpeg-turbo-progs) makes the arithmetic-coded JPEG")
+def test_an_arithmetic_coded_jpeg_larger_than_pillows_read_block_decodes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    ppm = _save(Image.fromarray(rng.integers(0, 256, (600, 800), dtype=np.uint8)), tmp_path / "noise.pgm")
+    jpeg = tmp_path / "arith.jpg"
+    subprocess.run(["cjpeg", "-arithmetic", "-quality", "95", "-outfile", str(jpeg), str(ppm)], check=True)
+    assert jpeg.stat().st_size > 65536  # beyond the block Pillow reads at a time
+    assert load_image(jpeg).size == (800, 600)
