@@ -13,6 +13,7 @@ from cxrbatch.errors import UsageError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm"})
 # Why a file in a walked folder was not screened (the keys of `iter_images(skipped=...)`).
 HIDDEN, NOT_AN_IMAGE, OWN_OUTPUT = "hidden", "not an image file name", "the run's own output"
+LISTED_TWICE = "found again through another input"
 # Left by `run --heatmaps` in its folder: what a folder holding it has is never screened, by any run.
 HEATMAPS_MARKER = ".cxrbatch-heatmaps"
 
@@ -33,12 +34,23 @@ def iter_images(
     is yielded itself (its error row says why). Hidden files and folders,
     files and folders in `skip` (the run's own outputs), heatmaps folders (HEATMAPS_MARKER) and
     folders already visited are skipped,
-    so a symlink loop cannot make the walk endless; `skipped`, when given, counts the skipped
+    so a symlink loop cannot make the walk endless; a file found again (named on the command line
+    and inside a folder also given) is yielded once; `skipped`, when given, counts the skipped
     files by reason. A missing input raises UsageError.
     """
-    skip_resolved = {resolved(p) for p in skip}
-    seen_dirs: set[tuple[int, int]] = set()
     count = skipped if skipped is not None else Counter()
+    listed: set[str] = set()
+    for path in _found(inputs, {resolved(p) for p in skip}, count):
+        key = os.path.abspath(path)
+        if key in listed:
+            count[LISTED_TWICE] += 1
+            continue
+        listed.add(key)
+        yield path
+
+
+def _found(inputs: Iterable[str | os.PathLike[str]], skip_resolved: set[Path], count: Counter[str]) -> Iterator[Path]:
+    seen_dirs: set[tuple[int, int]] = set()
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
@@ -71,7 +83,7 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
                     skipped[HIDDEN] += 1
             elif is_dir:
                 stack.append(_listing(path, skip, seen, skipped))
-            elif not (is_candidate(entry.name) or _is_dicom_by_content(entry)):
+            elif not is_candidate(entry.name) and _is_dicom_by_content(entry) is False:
                 skipped[NOT_AN_IMAGE] += 1
             elif resolved(path) in skip:
                 skipped[OWN_OUTPUT] += 1
@@ -114,12 +126,20 @@ def _is_file(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _is_dicom_by_content(entry: os.DirEntry[str]) -> bool:
+def _is_dicom_by_content(entry: os.DirEntry[str]) -> bool | None:
     """A DICOM file whatever its name says, recognised by its preamble (regular files only): PACS
     exports name files without an extension (IM000001), by their UID (1.2.840.113619.2.55.123: to
     `splitext`, an extension ".123"), or .dicom / .IMA. It costs a 132-byte read of each file in a
-    walked folder that is not named like an image."""
-    return not entry.name.startswith(".") and _is_file(entry) and is_dicom(entry.path)  # is_dicom: False if unreadable
+    walked folder that is not named like an image. None for a file that cannot be read: it may be
+    such a film, so it is screened and its error row says why (it was left out without a word)."""
+    if entry.name.startswith(".") or not _is_file(entry):
+        return False
+    try:
+        with open(entry.path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return None
+    return is_dicom(entry.path, head)
 
 
 def resolved(path: Path) -> Path:

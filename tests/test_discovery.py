@@ -128,3 +128,36 @@ def test_a_tree_deeper_than_the_interpreters_recursion_limit_is_walked(tmp_path:
         (levels[-1] / "film.png").unlink()
         for level in reversed(levels[1:]):
             level.rmdir()
+
+
+def test_a_file_named_and_inside_a_named_folder_is_listed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `run in in/dup/a.png` gave two rows for one file, and counted it twice as found.
+    (tmp_path / "in" / "dup").mkdir(parents=True)
+    for name in ("dup/a.png", "b.png"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+    skipped: Counter[str] = Counter()
+    monkeypatch.chdir(tmp_path)
+    found = list(iter_images(["in/dup/a.png", "in", "./in/b.png"], skipped=skipped))
+    assert found == [Path("in/dup/a.png"), Path("in/b.png")]
+    assert skipped == Counter({"found again through another input": 2})
+
+
+def test_a_file_without_extension_that_cannot_be_read_is_screened_not_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PACS export (IM0001) the run may not read was left out with only a count in the log;
+    # its error row now says "permission denied", as an unreadable folder's does.
+    (tmp_path / "IM0001").write_bytes(b"\0" * 128 + b"DICM")
+    (tmp_path / "notes").write_bytes(b"plain text")
+    real_open = open
+
+    def no_read(path: str, *args: object, **kwargs: object) -> object:
+        if str(path).endswith("IM0001"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    for module in ("cxrbatch.discovery", "cxrbatch.dicom"):  # whichever reads the file's first bytes
+        monkeypatch.setattr(f"{module}.open", no_read, raising=False)
+    skipped: Counter[str] = Counter()
+    assert list(iter_images([tmp_path], skipped=skipped)) == [tmp_path / "IM0001"]
+    assert skipped == Counter({"not an image file name": 1})
