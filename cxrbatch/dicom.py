@@ -59,14 +59,18 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
     if "PixelData" not in ds:
         raise ImageError("DICOM file has no pixel data (not an image)")
     _refuse_too_large(ds)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _number(ds.get("NumberOfFrames"), 1)
+    if "NumberOfFrames" in ds and frames == 1:  # absent for pydicom too when not a number (it reads it again)
+        del ds.NumberOfFrames
     try:
         ds.pixel_array_options(index=0 if frames > 1 else None)  # decode the first frame only
         arr = ds.pixel_array
     except Exception as exc:  # missing decoder plugins and corrupt pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is not None and syntax.is_compressed:
+        if syntax is not None and syntax.is_compressed and not _can_decode(syntax):
             raise ImageError(f"compressed DICOM ({syntax.name}) needs a decoder: {DECODER_HINT}") from None
+        if syntax is not None and syntax.is_compressed:  # a decoder is there: the data is bad
+            raise ImageError(f"compressed DICOM ({syntax.name}) whose pixel data is corrupt or truncated") from None
         raise ImageError(f"DICOM pixel data cannot be decoded ({type(exc).__name__})") from None
     if frames > 1:
         log.warning("multi-frame DICOM (%d frames): screening the first frame only", frames)
@@ -74,18 +78,46 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
     if photometric == "PALETTE COLOR" and arr.ndim == 2:
         return _palette(arr, ds)
     if arr.ndim == 3:
-        return _colour(arr, int(ds.get("BitsStored", 8) or 8))
+        return _colour(arr, _number(ds.get("BitsStored"), 8))
     if arr.ndim != 2:
         raise ImageError(f"unsupported DICOM pixel layout {arr.shape}")
-    values = apply_modality_lut(arr, ds)
     try:
-        values = apply_voi_lut(values, ds)
-    except (ValueError, ZeroDivisionError, IndexError, KeyError):  # an invalid window (width 0): ignored, as viewers do
-        pass
+        values = apply_modality_lut(arr, ds)
+    except (TypeError, ValueError):  # an empty or malformed RescaleSlope/Intercept: read as absent
+        values = arr  # and no window, which is in rescaled units: the stored values' own range
+    else:
+        try:
+            values = apply_voi_lut(values, ds)
+        except (
+            TypeError,
+            ValueError,
+            ZeroDivisionError,
+            IndexError,
+            KeyError,
+        ):  # an invalid window: ignored, as viewers do
+            pass
     values = values.astype(np.float64)
     if photometric == "MONOCHROME1":  # after VOI, as the standard orders it
         values = values.max() + values.min() - values
     return values
+
+
+def _number(value: object, default: int) -> int:
+    """A header's integer, or `default` where it is absent, empty or not a number."""
+    try:
+        return int(value) or default  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return default
+
+
+def _can_decode(syntax: object) -> bool:
+    """Whether pydicom has a decoder plugin available for this transfer syntax."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return bool(get_decoder(syntax).is_available)  # type: ignore[arg-type]
+    except (NotImplementedError, ValueError):  # a syntax pydicom knows no decoder for
+        return False
 
 
 def _refuse_too_large(ds: object) -> None:

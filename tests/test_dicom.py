@@ -208,11 +208,57 @@ def test_no_pixel_data_is_an_error(tmp_path: Path) -> None:
         load_image(make_dicom(tmp_path / "sr.dcm", None))
 
 
-def test_compressed_without_decoder_names_the_packages(tmp_path: Path) -> None:
+def test_compressed_without_decoder_names_the_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cxrbatch.dicom._can_decode", lambda syntax: False)  # no plugin for JPEG 2000
     path = make_dicom(tmp_path / "j2k.dcm", ramp(), syntax=JPEG2000Lossless)
     with pytest.raises(ImageError, match=r"compressed DICOM \(JPEG 2000.*pip install pylibjpeg") as info:
         load_image(path)
     assert PATIENT not in str(info.value) and PATIENT_ID not in str(info.value)
+
+
+def test_corrupt_compressed_pixel_data_with_a_decoder_there_is_not_blamed_on_a_missing_decoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "needs a decoder: pip install pylibjpeg ..." for a truncated JPEG Baseline film that pydicom
+    # decodes with Pillow: installing the plugins would not have helped.
+    monkeypatch.setattr("cxrbatch.dicom._can_decode", lambda syntax: True)
+    path = make_dicom(tmp_path / "j2k.dcm", ramp(), syntax=JPEG2000Lossless)  # its data is no JPEG 2000 stream
+    with pytest.raises(ImageError, match=r"compressed DICOM \(JPEG 2000.*\) whose pixel data is corrupt or truncated"):
+        load_image(path)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"RescaleSlope": None, "RescaleIntercept": None, "WindowCenter": "1", "WindowWidth": "2"},
+        {"RescaleSlope": b"1,5 "},
+        {"WindowCenter": b"abc ", "WindowWidth": b"x,y "},
+        {"NumberOfFrames": b"AB"},
+    ],
+)
+def test_malformed_header_values_are_read_as_absent(tmp_path: Path, values: dict[str, object]) -> None:
+    # An empty RescaleSlope, "1,5", a non-numeric window or frame count gave "unexpected decoder
+    # failure (TypeError ...)" or a ValueError: the film was not screened. pydicom will not write
+    # such values, so each goes in over a placeholder of its length (ASCII never appears in the
+    # ramp's pixel bytes, whose high bytes are 3 to 11).
+    placeholders = iter([b"9.25", b"7.25", b"8.25", b"6.25"])
+    attrs: dict[str, object] = {}
+    swaps = []
+    for key, value in values.items():
+        if isinstance(value, bytes):
+            stand_in = next(placeholders)[: len(value)] if key != "NumberOfFrames" else b"77"
+            attrs[key] = stand_in.decode()
+            swaps.append((stand_in, value))
+        else:
+            attrs[key] = value
+    path = make_dicom(tmp_path / "bad-header.dcm", ramp(), **attrs)
+    data = path.read_bytes()
+    for stand_in, value in swaps:
+        assert data.count(stand_in) == 1
+        data = data.replace(stand_in, value)
+    path.write_bytes(data)
+    arr = np.asarray(load_image(path))
+    assert arr.min() == 0 and arr.max() == 255  # the stored ramp, scaled over its own range
 
 
 def test_pydicom_logs_nothing_of_a_file_not_even_with_verbose(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -220,7 +266,7 @@ def test_pydicom_logs_nothing_of_a_file_not_even_with_verbose(tmp_path: Path, ca
     # own error, and its warnings can quote header values, which no log may hold.
     caplog.set_level(logging.DEBUG)
     path = make_dicom(tmp_path / "j2k.dcm", ramp(), syntax=JPEG2000Lossless)
-    with pytest.raises(ImageError, match="needs a decoder"):
+    with pytest.raises(ImageError, match="compressed DICOM"):
         load_image(path)
     assert [r for r in caplog.records if r.name.startswith("pydicom")] == []
 
