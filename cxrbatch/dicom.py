@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,6 +29,11 @@ INSTALL_HINT = "pip install 'cxrbatch[dicom]' (in a source checkout: pip install
 DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
 
 
+def has_preamble(head: bytes) -> bool:
+    """Whether a file's first bytes carry the DICM magic after the 128-byte preamble."""
+    return len(head) >= 132 and head[128:132] == PREAMBLE_MAGIC
+
+
 def is_dicom(path: str | os.PathLike[str], head: bytes | None = None) -> bool:
     """Tell whether a file is DICOM: a .dcm name, or the DICM magic after the 128-byte preamble."""
     if os.fspath(path).lower().endswith(".dcm"):
@@ -38,7 +44,7 @@ def is_dicom(path: str | os.PathLike[str], head: bytes | None = None) -> bool:
                 head = fh.read(132)
         except OSError:
             return False
-    return len(head) >= 132 and head[128:132] == PREAMBLE_MAGIC
+    return has_preamble(head)
 
 
 def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
@@ -52,6 +58,8 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
     # it cannot decode: the row's error says what matters, and no header value goes to a log.
     # Set after its import, which sets its own level.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+    # its warnings too ("Invalid value for VR IS: 'AB'" quotes the header), on stderr outside the log
+    warnings.filterwarnings("ignore", module="pydicom")
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # pydicom raises many types for malformed files
@@ -73,7 +81,8 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
             raise ImageError(f"compressed DICOM ({syntax.name}) whose pixel data is corrupt or truncated") from None
         raise ImageError(f"DICOM pixel data cannot be decoded ({type(exc).__name__})") from None
     if frames > 1:
-        log.warning("multi-frame DICOM (%d frames): screening the first frame only", frames)
+        name = os.fsencode(path).decode("utf-8", "backslashreplace")
+        log.warning("%s: multi-frame DICOM (%d frames): screening the first frame only", name, frames)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR" and arr.ndim == 2:
         return _palette(arr, ds)

@@ -60,7 +60,8 @@ class InputSpec:
 def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> Image.Image:
     """Decode a file into an 8-bit "L" or "RGB" image with EXIF orientation applied.
 
-    DICOM files (a .dcm name or the DICM preamble) go through `cxrbatch.dicom`. With
+    DICOM files (the DICM preamble, or a .dcm name on a file that is neither text nor an image
+    Pillow knows) go through `cxrbatch.dicom`. With
     `draft_size`, JPEGs are decoded at a reduced scale that is still at least `draft_size`
     pixels on each side (libjpeg's DCT scaling), which is several times faster. Every way a
     file can fail becomes an ImageError whose message says what is wrong with it.
@@ -72,7 +73,7 @@ def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> I
         with open(path, "rb") as fh:
             head = fh.read(132)
             fh.seek(0)
-            if dicom.is_dicom(path, head):
+            if dicom.is_dicom(path, head) and (dicom.has_preamble(head) or not _other_format(fh, head)):
                 return _from_values(dicom.read_pixels(path))
             return _decode(fh, head, draft_size)
     except ImageError:
@@ -142,6 +143,20 @@ def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
         raise
     except Exception as exc:  # Pillow's decoders raise other types on hostile data; one file, one error row
         raise ImageError(f"corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def _other_format(fh: BinaryIO, head: bytes) -> bool:
+    """Whether a file named .dcm without the DICM preamble is text or an image Pillow knows (a JPEG
+    or a web page saved under that name) rather than a DICOM file without its preamble."""
+    if _looks_like_text(head):
+        return True
+    try:
+        with Image.open(fh):
+            return True
+    except Exception:  # not a format Pillow knows (a preamble-less DICOM file), or unreadable as one
+        return False
+    finally:
+        fh.seek(0)
 
 
 def _size_of(fh: BinaryIO) -> int:

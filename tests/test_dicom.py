@@ -117,7 +117,7 @@ def test_the_warning_is_a_line_of_the_runs_log_in_a_decoding_process_too(
     args = ["run", str(folder), "--models", str(tiny_models), "--out", str(tmp_path / "r.csv"), "--decoders", decoders]
     done = subprocess.run([sys.executable, "-m", "cxrbatch.cli", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    stamped = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[warning\] multi-frame DICOM \(2 frames\)"
+    stamped = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[warning\] \S*mf.dcm: multi-frame DICOM \(2 frames\)"
     assert re.search(stamped, done.stderr, re.MULTILINE), done.stderr
 
 
@@ -311,3 +311,25 @@ def test_without_pydicom_the_message_says_how_to_install_it(tmp_path: Path, monk
         "DICOM file, but pydicom is not installed: pip install 'cxrbatch[dicom]' "
         "(in a source checkout: pip install '.[dicom]')"
     )
+
+
+def test_a_picture_or_a_web_page_named_dcm_is_read_as_what_it_is(tmp_path: Path) -> None:
+    # A .dcm name forced the DICOM reader: a JPEG got "DICOM file has no pixel data (not an image)".
+    from PIL import Image
+
+    Image.fromarray((ramp() // 16).astype(np.uint8)).save(tmp_path / "film.dcm", format="JPEG")
+    assert load_image(tmp_path / "film.dcm").size == (64, 64)
+    (tmp_path / "page.dcm").write_text("<html><body>404 Not Found</body></html>", encoding="utf-8")
+    with pytest.raises(ImageError, match="a text or HTML file, not an image"):
+        load_image(tmp_path / "page.dcm")
+    preambleless = make_dicom(tmp_path / "old.dcm", ramp())  # a DICOM file without its preamble: still DICOM
+    preambleless.write_bytes(preambleless.read_bytes()[132:])
+    assert np.asarray(load_image(preambleless)).max() == 255
+
+
+def test_pydicom_warnings_quoting_header_values_stay_off_stderr(tmp_path: Path) -> None:
+    path = make_dicom(tmp_path / "frames.dcm", ramp(), NumberOfFrames="77")
+    path.write_bytes(path.read_bytes().replace(b"77", b"AB", 1))
+    code = f"from cxrbatch.imaging import load_image; load_image({str(path)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "AB" not in done.stderr and done.stderr == "", done.stderr
