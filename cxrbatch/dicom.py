@@ -29,6 +29,17 @@ INSTALL_HINT = "pip install 'cxrbatch[dicom]' (in a source checkout: pip install
 DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
 
 
+_QUIETED: list[bool] = []
+
+
+def _quiet_warnings() -> None:
+    """pydicom's warnings ("Invalid value for VR IS: 'AB'" quotes the header) stay off stderr.
+    Once: each new filter resets what Python remembers of warnings already shown."""
+    if not _QUIETED:
+        warnings.filterwarnings("ignore", module="pydicom")
+        _QUIETED.append(True)
+
+
 def has_preamble(head: bytes) -> bool:
     """Whether a file's first bytes carry the DICM magic after the 128-byte preamble."""
     return len(head) >= 132 and head[128:132] == PREAMBLE_MAGIC
@@ -58,8 +69,7 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
     # it cannot decode: the row's error says what matters, and no header value goes to a log.
     # Set after its import, which sets its own level.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
-    # its warnings too ("Invalid value for VR IS: 'AB'" quotes the header), on stderr outside the log
-    warnings.filterwarnings("ignore", module="pydicom")
+    _quiet_warnings()
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # pydicom raises many types for malformed files
@@ -75,7 +85,7 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
         arr = ds.pixel_array
     except Exception as exc:  # missing decoder plugins and corrupt pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        if syntax is not None and syntax.is_compressed and not _can_decode(syntax):
+        if syntax is not None and syntax.is_compressed and not _can_decode(syntax, _number(ds.get("BitsStored"), 8)):
             raise ImageError(f"compressed DICOM ({syntax.name}) needs a decoder: {DECODER_HINT}") from None
         if syntax is not None and syntax.is_compressed:  # a decoder is there: the data is bad
             raise ImageError(f"compressed DICOM ({syntax.name}) whose pixel data is corrupt or truncated") from None
@@ -119,14 +129,18 @@ def _number(value: object, default: int) -> int:
         return default
 
 
-def _can_decode(syntax: object) -> bool:
-    """Whether pydicom has a decoder plugin available for this transfer syntax."""
+def _can_decode(syntax: object, bits_stored: int) -> bool:
+    """Whether pydicom has a decoder plugin available for this transfer syntax and depth (its
+    Pillow plugin reads JPEG of 8 bits only: a 12-bit JPEG Extended film needs another)."""
     from pydicom.pixels import get_decoder
 
     try:
-        return bool(get_decoder(syntax).is_available)  # type: ignore[arg-type]
+        plugins = set(get_decoder(syntax).available_plugins)  # type: ignore[arg-type]
     except (NotImplementedError, ValueError):  # a syntax pydicom knows no decoder for
         return False
+    if plugins <= {"pillow"} and bits_stored > 8 and "2000" not in str(getattr(syntax, "name", "")):
+        return False
+    return bool(plugins)
 
 
 def _refuse_too_large(ds: object) -> None:

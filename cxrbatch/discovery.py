@@ -41,7 +41,9 @@ def iter_images(
     count = skipped if skipped is not None else Counter()
     listed: set[str] = set()
     for path in _found(inputs, {resolved(p) for p in skip}, count):
-        key = os.path.abspath(path)
+        # its folder resolved, its own name kept: `a/link/../x.png` is not `a/x.png`, and a link to
+        # a film under another name is a file of its own (as a folder's walk lists it)
+        key = os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
         if key in listed:
             count[LISTED_TWICE] += 1
             continue
@@ -83,7 +85,7 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
                     skipped[HIDDEN] += 1
             elif is_dir:
                 stack.append(_listing(path, skip, seen, skipped))
-            elif not is_candidate(entry.name) and _is_dicom_by_content(entry) is False:
+            elif not (is_candidate(entry.name) or _screen_by_content(entry)):
                 skipped[NOT_AN_IMAGE] += 1
             elif resolved(path) in skip:
                 skipped[OWN_OUTPUT] += 1
@@ -140,6 +142,20 @@ def _is_dicom_by_content(entry: os.DirEntry[str]) -> bool | None:
     except OSError:
         return None
     return is_dicom(entry.path, head)
+
+
+def _screen_by_content(entry: os.DirEntry[str]) -> bool:
+    """A file not named like an image is screened when it is DICOM, or when it cannot be read and
+    is named as PACS exports name DICOM files (it could be a film: its row says why it was not)."""
+    kind = _is_dicom_by_content(entry)
+    return bool(kind) or (kind is None and _dicom_like(entry.name))
+
+
+def _dicom_like(name: str) -> bool:
+    """Whether a name is one PACS exports give DICOM files (no extension, a UID's numeric last
+    part, .dicom, .ima): such a file the run may not read could be a film."""
+    suffix = os.path.splitext(name)[1].lower()
+    return suffix in ("", ".dicom", ".ima") or suffix[1:].isdigit()
 
 
 def resolved(path: Path) -> Path:

@@ -123,8 +123,10 @@ def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
             if draft_size and img.format == "JPEG":
                 img.draft("RGB" if img.mode not in ("L", "1") else "L", (draft_size, draft_size))
             img.seek(0)  # animated files: the first frame
-            # Pillow reads a chunk at a time; an arithmetic-coded JPEG's decoder needs all of it at once
-            img.decodermaxblock = max(img.decodermaxblock, _size_of(fh))
+            if img.format == "JPEG":  # an arithmetic-coded JPEG's decoder needs the whole stream at once
+                # (Pillow reads a block at a time; for other formats, a tiled TIFF on Pillow < 11.1
+                # read the whole file per tile)
+                img.decodermaxblock = max(img.decodermaxblock, _size_of(fh))
             img.load()
             # Pillow turns an 8-bit "white is zero" TIFF round itself, not a 16-bit or float one
             inverted = img.format == "TIFF" and img.mode in HIGH_DEPTH and img.tag_v2.get(262) == WHITE_IS_ZERO
@@ -213,7 +215,9 @@ def _window_to_l(arr: np.ndarray) -> Image.Image:
             levels = np.arange(low, high + 1, dtype=np.float64)
             step = 255.0 / (high - low) if high > low else 0.0
             table = np.clip(np.rint((levels - low) * step), 0, 255).astype(np.uint8)
-            index = arr - np.asarray(low, dtype=arr.dtype) if low else arr  # within the dtype: low is its minimum
+            index = arr - np.asarray(low, dtype=arr.dtype) if low else arr  # wraps past a signed maximum:
+            if index.dtype.kind == "i":  # read as unsigned, it is exact, since high - low < 2 ** bits
+                index = index.view(index.dtype.str.replace("i", "u"))
             return Image.fromarray(table[index], mode="L")
     arr = arr.astype(np.float64, copy=False)
     finite = arr[np.isfinite(arr)]

@@ -209,11 +209,21 @@ def test_no_pixel_data_is_an_error(tmp_path: Path) -> None:
 
 
 def test_compressed_without_decoder_names_the_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cxrbatch.dicom._can_decode", lambda syntax: False)  # no plugin for JPEG 2000
+    monkeypatch.setattr("cxrbatch.dicom._can_decode", lambda syntax, bits: False)  # no plugin for JPEG 2000
     path = make_dicom(tmp_path / "j2k.dcm", ramp(), syntax=JPEG2000Lossless)
     with pytest.raises(ImageError, match=r"compressed DICOM \(JPEG 2000.*pip install pylibjpeg") as info:
         load_image(path)
     assert PATIENT not in str(info.value) and PATIENT_ID not in str(info.value)
+
+
+def test_a_12_bit_jpeg_film_that_only_pillow_could_decode_still_names_the_decoders(tmp_path: Path) -> None:
+    # pydicom's Pillow plugin counts as available for JPEG Extended but reads 8 bits only: the
+    # film needs pylibjpeg or gdcm, not "corrupt" data.
+    from pydicom.uid import JPEGExtended12Bit
+
+    path = make_dicom(tmp_path / "cr12.dcm", ramp(), syntax=JPEGExtended12Bit, BitsStored=12, HighBit=11)
+    with pytest.raises(ImageError, match=r"compressed DICOM \(JPEG Extended.*needs a decoder: pip install pylibjpeg"):
+        load_image(path)
 
 
 def test_corrupt_compressed_pixel_data_with_a_decoder_there_is_not_blamed_on_a_missing_decoder(
@@ -221,10 +231,26 @@ def test_corrupt_compressed_pixel_data_with_a_decoder_there_is_not_blamed_on_a_m
 ) -> None:
     # "needs a decoder: pip install pylibjpeg ..." for a truncated JPEG Baseline film that pydicom
     # decodes with Pillow: installing the plugins would not have helped.
-    monkeypatch.setattr("cxrbatch.dicom._can_decode", lambda syntax: True)
+    monkeypatch.setattr("cxrbatch.dicom._can_decode", lambda syntax, bits: True)
     path = make_dicom(tmp_path / "j2k.dcm", ramp(), syntax=JPEG2000Lossless)  # its data is no JPEG 2000 stream
     with pytest.raises(ImageError, match=r"compressed DICOM \(JPEG 2000.*\) whose pixel data is corrupt or truncated"):
         load_image(path)
+
+
+TAGS = {"NumberOfFrames": (0x0028, 0x0008), "WindowCenter": (0x0028, 0x1050), "WindowWidth": (0x0028, 0x1051),
+        "RescaleSlope": (0x0028, 0x1053)}  # fmt: skip
+
+
+def _overwrite(path: Path, key: str, value: bytes) -> None:
+    """Put `value` (as long as the element's value) in place of one element's value in an
+    explicit-VR little-endian file: found by its tag, VR and length, never elsewhere."""
+    group, element = TAGS[key]
+    data = path.read_bytes()
+    vr = b"IS" if key == "NumberOfFrames" else b"DS"
+    header = group.to_bytes(2, "little") + element.to_bytes(2, "little") + vr + len(value).to_bytes(2, "little")
+    assert data.count(header) == 1, key
+    at = data.index(header) + len(header)
+    path.write_bytes(data[:at] + value + data[at + len(value) :])
 
 
 @pytest.mark.parametrize(
@@ -239,24 +265,12 @@ def test_corrupt_compressed_pixel_data_with_a_decoder_there_is_not_blamed_on_a_m
 def test_malformed_header_values_are_read_as_absent(tmp_path: Path, values: dict[str, object]) -> None:
     # An empty RescaleSlope, "1,5", a non-numeric window or frame count gave "unexpected decoder
     # failure (TypeError ...)" or a ValueError: the film was not screened. pydicom will not write
-    # such values, so each goes in over a placeholder of its length (ASCII never appears in the
-    # ramp's pixel bytes, whose high bytes are 3 to 11).
-    placeholders = iter([b"9.25", b"7.25", b"8.25", b"6.25"])
-    attrs: dict[str, object] = {}
-    swaps = []
+    # such values, so each goes in over a valid one of its length, found by its tag.
+    attrs = {key: "1" * len(value) if isinstance(value, bytes) else value for key, value in values.items()}
+    path = make_dicom(tmp_path / "bad-header.dcm", ramp(), **attrs)
     for key, value in values.items():
         if isinstance(value, bytes):
-            stand_in = next(placeholders)[: len(value)] if key != "NumberOfFrames" else b"77"
-            attrs[key] = stand_in.decode()
-            swaps.append((stand_in, value))
-        else:
-            attrs[key] = value
-    path = make_dicom(tmp_path / "bad-header.dcm", ramp(), **attrs)
-    data = path.read_bytes()
-    for stand_in, value in swaps:
-        assert data.count(stand_in) == 1
-        data = data.replace(stand_in, value)
-    path.write_bytes(data)
+            _overwrite(path, key, value)
     arr = np.asarray(load_image(path))
     assert arr.min() == 0 and arr.max() == 255  # the stored ramp, scaled over its own range
 
@@ -328,8 +342,8 @@ def test_a_picture_or_a_web_page_named_dcm_is_read_as_what_it_is(tmp_path: Path)
 
 
 def test_pydicom_warnings_quoting_header_values_stay_off_stderr(tmp_path: Path) -> None:
-    path = make_dicom(tmp_path / "frames.dcm", ramp(), NumberOfFrames="77")
-    path.write_bytes(path.read_bytes().replace(b"77", b"AB", 1))
+    path = make_dicom(tmp_path / "frames.dcm", ramp(), NumberOfFrames="11")
+    _overwrite(path, "NumberOfFrames", b"AB")
     code = f"from cxrbatch.imaging import load_image; load_image({str(path)!r})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "AB" not in done.stderr and done.stderr == "", done.stderr

@@ -140,6 +140,11 @@ def test_a_file_named_and_inside_a_named_folder_is_listed_once(tmp_path: Path, m
     found = list(iter_images(["in/dup/a.png", "in", "./in/b.png"], skipped=skipped))
     assert found == [Path("in/dup/a.png"), Path("in/b.png")]
     assert skipped == Counter({"found again through another input": 2})
+    # `in/ext/../b.png` through a link to another folder is another file, not in/b.png
+    (tmp_path / "other" / "sub").mkdir(parents=True)
+    (tmp_path / "other" / "b.png").write_bytes(b"y")
+    (tmp_path / "in" / "ext").symlink_to(tmp_path / "other" / "sub")
+    assert list(iter_images(["in/b.png", "in/ext/../b.png"])) == [Path("in/b.png"), Path("in/ext/../b.png")]
 
 
 def test_a_file_without_extension_that_cannot_be_read_is_screened_not_skipped(
@@ -149,10 +154,11 @@ def test_a_file_without_extension_that_cannot_be_read_is_screened_not_skipped(
     # its error row now says "permission denied", as an unreadable folder's does.
     (tmp_path / "IM0001").write_bytes(b"\0" * 128 + b"DICM")
     (tmp_path / "notes").write_bytes(b"plain text")
+    (tmp_path / "sync.log").write_bytes(b"an unreadable log: no film is named so, no row every night")
     real_open = open
 
     def no_read(path: str, *args: object, **kwargs: object) -> object:
-        if str(path).endswith("IM0001"):
+        if str(path).endswith(("IM0001", "sync.log")):
             raise PermissionError(13, "Permission denied")
         return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
 
@@ -160,4 +166,4 @@ def test_a_file_without_extension_that_cannot_be_read_is_screened_not_skipped(
         monkeypatch.setattr(f"{module}.open", no_read, raising=False)
     skipped: Counter[str] = Counter()
     assert list(iter_images([tmp_path], skipped=skipped)) == [tmp_path / "IM0001"]
-    assert skipped == Counter({"not an image file name": 1})
+    assert skipped == Counter({"not an image file name": 2})

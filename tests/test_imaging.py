@@ -275,6 +275,8 @@ def test_integer_films_are_scaled_through_a_table_as_the_float_sums_would() -> N
     for dtype, low, high in ((np.uint16, 0, 65535), (np.uint16, 100, 4095), (np.int32, -3000, 3000), (np.uint16, 7, 7)):
         arr = rng.integers(low, high + 1, size=(60, 40)).astype(dtype)
         assert np.array_equal(np.asarray(_window_to_l(arr)), np.asarray(_window_to_l(arr.astype(np.float64))))
+    wide = np.array([[-30000, 30000, 0]], np.int16)  # its range passes the signed maximum: no wrap-around
+    assert np.asarray(_window_to_l(wide)).tolist() == [[0, 255, 128]]
 
 
 @pytest.mark.skipif(shutil.which("cjpeg") is None, reason="cjpeg (libjpeg-turbo-progs) makes the arithmetic-coded JPEG")
