@@ -5,8 +5,9 @@ never saw than for val films of seen collections. This measures it for six stati
 shipped the global Mahalanobis distance, 1.3.1 the 10th-nearest film), leaving out each collection
 (MANIFEST.csv `collection`, 50 films or more) in turn: the statistic is fitted on the other
 collections' train films (less any film in a cluster with the left-out collection's: a
-re-encoded copy kept under another collection's name), its threshold is the 99th percentile of their val films (as `cxrbatch
-familiarity` sets it), and the left-out collection's films (all splits) are scored.
+re-encoded copy kept under another collection's name), its threshold is the 99th percentile of
+their val films (as `cxrbatch familiarity` sets it), and the left-out collection's films (all
+splits) are scored.
 - Per film: the share flagged, and the AUC of the value, left-out films against seen val films.
 - Per night (a batch from one site): the left-out collection's median against each seen
   collection's median over its val and test films; and how often `cxrbatch run`'s site check
