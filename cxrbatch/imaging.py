@@ -155,6 +155,8 @@ def _other_format(fh: BinaryIO, head: bytes) -> bool:
     try:
         with Image.open(fh):
             return True
+    except Image.DecompressionBombError:  # an image Pillow knows, too large: `_decode` says so
+        return True
     except Exception:  # not a format Pillow knows (a preamble-less DICOM file), or unreadable as one
         return False
     finally:

@@ -6,6 +6,7 @@ import logging
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,14 @@ def test_a_picture_or_a_web_page_named_dcm_is_read_as_what_it_is(tmp_path: Path)
     (tmp_path / "page.dcm").write_text("<html><body>404 Not Found</body></html>", encoding="utf-8")
     with pytest.raises(ImageError, match="a text or HTML file, not an image"):
         load_image(tmp_path / "page.dcm")
+    huge = Image.new("L", (1, 1))
+    huge.save(tmp_path / "huge.dcm", format="PNG")  # a PNG whose header declares too many pixels
+    data = bytearray((tmp_path / "huge.dcm").read_bytes())
+    data[16:24] = (30000).to_bytes(4, "big") * 2  # IHDR width and height, and the chunk's CRC again
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    (tmp_path / "huge.dcm").write_bytes(bytes(data))
+    with pytest.raises(ImageError, match="image too large to decode safely"):  # it said "no pixel data"
+        load_image(tmp_path / "huge.dcm")
     preambleless = make_dicom(tmp_path / "old.dcm", ramp())  # a DICOM file without its preamble: still DICOM
     preambleless.write_bytes(preambleless.read_bytes()[132:])
     assert np.asarray(load_image(preambleless)).max() == 255
