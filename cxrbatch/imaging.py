@@ -12,6 +12,7 @@ import errno
 import io
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +31,11 @@ MIN_SIDE = 32
 PREPROCESSING_VERSION = 2
 HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I", "F")  # modes scaled from their minimum to their maximum
 WHITE_IS_ZERO = 0  # TIFF tag 262 (PhotometricInterpretation): 0 = the smallest value is white
+
+# An image between Pillow's pixel limit and twice it is decoded; Pillow's warning about it went to
+# stderr outside the run's log, naming no file, and told nothing a row needs. Above twice the
+# limit the file is an error row ("image too large to decode safely").
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 

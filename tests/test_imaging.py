@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +288,14 @@ def test_an_arithmetic_coded_jpeg_larger_than_pillows_read_block_decodes(tmp_pat
     subprocess.run(["cjpeg", "-arithmetic", "-quality", "95", "-outfile", str(jpeg), str(ppm)], check=True)
     assert jpeg.stat().st_size > 65536  # beyond the block Pillow reads at a time
     assert load_image(jpeg).size == (800, 600)
+
+
+def test_a_large_image_below_the_refusal_limit_decodes_without_a_stray_warning(tmp_path: Path) -> None:
+    # Pillow's DecompressionBombWarning reached stderr outside the log format, naming no file.
+    path = _save(Image.new("L", (40, 40), 90), tmp_path / "big.png")
+    code = (
+        "from PIL import Image; Image.MAX_IMAGE_PIXELS = 1000\n"  # 1,600 pixels: over the limit, under twice it
+        f"from cxrbatch.imaging import load_image; print(load_image({str(path)!r}).size)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "(40, 40)" and done.stderr == "", done.stderr
