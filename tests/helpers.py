@@ -369,3 +369,61 @@ def skipped_rows(out: Path) -> list[dict[str, str]]:
 
 def tree_bytes(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+# Header values no report or log may ever hold (the DICOM tests look for them).
+PATIENT = "Doe^Jane"
+PATIENT_ID = "SECRET-12345"
+
+
+def make_dicom(
+    path: Path,
+    pixels: np.ndarray | None,
+    photometric: str = "MONOCHROME2",
+    syntax: str | None = None,
+    **attrs: object,
+) -> Path:
+    """Write a minimal secondary-capture DICOM file with the given pixels and attributes
+    (explicit VR little endian unless `syntax` names another; a compressed one holds no real
+    frame). Needs the dicom extra: a test calling it skips without pydicom first."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    syntax = syntax or ExplicitVRLittleEndian
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientName = PATIENT
+    ds.PatientID = PATIENT_ID
+    ds.Modality = "DX"
+    if pixels is not None:
+        frames = pixels.shape[0] if pixels.ndim == 3 else 1
+        rows, cols = pixels.shape[-2:]
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        if frames > 1:
+            ds.NumberOfFrames = frames
+        if syntax == ExplicitVRLittleEndian:
+            ds.PixelData = pixels.astype(np.uint16).tobytes()
+        else:
+            ds.PixelData = encapsulate([b"\x00\x01not-really-jpeg2000" * 4])
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def ramp(rows: int = 64, cols: int = 64, lo: int = 1000, hi: int = 3000) -> np.ndarray:
+    """A 16-bit grey ramp from `lo` to `hi`, row by row."""
+    return np.linspace(lo, hi, rows * cols).reshape(rows, cols).astype(np.uint16)

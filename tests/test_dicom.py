@@ -14,61 +14,12 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")
 
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.encaps import encapsulate  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
+from helpers import PATIENT, PATIENT_ID, make_dicom, ramp  # noqa: E402
+from pydicom.uid import JPEG2000Lossless  # noqa: E402
 
 from cxrbatch.discovery import iter_images  # noqa: E402
 from cxrbatch.errors import ImageError  # noqa: E402
 from cxrbatch.imaging import load_image  # noqa: E402
-
-PATIENT = "Doe^Jane"
-PATIENT_ID = "SECRET-12345"
-
-
-def make_dicom(
-    path: Path,
-    pixels: np.ndarray | None,
-    photometric: str = "MONOCHROME2",
-    syntax: str = ExplicitVRLittleEndian,
-    **attrs: object,
-) -> Path:
-    """Write a minimal secondary-capture DICOM file with the given pixels and attributes."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName = PATIENT
-    ds.PatientID = PATIENT_ID
-    ds.Modality = "DX"
-    if pixels is not None:
-        frames = pixels.shape[0] if pixels.ndim == 3 else 1
-        rows, cols = pixels.shape[-2:]
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = photometric
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        if syntax == ExplicitVRLittleEndian:
-            ds.PixelData = pixels.astype(np.uint16).tobytes()
-        else:
-            ds.PixelData = encapsulate([b"\x00\x01not-really-jpeg2000" * 4])
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def ramp(rows: int = 64, cols: int = 64, lo: int = 1000, hi: int = 3000) -> np.ndarray:
-    return np.linspace(lo, hi, rows * cols).reshape(rows, cols).astype(np.uint16)
 
 
 def test_monochrome2_16bit_is_scaled_to_full_range(tmp_path: Path) -> None:

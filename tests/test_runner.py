@@ -146,7 +146,7 @@ def test_an_error_is_tried_again_and_delivered_once_it_reads(
     import sys
 
     pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")
-    from test_dicom import make_dicom, ramp
+    from helpers import make_dicom, ramp
 
     inbox, ledger = tmp_path / "in", tmp_path / "l.db"
     inbox.mkdir()
