@@ -31,6 +31,9 @@ MIN_SIDE = 32
 PREPROCESSING_VERSION = 2
 HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I", "F")  # modes scaled from their minimum to their maximum
 WHITE_IS_ZERO = 0  # TIFF tag 262 (PhotometricInterpretation): 0 = the smallest value is white
+# Pillow reads 16-bit colour as 8 bits a channel (the high bytes): a film of 14 bits or fewer in
+# such a file comes out below this level everywhere, and the gate rejects it as no X-ray.
+LOW_BITS_ONLY = 64
 
 # An image between Pillow's pixel limit and twice it is decoded; Pillow's warning about it went to
 # stderr outside the run's log, naming no file, and told nothing a row needs. Above twice the
@@ -129,6 +132,7 @@ def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
             if draft_size and img.format == "JPEG":
                 img.draft("RGB" if img.mode not in ("L", "1") else "L", (draft_size, draft_size))
             img.seek(0)  # animated files: the first frame
+            deep_colour = img.mode in ("RGB", "RGBA") and any(";16" in str(tile.args) for tile in img.tile)
             if img.format == "JPEG":  # an arithmetic-coded JPEG's decoder needs the whole stream at once
                 # (Pillow reads a block at a time; for other formats, a tiled TIFF on Pillow < 11.1
                 # read the whole file per tile)
@@ -137,6 +141,11 @@ def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
             # Pillow turns an 8-bit "white is zero" TIFF round itself, not a 16-bit or float one
             inverted = img.format == "TIFF" and img.mode in HIGH_DEPTH and img.tag_v2.get(262) == WHITE_IS_ZERO
             grey = _to_8bit(ImageOps.exif_transpose(img))
+            if deep_colour and np.asarray(grey).max() < LOW_BITS_ONLY:
+                raise ImageError(
+                    "16-bit colour image whose values use only the low bits (read 8 bits a channel, it is nearly "
+                    "black): save the film as 16-bit grey"
+                )
             return ImageOps.invert(grey) if inverted else grey
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large to decode safely ({exc})") from None

@@ -299,3 +299,29 @@ def test_a_large_image_below_the_refusal_limit_decodes_without_a_stray_warning(t
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "(40, 40)" and done.stderr == "", done.stderr
+
+
+def _rgb16_png(values: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of `values` (h x w x 3), which Pillow cannot write."""
+    import struct
+    import zlib
+
+    h, w, _ = values.shape
+    rows = b"".join(b"\0" + values[r].astype(">u2").tobytes() for r in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_a_16_bit_colour_png_holding_12_bit_values_is_an_error_not_a_black_film(tmp_path: Path) -> None:
+    # Pillow keeps each channel's high byte: 12-bit values came out 0..15, and the gate rejected
+    # the film as "not a chest X-ray" (23 of 24 test films).
+    film = np.repeat(np.linspace(0, 4095, 64 * 64).reshape(64, 64, 1), 3, axis=2)
+    (tmp_path / "low.png").write_bytes(_rgb16_png(film))
+    with pytest.raises(ImageError, match="16-bit colour image whose values use only the low bits"):
+        load_image(tmp_path / "low.png")
+    (tmp_path / "full.png").write_bytes(_rgb16_png(film * 16))  # the full 16-bit range reads well
+    assert np.asarray(load_image(tmp_path / "full.png")).max() == 255
