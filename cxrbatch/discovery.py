@@ -40,10 +40,14 @@ def iter_images(
     """
     count = skipped if skipped is not None else Counter()
     listed: set[str] = set()
+    folders: dict[str, str] = {}  # each folder resolved once, not once per file
     for path in _found(inputs, {resolved(p) for p in skip}, count):
         # its folder resolved, its own name kept: `a/link/../x.png` is not `a/x.png`, and a link to
         # a film under another name is a file of its own (as a folder's walk lists it)
-        key = os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+        folder = os.path.dirname(path) or "."
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        key = os.path.join(folders[folder], os.path.basename(path))
         if key in listed:
             count[LISTED_TWICE] += 1
             continue
