@@ -9,6 +9,7 @@ and nothing of it (names, ids, dates) is ever put in a message.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -29,15 +30,11 @@ INSTALL_HINT = "pip install 'cxrbatch[dicom]' (in a source checkout: pip install
 DECODER_HINT = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)"
 
 
-_QUIETED: list[bool] = []
-
-
+@functools.cache
 def _quiet_warnings() -> None:
     """pydicom's warnings ("Invalid value for VR IS: 'AB'" quotes the header) stay off stderr.
-    Once: each new filter resets what Python remembers of warnings already shown."""
-    if not _QUIETED:
-        warnings.filterwarnings("ignore", module="pydicom")
-        _QUIETED.append(True)
+    Once (cached): each new filter resets what Python remembers of warnings already shown."""
+    warnings.filterwarnings("ignore", module="pydicom")
 
 
 def has_preamble(head: bytes) -> bool:
@@ -105,15 +102,10 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
     except (TypeError, ValueError):  # an empty or malformed RescaleSlope/Intercept: read as absent
         values = arr  # and no window, which is in rescaled units: the stored values' own range
     else:
+        # an invalid window (width 0, not a number) is ignored, as viewers do
         try:
             values = apply_voi_lut(values, ds)
-        except (
-            TypeError,
-            ValueError,
-            ZeroDivisionError,
-            IndexError,
-            KeyError,
-        ):  # an invalid window: ignored, as viewers do
+        except (TypeError, ValueError, ZeroDivisionError, IndexError, KeyError):
             pass
     values = values.astype(np.float64)
     if photometric == "MONOCHROME1":  # after VOI, as the standard orders it
