@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 import stat
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -35,10 +37,17 @@ WHITE_IS_ZERO = 0  # TIFF tag 262 (PhotometricInterpretation): 0 = the smallest 
 # such a file comes out below this level everywhere, and the gate rejects it as no X-ray.
 LOW_BITS_ONLY = 64
 
-# An image between Pillow's pixel limit and twice it is decoded; Pillow's warning about it went to
-# stderr outside the run's log, naming no file, and told nothing a row needs. Above twice the
-# limit the file is an error row ("image too large to decode safely").
+log = logging.getLogger(__name__)
+
+# What Pillow warns while it reads a file ("Truncated File Read" from a corrupt EXIF block, a
+# malformed MPO) went to stderr outside the run's log, naming no file, and only the first time.
+# Now each is shown every time, and while `load_image` reads a file it becomes a log line naming
+# that file (`_named_warning`). An image between Pillow's pixel limit and twice it is decoded
+# without a word: that warning tells nothing a row needs (above twice the limit the file is an
+# error row, "image too large to decode safely"). Filters added later are checked first.
+warnings.filterwarnings("always", module="PIL")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+_reading = threading.local()  # `.name`: the file this thread's `load_image` is reading
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -78,6 +87,7 @@ def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> I
     size = _regular_file_size(path)
     if size == 0:
         raise ImageError("empty file (0 bytes)")
+    _reading.name = os.fsencode(path).decode("utf-8", "backslashreplace")
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -89,6 +99,29 @@ def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> I
         raise
     except OSError as exc:
         raise ImageError(_os_message(path, exc)) from None
+    finally:
+        _reading.name = None
+
+
+def _named_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """`warnings.showwarning` for the whole process: a warning raised while `load_image` reads a
+    file on this thread is a log line naming the file; any other is shown as before."""
+    name = getattr(_reading, "name", None)
+    if name is None:
+        _show_warning(message, category, filename, lineno, file, line)
+    else:
+        log.warning("%s: %s from the decoder: %s", name, category.__name__, message)
+
+
+_show_warning = warnings.showwarning
+warnings.showwarning = _named_warning
 
 
 def decode_bytes(data: bytes, draft_size: int | None = None) -> Image.Image:

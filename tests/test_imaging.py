@@ -301,6 +301,38 @@ def test_a_large_image_below_the_refusal_limit_decodes_without_a_stray_warning(t
     assert done.returncode == 0 and done.stdout.strip() == "(40, 40)" and done.stderr == "", done.stderr
 
 
+def _jpeg_with_corrupt_exif(path: Path) -> Path:
+    """A readable JPEG whose EXIF block points a text value past its end (Pillow: "Truncated File Read")."""
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 40  # ImageDescription, stored outside its IFD entry
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 90).save(buf, "JPEG", exif=exif.tobytes())
+    data = bytearray(buf.getvalue())
+    order = "big" if b"MM\x00*" in data else "little"  # the TIFF header's byte order
+    entry = data.find((0x010E).to_bytes(2, order) + (2).to_bytes(2, order))  # the tag's IFD entry (ASCII)
+    data[entry + 8 : entry + 12] = (5000).to_bytes(4, order)  # its value's offset, past the block
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_decoders_warning_is_a_log_line_naming_each_file_it_came_from(tmp_path: Path) -> None:
+    # Pillow's "Truncated File Read" went to stderr outside the log, naming no file, and only for
+    # the first such file of a run; a warning raised elsewhere is still shown as Python shows it.
+    first, second = (_jpeg_with_corrupt_exif(tmp_path / name) for name in ("a.jpg", "b.jpg"))
+    code = (
+        "import logging, warnings; logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        "from cxrbatch.imaging import load_image\n"
+        f"print(load_image({str(first)!r}).size, load_image({str(second)!r}).size)\n"
+        "warnings.warn('elsewhere')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "(64, 64) (64, 64)", done.stderr
+    lines = done.stderr.splitlines()
+    named = [f"WARNING {path}: UserWarning from the decoder: Truncated File Read" for path in (first, second)]
+    assert lines[:2] == named
+    assert lines[2:] == ["<string>:4: UserWarning: elsewhere"], done.stderr  # as Python shows it
+
+
 def _rgb16_png(values: np.ndarray) -> bytes:
     """A 16-bit RGB PNG of `values` (h x w x 3), which Pillow cannot write."""
     import struct
