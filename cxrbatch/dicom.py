@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cxrbatch.errors import ImageError
+from cxrbatch.levels import Levels
 
 if TYPE_CHECKING:  # pydicom is the optional `dicom` extra
     from pydicom.dataset import Dataset
@@ -55,8 +56,9 @@ def is_dicom(path: str | os.PathLike[str], head: bytes | None = None) -> bool:
     return has_preamble(head)
 
 
-def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
-    """Return the first frame's display values: 2-D float (grey, after the LUTs) or HxWx3 uint8 (colour)."""
+def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
+    """Return the first frame's display values: grey after the LUTs (float64 `Levels` for an
+    integer frame, else a 2-D float64 array) or HxWx3 uint8 (colour)."""
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -97,20 +99,29 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray:
         return _colour(arr, _number(ds.get("BitsStored"), 8))
     if arr.ndim != 2:
         raise ImageError(f"unsupported DICOM pixel layout {arr.shape}")
-    try:
-        values = apply_modality_lut(arr, ds)
-    except (TypeError, ValueError):  # an empty or malformed RescaleSlope/Intercept: read as absent
-        values = arr  # and no window, which is in rescaled units: the stored values' own range
-    else:
-        # an invalid window (width 0, not a number) is ignored, as viewers do
+
+    def to_values(stored: np.ndarray) -> np.ndarray:
         try:
-            values = apply_voi_lut(values, ds)
-        except (TypeError, ValueError, ZeroDivisionError, IndexError, KeyError):
-            pass
-    values = values.astype(np.float64)
+            values = apply_modality_lut(stored, ds)
+        except (TypeError, ValueError):  # an empty or malformed RescaleSlope/Intercept: read as absent
+            values = stored  # and no window, which is in rescaled units: the stored values' own range
+        else:
+            # an invalid window (width 0, not a number) is ignored, as viewers do
+            try:
+                values = apply_voi_lut(values, ds)
+            except (TypeError, ValueError, ZeroDivisionError, IndexError, KeyError):
+                pass
+        return np.asarray(values).astype(np.float64)
+
+    # Each stored level once, not each pixel (the LUTs work value by value): no float64 copies of the film.
+    levels = Levels.of(arr)
+    film = to_values(arr) if levels is None else levels.map(to_values)
     if photometric == "MONOCHROME1":  # after VOI, as the standard orders it
-        values = values.max() + values.min() - values
-    return values
+        if isinstance(film, Levels):
+            lo, hi = film.extremes() or (0.0, 0.0)  # a film has at least one level
+            return film.map(lambda values: hi + lo - values)
+        return film.max() + film.min() - film
+    return film
 
 
 def _number(value: object, default: int) -> int:

@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrbatch import dicom
 from cxrbatch.errors import ImageError
+from cxrbatch.levels import Levels, to_8bit
 
 # Anything smaller than this on its short side is no radiograph worth screening.
 MIN_SIDE = 32
@@ -87,7 +88,7 @@ def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> I
     size = _regular_file_size(path)
     if size == 0:
         raise ImageError("empty file (0 bytes)")
-    _reading.name = os.fsencode(path).decode("utf-8", "backslashreplace")
+    _reading.name = display_path(path)
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -225,7 +226,9 @@ def _looks_like_text(head: bytes) -> bool:
     return bool(sample) and all(b in b"\t\n\r" or 32 <= b < 127 for b in sample)
 
 
-def _from_values(values: np.ndarray) -> Image.Image:
+def _from_values(values: np.ndarray | Levels) -> Image.Image:
+    if isinstance(values, Levels):
+        return values.to_l()
     if values.ndim == 3:
         return Image.fromarray(values, mode="RGB")
     return _window_to_l(values)
@@ -250,33 +253,21 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV and the like
 
 
-LUT_RANGE = 1 << 20  # integer images with at most this many distinct levels go through a look-up table
-
-
 def _window_to_l(arr: np.ndarray) -> Image.Image:
     """Scale a high-bit-depth grey array linearly from its minimum to its maximum. Integer
-    pixels go through a table of the same float64 sums, one per level: the same output, with no
-    float64 copies of the film (a 36-megapixel 16-bit PNG peaked at 305 MB, against 1,542 MB)."""
+    pixels go through a table of the same float64 sums, one per level (`cxrbatch.levels`): the
+    same output, with no float64 copies of the film (a 36-megapixel 16-bit PNG peaked at 305 MB,
+    against 1,542 MB)."""
     if arr.ndim != 2:
         raise ImageError(f"unsupported pixel layout {arr.shape}")
-    if arr.dtype.kind in "iu" and arr.size:
-        low, high = int(arr.min()), int(arr.max())
-        if high - low < LUT_RANGE:
-            levels = np.arange(low, high + 1, dtype=np.float64)
-            step = 255.0 / (high - low) if high > low else 0.0
-            table = np.clip(np.rint((levels - low) * step), 0, 255).astype(np.uint8)
-            index = arr - np.asarray(low, dtype=arr.dtype) if low else arr  # wraps past a signed maximum:
-            if index.dtype.kind == "i":  # read as unsigned, it is exact, since high - low < 2 ** bits
-                index = index.view(index.dtype.str.replace("i", "u"))
-            return Image.fromarray(table[index], mode="L")
+    levels = Levels.of(arr)
+    if levels is not None:
+        return levels.to_l()
     arr = arr.astype(np.float64, copy=False)
     finite = arr[np.isfinite(arr)]
     if finite.size == 0:
         return Image.new("L", (arr.shape[1], arr.shape[0]), 0)
-    lo, hi = float(finite.min()), float(finite.max())
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
-    out = np.nan_to_num((arr - lo) * scale, nan=0.0, posinf=255.0, neginf=0.0)
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(to_8bit(arr, float(finite.min()), float(finite.max())), mode="L")
 
 
 def equalize(grey: np.ndarray) -> np.ndarray:
@@ -382,6 +373,6 @@ def check_size(img: Image.Image, min_side: int = MIN_SIDE) -> None:
         raise ImageError(f"image is {img.width}x{img.height}: too small to be a radiograph (min side {min_side} px)")
 
 
-def display_path(path: str | Path) -> str:
+def display_path(path: str | os.PathLike[str]) -> str:
     """Render a path as valid UTF-8 text; undecodable bytes become \\xNN escapes."""
     return os.fsencode(path).decode("utf-8", errors="backslashreplace")

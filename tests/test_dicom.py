@@ -308,3 +308,57 @@ def test_pydicom_warnings_quoting_header_values_stay_off_stderr(tmp_path: Path) 
     code = f"from cxrbatch.imaging import load_image; load_image({str(path)!r})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "AB" not in done.stderr and done.stderr == "", done.stderr
+
+
+def _per_pixel(path: Path) -> np.ndarray:
+    """The film as the LUTs give it pixel by pixel over the whole frame, scaled as `load_image`
+    scales (the way it was read before each stored level was computed once)."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    from cxrbatch.levels import to_8bit
+
+    ds = pydicom.dcmread(path)
+    values = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float64)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        values = values.max() + values.min() - values
+    return to_8bit(values, float(values.min()), float(values.max()))
+
+
+@pytest.mark.parametrize(
+    ("photometric", "attrs"),
+    [
+        ("MONOCHROME2", {"RescaleSlope": 0.5, "RescaleIntercept": -1024, "WindowCenter": 200, "WindowWidth": 900}),
+        ("MONOCHROME1", {"WindowCenter": 1800, "WindowWidth": 2500}),
+        ("MONOCHROME2", {"PixelRepresentation": 1, "RescaleIntercept": 7}),
+    ],
+)
+def test_each_stored_level_computed_once_gives_the_per_pixel_film(
+    tmp_path: Path, photometric: str, attrs: dict[str, object]
+) -> None:
+    # The LUTs ran over the whole frame in float64 (a 9-megapixel film peaked near 390 MB); now
+    # over each stored level once, looked up: the same film, value for value.
+    rng = np.random.default_rng(3)
+    stored = rng.integers(300, 4000, (96, 80)).astype(np.uint16)
+    stored[0, 0], stored[-1, -1] = 0, 4095
+    path = make_dicom(tmp_path / "f.dcm", stored, photometric, **attrs)
+    assert np.array_equal(np.asarray(load_image(path)), _per_pixel(path))
+
+
+def test_a_lut_that_turns_back_is_scaled_on_the_levels_the_film_holds(tmp_path: Path) -> None:
+    # A VOI LUT table that rises and falls: its extremes lie at levels the film may not hold, and
+    # the film is scaled from the smallest value it does hold to the largest.
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    stored = np.array([[10, 12, 30], [31, 12, 10]], np.uint16).repeat(20, axis=0).repeat(20, axis=1)
+    table = Dataset()
+    table.LUTDescriptor = [32, 0, 16]
+    table.add_new(0x00283006, "US", [int(4000 * np.sin(np.pi * v / 31)) for v in range(32)])  # peak at 15, 16
+    path = make_dicom(tmp_path / "lut.dcm", stored)
+    ds = pydicom.dcmread(path)
+    ds.VOILUTSequence = [table]
+    ds.save_as(path)
+    out = np.asarray(load_image(path))
+    assert np.array_equal(out, _per_pixel(path))
+    assert out.min() == 0 and out.max() == 255  # spread over what the film holds, not the table's peak
