@@ -16,7 +16,6 @@ import stat
 import threading
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, TextIO
 
 import numpy as np

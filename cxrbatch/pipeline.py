@@ -225,6 +225,9 @@ class Screener:
         gate_scores = self.gate_scores(np.stack([decoded[i].gate_input for i in ok]))  # type: ignore[misc]
         accepted = []
         for i, score in zip(ok, gate_scores, strict=True):
+            if not np.isfinite(score):  # NaN compares false with every threshold: it would reject unseen
+                results[i].error = _no_number("gate", "its score")
+                continue
             results[i].gate_score = float(score)
             if round(float(score), DECIMALS) >= self.gate.spec.threshold:  # as the report prints the score
                 accepted.append(i)
@@ -239,12 +242,18 @@ class Screener:
             for k, (i, p) in enumerate(zip(accepted, out[spec.score_output], strict=True)):
                 if feats is not None:
                     results[i].features = feats[k]
-                self._fill(
-                    results[i],
-                    p,
-                    None if familiarity is None else float(np.ravel(familiarity[k])[0]),
-                    None if referral is None else float(np.ravel(referral[k])[0]),
-                )
+                extra = {
+                    "its familiarity": None if familiarity is None else float(np.ravel(familiarity[k])[0]),
+                    "its referral score": None if referral is None else float(np.ravel(referral[k])[0]),
+                }
+                # NaN is neither referred nor in need of review: the film would be cleared unseen
+                broken = [
+                    what for what, v in (("its probabilities", p.sum()), *extra.items()) if not np.isfinite(v or 0)
+                ]
+                if broken:
+                    results[i].status, results[i].error = ERROR, _no_number("classifier", " and ".join(broken))
+                    continue
+                self._fill(results[i], p, extra["its familiarity"], extra["its referral score"])
         return results
 
     def record(self, result: Result) -> Record:
@@ -310,6 +319,11 @@ class Screener:
             result.unfamiliar = round(familiarity, DECIMALS) > spec.familiarity_threshold  # as the report shows it
         # below the threshold as the report shows the confidence, as refer and unfamiliar are judged
         result.needs_review = round(result.confidence, DECIMALS) < spec.threshold or bool(result.unfamiliar)
+
+
+def _no_number(model: str, what: str) -> str:
+    """An error row's message for a film that a model gave NaN or an infinity for."""
+    return f"the {model} gave no number for {what} (NaN or infinite): is the model file damaged?"
 
 
 def screen_all(

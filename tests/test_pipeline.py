@@ -238,3 +238,37 @@ def test_the_gate_decides_on_its_score_as_the_report_prints_it(tiny_models: Path
         shown = screener.record(result).gate_score
         assert result.status == status and shown is not None
         assert (shown >= gate.spec.threshold) is (status == CLASSIFIED)
+
+
+def _with_nan(path: Path, initializer: str, index: int | None = None) -> None:
+    """Make a tiny model give NaN: one of its initializers' values (or all of them) becomes NaN."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    for init in model.graph.initializer:
+        if init.name == initializer:
+            values = numpy_helper.to_array(init).copy()
+            values.flat[slice(None) if index is None else index] = np.nan
+            init.CopyFrom(numpy_helper.from_array(values, initializer))
+    onnx.save(model, path)
+
+
+@pytest.mark.parametrize(("model", "initializer", "index"), [("classifier", "b", 0), ("gate", "bias", None)])
+def test_a_model_that_gives_nan_makes_error_rows_not_cleared_films(
+    tiny_models: Path, incoming: Path, model: str, initializer: str, index: int | None
+) -> None:
+    # NaN compares false with every threshold: a damaged classifier's films were labelled COVID19,
+    # not referred and not in need of review (cleared unseen), and a damaged gate's films rejected.
+    _with_nan(tiny_models / f"{model}.onnx", initializer, index)
+    gate, classifier = load_models(tiny_models, "cpu")
+    results, summary = screen_all(Screener(gate, classifier, batch_size=3), _paths(incoming))
+    readable = [r for r in results if r.path.name != "f_broken.jpg"]
+    if model == "gate":
+        assert all(r.status == ERROR and r.gate_score is None for r in readable)
+    else:  # the photo is still rejected by the gate, which gives numbers
+        assert [r.path.name for r in readable if r.status == REJECTED] == ["e_photo.png"]
+        readable = [r for r in readable if r.status != REJECTED]
+    message = f"the {model} gave no number for its {'probabilities' if model == 'classifier' else 'score'} (NaN"
+    assert len(readable) >= 4 and all(r.error and r.error.startswith(message) and r.refer is None for r in readable)
+    assert summary.by_status[ERROR] == len(readable) + 1 and summary.by_status[CLASSIFIED] == 0
