@@ -140,7 +140,8 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
     """Refuse, before screening, outputs that would destroy what the run reads or another output:
     a report written over a film (named like an image, a DICOM file, or a named input), over the
     ledger or its files, or over another report; two reports on stdout; heatmaps in a folder that
-    is or holds an input, folder or film (its marker would hide the films from every later run)."""
+    is or holds an input, folder or film, or that already holds films of its own (its marker would
+    hide the films from every later run)."""
     if report_targets.count("-") > 1:
         raise UsageError("only one report can go to stdout (-): give the others file names")
     files = [t for t in report_targets if t != "-"]
@@ -163,6 +164,14 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
         real = resolved(given)  # a folder screened whole, or a film named in it
         if (heatmaps == real and given.is_dir()) or heatmaps in real.parents:
             raise UsageError(f"--heatmaps {options.heatmaps} would hold the films of {given}: give it its own folder")
+    if options.heatmaps.is_dir() and not (options.heatmaps / HEATMAPS_MARKER).exists():
+        # another night's incoming folder, say: once marked, no later run would screen its films
+        film = next(iter_images([options.heatmaps]), None)
+        if film is not None:
+            raise UsageError(
+                f"--heatmaps {options.heatmaps} already holds films no run drew ({film.name} among them), and a "
+                "heatmaps folder is left out of every later run: give the heatmaps a folder of their own"
+            )
 
 
 def _discover(options: RunOptions, report_targets: list[str]) -> list[Path]:

@@ -219,6 +219,9 @@ def test_outputs_that_would_destroy_an_input_the_ledger_or_each_other_are_refuse
     before = film.read_bytes()
     ledger = tmp_path / "night.db"
     models = ("--models", str(tiny_models))
+    other_films = tmp_path / "last-night"  # marked, its films would be hidden from every later run
+    (other_films / "deep").mkdir(parents=True)
+    grey_image(other_films / "deep" / "old.png", 120)
     refused = {
         "over a film in the folder": (str(incoming), "--out", str(film)),
         "over a film named as input": (str(film), "--html", str(film)),
@@ -229,6 +232,7 @@ def test_outputs_that_would_destroy_an_input_the_ledger_or_each_other_are_refuse
         "over the ledger's log": (str(incoming), "--ledger", str(ledger), "--json", f"{ledger}-wal"),
         "heatmaps holding the inputs": (str(incoming / "sub"), "--heatmaps", str(incoming)),
         "heatmaps beside a named film": (str(film), "--heatmaps", str(incoming)),
+        "heatmaps in another folder of films": (str(film), "--heatmaps", str(other_films)),
     }
     expected = {
         "over a film in the folder": "would be written over a film (or be screened as one)",
@@ -240,11 +244,13 @@ def test_outputs_that_would_destroy_an_input_the_ledger_or_each_other_are_refuse
         "over the ledger's log": "would be written over the ledger",
         "heatmaps holding the inputs": "would hold the films of",
         "heatmaps beside a named film": "would hold the films of",
+        "heatmaps in another folder of films": "already holds films no run drew (old.png among them)",
     }
     for case, args in refused.items():
         code, err = _invoke("run", *args, *models)
         assert code == 2 and expected[case] in err and "Traceback" not in err, case
     assert film.read_bytes() == before and not (tmp_path / "r.csv").exists() and not (tmp_path / "report.png").exists()
+    assert not list(other_films.rglob(".cxrbatch*"))
     code, _ = _invoke("run", str(incoming), "--ledger", str(ledger), "--out", str(tmp_path / "night.db.csv"), *models)
     assert code == 3 and (tmp_path / "night.db.csv").is_file()  # a name that only begins like the ledger's is fine
 
