@@ -82,6 +82,11 @@ class Record:
         """The same result with a problem found after screening (a heatmap not written) in `error`."""
         return replace(self, error=message if not self.error else f"{self.error}; {message}")
 
+    @property
+    def has_problem(self) -> bool:
+        """A result with a problem found after screening (`with_problem`): it stands, the row is not whole."""
+        return self.status != ERROR and bool(self.error)
+
     def fields(self, labels: Iterable[str]) -> dict[str, Any]:
         """The report's fields in column order: one p_<LABEL> per classifier label."""
         probs = self.probabilities or {}
@@ -162,8 +167,7 @@ class Summary:
             summary.by_status[record.status] += 1
             if record.label:
                 summary.by_label[record.label] += 1
-            if record.status != ERROR and record.error:
-                summary.problems += 1
+            summary.problems += record.has_problem
             if record.refer is not None:
                 summary.referred += record.refer
                 summary.cleared += not record.refer

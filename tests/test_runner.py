@@ -94,6 +94,33 @@ def test_a_heatmap_that_cannot_be_written_is_a_row_problem(
     assert [p.name for p in (tmp_path / "maps").iterdir()] == [HEATMAPS_MARKER]
 
 
+def test_a_rerun_with_the_ledger_draws_the_heatmaps_that_could_not_be_written(
+    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Their rows were marked delivered: the rerun found nothing to report, exited 0, and the
+    # report kept "heatmap not written" although the disk had room again.
+    def no_space(src: str, dst: str) -> None:
+        if str(dst).endswith(".png"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.rename(src, dst)
+
+    report, ledger = tmp_path / "r.csv", tmp_path / "l.db"
+    night = ("run", str(incoming), "--models", str(tiny_models), "--out", str(report), "--ledger", str(ledger),
+             "--heatmaps", str(tmp_path / "maps"))  # fmt: skip
+    with monkeypatch.context() as full:
+        full.setattr(files.os, "replace", no_space)
+        code, _ = _invoke(*night)
+    assert code == 3 and sum(r["error"].startswith("heatmap not written") for r in _rows(report).values()) == 4
+    code, err = _invoke(*night)
+    rows = _rows(report)
+    assert code == 0 and "4 classified" in err and len(rows) == 6  # the four mended; the rest as they were
+    assert [n for n, r in rows.items() if r["error"]] == ["f_broken.jpg"]
+    drawn = [n for n, r in rows.items() if r["heatmap"] and Path(r["heatmap"]).is_file()]
+    assert sorted(drawn) == ["a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"]  # every classified film
+    code, _ = _invoke(*night)  # mended: delivered now, nothing more to report
+    assert code == 0 and _rows(report) == rows
+
+
 def test_ledger_does_not_reuse_results_made_with_other_settings(
     tiny_models: Path, incoming: Path, tmp_path: Path
 ) -> None:
