@@ -43,7 +43,7 @@ from cxrbatch.datasets import ABNORMAL
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ModelError, ReportError, UsageError
 from cxrbatch.features import pooled_features_name, save_classifier, with_features
-from cxrbatch.files import atomic_write, file_sha256
+from cxrbatch.files import file_sha256, staged
 from cxrbatch.metrics import proportion_ci
 from cxrbatch.models import MODEL_FILES, Model
 from cxrbatch.pipeline import Screener
@@ -318,10 +318,12 @@ def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, o
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(f"Cannot write the calibrated models into {out}: {exc.strerror or exc}") from None
-    # each file through a temporary one renamed into place, the classifier last and only once it
-    # loads as the runtime loads it: a run killed or a disk filled part way leaves no truncated
-    # model, and with --force the old pair stands until then
+    # each file through a temporary one renamed into place, the gate only once the classifier
+    # loads as the runtime loads it and has taken its place: a run killed or a disk filled part
+    # way leaves no truncated model, and with --force the old pair stands until then (it was the
+    # new gate beside the old classifier where the classifier could not be written)
     gate_bytes = gate.path.read_bytes()
-    atomic_write(out / MODEL_FILES["gate"], lambda fh: fh.write(gate_bytes), binary=True, what="model")
-    save_classifier(proto, meta, target)
+    with staged(out / MODEL_FILES["gate"], lambda fh: fh.write(gate_bytes), binary=True, what="model") as commit:
+        save_classifier(proto, meta, target)
+        commit()
     return target

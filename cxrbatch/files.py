@@ -14,7 +14,8 @@ import hashlib
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import IO, Any
@@ -56,28 +57,45 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], object], binary: bool = 
     Any OSError (a full disk, a read-only folder) becomes a ReportError naming the file; the
     temporary file is removed and whatever was at `path` before stays as it was.
     """
+    with staged(path, write, binary, what) as commit:
+        commit()
+
+
+@contextmanager
+def staged(
+    path: Path, write: Callable[[IO[Any]], object], binary: bool = False, what: str = "report"
+) -> Iterator[Callable[[], None]]:
+    """`atomic_write` in two steps, for files that must change together: the temporary file is
+    written (and synced) on entry, and takes `path`'s place only when the `commit` it yields is
+    called; leaving the block without it, or with an error, removes it and leaves `path` as it was."""
     path = written_at(path)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise _failed(what, path, exc) from None
+
+    def commit() -> None:
+        try:
+            os.replace(tmp, path)
+            _sync_folder(folder)  # the rename itself survives a power cut, not only the bytes
+        except OSError as exc:
+            raise _failed(what, path, exc) from None
+
     try:
-        fh: IO[Any] = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
-        with fh:
-            write(fh)
-            crash_point(f"writing {path.name}")  # the temporary file holds the report (crash tests only)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode_for(path))
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _sync_folder(folder)  # the rename itself survives a power cut, not only the bytes
-    except OSError as exc:
-        _unlink_quietly(tmp)
-        raise _failed(what, path, exc) from None
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+        try:
+            fh: IO[Any] = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
+            with fh:
+                write(fh)
+                crash_point(f"writing {path.name}")  # the temporary file holds the report (crash tests only)
+                fh.flush()
+                os.fchmod(fh.fileno(), mode_for(path))
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise _failed(what, path, exc) from None
+        yield commit
+    finally:
+        _unlink_quietly(tmp)  # gone already where it was committed
 
 
 def written_at(path: Path) -> Path:

@@ -6,13 +6,14 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import colour_image, grey_image, halves_image, halves_models
+from helpers import colour_image, grey_image, halves_image, halves_models, make_gate
 from typer.testing import CliRunner
 
 from cxrbatch.calibration import MIN_FILMS, choose_threshold, min_abnormal
@@ -149,8 +150,13 @@ def test_a_calibration_that_fails_while_writing_leaves_the_old_models_whole(tiny
     args = ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out), "--target-sensitivity", "0.9"]
     assert runner.invoke(app, args).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    limit = (tiny_models / "gate.onnx").stat().st_size + 8  # the gate fits, the calibrated classifier does not
+    other = tmp_path / "other-models"  # another gate: the pair left behind was the new gate beside the old classifier
+    shutil.copytree(tiny_models, other)
+    make_gate(other / "gate.onnx", threshold=0.45)
+    assert (other / "gate.onnx").read_bytes() != before["gate.onnx"]
+    limit = (other / "gate.onnx").stat().st_size + 8  # the gate fits, the calibrated classifier does not
     assert len(before["classifier.onnx"]) > limit
+    args[args.index("--models") + 1] = str(other)
     done = subprocess.run(
         [sys.executable, "-c", FILE_SIZE_LIMIT, str(limit), *args, "--force"],
         capture_output=True,
