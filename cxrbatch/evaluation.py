@@ -33,7 +33,7 @@ from cxrbatch.metrics import (
 from cxrbatch.models import Model
 from cxrbatch.modelspec import ModelSpec
 from cxrbatch.pipeline import Screener
-from cxrbatch.records import DECIMALS
+from cxrbatch.records import DECIMALS, plural
 
 
 @dataclass
@@ -115,6 +115,11 @@ def evaluate(data_dir: Path, split: str | None, screener: Screener, sources: tup
     images = only_sources(labelled_images(data_dir, split), manifest, sources)
     kind = _kind(set(images.classes), gate, classifier)
     scored = score(screener, images)
+    if not scored.paths:  # no figure to give, only an empty report that looks like a result
+        raise UsageError(
+            f"{data_dir}: {plural(len(scored.errors), 'labelled film')} found, none readable, so nothing was "
+            f"evaluated: {_listed(scored.errors)}"
+        )
     groups = _groups(scored.paths, manifest)
     report: dict[str, Any] = {
         "data": str(data_dir.name),
@@ -241,7 +246,7 @@ def _classifier_report(
 def _gate_report(scored: Scored, gate: Model, groups: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
     positive = gate.spec.positive_label
     accepted = _accepted(scored, gate.spec.threshold)
-    is_pos = np.array([t == positive for t in scored.truth])
+    is_pos = np.array([t == positive for t in scored.truth], dtype=bool)  # `~` of an empty float array fails
     out: dict[str, Any] = {
         "threshold": gate.spec.threshold,
         "xray_kept": float(accepted[is_pos].mean()) if is_pos.any() else None,
@@ -274,8 +279,7 @@ def _format_metrics(report: dict[str, Any]) -> str:
         lines.append(f"stress test: {report['transform']}")
     if report["unreadable"]:  # left out of every figure below: name them, as run's error rows do
         unreadable = report["unreadable"]
-        more = f"; and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
-        lines.append(f"unreadable, left out of every figure: {len(unreadable)} ({'; '.join(unreadable[:10])}{more})")
+        lines.append(f"unreadable, left out of every figure: {len(unreadable)} ({_listed(unreadable)})")
     if report["kind"] == "gate":
         lines.append(
             f"threshold {report['threshold']:.4f}: XRAY kept {_pct(report['xray_kept'])}, "
@@ -357,6 +361,12 @@ def _referral_line(title: str, r: dict[str, Any]) -> str:
                 f"{name} {r[key]:.3f} {_ci(ci[key]) or f'(no interval: under {MIN_BOOTSTRAP_FILMS} films on a side)'}"
             )
     return "; ".join(cells)
+
+
+def _listed(problems: list[str], first: int = 10) -> str:
+    """The first few of a list of problems, and how many more there are."""
+    more = f"; and {len(problems) - first} more" if len(problems) > first else ""
+    return "; ".join(problems[:first]) + more
 
 
 def _present(overall: dict[str, Any]) -> str:

@@ -201,3 +201,24 @@ def test_a_site_of_two_folders_is_not_scored_down_for_the_classes_it_does_not_ho
     (tmp_path / "tree" / "train" / "NORMAL").mkdir(parents=True)
     with pytest.raises(UsageError, match=r"tree has no test/ folder \(its splits: train\)"):
         evaluate(tmp_path / "tree", "test", Screener(gate, classifier))
+
+
+def test_a_tree_of_which_no_film_can_be_read_is_refused_not_reported_empty(tiny_models: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cxrbatch.cli import app
+    from cxrbatch.evaluation import Scored, _gate_report
+
+    for tree, classes in (("gate", ("XRAY", "NOT_XRAY")), ("classifier", ("NORMAL",))):
+        for label in classes:
+            (tmp_path / tree / "test" / label).mkdir(parents=True)
+            (tmp_path / tree / "test" / label / f"{label.lower()}.png").write_bytes(b"not a png")
+    gate, classifier = load_models(tiny_models, "cpu")
+    # the gate tree raised TypeError (`~` of an empty float array); the classifier tree was an empty report, exit 0
+    with pytest.raises(UsageError, match=r"gate: 2 labelled films found, none readable, so nothing.*not_xray\.png: "):
+        evaluate(tmp_path / "gate", "test", Screener(gate, classifier))
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "classifier"), "--models", str(tiny_models)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "classifier: 1 labelled film found, none readable" in result.stderr and "normal.png: " in result.stderr
+    empty = _gate_report(Scored([], [], np.zeros(0), np.zeros((0, 4)), []), gate, {})
+    assert empty["counts"] == {"xray": 0, "not_xray": 0} and empty["xray_kept"] is None
