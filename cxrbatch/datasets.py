@@ -164,10 +164,8 @@ def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
     manifest = data_dir / MANIFEST
     if not manifest.is_file():
         return {}
-    with manifest.open(newline="", encoding="utf-8-sig") as fh:  # a BOM (a spreadsheet's save) is not part of "id"
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-    if "id" not in (reader.fieldnames or []):
+    fields, rows = _manifest_rows(manifest)
+    if "id" not in fields:
         raise UsageError(f"{manifest} has no `id` column (the file stem of each image)")
     ids = Counter(row["id"] for row in rows)
     twice = sorted(i for i, n in ids.items() if n > 1)
@@ -175,6 +173,19 @@ def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
         more = f" and {len(twice) - 5} more" if len(twice) > 5 else ""
         raise UsageError(f"{manifest} lists an id on more than one row: {', '.join(twice[:5])}{more}")
     return {row["id"]: row for row in rows}
+
+
+def _manifest_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The column names and rows of a MANIFEST.csv; one that is not UTF-8 CSV (a spreadsheet's
+    Latin-1 export) is a UsageError naming it."""
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as fh:  # a BOM (a spreadsheet's save) is not part of "id"
+            reader = csv.DictReader(fh)
+            return list(reader.fieldnames or []), list(reader)
+    except UnicodeDecodeError:
+        raise UsageError(f'{manifest} is not UTF-8 text: it must be UTF-8 (save it again as "CSV UTF-8")') from None
+    except csv.Error as exc:
+        raise UsageError(f"{manifest} cannot be read as CSV ({exc}): it must be UTF-8 CSV") from None
 
 
 def source_of(row: dict[str, str]) -> str:

@@ -179,3 +179,13 @@ def test_a_manifest_without_ids_or_with_an_id_twice_is_refused(tmp_path: Path) -
     (tmp_path / "MANIFEST.csv").write_text("name,label\nabc,NORMAL\n", encoding="utf-8")
     with pytest.raises(UsageError, match="has no `id` column"):
         read_manifest(tmp_path)
+
+
+def test_a_manifest_that_is_not_utf8_csv_is_refused_by_name(tmp_path: Path) -> None:
+    # A spreadsheet's Latin-1 export raised UnicodeDecodeError: a traceback, not a message
+    (tmp_path / "MANIFEST.csv").write_text("id,source\nn1,Hôpital\n", encoding="latin-1")
+    with pytest.raises(UsageError, match=r"MANIFEST\.csv is not UTF-8 text: it must be UTF-8"):
+        read_manifest(tmp_path)
+    (tmp_path / "MANIFEST.csv").write_text("id,source\nn1," + "x" * 200_000 + "\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"MANIFEST\.csv cannot be read as CSV \(field larger than field limit"):
+        read_manifest(tmp_path)
