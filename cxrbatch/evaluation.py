@@ -33,7 +33,7 @@ from cxrbatch.metrics import (
 from cxrbatch.models import Model
 from cxrbatch.modelspec import ModelSpec
 from cxrbatch.pipeline import Screener
-from cxrbatch.records import DECIMALS, plural
+from cxrbatch.records import DECIMALS, accepts, is_unfamiliar, plural, referral_score
 
 
 @dataclass
@@ -132,7 +132,7 @@ def evaluate(data_dir: Path, split: str | None, screener: Screener, sources: tup
         "models": {"gate": gate.describe(), "classifier": classifier.describe()},
     }
     if kind == "classifier":
-        report.update(_classifier_report(scored, classifier.spec, gate.spec.threshold, groups))
+        report.update(_classifier_report(scored, classifier.spec, gate.spec, groups))
     else:
         report.update(_gate_report(scored, gate, groups))
     if scored.familiarity is not None:
@@ -146,7 +146,7 @@ def _familiarity_report(
     """How often films are `unfamiliar` to the classifier, overall and per group; for a gate tree,
     also among the non-X-rays the gate lets through, and the AUC of the distance for non-X-rays."""
     assert scored.familiarity is not None and spec.familiarity_threshold is not None
-    unfamiliar = scored.familiarity > spec.familiarity_threshold
+    unfamiliar = np.array([is_unfamiliar(spec, f) for f in scored.familiarity.tolist()], dtype=bool)  # as run
     out: dict[str, Any] = {
         "threshold": spec.familiarity_threshold,
         "unfamiliar": float(unfamiliar.mean()) if len(unfamiliar) else None,
@@ -163,7 +163,7 @@ def _familiarity_report(
     }
     if gate.spec.positive_label in set(scored.truth):
         other = np.array([t != gate.spec.positive_label for t in scored.truth])
-        slipped = other & _accepted(scored, gate.spec.threshold)
+        slipped = other & _accepted(scored, gate.spec)
         out["auc_not_xray"] = roc_auc(scored.familiarity, other)
         out["not_xray_unfamiliar"] = float(unfamiliar[other].mean()) if other.any() else None
         out["xray_unfamiliar"] = float(unfamiliar[~other].mean()) if (~other).any() else None
@@ -171,9 +171,9 @@ def _familiarity_report(
     return out
 
 
-def _accepted(scored: Scored, threshold: float) -> np.ndarray:
-    """Which films the gate accepts, as `cxrbatch run` decides it: on the score the report prints."""
-    return np.round(scored.gate_scores.astype(np.float64), DECIMALS) >= threshold
+def _accepted(scored: Scored, gate: ModelSpec) -> np.ndarray:
+    """Which films the gate accepts, as `cxrbatch run` decides it."""
+    return np.array([accepts(gate, s) for s in scored.gate_scores.tolist()], dtype=bool)
 
 
 def _kind(classes: set[str], gate: Model, classifier: Model) -> str:
@@ -207,7 +207,7 @@ def _groups(paths: list[Path], manifest: dict[str, dict[str, str]]) -> dict[str,
 
 
 def _classifier_report(
-    scored: Scored, spec: ModelSpec, gate_threshold: float, groups: dict[str, dict[str, list[int]]]
+    scored: Scored, spec: ModelSpec, gate: ModelSpec, groups: dict[str, dict[str, list[int]]]
 ) -> dict[str, Any]:
     labels = spec.labels
     index = {label: i for i, label in enumerate(labels)}
@@ -224,12 +224,13 @@ def _classifier_report(
         },
     }
     out["auc"] = {label: roc_auc(scored.probs[named, i], y[named] == i) for i, label in enumerate(labels)}
-    out["gate_accepted"] = float(_accepted(scored, gate_threshold).mean()) if len(y) else None
-    # refer or clear, as `cxrbatch run` decides it: 1 - P(no finding) or the referral head's score,
-    # rounded as the reports write it
+    out["gate_accepted"] = float(_accepted(scored, gate).mean()) if len(y) else None
+    # refer or clear, as `cxrbatch run` decides it: its referral score, rounded as the reports write
+    # it, at or above the threshold (`refers`, as `referral_metrics` compares)
     negative = index[spec.negative_label or ""]
-    raw = scored.referral if scored.referral is not None else 1.0 - scored.probs[:, negative]
-    referral = np.round(raw.astype(np.float64), DECIMALS) if len(y) else np.zeros(0)
+    heads = scored.referral.tolist() if scored.referral is not None else [None] * len(y)
+    scores = [referral_score(spec, p, h) for p, h in zip(scored.probs, heads, strict=True)]
+    referral = np.array([round(s, DECIMALS) for s in scores], dtype=np.float64)
     abnormal = y != negative
     out["referral"] = referral_metrics(referral, abnormal, spec.referral_threshold)
     for column, values in groups.items():
@@ -245,7 +246,7 @@ def _classifier_report(
 
 def _gate_report(scored: Scored, gate: Model, groups: dict[str, dict[str, list[int]]]) -> dict[str, Any]:
     positive = gate.spec.positive_label
-    accepted = _accepted(scored, gate.spec.threshold)
+    accepted = _accepted(scored, gate.spec)
     is_pos = np.array([t == positive for t in scored.truth], dtype=bool)  # `~` of an empty float array fails
     out: dict[str, Any] = {
         "threshold": gate.spec.threshold,

@@ -30,7 +30,18 @@ from cxrbatch.cores import usable_cores
 from cxrbatch.decoding import Decoded, DecodePool, Decoder
 from cxrbatch.imaging import PREPROCESSING_VERSION
 from cxrbatch.models import Model
-from cxrbatch.records import CLASSIFIED, DECIMALS, ERROR, REJECTED, Record, Summary
+from cxrbatch.records import (
+    CLASSIFIED,
+    DECIMALS,
+    ERROR,
+    REJECTED,
+    Record,
+    Summary,
+    accepts,
+    is_unfamiliar,
+    referral_score,
+    refers,
+)
 
 _T = TypeVar("_T")
 # The gate's scores (N,) and the classifier's named outputs for the N readable files of a batch.
@@ -229,7 +240,7 @@ class Screener:
                 results[i].error = _no_number("gate", "its score")
                 continue
             results[i].gate_score = float(score)
-            if round(float(score), DECIMALS) >= self.gate.spec.threshold:  # as the report prints the score
+            if accepts(self.gate.spec, float(score)):
                 accepted.append(i)
             else:
                 results[i].status = REJECTED
@@ -309,14 +320,11 @@ class Screener:
         result.label = spec.labels[top]
         result.confidence = float(probs[top])
         result.probabilities = {label: float(p) for label, p in zip(spec.labels, probs, strict=True)}
-        if referral is None:  # no referral head: how unlikely the no-finding label is
-            referral = 1.0 - float(probs[spec.labels.index(spec.negative_label or "")])
-        result.referral_score = referral
-        if spec.referral_threshold is not None:
-            result.refer = round(result.referral_score, DECIMALS) >= spec.referral_threshold
+        result.referral_score = referral_score(spec, probs, referral)
+        result.refer = refers(spec, result.referral_score)
         if familiarity is not None and spec.familiarity_threshold is not None:
             result.familiarity = familiarity
-            result.unfamiliar = round(familiarity, DECIMALS) > spec.familiarity_threshold  # as the report shows it
+            result.unfamiliar = is_unfamiliar(spec, familiarity)
         # below the threshold as the report shows the confidence, as refer and unfamiliar are judged
         result.needs_review = round(result.confidence, DECIMALS) < spec.threshold or bool(result.unfamiliar)
 

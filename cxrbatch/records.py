@@ -2,8 +2,10 @@
 
 A `Record` is what a run says about one file, with the short hashes of the models that said it.
 Numbers are rounded to the reports' six decimals when the record is made, so a record read back
-from the ledger renders byte for byte like the one that was stored. `Summary` counts records;
-it is the one place where a run's rows are counted.
+from the ledger renders byte for byte like the one that was stored. The decisions a row shows
+(accepted by the gate, refer, unfamiliar) are taken on the scores so rounded, by `accepts`,
+`refers` and `is_unfamiliar`: `run` and `evaluate` both decide with them. `Summary` counts
+records; it is the one place where a run's rows are counted.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cxrbatch.imaging import display_path
+from cxrbatch.modelspec import ModelSpec
 from cxrbatch.sitecheck import SiteCheck
 
 CLASSIFIED, REJECTED, ERROR = "classified", "rejected", "error"
@@ -26,6 +31,39 @@ DECIMALS = 6
 def rounded(value: float | None) -> float | None:
     """A score as the reports write it (six decimals)."""
     return None if value is None else round(float(value), DECIMALS)
+
+
+# A film within 1e-6 of a threshold is decided alike by `run` and `evaluate` only if both decide
+# with these, on the score as the reports write it.
+
+
+def accepts(gate: ModelSpec, score: float) -> bool:
+    """Whether the gate accepts a film: its score at or above the gate's threshold."""
+    return round(score, DECIMALS) >= gate.threshold
+
+
+def referral_score(classifier: ModelSpec, probs: np.ndarray, head: float | None) -> float:
+    """A film's referral score: its referral head's output where the classifier has one, else
+    1 - P(no-finding label), in float64 (the probabilities' float32 would move the sixth decimal)."""
+    if head is not None:
+        return head
+    return 1.0 - float(probs[classifier.labels.index(classifier.negative_label or "")])
+
+
+def refers(classifier: ModelSpec, score: float) -> bool | None:
+    """Whether a referral score refers the film: at or above the referral threshold (None: the
+    classifier has none)."""
+    if classifier.referral_threshold is None:
+        return None
+    return round(score, DECIMALS) >= classifier.referral_threshold
+
+
+def is_unfamiliar(classifier: ModelSpec, familiarity: float) -> bool | None:
+    """Whether a film is unfamiliar: its familiarity distance above the classifier's threshold
+    (None: the classifier has none)."""
+    if classifier.familiarity_threshold is None:
+        return None
+    return round(familiarity, DECIMALS) > classifier.familiarity_threshold
 
 
 class RecordError(ValueError):

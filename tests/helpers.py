@@ -21,6 +21,7 @@ import os
 import struct
 import subprocess
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,31 @@ def make_region_classifier(path: Path) -> Path:
     ]
     graph = helper.make_graph(nodes, "region_classifier", [image], [scores, cam], inits)
     return _save(graph, path, tiny_spec("classifier", 0.6))
+
+
+def make_constant_classifier(path: Path, probs: list[float], familiarity: float, **fields: object) -> Path:
+    """A classifier that gives every film the same float32 probabilities and familiarity distance
+    (`fields`: thresholds of its metadata), for scores placed exactly against a threshold."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, TINY_SIDE, TINY_SIDE, 1])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 4])
+    distance = helper.make_tensor_value_info("familiarity", TensorProto.FLOAT, [None, 1])
+    inits = [
+        numpy_helper.from_array(np.array([1, 2, 3], dtype=np.int64), "axes123"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        numpy_helper.from_array(np.array([probs], dtype=np.float32), "probs"),
+        numpy_helper.from_array(np.array([[familiarity]], dtype=np.float32), "distance"),
+    ]
+    nodes = [  # 0 * the film's mean + the constant: the constant exactly, one row per film
+        helper.make_node("ReduceMean", ["image", "axes123"], ["mean"], keepdims=0),
+        helper.make_node("Unsqueeze", ["mean", "one"], ["mean2"]),
+        helper.make_node("Mul", ["mean2", "zero"], ["nothing"]),
+        helper.make_node("Add", ["nothing", "probs"], ["scores"]),
+        helper.make_node("Add", ["nothing", "distance"], ["familiarity"]),
+    ]
+    inits.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "one"))
+    graph = helper.make_graph(nodes, "constant_classifier", [image], [scores, distance], inits)
+    spec = replace(tiny_spec("classifier", 0.6), cam_output=None, familiarity_output="familiarity", **fields)
+    return _save(graph, path, spec)
 
 
 def grey_image(path: Path, level: int, size: int = 64) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import colour_image, grey_image
+from helpers import colour_image, grey_image, make_constant_classifier, make_gate
 from PIL import Image
 
 from cxrbatch.datasets import labelled_images
@@ -222,3 +222,26 @@ def test_a_tree_of_which_no_film_can_be_read_is_refused_not_reported_empty(tiny_
     assert "classifier: 1 labelled film found, none readable" in result.stderr and "normal.png: " in result.stderr
     empty = _gate_report(Scored([], [], np.zeros(0), np.zeros((0, 4)), []), gate, {})
     assert empty["counts"] == {"xray": 0, "not_xray": 0} and empty["xray_kept"] is None
+
+
+def test_evaluate_decides_refer_and_unfamiliar_as_run_does(tmp_path: Path) -> None:
+    # P(NORMAL) 0.3219125 as float32: 1 - P is 0.678088 in float64 as run computes and writes it,
+    # 0.678087 in float32 as evaluate computed it; a distance of 0.2699003 is 0.2699 as run writes it
+    models = tmp_path / "models"
+    models.mkdir()
+    make_gate(models / "gate.onnx")
+    make_constant_classifier(
+        models / "classifier.onnx",
+        [0.6, 0.3219125, 0.05, 0.0280875],
+        0.2699003,
+        referral_threshold=0.678088,
+        familiarity_threshold=0.2699,
+    )
+    (tmp_path / "tree" / "COVID19").mkdir(parents=True)
+    film = grey_image(tmp_path / "tree" / "COVID19" / "c.png", 20)
+    gate, classifier = load_models(models, "cpu")
+    [screened] = Screener(gate, classifier).screen([film])
+    assert screened.refer is True and screened.unfamiliar is False  # run: referred, familiar
+    report = evaluate(tmp_path / "tree", None, Screener(gate, classifier))
+    assert report["referral"]["sensitivity"] == 1.0  # evaluate cleared it
+    assert report["familiarity"]["unfamiliar"] == 0.0  # evaluate called it unfamiliar
