@@ -3,11 +3,12 @@
 The rule, the same for every reader:
 
 - A tree is `DATA_DIR/[<split>/]<CLASS>/...` with splits `train`, `val`, `test`. A class is a
-  non-hidden subfolder of the split folder; its images are every image file below it
-  (`discovery.iter_images`: recursive, sorted, hidden files skipped). Images are listed class by
-  class in sorted class order.
-- A split folder without class subfolders is flat: an image's class is the `label` column of the
-  MANIFEST.csv in that folder (ids are file stems); images without a label are left out.
+  non-hidden subfolder of the split folder that holds an image; its images are every image file
+  below it (`discovery.iter_images`: recursive, sorted, hidden files skipped). Images are listed
+  class by class in sorted class order.
+- A split folder whose subfolders hold no image is flat: an image's class is the `label` column
+  of the MANIFEST.csv in that folder (ids are file stems); images without a label are left out.
+  Images lying beside class folders belong to no class: such a folder is refused, naming them.
 - Classes are the sorted names found. Training takes them from train/ (at least two); another
   split of the same tree may lack a class but not add one.
 - A MANIFEST.csv beside the splits (columns `id`, `source`, optionally `collection`, `kind`,
@@ -147,7 +148,9 @@ def _read_folder(root: Path) -> tuple[list[Path], list[str]]:
         found = list(iter_images([folder]))
         paths += found
         names += [folder.name] * len(found)
-    if not folders:
+    if paths:
+        _refuse_loose(root, folders, sorted(set(names)))
+    else:  # flat: no subfolder holds an image (an empty one, or one of notes, is no class)
         manifest = read_manifest(root)
         for path in iter_images([root]):
             label = manifest.get(path.stem, {}).get("label")
@@ -155,6 +158,18 @@ def _read_folder(root: Path) -> tuple[list[Path], list[str]]:
                 paths.append(path)
                 names.append(label)
     return paths, names
+
+
+def _refuse_loose(root: Path, folders: list[Path], classes: list[str]) -> None:
+    """Refuse images lying beside class folders: they belong to no class, and left out they would
+    be missing from every figure without a word."""
+    loose = list(iter_images([root], skip=folders))  # the files of `root` itself
+    if loose:
+        more = f" and {len(loose) - 5} more" if len(loose) > 5 else ""
+        raise UsageError(
+            f"{root} holds class folders ({', '.join(classes)}) and images beside them, of no class: "
+            f"{', '.join(p.name for p in loose[:5])}{more}; move each into its class folder, or out of the tree"
+        )
 
 
 def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:

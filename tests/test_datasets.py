@@ -189,3 +189,31 @@ def test_a_manifest_that_is_not_utf8_csv_is_refused_by_name(tmp_path: Path) -> N
     (tmp_path / "MANIFEST.csv").write_text("id,source\nn1," + "x" * 200_000 + "\n", encoding="utf-8")
     with pytest.raises(UsageError, match=r"MANIFEST\.csv cannot be read as CSV \(field larger than field limit"):
         read_manifest(tmp_path)
+
+
+def test_empty_subfolders_are_no_classes_and_images_beside_class_folders_are_refused(tmp_path: Path) -> None:
+    # a flat labelled folder with an empty subfolder lost all its labels ("No labelled images ...")
+    flat = tmp_path / "flat"
+    (flat / "old").mkdir(parents=True)
+    (flat / "notes").mkdir()
+    (flat / "notes" / "readme.txt").write_text("not a film", encoding="utf-8")
+    grey_image(flat / "abc.png", 20)
+    (flat / "MANIFEST.csv").write_text("id,label\nabc,COVID19\n", encoding="utf-8")
+    images = labelled_images(flat, "test")
+    assert [p.name for p in images.paths] == ["abc.png"] and images.names() == ["COVID19"]
+    # images lying directly in a split folder that has class folders were neither scored nor named
+    split = tmp_path / "tree" / "test"
+    (split / "NORMAL").mkdir(parents=True)
+    (split / "PNEUMONIA").mkdir()
+    grey_image(split / "NORMAL" / "n.png", 110)
+    grey_image(split / "loose.png", 110)
+    (split / ".hidden.png").write_bytes(b"")
+    (split / "MANIFEST.csv").write_text("id,label\nloose,NORMAL\n", encoding="utf-8")
+    with pytest.raises(
+        UsageError, match=r"test holds class folders \(NORMAL\) and images beside them, of no class: loose\.png; move"
+    ):
+        labelled_images(tmp_path / "tree", "test")
+    data = _tree(tmp_path / "cxr")  # training reads its splits by the same rule
+    grey_image(data / "train" / "stray.png", 20)
+    with pytest.raises(UsageError, match=r"train holds class folders \(DARK, LIGHT\) and images beside them"):
+        class_names(data)
