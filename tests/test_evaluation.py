@@ -245,3 +245,18 @@ def test_evaluate_decides_refer_and_unfamiliar_as_run_does(tmp_path: Path) -> No
     report = evaluate(tmp_path / "tree", None, Screener(gate, classifier))
     assert report["referral"]["sensitivity"] == 1.0  # evaluate cleared it
     assert report["familiarity"]["unfamiliar"] == 0.0  # evaluate called it unfamiliar
+
+
+def test_evaluate_json_on_stdout_is_stdout_alone(tiny_models: Path, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from cxrbatch.cli import app
+
+    (tmp_path / "test" / "NORMAL").mkdir(parents=True)
+    grey_image(tmp_path / "test" / "NORMAL" / "n.png", 110)
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--models", str(tiny_models), "--json", "-"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["overall"]["accuracy"] == 1.0  # the table came first: not JSON
+    assert f"classifier evaluation on {tmp_path.name}/test: 1 images" in result.stderr

@@ -172,7 +172,10 @@ def evaluate(
             "(above 1: black border around it; below 1: cut to its centre; 1: as it is)",
         ),
     ] = 1.0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write the full metrics as JSON")] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="also write the full metrics as JSON, or - for stdout (the table then to stderr)"),
+    ] = None,
     device: Annotated[Device, typer.Option("--device", help="where the models run")] = Device.auto,
     verbose: Verbose = False,
 ) -> None:
@@ -189,7 +192,9 @@ def evaluate(
     transform = evaluation.Framed(frame) if frame != 1.0 else None
     gate, classifier = load_models(models or default_models_dir(), device.value)
     report = evaluation.evaluate(data_dir, split, Screener(gate, classifier, transform=transform), tuple(source or ()))
-    typer.echo(evaluation.format_report(report))  # shown even if the JSON then cannot be written
+    # shown even if the JSON then cannot be written; on stderr when the JSON goes to stdout, which
+    # then holds the JSON alone (as `run`'s stdout holds one report)
+    typer.echo(evaluation.format_report(report), err=str(json_out) == "-")
     _write_json(json_out, report)
 
 
