@@ -11,6 +11,7 @@ MANIFEST.csv beside the splits, metrics are also broken down per source, age gro
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +123,8 @@ def evaluate(data_dir: Path, split: str | None, screener: Screener, sources: tup
         )
     groups = _groups(scored.paths, manifest)
     report: dict[str, Any] = {
-        "data": str(data_dir.name),
+        # `.` and `..` have no name of their own; a link keeps the name it was given (as calibrate's)
+        "data": Path(os.path.abspath(data_dir)).name,
         "split": split_used(data_dir, split),  # None: a tree without split folders, read whole
         "sources": list(sources),
         "transform": None if screener.transform is None else str(screener.transform),

@@ -260,3 +260,17 @@ def test_evaluate_json_on_stdout_is_stdout_alone(tiny_models: Path, tmp_path: Pa
     assert result.exit_code == 0
     assert json.loads(result.stdout)["overall"]["accuracy"] == 1.0  # the table came first: not JSON
     assert f"classifier evaluation on {tmp_path.name}/test: 1 images" in result.stderr
+
+
+def test_evaluate_names_the_folder_it_was_given_as_dot(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "site" / "test" / "NORMAL").mkdir(parents=True)
+    grey_image(tmp_path / "site" / "test" / "NORMAL" / "n.png", 110)
+    gate, classifier = load_models(tiny_models, "cpu")
+    monkeypatch.chdir(tmp_path / "site")
+    report = evaluate(Path("."), "test", Screener(gate, classifier))
+    assert report["data"] == "site"  # was "" and the table's "classifier evaluation on /test"
+    assert format_report(report).startswith("classifier evaluation on site/test: 1 images")
+    monkeypatch.chdir(tmp_path / "site" / "test")
+    assert evaluate(Path(".."), "test", Screener(gate, classifier))["data"] == "site"
