@@ -10,7 +10,6 @@ small matrix products for them. Only onnx and onnxruntime are needed here.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from cxrbatch.datasets import Split, load_split, read_manifest, source_of, without_sources
-from cxrbatch.errors import ModelError, ReportError, UsageError
-from cxrbatch.models import CPU, Model, embed_metadata, load_model, model_from_bytes
+from cxrbatch.errors import ModelError, UsageError
+from cxrbatch.models import CPU, Model, load_model, model_from_bytes, save_model
 from cxrbatch.modelspec import ModelSpec
 from cxrbatch.pipeline import Screener
 
@@ -161,20 +160,8 @@ def save_classifier(
     check: Callable[[Model], None] = lambda model: None,
 ) -> None:
     """Write `proto` to `dst` with the metadata record `meta` (and `version`, if given): the
-    classifier a graph tool made. It must pass onnx's full check, load as the runtime loads it and
-    pass `check` (which raises) before it takes `dst`'s place, so a failure leaves `dst` as it was
-    (even where `dst` is the model it was made from). A file system that refuses the write (a
-    full disk) is a ReportError naming the file."""
+    classifier a graph tool made, through `cxrbatch.models.save_model` (checked and loaded before
+    it takes `dst`'s place; a full disk is a ReportError naming the file)."""
     if version:
         meta["version"] = version
-    embed_metadata(proto, meta)
-    onnx.checker.check_model(proto, full_check=True)
-    partial = dst.with_name(f".{dst.name}.partial")
-    try:
-        onnx.save(proto, str(partial))
-        check(load_model(partial, "classifier", [CPU]))
-        os.replace(partial, dst)
-    except OSError as exc:
-        raise ReportError(f"Cannot write model {dst}: {exc.strerror or exc}", exc.strerror or str(exc)) from None
-    finally:
-        partial.unlink(missing_ok=True)
+    save_model(proto, meta, dst, check)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 
 from cxrbatch.cores import usable_cores
 from cxrbatch.errors import DeviceError, ModelError
+from cxrbatch.files import atomic_write
 from cxrbatch.modelspec import ROLES, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,30 @@ def embed_metadata(proto: Any, meta: dict[str, Any]) -> None:
     for key, value in keep:
         props.add(key=key, value=value)
     props.add(key=METADATA_KEY, value=json.dumps(meta, sort_keys=True))
+
+
+def save_model(
+    proto: Any, meta: dict[str, Any], dst: Path, check: Callable[[Model], None] = lambda model: None
+) -> None:
+    """Write the ONNX ModelProto `proto` to `dst` with the metadata record `meta` embedded first.
+
+    It must pass onnx's full check, load as the runtime loads it (as `meta`'s role) and pass
+    `check` (which raises) before it takes `dst`'s place, through a temporary file in `dst`'s
+    folder (`cxrbatch.files.atomic_write`): a failure, a kill or a full disk leaves `dst` as it
+    was, even where `dst` is the model it was made from, and a file system that refuses the write
+    is a ReportError naming the file.
+    """
+    import onnx
+
+    embed_metadata(proto, meta)
+    onnx.checker.check_model(proto, full_check=True)
+    data = proto.SerializeToString()
+
+    def write(fh: Any) -> None:
+        fh.write(data)
+        check(model_from_bytes(data, dst, str(meta["role"]), [CPU], announce=False))
+
+    atomic_write(dst, write, binary=True, what="model")
 
 
 def _shapes(args: list[Any]) -> dict[str, list[Any]]:

@@ -6,7 +6,8 @@ feeds and reads the same arrays as for the float32 model. The cxrbatch metadata 
 and put back after it, reading the float16 features through a cast, so it is computed in float32
 as the threshold in the metadata assumes. Whether a float16 model may replace the float32 one is decided by
 `cxrbatch evaluate` on both, per class and per source (benchmarks/README.md has the comparison;
-`cxrbatch half` makes the copy).
+`cxrbatch half` makes the copy). The copy takes DST's place only whole and loading
+(`cxrbatch.models.save_model`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from onnxconverter_common import float16
 from cxrbatch.errors import UsageError
 from cxrbatch.features import pooled_features_name
 from cxrbatch.files import check_out
-from cxrbatch.models import embed_metadata, read_metadata
+from cxrbatch.models import read_metadata, save_model
 from cxrbatch.modelspec import ModelSpec
 
 from .familiarity import attach_familiarity, detach_familiarity
@@ -48,10 +49,7 @@ def halve(src: Path, dst: Path) -> None:
         model = float16.convert_float_to_float16(_one_reader_per_input(proto), keep_io_types=True)
     if detached is not None and features is not None:
         attach_familiarity(model, detached, features, cast=True)
-    embed_metadata(model, {**meta, "precision": "float16"})
-    onnx.checker.check_model(model)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst))
+    save_model(model, {**meta, "precision": "float16"}, dst)
 
 
 def _one_reader_per_input(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -25,7 +25,7 @@ from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ExportError, UsageError
 from cxrbatch.files import check_out
 from cxrbatch.imaging import InputSpec, to_model_input
-from cxrbatch.models import embed_metadata
+from cxrbatch.models import embed_metadata, save_model
 from cxrbatch.modelspec import ModelSpec
 
 from .cache import read_film
@@ -65,7 +65,7 @@ def export(ckpt: Path, out: Path, check_images: list[Path], version: str = "1.0.
     proto.doc_string = f"cxrbatch {summary['role']} {version}"
     onnx.checker.check_model(proto, full_check=True)
     parity = check_parity(graph_model, proto, batch, output_names)
-    onnx.save(proto, str(out))
+    save_model(proto, meta, out)  # loaded as the runtime loads it before it takes out's place
     log.info("exported %s: max |keras - onnx| = %.2e over %d images", out, parity["max_abs_diff"], parity["images"])
     return {"out": str(out), "metadata": meta, "parity": parity}
 

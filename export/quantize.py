@@ -4,12 +4,14 @@ Calibration images are preprocessed exactly as at run time (from the model's own
 cxrbatch metadata is copied over with `"precision": "int8"`. A classifier's familiarity output is
 left in float32 (its threshold was set on float32 values). Whether an int8 model may replace the
 float one is decided by `cxrbatch evaluate` on both, per class and per source. `cxrbatch quantize`
-makes the copy.
+makes the copy. quantize_static writes it to a temporary folder; it takes DST's place only with
+its metadata, whole and loading (`cxrbatch.models.save_model`).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,10 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import ImageError, UsageError
+from cxrbatch.errors import ImageError, ReportError, UsageError
 from cxrbatch.files import check_out
 from cxrbatch.imaging import load_image, to_model_input
-from cxrbatch.models import embed_metadata, read_metadata
+from cxrbatch.models import read_metadata, save_model
 from cxrbatch.modelspec import ModelSpec
 
 from .familiarity import familiarity_node_names
@@ -66,16 +68,28 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
     if not found:
         raise UsageError(f"No calibration images under {calibration}")
     step = max(1, len(found) // images)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     proto = onnx.load(str(src))
     # the familiarity output stays float32: its threshold was set on float32 values
     keep = familiarity_node_names(proto) if spec.familiarity_output else []
     reader = _Reader(spec, found[::step][:images])
     log.info("calibrating on %d images (of %d found; --images %d)", len(found[::step][:images]), len(found), images)
+    try:  # quantize_static writes a model without our metadata: it takes dst's place only through save_model
+        with tempfile.TemporaryDirectory(prefix="cxrbatch-quantize.") as work:
+            model = _quantized(proto, Path(work) / dst.name, reader, keep, calibration)
+    except OSError as exc:  # a full temporary folder: onnxruntime writes its own working files there too
+        reason = exc.strerror or str(exc)
+        raise ReportError(f"Cannot quantize {src} in {tempfile.gettempdir()}: {reason}", reason) from None
+    save_model(model, {**meta, "precision": "int8"}, dst)
+
+
+def _quantized(
+    proto: onnx.ModelProto, out: Path, reader: _Reader, keep: list[str], calibration: Path
+) -> onnx.ModelProto:
+    """The int8 model quantize_static writes to `out` (a temporary file), read back."""
     try:
         quantize_static(
             proto,  # with its familiarity nodes named, for the exclusion
-            str(dst),
+            str(out),
             reader,
             quant_format=QuantFormat.QOperator,
             per_channel=True,
@@ -87,6 +101,4 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
         if reader.read == 0:
             raise UsageError(f"none of the calibration images under {calibration} could be read") from None
         raise
-    model = onnx.load(str(dst))
-    embed_metadata(model, {**meta, "precision": "int8"})
-    onnx.save(model, str(dst))
+    return onnx.load(str(out))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,10 @@ import pytest
 pytest.importorskip("onnxconverter_common", reason="float16 conversion needs the export extra")
 
 import onnx
+from typer.testing import CliRunner
 
+from cxrbatch import files
+from cxrbatch.cli import app
 from cxrbatch.extras import export_module
 from cxrbatch.models import METADATA_KEY, load_models
 
@@ -58,3 +63,18 @@ def test_half_copy_keeps_the_familiarity_output_in_float32(tiny_models: Path, tm
     assert (full_out["familiarity"][:, 0] > threshold).tolist() == [False, False, True, True]
     np.testing.assert_allclose(half_out["familiarity"], full_out["familiarity"], atol=1e-3)
     assert (half_out["familiarity"][:, 0] > threshold).tolist() == [False, False, True, True]
+
+
+def test_a_copy_the_disk_cannot_take_is_an_error_line_and_leaves_nothing(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", no_space)
+    out = tmp_path / "fp16"
+    out.mkdir()
+    result = CliRunner().invoke(app, ["half", str(tiny_models / "classifier.onnx"), str(out / "classifier.onnx")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"[error] Cannot write model {out / 'classifier.onnx'}: No space left on device" in result.stderr
+    assert list(out.iterdir()) == []  # no truncated model, no temporary file

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from typer.testing import CliRunner
 
+from cxrbatch import files
 from cxrbatch.cli import app
+from cxrbatch.extras import export_module
 from cxrbatch.models import METADATA_KEY, load_models
 
 runner = CliRunner()
@@ -65,3 +68,18 @@ def test_int8_copy_leaves_the_familiarity_output_in_float32(tiny_models: Path, t
     full_out, int8_out = full.run(batch.astype(np.float32)), quantized.run(batch.astype(np.float32))
     assert (int8_out["familiarity"][:, 0] > full.spec.familiarity_threshold).tolist() == [False, True]
     np.testing.assert_allclose(int8_out["familiarity"], full_out["familiarity"], atol=0.02)
+
+
+def test_an_interrupted_quantize_leaves_no_model(
+    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupt(name: str) -> None:  # Ctrl-C once the int8 model is made, while it is being written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "crash_point", interrupt)
+    out = tmp_path / "int8"
+    out.mkdir()
+    src, dst = tiny_models / "classifier.onnx", out / "classifier.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        export_module("quantize").quantize(src, dst, incoming, 6)
+    assert list(out.iterdir()) == []  # not an int8 model carrying the float32 model's metadata
