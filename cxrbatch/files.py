@@ -124,13 +124,16 @@ def _unlink_quietly(tmp: str) -> None:
         pass
 
 
-def check_out(out: Path, suffix: str, option: str = "--out") -> None:
+def check_out(out: Path, suffix: str, option: str = "--out", force: bool = True) -> None:
     """Refuse, before any work, an output path (given as `option`) that cannot take its file: a
-    folder, another kind of file, a folder that cannot be made or written to."""
+    folder, another kind of file, a folder that cannot be made or written to, and an existing file
+    unless `force` (a command that asks before replacing one passes its --force)."""
     if out.is_dir():
         raise UsageError(f"{option} {out} is a folder: name the {suffix} file to write")
     if out.suffix != suffix:
         raise UsageError(f"{option} {out} must name a {suffix} file")
+    if out.exists() and not force:
+        raise UsageError(f"{option} {out} exists; choose another file or pass --force to replace it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -27,17 +27,17 @@ from cxrbatch.modelspec import ModelSpec
 from .familiarity import attach_familiarity, detach_familiarity
 
 
-def halve(src: Path, dst: Path) -> None:
-    """Write a float16 copy of `src` with float32 inputs and outputs."""
+def halve(src: Path, dst: Path, force: bool = False) -> None:
+    """Write a float16 copy of `src` with float32 inputs and outputs; an existing `dst` only with `force`."""
     if not src.is_file():
         raise UsageError(f"Model not found: {src}")
     meta = read_metadata(src)
     spec = ModelSpec.from_metadata(meta, str(src))
     spec.refuse_referral_head(str(src), "a float16 copy")
     spec.refuse_reduced_precision(str(src), "a float16 copy")
-    check_out(dst, ".onnx", "DST")
     if dst.resolve() == src.resolve():
         raise UsageError(f"DST {dst} is SRC: write the copy beside the float32 model, not over it")
+    check_out(dst, ".onnx", "DST", force)
     proto = onnx.load(str(src))
     detached = features = None
     if spec.familiarity_output:  # converted apart: it stays float32 (its threshold was set in float32)

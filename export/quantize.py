@@ -53,17 +53,18 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
         return None
 
 
-def quantize(src: Path, dst: Path, calibration: Path, images: int) -> None:
-    """Write an int8 copy of `src` calibrated on `images` images spread over `calibration`."""
+def quantize(src: Path, dst: Path, calibration: Path, images: int, force: bool = False) -> None:
+    """Write an int8 copy of `src` calibrated on `images` images spread over `calibration`; an
+    existing `dst` only with `force`."""
     if not src.is_file():
         raise UsageError(f"Model not found: {src}")
     meta = read_metadata(src)
     spec = ModelSpec.from_metadata(meta, str(src))
     spec.refuse_referral_head(str(src), "an int8 copy")
     spec.refuse_reduced_precision(str(src), "an int8 copy")
-    check_out(dst, ".onnx", "DST")
     if dst.resolve() == src.resolve():
         raise UsageError(f"DST {dst} is SRC: write the copy beside the float32 model, not over it")
+    check_out(dst, ".onnx", "DST", force)
     found = list(iter_images([calibration]))
     if not found:
         raise UsageError(f"No calibration images under {calibration}")

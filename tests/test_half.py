@@ -78,3 +78,16 @@ def test_a_copy_the_disk_cannot_take_is_an_error_line_and_leaves_nothing(
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"[error] Cannot write model {out / 'classifier.onnx'}: No space left on device" in result.stderr
     assert list(out.iterdir()) == []  # no truncated model, no temporary file
+
+
+def test_an_existing_dst_is_replaced_only_with_force(tiny_models: Path) -> None:
+    src, gate = tiny_models / "classifier.onnx", tiny_models / "gate.onnx"
+    before = gate.read_bytes()
+    result = CliRunner().invoke(app, ["half", str(src), str(gate)])  # a slip that would replace the gate
+    assert result.exit_code == 2
+    assert f"[error] DST {gate} exists; choose another file or pass --force to replace it" in result.stderr
+    assert gate.read_bytes() == before
+    result = CliRunner().invoke(app, ["half", str(src), str(gate), "--force"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads({p.key: p.value for p in onnx.load(str(gate)).metadata_props}[METADATA_KEY])
+    assert meta["precision"] == "float16" and meta["role"] == "classifier"

@@ -83,3 +83,17 @@ def test_an_interrupted_quantize_leaves_no_model(
     with pytest.raises(KeyboardInterrupt):
         export_module("quantize").quantize(src, dst, incoming, 6)
     assert list(out.iterdir()) == []  # not an int8 model carrying the float32 model's metadata
+
+
+def test_quantize_replaces_an_existing_dst_only_with_force(tiny_models: Path, incoming: Path) -> None:
+    src, gate = tiny_models / "classifier.onnx", tiny_models / "gate.onnx"
+    before = gate.read_bytes()
+    args = ["quantize", str(src), str(gate), "--calibration", str(incoming), "--images", "6"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert f"[error] DST {gate} exists; choose another file or pass --force to replace it" in result.stderr
+    assert gate.read_bytes() == before
+    result = runner.invoke(app, [*args, "--force"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads({p.key: p.value for p in onnx.load(str(gate)).metadata_props}[METADATA_KEY])
+    assert meta["precision"] == "int8" and meta["role"] == "classifier"

@@ -16,6 +16,7 @@ from cxrbatch.cli import _setup_logging, app
 from cxrbatch.cli.modelling import Verbose
 from cxrbatch.extras import export_module
 
+Force = Annotated[bool, typer.Option("--force", help="replace an existing DST")]
 ExcludeSource = Annotated[
     list[str] | None,
     typer.Option(
@@ -31,16 +32,18 @@ def quantize(
     dst: Annotated[Path, typer.Argument(help="int8 ONNX model to write")],
     calibration: Annotated[Path, typer.Option(help="folder of images to calibrate on, e.g. the train split")],
     images: Annotated[int, typer.Option(min=1, help="how many calibration images, spread over the folder")] = 200,
+    force: Force = False,
     verbose: Verbose = False,
 ) -> None:
     """Write a static int8 copy of an exported model, for comparison with `cxrbatch evaluate` (needs the export extra).
 
     A classifier with a referral head (the bundled one) is refused: take the model `cxrbatch export` wrote.
+    An existing DST is refused unless --force.
 
     Example: cxrbatch quantize runs/c140/classifier.onnx runs/int8/classifier.onnx --calibration data/cxr/train
     """
     _setup_logging(verbose, quiet=False)
-    export_module("quantize").quantize(src, dst, calibration, images)
+    export_module("quantize").quantize(src, dst, calibration, images, force)
     typer.echo(f"wrote int8 copy {dst}", err=True)
 
 
@@ -48,16 +51,18 @@ def quantize(
 def half(
     src: Annotated[Path, typer.Argument(help="exported ONNX model")],
     dst: Annotated[Path, typer.Argument(help="float16 ONNX model to write (float32 inputs and outputs)")],
+    force: Force = False,
     verbose: Verbose = False,
 ) -> None:
     """Write a float16 copy of an exported model, meant for the CUDA provider (needs the export extra).
 
     A classifier with a referral head (the bundled one) is refused: take the model `cxrbatch export` wrote.
+    An existing DST is refused unless --force.
 
     Example: cxrbatch half runs/c140/classifier.onnx runs/fp16/classifier.onnx
     """
     _setup_logging(verbose, quiet=False)
-    export_module("half").halve(src, dst)
+    export_module("half").halve(src, dst, force)
     typer.echo(f"wrote float16 copy {dst}", err=True)
 
 
