@@ -21,7 +21,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ImageError, ReportError, UsageError
 from cxrbatch.files import check_out
-from cxrbatch.imaging import load_image, to_model_input
+from cxrbatch.imaging import check_size, load_image, to_model_input
 from cxrbatch.models import read_metadata, save_model
 from cxrbatch.modelspec import ModelSpec
 
@@ -29,14 +29,19 @@ from .familiarity import familiarity_node_names
 
 log = logging.getLogger(__name__)
 
+# The fewest calibration images an int8 copy is made from: its activation ranges are the extremes
+# seen on them, and on a handful of films they are a guess (`--images` defaults to 200).
+MIN_CALIBRATION_IMAGES = 20
+
 
 class _Reader(CalibrationDataReader):  # type: ignore[misc]
-    """Calibration batches of `batch` images, preprocessed from the model's metadata; an
-    unreadable image is skipped with a warning, as a screening run would skip it."""
+    """Calibration batches of `batch` images, preprocessed from the model's metadata; an image a
+    screening run would not screen (unreadable, or too small to be a radiograph) is skipped with a
+    warning, as the run would skip it."""
 
     def __init__(self, spec: ModelSpec, paths: list[Path], batch: int = 16) -> None:
         self.spec = spec
-        self.read = 0
+        self.chosen, self.read = len(paths), 0
         self.chunks = iter([paths[i : i + batch] for i in range(0, len(paths), batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -44,7 +49,9 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]
             arrays = []
             for path in chunk:
                 try:
-                    arrays.append(to_model_input(load_image(path), self.spec.input))
+                    img = load_image(path)
+                    check_size(img)
+                    arrays.append(to_model_input(img, self.spec.input))
                 except ImageError as exc:
                     log.warning("calibration image skipped: %s (%s)", path, exc)
             self.read += len(arrays)
@@ -65,22 +72,36 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int, force: bool =
     if dst.resolve() == src.resolve():
         raise UsageError(f"DST {dst} is SRC: write the copy beside the float32 model, not over it")
     check_out(dst, ".onnx", "DST", force)
-    found = list(iter_images([calibration]))
-    if not found:
-        raise UsageError(f"No calibration images under {calibration}")
-    step = max(1, len(found) // images)
+    reader = _Reader(spec, _chosen(calibration, images))
     proto = onnx.load(str(src))
     # the familiarity output stays float32: its threshold was set on float32 values
     keep = familiarity_node_names(proto) if spec.familiarity_output else []
-    reader = _Reader(spec, found[::step][:images])
-    log.info("calibrating on %d images (of %d found; --images %d)", len(found[::step][:images]), len(found), images)
     try:  # quantize_static writes a model without our metadata: it takes dst's place only through save_model
         with tempfile.TemporaryDirectory(prefix="cxrbatch-quantize.") as work:
             model = _quantized(proto, Path(work) / dst.name, reader, keep, calibration)
     except OSError as exc:  # a full temporary folder: onnxruntime writes its own working files there too
         reason = exc.strerror or str(exc)
         raise ReportError(f"Cannot quantize {src} in {tempfile.gettempdir()}: {reason}", reason) from None
+    log.info(
+        "calibrated on %d images (%d of the %d chosen skipped)", reader.read, reader.chosen - reader.read, reader.chosen
+    )
     save_model(model, {**meta, "precision": "int8"}, dst)
+
+
+def _chosen(calibration: Path, images: int) -> list[Path]:
+    """`images` images spread over the folder `calibration`; refused where it cannot hold enough."""
+    if images < MIN_CALIBRATION_IMAGES:
+        raise UsageError(f"--images {images}: an int8 copy is calibrated on at least {MIN_CALIBRATION_IMAGES} images")
+    found = list(iter_images([calibration]))
+    if not found:
+        raise UsageError(f"No calibration images under {calibration}")
+    if len(found) < MIN_CALIBRATION_IMAGES:
+        raise UsageError(
+            f"{len(found)} calibration image(s) under {calibration}: an int8 copy needs {MIN_CALIBRATION_IMAGES}"
+        )
+    chosen = found[:: max(1, len(found) // images)][:images]
+    log.info("reading %d calibration images (of %d found; --images %d)", len(chosen), len(found), images)
+    return chosen
 
 
 def _quantized(
@@ -99,7 +120,17 @@ def _quantized(
             nodes_to_exclude=keep,
         )
     except (ValueError, RuntimeError):  # onnxruntime: "No data is collected", and the like
-        if reader.read == 0:
-            raise UsageError(f"none of the calibration images under {calibration} could be read") from None
+        if reader.read < MIN_CALIBRATION_IMAGES:
+            raise _too_few(reader, calibration) from None
         raise
+    if reader.read < MIN_CALIBRATION_IMAGES:
+        raise _too_few(reader, calibration)
     return onnx.load(str(out))
+
+
+def _too_few(reader: _Reader, calibration: Path) -> UsageError:
+    return UsageError(
+        f"only {reader.read} of the {reader.chosen} calibration images chosen under {calibration} could be read "
+        f"as a screening run reads them (the others are named above); an int8 copy needs at least "
+        f"{MIN_CALIBRATION_IMAGES}: give a folder with more readable images"
+    )

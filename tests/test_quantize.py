@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import grey_image
 from typer.testing import CliRunner
 
 from cxrbatch import files
@@ -19,12 +20,22 @@ from cxrbatch.models import METADATA_KEY, load_models
 runner = CliRunner()
 
 
-def test_int8_copy_keeps_interface_and_metadata(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def calibration(incoming: Path) -> Path:
+    """The clinic-like folder (a broken file among its six images) with 16 more grey films: 21 readable."""
+    (incoming / "more").mkdir()
+    for i in range(16):
+        grey_image(incoming / "more" / f"g{i:02d}.png", 10 + 15 * i)
+    return incoming
+
+
+def test_int8_copy_keeps_interface_and_metadata(tiny_models: Path, calibration: Path, tmp_path: Path) -> None:
     int8 = tmp_path / "int8"
     src, dst = tiny_models / "classifier.onnx", int8 / "classifier.onnx"
-    result = runner.invoke(app, ["quantize", str(src), str(dst), "--calibration", str(incoming), "--images", "6"])
+    result = runner.invoke(app, ["quantize", str(src), str(dst), "--calibration", str(calibration), "--images", "30"])
     assert result.exit_code == 0, result.output
     assert "calibration image skipped" in result.stderr and "f_broken.jpg" in result.stderr
+    assert "calibrated on 21 images (1 of the 22 chosen skipped)" in result.stderr
     meta = json.loads({p.key: p.value for p in onnx.load(str(dst)).metadata_props}[METADATA_KEY])
     assert meta["precision"] == "int8" and meta["role"] == "classifier"
     shutil.copy(tiny_models / "gate.onnx", int8 / "gate.onnx")
@@ -51,10 +62,11 @@ def test_int8_copy_leaves_the_familiarity_output_in_float32(tiny_models: Path, t
     models, int8 = halves_models(tmp_path, tiny_models / "gate.onnx"), tmp_path / "int8"
     films = tmp_path / "films"
     films.mkdir()
-    for i, (top, bottom) in enumerate([(90, 95), (120, 118), (160, 165), (200, 40), (60, 180), (140, 140)]):
-        halves_image(films / f"f{i}.png", top, bottom)
+    halves = [(90, 95), (120, 118), (160, 165), (200, 40), (60, 180), (140, 140)] * 4
+    for i, (top, bottom) in enumerate(halves):
+        halves_image(films / f"f{i:02d}.png", top, bottom, mark=i)
     src, dst = models / "classifier.onnx", int8 / "classifier.onnx"
-    result = runner.invoke(app, ["quantize", str(src), str(dst), "--calibration", str(films), "--images", "6"])
+    result = runner.invoke(app, ["quantize", str(src), str(dst), "--calibration", str(films), "--images", "24"])
     assert result.exit_code == 0, result.output
     nodes = onnx.load(str(dst)).graph.node
     assert any(n.op_type.startswith("QLinear") for n in nodes)  # the rest was quantised
@@ -71,7 +83,7 @@ def test_int8_copy_leaves_the_familiarity_output_in_float32(tiny_models: Path, t
 
 
 def test_an_interrupted_quantize_leaves_no_model(
-    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_models: Path, calibration: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def interrupt(name: str) -> None:  # Ctrl-C once the int8 model is made, while it is being written
         raise KeyboardInterrupt
@@ -81,14 +93,14 @@ def test_an_interrupted_quantize_leaves_no_model(
     out.mkdir()
     src, dst = tiny_models / "classifier.onnx", out / "classifier.onnx"
     with pytest.raises(KeyboardInterrupt):
-        export_module("quantize").quantize(src, dst, incoming, 6)
+        export_module("quantize").quantize(src, dst, calibration, 30)
     assert list(out.iterdir()) == []  # not an int8 model carrying the float32 model's metadata
 
 
-def test_quantize_replaces_an_existing_dst_only_with_force(tiny_models: Path, incoming: Path) -> None:
+def test_quantize_replaces_an_existing_dst_only_with_force(tiny_models: Path, calibration: Path) -> None:
     src, gate = tiny_models / "classifier.onnx", tiny_models / "gate.onnx"
     before = gate.read_bytes()
-    args = ["quantize", str(src), str(gate), "--calibration", str(incoming), "--images", "6"]
+    args = ["quantize", str(src), str(gate), "--calibration", str(calibration), "--images", "30"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert f"[error] DST {gate} exists; choose another file or pass --force to replace it" in result.stderr
@@ -97,3 +109,29 @@ def test_quantize_replaces_an_existing_dst_only_with_force(tiny_models: Path, in
     assert result.exit_code == 0, result.output
     meta = json.loads({p.key: p.value for p in onnx.load(str(gate)).metadata_props}[METADATA_KEY])
     assert meta["precision"] == "int8" and meta["role"] == "classifier"
+
+
+def test_quantize_calibrates_only_on_films_a_run_would_screen_and_enough_of_them(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    films, dst = tmp_path / "films", tmp_path / "int8" / "classifier.onnx"
+    films.mkdir()
+    for i in range(18):
+        grey_image(films / f"g{i:02d}.png", 10 + 13 * i)
+    for i in range(3):
+        grey_image(films / f"small{i}.png", 100 + i, size=16)  # a run refuses them: too small to be a radiograph
+    (films / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    args = ["quantize", str(tiny_models / "classifier.onnx"), str(dst), "--calibration", str(films)]
+    result = runner.invoke(app, args)  # --images 200
+    assert result.exit_code == 2
+    assert "small0.png (image is 16x16: too small to be a radiograph" in result.stderr
+    assert f"[error] only 18 of the 22 calibration images chosen under {films} could be read" in result.stderr
+    assert "an int8 copy needs at least 20" in result.stderr and not dst.exists()
+
+    result = runner.invoke(app, [*args, "--images", "19"])
+    assert result.exit_code == 2 and "[error] --images 19: an int8 copy is calibrated on at least 20" in result.stderr
+    for i in range(18, 20):
+        grey_image(films / f"g{i:02d}.png", 10 + 13 * i)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "calibrated on 20 images (4 of the 24 chosen skipped)" in result.stderr and dst.is_file()

@@ -31,7 +31,14 @@ def quantize(
     src: Annotated[Path, typer.Argument(help="exported ONNX model")],
     dst: Annotated[Path, typer.Argument(help="int8 ONNX model to write")],
     calibration: Annotated[Path, typer.Option(help="folder of images to calibrate on, e.g. the train split")],
-    images: Annotated[int, typer.Option(min=1, help="how many calibration images, spread over the folder")] = 200,
+    images: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="how many calibration images, spread over the folder (at least 20); at least 20 of them must be "
+            "readable as a screening run reads them (not too small to be a radiograph)",
+        ),
+    ] = 200,
     force: Force = False,
     verbose: Verbose = False,
 ) -> None:
