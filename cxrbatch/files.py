@@ -127,16 +127,18 @@ def _unlink_quietly(tmp: str) -> None:
 def check_out(out: Path, suffix: str, option: str = "--out", force: bool = True) -> None:
     """Refuse, before any work, an output path (given as `option`) that cannot take its file: a
     folder, another kind of file, a folder that cannot be made or written to, and an existing file
-    unless `force` (a command that asks before replacing one passes its --force)."""
+    unless `force` (a command that asks before replacing one passes its --force). It creates
+    nothing, so a command refused later leaves nothing behind: the writer makes the folder."""
     if out.is_dir():
         raise UsageError(f"{option} {out} is a folder: name the {suffix} file to write")
     if out.suffix != suffix:
         raise UsageError(f"{option} {out} must name a {suffix} file")
     if out.exists() and not force:
         raise UsageError(f"{option} {out} exists; choose another file or pass --force to replace it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"{option} {out}: its folder cannot be made ({exc.strerror or exc})") from None
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {out}: its folder {out.parent} cannot be written to")
+    folder = out.parent
+    there = next(p for p in (folder, *folder.parents) if os.path.exists(p))  # the folder, or where it is made
+    if not there.is_dir():
+        raise UsageError(f"{option} {out}: its folder cannot be made ({there} is not a folder)")
+    if not os.access(there, os.W_OK | os.X_OK):
+        where = f"its folder {folder}" if there == folder else f"its folder cannot be made: {there}"
+        raise UsageError(f"{option} {out}: {where} cannot be written to")

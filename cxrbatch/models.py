@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cxrbatch.cores import usable_cores
-from cxrbatch.errors import DeviceError, ModelError
+from cxrbatch.errors import DeviceError, ModelError, ReportError
 from cxrbatch.files import atomic_write
 from cxrbatch.modelspec import ROLES, ModelSpec
 
@@ -150,9 +150,9 @@ def save_model(
 
     It must pass onnx's full check, load as the runtime loads it (as `meta`'s role) and pass
     `check` (which raises) before it takes `dst`'s place, through a temporary file in `dst`'s
-    folder (`cxrbatch.files.atomic_write`): a failure, a kill or a full disk leaves `dst` as it
-    was, even where `dst` is the model it was made from, and a file system that refuses the write
-    is a ReportError naming the file.
+    folder (made if need be; `cxrbatch.files.atomic_write`): a failure, a kill or a full disk
+    leaves `dst` as it was, even where `dst` is the model it was made from, and a file system
+    that refuses the write is a ReportError naming the file.
     """
     import onnx
 
@@ -164,6 +164,10 @@ def save_model(
         fh.write(data)
         check(model_from_bytes(data, dst, str(meta["role"]), [CPU], announce=False))
 
+    try:  # made only now: `files.check_out` checked, before the work, that it can be
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"Cannot write model {dst}: {exc.strerror or exc}", exc.strerror or str(exc)) from None
     atomic_write(dst, write, binary=True, what="model")
 
 

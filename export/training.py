@@ -109,6 +109,7 @@ def train(
     else:
         plan, phase2, val_scores = _phase2(model, above, fitting)
         history.update(phase2)
+    out.parent.mkdir(parents=True, exist_ok=True)  # check_out checked that it can be made, and made nothing
     model.save(out)
     summary = _summary(data_dir, fitting, history, plan, val_scores, base_weights)
     summary["train_seconds"] = round(time.time() - started, 1)

@@ -135,3 +135,15 @@ def test_quantize_calibrates_only_on_films_a_run_would_screen_and_enough_of_them
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "calibrated on 20 images (4 of the 24 chosen skipped)" in result.stderr and dst.is_file()
+
+
+def test_a_refused_quantize_makes_no_folder(tiny_models: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "runs" / "int8" / "classifier.onnx"
+    args = ["quantize", str(tiny_models / "classifier.onnx"), str(dst), "--calibration", str(tmp_path / "typo")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and f"[error] Input not found: {tmp_path / 'typo'}" in result.stderr
+    assert not (tmp_path / "runs").exists()  # everything is checked before anything is made
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where DST's folder would be made", encoding="utf-8")
+    result = runner.invoke(app, [*args[:2], str(blocked / "q.onnx"), *args[3:]])
+    assert result.exit_code == 2 and f"its folder cannot be made ({blocked} is not a folder)" in result.stderr
