@@ -4,6 +4,7 @@ the model's graph."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +25,11 @@ _SPEC_KEYS = frozenset(
 BUNDLED_REFERRAL = "referral"
 SITE_REFERRAL = "site_referral"
 REFERRAL_FROM = {BUNDLED_REFERRAL: "bundled head", SITE_REFERRAL: "site head"}
+# What `cxrbatch calibrate` chose on a classifier's float32 scores: a float16 or int8 copy moves
+# them, so a copy's record leaves these out (`copy_metadata`).
+CHOSEN_ON_SCORES = ("referral_threshold", "calibration")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -221,3 +227,19 @@ class ModelSpec:
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def copy_metadata(meta: dict[str, Any], precision: str, source: str) -> dict[str, Any]:
+    """The record of a `precision` ("float16", "int8") copy of the model `source` whose record is
+    `meta`: the same with its precision, less a referral threshold and its calibration record,
+    which were chosen on the float32 scores the copy moves (as `referral-head` drops them when it
+    changes the score); the copy is calibrated on its own scores instead."""
+    if any(meta.get(key) is not None for key in CHOSEN_ON_SCORES):
+        log.warning(
+            "%s's referral threshold was chosen on its float32 scores, which the %s copy moves: the copy has "
+            "none (its refer column stays empty); choose its own with `cxrbatch calibrate` on the site's films, "
+            "--models a folder holding the copy as classifier.onnx",
+            source,
+            precision,
+        )
+    return {**{k: v for k, v in meta.items() if k not in CHOSEN_ON_SCORES}, "precision": precision}

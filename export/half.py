@@ -2,8 +2,9 @@
 
 Weights and activations become float16; the graph's inputs and outputs stay float32, so the runtime
 feeds and reads the same arrays as for the float32 model. The cxrbatch metadata is copied over with
-`"precision": "float16"`. A classifier's familiarity output is taken out before the conversion
-and put back after it, reading the float16 features through a cast, so it is computed in float32
+`"precision": "float16"`, less a referral threshold and its calibration record, which were chosen
+on the float32 scores (`cxrbatch.modelspec.copy_metadata`). A classifier's familiarity output is
+taken out before the conversion and put back after it, reading the float16 features through a cast, so it is computed in float32
 as the threshold in the metadata assumes. Whether a float16 model may replace the float32 one is decided by
 `cxrbatch evaluate` on both, per class and per source (benchmarks/README.md has the comparison;
 `cxrbatch half` makes the copy). The copy takes DST's place only whole and loading
@@ -22,7 +23,7 @@ from cxrbatch.errors import UsageError
 from cxrbatch.features import pooled_features_name
 from cxrbatch.files import check_out
 from cxrbatch.models import read_metadata, save_model
-from cxrbatch.modelspec import ModelSpec
+from cxrbatch.modelspec import ModelSpec, copy_metadata
 
 from .familiarity import attach_familiarity, detach_familiarity
 
@@ -49,7 +50,7 @@ def halve(src: Path, dst: Path, force: bool = False) -> None:
         model = float16.convert_float_to_float16(_one_reader_per_input(proto), keep_io_types=True)
     if detached is not None and features is not None:
         attach_familiarity(model, detached, features, cast=True)
-    save_model(model, {**meta, "precision": "float16"}, dst)
+    save_model(model, copy_metadata(meta, "float16", str(src)), dst)
 
 
 def _one_reader_per_input(model: onnx.ModelProto) -> onnx.ModelProto:

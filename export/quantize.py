@@ -1,8 +1,9 @@
 """Static int8 quantisation of an exported model (QOperator, per-channel, U8 activations, S8 weights).
 
 Calibration images are preprocessed exactly as at run time (from the model's own metadata). The
-cxrbatch metadata is copied over with `"precision": "int8"`. A classifier's familiarity output is
-left in float32 (its threshold was set on float32 values). Whether an int8 model may replace the
+cxrbatch metadata is copied over with `"precision": "int8"`, less a referral threshold and its
+calibration record, which were chosen on the float32 scores (`cxrbatch.modelspec.copy_metadata`).
+A classifier's familiarity output is left in float32 (its threshold was set on float32 values). Whether an int8 model may replace the
 float one is decided by `cxrbatch evaluate` on both, per class and per source. `cxrbatch quantize`
 makes the copy. quantize_static writes it to a temporary folder; it takes DST's place only with
 its metadata, whole and loading (`cxrbatch.models.save_model`).
@@ -23,7 +24,7 @@ from cxrbatch.errors import ImageError, ReportError, UsageError
 from cxrbatch.files import check_out
 from cxrbatch.imaging import check_size, load_image, to_model_input
 from cxrbatch.models import read_metadata, save_model
-from cxrbatch.modelspec import ModelSpec
+from cxrbatch.modelspec import ModelSpec, copy_metadata
 
 from .familiarity import familiarity_node_names
 
@@ -85,7 +86,7 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int, force: bool =
     log.info(
         "calibrated on %d images (%d of the %d chosen skipped)", reader.read, reader.chosen - reader.read, reader.chosen
     )
-    save_model(model, {**meta, "precision": "int8"}, dst)
+    save_model(model, copy_metadata(meta, "int8", str(src)), dst)
 
 
 def _chosen(calibration: Path, images: int) -> list[Path]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from typer.testing import CliRunner
 from cxrbatch import files
 from cxrbatch.cli import app
 from cxrbatch.extras import export_module
-from cxrbatch.models import METADATA_KEY, load_models
+from cxrbatch.models import METADATA_KEY, embed_metadata, load_models, read_metadata
 
 halve = export_module("half").halve
 
@@ -36,7 +38,8 @@ def test_half_copy_keeps_interface_metadata_and_outputs(tiny_models: Path, tmp_p
 
     full_gate, full_clf = load_models(tiny_models, "cpu")
     half_gate, half_clf = load_models(half_dir, "cpu")
-    assert half_clf.spec == full_clf.spec and half_gate.spec == full_gate.spec
+    assert half_gate.spec == full_gate.spec  # the classifier's referral threshold was chosen on float32 scores:
+    assert half_clf.spec == replace(full_clf.spec, referral_threshold=None)  # the copy is calibrated anew
     batch = np.stack([np.full((32, 32, 1), v, dtype=np.float32) for v in (10, 90, 170, 250)])
     full, half = full_clf.run(batch, with_cam=True), half_clf.run(batch, with_cam=True)
     assert full["scores"].argmax(1).tolist() == [0, 1, 2, 3]  # the outputs vary, so the comparison means something
@@ -91,3 +94,23 @@ def test_an_existing_dst_is_replaced_only_with_force(tiny_models: Path) -> None:
     assert result.exit_code == 0, result.output
     meta = json.loads({p.key: p.value for p in onnx.load(str(gate)).metadata_props}[METADATA_KEY])
     assert meta["precision"] == "float16" and meta["role"] == "classifier"
+
+
+def test_a_calibrated_classifiers_copy_drops_the_threshold_chosen_on_float32_scores(
+    tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = tiny_models / "classifier.onnx"
+    proto, meta = onnx.load(str(src)), read_metadata(src)
+    meta["calibration"] = {"threshold": 0.5, "target_sensitivity": 0.95, "source_sha256": "0" * 64}
+    embed_metadata(proto, meta)  # as `cxrbatch calibrate` writes it, beside referral_threshold 0.5
+    onnx.save(proto, str(src))
+    with caplog.at_level(logging.WARNING):
+        halve(src, tmp_path / "classifier.onnx")
+    copied = read_metadata(tmp_path / "classifier.onnx")
+    assert "referral_threshold" not in copied and "calibration" not in copied and copied["precision"] == "float16"
+    assert f"{src}'s referral threshold was chosen on its float32 scores, which the float16 copy moves" in caplog.text
+    assert "choose its own with `cxrbatch calibrate`" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        halve(tiny_models / "gate.onnx", tmp_path / "gate.onnx")  # nothing chosen on scores: nothing said
+    assert "referral threshold" not in caplog.text

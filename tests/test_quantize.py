@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +37,13 @@ def test_int8_copy_keeps_interface_and_metadata(tiny_models: Path, calibration: 
     assert result.exit_code == 0, result.output
     assert "calibration image skipped" in result.stderr and "f_broken.jpg" in result.stderr
     assert "calibrated on 21 images (1 of the 22 chosen skipped)" in result.stderr
+    assert f"{src}'s referral threshold was chosen on its float32 scores, which the int8 copy moves" in result.stderr
     meta = json.loads({p.key: p.value for p in onnx.load(str(dst)).metadata_props}[METADATA_KEY])
-    assert meta["precision"] == "int8" and meta["role"] == "classifier"
+    assert meta["precision"] == "int8" and meta["role"] == "classifier" and "referral_threshold" not in meta
     shutil.copy(tiny_models / "gate.onnx", int8 / "gate.onnx")
     _, full = load_models(tiny_models, "cpu")
     _, quantized = load_models(int8, "cpu")
-    assert quantized.spec == full.spec
+    assert quantized.spec == replace(full.spec, referral_threshold=None)  # chosen on float32 scores: dropped
     batch = np.stack([np.full((32, 32, 1), v, dtype=np.float32) for v in (10, 90, 170, 250)])
     assert quantized.run(batch)["scores"].argmax(1).tolist() == full.run(batch)["scores"].argmax(1).tolist()
 
