@@ -4,11 +4,11 @@ Weights and activations become float16; the graph's inputs and outputs stay floa
 feeds and reads the same arrays as for the float32 model. The cxrbatch metadata is copied over with
 `"precision": "float16"`, less a referral threshold and its calibration record, which were chosen
 on the float32 scores (`cxrbatch.modelspec.copy_metadata`). A classifier's familiarity output is
-taken out before the conversion and put back after it, reading the float16 features through a cast, so it is computed in float32
-as the threshold in the metadata assumes. Whether a float16 model may replace the float32 one is decided by
-`cxrbatch evaluate` on both, per class and per source (benchmarks/README.md has the comparison;
-`cxrbatch half` makes the copy). The copy takes DST's place only whole and loading
-(`cxrbatch.models.save_model`).
+taken out before the conversion and put back after it, reading the float16 features through a
+cast, so it is computed in float32 as the threshold in the metadata assumes. Whether a float16
+model may replace the float32 one is decided by `cxrbatch evaluate` on both, per class and per
+source (benchmarks/README.md has the comparison; `cxrbatch half` makes the copy). The copy takes
+DST's place only whole and loading (`cxrbatch.models.save_model`).
 """
 
 from __future__ import annotations

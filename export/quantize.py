@@ -3,10 +3,11 @@
 Calibration images are preprocessed exactly as at run time (from the model's own metadata). The
 cxrbatch metadata is copied over with `"precision": "int8"`, less a referral threshold and its
 calibration record, which were chosen on the float32 scores (`cxrbatch.modelspec.copy_metadata`).
-A classifier's familiarity output is left in float32 (its threshold was set on float32 values). Whether an int8 model may replace the
-float one is decided by `cxrbatch evaluate` on both, per class and per source. `cxrbatch quantize`
-makes the copy. quantize_static writes it to a temporary folder; it takes DST's place only with
-its metadata, whole and loading (`cxrbatch.models.save_model`).
+A classifier's familiarity output is left in float32 (its threshold was set on float32 values).
+Whether an int8 model may replace the float one is decided by `cxrbatch evaluate` on both, per
+class and per source. `cxrbatch quantize` makes the copy. quantize_static writes it to a temporary
+folder; it takes DST's place only with its metadata, whole and loading
+(`cxrbatch.models.save_model`).
 """
 
 from __future__ import annotations
