@@ -264,3 +264,29 @@ def test_console_script_under_a_profiler_lets_it_write_its_results(tmp_path: Pat
     )
     assert done.returncode == 0, done.stderr
     assert profile.is_file() and profile.stat().st_size > 0
+
+
+def test_the_study_commands_json_on_stdout_is_stdout_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `loco --json -` printed the JSON and then the table on stdout, `probe --json -` its JSON twice.
+    import json
+    import types
+
+    from cxrbatch.cli import modelling
+    from cxrbatch.extras import export_module
+
+    fakes = {
+        "loco": types.SimpleNamespace(study=lambda *args: {"folds": 1}, format_study=lambda record: "THE TABLE"),
+        "probe": types.SimpleNamespace(probe=lambda *args: {"accuracy": 0.5}),
+    }
+    monkeypatch.setattr(modelling, "export_module", lambda name: fakes.get(name) or export_module(name))
+    (tmp_path / "tree").mkdir()
+    checkpoint = tmp_path / "c.keras"
+    checkpoint.write_bytes(b"")
+    for args, record in (
+        (["loco", str(tmp_path / "tree"), "--json", "-"], {"folds": 1}),
+        (["probe", str(checkpoint), str(tmp_path / "tree"), "--json", "-"], {"accuracy": 0.5}),
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.stderr
+        assert json.loads(result.stdout) == record, result.stdout
+        assert ("THE TABLE" in result.stderr) == (args[0] == "loco")  # loco's table, shown on stderr

@@ -44,6 +44,11 @@ def _json_target(path: Path | None, data_dir: Path) -> None:
         check_writable(path)
 
 
+def _to_stdout(path: Path | None) -> bool:
+    """Whether --json names stdout (-), which then holds the JSON alone: tables go to stderr."""
+    return path is not None and str(path) == "-"
+
+
 def _write_json(path: Path | None, data: dict[str, Any]) -> str:
     """The report as indented JSON, also written to `path` when given."""
     from cxrbatch.reports import write_text
@@ -194,7 +199,7 @@ def evaluate(
     report = evaluation.evaluate(data_dir, split, Screener(gate, classifier, transform=transform), tuple(source or ()))
     # shown even if the JSON then cannot be written; on stderr when the JSON goes to stdout, which
     # then holds the JSON alone (as `run`'s stdout holds one report)
-    typer.echo(evaluation.format_report(report), err=str(json_out) == "-")
+    typer.echo(evaluation.format_report(report), err=_to_stdout(json_out))
     _write_json(json_out, report)
 
 
@@ -251,13 +256,17 @@ def probe(
     _json_target(json_out, data_dir)
     with contextlib.redirect_stdout(sys.stderr):  # stdout holds the report alone
         report = export_module("probe").probe(ckpt, data_dir, base_weights, label)
-    typer.echo(_write_json(json_out, report))
+    text = _write_json(json_out, report)
+    if not _to_stdout(json_out):  # or it would be there twice
+        typer.echo(text)
 
 
 @app.command()
 def loco(
     data_dir: Annotated[Path, typer.Argument(help="training tree with a MANIFEST.csv naming each image's collection")],
-    json_out: Annotated[Path, typer.Option("--json", help="write the study's record here")],
+    json_out: Annotated[
+        Path, typer.Option("--json", help="write the study's record here, or - for stdout (the table then to stderr)")
+    ],
     base_weights: BaseWeights = None,
     fold: Annotated[
         list[str] | None,
@@ -312,4 +321,4 @@ def loco(
     with contextlib.redirect_stdout(sys.stderr):  # Keras prints its epochs to stdout, which holds the table
         record = loco_module.study(data_dir, base_weights, config, tuple(fold or ()), features_cache, also)
     _write_json(json_out, record)
-    typer.echo(loco_module.format_study(record))
+    typer.echo(loco_module.format_study(record), err=_to_stdout(json_out))  # stdout: one report
