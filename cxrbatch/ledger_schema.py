@@ -139,6 +139,11 @@ def _check_schema(db: sqlite3.Connection, path: Path, migrate: bool) -> None:
     db.close()
     if found in OLD_SCHEMAS:  # inspection never writes: the upgrade is the next run's
         raise LedgerError(f"{path} is a ledger of schema {found}; the next `cxrbatch run --ledger` upgrades it")
+    if isinstance(found, str) and found.startswith(SCHEMA.rsplit("/", 1)[0] + "/"):  # a rollback, say
+        raise LedgerError(
+            f"{path} is a ledger of schema {found}, which a newer cxrbatch made; this one reads {SCHEMA} and "
+            "earlier: run the newer version on it (it was left untouched)"
+        )
     raise LedgerError(f"{path} is not a cxrbatch ledger (schema {found or 'missing'}); it was left untouched")
 
 

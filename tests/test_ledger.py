@@ -157,6 +157,22 @@ def test_a_schema_2_ledger_is_upgraded_and_only_hashes_its_files_again(
     db.close()
 
 
+def test_a_ledger_of_a_newer_schema_is_refused_as_a_newer_versions_untouched(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # A rollback to an older install: the ledger was called "not a cxrbatch ledger".
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    _run(folder, tiny_models, ledger, out)
+    with sqlite3.connect(ledger) as db:
+        db.execute("UPDATE meta SET value = 'cxrbatch.ledger/99' WHERE key = 'schema'")
+    db.close()
+    before = ledger.read_bytes()
+    for args in (["ledger", str(ledger)], ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and "schema cxrbatch.ledger/99, which a newer cxrbatch made" in result.stderr
+    assert ledger.read_bytes() == before
+
+
 def test_renamed_file_is_reported_without_inference(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
     _run(folder, tiny_models, ledger, out)
