@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 from cxrbatch.modelspec import ModelSpec
 
 ALARM = 0.001  # warn when the run's count would come up by chance less than once in a thousand runs
+TINY_P = 1e-300  # below it a p is shown as "p < 1e-300": the tail underflows to 0.0 not far below
 SITE_UNLIKE = 0.05  # calibration films more often unfamiliar than the validation films at this level: their reference
 
 
@@ -42,6 +43,7 @@ class Reference:
     unfamiliar: int
     films: int
     calibrated: bool = field(default=False, compare=False)  # the model was calibrated (on films like these)
+    site_headed: bool = field(default=False, compare=False)  # with a site head: calibrated again from its source
 
     def p_value(self, unfamiliar: int, films: int) -> float:
         """How likely a run of `films` films has `unfamiliar` or more if its films are like these:
@@ -70,8 +72,15 @@ class SiteCheck:
         found = (
             f"{self.unfamiliar} of {self.films} classified films ({self.unfamiliar / self.films:.1%}) are unfamiliar"
         )
-        against = f"against {ref.unfamiliar} of the {ref.films} {ref.against} (p = {self.p:.1g})"
-        if ref.against == "calibration films" or ref.calibrated:
+        p = f"p = {self.p:.1g}" if self.p >= TINY_P else f"p < {TINY_P:.0e}"  # not "p = 0": an underflow
+        against = f"against {ref.unfamiliar} of the {ref.films} {ref.against} ({p})"
+        if ref.site_headed:  # calibrate refuses a model with a site head: its source is calibrated again
+            advice = (
+                "these films look unlike the films this model was calibrated on. Calibrate the models it was made "
+                "from (such as the bundled models) again on recent labelled films, with a new site head (cxrbatch "
+                "calibrate --site-head), before relying on refer or clear."
+            )
+        elif ref.against == "calibration films" or ref.calibrated:
             advice = (
                 "these films look unlike the films this model was calibrated on. Calibrate again on recent "
                 "labelled films (cxrbatch calibrate) before relying on refer or clear."
@@ -118,15 +127,21 @@ def reference_of(spec: ModelSpec) -> Reference | None:
         raise ModelError(
             f"the classifier's calibration or familiarity record is malformed ({type(exc).__name__}: {exc})"
         ) from None
+    return _chosen(site, validation, spec.site_headed)
+
+
+def _chosen(site: Reference | None, validation: Reference | None, site_headed: bool) -> Reference | None:
+    """The reference of the two a classifier records, marked with whether it has a site head."""
     if site is None or validation is None:
-        return site or validation
+        chosen = site or validation
+        return chosen and replace(chosen, site_headed=site_headed)
     # The site's own films where they were more often unfamiliar than the validation films beyond chance
     # (so such a site is not warned every night); else the validation films, whose larger count gives the
     # check more power (against 0 of 40 calibration films, a night of 7 unfamiliar films in 50 went unwarned;
     # 1 of 40, which a site like the training films shows 36 % of the time, must not bring that back).
     if validation.p_value(site.unfamiliar, site.films) < SITE_UNLIKE:
-        return site
-    return replace(validation, calibrated=True)
+        return replace(site, site_headed=site_headed)
+    return replace(validation, calibrated=True, site_headed=site_headed)
 
 
 def _checked(reference: Reference) -> Reference:

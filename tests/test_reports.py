@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,12 @@ def test_the_reference_is_the_less_familiar_of_the_calibration_and_validation_fi
         assert reference == Reference("validation films", 9, 910) and reference is not None and reference.calibrated
     night = check(_flagged(20, 20), reference, "c")  # the advice is a calibrated model's: calibrate again
     assert night is not None and "Calibrate again on recent labelled films" in str(night.warning())
+    headed = replace(spec, referral_output="site_referral")  # a site head, which calibrate refuses: its source
+    night = check(_flagged(20, 20), reference_of(headed), "c")
+    assert night is not None and "Calibrate the models it was made from" in str(night.warning())
+    assert "--site-head" in str(night.warning())
+    flood = check(_flagged(400, 400), reference_of(headed), "c")  # its tail underflows to 0.0
+    assert flood is not None and flood.p == 0.0 and "(p < 1e-300)" in str(flood.warning())
     spec.extra["calibration"] = {**calibration, "unfamiliar": 0}
     del spec.extra["familiarity"]
     assert reference_of(spec) == Reference("calibration films", 0, 54)  # the only reference there is
