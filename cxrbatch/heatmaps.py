@@ -3,7 +3,7 @@
 The classifier's second output holds, for every position of its last feature map, the logit of
 each class (the head's weights applied position by position). The map of the predicted class,
 scaled to 0..1 and upsampled, marks the film's strongest regions with a red outline, leaving the
-film itself as it is, with the label and its probability written on top. File names come from
+film itself as it is, with the label and its probability in a band above it. File names come from
 a hash of the input path, never from the path itself.
 
 Heatmaps are a step after screening (`add_heatmaps`): the files are decoded again and run
@@ -15,6 +15,7 @@ a fresh one, and a heatmap that cannot be written (a full disk) becomes a proble
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 DISPLAY_SIDE = 512  # the longer side of the picture kept for drawing heatmaps
 HOT = 0.6  # the share of the map's range above which a region is marked as one of the strongest
 OUTLINE = (255, 48, 32)
+CAPTION_MARGIN = 6  # pixels around the caption in its band above the film
 PNG_LEVEL = 1  # zlib level: the default (6) spent three quarters of a heatmap's time compressing
 
 
@@ -50,10 +52,12 @@ def heatmap_name(path: Path, record: Record) -> str:
 
 
 def display_copy(img: Image.Image) -> Image.Image:
-    """A small grey copy of the decoded picture to draw the heatmap on."""
+    """A grey copy of the decoded picture to draw the heatmap on, its longer side `DISPLAY_SIDE`
+    (a small film is enlarged, so its map and caption can be read)."""
     grey = img.convert("L")
-    grey.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.BILINEAR)
-    return grey
+    scale = DISPLAY_SIDE / max(grey.size)
+    size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
+    return grey if size == grey.size else grey.resize(size, Image.Resampling.BILINEAR)
 
 
 def class_map(cam: np.ndarray, index: int) -> np.ndarray:
@@ -65,20 +69,23 @@ def class_map(cam: np.ndarray, index: int) -> np.ndarray:
 
 def overlay(picture: Image.Image, heat: np.ndarray, caption: str) -> Image.Image:
     """The film as it is, its strongest regions (the 0..1 map at `HOT` or above, upsampled to the
-    picture) outlined in red, and the caption on top: the film stays readable under the marks."""
+    picture) outlined in red, and the caption in a black band above it: the film stays readable
+    under the marks, and nothing covers it."""
     w, h = picture.size
     level = np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8)
     up = Image.fromarray(level, mode="L").resize((w, h), Image.Resampling.BILINEAR)
     hot = up.point(lambda v: 255 if v >= HOT * 255 else 0)
     width = max(3, 2 * (max(w, h) // 256) + 1)  # an odd filter size: a line of about 2 px per 256 px
     edge = ImageChops.subtract(hot, hot.filter(ImageFilter.MinFilter(width)))
-    out = picture.convert("RGB")
-    out.paste(OUTLINE, mask=edge)
-    draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default(size=max(12, h // 24))
-    box = draw.textbbox((8, 8), caption, font=font)
-    draw.rectangle((box[0] - 5, box[1] - 5, box[2] + 5, box[3] + 5), fill=(0, 0, 0))
-    draw.text((8, 8), caption, fill=(255, 255, 255), font=font)
+    film = picture.convert("RGB")
+    film.paste(OUTLINE, mask=edge)
+    # the caption in a band above the film, never over it (it covered all of a very wide film)
+    font = ImageFont.load_default(size=max(12, max(w, h) // 24))
+    right, bottom = (math.ceil(v) for v in ImageDraw.Draw(film).textbbox((0, 0), caption, font=font)[2:])
+    band = bottom + 2 * CAPTION_MARGIN
+    out = Image.new("RGB", (max(w, right + 2 * CAPTION_MARGIN), h + band), (0, 0, 0))
+    out.paste(film, (0, band))
+    ImageDraw.Draw(out).text((CAPTION_MARGIN, CAPTION_MARGIN), caption, fill=(255, 255, 255), font=font)
     return out
 
 

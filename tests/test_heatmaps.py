@@ -36,16 +36,30 @@ def test_overlay_outlines_the_hot_region_and_leaves_the_film_readable() -> None:
     picture = Image.fromarray(film, mode="L")
     heat = np.zeros((7, 7))
     heat[:3, :3] = 1.0
-    arr = np.asarray(overlay(picture, heat, "COVID19 0.90"), dtype=int)
+    drawn = np.asarray(overlay(picture, heat, "COVID19 0.90"), dtype=int)
+    band = drawn.shape[0] - 200  # the caption's, above the film
+    assert 12 <= band < 60 and drawn.shape[1] == 200 and drawn[:band].max() == 255  # white text on black
+    arr = drawn[band:]
     red = (arr[..., 0] > 200) & (arr[..., 1] < 100) & (arr[..., 2] < 100)
     rows, cols = np.nonzero(red)
     assert rows.max() < 110 and cols.max() < 110  # the outline stays around the hot top-left corner
     assert red[80, :].sum() >= 2  # and crosses the row inside it on its right side (and left edge)
-    untouched = ~red
-    untouched[:40, :140] = False  # the caption box
-    grey = arr[untouched]
-    assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()  # no colour wash anywhere else
-    assert (arr[150, :, 0] == film[150]).all() and (arr[60, 60, 0] == film[60, 60])  # the film itself, inside too
+    assert (arr[~red] == film[~red][:, None]).all()  # every other pixel is the film's: nothing covers it
+
+
+@pytest.mark.parametrize("size", [(3000, 40), (40, 3000), (32, 32)])
+def test_a_very_wide_tall_or_small_film_gets_a_heatmap_that_can_be_read(size: tuple[int, int]) -> None:
+    # A 3000 x 40 film became a 512 x 7 picture under its caption box; a 32 x 32 one stayed 32 px
+    # with its caption wider than the film.
+    from cxrbatch.heatmaps import DISPLAY_SIDE, display_copy
+
+    picture = display_copy(Image.new("RGB", size, (90, 90, 90)))
+    assert max(picture.size) == DISPLAY_SIDE and picture.mode == "L"
+    drawn = overlay(picture, np.zeros((7, 7)), "TUBERCULOSIS 0.97 (review)")
+    band = drawn.height - picture.height
+    assert band >= 12 and drawn.width >= picture.width  # the caption above the film, as wide as it needs
+    film = np.asarray(drawn)[band:, : picture.width]
+    assert (film == 90).all()  # the whole film shows, uncovered
 
 
 def test_heatmap_names_come_from_a_hash_of_the_path_and_the_result() -> None:
