@@ -40,7 +40,20 @@ CAPTION_MARGIN = 6  # pixels around the caption in its band above the film
 PNG_LEVEL = 1  # zlib level: the default (6) spent three quarters of a heatmap's time compressing
 
 
+NOT_WRITTEN = "heatmap not written"  # a row's problem that a rerun into the same report mends
 SAME_FILM = 1e-4  # probabilities drawn again differ from the screened ones by at most this, or the file changed
+
+
+def unwritten(record: Record) -> bool:
+    """Whether a reported row's heatmap could not be written (a full disk): its result stands,
+    and a rerun into the same report draws the heatmap again (`cxrbatch.runner`)."""
+    return record.status == CLASSIFIED and NOT_WRITTEN in (record.error or "")
+
+
+def looks_like_a_heatmap(name: str) -> bool:
+    """Whether a file name is one `heatmap_name` gives (an unmarked heatmaps folder holds such files)."""
+    stem, _, suffix = name.partition(".")
+    return suffix == "png" and len(stem) == 16 and all(c in "0123456789abcdef" for c in stem)
 
 
 def heatmap_name(path: Path, record: Record) -> str:
@@ -140,5 +153,5 @@ def add_heatmaps(
             target = write_heatmap(folder, path, record, decoded.picture, heat, caption)
             out[i] = replace(record, heatmap=display_path(target.absolute()))
         except ReportError as exc:
-            out[i] = record.with_problem(f"heatmap not written: {exc.reason}")
+            out[i] = record.with_problem(f"{NOT_WRITTEN}: {exc.reason}")
     return out

@@ -265,16 +265,13 @@ class Ledger:
     def finish(
         self, delivered: Sequence[Stored], rows: Sequence[Record], targets: Iterable[str], screened: int, reused: int
     ) -> None:
-        """After the reports are in place: mark their entries delivered (but not a row with a
-        problem found after screening, a heatmap not written: the next run over its folder reports
-        it again and mends it), keep what this run reported into which files, and mark the run
-        done, in one transaction."""
-        unfinished = {r.path for r in rows if r.has_problem}
+        """After the reports are in place: mark their entries delivered, keep what this run reported
+        into which files, and mark the run done, in one transaction."""
         with self.db:
             self.db.executemany(
                 "UPDATE entries SET delivered_run = ? WHERE path = ? AND sha256 = ? AND fingerprint = ? "
                 "AND delivered_run IS NULL",
-                [(self.run_id, s.key, s.sha256, s.fingerprint) for s in delivered if s.key not in unfinished],
+                [(self.run_id, s.key, s.sha256, s.fingerprint) for s in delivered],
             )
             self.db.executemany(
                 "INSERT INTO run_rows VALUES (?, ?, ?, ?)",

@@ -26,7 +26,7 @@ from cxrbatch.dicom import is_dicom
 from cxrbatch.discovery import HEATMAPS_MARKER, is_candidate, iter_images, resolved
 from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.files import written_at
-from cxrbatch.heatmaps import add_heatmaps
+from cxrbatch.heatmaps import add_heatmaps, looks_like_a_heatmap, unwritten
 from cxrbatch.ledger import Ledger, key_of, ledger_files, now
 from cxrbatch.models import Model, default_models_dir, load_models
 from cxrbatch.pipeline import Result, Screener
@@ -166,7 +166,8 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
             raise UsageError(f"--heatmaps {options.heatmaps} would hold the films of {given}: give it its own folder")
     if options.heatmaps.is_dir() and not (options.heatmaps / HEATMAPS_MARKER).exists():
         # another night's incoming folder, say: once marked, no later run would screen its films
-        film = next(iter_images([options.heatmaps]), None)
+        # (maps named as this tool names them are no films: a folder made before folders were marked)
+        film = next((p for p in iter_images([options.heatmaps]) if not looks_like_a_heatmap(p.name)), None)
         if film is not None:
             raise UsageError(
                 f"--heatmaps {options.heatmaps} already holds films no run drew ({film.name} among them), and a "
@@ -264,21 +265,28 @@ def _file_key(target: str) -> str:
 
 
 def union(earlier: list[Record], rows: list[Record]) -> list[Record]:
-    """The rows a report file received before, then this run's, each row once, in that order; a
-    new row for a file whose earlier row failed (unreadable then, or its heatmap not written)
-    takes that row's place (a folder that could not be listed gives way to rows of its files), so a
-    rerun after exit 3 mends the report instead of adding to it."""
-    newer = {r.path: r for r in rows}
-    mended = [newer[r.path] if r.error and r.path in newer else r for r in earlier]
-    # a folder that could not be listed then: its row goes once rows of its files come
-    mended = [r for r in mended if not (r.error and r.path not in newer and _holds_any(r.path, newer))]
-    seen = set(mended)
-    return [*mended, *(r for r in rows if r not in seen)]
-
-
-def _holds_any(folder: str, paths: dict[str, Record]) -> bool:
-    inside = folder.rstrip(os.sep) + os.sep
-    return any(path.startswith(inside) for path in paths)
+    """The rows a report file received before (oldest run first), then this run's, each row once,
+    in that order; a later row for a file whose row failed (unreadable then, or its heatmap not
+    written) takes that row's place, and a folder that could not be listed gives way to rows of
+    its files: so a rerun after exit 3 mends the report instead of adding to it, however many
+    runs wrote it (each run's rows are kept, not the union it wrote)."""
+    out: list[Record | None] = []
+    failed: dict[str, int] = {}  # the rows of `out` that failed, by path (folders among them)
+    seen: set[Record] = set()
+    for row in [*earlier, *rows]:
+        if row in seen:
+            continue
+        seen.add(row)
+        for folder in [f for f in failed if row.path.startswith(f.rstrip(os.sep) + os.sep)]:
+            out[failed.pop(folder)] = None  # its files are listed now
+        at = failed.pop(row.path, None)
+        if at is None:
+            at = len(out)
+            out.append(None)
+        out[at] = row
+        if row.error:
+            failed[row.path] = at
+    return [row for row in out if row is not None]
 
 
 def _run_plain(screener: Screener, paths: list[Path], report: Report, reporter: Progress | None) -> Summary:
@@ -322,6 +330,7 @@ def _run_with_ledger(
         (by_key.get(s.key, Path(s.key)) if current.get(s.key, s.sha256) == s.sha256 else None, s.record) for s in stored
     ]
     items += unreadable
+    items += _maps_to_draw_again(ledger, report, by_key, {record.path for _, record in items})
     position = {key_of(p): i for i, p in enumerate(paths)}  # rows are keyed as the ledger keys paths
     items.sort(key=lambda item: position.get(item[1].path, len(paths)))  # input order, as without a ledger
     rows = report.finish_rows(items)
@@ -333,6 +342,23 @@ def _run_with_ledger(
     ledger.finish(stored, rows, report.files(), len(todo), reused)
     log.info("run %d: screened %d, reused %d, reported %d", ledger.run_id, len(todo), reused, len(rows))
     return summary
+
+
+def _maps_to_draw_again(
+    ledger: Ledger, report: Report, by_key: dict[str, Path], reported: set[str]
+) -> list[tuple[Path | None, Record]]:
+    """The rows this run's report files hold whose heatmap could not be written (a full disk), for
+    files among the inputs and not reported now: drawn again, they take their failed rows' places
+    (`union`), so a rerun into the same report mends it. A row is delivered once: another night's
+    report does not get it again."""
+    if report.options.heatmaps is None:
+        return []
+    again: dict[str, tuple[Path | None, Record]] = {}
+    for target in report.files():
+        for row in union(ledger.delivered_to(target), []):  # each file's row as the report shows it
+            if unwritten(row) and row.path in by_key and row.path not in reported:
+                again[row.path] = (by_key[row.path], replace(row, error=None, heatmap=None))
+    return list(again.values())
 
 
 def _screen_into(

@@ -94,31 +94,53 @@ def test_a_heatmap_that_cannot_be_written_is_a_row_problem(
     assert [p.name for p in (tmp_path / "maps").iterdir()] == [HEATMAPS_MARKER]
 
 
-def test_a_rerun_with_the_ledger_draws_the_heatmaps_that_could_not_be_written(
+def test_a_rerun_into_the_same_report_draws_the_heatmaps_that_could_not_be_written(
     tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Their rows were marked delivered: the rerun found nothing to report, exited 0, and the
-    # report kept "heatmap not written" although the disk had room again.
+    # Their rows were delivered: the rerun found nothing to report, exited 0, and the report kept
+    # "heatmap not written" although the disk had room again.
     def no_space(src: str, dst: str) -> None:
         if str(dst).endswith(".png"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.rename(src, dst)
 
-    report, ledger = tmp_path / "r.csv", tmp_path / "l.db"
-    night = ("run", str(incoming), "--models", str(tiny_models), "--out", str(report), "--ledger", str(ledger),
-             "--heatmaps", str(tmp_path / "maps"))  # fmt: skip
+    def night(report: Path) -> tuple[int, str]:
+        return _invoke("run", str(incoming), "--models", str(tiny_models), "--out", str(report),
+                       "--ledger", str(tmp_path / "l.db"), "--heatmaps", str(tmp_path / "maps"))  # fmt: skip
+
+    report = tmp_path / "2026-12-01.csv"
+    (incoming / "g_gone.png").write_bytes((incoming / "a_dark.png").read_bytes() + b"\0")  # leaves after night 1
     with monkeypatch.context() as full:
         full.setattr(files.os, "replace", no_space)
-        code, _ = _invoke(*night)
-    assert code == 3 and sum(r["error"].startswith("heatmap not written") for r in _rows(report).values()) == 4
-    code, err = _invoke(*night)
-    rows = _rows(report)
-    assert code == 0 and "4 classified" in err and len(rows) == 6  # the four mended; the rest as they were
-    assert [n for n, r in rows.items() if r["error"]] == ["f_broken.jpg"]
-    drawn = [n for n, r in rows.items() if r["heatmap"] and Path(r["heatmap"]).is_file()]
-    assert sorted(drawn) == ["a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"]  # every classified film
-    code, _ = _invoke(*night)  # mended: delivered now, nothing more to report
-    assert code == 0 and _rows(report) == rows
+        code, _ = night(report)
+    assert code == 3 and sum(r["error"].startswith("heatmap not written") for r in _rows(report).values()) == 5
+    (incoming / "g_gone.png").unlink()
+    code, err = night(report)  # the same day, the disk freed
+    lines = list(csv.DictReader(report.open(encoding="utf-8")))
+    names = [Path(r["path"]).name for r in lines]
+    assert code == 0 and "4 classified" in err and len(names) == len(set(names)) == 7  # the four mended, in place
+    failed = {n for n in names if _rows(report)[n]["error"]}
+    assert names.index("a_dark.png") == 0 and failed == {"f_broken.jpg", "g_gone.png"}  # gone: not drawn again
+    drawn = [n for n, r in _rows(report).items() if r["heatmap"] and Path(r["heatmap"]).is_file()]
+    assert sorted(drawn) == ["a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"]  # every classified film there
+    before = report.read_bytes()
+    code, err = night(report)  # mended: nothing more to draw, each row once, however many runs wrote it
+    assert code == 0 and "0 classified" in err and report.read_bytes() == before
+    code, _ = night(tmp_path / "2026-12-02.csv")  # the next night's report: a result is delivered once
+    assert code == 0 and _rows(tmp_path / "2026-12-02.csv") == {}
+
+
+def test_union_folds_the_rows_of_every_earlier_run(tiny_models: Path, tmp_path: Path) -> None:
+    # Each run's rows are kept: a film unreadable on the first run and mended on the second was
+    # there twice in the third run's report.
+    from cxrbatch.records import Record
+
+    a, b = (Record.of(tmp_path / n, "classified", "g", "c", label="NORMAL", confidence=0.9) for n in ("a.png", "b.png"))
+    broken = Record.of(tmp_path / "a.png", "error", "g", "c", error="corrupt or truncated image")
+    folder = Record.of(tmp_path, "error", "g", "c", error="folder cannot be read")
+    assert union([broken, b, a], []) == [a, b] and union([broken, b, a], [b]) == [a, b]
+    assert union([folder, b], []) == [b]  # its files were listed later
+    assert union([b, folder], []) == [b, folder]  # not the other way round
 
 
 def test_ledger_does_not_reuse_results_made_with_other_settings(
@@ -278,6 +300,11 @@ def test_outputs_that_would_destroy_an_input_the_ledger_or_each_other_are_refuse
         assert code == 2 and expected[case] in err and "Traceback" not in err, case
     assert film.read_bytes() == before and not (tmp_path / "r.csv").exists() and not (tmp_path / "report.png").exists()
     assert not list(other_films.rglob(".cxrbatch*"))
+    maps = tmp_path / "old-maps"  # unmarked, holding only maps as this tool names them: made before folders were marked
+    maps.mkdir()
+    grey_image(maps / "0123456789abcdef.png", 120)
+    code, err = _invoke("run", str(film), "--heatmaps", str(maps), "--out", str(tmp_path / "m.csv"), *models)
+    assert code == 0 and (maps / HEATMAPS_MARKER).is_file(), err
     code, _ = _invoke("run", str(incoming), "--ledger", str(ledger), "--out", str(tmp_path / "night.db.csv"), *models)
     assert code == 3 and (tmp_path / "night.db.csv").is_file()  # a name that only begins like the ledger's is fine
 
