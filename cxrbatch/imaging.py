@@ -15,6 +15,8 @@ import os
 import stat
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 # error row, "image too large to decode safely"). Filters added later are checked first.
 warnings.filterwarnings("always", module="PIL")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-_reading = threading.local()  # `.name`: the file this thread's `load_image` is reading
+_reading = threading.local()  # `.name`: the file this thread is reading (`_reading_file`)
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -87,9 +89,8 @@ def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> I
     size = _regular_file_size(path)
     if size == 0:
         raise ImageError("empty file (0 bytes)")
-    _reading.name = display_path(path)
     try:
-        with open(path, "rb") as fh:
+        with open(path, "rb") as fh, _reading_file(display_path(path)):
             head = fh.read(132)
             fh.seek(0)
             if dicom.is_dicom(path, head) and (dicom.has_preamble(head) or not _other_format(fh, head)):
@@ -99,6 +100,14 @@ def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> I
         raise
     except OSError as exc:
         raise ImageError(_os_message(path, exc)) from None
+
+
+@contextmanager
+def _reading_file(name: str | None) -> Iterator[None]:
+    """While this thread reads the file `name`, a warning raised is a log line naming it."""
+    _reading.name = name
+    try:
+        yield
     finally:
         _reading.name = None
 
@@ -111,8 +120,9 @@ def _named_warning(
     file: TextIO | None = None,
     line: str | None = None,
 ) -> None:
-    """`warnings.showwarning` for the whole process: a warning raised while `load_image` reads a
-    file on this thread is a log line naming the file; any other is shown as before."""
+    """`warnings.showwarning` for the whole process: a warning raised while `load_image` (or
+    `decode_bytes`, given a name) reads a file on this thread is a log line naming the file; any
+    other is shown as before."""
     name = getattr(_reading, "name", None)
     if name is None:
         _show_warning(message, category, filename, lineno, file, line)
@@ -124,11 +134,13 @@ _show_warning = warnings.showwarning
 warnings.showwarning = _named_warning
 
 
-def decode_bytes(data: bytes, draft_size: int | None = None) -> Image.Image:
-    """Decode an image file held in memory (not DICOM) into "L" or "RGB", as `load_image` does."""
+def decode_bytes(data: bytes, draft_size: int | None = None, name: str | None = None) -> Image.Image:
+    """Decode an image file held in memory (not DICOM) into "L" or "RGB", as `load_image` does;
+    a warning raised meanwhile is a log line naming the file as `name` where it is given."""
     if not data:
         raise ImageError("empty file (0 bytes)")
-    return _decode(io.BytesIO(data), data[:132], draft_size)
+    with _reading_file(name):
+        return _decode(io.BytesIO(data), data[:132], draft_size)
 
 
 def _regular_file_size(path: str | os.PathLike[str]) -> int:

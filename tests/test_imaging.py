@@ -321,16 +321,17 @@ def test_a_decoders_warning_is_a_log_line_naming_each_file_it_came_from(tmp_path
     first, second = (_jpeg_with_corrupt_exif(tmp_path / name) for name in ("a.jpg", "b.jpg"))
     code = (
         "import logging, warnings; logging.basicConfig(format='%(levelname)s %(message)s')\n"
-        "from cxrbatch.imaging import load_image\n"
+        "from cxrbatch.imaging import decode_bytes, load_image\n"
         f"print(load_image({str(first)!r}).size, load_image({str(second)!r}).size)\n"
+        f"decode_bytes(open({str(first)!r}, 'rb').read(), name='a source: a.jpg')\n"  # as data build reads one
         "warnings.warn('elsewhere')"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "(64, 64) (64, 64)", done.stderr
     lines = done.stderr.splitlines()
     named = [f"WARNING {path}: UserWarning from the decoder: Truncated File Read" for path in (first, second)]
-    assert lines[:2] == named
-    assert lines[2:] == ["<string>:4: UserWarning: elsewhere"], done.stderr  # as Python shows it
+    assert lines[:3] == [*named, "WARNING a source: a.jpg: UserWarning from the decoder: Truncated File Read"]
+    assert lines[3:] == ["<string>:5: UserWarning: elsewhere"], done.stderr  # as Python shows it
 
 
 def _rgb16_png(values: np.ndarray) -> bytes:

@@ -206,7 +206,7 @@ def _convert_one(payload: tuple[Candidate, bytes | str]) -> Built | str:
 
 
 def _convert(candidate: Candidate, data: bytes) -> Built | str:
-    grey = imaging.decode_bytes(data).convert("L")
+    grey = imaging.decode_bytes(data, name=f"{candidate.source.name}: {candidate.path}").convert("L")
     with Image.open(io.BytesIO(data)) as probe:  # decodable: decode_bytes read it
         orig_format = f"{probe.format} ({probe.mode})"
     imaging.check_size(grey)
