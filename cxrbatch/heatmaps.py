@@ -33,7 +33,8 @@ from cxrbatch.records import CLASSIFIED, Record
 if TYPE_CHECKING:
     from cxrbatch.pipeline import Screener
 
-DISPLAY_SIDE = 512  # the longer side of the picture kept for drawing heatmaps
+DISPLAY_SIDE = 512  # the longer side of the picture kept for drawing heatmaps, at most
+SMALL_SIDE = 224  # a film whose longer side is below this is enlarged to DISPLAY_SIDE
 HOT = 0.6  # the share of the map's range above which a region is marked as one of the strongest
 OUTLINE = (255, 48, 32)
 CAPTION_MARGIN = 6  # pixels around the caption in its band above the film
@@ -65,12 +66,17 @@ def heatmap_name(path: Path, record: Record) -> str:
 
 
 def display_copy(img: Image.Image) -> Image.Image:
-    """A grey copy of the decoded picture to draw the heatmap on, its longer side `DISPLAY_SIDE`
-    (a small film is enlarged, so its map and caption can be read)."""
+    """A grey copy of the decoded picture to draw the heatmap on: its longer side at most
+    `DISPLAY_SIDE`, and a film smaller than `SMALL_SIDE` enlarged to it, so its map can be seen
+    (a JPEG is decoded at a reduced scale no smaller than the model's input, and kept so: a
+    larger picture doubled the cost of a heatmap)."""
     grey = img.convert("L")
-    scale = DISPLAY_SIDE / max(grey.size)
-    size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
-    return grey if size == grey.size else grey.resize(size, Image.Resampling.BILINEAR)
+    if max(grey.size) < SMALL_SIDE:
+        scale = DISPLAY_SIDE / max(grey.size)
+        size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
+        return grey.resize(size, Image.Resampling.BILINEAR)
+    grey.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.BILINEAR)  # shrinks only
+    return grey
 
 
 def class_map(cam: np.ndarray, index: int) -> np.ndarray:

@@ -47,14 +47,17 @@ def test_overlay_outlines_the_hot_region_and_leaves_the_film_readable() -> None:
     assert (arr[~red] == film[~red][:, None]).all()  # every other pixel is the film's: nothing covers it
 
 
-@pytest.mark.parametrize("size", [(3000, 40), (40, 3000), (32, 32)])
-def test_a_very_wide_tall_or_small_film_gets_a_heatmap_that_can_be_read(size: tuple[int, int]) -> None:
+@pytest.mark.parametrize(("size", "shown"), [((3000, 40), (512, 7)), ((40, 3000), (7, 512)), ((32, 32), (512, 512))])
+def test_a_very_wide_tall_or_small_film_gets_a_heatmap_that_can_be_read(
+    size: tuple[int, int], shown: tuple[int, int]
+) -> None:
     # A 3000 x 40 film became a 512 x 7 picture under its caption box; a 32 x 32 one stayed 32 px
     # with its caption wider than the film.
-    from cxrbatch.heatmaps import DISPLAY_SIDE, display_copy
+    from cxrbatch.heatmaps import display_copy
 
     picture = display_copy(Image.new("RGB", size, (90, 90, 90)))
-    assert max(picture.size) == DISPLAY_SIDE and picture.mode == "L"
+    assert picture.size == shown and picture.mode == "L"
+    assert display_copy(Image.new("L", (300, 224))).size == (300, 224)  # a JPEG's reduced decode: kept as it is
     drawn = overlay(picture, np.zeros((7, 7)), "TUBERCULOSIS 0.97 (review)")
     band = drawn.height - picture.height
     assert band >= 12 and drawn.width >= picture.width  # the caption above the film, as wide as it needs
