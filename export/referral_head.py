@@ -14,7 +14,8 @@ all normal). The head made here cannot use where a collection sits:
    weighted mean is small but not zero: norm 0.009 against rows of norm 0.65 on the shipped
    data; weighting within each collection instead moved the AUC of the NIH and Shenzhen folds by
    at most 0.0015), its penalty (relative to the rows' mean squared norm) from `PENALTIES` by the
-   mean AUC within each collection when that collection is left out of the fit;
+   mean AUC within each collection when that collection, and every film of another collection in
+   a cluster with one of its films, is left out of the fit;
 4. a logistic (Platt) fit on the val split's films maps the score to a probability (and sets
    the offset the regression has none of).
 
@@ -83,9 +84,14 @@ def ridge(rows: np.ndarray, abnormal: np.ndarray, penalties: tuple[float, ...]) 
     return [vectors @ (projected / (np.clip(values, 0.0, None) + penalty * scale)) for penalty in penalties]
 
 
-def choose_penalty(rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[float, dict[str, dict[float, float]]]:
-    """The penalty with the best mean AUC within each collection, each scored by a fit without it;
-    ties go to the stronger penalty. Returns it and every collection's AUC at every penalty."""
+def choose_penalty(
+    rows: dict[str, tuple[np.ndarray, np.ndarray]], clusters: dict[str, np.ndarray] | None = None
+) -> tuple[float, dict[str, dict[float, float]]]:
+    """The penalty with the best mean AUC within each collection, each scored by a fit without it
+    and without every film of another collection in a cluster with one of its films (`clusters`:
+    each collection's rows' cluster ids; a re-encoded copy under another collection's name would
+    otherwise be fitted on and scored); ties go to the stronger penalty. Returns it and every
+    collection's AUC at every penalty."""
     if len(rows) < 2:
         raise UsageError(
             f"a referral head needs two collections with {MIN_SIDE} normal and {MIN_SIDE} abnormal train films "
@@ -93,8 +99,19 @@ def choose_penalty(rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[floa
         )
     aucs: dict[str, dict[float, float]] = {}
     for left_out, (x_out, y_out) in rows.items():
-        x = np.concatenate([r for name, (r, _) in rows.items() if name != left_out])
-        y = np.concatenate([a for name, (_, a) in rows.items() if name != left_out])
+        touched = set((clusters or {}).get(left_out, np.array([])).tolist()) - {""}
+        kept = {
+            name: ~np.isin(clusters[name], list(touched)) if clusters and touched else np.ones(len(a), dtype=bool)
+            for name, (_, a) in rows.items()
+            if name != left_out
+        }
+        x = np.concatenate([rows[name][0][keep] for name, keep in kept.items()])
+        y = np.concatenate([rows[name][1][keep] for name, keep in kept.items()])
+        if y.all() or not y.any():
+            raise UsageError(
+                f"nothing is left to fit without the films of {left_out}'s clusters: normal and abnormal films of "
+                "other collections are needed"
+            )
         fits = ridge(x, y, PENALTIES)
         aucs[left_out] = {p: roc_auc(x_out @ w, y_out) or 0.0 for p, w in zip(PENALTIES, fits, strict=True)}
     means = {p: float(np.mean([a[p] for a in aucs.values()])) for p in PENALTIES}
@@ -103,12 +120,14 @@ def choose_penalty(rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[floa
 
 
 def fit_head(
-    unit: np.ndarray, abnormal: np.ndarray, collections: np.ndarray
+    unit: np.ndarray, abnormal: np.ndarray, collections: np.ndarray, clusters: np.ndarray | None = None
 ) -> tuple[np.ndarray, float, dict[str, dict[float, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Steps 2 and 3 on unit-length features: the weights, the penalty, each collection's AUC at
-    every penalty when left out, and the centred rows of each collection that took part."""
+    """Steps 2 and 3 on unit-length features (`clusters`: each film's cluster id, for the choice
+    of penalty): the weights, the penalty, each collection's AUC at every penalty when left out,
+    and the centred rows of each collection that took part."""
     rows = within_collection_rows(unit, abnormal, collections)
-    penalty, aucs = choose_penalty(rows)
+    by_collection = None if clusters is None else {name: clusters[collections == name] for name in rows}
+    penalty, aucs = choose_penalty(rows, by_collection)
     x = np.concatenate([r for r, _ in rows.values()])
     y = np.concatenate([a for _, a in rows.values()])
     return ridge(x, y, (penalty,))[0], penalty, aucs, rows
@@ -141,7 +160,8 @@ def add_referral_head(
     log.info("referral head: features of %d train and %d val films", len(train.paths), len(val.paths))
     unit = unit_length(features(proto, train.paths, screener))
     collections = np.array(sources_of(train.paths, manifest))
-    weights, penalty, aucs, rows = fit_head(unit, train.labels != negative, collections)
+    clusters = np.array([manifest.get(p.stem, {}).get("cluster", "") for p in train.paths])
+    weights, penalty, aucs, rows = fit_head(unit, train.labels != negative, collections, clusters)
     val_abnormal = val.labels != negative
     val_raw = unit_length(features(proto, val.paths, screener)) @ weights
     slope, intercept = sitehead.platt(val_raw, val_abnormal)
@@ -160,7 +180,8 @@ def add_referral_head(
     record = {
         "output": BUNDLED_REFERRAL,
         "rule": "class-balanced ridge regression of +1/-1 on unit-length pooled features, each collection centred "
-        "on its class-balanced mean; penalty by the mean within-collection AUC with that collection left out; "
+        "on its class-balanced mean; penalty by the mean within-collection AUC with that collection (and the "
+        "films of its clusters) left out; "
         "Platt scaling on the val split",
         "collections": {name: {"films": len(a), "abnormal": int(a.sum())} for name, (_, a) in rows.items()},
         "penalty": penalty,

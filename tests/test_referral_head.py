@@ -288,3 +288,26 @@ def test_the_head_leaves_out_what_the_models_training_left_out(tiny_models: Path
     record = referral_head.add_referral_head(fold, tmp_path / "h.onnx", data, gate)  # not named again here
     assert record["excluded_sources"] == ["tb-only"] and plain["excluded_sources"] == []
     assert (plain["val_films"], record["val_films"]) == (60, 48)  # tb-only's 12 val films left out
+
+
+def test_the_penalty_is_judged_without_the_left_out_collections_copies_in_other_collections() -> None:
+    # The curated Kaggle set holds re-encoded Kermany films: left out, Kermany was scored by a fit
+    # on its own copies.
+    rng = np.random.default_rng(3)
+    films = rng.normal(size=(20, 30))
+    side = np.arange(20) % 2 == 0
+    rows = {
+        "a": (films, side),
+        "b": (np.concatenate([films, rng.normal(size=(20, 30))]), np.concatenate([side, side])),  # a's copies first
+        "c": (rng.normal(size=(20, 30)), side),
+    }
+    clusters = {"a": np.array([f"a{i}" for i in range(20)]), "c": np.array([f"c{i}" for i in range(20)])}
+    clusters["b"] = np.concatenate([clusters["a"], [f"b{i}" for i in range(20)]])
+    _, with_copies = referral_head.choose_penalty(rows)
+    _, without = referral_head.choose_penalty(rows, clusters)
+    weakest = min(referral_head.PENALTIES)
+    assert with_copies["a"][weakest] > 0.9 and without["a"][weakest] < 0.7  # the copies had told it the answers
+    assert without["c"] == with_copies["c"]  # c shares no cluster: its fit is the same
+    only_copies = {"a": rows["a"], "b": (films, side)}
+    with pytest.raises(UsageError, match="nothing is left to fit without the films of a's clusters"):
+        referral_head.choose_penalty(only_copies, {"a": clusters["a"], "b": clusters["a"]})
