@@ -92,6 +92,7 @@ def train(
     """Train one model on `data_dir` and save `out` (.keras) with its `.json` sidecar."""
     config = config or DEFAULTS[role]
     check_out(out, ".keras")  # before the hours of training, not after
+    check_out(sidecar_path(out), ".json", "--out's sidecar")  # written last, after the checkpoint
     refuse_out_inside(data_dir, out)
     train_split, val_split, manifest = load_data(data_dir, config)
     if base_weights is not None and not base_weights.is_file():

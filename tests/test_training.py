@@ -247,7 +247,9 @@ def test_study_with_a_second_tree_puts_each_films_features_side_by_side(
 
 def test_train_refuses_before_training_what_would_fail_or_mislead_after_it(tmp_path: Path) -> None:
     data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=2)
-    for out, message in ((tmp_path / "runs", "is a folder"), (tmp_path / "c.onnx", "must name a .keras file")):
+    (tmp_path / "s.keras.json").mkdir()  # the sidecar's place: refused before, not after, the training
+    outs = ((tmp_path / "runs", "is a folder"), (tmp_path / "c.onnx", "must name a .keras file"))
+    for out, message in (*outs, (tmp_path / "s.keras", "--out's sidecar " + str(tmp_path / "s.keras.json"))):
         (tmp_path / "runs").mkdir(exist_ok=True)
         result = runner.invoke(
             app, ["train", "classifier", str(data), "--out", str(out), *TINY, "--negative-label", "DARK"]
