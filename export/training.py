@@ -189,19 +189,29 @@ def load_data(data_dir: Path, config: TrainConfig) -> tuple[Split, Split, dict[s
             f"{config.positive_label} and one other (e.g. NOT_{config.positive_label}), found {list(classes)}"
         )
     manifest = read_manifest(data_dir)
-    train_split = without_sources(load_split(data_dir, "train", classes), manifest, config.exclude_sources)
-    val_split = without_sources(load_split(data_dir, "val", classes), manifest, config.exclude_sources)
+    whole = {name: load_split(data_dir, name, classes) for name in ("train", "val")}
+    train_split, val_split = (without_sources(whole[n], manifest, config.exclude_sources) for n in ("train", "val"))
     if not len(train_split.paths) or not len(val_split.paths):
         raise UsageError(f"{data_dir}: train and val splits both need images")
-    if config.role == "gate" and 0 in val_split.counts().values():
-        raise UsageError(f"the gate's threshold is set on val: {data_dir / 'val'} needs films of both {list(classes)}")
-    untrained = [c for c, n in train_split.counts().items() if n == 0]
+    untrained, why = _absent(train_split, whole["train"], config)
     if untrained:
+        raise UsageError(f"{data_dir / 'train'}: no film of {untrained} is left to train on{why}")
+    unjudged, why = _absent(val_split, whole["val"], config)
+    if unjudged and config.role == "gate":
         raise UsageError(
-            f"{data_dir / 'train'}: no film of {untrained} is left to train on"
-            + (f" once {list(config.exclude_sources)} are left out" if config.exclude_sources else "")
+            f"the gate's threshold is set on val: {data_dir / 'val'} needs films of both {list(classes)}{why}"
         )
+    if unjudged:  # early stopping, LR plateaus, the best weights kept and the val accuracy would all ignore it
+        raise UsageError(f"the classifier is judged on val: {data_dir / 'val'} has no film of {unjudged}{why}")
     return train_split, val_split, manifest
+
+
+def _absent(split: Split, whole: Split, config: TrainConfig) -> tuple[list[str], str]:
+    """The classes `split` has no film of, and why where `--exclude-source` took their films ("" if not)."""
+    missing = [c for c, n in split.counts().items() if n == 0]
+    taken = [c for c in missing if whole.counts()[c]]
+    why = f" once {list(config.exclude_sources)} are left out (they held every film of {taken} there)" if taken else ""
+    return missing, why
 
 
 def _phase1(model: keras.Model, above: keras.Model, f: _Fitting) -> tuple[dict[str, Any], keras.Model, np.ndarray]:

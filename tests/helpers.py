@@ -301,15 +301,20 @@ def blob_image(path: Path, rng: np.random.Generator, bright: bool, colour: bool)
         Image.fromarray(grey, mode="L").save(path)
 
 
-def blob_dataset(root: Path, classes: dict[str, tuple[bool, bool]], per_class: int = 12) -> Path:
-    """Write a train/ val/ test/ <CLASS>/ tree of blobs; `classes` maps a name to (bright, colour)."""
+def blob_dataset(
+    root: Path, classes: dict[str, tuple[bool, bool]], per_class: int = 12, split_ids: bool = False
+) -> Path:
+    """Write a train/ val/ test/ <CLASS>/ tree of blobs; `classes` maps a name to (bright, colour).
+
+    Films are named `<CLASS>_<i>` alike in every split, or `<split>-<CLASS>_<i>` with `split_ids`
+    (a tree with a MANIFEST.csv, whose ids are file stems, needs each stem once)."""
     rng = np.random.default_rng(7)
     for split in ("train", "val", "test"):
         for name, (bright, colour) in classes.items():
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(per_class):
-                blob_image(folder / f"{name}_{i}.png", rng, bright, colour)
+                blob_image(folder / f"{split + '-' if split_ids else ''}{name}_{i}.png", rng, bright, colour)
     return root
 
 

@@ -4,6 +4,7 @@ operator mistakes `train` reports in one line."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ pytest.importorskip("tensorflow", reason="the export extra (tensorflow) is not i
 pytest.importorskip("tf2onnx", reason="the export extra (tf2onnx) is not installed")
 
 from cxrbatch.cli import app
+from cxrbatch.errors import UsageError
 from cxrbatch.extras import export_module
 
 pytestmark = pytest.mark.export
@@ -275,6 +277,28 @@ def test_train_refuses_before_training_what_would_fail_or_mislead_after_it(tmp_p
     code, err = _train(data, tmp_path, "--negative-label", "DARK")
     assert code == 2 and f"training film {film} cannot be read" in err
     assert "Traceback" not in err and not (tmp_path / "c.keras").exists()
+
+
+def test_a_val_split_without_a_class_is_refused_saying_whether_a_left_out_source_emptied_it(tmp_path: Path) -> None:
+    classes = {"DARK": (False, False), "LIGHT": (True, False), "VIVID": (True, True)}
+    data = blob_dataset(tmp_path / "cxr", classes, per_class=2, split_ids=True)
+    # every collection has films of every class, but colV holds the only val VIVID films
+    rows = ["id,source,collection"] + [
+        f"{s}-{c}_{i},repo,{'colV' if (s, c) == ('val', 'VIVID') else 'colA'}"
+        for s in ("train", "val", "test")
+        for c in classes
+        for i in range(2)
+    ]
+    (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    training, config = export_module("training"), export_module("config").DEFAULTS["classifier"]
+    config = replace(config, negative_label="DARK")
+    with pytest.raises(UsageError, match=r"judged on val: .* has no film of \['VIVID'\] once \['colV'\] are left out"):
+        training.load_data(data, replace(config, exclude_sources=("colV",)))
+    for film in (data / "val" / "VIVID").iterdir():
+        film.unlink()
+    (data / "val" / "VIVID").rmdir()
+    code, err = _train(data, tmp_path, "--negative-label", "DARK")
+    assert code == 2 and f"[error] the classifier is judged on val: {data / 'val'} has no film of ['VIVID']\n" in err
 
 
 def test_the_gate_scores_its_xray_folder_whatever_the_folders_order(tmp_path: Path) -> None:
