@@ -8,6 +8,7 @@ the cache point are frozen anyway, so their output is computed once and stored a
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,29 @@ def read_film(path: Path, what: str = "training film") -> Image.Image:
         return load_image(path)
     except ImageError as exc:
         raise UsageError(f"{what} {path} cannot be read: {exc}") from None
+
+
+def refuse_unreadable(paths: list[Path], what: str = "training film") -> None:
+    """Decode every film once, as `read_film` will, and refuse the run naming those that cannot be
+    read: found by the caching, a val film (or a late train one) cost most of the run first."""
+    started = time.perf_counter()
+
+    def problem(path: Path) -> tuple[Path, str] | None:
+        try:
+            load_image(path)
+        except ImageError as exc:
+            return path, str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # decoding releases the GIL: both cores work
+        bad = [found for found in pool.map(problem, paths) if found]
+    log.info("%d films decoded in %.1f s, %d unreadable", len(paths), time.perf_counter() - started, len(bad))
+    if len(bad) == 1:
+        raise UsageError(f"{what} {bad[0][0]} cannot be read: {bad[0][1]}")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        named = "; ".join(f"{path} ({why})" for path, why in bad[:5])
+        raise UsageError(f"{len(bad)} {what}s cannot be read: {named}{more}")
 
 
 def views_of(path: Path, spec: InputSpec, seed: int, views: int, config: TrainConfig) -> np.ndarray:

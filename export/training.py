@@ -48,7 +48,7 @@ from cxrbatch.datasets import (
 from cxrbatch.errors import UsageError
 from cxrbatch.files import check_out
 
-from .cache import ViewSampler, cache_activations, pool_features
+from .cache import ViewSampler, cache_activations, pool_features, refuse_unreadable
 from .config import DEFAULTS, TrainConfig, sidecar_path
 from .network import backbone_of, build_model, calibrate_batchnorm, cut_at, head_model, top_model, unfreeze_above
 from .sources import alignment_plan, alignment_targets, sample_weights, source_alignment_loss
@@ -97,6 +97,7 @@ def train(
     train_split, val_split, manifest = load_data(data_dir, config)
     if base_weights is not None and not base_weights.is_file():
         raise UsageError(f"Base weights not found: {base_weights}")
+    refuse_unreadable(train_split.paths + val_split.paths)  # not a val film found once every train view is cached
     keras.utils.set_random_seed(config.seed)
     started = time.time()
     model = build_model(config, len(train_split.classes), base_weights)

@@ -301,6 +301,19 @@ def test_a_val_split_without_a_class_is_refused_saying_whether_a_left_out_source
     assert code == 2 and f"[error] the classifier is judged on val: {data / 'val'} has no film of ['VIVID']\n" in err
 
 
+def test_unreadable_val_and_late_train_films_are_refused_before_any_model_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=3)
+    late = [sorted((data / split / "LIGHT").iterdir())[-1] for split in ("train", "val")]
+    late[0].write_bytes(b"not an image")
+    late[1].write_bytes(b"")
+    monkeypatch.setattr(export_module("training"), "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    code, err = _train(data, tmp_path, "--negative-label", "DARK")
+    assert code == 2 and "[error] 2 training films cannot be read: " in err
+    assert f"{late[0]} (" in err and f"{late[1]} (" in err and "Traceback" not in err
+
+
 def test_the_gate_scores_its_xray_folder_whatever_the_folders_order(tmp_path: Path) -> None:
     two = blob_dataset(tmp_path / "g", {"CXR": (False, False), "PHOTO": (True, True)}, per_class=2)
     result = runner.invoke(app, ["train", "gate", str(two), "--out", str(tmp_path / "g.keras"), *TINY])
