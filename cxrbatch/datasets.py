@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,8 +175,9 @@ def _refuse_loose(root: Path, folders: list[Path], classes: list[str]) -> None:
 
 def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
     """Map image id (file stem) to its MANIFEST.csv row; {} without a manifest. A manifest with no
-    `id` column, or one id on two rows, is a UsageError: its rows could not be told apart, and a
-    film would take another's source or label."""
+    `id` column, one id on two rows, or one id that two films of the tree bear (in any of its
+    splits) is a UsageError: its rows, or those films, could not be told apart, and a film would
+    take another's source, label or cluster."""
     manifest = data_dir / MANIFEST
     if not manifest.is_file():
         return {}
@@ -187,7 +189,32 @@ def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
     if twice:
         more = f" and {len(twice) - 5} more" if len(twice) > 5 else ""
         raise UsageError(f"{manifest} lists an id on more than one row: {', '.join(twice[:5])}{more}")
+    present = [data_dir / s for s in SPLITS if (data_dir / s).is_dir()]
+    refuse_shared_ids(iter_images(present or [data_dir]), data_dir, listed=set(ids))
     return {row["id"]: row for row in rows}
+
+
+def refuse_shared_ids(paths: Iterable[Path], where: Path, listed: set[str] | None = None) -> None:
+    """Refuse films that share an id (their file stem), naming the first few: whatever is looked up
+    by id (a manifest row, a kept feature) would be one film's for both. With `listed`, only ids
+    among them count (a stem no manifest row names takes no film's row)."""
+    first: dict[str, Path] = {}
+    shared: list[str] = []
+    for path in paths:
+        if listed is None or path.stem in listed:
+            seen = first.setdefault(path.stem, path)
+            if seen != path:
+                shared.append(f"{_within(seen, where)} and {_within(path, where)}")
+    if shared:
+        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+        raise UsageError(
+            f"{where}: films share an id (the file stem), so they cannot be told apart: {'; '.join(shared[:3])}"
+            f"{more}; give each film a name of its own"
+        )
+
+
+def _within(path: Path, root: Path) -> Path:
+    return path.relative_to(root) if path.is_relative_to(root) else path
 
 
 def _manifest_rows(manifest: Path) -> tuple[list[str], list[dict[str, str]]]:

@@ -28,7 +28,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from cxrbatch.datasets import Split, class_names, left_out, load_split, read_manifest, sources_of
+from cxrbatch.datasets import (
+    Split,
+    class_names,
+    left_out,
+    load_split,
+    read_manifest,
+    refuse_shared_ids,
+    sources_of,
+)
 from cxrbatch.errors import UsageError
 from cxrbatch.files import file_sha256
 from cxrbatch.metrics import roc_auc
@@ -70,6 +78,7 @@ def study(
     if not (data_dir / "val").is_dir():
         raise UsageError(f"{data_dir} has no val/ folder: each head stops early on the val films")
     splits = {name: load_split(data_dir, name, classes) for name in SPLITS if (data_dir / name).is_dir()}
+    refuse_shared_ids((p for split in splits.values() for p in split.paths), data_dir)  # features are kept by id
     sources = {name: np.asarray(sources_of(split.paths, manifest), dtype=object) for name, split in splits.items()}
     chosen = folds or default_folds(splits, sources)
     if not chosen:
@@ -180,8 +189,9 @@ def _features(
 ) -> dict[str, np.ndarray]:
     """Pooled features: train's `views` views per image, and every split's clean images (a view 0).
 
-    Kept per image (by id, the file stem) in `cache`, so a tree that grew by a source costs only
-    the new images; an image's views are drawn from a seed made of the run's seed and its id."""
+    Kept per image (by id, the file stem: `study` refuses two films of one id) in `cache`, so a
+    tree that grew by a source costs only the new images; an image's views are drawn from a seed
+    made of the run's seed and its id."""
     key = _feature_key(config, base_weights)
     stored = _read_cache(cache, key)
     wanted = {name: [p for p in split.paths if p.stem not in stored[_kind(name)]] for name, split in splits.items()}
@@ -213,8 +223,10 @@ def _features(
 def _same_films(other: Path, splits: dict[str, Split]) -> dict[str, Split]:
     """The splits of `other`, in the order of `splits` by id (file stem); every film must be there."""
     out = {}
+    loaded = {name: load_split(other, name, split.classes).paths for name, split in splits.items()}
+    refuse_shared_ids((p for paths in loaded.values() for p in paths), other)
     for name, split in splits.items():
-        found = {p.stem: p for p in load_split(other, name, split.classes).paths}
+        found = {p.stem: p for p in loaded[name]}
         missing = [p.name for p in split.paths if p.stem not in found]
         if missing:
             raise UsageError(f"{other}/{name} lacks {len(missing)} film(s) of the study's tree, e.g. {missing[0]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,22 @@ def test_a_manifest_without_ids_or_with_an_id_twice_is_refused(tmp_path: Path) -
     (tmp_path / "MANIFEST.csv").write_text("name,label\nabc,NORMAL\n", encoding="utf-8")
     with pytest.raises(UsageError, match="has no `id` column"):
         read_manifest(tmp_path)
+
+
+def test_a_manifest_id_that_two_films_of_the_tree_bear_is_refused_naming_them(tmp_path: Path) -> None:
+    # ids are file stems: val/DARK/x.png and test/LIGHT/x.jpg both took the one row of x
+    data = _tree(tmp_path)
+    (data / "test" / "LIGHT").mkdir(parents=True)
+    grey_image(data / "test" / "LIGHT" / "val-DARK_1.jpg", 200)
+    grey_image(data / "test" / "LIGHT" / "unlisted.png", 200)
+    grey_image(data / "train" / "LIGHT" / "unlisted.png", 210)
+    (data / "MANIFEST.csv").write_text("id,source\nval-DARK_1,a\ntrain-DARK_0,b\n", encoding="utf-8")
+    shared = f"{Path('val/DARK/val-DARK_1.png')} and {Path('test/LIGHT/val-DARK_1.jpg')}"
+    with pytest.raises(UsageError, match=f"films share an id \\(the file stem\\).*: {re.escape(shared)}; give"):
+        read_manifest(data)
+    (data / "test" / "LIGHT" / "val-DARK_1.jpg").unlink()  # a stem no row names takes no film's row
+    assert set(read_manifest(data)) == {"val-DARK_1", "train-DARK_0"}
+    assert len(labelled_images(data, "all").paths) == 18
 
 
 def test_a_manifest_that_is_not_utf8_csv_is_refused_by_name(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def _tree(root: Path) -> Path:
             folder = root / split / label
             folder.mkdir(parents=True)
             for i, level in enumerate(rng.uniform(low, high, n)):
-                grey_image(folder / f"{label}{i}.png", int(level))
+                grey_image(folder / f"{split}-{label}{i}.png", int(level))  # a stem is one film's: ids are stems
     return root
 
 

@@ -18,8 +18,12 @@ runner = CliRunner()
 
 
 def test_probe_reports_source_accuracy_against_the_majority_baseline(exported: dict[str, Path], tmp_path: Path) -> None:
-    data = blob_dataset(tmp_path / "cxr", {"DARK": (False, False), "LIGHT": (True, False)}, per_class=20)
-    rows = ["id,source"] + [f"{c}_{i},src{i % 2}" for c in ("DARK", "LIGHT") for i in range(20)]
+    data = blob_dataset(
+        tmp_path / "cxr", {"DARK": (False, False), "LIGHT": (True, False)}, per_class=20, split_ids=True
+    )
+    rows = ["id,source"] + [
+        f"{s}-{c}_{i},src{i % 2}" for s in ("train", "val") for c in ("DARK", "LIGHT") for i in range(20)
+    ]
     (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     ckpt, out = exported["work"] / "classifier.keras", tmp_path / "probe.json"
     result = runner.invoke(app, ["probe", str(ckpt), str(data), "--json", str(out)])

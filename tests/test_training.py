@@ -24,6 +24,7 @@ pytestmark = pytest.mark.export
 runner = CliRunner()
 TINY = TINY_TRAINING
 CLASSES = {"DARK": (False, False), "LIGHT": (True, False)}
+SPLITS = ("train", "val", "test")
 
 
 def test_checkpoint_sidecar_has_sorted_labels_and_config(exported: dict[str, Path]) -> None:
@@ -56,8 +57,8 @@ def test_leave_source_out_training_with_source_alignment(tmp_path: Path, monkeyp
         return real_augment(img, rng, zoom_out, crop_area)
 
     monkeypatch.setattr(cache, "augment", recorded)
-    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=30)
-    rows = ["id,source"] + [f"{c}_{i},src{i % 3}" for c in ("DARK", "LIGHT") for i in range(30)]
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=30, split_ids=True)
+    rows = ["id,source"] + [f"{s}-{c}_{i},src{i % 3}" for s in SPLITS for c in ("DARK", "LIGHT") for i in range(30)]
     (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     ckpt = tmp_path / "clf.keras"
     args = ["train", "classifier", str(data), "--out", str(ckpt), *TINY, "--views", "2", "--zoom-out", "0.8"]
@@ -151,14 +152,16 @@ def test_the_same_seed_gives_the_same_views(tmp_path: Path) -> None:
 
 def test_leave_one_collection_out_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     classes = {"DARK": (False, False), "LIGHT": (True, False), "VIVID": (True, True)}
-    data = blob_dataset(tmp_path / "cxr", classes, per_class=6)
+    data = blob_dataset(tmp_path / "cxr", classes, per_class=6, split_ids=True)
     # DARK and LIGHT come from two collections each, VIVID from a third only
     collection = {
         "DARK": lambda i: f"col{'AB'[i % 2]}",
         "LIGHT": lambda i: f"col{'AB'[i % 2]}",
         "VIVID": lambda i: "colC",
     }
-    rows = ["id,source,collection"] + [f"{c}_{i},repo,{collection[c](i)}" for c in classes for i in range(6)]
+    rows = ["id,source,collection"] + [
+        f"{s}-{c}_{i},repo,{collection[c](i)}" for s in SPLITS for c in classes for i in range(6)
+    ]
     (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     args = ["loco", str(data), "--json", str(tmp_path / "loco.json"), "--size", "32", "--alpha", "0.35"]
     args += ["--views", "2", "--epochs1", "2", "--negative-label", "DARK", "--features-cache", str(tmp_path / "f.npz")]
@@ -190,7 +193,7 @@ def test_leave_one_collection_out_study(tmp_path: Path, monkeypatch: pytest.Monk
         return real(model, split, *rest, **kw)
 
     monkeypatch.setattr(export_module("loco"), "cache_activations", counted)
-    Image.open(data / "train" / "DARK" / "DARK_0.png").rotate(90).save(data / "train" / "DARK" / "DARK_new.png")
+    Image.open(data / "train" / "DARK" / "train-DARK_0.png").rotate(90).save(data / "train" / "DARK" / "DARK_new.png")
     (data / "MANIFEST.csv").write_text("\n".join([*rows, "DARK_new,repo,colA"]) + "\n", encoding="utf-8")
     grown = runner.invoke(app, args)
     assert grown.exit_code == 0, grown.output
@@ -199,11 +202,12 @@ def test_leave_one_collection_out_study(tmp_path: Path, monkeypatch: pytest.Monk
     # a colC film in one cluster with a colA film (a copy under another collection's name): the
     # head without colA must not train on it
     clusters = ["id,source,collection,cluster"] + [f"{r},k{r.split(',')[0]}" for r in [*rows[1:], "DARK_new,repo,colA"]]
-    clusters = [line.replace("VIVID_0,repo,colC,kVIVID_0", "VIVID_0,repo,colC,kDARK_0") for line in clusters]
+    moved = {f"{split}-VIVID_0" for split in SPLITS}
+    clusters = [c.rsplit(",", 1)[0] + ",ktrain-DARK_0" if c.split(",")[0] in moved else c for c in clusters]
     (data / "MANIFEST.csv").write_text("\n".join(clusters) + "\n", encoding="utf-8")
     assert runner.invoke(app, args).exit_code == 0
     folds = json.loads((tmp_path / "loco.json").read_text(encoding="utf-8"))["folds"]
-    # (this tree names a film alike in every split: VIVID_0 is left out of train and val)
+    # (the VIVID_0 films of every split share train-DARK_0's cluster: train's and val's are left out)
     assert (folds["colA"]["trained_on"], folds["colA"]["left_out_by_cluster"]) == (11, 2)
     assert (folds["colB"]["trained_on"], folds["colB"]["left_out_by_cluster"]) == (13, 0)
     unknown = runner.invoke(app, [*args, "--fold", "colZ"])
@@ -214,8 +218,10 @@ def test_study_with_a_second_tree_puts_each_films_features_side_by_side(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     classes = {"DARK": (False, False), "LIGHT": (True, False)}
-    data = blob_dataset(tmp_path / "cxr", classes, per_class=4)
-    rows = ["id,source,collection"] + [f"{c}_{i},repo,col{'AB'[i % 2]}" for c in classes for i in range(4)]
+    data = blob_dataset(tmp_path / "cxr", classes, per_class=4, split_ids=True)
+    rows = ["id,source,collection"] + [
+        f"{s}-{c}_{i},repo,col{'AB'[i % 2]}" for s in SPLITS for c in classes for i in range(4)
+    ]
     (data / "MANIFEST.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     other = tmp_path / "cut"  # the same films by id, otherwise made (here: cut and saved as JPEG)
     for path in data.glob("*/*/*.png"):
@@ -327,9 +333,10 @@ def test_the_gate_scores_its_xray_folder_whatever_the_folders_order(tmp_path: Pa
 
 
 def test_studies_refuse_before_the_work_what_would_overwrite_their_tree_or_measure_nothing(tmp_path: Path) -> None:
-    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=2)
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=2, split_ids=True)
     manifest = data / "MANIFEST.csv"
-    manifest.write_text("id,source\n" + "".join(f"{c}_{i},s{i}\n" for c in CLASSES for i in range(2)), encoding="utf-8")
+    rows = "".join(f"{s}-{c}_{i},s{i}\n" for s in SPLITS for c in CLASSES for i in range(2))
+    manifest.write_text("id,source\n" + rows, encoding="utf-8")
     before = manifest.read_bytes()
     args = ["--size", "32", "--alpha", "0.35", "--views", "1", "--epochs1", "1", "--negative-label", "DARK"]
     result = runner.invoke(app, ["loco", str(data), "--json", str(manifest), *args])
@@ -343,6 +350,17 @@ def test_studies_refuse_before_the_work_what_would_overwrite_their_tree_or_measu
     result = runner.invoke(app, ["loco", str(data), "--json", str(tmp_path / "l.json"), *args])
     assert result.exit_code == 2 and "no collection to leave out" in result.stderr
     assert not (tmp_path / "l.json").exists()
+
+
+def test_a_study_refuses_films_that_share_an_id(tmp_path: Path) -> None:
+    # its features are kept by id: val/DARK/DARK_0.png and test/DARK/DARK_0.png took one film's
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=2)
+    (data / "MANIFEST.csv").write_text("id,source,collection\nother,repo,colA\n", encoding="utf-8")
+    args = ["--size", "32", "--alpha", "0.35", "--views", "1", "--epochs1", "1", "--negative-label", "DARK"]
+    result = runner.invoke(app, ["loco", str(data), "--json", str(tmp_path / "l.json"), *args, "--fold", "colA"])
+    shared = f"{Path('train/DARK/DARK_0.png')} and {Path('val/DARK/DARK_0.png')}"
+    assert result.exit_code == 2 and "films share an id (the file stem)" in result.stderr
+    assert shared in result.stderr and "and 5 more; give each film a name of its own" in result.stderr
 
 
 def test_the_features_cache_is_kept_apart_for_other_starting_weights(tmp_path: Path) -> None:
