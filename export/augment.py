@@ -10,6 +10,12 @@ from PIL import Image, ImageFilter
 
 from cxrbatch.imaging import in_frame
 
+# Part of the key of `loco`'s features cache (as `imaging.PREPROCESSING_VERSION` is): raise it
+# whenever a change here or in `cache.views_of` can change a view drawn from the same seed (a
+# draw added, dropped or reordered, another range or perturbation), so that features of views
+# made before are not reused.
+AUGMENTATION_VERSION = 1
+
 
 def augment(img: Image.Image, rng: np.random.Generator, zoom_out: float = 0.0, crop_area: float = 0.70) -> Image.Image:
     """Perturb a radiograph the way other sources differ: framing, side, resolution, blur, contrast, JPEG.

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import TINY_TRAINING, blob_dataset
-from PIL import Image
+from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 pytest.importorskip("tensorflow", reason="the export extra (tensorflow) is not installed")
@@ -199,6 +199,14 @@ def test_leave_one_collection_out_study(tmp_path: Path, monkeypatch: pytest.Monk
     assert grown.exit_code == 0, grown.output
     assert computed == [1]
     assert json.loads((tmp_path / "loco.json").read_text(encoding="utf-8"))["folds"]["colB"]["trained_on"] == 13
+    assert "54 reused, 1 computed (0 of them of a film that changed" in grown.stderr
+    # a film changed under its id (a lung-cut tree keeps the ids): its features are computed again
+    ImageOps.invert(Image.open(data / "val" / "LIGHT" / "val-LIGHT_2.png").convert("RGB")).save(
+        data / "val" / "LIGHT" / "val-LIGHT_2.png"
+    )
+    changed = runner.invoke(app, args)
+    assert changed.exit_code == 0 and computed == [1, 1], changed.output
+    assert "54 reused, 1 computed (1 of them of a film that changed" in changed.stderr
     # a colC film in one cluster with a colA film (a copy under another collection's name): the
     # head without colA must not train on it
     clusters = ["id,source,collection,cluster"] + [f"{r},k{r.split(',')[0]}" for r in [*rows[1:], "DARK_new,repo,colA"]]
@@ -363,10 +371,26 @@ def test_a_study_refuses_films_that_share_an_id(tmp_path: Path) -> None:
     assert shared in result.stderr and "and 5 more; give each film a name of its own" in result.stderr
 
 
-def test_the_features_cache_is_kept_apart_for_other_starting_weights(tmp_path: Path) -> None:
+def test_the_features_cache_is_kept_apart_for_other_starting_weights_and_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     loco, config = export_module("loco"), export_module("config").DEFAULTS["classifier"]
     one, other = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
     one.write_bytes(b"weights one")
     other.write_bytes(b"weights two")
     keys = [loco._feature_key(config, weights) for weights in (None, one, other)]
     assert keys[0]["base_weights_sha256"] is None and len({json.dumps(k) for k in keys}) == 3
+    # a film decoded or augmented otherwise gives other features: neither version's rows are reused
+    import cxrbatch.imaging
+
+    monkeypatch.setattr(cxrbatch.imaging, "PREPROCESSING_VERSION", cxrbatch.imaging.PREPROCESSING_VERSION + 1)
+    keys.append(loco._feature_key(config, None))
+    augment = export_module("augment")
+    monkeypatch.setattr(augment, "AUGMENTATION_VERSION", augment.AUGMENTATION_VERSION + 1)
+    keys.append(loco._feature_key(config, None))
+    assert len({json.dumps(k) for k in keys}) == 5
+    # a cache made before its rows carried their film's hash is computed again, not read
+    old = tmp_path / "old.npz"
+    np.savez(old, key=np.asarray(json.dumps(keys[-1])), views_ids=np.asarray(["a"]), views=np.zeros((1, 2, 4)),
+             clean_ids=np.asarray(["b"]), clean=np.zeros((1, 1, 4)))  # fmt: skip
+    assert loco._read_cache(old, keys[-1]) == {"views": {}, "clean": {}}
