@@ -75,15 +75,17 @@ def test_a_full_disk_while_writing_heatmaps_loses_no_result(
     assert left == [HEATMAPS_MARKER]  # no temp file left, only the mark that keeps later runs out
 
 
+def _no_space_for_pictures(src: str, dst: str) -> None:
+    """`os.replace` on a disk with no room left for a picture (a heatmap); reports still fit."""
+    if str(dst).endswith(".png"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.rename(src, dst)
+
+
 def test_a_heatmap_that_cannot_be_written_is_a_row_problem(
     tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_space(src: str, dst: str) -> None:
-        if str(dst).endswith(".png"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        os.rename(src, dst)
-
-    monkeypatch.setattr(files.os, "replace", no_space)
+    monkeypatch.setattr(files.os, "replace", _no_space_for_pictures)
     report = tmp_path / "r.csv"
     code, err = _invoke("run", str(incoming), "--models", str(tiny_models), "--out", str(report),
                         "--heatmaps", str(tmp_path / "maps"), "--heatmaps-for", "flagged")  # fmt: skip
@@ -99,11 +101,6 @@ def test_a_rerun_into_the_same_report_draws_the_heatmaps_that_could_not_be_writt
 ) -> None:
     # Their rows were delivered: the rerun found nothing to report, exited 0, and the report kept
     # "heatmap not written" although the disk had room again.
-    def no_space(src: str, dst: str) -> None:
-        if str(dst).endswith(".png"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        os.rename(src, dst)
-
     def night(report: Path) -> tuple[int, str]:
         return _invoke("run", str(incoming), "--models", str(tiny_models), "--out", str(report),
                        "--ledger", str(tmp_path / "l.db"), "--heatmaps", str(tmp_path / "maps"))  # fmt: skip
@@ -111,7 +108,7 @@ def test_a_rerun_into_the_same_report_draws_the_heatmaps_that_could_not_be_writt
     report = tmp_path / "2026-12-01.csv"
     (incoming / "g_gone.png").write_bytes((incoming / "a_dark.png").read_bytes() + b"\0")  # leaves after night 1
     with monkeypatch.context() as full:
-        full.setattr(files.os, "replace", no_space)
+        full.setattr(files.os, "replace", _no_space_for_pictures)
         code, _ = night(report)
     assert code == 3 and sum(r["error"].startswith("heatmap not written") for r in _rows(report).values()) == 5
     (incoming / "g_gone.png").unlink()
