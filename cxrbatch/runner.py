@@ -265,28 +265,44 @@ def _file_key(target: str) -> str:
 
 
 def union(earlier: list[Record], rows: list[Record]) -> list[Record]:
-    """The rows a report file received before (oldest run first), then this run's, each row once,
-    in that order; a later row for a file whose row failed (unreadable then, or its heatmap not
-    written) takes that row's place, and a folder that could not be listed gives way to rows of
-    its files: so a rerun after exit 3 mends the report instead of adding to it, however many
-    runs wrote it (each run's rows are kept, not the union it wrote)."""
+    """The rows a report file received before (oldest run first), then this run's, in that order,
+    so that a rerun after exit 3 mends the report instead of adding to it, however many runs
+    wrote it (each run's rows are kept, not the union it wrote). A row is shown once. A later row
+    for a path takes the place of that path's latest row where that row failed without a result
+    (unreadable then), or is the same result whose heatmap could not be written; any other later
+    row (a result for new content, a failure after a result) comes after it, the earlier result
+    kept. A folder that could not be listed gives way to rows of its files (and comes back if it
+    fails again)."""
     out: list[Record | None] = []
-    failed: dict[str, int] = {}  # the rows of `out` that failed, by path (folders among them)
-    seen: set[Record] = set()
+    latest: dict[str, int] = {}  # each path's latest row in `out`
+    shown: set[Record] = set()  # the rows `out` holds now
     for row in [*earlier, *rows]:
-        if row in seen:
+        folder = os.path.dirname(row.path)
+        while folder and folder != os.path.dirname(folder):  # a folder's row is no longer true
+            at = latest.get(folder)
+            if at is not None and (held := out[at]) is not None and held.status == ERROR:
+                out[at] = None
+                shown.discard(held)
+                del latest[folder]
+            folder = os.path.dirname(folder)
+        if row in shown:
             continue
-        seen.add(row)
-        for folder in [f for f in failed if row.path.startswith(f.rstrip(os.sep) + os.sep)]:
-            out[failed.pop(folder)] = None  # its files are listed now
-        at = failed.pop(row.path, None)
-        if at is None:
-            at = len(out)
-            out.append(None)
-        out[at] = row
-        if row.error:
-            failed[row.path] = at
+        at = latest.get(row.path)
+        held = None if at is None else out[at]
+        if at is not None and held is not None and (held.status == ERROR or _redrawn(held, row)):
+            shown.discard(held)
+            out[at] = row
+        else:
+            latest[row.path] = len(out)
+            out.append(row)
+        shown.add(row)
     return [row for row in out if row is not None]
+
+
+def _redrawn(held: Record, row: Record) -> bool:
+    """Whether `row` is `held`'s result again, `held` having had a problem after screening (a
+    heatmap not written): the same cells but the heatmap's and the error's."""
+    return held.has_problem and replace(held, heatmap=None, error=None) == replace(row, heatmap=None, error=None)
 
 
 def _run_plain(screener: Screener, paths: list[Path], report: Report, reporter: Progress | None) -> Summary:
@@ -355,9 +371,10 @@ def _maps_to_draw_again(
         return []
     again: dict[str, tuple[Path | None, Record]] = {}
     for target in report.files():
-        for row in union(ledger.delivered_to(target), []):  # each file's row as the report shows it
-            if unwritten(row) and row.path in by_key and row.path not in reported:
-                again[row.path] = (by_key[row.path], replace(row, error=None, heatmap=None))
+        latest = {row.path: row for row in union(ledger.delivered_to(target), [])}  # each file's last row there
+        for path, row in latest.items():
+            if unwritten(row) and path in by_key and path not in reported:
+                again[path] = (by_key[path], replace(row, error=None, heatmap=None))
     return list(again.values())
 
 

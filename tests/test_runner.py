@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,23 @@ def test_union_folds_the_rows_of_every_earlier_run(tiny_models: Path, tmp_path: 
     assert union([broken, b, a], []) == [a, b] and union([broken, b, a], [b]) == [a, b]
     assert union([folder, b], []) == [b]  # its files were listed later
     assert union([b, folder], []) == [b, folder]  # not the other way round
+    assert union([folder, b, folder], []) == [b, folder]  # it failed again: shown again (it was dropped as seen)
+    assert union([b, folder, b], []) == [b]  # listed again (--report-all): its old error goes
+    assert union([broken, a, broken], []) == [a, broken]  # a failure after a result comes after it
+
+
+def test_union_keeps_a_delivered_result_that_another_films_row_follows(tmp_path: Path) -> None:
+    # A referred film whose heatmap could not be written, replaced by another film of the same
+    # name before the rerun: the new film's NORMAL row took its place, and the referral was in no report.
+    from cxrbatch.records import Record
+
+    referred = Record.of(tmp_path / "b.png", "classified", "g", "c", label="TUBERCULOSIS", confidence=0.9, refer=True)
+    unwritten = referred.with_problem("heatmap not written: No space left on device")
+    other = Record.of(tmp_path / "b.png", "classified", "g", "c", label="NORMAL", confidence=0.8, refer=False)
+    assert union([unwritten], [other]) == [unwritten, other]
+    drawn = replace(referred, heatmap="/maps/0123456789abcdef.png")
+    assert union([unwritten], [drawn]) == [drawn]  # the same result, its heatmap drawn: in its place
+    assert union([unwritten, other], [drawn]) == [unwritten, other, drawn]  # b.png's last row is the other film's
 
 
 def test_ledger_does_not_reuse_results_made_with_other_settings(
