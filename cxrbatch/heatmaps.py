@@ -20,10 +20,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, PngImagePlugin
 
 from cxrbatch.errors import ReportError
 from cxrbatch.files import atomic_write
@@ -37,6 +37,7 @@ DISPLAY_SIDE = 512  # the longer side of the picture kept for drawing heatmaps, 
 SMALL_SIDE = 224  # a film whose longer side is below this is enlarged to DISPLAY_SIDE
 HOT = 0.6  # the share of the map's range above which a region is marked as one of the strongest
 OUTLINE = (255, 48, 32)
+MADE_BY = ("Software", "cxrbatch heatmap")  # a PNG text chunk: what tells a heatmap from a film
 CAPTION_MARGIN = 6  # pixels around the caption in its band above the film
 PNG_LEVEL = 1  # zlib level: the default (6) spent three quarters of a heatmap's time compressing
 
@@ -51,10 +52,18 @@ def unwritten(record: Record) -> bool:
     return record.status == CLASSIFIED and NOT_WRITTEN in (record.error or "")
 
 
-def looks_like_a_heatmap(name: str) -> bool:
-    """Whether a file name is one `heatmap_name` gives (an unmarked heatmaps folder holds such files)."""
-    stem, _, suffix = name.partition(".")
-    return suffix == "png" and len(stem) == 16 and all(c in "0123456789abcdef" for c in stem)
+def is_heatmap(path: Path) -> bool:
+    """Whether a file is a heatmap this tool wrote: named as `heatmap_name` names them, and a PNG
+    that says so (`MADE_BY`; a film named with 16 hex digits is not one). An unmarked heatmaps
+    folder (its mark could not be written) holds such files."""
+    stem, _, suffix = path.name.partition(".")
+    if suffix != "png" or len(stem) != 16 or any(c not in "0123456789abcdef" for c in stem):
+        return False
+    try:
+        with Image.open(path) as png:  # reads the chunks before the pixels only
+            return png.format == "PNG" and png.info.get(MADE_BY[0]) == MADE_BY[1]
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
 
 
 def heatmap_name(path: Path, record: Record) -> str:
@@ -114,7 +123,13 @@ def write_heatmap(
     """Write the heatmap PNG of `path`'s result `record` into `folder` (atomically) and return where it went."""
     target = folder / heatmap_name(path, record)
     drawn = overlay(picture, heat, caption)
-    atomic_write(target, lambda fh: drawn.save(fh, format="PNG", compress_level=PNG_LEVEL), binary=True, what="heatmap")
+    made_by = PngImagePlugin.PngInfo()
+    made_by.add_text(*MADE_BY)
+
+    def save(fh: IO[bytes]) -> None:
+        drawn.save(fh, format="PNG", compress_level=PNG_LEVEL, pnginfo=made_by)
+
+    atomic_write(target, save, binary=True, what="heatmap")
     return target
 
 

@@ -26,7 +26,7 @@ from cxrbatch.dicom import is_dicom
 from cxrbatch.discovery import HEATMAPS_MARKER, is_candidate, iter_images, resolved
 from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.files import written_at
-from cxrbatch.heatmaps import add_heatmaps, looks_like_a_heatmap, unwritten
+from cxrbatch.heatmaps import add_heatmaps, is_heatmap, unwritten
 from cxrbatch.ledger import Ledger, key_of, ledger_files, now
 from cxrbatch.models import Model, default_models_dir, load_models
 from cxrbatch.pipeline import Result, Screener
@@ -166,12 +166,13 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
             raise UsageError(f"--heatmaps {options.heatmaps} would hold the films of {given}: give it its own folder")
     if options.heatmaps.is_dir() and not (options.heatmaps / HEATMAPS_MARKER).exists():
         # another night's incoming folder, say: once marked, no later run would screen its films
-        # (maps named as this tool names them are no films: a folder made before folders were marked)
-        film = next((p for p in iter_images([options.heatmaps]) if not looks_like_a_heatmap(p.name)), None)
+        # (heatmaps this tool wrote are no films: a folder whose mark could not be written)
+        film = next((p for p in iter_images([options.heatmaps]) if not is_heatmap(p)), None)
         if film is not None:
             raise UsageError(
                 f"--heatmaps {options.heatmaps} already holds films no run drew ({film.name} among them), and a "
-                "heatmaps folder is left out of every later run: give the heatmaps a folder of their own"
+                "heatmaps folder is left out of every later run: give the heatmaps a folder of their own (if it "
+                f"holds only heatmaps of an older cxrbatch, mark it first: touch {options.heatmaps / HEATMAPS_MARKER})"
             )
 
 

@@ -315,11 +315,18 @@ def test_outputs_that_would_destroy_an_input_the_ledger_or_each_other_are_refuse
         assert code == 2 and expected[case] in err and "Traceback" not in err, case
     assert film.read_bytes() == before and not (tmp_path / "r.csv").exists() and not (tmp_path / "report.png").exists()
     assert not list(other_films.rglob(".cxrbatch*"))
-    maps = tmp_path / "old-maps"  # unmarked, holding only maps as this tool names them: made before folders were marked
-    maps.mkdir()
-    grey_image(maps / "0123456789abcdef.png", 120)
+    maps = tmp_path / "maps"  # heatmaps this tool wrote, its mark lost: taken
+    code, _ = _invoke("run", str(film), "--heatmaps", str(maps), "--out", str(tmp_path / "m.csv"), *models)
+    (maps / HEATMAPS_MARKER).unlink()
+    assert code == 0 and [p.suffix for p in maps.iterdir()] == [".png"]
     code, err = _invoke("run", str(film), "--heatmaps", str(maps), "--out", str(tmp_path / "m.csv"), *models)
     assert code == 0 and (maps / HEATMAPS_MARKER).is_file(), err
+    hex_named = tmp_path / "incoming-2026-12-02"  # films named like heatmaps are still films
+    hex_named.mkdir()
+    grey_image(hex_named / "3f2a9c0d1e4b5a67.png", 120)
+    code, err = _invoke("run", str(film), "--heatmaps", str(hex_named), "--out", str(tmp_path / "h.csv"), *models)
+    assert code == 2 and "3f2a9c0d1e4b5a67.png among them" in err and "touch" in err
+    assert not (hex_named / HEATMAPS_MARKER).exists()
     code, _ = _invoke("run", str(incoming), "--ledger", str(ledger), "--out", str(tmp_path / "night.db.csv"), *models)
     assert code == 3 and (tmp_path / "night.db.csv").is_file()  # a name that only begins like the ledger's is fine
 
