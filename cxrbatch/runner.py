@@ -15,7 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,6 +64,8 @@ class RunOptions:
     actors: int | None = None  # with engine "ray": how many (default: as many as the cluster has room for)
     gpus_per_actor: float = 0.0  # with engine "ray": above 0, the actors run the models on CUDA
     reporter: Progress | None = field(default=None, repr=False)
+    # the two models, loading since before the run's modules were imported (the command line starts it)
+    models_loading: Future[tuple[Model, Model]] | None = field(default=None, repr=False)
 
 
 def run(options: RunOptions) -> Summary:
@@ -90,7 +92,7 @@ def _inputs_and_models(
     outputs are checked and the inputs walked; an error of those still comes first, as it would
     without the overlap."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="models") as pool:
-        loading = pool.submit(load_models, options.models_dir or default_models_dir(), device)
+        loading = options.models_loading or pool.submit(load_models, options.models_dir or default_models_dir(), device)
         _refuse_clashes(options, report_targets)
         for target in report_targets:
             check_writable(target)

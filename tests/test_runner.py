@@ -348,3 +348,29 @@ def test_the_review_page_alone_can_go_to_stdout(tiny_models: Path, incoming: Pat
     result = runner.invoke(app, ["run", str(incoming / "b_mid.jpg"), "--models", str(tiny_models), "--html", "-"])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.lstrip().startswith("<!DOCTYPE html>") and "path,status" not in result.stdout
+
+
+def test_the_models_load_while_the_run_starts_and_their_error_still_comes_after_the_outputs(
+    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command line starts loading the models before the run's modules are imported (a
+    # one-film run's start-up); a mistake in the outputs is still reported before a models error.
+    import threading
+
+    from cxrbatch import models
+
+    loaded_in: list[str] = []
+    real = models.load_models
+
+    def recording(*args: object, **kwargs: object) -> object:
+        loaded_in.append(threading.current_thread().name)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(models, "load_models", recording)
+    code, _ = _invoke("run", str(incoming), "--models", str(tiny_models), "--out", str(tmp_path / "r.csv"))
+    assert code == 3 and len(loaded_in) == 1 and loaded_in[0].startswith("models")  # once, in its own thread
+    missing = ("--models", str(tmp_path / "no-models"))
+    code, err = _invoke("run", str(incoming), *missing, "--out", str(incoming / "b_mid.jpg"))
+    assert code == 2 and "would be written over a film" in err  # the output's mistake first
+    code, err = _invoke("run", str(incoming), *missing, "--out", str(tmp_path / "none.csv"))
+    assert code == 1 and "Models folder not found" in err and not (tmp_path / "none.csv").exists()

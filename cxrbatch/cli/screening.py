@@ -1,6 +1,7 @@
 """`cxrbatch run` and `cxrbatch ledger`: the nightly screening commands."""
 
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -118,14 +119,17 @@ def run(
     3 finished, but some files could not be read or some heatmaps not written (see the error cells);
     4 another run holds the ledger, nothing was done; 5 no image file in the inputs (empty or unmounted folder?).
     """
-    from cxrbatch import runner
-
     _setup_logging(verbose, quiet)
     if report_all and ledger is None:
         raise typer.BadParameter("--report-all needs --ledger", param_hint="--report-all")
     if heatmaps_for is not None and heatmaps is None:
         raise typer.BadParameter("--heatmaps-for needs --heatmaps", param_hint="--heatmaps-for")
     _check_engine_options(engine, ray_address, actors, gpus_per_actor, device, decoders)
+    # on Ray the actors choose their device; the driver's models only draw heatmaps. Not with a
+    # ledger, whose lock comes first: a run that finds it held does nothing, loading included.
+    loading = None if ledger else _start_loading(models, "cpu" if engine == Engine.ray else device.value)
+    from cxrbatch import runner  # its imports take as long as the models take to load: side by side
+
     options = runner.RunOptions(
         inputs=inputs,
         csv_out="-" if out is None and json_out is None and html != "-" else out,
@@ -145,6 +149,7 @@ def run(
         ray_address=ray_address,
         actors=actors,
         gpus_per_actor=gpus_per_actor,
+        models_loading=loading,
     )
     with _progress_bar(enabled=not quiet and sys.stderr.isatty()) as reporter:
         options.reporter = reporter
@@ -156,6 +161,23 @@ def run(
     if summary.found == 0:
         raise typer.Exit(EXIT_NO_INPUT)
     raise typer.Exit(EXIT_FILE_ERRORS if summary.failed else EXIT_OK)
+
+
+def _start_loading(models: Path | None, device: str) -> Future[Any]:
+    """Load the two models in a thread of their own, started before the runner's modules are
+    imported: the imports hold the GIL, reading and optimising the models mostly do not. The
+    run takes the result (or the error, at the point it took it before) from the future."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="models")
+
+    def load() -> Any:
+        from cxrbatch.models import default_models_dir, load_models
+
+        return load_models(models or default_models_dir(), device)
+
+    try:
+        return pool.submit(load)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends when the models are loaded
 
 
 def _check_engine_options(
