@@ -30,6 +30,7 @@ ones it was calibrated on.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -232,7 +233,7 @@ def calibrate(folder: Path, gate: Model, classifier: Model, target: float, site_
         specificity_ci=proportion_ci(~refer[~truth]),
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         source_sha256=classifier.sha256,
-        films=folder.absolute().name,  # `.` has no name of its own (and a link keeps the name it was given)
+        films=Path(os.path.abspath(folder)).name,  # `.` and `..` have no name of their own; a link keeps its own
         unfamiliar=sum(bool(r.unfamiliar) for r in results) if spec.familiarity_output else None,
         familiarity_threshold=spec.familiarity_threshold,
         site_head=head,

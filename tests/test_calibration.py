@@ -258,3 +258,13 @@ def test_the_specificity_the_rule_gives_at_a_target() -> None:
     head[60:70] = 0.1  # fifty of the normals: at 0.95 the rule takes it as the threshold, which clears ten
     assert specificity_at_target(bundled, truth, 0.95) == 1.0
     assert specificity_at_target(head, truth, 0.95) == pytest.approx(10 / 60)
+
+
+def test_the_record_names_a_folder_given_as_dot_dot_by_its_own_name(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    films, out = _site(tmp_path / "site"), tmp_path / "site-models"
+    monkeypatch.chdir(films / "NORMAL")  # `..` is the site's folder: its record said ".."
+    args = ["calibrate", "..", "--models", str(tiny_models), "--out", str(out), "--target-sensitivity", "0.9"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert read_metadata(out / "classifier.onnx")["calibration"]["films"] == "site"
