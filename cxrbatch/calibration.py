@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 
 from cxrbatch import sitehead
-from cxrbatch.datasets import ABNORMAL
+from cxrbatch.datasets import ABNORMAL, refuse_loose
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ModelError, ReportError, UsageError
 from cxrbatch.features import pooled_features_name, save_classifier, with_features
@@ -152,7 +152,8 @@ def _order_statistic(n: int, q: float, confidence: float) -> int | None:
 
 
 def labelled_films(folder: Path, labels: tuple[str, ...]) -> dict[str, list[Path]]:
-    """The films under `folder/<LABEL>/` (or `ABNORMAL/`), by label; any other folder is refused."""
+    """The films under `folder/<LABEL>/` (or `ABNORMAL/`), by label; any other folder, and images
+    lying beside the label folders, are refused."""
     if not folder.is_dir():
         raise UsageError(f"Calibration folder not found: {folder}")
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -163,6 +164,7 @@ def labelled_films(folder: Path, labels: tuple[str, ...]) -> dict[str, list[Path
             f"(films read only as abnormal go in {ABNORMAL}/)"
         )
     films = {p.name: list(iter_images([p])) for p in subfolders}
+    refuse_loose(folder, subfolders, [p.name for p in subfolders])  # of no label: unused without a word
     _refuse_copies(folder, films)
     return films
 

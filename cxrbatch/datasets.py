@@ -150,7 +150,7 @@ def _read_folder(root: Path) -> tuple[list[Path], list[str]]:
         paths += found
         names += [folder.name] * len(found)
     if paths:
-        _refuse_loose(root, folders, sorted(set(names)))
+        refuse_loose(root, folders, sorted(set(names)))
     else:  # flat: no subfolder holds an image (an empty one, or one of notes, is no class)
         manifest = read_manifest(root)
         for path in iter_images([root]):
@@ -161,7 +161,7 @@ def _read_folder(root: Path) -> tuple[list[Path], list[str]]:
     return paths, names
 
 
-def _refuse_loose(root: Path, folders: list[Path], classes: list[str]) -> None:
+def refuse_loose(root: Path, folders: list[Path], classes: list[str]) -> None:
     """Refuse images lying beside class folders: they belong to no class, and left out they would
     be missing from every figure without a word."""
     loose = list(iter_images([root], skip=folders))  # the files of `root` itself

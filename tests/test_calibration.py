@@ -268,3 +268,12 @@ def test_the_record_names_a_folder_given_as_dot_dot_by_its_own_name(
     args = ["calibrate", "..", "--models", str(tiny_models), "--out", str(out), "--target-sensitivity", "0.9"]
     assert runner.invoke(app, args).exit_code == 0
     assert read_metadata(out / "classifier.onnx")["calibration"]["films"] == "site"
+
+
+def test_films_beside_the_label_folders_are_refused_as_evaluate_refuses_them(tiny_models: Path, tmp_path: Path) -> None:
+    # calibrate left them out without a word, where evaluate refuses the same folder.
+    films, out = _site(tmp_path / "site"), tmp_path / "site-models"
+    grey_image(films / "loose.png", 120)
+    result = runner.invoke(app, ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out)])
+    assert result.exit_code == 2 and "images beside them, of no class: loose.png" in result.stderr
+    assert not out.exists()

@@ -34,7 +34,6 @@ def quantize(
     images: Annotated[
         int,
         typer.Option(
-            min=1,
             help="how many calibration images, spread over the folder (at least 20); at least 20 of them must be "
             "readable as a screening run reads them (not too small to be a radiograph)",
         ),
@@ -42,7 +41,7 @@ def quantize(
     force: Force = False,
     verbose: Verbose = False,
 ) -> None:
-    """Write a static int8 copy of an exported model, for comparison with `cxrbatch evaluate` (needs the export extra).
+    """Write a static int8 copy of an exported model, for comparison with `cxrbatch evaluate`.
 
     A classifier with a referral head (the bundled one) is refused: take the model `cxrbatch export` wrote.
     An existing DST is refused unless --force.

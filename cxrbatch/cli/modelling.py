@@ -242,7 +242,9 @@ def probe(
     label: Annotated[
         str | None, typer.Option(help="class whose images are probed (default: the checkpoint's negative label)")
     ] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write the report to this file")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the report to this file, or - for stdout (printed once)")
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Measure how well a classifier's features tell an image's source: a shortcut check (needs the export extra).
