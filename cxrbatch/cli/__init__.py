@@ -5,9 +5,9 @@ turned, in one place (`_Commands.invoke`), into one log line and the exit code t
 carries (`cxrbatch.errors`; the same table is in the README):
 
   0  every file was screened (classified or rejected)
-  1  fatal: models missing or invalid, output not writable, device unavailable
-  2  usage: bad options, an input that does not exist
-  3  the run finished but some files could not be read (error rows in the report)
+  1  fatal: models missing or invalid, output not writable, device unavailable, not a ledger
+  2  usage: bad options, an input that does not exist, an output refused before screening
+  3  the run finished but some files could not be screened or some heatmaps written (error cells)
   4  another run holds the ledger (--ledger); nothing was done
   5  the inputs hold no image file at all (an empty or unmounted folder?); empty reports written
   143  stopped by SIGTERM (cron's `timeout`)
@@ -152,7 +152,7 @@ def _end_without_teardown(code: object) -> None:
     """End the process now that the command is done, skipping the interpreter's teardown.
 
     The teardown frees every module and both ONNX sessions object by object: about 0.04 s of a
-    one-film run's 0.43 s (benchmarks/README.md, *Start-up*), for memory the system takes back
+    one-film run's 0.43 s then (benchmarks/README.md, *Start-up*), for memory the system takes back
     at once anyway. What a normal exit does that matters still happens here: the exit handlers
     run (logging's flush and multiprocessing's clean-up among them) and stdout and stderr are
     flushed. Anything out of the ordinary takes the normal exit instead: a thread still running
