@@ -62,6 +62,11 @@ class Model:
     def on_gpu(self) -> bool:
         return self.providers[0] == CUDA
 
+    def announce(self) -> None:
+        """Log that the model is loaded: which one, and where it runs."""
+        spec, providers = self.spec, ", ".join(self.providers)
+        log.info("loaded %s %s v%s (%s) on %s", spec.role, spec.name, spec.version, self.short_hash, providers)
+
     def run(self, batch: np.ndarray, with_cam: bool = False) -> dict[str, np.ndarray]:
         """Run a NHWC float32 batch and return the named outputs."""
         names = [self.spec.score_output]
@@ -189,7 +194,7 @@ def _metadata_of(session: Any, path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: Path, role: str, providers: list[Any], threads: int | None = None) -> Model:
+def load_model(path: Path, role: str, providers: list[Any], threads: int | None = None, announce: bool = True) -> Model:
     """Open one ONNX model for `role` with explicit providers and check its metadata.
 
     A provider given by name gets cxrbatch's options (CUDA_OPTIONS); a (name, options) pair is
@@ -197,7 +202,7 @@ def load_model(path: Path, role: str, providers: list[Any], threads: int | None 
     """
     if not path.is_file():
         raise ModelError(f"{role.capitalize()} model not found: {path}")
-    return model_from_bytes(path.read_bytes(), path, role, providers, threads)
+    return model_from_bytes(path.read_bytes(), path, role, providers, threads, announce)
 
 
 def model_from_bytes(
@@ -230,14 +235,14 @@ def model_from_bytes(
     spec.check_graph(_shapes(session.get_inputs()), _shapes(session.get_outputs()), str(path))
     model = Model(path, spec, session, hashlib.sha256(data).hexdigest())
     if announce:
-        log.info(
-            "loaded %s %s v%s (%s) on %s", role, spec.name, spec.version, model.short_hash, ", ".join(model.providers)
-        )
+        model.announce()
     return model
 
 
-def load_models(models_dir: Path, device: str = "auto", threads: int | None = 1) -> tuple[Model, Model]:
-    """Open the gate and the classifier found in `models_dir`.
+def load_models(
+    models_dir: Path, device: str = "auto", threads: int | None = 1, announce: bool = True
+) -> tuple[Model, Model]:
+    """Open the gate and the classifier found in `models_dir` (`announce`: log each load now).
 
     Each session runs on `threads` cores (None: all of them). One is right for a `Screener`,
     which runs batches side by side on its worker threads (`cxrbatch.pipeline`).
@@ -249,7 +254,7 @@ def load_models(models_dir: Path, device: str = "auto", threads: int | None = 1)
     # Reading, hashing and optimising a model happen outside the GIL: the two load side by side,
     # which takes a one-film run's model loading from about 0.17 s to 0.11 s on 2 cores.
     def load(role: str) -> Model:
-        return load_model(models_dir / MODEL_FILES[role], role, providers, threads)
+        return load_model(models_dir / MODEL_FILES[role], role, providers, threads, announce)
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="load") as pool:
         gate, classifier = pool.map(load, ROLES)

@@ -97,7 +97,11 @@ def _inputs_and_models(
         for target in report_targets:
             check_writable(target)
         paths = _discover(options, report_targets)
-        return paths, loading.result()
+        gate, classifier = loading.result()
+        if options.models_loading is not None:  # loaded without a word, so that no line comes before an error's
+            gate.announce()
+            classifier.announce()
+        return paths, (gate, classifier)
 
 
 @contextmanager

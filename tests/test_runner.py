@@ -374,3 +374,7 @@ def test_the_models_load_while_the_run_starts_and_their_error_still_comes_after_
     assert code == 2 and "would be written over a film" in err  # the output's mistake first
     code, err = _invoke("run", str(incoming), *missing, "--out", str(tmp_path / "none.csv"))
     assert code == 1 and "Models folder not found" in err and not (tmp_path / "none.csv").exists()
+    code, err = _invoke("run", str(tmp_path / "nowhere"), "--models", str(tiny_models), "--out", "-")
+    assert code == 2 and "Input not found" in err and "loaded" not in err  # no model's line before or after it
+    code, err = _invoke("run", str(incoming), "--models", str(tiny_models), "--out", "-")
+    assert err.index("found 6 files") < err.index("loaded gate") < err.index("loaded classifier")  # said in turn

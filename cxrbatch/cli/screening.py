@@ -172,7 +172,7 @@ def _start_loading(models: Path | None, device: str) -> Future[Any]:
     def load() -> Any:
         from cxrbatch.models import default_models_dir, load_models
 
-        return load_models(models or default_models_dir(), device)
+        return load_models(models or default_models_dir(), device, announce=False)  # the run says it, in turn
 
     try:
         return pool.submit(load)
