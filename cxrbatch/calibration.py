@@ -42,7 +42,7 @@ import onnx
 from cxrbatch import sitehead
 from cxrbatch.datasets import ABNORMAL, refuse_loose
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import ModelError, ReportError, UsageError
+from cxrbatch.errors import ModelError, ReportError, UsageError, first_few
 from cxrbatch.features import pooled_features_name, save_classifier, with_features
 from cxrbatch.files import file_sha256, staged
 from cxrbatch.metrics import proportion_ci
@@ -186,9 +186,8 @@ def _refuse_copies(folder: Path, films: dict[str, list[Path]]) -> None:
             else:
                 first[digest] = (label, path)
     if twice:
-        more = f" and {len(twice) - 5} more" if len(twice) > 5 else ""
         raise UsageError(
-            f"{folder}: the same film is there twice ({'; '.join(twice[:5])}{more}); keep each film once, "
+            f"{folder}: the same film is there twice ({first_few(twice, 5, '; ')}); keep each film once, "
             "under its one label"
         )
 
@@ -285,11 +284,11 @@ def _refuse_unusable(folder: Path, results: list[Any]) -> None:
     bad = [r for r in results if r.status != CLASSIFIED]
     if not bad:
         return
-    why = [r.error if r.status == ERROR else f"rejected by the gate (score {r.gate_score:.3f})" for r in bad[:10]]
-    shown = "; ".join(f"{_inside(folder, r.path)}: {reason}" for r, reason in zip(bad, why, strict=False))
-    more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+    why = [r.error if r.status == ERROR else f"rejected by the gate (score {r.gate_score:.3f})" for r in bad]
+    shown = [f"{_inside(folder, r.path)}: {reason}" for r, reason in zip(bad, why, strict=True)]
     raise UsageError(
-        f"{folder}: {len(bad)} film(s) cannot be used for calibration: {shown}{more}; remove or replace them"
+        f"{folder}: {len(bad)} film(s) cannot be used for calibration: {first_few(shown, 10, '; ')}; "
+        "remove or replace them"
     )
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.errors import UsageError
+from cxrbatch.errors import UsageError, first_few
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "MANIFEST.csv"
@@ -166,10 +166,9 @@ def refuse_loose(root: Path, folders: list[Path], classes: list[str]) -> None:
     be missing from every figure without a word."""
     loose = list(iter_images([root], skip=folders))  # the files of `root` itself
     if loose:
-        more = f" and {len(loose) - 5} more" if len(loose) > 5 else ""
         raise UsageError(
             f"{root} holds class folders ({', '.join(classes)}) and images beside them, of no class: "
-            f"{', '.join(p.name for p in loose[:5])}{more}; move each into its class folder, or out of the tree"
+            f"{first_few([p.name for p in loose], 5, ', ')}; move each into its class folder, or out of the tree"
         )
 
 
@@ -187,8 +186,7 @@ def read_manifest(data_dir: Path) -> dict[str, dict[str, str]]:
     ids = Counter(row["id"] for row in rows)
     twice = sorted(i for i, n in ids.items() if n > 1)
     if twice:
-        more = f" and {len(twice) - 5} more" if len(twice) > 5 else ""
-        raise UsageError(f"{manifest} lists an id on more than one row: {', '.join(twice[:5])}{more}")
+        raise UsageError(f"{manifest} lists an id on more than one row: {first_few(twice, 5, ', ')}")
     present = [data_dir / s for s in SPLITS if (data_dir / s).is_dir()]
     refuse_shared_ids(iter_images(present or [data_dir]), data_dir, listed=set(ids))
     return {row["id"]: row for row in rows}
@@ -206,10 +204,9 @@ def refuse_shared_ids(paths: Iterable[Path], where: Path, listed: set[str] | Non
             if seen != path:
                 shared.append(f"{_within(seen, where)} and {_within(path, where)}")
     if shared:
-        more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
         raise UsageError(
-            f"{where}: films share an id (the file stem), so they cannot be told apart: {'; '.join(shared[:3])}"
-            f"{more}; give each film a name of its own"
+            f"{where}: films share an id (the file stem), so they cannot be told apart: {first_few(shared, 3, '; ')}"
+            "; give each film a name of its own"
         )
 
 

@@ -4,7 +4,15 @@ Each class carries the exit code `cxrbatch` ends with when it reaches the comman
 table in the README): the CLI turns any `CxrBatchError` into `[error] <message>` and that code.
 """
 
+from collections.abc import Sequence
+
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_FILE_ERRORS, EXIT_BUSY, EXIT_NO_INPUT = 0, 1, 2, 3, 4, 5
+
+
+def first_few(items: Sequence[str], n: int, sep: str) -> str:
+    """How a refusal names what it refuses: the first `n` items joined by `sep`, and how many more."""
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return sep.join(items[:n]) + more
 
 
 class CxrBatchError(Exception):

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from cxrbatch.datasets import Split
-from cxrbatch.errors import ImageError, UsageError
+from cxrbatch.errors import ImageError, UsageError, first_few
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
 
 from .augment import augment
@@ -53,9 +53,8 @@ def refuse_unreadable(paths: list[Path], what: str = "training film") -> None:
     if len(bad) == 1:
         raise UsageError(f"{what} {bad[0][0]} cannot be read: {bad[0][1]}")
     if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        named = "; ".join(f"{path} ({why})" for path, why in bad[:5])
-        raise UsageError(f"{len(bad)} {what}s cannot be read: {named}{more}")
+        named = first_few([f"{path} ({why})" for path, why in bad], 5, "; ")
+        raise UsageError(f"{len(bad)} {what}s cannot be read: {named}")
 
 
 def views_of(path: Path, spec: InputSpec, seed: int, views: int, config: TrainConfig) -> np.ndarray:
