@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cxrbatch.errors import ImageError
+from cxrbatch.files import display_path
 from cxrbatch.levels import Levels
 
 if TYPE_CHECKING:  # pydicom is the optional `dicom` extra
@@ -90,8 +91,7 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
             raise ImageError(f"compressed DICOM ({syntax.name}) whose pixel data is corrupt or truncated") from None
         raise ImageError(f"DICOM pixel data cannot be decoded ({type(exc).__name__})") from None
     if frames > 1:
-        name = os.fsencode(path).decode("utf-8", "backslashreplace")
-        log.warning("%s: multi-frame DICOM (%d frames): screening the first frame only", name, frames)
+        log.warning("%s: multi-frame DICOM (%d frames): screening the first frame only", display_path(path), frames)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR" and arr.ndim == 2:
         return _palette(arr, ds)

@@ -73,14 +73,14 @@ def staged(
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
-        raise _failed(what, path, exc) from None
+        raise write_failed(what, path, exc) from None
 
     def commit() -> None:
         try:
             os.replace(tmp, path)
             _sync_folder(folder)  # the rename itself survives a power cut, not only the bytes
         except OSError as exc:
-            raise _failed(what, path, exc) from None
+            raise write_failed(what, path, exc) from None
 
     try:
         try:
@@ -92,10 +92,15 @@ def staged(
                 os.fchmod(fh.fileno(), mode_for(path))
                 os.fsync(fh.fileno())
         except OSError as exc:
-            raise _failed(what, path, exc) from None
+            raise write_failed(what, path, exc) from None
         yield commit
     finally:
         _unlink_quietly(tmp)  # gone already where it was committed
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """Render a path as valid UTF-8 text; undecodable bytes become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 def written_at(path: Path) -> Path:
@@ -112,7 +117,8 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _failed(what: str, path: Path, exc: OSError) -> ReportError:
+def write_failed(what: str, path: Path, exc: OSError) -> ReportError:
+    """The error for a `what` ("report", "model") that could not be written to `path`."""
     reason = exc.strerror or str(exc)
     return ReportError(f"Cannot write {what} {path}: {reason}", reason)
 

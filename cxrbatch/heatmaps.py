@@ -26,8 +26,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, PngImagePlugin
 
 from cxrbatch.errors import ReportError
-from cxrbatch.files import atomic_write
-from cxrbatch.imaging import display_path
+from cxrbatch.files import atomic_write, display_path
 from cxrbatch.records import CLASSIFIED, Record
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxrbatch import dicom
 from cxrbatch.errors import ImageError
+from cxrbatch.files import display_path
 from cxrbatch.levels import Levels, to_8bit
 
 # Anything smaller than this on its short side is no radiograph worth screening.
@@ -382,8 +383,3 @@ def check_size(img: Image.Image, min_side: int = MIN_SIDE) -> None:
     """Refuse images too small to be a radiograph."""
     if min(img.size) < min_side:
         raise ImageError(f"image is {img.width}x{img.height}: too small to be a radiograph (min side {min_side} px)")
-
-
-def display_path(path: str | os.PathLike[str]) -> str:
-    """Render a path as valid UTF-8 text; undecodable bytes become \\xNN escapes."""
-    return os.fsencode(path).decode("utf-8", errors="backslashreplace")

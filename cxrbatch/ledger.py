@@ -42,8 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbatch.errors import EXIT_BUSY, CxrBatchError
-from cxrbatch.files import file_sha256
-from cxrbatch.imaging import display_path
+from cxrbatch.files import display_path, file_sha256
 from cxrbatch.ledger_schema import LedgerError, connect
 from cxrbatch.records import ERROR, Record, RecordError
 

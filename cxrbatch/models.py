@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from cxrbatch.cores import usable_cores
-from cxrbatch.errors import DeviceError, ModelError, ReportError
-from cxrbatch.files import atomic_write
+from cxrbatch.errors import DeviceError, ModelError
+from cxrbatch.files import atomic_write, write_failed
 from cxrbatch.modelspec import ROLES, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def save_model(
     try:  # made only now: `files.check_out` checked, before the work, that it can be
         dst.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ReportError(f"Cannot write model {dst}: {exc.strerror or exc}", exc.strerror or str(exc)) from None
+        raise write_failed("model", dst, exc) from None
     atomic_write(dst, write, binary=True, what="model")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrbatch.imaging import display_path
+from cxrbatch.files import display_path
 from cxrbatch.modelspec import ModelSpec
 from cxrbatch.sitecheck import SiteCheck
 

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from cxrbatch.errors import ImageError
+from cxrbatch.files import display_path
 from cxrbatch.imaging import (
     InputSpec,
     check_size,
     clahe,
-    display_path,
     equalize,
     in_frame,
     load_image,

@@ -37,6 +37,7 @@ from cxrbatch.databuild.readers import SourceFiles, dataset_root, open_source
 from cxrbatch.databuild.registry import ADMITTED_IN_DATASETS, RESERVED_FILE, RESERVED_REPOS, Source, load_registry
 from cxrbatch.datasets import ABNORMAL
 from cxrbatch.errors import ImageError, ReportError, UsageError
+from cxrbatch.files import display_path
 
 MANIFEST_COLUMNS = (
     "id", "split", "label", "source", "commit_or_version", "path_in_source", "license_as_stated",
@@ -337,7 +338,7 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[list[str]] | list
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)
-        writer.writerows([imaging.display_path(cell) for cell in row] for row in rows)
+        writer.writerows([display_path(cell) for cell in row] for row in rows)
 
 
 def _chunks(items: list[Candidate], size: int) -> Iterator[list[Candidate]]:
