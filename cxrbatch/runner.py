@@ -353,14 +353,16 @@ def _run_with_ledger(
         (by_key.get(s.key, Path(s.key)) if current.get(s.key, s.sha256) == s.sha256 else None, s.record) for s in stored
     ]
     items += unreadable
-    items += _maps_to_draw_again(ledger, report, by_key, {record.path for _, record in items})
+    delivered = {target: ledger.delivered_to(target) for target in report.files()}  # read once, used twice
+    if options.heatmaps is not None:
+        items += _maps_to_draw_again(delivered, by_key, {record.path for _, record in items})
     position = {key_of(p): i for i, p in enumerate(paths)}  # rows are keyed as the ledger keys paths
     items.sort(key=lambda item: position.get(item[1].path, len(paths)))  # input order, as without a ledger
     rows = report.finish_rows(items)
     run = {"found": len(paths), "screened": len(todo), "reused": reused, "seconds": seconds}
     summary = screener.summary(rows, **run)
     crash_point("before_report")
-    report.write(rows, summary, earlier=ledger.delivered_to)
+    report.write(rows, summary, earlier=delivered.__getitem__)
     crash_point("after_report")
     ledger.finish(stored, rows, report.files(), len(todo), reused)
     log.info("run %d: screened %d, reused %d, reported %d", ledger.run_id, len(todo), reused, len(rows))
@@ -368,17 +370,15 @@ def _run_with_ledger(
 
 
 def _maps_to_draw_again(
-    ledger: Ledger, report: Report, by_key: dict[str, Path], reported: set[str]
+    delivered: dict[str, list[Record]], by_key: dict[str, Path], reported: set[str]
 ) -> list[tuple[Path | None, Record]]:
-    """The rows this run's report files hold whose heatmap could not be written (a full disk), for
-    files among the inputs and not reported now: drawn again, they take their failed rows' places
-    (`union`), so a rerun into the same report mends it. A row is delivered once: another night's
-    report does not get it again."""
-    if report.options.heatmaps is None:
-        return []
+    """The rows this run's report files hold (`delivered`, by file) whose heatmap could not be
+    written (a full disk), for files among the inputs and not reported now: drawn again, they take
+    their failed rows' places (`union`), so a rerun into the same report mends it. A row is
+    delivered once: another night's report does not get it again."""
     again: dict[str, tuple[Path | None, Record]] = {}
-    for target in report.files():
-        latest = {row.path: row for row in union(ledger.delivered_to(target), [])}  # each file's last row there
+    for rows in delivered.values():
+        latest = {row.path: row for row in union(rows, [])}  # each file's last row there
         for path, row in latest.items():
             if unwritten(row) and path in by_key and path not in reported:
                 again[path] = (by_key[path], replace(row, error=None, heatmap=None))
