@@ -253,18 +253,15 @@ class Screener:
             for k, (i, p) in enumerate(zip(accepted, out[spec.score_output], strict=True)):
                 if feats is not None:
                     results[i].features = feats[k]
-                extra = {
-                    "its familiarity": None if familiarity is None else float(np.ravel(familiarity[k])[0]),
-                    "its referral score": None if referral is None else float(np.ravel(referral[k])[0]),
-                }
+                fam = None if familiarity is None else float(np.ravel(familiarity[k])[0])
+                ref = None if referral is None else float(np.ravel(referral[k])[0])
                 # NaN is neither referred nor in need of review: the film would be cleared unseen
-                broken = [
-                    what for what, v in (("its probabilities", p.sum()), *extra.items()) if not np.isfinite(v or 0)
-                ]
+                named = (("its probabilities", float(p.sum())), ("its familiarity", fam), ("its referral score", ref))
+                broken = [what for what, v in named if v is not None and not np.isfinite(v)]
                 if broken:
                     results[i].status, results[i].error = ERROR, _no_number("classifier", " and ".join(broken))
                     continue
-                self._fill(results[i], p, extra["its familiarity"], extra["its referral score"])
+                self._fill(results[i], p, fam, ref)
         return results
 
     def record(self, result: Result) -> Record:
