@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from PIL import Image
 
+from cxrbatch.cores import usable_cores
 from cxrbatch.datasets import Split
 from cxrbatch.errors import ImageError, UsageError, first_few
 from cxrbatch.imaging import InputSpec, load_image, to_model_input
@@ -47,7 +48,7 @@ def refuse_unreadable(paths: list[Path], what: str = "training film") -> None:
             return path, str(exc)
         return None
 
-    with ThreadPoolExecutor(max_workers=2) as pool:  # decoding releases the GIL: both cores work
+    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:  # decoding releases the GIL: every core works
         bad = [found for found in pool.map(problem, paths) if found]
     log.info("%d films decoded in %.1f s, %d unreadable", len(paths), time.perf_counter() - started, len(bad))
     if len(bad) == 1:
