@@ -560,7 +560,7 @@ def test_what_a_stopped_run_left_undelivered_waits_for_a_run_over_its_own_folder
         if name == "before_report":
             raise RuntimeError("stopped")  # as a SIGTERM after the results were committed
 
-    monkeypatch.setattr("cxrbatch.runner.crash_point", stop)
+    monkeypatch.setattr("cxrbatch.ledger_run.crash_point", stop)
     assert _run(folder, tiny_models, ledger, out)[0] == 1
     monkeypatch.undo()
     code, rows, _ = _run(ward_b, tiny_models, ledger, out)  # another job on the same ledger
