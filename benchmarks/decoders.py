@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import run_main
-from benchmarks.run import folder_args, folder_record, write_json
+from benchmarks.harness import folder_args, folder_record, write_json
 from cxrbatch.imaging import decode_bytes
 
 SIDE = 224

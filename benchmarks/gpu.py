@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import run_main
-from benchmarks.run import cli_run, model_inputs, stats, synthetic_set, timed
+from benchmarks.harness import cli_run, model_inputs, stats, synthetic_set, timed
 from benchmarks.run import end_to_end as run_end_to_end
 from cxrbatch.imaging import load_image
 from cxrbatch.models import CPU, CUDA, Model, default_models_dir, load_model, load_models

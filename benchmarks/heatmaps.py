@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import run_main
-from benchmarks.run import cli_run, folder_args, folder_record, write_json
+from benchmarks.harness import cli_run, folder_args, folder_record, write_json
 
 
 def timed(folder: Path, root: Path, extra: list[str], repeats: int) -> tuple[float, int]:

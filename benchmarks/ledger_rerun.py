@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import run_main
-from benchmarks.run import cli_run
+from benchmarks.harness import cli_run
 
 
 def make_images(folder: Path, n: int) -> None:

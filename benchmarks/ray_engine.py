@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import run_main
-from benchmarks.run import BENCH, bench_paths, cli_run, machine, synthetic_set, write_json
+from benchmarks.harness import BENCH, bench_paths, cli_run, machine, synthetic_set, write_json
 from cxrbatch.errors import UsageError
 
 PORT = 6391  # the loopback cluster's head

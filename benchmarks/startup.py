@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import run_main
-from benchmarks.run import BENCH, REPO, bench_paths, cli_run, in_tree, machine, write_json
+from benchmarks.harness import BENCH, REPO, bench_paths, cli_run, in_tree, machine, write_json
 
 SAMPLE = REPO / "samples" / "NORMAL2-IM-1437-0001.jpeg"
 FIRST_IMPORTS = "import cxrbatch.cli, cxrbatch.runner, onnxruntime"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import run_main
-from benchmarks.run import folder_args, folder_record, timed, write_json
+from benchmarks.harness import folder_args, folder_record, timed, write_json
 from cxrbatch.cores import usable_cores
 from cxrbatch.decoding import DecodePool
 from cxrbatch.discovery import iter_images
