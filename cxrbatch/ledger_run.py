@@ -1,10 +1,9 @@
 """A run with a ledger (`cxrbatch run --ledger`): screen only what it lacks, deliver each result once.
 
-The nightly job's half of a run: which files need screening (one per new
-content), committing their results batch by batch, the rows no completed run delivered, the
-heatmaps a failed night could not write drawn again, and the union a report file gets of every
-run that wrote it, so that a rerun mends a report instead of adding to it. `runner` puts the run
-together around it.
+The nightly job's half of a run: which files need screening (one per new content), their
+results committed batch by batch, the rows no completed run delivered, the heatmaps a failed
+night could not write drawn again, and the union a report file gets of every run that wrote it,
+so that a rerun mends a report instead of adding to it. `runner` puts the run together around it.
 """
 
 from __future__ import annotations
