@@ -7,6 +7,7 @@ them from here so that their figures are made the same way.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -121,6 +122,15 @@ def model_inputs(paths: list[Path], gate: Model, classifier: Model) -> tuple[np.
         np.stack([to_model_input(i, gate.spec.input) for i in imgs]),
         np.stack([to_model_input(i, classifier.spec.input) for i in imgs]),
     )
+
+
+def compiled(tree: Path) -> Path:
+    """`tree`, its package's bytecode written, as an install writes it: where Python may not write
+    bytecode (PYTHONDONTWRITEBYTECODE), a fresh process would otherwise compile every module it
+    changed since bytecode was last written, at every start."""
+    if not compileall.compile_dir(tree / "cxrbatch", quiet=1):
+        raise SystemExit(f"cannot compile the package in {tree}")
+    return tree
 
 
 def in_tree(tree: Path | None) -> dict[str, Any]:

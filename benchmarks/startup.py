@@ -18,7 +18,6 @@ checkout, with bytecode left from earlier, did not pay.
 from __future__ import annotations
 
 import argparse
-import compileall
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import run_main
-from benchmarks.harness import BENCH, REPO, bench_paths, cli_run, in_tree, machine, write_json
+from benchmarks.harness import BENCH, REPO, bench_paths, cli_run, compiled, in_tree, machine, write_json
 
 SAMPLE = REPO / "samples" / "NORMAL2-IM-1437-0001.jpeg"
 FIRST_IMPORTS = "import cxrbatch.cli, cxrbatch.runner, onnxruntime"
@@ -52,13 +51,6 @@ def extract(ref: str, into: Path) -> Path:
         else:
             tar.extractall(tree)  # our own repository's archive
     archive.unlink()
-    return tree
-
-
-def compiled(tree: Path) -> Path:
-    """`tree`, its package's bytecode written (whatever PYTHONDONTWRITEBYTECODE says)."""
-    if not compileall.compile_dir(tree / "cxrbatch", quiet=1):
-        raise SystemExit(f"cannot compile the package in {tree}")
     return tree
 
 
