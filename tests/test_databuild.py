@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import entry, film, make_repo, manifest_rows, png, rule, skipped_rows, tree_bytes
+from helpers import REPO, entry, film, make_repo, manifest_rows, png, rule, skipped_rows, tree_bytes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -348,3 +351,65 @@ def test_record_is_the_manifest_without_images_and_refuses_other_folders(
     refused = runner.invoke(app, ["data", "record", str(stranger), "--out", str(tmp_path / "x.csv")])
     assert refused.exit_code == 2 and "MANIFEST.csv" in refused.output
     assert not (tmp_path / "x.csv").exists()
+
+
+def _cli_build(tmp: Path, registry: str, out: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cxrbatch.cli", "data", "build", str(tmp / registry), "--mirrors", str(tmp / "m"),
+         "--out", str(tmp / out)],
+        env={**os.environ, "PYTHONPATH": str(REPO), **env}, capture_output=True, text=True,
+    )  # fmt: skip
+
+
+def test_manifest_does_not_depend_on_the_locale(tmp_path: Path) -> None:
+    """_write_csv escapes cells with display_path, i.e. os.fsencode: the locale's encoding."""
+    commit = make_repo(tmp_path / "m", "o/r", {"img/caf\u00e9.png": png(film(1)), "img/b.png": png(film(2))})
+    (tmp_path / "r.toml").write_text(entry("o/r", commit, rule("img/*.png", "NORMAL", "x")), encoding="utf-8")
+    utf8 = _cli_build(tmp_path, "r.toml", "a", LC_ALL="C.UTF-8")
+    ascii_fs = _cli_build(tmp_path, "r.toml", "b", LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0")
+    assert utf8.returncode == 0, utf8.stderr
+    assert ascii_fs.returncode == 0, ascii_fs.stderr[-300:]
+    assert (tmp_path / "a" / "MANIFEST.csv").read_bytes() == (tmp_path / "b" / "MANIFEST.csv").read_bytes()
+
+
+def test_a_copy_dropped_for_its_labels_still_links_its_patients(tmp_path: Path) -> None:
+    """Film x is patient P1's in one repository and Q7's in another (labels disagree: both copies
+    dropped). P1 and Q7 are one person, yet their other films are split apart."""
+    x = film(7, (200, 240))
+    a = make_repo(tmp_path / "m", "site/a", {"n/P1_x.png": png(x), "n/P1_y.png": png(film(11))})
+    b = make_repo(tmp_path / "m", "site/b", {"c/Q7_x.png": png(x), "c/Q7_z.png": png(film(16))})
+    (tmp_path / "r.toml").write_text(
+        entry("site/a", a, rule("n/*.png", "NORMAL", "a", r"(P\d+)_"))
+        + entry("site/b", b, rule("c/*.png", "COVID19", "b", r"(Q\d+)_"))
+    )
+    build(tmp_path / "r.toml", tmp_path / "m", tmp_path / "out", tmp_path)
+    rows = {r["path_in_source"]: r for r in manifest_rows(tmp_path / "out")}
+    assert set(rows) == {"n/P1_y.png", "c/Q7_z.png"}
+    assert rows["n/P1_y.png"]["split"] == rows["c/Q7_z.png"]["split"]
+    assert rows["n/P1_y.png"]["cluster"] == rows["c/Q7_z.png"]["cluster"]
+
+
+def test_a_dataset_manifest_with_a_bom_is_read_as_the_other_commands_read_it(tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    (dev / "test" / "NORMAL").mkdir(parents=True)
+    film(1).save(dev / "test" / "NORMAL" / "abc.jpg", "JPEG", quality=90)
+    (dev / "MANIFEST.csv").write_bytes(b"\xef\xbb\xbfid,split,label,source\nabc,test,NORMAL,org/repo\n")
+    (tmp_path / "r.toml").write_text('[[source]]\ndataset = "dev"\n[source.collections]\n"org/repo" = "dev"\n')
+    build(tmp_path / "r.toml", tmp_path / "m", tmp_path / "out", tmp_path)
+    assert [r["id"] for r in manifest_rows(tmp_path / "out")] == ["abc"]
+
+
+def test_skipped_csv_holds_no_machine_path(tmp_path: Path) -> None:
+    """A dataset row whose file is missing: its reason names the dataset's absolute path, so the
+    same registry and dataset built from two checkouts give different SKIPPED.csv."""
+    outs = []
+    for where in ("one", "two"):
+        dev = tmp_path / where / "dev"
+        (dev / "test" / "NORMAL").mkdir(parents=True)
+        film(1).save(dev / "test" / "NORMAL" / "abc.jpg", "JPEG", quality=90)
+        (dev / "MANIFEST.csv").write_text("id,split,label,source\nabc,test,NORMAL,o/r\ngone,test,NORMAL,o/r\n")
+        registry = tmp_path / where / "r.toml"
+        registry.write_text('[[source]]\ndataset = "dev"\n[source.collections]\n"o/r" = "dev"\n')
+        build(registry, tmp_path / where / "m", tmp_path / where / "out", registry.parent)
+        outs.append((tmp_path / where / "out" / "SKIPPED.csv").read_text(encoding="utf-8"))
+    assert outs[0] == outs[1], outs

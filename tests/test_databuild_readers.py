@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import film, make_repo, manifest_rows, png, skipped_rows
+from helpers import entry, film, make_repo, manifest_rows, png, rule, skipped_rows
 
 from cxrbatch.databuild.builder import build
 from cxrbatch.databuild.readers import GitFiles, find_git_dir
@@ -63,3 +64,49 @@ def test_a_damaged_wheel_member_is_skipped_and_a_wheel_that_is_no_zip_is_a_usage
     wheel.write_bytes(b"not a zip")
     with pytest.raises(UsageError, match=r"The wheel .*pkg_x-1.0-py3-none-any.whl cannot be opened"):
         build(registry, mirrors, tmp_path / "out2", tmp_path)
+
+
+def test_one_corrupt_git_object_skips_only_its_file(tmp_path: Path) -> None:
+    commit = make_repo(tmp_path / "m", "o/r", {f"img/{i}.png": png(film(i)) for i in range(6)})
+    repo = tmp_path / "m" / "o+r" / "repo"
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", f"{commit}:img/1.png"],
+                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    obj = repo / ".git" / "objects" / sha[:2] / sha[2:]
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    obj.chmod(0o644)
+    obj.write_bytes(bytes(data))
+    (tmp_path / "r.toml").write_text(entry("o/r", commit, rule("img/*.png", "NORMAL", "x")))
+    build(tmp_path / "r.toml", tmp_path / "m", tmp_path / "out", tmp_path)
+    assert [r["path_in_source"] for r in skipped_rows(tmp_path / "out")] == ["img/1.png"]
+    assert len(manifest_rows(tmp_path / "out")) == 5
+
+
+def test_a_wheel_member_flagged_encrypted_is_a_skipped_file(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    wheel = tmp_path / "m" / "pkg_x-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i in range(3):
+            archive.writestr(f"pkg_x/img/{i}.png", png(film(i)))
+    data = bytearray(wheel.read_bytes())
+    central = data.find(b"PK\x01\x02", data.find(b"PK\x01\x02") + 4)  # second member's directory entry
+    data[central + 8] |= 0x01  # its "encrypted" flag: one damaged bit
+    wheel.write_bytes(bytes(data))
+    (tmp_path / "r.toml").write_text(
+        '[[source]]\npackage = "pkg-x==1.0"\nlicence = "MIT"\n'
+        '[[source.files]]\nglob = "pkg_x/img/*.png"\nlabel = "NORMAL"\ncollection = "w"\n'
+    )
+    build(tmp_path / "r.toml", tmp_path / "m", tmp_path / "out", tmp_path)
+    assert [r["path_in_source"] for r in skipped_rows(tmp_path / "out")] == ["pkg_x/img/1.png"]
+
+
+def test_a_wheel_is_found_under_its_normalised_file_name(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    with zipfile.ZipFile(tmp_path / "m" / "pneumonia_model-1.0-py3-none-any.whl", "w") as archive:
+        archive.writestr("pneumonia_model/img/0.png", png(film(0)))
+    (tmp_path / "r.toml").write_text(
+        '[[source]]\npackage = "Pneumonia.Model==1.0"\nlicence = "MIT"\n'
+        '[[source.files]]\nglob = "pneumonia_model/img/*.png"\nlabel = "NORMAL"\ncollection = "w"\n'
+    )
+    build(tmp_path / "r.toml", tmp_path / "m", tmp_path / "out", tmp_path)
+    assert len(manifest_rows(tmp_path / "out")) == 1

@@ -37,7 +37,6 @@ from cxrbatch.databuild.readers import SourceFiles, dataset_root, open_source
 from cxrbatch.databuild.registry import ADMITTED_IN_DATASETS, RESERVED_FILE, RESERVED_REPOS, Source, load_registry
 from cxrbatch.datasets import ABNORMAL
 from cxrbatch.errors import ImageError, ReportError, UsageError
-from cxrbatch.files import display_path
 
 MANIFEST_COLUMNS = (
     "id", "split", "label", "source", "commit_or_version", "path_in_source", "license_as_stated",
@@ -161,7 +160,10 @@ def _candidates(source: Source, files: SourceFiles, skipped: list[tuple[str, str
 
 
 def _dataset_candidates(source: Source, files: SourceFiles, skipped: list[tuple[str, str, str]]) -> Iterator[Candidate]:
-    rows = list(csv.DictReader(io.StringIO(files.read("MANIFEST.csv").decode("utf-8"), newline="")))
+    try:  # a BOM, as every other reader of a MANIFEST.csv allows (datasets.read_manifest)
+        rows = list(csv.DictReader(io.StringIO(files.read("MANIFEST.csv").decode("utf-8-sig"), newline="")))
+    except UnicodeDecodeError:
+        raise UsageError(f"Dataset {source.name}: its MANIFEST.csv is not UTF-8") from None
     unmapped = sorted({r["source"] for r in rows} - set(source.collections))
     if unmapped:
         raise UsageError(f"Registry dataset {source.name}: no collection given for its sources {unmapped}")
@@ -191,7 +193,7 @@ def _read(files: SourceFiles, candidate: Candidate) -> bytes | str:
     try:
         return files.read(candidate.path)
     except OSError as exc:
-        return f"cannot read: {exc}"
+        return f"cannot read: {exc.strerror or exc}"  # a FolderFiles error names the absolute path
 
 
 def _convert_one(payload: tuple[Candidate, bytes | str]) -> Built | str:
@@ -256,13 +258,14 @@ def _link_and_split(built: list[Built], skipped: list[tuple[str, str, str]]) -> 
                 c = built[i].candidate
                 reason = f"copies of this film carry more than one label ({', '.join(labels)})"
                 skipped.append((c.source.label, c.path, reason))
-    kept = [b for b, k in zip(built, keep, strict=True) if k]
-    clusters = UnionFind(len(kept))
-    copy_root = [r for r, k in zip(copies.groups(), keep, strict=True) if k]
-    link_groups(([f"copy:{r}", *b.candidate.patients] for r, b in zip(copy_root, kept, strict=True)), clusters)
+    # every film links, a dropped one too: its copies may be two patients' ids of one person
+    clusters = UnionFind(len(built))
+    link_groups(([f"copy:{r}", *b.candidate.patients] for r, b in zip(copies.groups(), built, strict=True)), clusters)
     rows: list[tuple[dict[str, str], Built]] = []
     for indices in _members(clusters).values():
-        rows += _cluster_rows([kept[i] for i in indices])
+        members = [built[i] for i in indices if keep[i]]
+        if members:
+            rows += _cluster_rows(members)
     return sorted(rows, key=lambda described: described[0]["id"])
 
 
@@ -338,7 +341,13 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[list[str]] | list
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)
-        writer.writerows([display_path(cell) for cell in row] for row in rows)
+        writer.writerows([_escaped(cell) for cell in row] for row in rows)
+
+
+def _escaped(cell: str) -> str:
+    """A cell as UTF-8 text whatever the locale: a mirror's path is UTF-8 decoded with surrogateescape
+    (readers.GitFiles), so its undecodable bytes go back the same way and become \\xNN escapes."""
+    return cell.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _chunks(items: list[Candidate], size: int) -> Iterator[list[Candidate]]:

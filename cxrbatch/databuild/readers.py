@@ -9,6 +9,7 @@ registered files. Git LFS pointers and submodules are not images and are left ou
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import zipfile
 import zlib
@@ -52,10 +53,14 @@ class GitFiles:
             mode, kind, sha = meta.split()
             if kind == b"blob" and mode in (b"100644", b"100755"):
                 self._blobs[path.decode("utf-8", "surrogateescape")] = sha.decode()
-        self._cat = subprocess.Popen(
-            ["git", f"--git-dir={git_dir}", "cat-file", "--batch"],
+        self._cat = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            ["git", f"--git-dir={self.git_dir}", "cat-file", "--batch"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
 
     def paths(self) -> list[str]:
@@ -64,6 +69,9 @@ class GitFiles:
 
     def read(self, path: str) -> bytes:
         """The blob at `path`; an LFS pointer reads as OSError (the image is not in the mirror)."""
+        if self._cat.poll() is not None:  # it died on an earlier, damaged object: one file lost, not the rest
+            self.close()
+            self._cat = self._start()
         assert self._cat.stdin is not None and self._cat.stdout is not None
         self._cat.stdin.write(self._blobs[path].encode() + b"\n")
         self._cat.stdin.flush()
@@ -71,7 +79,9 @@ class GitFiles:
         if len(header) != 3:
             raise OSError(f"git cat-file could not read {path}")
         data = self._cat.stdout.read(int(header[2]))
-        self._cat.stdout.read(1)  # the newline after each object
+        if len(data) != int(header[2]) or self._cat.stdout.read(1) != b"\n":  # the newline after each object
+            self._cat.wait()
+            raise OSError(f"git cat-file could not read {path} (a damaged object in the mirror)")
         if data.startswith(LFS_POINTER):
             raise OSError("a Git LFS pointer, not the image (the mirror lacks LFS objects)")
         return data
@@ -104,7 +114,7 @@ class WheelFiles:
         """The bytes of one member; a damaged one (bad CRC, bad compressed data) reads as OSError."""
         try:
             return self._zip.read(path)
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
             raise OSError(f"damaged in the wheel: {exc}") from None
 
     def close(self) -> None:
@@ -167,8 +177,14 @@ def find_git_dir(mirrors: Path, repo: str) -> Path | None:
 
 
 def _find_wheel(mirrors: Path, source: Source) -> Path:
-    stem = source.name.replace("-", "_")
-    found = sorted(mirrors.glob(f"{stem}-{source.version}-*.whl"))
+    def normal(name: str) -> str:  # wheel file names are normalised: lower case, runs of -_. as "_"
+        return re.sub(r"[-_.]+", "_", name).lower()
+
+    found = sorted(
+        p
+        for p in mirrors.glob("*.whl")
+        if [normal(part) for part in p.name.split("-")[:2]] == [normal(source.name), normal(source.version)]
+    )
     if not found:
         raise UsageError(
             f"No wheel of {source.name}=={source.version} under {mirrors} "
