@@ -7,8 +7,10 @@ Data pipeline instead of decoding in threads. Each actor of that pipeline holds 
 models folder) and screens its files with its own `screen`: the preprocessing exists once. An
 item sent to an actor is one inference batch of the local engine (`batch_items`: the same files
 together, by absolute path), so both engines give the same results to the last decimal.
-Results come back as JSON (`Result.to_wire`), are put back in input order, and go through the
-runner's report writers and ledger commits like the local engine's.
+Results come back as JSON (`Result.to_wire`) and are passed on as they arrive (a lost block's
+files last), through the runner's ledger commits and report writers like the local engine's; the
+reports put the rows back in input order. What an actor logs at warning level or above comes back
+with its results and is logged again by the driver.
 
 Failures: Ray restarts a dead actor and retries its task (`RETRIES` times). A block that fails
 every retry is left out by Ray Data rather than ending the run; its files are sent again one per
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -234,30 +237,42 @@ class RayScreener(Screener):
         super().__init__(gate, classifier, batch_size, workers, draft)
         self.actors, self.gpus_per_actor = actors, gpus_per_actor
         self._models_ref: Any = None
+        self.started = 0  # the most actors a pipeline of this run started
 
     def settings(self) -> dict[str, object]:
         """As the local engine's, with the device the actors run on (the driver's does not matter)."""
         return {**super().settings(), "device": "cuda" if self.gpus_per_actor > 0 else "cpu"}
 
     def describe(self) -> dict[str, object]:
-        return {"name": "ray", "actors": self.actors, "gpus_per_actor": self.gpus_per_actor}
+        return {"name": "ray", "actors": self.started, "gpus_per_actor": self.gpus_per_actor}
 
     def screen(self, paths: Iterable[Path], on_result: Callable[[Result], None] | None = None) -> Iterator[Result]:
-        """Yield one Result per path, in order, as the actors deliver them."""
+        """Yield one Result per path as the actors deliver them: in input order, except that the
+        files of a lost block come after the others (screened again one by one). Nothing waits
+        behind a lost block, so a ledger commits every result as it arrives; callers that report
+        put rows back in input order."""
         paths = list(paths)
-        order = _InOrder(paths, on_result)
+        seen: set[int] = set()
+
+        def passed(index: int, result: Result) -> Iterator[Result]:
+            if index not in seen:  # a block delivered twice counts once
+                seen.add(index)
+                if on_result is not None:
+                    on_result(result)
+                yield result
+
         for index, result in self._results(
             paths, batch_items(paths, range(len(paths)), self.batch_size), BLOCK_BATCHES
         ):
-            yield from order.add(index, result)
-        lost = order.missing()
+            yield from passed(index, result)
+        lost = [i for i in range(len(paths)) if i not in seen]
         if lost:
             log.warning("%s lost on the cluster: screening them again one by one", plural(len(lost), "file"))
             for index, result in self._results(paths, batch_items(paths, lost, 1), 1):
-                yield from order.add(index, result)
-        for index in order.missing():
+                yield from passed(index, result)
+        for index in [i for i in range(len(paths)) if i not in seen]:
             log.error("%s: %s", paths[index], LOST)
-            yield from order.add(index, Result(paths[index], ERROR, error=LOST))
+            yield from passed(index, Result(paths[index], ERROR, error=LOST))
 
     def _results(self, paths: list[Path], items: list[dict[str, Any]], per_block: int) -> Iterator[tuple[int, Result]]:
         """Screen the `batch_items` on the cluster, `per_block` of them a block; yield (index,
@@ -267,6 +282,7 @@ class RayScreener(Screener):
         import ray
 
         blocks = math.ceil(len(items) / per_block)
+        self.started = max(self.started, min(self.actors, blocks))
         with warnings.catch_warnings():  # retries have no named parameter yet (ray 2.60): pinned below 2.64
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
             data = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
@@ -286,7 +302,9 @@ class RayScreener(Screener):
             )
         try:
             for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
-                for index, text in zip(batch["index"], batch["result"], strict=True):
+                for index, text, logged in zip(batch["index"], batch["result"], batch["logs"], strict=True):
+                    for level, message in json.loads(str(logged)):  # what the actor logged (a decoder's warning)
+                        log.log(level, "%s", message)
                     yield int(index), Result.from_wire(paths[int(index)], str(text))
         except Exception as exc:  # the pipeline itself failed (an actor that cannot start, say)
             raise EngineError(f"the Ray run failed: {type(exc).__name__}: {exc}") from None
@@ -316,7 +334,8 @@ def batch_items(paths: list[Path], indices: Sequence[int], batch_size: int) -> l
         chunk = indices[position : position + batch_size]
         if list(chunk) != list(range(chunk[0], chunk[0] + len(chunk))):
             raise ValueError("batch_items takes consecutive indices per batch")
-        names = b"\0".join(os.fsencode(os.path.abspath(paths[i])) for i in chunk)
+        # absolute, but `link/..` kept: the kernel follows the link first (os.path.abspath did not)
+        names = b"\0".join(os.fsencode(Path(paths[i]).absolute()) for i in chunk)
         items.append({"first": chunk[0], "paths": names})
     return items
 
@@ -327,28 +346,6 @@ def _same_bytes(model: Model) -> bytes:
     if hashlib.sha256(data).hexdigest() != model.sha256:
         raise EngineError(f"{model.path} changed since this run loaded it; run again")
     return data
-
-
-class _InOrder:
-    """Results put back in input order: each is passed on (and counted) once all before it were."""
-
-    def __init__(self, paths: list[Path], on_result: Callable[[Result], None] | None) -> None:
-        self.paths, self.on_result = paths, on_result
-        self.waiting: dict[int, Result] = {}
-        self.next = 0
-
-    def add(self, index: int, result: Result) -> Iterator[Result]:
-        if index >= self.next and index not in self.waiting:  # a block delivered twice counts once
-            self.waiting[index] = result
-        while self.next in self.waiting:
-            ready = self.waiting.pop(self.next)
-            self.next += 1
-            if self.on_result is not None:
-                self.on_result(ready)
-            yield ready
-
-    def missing(self) -> list[int]:
-        return [i for i in range(self.next, len(self.paths)) if i not in self.waiting]
 
 
 class _ScreenActor:
@@ -387,5 +384,24 @@ class _ScreenActor:
             paths += files
         for path in paths:
             crash_point(f"screening {path.name}")  # a worker that dies on one file (crash tests only)
-        results = list(self.screener.screen(paths))
-        return {"index": np.array(indices), "result": np.array([r.to_wire() for r in results])}
+        logged: list[tuple[int, str]] = []
+        handler = _Collect(logged)
+        root = logging.getLogger("cxrbatch")
+        root.addHandler(handler)
+        try:
+            results = list(self.screener.screen(paths))
+        finally:
+            root.removeHandler(handler)
+        logs = [json.dumps(logged)] + ["[]"] * (len(results) - 1)  # the call's lines, on its first row
+        return {"index": np.array(indices), "result": np.array([r.to_wire() for r in results]), "logs": np.array(logs)}
+
+
+class _Collect(logging.Handler):
+    """An actor's log records at WARNING and above, to be logged again by the driver."""
+
+    def __init__(self, into: list[tuple[int, str]]) -> None:
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append((record.levelno, record.getMessage()))

@@ -272,6 +272,8 @@ def _run_plain(screener: Screener, paths: list[Path], report: Report, reporter: 
     started = time.perf_counter()
     items = [(r.path, screener.record(r)) for r in screener.screen(paths, progress_hook(len(paths), reporter))]
     seconds = time.perf_counter() - started
+    position = {p: i for i, p in enumerate(paths)}
+    items.sort(key=lambda item: position.get(item[0], len(paths)))  # input order (a Ray run's lost files came last)
     rows = report.finish_rows(items)
     summary = screener.summary(rows, found=len(paths), screened=len(items), seconds=seconds)
     report.write(rows, summary)

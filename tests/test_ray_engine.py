@@ -18,8 +18,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from helpers import REPO, grey_image, halves_site, make_halves_classifier
+from helpers import REPO, grey_image, halves_site, make_dicom, make_halves_classifier, ramp
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
@@ -27,7 +28,16 @@ from cxrbatch.cores import usable_cores
 from cxrbatch.errors import EngineError, UsageError
 from cxrbatch.models import load_models
 from cxrbatch.pipeline import Result
-from cxrbatch.ray_engine import LOST, _check_reachable, _InOrder, _same_bytes, actor_count, actor_cpus, batch_items
+from cxrbatch.ray_engine import (
+    BLOCK_BATCHES,
+    LOST,
+    RayScreener,
+    _check_reachable,
+    _same_bytes,
+    actor_count,
+    actor_cpus,
+    batch_items,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ray's own, at import
 runner = CliRunner()
@@ -84,7 +94,7 @@ def test_ray_writes_the_local_engines_rows_with_the_bundled_models(ray_address: 
     (inputs / "zero.jpg").write_bytes(b"")
     local, ray = _both(inputs, REPO / "models", tmp_path)
     assert ray["results"] == local["results"] and ray["summary"]["by_status"] == local["summary"]["by_status"]
-    assert ray["engine"] == {"name": "ray", "actors": 2, "gpus_per_actor": 0.0}
+    assert ray["engine"] == {"name": "ray", "actors": 1, "gpus_per_actor": 0.0}  # 8 files, one block: one actor ran
     assert local["engine"] == {"name": "local", "threads": usable_cores()}  # one per usable core
     statuses = [r["status"] for r in ray["results"]]
     assert statuses.count("classified") >= 2 and statuses.count("rejected") >= 2 and statuses.count("error") == 1
@@ -224,15 +234,31 @@ def test_actor_count_follows_the_clusters_cpus_and_gpus() -> None:
         actor_count({"CPU": 0.0}, None, 0.0, 1)
 
 
-def test_results_are_passed_on_in_input_order_once_each() -> None:
-    paths = [Path(f"{i}.png") for i in range(4)]
-    seen: list[Path] = []
-    order = _InOrder(paths, lambda r: seen.append(r.path))
-    out = [*order.add(2, Result(paths[2], "classified")), *order.add(0, Result(paths[0], "classified"))]
-    assert [r.path for r in out] == [paths[0]] and order.missing() == [1, 3]
-    out = [*order.add(0, Result(paths[0], "error")), *order.add(1, Result(paths[1], "rejected"))]
-    assert [(r.path, r.status) for r in out] == [(paths[1], "rejected"), (paths[2], "classified")]
-    assert seen == paths[:3] and order.missing() == [3]
+def test_results_after_a_lost_block_are_passed_on_before_its_files_are_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With a ledger, what is passed on is what gets committed: results waiting behind a lost block
+    # until the retries ended were all lost with a driver killed meanwhile.
+    paths = [Path(f"/in/{i}.png") for i in range(6)]
+    screener = object.__new__(RayScreener)
+    screener.batch_size = 1
+    passed_on: list[Path] = []
+    at_retry: list[int] = []
+
+    def results(self: RayScreener, ps: list[Path], items: list[dict], per_block: int) -> Iterator[tuple[int, Result]]:
+        if per_block == BLOCK_BATCHES:  # the first pass: the block holding file 0 was lost, file 3's came twice
+            for i in (1, 2, 3, 3, 4, 5):
+                yield i, Result(ps[i], "classified")
+        else:
+            at_retry.append(len(passed_on))
+            for item in items:
+                yield item["first"], Result(ps[item["first"]], "rejected")
+
+    monkeypatch.setattr(RayScreener, "_results", results)
+    out = list(screener.screen(paths, lambda r: passed_on.append(r.path)))
+    assert at_retry == [5]  # every result of the first pass was passed on before the retry
+    assert [r.path for r in out] == [*paths[1:], paths[0]] == passed_on  # each once, the lost file last
+    assert [r.status for r in out] == ["classified"] * 5 + ["rejected"]
 
 
 def test_actors_get_the_model_bytes_the_reports_name(tiny_models: Path) -> None:
@@ -290,3 +316,55 @@ def test_an_address_that_is_no_ray_cluster_is_refused_at_once(tmp_path: Path) ->
             _check_reachable("127.0.0.1", server.server_address[1])
     finally:
         server.shutdown()
+
+
+def test_a_path_through_a_link_and_dotdot_is_the_file_the_local_engine_reads(
+    ray_address: str, tiny_models: Path, tmp_path: Path
+) -> None:
+    # top/link -> real/sub: the kernel reads top/link/../incoming/film.png as real/incoming/film.png;
+    # os.path.abspath makes it top/incoming/film.png, another film.
+    for folder in ("real/sub", "real/incoming", "top/incoming"):
+        (tmp_path / folder).mkdir(parents=True)
+    grey_image(tmp_path / "real" / "incoming" / "film.png", 20)
+    grey_image(tmp_path / "top" / "incoming" / "film.png", 250)
+    (tmp_path / "top" / "link").symlink_to(tmp_path / "real" / "sub")
+    inputs = str(tmp_path / "top" / "link" / ".." / "incoming")
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}.csv"
+        code, err = _run(inputs, "--models", str(tiny_models), "--engine", engine, "--out", str(out))
+        assert code == 0, err
+    assert _csv(tmp_path / "ray.csv") == _csv(tmp_path / "local.csv")
+
+
+def test_a_decoders_warning_reaches_the_runs_log_under_ray(ray_address: str, tiny_models: Path, tmp_path: Path) -> None:
+    # The local engine logs it from its threads and from its decoding processes (test_dicom.py);
+    # the actors' lines were dropped.
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    make_dicom(folder / "mf.dcm", np.stack([ramp(), ramp()[::-1]]))
+    code, err = _run(str(folder), "--models", str(tiny_models), "--out", str(tmp_path / "r.csv"), "--engine", "ray")
+    assert code == 0, err
+    assert "mf.dcm: multi-frame DICOM (2 frames): screening the first frame only" in err
+
+
+def test_the_json_engine_record_names_the_actors_that_ran(
+    ray_address: str, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray.data
+
+    sizes: list[int] = []
+    real = ray.data.ActorPoolStrategy
+
+    def recording(*args: object, **kwargs: object) -> object:
+        sizes.append(int(kwargs["size"]))  # type: ignore[arg-type]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", recording)
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        grey_image(tmp_path / "in" / f"f{i}.png", 40 + 50 * i)
+    out = tmp_path / "r.json"
+    code, err = _run(str(tmp_path / "in"), "--models", str(tiny_models), "--engine", "ray", "--json", str(out))
+    assert code == 0, err
+    record = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["engine"]
+    assert record["actors"] == max(sizes), (record, sizes)
