@@ -69,7 +69,9 @@ def staged(
     written (and synced) on entry, and takes `path`'s place only when the `commit` it yields is
     called; leaving the block without it, or with an error, removes it and leaves `path` as it was."""
     path = written_at(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    # the real folder: tempfile makes `dir` absolute by dropping `link/..` as text, which names another folder
+    folder = Path(os.path.realpath(path.parent if str(path.parent) else "."))
+    real = folder / path.name
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
@@ -77,7 +79,7 @@ def staged(
 
     def commit() -> None:
         try:
-            os.replace(tmp, path)
+            os.replace(tmp, real)
             _sync_folder(folder)  # the rename itself survives a power cut, not only the bytes
         except OSError as exc:
             raise write_failed(what, path, exc) from None

@@ -8,6 +8,7 @@ or a model is HTML-escaped, so a file named `<script>…</script>.png` shows as 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
@@ -38,6 +39,7 @@ align-items:center;justify-content:center;z-index:10;cursor:zoom-out}
 """
 
 _SORT_JS = """
+var NUMBER = /^-?[0-9]+([.][0-9]+)?$/;  // a whole cell: a file named 1.2.840... is text
 document.querySelectorAll('table.sortable th').forEach(function (th, col) {
   th.addEventListener('click', function () {
     var body = th.closest('table').tBodies[0];
@@ -46,8 +48,7 @@ document.querySelectorAll('table.sortable th').forEach(function (th, col) {
     th.dataset.dir = dir === 1 ? 'asc' : 'desc';
     rows.sort(function (a, b) {
       var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
-      var nx = parseFloat(x), ny = parseFloat(y);
-      if (!isNaN(nx) && !isNaN(ny)) { return (nx - ny) * dir; }
+      if (NUMBER.test(x) && NUMBER.test(y)) { return (parseFloat(x) - parseFloat(y)) * dir; }
       return x.localeCompare(y) * dir;
     });
     rows.forEach(function (r) { body.appendChild(r); });
@@ -66,7 +67,9 @@ def render_html(
     html_path: Path,
 ) -> str:
     """Render the review page for a run's report records: the films to read first, most suspicious first."""
-    classified = sorted((r for r in records if r.status == CLASSIFIED), key=_suspicion)
+    classified = sorted(
+        (r for r in records if r.status == CLASSIFIED), key=lambda r: (not r.to_read(negative_label), *_suspicion(r))
+    )
     to_read = [r for r in classified if r.to_read(negative_label)]
     unsure = [r for r in classified if r.needs_review and not r.to_read(negative_label)]
     folder = html_path.parent if str(html_path.parent) else Path(".")
@@ -93,6 +96,14 @@ def render_html(
         f"<script>{_SORT_JS}</script></body></html>\n",
     ]
     return "\n".join(parts)
+
+
+def _href(heatmap: str, folder: Path) -> str:
+    """The heatmap's link relative to the folder the page really lies in: both resolved (a `link/..`
+    is where the link's target is), and the heatmap's \\xNN escapes (display_path) made bytes again."""
+    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), heatmap.encode("utf-8"))
+    rel = os.path.relpath(os.path.realpath(raw), os.path.realpath(os.fsencode(folder)))
+    return escape(quote(rel), quote=True)
 
 
 def _suspicion(record: Record) -> tuple[float, str]:
@@ -126,7 +137,7 @@ def _cards(title: str, rows: list[Record], folder: Path, section: str) -> str:
         if r.heatmap:
             # a relative URL: quoted, so that a folder named "maps #1" or "50%" is not read as a
             # fragment or an escape; loaded lazily, so that a page of thousands of cards opens
-            src = escape(quote(Path(os.path.relpath(r.heatmap, folder)).as_posix()), quote=True)
+            src = _href(r.heatmap, folder)
             zoom = f"{section}-{i}"
             view = (
                 f"<a href='#{zoom}' title='larger view'><img src='{src}' loading='lazy' "

@@ -277,3 +277,16 @@ def test_films_beside_the_label_folders_are_refused_as_evaluate_refuses_them(tin
     result = runner.invoke(app, ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out)])
     assert result.exit_code == 2 and "images beside them, of no class: loose.png" in result.stderr
     assert not out.exists()
+
+
+def test_calibrated_models_go_to_an_out_given_through_link_dotdot(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    films = _site(tmp_path / "site")
+    (tmp_path / "srv" / "current").mkdir(parents=True)
+    (tmp_path / "cxr").symlink_to(tmp_path / "srv" / "current")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["calibrate", str(films), "--models", str(tiny_models), "--out", "cxr/../site-models",
+                                 "--target-sensitivity", "0.9"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "srv" / "site-models").iterdir()) == ["classifier.onnx", "gate.onnx"]

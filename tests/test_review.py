@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, grey_image
 from PIL import Image
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
 from cxrbatch.models import default_models_dir, load_models
+from cxrbatch.records import CLASSIFIED, Record, Summary
+from cxrbatch.review import _SORT_JS, render_html
 
 EVIL = "<img src=x onerror=\"document.title='pwned'\">"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -104,3 +111,84 @@ def test_page_in_headless_chromium(page: Path, tmp_path: Path) -> None:
     colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
     assert colours > 500  # text, tables and heatmap thumbnails, not a blank page
     assert (pixels < 100).all(axis=2).mean() > 0.005  # some dark text is on it
+
+
+def _links_resolve(page: Path) -> list[bool]:
+    srcs = set(re.findall(r"<img src='([^']+)'", page.read_text(encoding="utf-8")))
+    assert srcs
+    return [os.path.exists(os.fsencode(page.parent) + b"/" + unquote_to_bytes(s)) for s in srcs]
+
+
+def test_heatmaps_given_through_link_dotdot_are_written(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grey_image(tmp_path / "a.png", 20)
+    (tmp_path / "archive" / "2026" / "12").mkdir(parents=True)
+    (tmp_path / "out").symlink_to(tmp_path / "archive" / "2026" / "12")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "a.png", "--models", str(tiny_models), "--out", "r.csv",
+                                 "--heatmaps", "out/../maps", "--html", "review.html"])  # fmt: skip
+    row = next(csv.DictReader(open("r.csv", encoding="utf-8")))
+    assert result.exit_code == 0 and row["error"] == "", row["error"]
+    assert all(_links_resolve(tmp_path / "review.html"))
+
+
+def test_review_page_written_through_link_dotdot_links_its_heatmaps(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grey_image(tmp_path / "a.png", 20)
+    (tmp_path / "archive" / "2026" / "12").mkdir(parents=True)
+    (tmp_path / "out").symlink_to(tmp_path / "archive" / "2026" / "12")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["run", "a.png", "--models", str(tiny_models), "--out", "r.csv",
+                                 "--heatmaps", "maps", "--html", "out/../review.html"])  # fmt: skip
+    assert result.exit_code == 0
+    assert all(_links_resolve(tmp_path / "archive" / "2026" / "review.html"))
+
+
+def test_heatmap_links_under_a_folder_whose_name_is_not_utf8(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = Path(os.fsdecode(os.fsencode(tmp_path) + b"/r\xf6ntgen"))
+    site.mkdir()
+    grey_image(site / "a.png", 20)
+    monkeypatch.chdir(site)
+    result = CliRunner().invoke(app, ["run", "a.png", "--models", str(tiny_models), "--out", "r.csv",
+                                 "--heatmaps", "maps", "--html", "review.html"])  # fmt: skip
+    assert result.exit_code == 0
+    assert all(_links_resolve(site / "review.html"))
+
+
+def _row(path: str, score: float, refer: bool) -> Record:
+    probs = {"COVID19": 0.0, "NORMAL": 1 - score, "PNEUMONIA": score, "TUBERCULOSIS": 0.0}
+    return Record.of(path, CLASSIFIED, "g", "c", gate_score=0.9, label="NORMAL", confidence=0.9,
+                     probabilities=probs, needs_review=False, referral_score=score, refer=refer)  # fmt: skip
+
+
+def test_the_classified_table_puts_referred_films_first() -> None:
+    # one report file's rows from before and after the site calibrated (thresholds 0.5, then 0.43)
+    rows = [_row("morning.png", 0.489, False), _row("evening.png", 0.442, True)]
+    page = render_html(rows, ["COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS"], "NORMAL", {}, Summary.of(rows),
+                       "2026-12-07", Path("review.html"))  # fmt: skip
+    table = page[page.index("<table class='sortable'>") :]
+    refer = [re.findall(r"<td[^>]*>(.*?)</td>", tr)[4] for tr in re.findall(r"<tr class='[^']*'>(.*?)</tr>", table)]
+    assert refer == ["refer", "clear"]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="runs the page's sort script under node, not installed here")
+def test_sorting_the_file_column_sorts_uid_named_films() -> None:
+    # parseFloat read every UID-named DICOM (1.2.840...) as 1.2: all equal, never sorted
+    names = ["1.2.840.113619.2.55.30", "1.2.840.113619.2.55.10", "1.2.840.113619.2.55.20"]
+    shim = (
+        f"var values = {json.dumps(names)};"
+        "function Row(v){ this.cells=[{dataset:{v:v}}]; }"
+        "var body = {rows: values.map(function(v){return new Row(v);}), appendChild: function(r){"
+        "  this.rows.splice(this.rows.indexOf(r),1); this.rows.push(r);}};"
+        "var handler; var th = {dataset:{}, closest:function(){return {tBodies:[body]};},"
+        "  addEventListener:function(e,f){handler=f;}};"
+        "var document = {querySelectorAll:function(){return [th];}};"
+        f"{_SORT_JS} handler();"
+        "console.log(JSON.stringify(body.rows.map(function(r){return r.cells[0].dataset.v;})));"
+    )
+    out = subprocess.run(["node", "-e", shim], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == sorted(names)
