@@ -44,6 +44,7 @@ from cxrbatch.features import (
 )
 from cxrbatch.files import check_out
 from cxrbatch.pipeline import Screener
+from cxrbatch.records import DECIMALS
 
 log = logging.getLogger(__name__)
 
@@ -182,16 +183,6 @@ def attach_familiarity(proto: onnx.ModelProto, detached: Detached, features_name
     graph.output.append(detached.output)
 
 
-def familiarity_node_names(proto: onnx.ModelProto) -> list[str]:
-    """The names of the familiarity output's nodes, naming any unnamed one after its first output."""
-    names = []
-    for n in proto.graph.node:
-        if n.output and _is_ours(n.output[0]):
-            n.name = n.name or n.output[0]
-            names.append(n.name)
-    return names
-
-
 def _is_ours(name: str) -> bool:
     """Whether a tensor is the familiarity output or one of the tensors it adds."""
     return name == OUTPUT or name.startswith(PREFIX)
@@ -262,13 +253,14 @@ def add_familiarity(
             "shrinkage": round(shrinkage, 6),
         }
     val_dist = measure(features(proto, val, screener))
-    threshold = float(np.percentile(val_dist, percentile))
+    threshold = round(float(np.percentile(val_dist, percentile)), DECIMALS)
     record |= {
         "train_films": len(train),
         "threshold_rule": f"{percentile:g}th percentile of the values of {len(val)} val films",
         "percentile": percentile,
         "val_films": len(val),
-        "val_unfamiliar": int((val_dist > round(threshold, 6)).sum()),  # the site check's reference
+        # the site check's reference: counted as `run` decides (records.is_unfamiliar)
+        "val_unfamiliar": sum(round(float(v), DECIMALS) > threshold for v in val_dist),
         "val_median": round(float(np.median(val_dist)), 6),
         "data": data_dir.name,
         "excluded_sources": list(exclude_sources),
@@ -276,7 +268,7 @@ def add_familiarity(
     }
     meta = spec.to_metadata()
     meta["outputs"][OUTPUT] = OUTPUT
-    meta["familiarity_threshold"] = round(threshold, 6)
+    meta["familiarity_threshold"] = threshold
     meta["familiarity"] = record
     expected = measure(features(proto, val[:4], screener))
 

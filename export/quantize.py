@@ -3,7 +3,9 @@
 Calibration images are preprocessed exactly as at run time (from the model's own metadata). The
 cxrbatch metadata is copied over with `"precision": "int8"`, less a referral threshold and its
 calibration record, which were chosen on the float32 scores (`cxrbatch.modelspec.copy_metadata`).
-A classifier's familiarity output is left in float32 (its threshold was set on float32 values).
+A classifier's familiarity output is left out of the copy: its threshold and the val count the
+site check compares a night with were set on the float32 features, which the int8 backbone moves
+(on 1.4.0's network, 191 of 910 val films above the threshold instead of 10).
 Whether an int8 model may replace the float one is decided by `cxrbatch evaluate` on both, per
 class and per source. `cxrbatch quantize` makes the copy. quantize_static writes it to a temporary
 folder; it takes DST's place only with its metadata, whole and loading
@@ -27,7 +29,7 @@ from cxrbatch.imaging import check_size, load_image, to_model_input
 from cxrbatch.models import read_metadata, save_model
 from cxrbatch.modelspec import ModelSpec, copy_metadata
 
-from .familiarity import familiarity_node_names
+from .familiarity import detach_familiarity
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +78,27 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int, force: bool =
     check_out(dst, ".onnx", "DST", force)
     reader = _Reader(spec, _chosen(calibration, images))
     proto = onnx.load(str(src))
-    # the familiarity output stays float32: its threshold was set on float32 values
-    keep = familiarity_node_names(proto) if spec.familiarity_output else []
+    copied = copy_metadata(meta, "int8", str(src))
+    if spec.familiarity_output:
+        log.warning(
+            "%s's familiarity threshold was set on its float32 features, which the int8 copy moves: the copy has "
+            "no familiarity output (its familiarity and unfamiliar columns stay empty)",
+            src,
+        )
+        detach_familiarity(proto)
+        del copied["outputs"]["familiarity"]
+        for key in ("familiarity_threshold", "familiarity"):
+            copied.pop(key, None)
     try:  # quantize_static writes a model without our metadata: it takes dst's place only through save_model
         with tempfile.TemporaryDirectory(prefix="cxrbatch-quantize.") as work:
-            model = _quantized(proto, Path(work) / dst.name, reader, keep, calibration)
+            model = _quantized(proto, Path(work) / dst.name, reader, calibration)
     except OSError as exc:  # a full temporary folder: onnxruntime writes its own working files there too
         reason = exc.strerror or str(exc)
         raise ReportError(f"Cannot quantize {src} in {tempfile.gettempdir()}: {reason}", reason) from None
     log.info(
         "calibrated on %d images (%d of the %d chosen skipped)", reader.read, reader.chosen - reader.read, reader.chosen
     )
-    save_model(model, copy_metadata(meta, "int8", str(src)), dst)
+    save_model(model, copied, dst)
 
 
 def _chosen(calibration: Path, images: int) -> list[Path]:
@@ -106,20 +117,17 @@ def _chosen(calibration: Path, images: int) -> list[Path]:
     return chosen
 
 
-def _quantized(
-    proto: onnx.ModelProto, out: Path, reader: _Reader, keep: list[str], calibration: Path
-) -> onnx.ModelProto:
+def _quantized(proto: onnx.ModelProto, out: Path, reader: _Reader, calibration: Path) -> onnx.ModelProto:
     """The int8 model quantize_static writes to `out` (a temporary file), read back."""
     try:
         quantize_static(
-            proto,  # with its familiarity nodes named, for the exclusion
+            proto,
             str(out),
             reader,
             quant_format=QuantFormat.QOperator,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=keep,
         )
     except (ValueError, RuntimeError):  # onnxruntime: "No data is collected", and the like
         if reader.read < MIN_CALIBRATION_IMAGES:

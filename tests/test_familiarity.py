@@ -11,8 +11,10 @@ from helpers import grey_image, halves_image, halves_models, halves_tree, make_h
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
+from cxrbatch.evaluation import evaluate
 from cxrbatch.extras import export_module
 from cxrbatch.models import load_model, load_models, read_metadata
+from cxrbatch.pipeline import Screener
 
 familiarity = export_module("familiarity")
 
@@ -272,3 +274,23 @@ def test_familiarity_learns_only_from_the_classifiers_own_training_data(tiny_mod
     record = familiarity.add_familiarity(tmp_path / "fold.onnx", tmp_path / "x.onnx", data, gate)
     odd_train = sum(1 for p in (data / "train").rglob("*.png") if p.stem.endswith("1"))
     assert record["excluded_sources"] == ["odd"] and record["train_films"] == 60 - odd_train
+
+
+def test_val_unfamiliar_is_the_count_run_makes(tiny_models: Path, tmp_path: Path) -> None:
+    # The record counted numpy's unrounded values above the rounded threshold; run decides on the
+    # rounded value: tied films at the percentile (one film twice) were counted where run counts none.
+    percentile, copies = 99.0, 2
+    data = halves_tree(tmp_path / "data")
+    for i in range(copies):  # the same film twice in val (as re-encoded copies are): they sit at the top
+        halves_image(data / "val" / "PNEUMONIA" / f"odd{i}.png", 200, 20)
+    plain = make_halves_classifier(tmp_path / "plain.onnx")
+    models = tmp_path / "m"
+    models.mkdir()
+    (models / "gate.onnx").write_bytes((tiny_models / "gate.onnx").read_bytes())
+    familiarity.add_familiarity(plain, models / "classifier.onnx", data, models / "gate.onnx", percentile=percentile)
+    record = read_metadata(models / "classifier.onnx")["familiarity"]
+    gate, classifier = load_models(models, "cpu")
+    report = evaluate(data, "val", Screener(gate, classifier))
+    as_run = round(report["familiarity"]["unfamiliar"] * report["images"])
+    assert report["images"] == record["val_films"]
+    assert record["val_unfamiliar"] == as_run, (record, as_run)

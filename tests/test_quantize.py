@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from dataclasses import replace
@@ -16,7 +17,7 @@ from typer.testing import CliRunner
 from cxrbatch import files
 from cxrbatch.cli import app
 from cxrbatch.extras import export_module
-from cxrbatch.models import METADATA_KEY, load_models
+from cxrbatch.models import METADATA_KEY, load_models, read_metadata
 
 runner = CliRunner()
 
@@ -58,7 +59,9 @@ def test_quantize_refuses_missing_inputs(tiny_models: Path, tmp_path: Path) -> N
     assert result.exit_code == 2 and "[error] No calibration images under" in result.stderr
 
 
-def test_int8_copy_leaves_the_familiarity_output_in_float32(tiny_models: Path, tmp_path: Path) -> None:
+def test_int8_copy_has_no_familiarity_output(tiny_models: Path, tmp_path: Path) -> None:
+    # Its threshold and val count were set on the float32 features, which the int8 backbone moves:
+    # on 1.4.0's network 191 of 910 val films came out above it instead of 10, all needing review.
     from helpers import halves_image, halves_models
 
     models, int8 = halves_models(tmp_path, tiny_models / "gate.onnx"), tmp_path / "int8"
@@ -68,20 +71,21 @@ def test_int8_copy_leaves_the_familiarity_output_in_float32(tiny_models: Path, t
     for i, (top, bottom) in enumerate(halves):
         halves_image(films / f"f{i:02d}.png", top, bottom, mark=i)
     src, dst = models / "classifier.onnx", int8 / "classifier.onnx"
+    assert read_metadata(src)["familiarity_threshold"] is not None
     result = runner.invoke(app, ["quantize", str(src), str(dst), "--calibration", str(films), "--images", "24"])
     assert result.exit_code == 0, result.output
-    nodes = onnx.load(str(dst)).graph.node
-    assert any(n.op_type.startswith("QLinear") for n in nodes)  # the rest was quantised
-    mine = [n for n in nodes if any(o.startswith("familiarity") for o in n.output)]
-    assert {n.op_type for n in mine} >= {"MatMul", "TopK"} and not any(n.op_type.startswith("QLinear") for n in mine)
+    assert "the copy has no familiarity output" in result.stderr
+    graph = onnx.load(str(dst)).graph
+    assert any(n.op_type.startswith("QLinear") for n in graph.node)  # the rest was quantised
+    assert [o.name for o in graph.output if o.name.startswith("familiarity")] == []
+    meta = read_metadata(dst)
+    assert "familiarity" not in meta["outputs"] and "familiarity_threshold" not in meta and "familiarity" not in meta
     shutil.copy(models / "gate.onnx", int8 / "gate.onnx")
-    _, full = load_models(models, "cpu")
-    _, quantized = load_models(int8, "cpu")
-    halves = [(100, 100), (200, 20)]
-    batch = np.stack([np.concatenate([np.full((16, 32, 1), t), np.full((16, 32, 1), b)]) for t, b in halves])
-    full_out, int8_out = full.run(batch.astype(np.float32)), quantized.run(batch.astype(np.float32))
-    assert (int8_out["familiarity"][:, 0] > full.spec.familiarity_threshold).tolist() == [False, True]
-    np.testing.assert_allclose(int8_out["familiarity"], full_out["familiarity"], atol=0.02)
+    out = tmp_path / "r.csv"
+    result = runner.invoke(app, ["run", str(films), "--models", str(int8), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert rows and all(r["familiarity"] == "" and r["unfamiliar"] == "" for r in rows if r["status"] == "classified")
 
 
 def test_an_interrupted_quantize_leaves_no_model(
