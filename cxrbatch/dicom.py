@@ -70,6 +70,7 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
     # Set after its import, which sets its own level.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
     _quiet_warnings()
+    _refuse_deflated_too_large(path)
     try:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # pydicom raises many types for malformed files
@@ -155,6 +156,31 @@ def _refuse_too_large(ds: object) -> None:
     limit = None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS  # where Pillow refuses
     if limit is not None and pixels > limit:
         raise ImageError(f"image too large to decode safely ({pixels} pixels, more than {limit})")
+
+
+DEFLATED_HEAD = 1 << 20  # how much of a deflated data set is inflated to read its header
+
+
+def _refuse_deflated_too_large(path: str | os.PathLike[str]) -> None:
+    """`_refuse_too_large` for a Deflated data set before pydicom inflates all of it into memory
+    (a file of under 1 MB can inflate to gigabytes): its header, from the first inflated bytes."""
+    import zlib
+    from io import BytesIO
+
+    try:  # pydicom's private reader of the file meta: a pydicom without it only loses this check
+        from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+        from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+        with open(path, "rb") as fh:
+            read_preamble(fh, force=True)
+            meta = _read_file_meta_info(fh)
+            if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+                return
+            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(fh.read(DEFLATED_HEAD), DEFLATED_HEAD)
+        header = read_dataset(BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag >= 0x7FE00010)
+    except Exception:  # not readable so: dcmread says what is wrong
+        return
+    _refuse_too_large(header)
 
 
 def _palette(arr: np.ndarray, ds: Dataset) -> np.ndarray:

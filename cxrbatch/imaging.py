@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, TextIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from cxrbatch import dicom
 from cxrbatch.errors import ImageError
@@ -186,7 +186,11 @@ def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
             img.load()
             # Pillow turns an 8-bit "white is zero" TIFF round itself, not a 16-bit or float one
             inverted = img.format == "TIFF" and img.mode in HIGH_DEPTH and img.tag_v2.get(262) == WHITE_IS_ZERO
-            grey = _to_8bit(ImageOps.exif_transpose(img))
+            if img.format == "TIFF" and img.mode == "I" and _unsigned_32(img):  # Pillow's "I" is signed
+                grey = _window_to_l(np.asarray(img).view(np.uint32))
+            else:
+                grey = _to_8bit(img)
+            grey = _upright(img, grey)
             if deep_colour and np.asarray(grey).max() < LOW_BITS_ONLY:
                 raise ImageError(
                     "16-bit colour image whose values use only the low bits (read 8 bits a channel, it is nearly "
@@ -206,6 +210,34 @@ def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
         raise
     except Exception as exc:  # Pillow's decoders raise other types on hostile data; one file, one error row
         raise ImageError(f"corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright(img: Image.Image, picture: Image.Image) -> Image.Image:
+    """`picture` (made from `img`) turned as `img`'s EXIF Orientation says, as a viewer shows it.
+    Not ImageOps.exif_transpose: it also writes the EXIF block back, and fails on values Pillow
+    reads but cannot write (a signed rational -1/0), which left such a film unscreened."""
+    turn = _TURNS.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    if turn is not None:
+        return picture.transpose(turn)
+    return picture.copy() if picture is img else picture
+
+
+def _unsigned_32(img: Image.Image) -> bool:
+    """Whether a TIFF read in Pillow's signed 32-bit mode holds unsigned 32-bit samples."""
+    tags = getattr(img, "tag_v2", {})  # a TIFF's tags (TiffImageFile)
+    bits, fmt = tags.get(258), tags.get(339, (1,))
+    return tuple(bits or ()) == (32,) and tuple(fmt if isinstance(fmt, tuple) else (fmt,)) == (1,)
 
 
 def _other_format(fh: BinaryIO, head: bytes) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -361,3 +362,40 @@ def test_a_lut_that_turns_back_is_scaled_on_the_levels_the_film_holds(tmp_path: 
     out = np.asarray(load_image(path))
     assert np.array_equal(out, _per_pixel(path))
     assert out.min() == 0 and out.max() == 255  # spread over what the film holds, not the table's peak
+
+
+def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflated(tmp_path: Path) -> None:
+    # A 0.8 MB file (Deflated Explicit VR Little Endian) whose frame is 20000 x 20000 at 16 bits:
+    # the header is checked only after pydicom has inflated the whole data set into memory.
+    path = tmp_path / "bomb.dcm"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(__file__).resolve().parents[i]) for i in (1, 0))}
+    make = (  # in a process of its own: the 800 MB of pixels never sit in this one
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from helpers import make_dicom, ramp\n"
+        "from pydicom import dcmread\n"
+        "from pydicom.uid import DeflatedExplicitVRLittleEndian\n"
+        "path = make_dicom(Path(sys.argv[1]), ramp(8, 8))\n"
+        "ds = dcmread(path)\n"
+        "ds.Rows = ds.Columns = 20000\n"
+        "ds.PixelData = bytes(2 * 20000 * 20000)\n"
+        "ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian\n"
+        "ds.save_as(path)\n"
+    )
+    subprocess.run([sys.executable, "-c", make, str(path)], check=True, timeout=300, env=env)
+    assert path.stat().st_size < 2_000_000
+    read = (
+        "import sys\n"
+        "from cxrbatch.errors import ImageError\n"
+        "from cxrbatch.imaging import load_image\n"
+        "try:\n"
+        "    load_image(sys.argv[1])\n"
+        "except ImageError as exc:\n"
+        "    print(exc)\n"
+        "peak = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+        "print(int(peak.split()[1]) // 1024)\n"  # this process's peak resident memory, MB
+    )
+    done = subprocess.run([sys.executable, "-c", read, str(path)], capture_output=True, text=True, timeout=120, env=env)
+    message, peak_mb = done.stdout.splitlines()
+    assert message.startswith("image too large to decode safely")
+    assert int(peak_mb) < 400, f"peak RSS {peak_mb} MB to refuse a {path.stat().st_size} byte file"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -358,3 +359,55 @@ def test_a_16_bit_colour_png_holding_12_bit_values_is_an_error_not_a_black_film(
         load_image(tmp_path / "low.png")
     (tmp_path / "full.png").write_bytes(_rgb16_png(film * 16))  # the full 16-bit range reads well
     assert np.asarray(load_image(tmp_path / "full.png")).max() == 255
+
+
+def _tiff_ifd(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """A little-endian TIFF header and one IFD (tag, type, count, value bytes), as an EXIF block holds."""
+    n = len(entries)
+    data_at = 8 + 2 + 12 * n + 4
+    ifd, extra = struct.pack("<H", n), b""
+    for tag, typ, count, value in entries:
+        if len(value) <= 4:
+            ifd += struct.pack("<HHI", tag, typ, count) + value.ljust(4, b"\0")
+        else:
+            ifd += struct.pack("<HHI", tag, typ, count) + struct.pack("<I", data_at + len(extra))
+            extra += value
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0\0\0\0" + extra
+
+
+def test_a_rotated_jpeg_whose_exif_pillow_cannot_write_back_is_still_screened(tmp_path: Path) -> None:
+    # Orientation 6 (shown rotated) and an XResolution stored as the signed rational -1/0: Pillow
+    # reads it (as NaN), and its exif_transpose, which writes the EXIF block back after turning
+    # the picture, fails on it (struct.error). The film's pixels are fine; a viewer shows it.
+    film = np.tile(np.linspace(0, 255, 400), (300, 1)).astype(np.uint8)  # dark left, bright right
+    exif = _tiff_ifd([(0x0112, 3, 1, struct.pack("<H", 6)), (0x011A, 10, 1, struct.pack("<ii", -1, 0))])
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(film).save(path, "JPEG", exif=b"Exif\x00\x00" + exif)
+    img = load_image(path, draft_size=224)  # ImageError: corrupt image (error: argument out of range)
+    assert img.size == (300, 400)  # turned upright, as a viewer shows it
+    assert np.asarray(img)[:5].mean() < 10  # the dark left side is now on top
+
+
+def _uint32_tiff(path: Path, values: np.ndarray) -> Path:
+    """An uncompressed one-strip grey TIFF of unsigned 32-bit samples (SampleFormat 1)."""
+    h, w = values.shape
+    data = values.astype("<u4").tobytes()
+    tags = [(256, 4, w), (257, 4, h), (258, 3, 32), (259, 3, 1), (262, 3, 1), (273, 4, 0), (277, 3, 1),
+            (278, 4, h), (279, 4, len(data)), (339, 3, 1)]  # fmt: skip
+    data_at = 8 + 2 + 12 * len(tags) + 4
+    ifd = struct.pack("<H", len(tags))
+    for tag, typ, value in tags:
+        value = data_at if tag == 273 else value
+        packed = struct.pack("<I", value) if typ == 4 else struct.pack("<HH", value, 0)
+        ifd += struct.pack("<HHI", tag, typ, 1) + packed
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0\0\0\0" + data)
+    return path
+
+
+def test_an_unsigned_32_bit_tiff_keeps_the_order_of_its_values(tmp_path: Path) -> None:
+    # Pillow reads unsigned 32-bit samples into its signed "I" mode: values from 2**31 up wrap to
+    # negative, and the min-max scaling then makes the brightest parts of the film the darkest.
+    ramp = (np.tile(np.linspace(0, 1, 64), (64, 1)) * 4_000_000_000).astype(np.uint32)
+    out = np.asarray(load_image(_uint32_tiff(tmp_path / "u32.tif", ramp))).astype(int)
+    assert (np.diff(out[0]) >= 0).all(), out[0, ::8]  # was [129 159 190 221 251 23 54 84]
+    assert out[0, 0] == 0 and out[0, -1] == 255
