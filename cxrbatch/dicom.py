@@ -10,10 +10,12 @@ and nothing of it (names, ids, dates) is ever put in a message.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import warnings
-from typing import TYPE_CHECKING
+import zlib
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import numpy as np
 
@@ -158,15 +160,13 @@ def _refuse_too_large(ds: object) -> None:
         raise ImageError(f"image too large to decode safely ({pixels} pixels, more than {limit})")
 
 
-DEFLATED_HEAD = 1 << 20  # how much of a deflated data set is inflated to read its header
+DEFLATED_HEAD = 1 << 20  # a value longer than this, in a deflated header, is skipped as it inflates
 
 
 def _refuse_deflated_too_large(path: str | os.PathLike[str]) -> None:
     """`_refuse_too_large` for a Deflated data set before pydicom inflates all of it into memory
-    (a file of under 1 MB can inflate to gigabytes): its header, from the first inflated bytes."""
-    import zlib
-    from io import BytesIO
-
+    (a file of under 1 MB can inflate to gigabytes): its header, read as the stream inflates,
+    long values before the pixels (a private element of zeros) skipped, never held."""
     try:  # pydicom's private reader of the file meta: a pydicom without it only loses this check
         from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
         from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -176,11 +176,59 @@ def _refuse_deflated_too_large(path: str | os.PathLike[str]) -> None:
             meta = _read_file_meta_info(fh)
             if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
                 return
-            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(fh.read(DEFLATED_HEAD), DEFLATED_HEAD)
-        header = read_dataset(BytesIO(head), False, True, stop_when=lambda tag, vr, length: tag >= 0x7FE00010)
+            header = read_dataset(
+                cast(BinaryIO, _Inflating(fh)),
+                False,
+                True,
+                defer_size=DEFLATED_HEAD,
+                stop_when=lambda tag, vr, length: tag >= 0x7FE00010,
+            )
     except Exception:  # not readable so: dcmread says what is wrong
         return
     _refuse_too_large(header)
+
+
+class _Inflating(io.RawIOBase):
+    """A deflated data set read as it inflates: seeks forward (inflated and dropped) or back
+    within the last few kilobytes read (pydicom peeks at a VR, then goes back)."""
+
+    KEEP = 1 << 12  # how far back it can seek
+    CHUNK = 1 << 16  # inflated at a time
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.z = fh, zlib.decompressobj(-zlib.MAX_WBITS)
+        self.buf, self.at, self.pos = b"", 0, 0  # inflated bytes, where in them the stream is, and its offset
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self.buf) - self.at < n) and not self.z.eof:
+            data = self.z.unconsumed_tail or self.fh.read(self.CHUNK)
+            if not data:
+                break
+            keep = max(0, self.at - self.KEEP)  # what is read and too far back to seek to is dropped
+            self.buf, self.at = self.buf[keep:] + self.z.decompress(data, self.CHUNK), self.at - keep
+        end = len(self.buf) if n < 0 else min(len(self.buf), self.at + n)
+        out, self.at = self.buf[self.at : end], end
+        self.pos += len(out)
+        return out
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self.pos + offset
+        if whence not in (io.SEEK_SET, io.SEEK_CUR) or target < self.pos - min(self.at, self.KEEP):
+            raise OSError("cannot seek so far back in a deflated stream")
+        if target < self.pos:
+            self.at, self.pos = self.at - (self.pos - target), target
+        while self.pos < target and self.read(min(target - self.pos, self.CHUNK)):
+            pass
+        return self.pos
 
 
 def _palette(arr: np.ndarray, ds: Dataset) -> np.ndarray:

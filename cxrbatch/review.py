@@ -49,7 +49,7 @@ document.querySelectorAll('table.sortable th').forEach(function (th, col) {
     rows.sort(function (a, b) {
       var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
       if (NUMBER.test(x) && NUMBER.test(y)) { return (parseFloat(x) - parseFloat(y)) * dir; }
-      return x.localeCompare(y) * dir;
+      return x.localeCompare(y, undefined, {numeric: true}) * dir;
     });
     rows.forEach(function (r) { body.appendChild(r); });
   });
@@ -101,9 +101,23 @@ def render_html(
 def _href(heatmap: str, folder: Path) -> str:
     """The heatmap's link relative to the folder the page really lies in: both resolved (a `link/..`
     is where the link's target is), and the heatmap's \\xNN escapes (display_path) made bytes again."""
-    raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), heatmap.encode("utf-8"))
-    rel = os.path.relpath(os.path.realpath(raw), os.path.realpath(os.fsencode(folder)))
+    raw = heatmap.encode("utf-8")
+    if not os.path.lexists(raw):  # display_path's \xNN escapes, where the name is not that text itself
+        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), raw)
+    rel = os.path.relpath(_as_kernel_reads(raw), _as_kernel_reads(os.fsencode(folder)))
     return escape(quote(rel), quote=True)
+
+
+def _as_kernel_reads(path: bytes) -> bytes:
+    """`path` absolute with each `..` taken where the kernel takes it (after the link before it),
+    every other link kept as spelled: the page and its maps stay the folders the reader opens."""
+    out = b"/" if path.startswith(b"/") else os.path.abspath(b".")
+    for part in path.split(b"/"):
+        if part == b"..":
+            out = os.path.dirname(os.path.realpath(out))
+        elif part not in (b"", b"."):
+            out = os.path.join(out, part)
+    return out
 
 
 def _suspicion(record: Record) -> tuple[float, str]:

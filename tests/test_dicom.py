@@ -364,12 +364,15 @@ def test_a_lut_that_turns_back_is_scaled_on_the_levels_the_film_holds(tmp_path: 
     assert out.min() == 0 and out.max() == 255  # spread over what the film holds, not the table's peak
 
 
-def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflated(tmp_path: Path) -> None:
-    # A 0.8 MB file (Deflated Explicit VR Little Endian) whose frame is 20000 x 20000 at 16 bits:
-    # the header is checked only after pydicom has inflated the whole data set into memory.
+@pytest.mark.parametrize("padding", [0, 2_000_000])
+def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflated(tmp_path: Path, padding: int) -> None:
+    # A file under 2 MB (Deflated Explicit VR Little Endian) whose frame is 14000 x 14000 at 16
+    # bits: its header was checked only after pydicom had inflated the whole data set. With
+    # `padding`, a private element of zeros before Rows (group 0009 sorts before 0028) pushes the
+    # header past any fixed window of inflated bytes; zeros deflate to almost nothing.
     path = tmp_path / "bomb.dcm"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(__file__).resolve().parents[i]) for i in (1, 0))}
-    make = (  # in a process of its own: the 800 MB of pixels never sit in this one
+    make = (
         "import sys\n"
         "from pathlib import Path\n"
         "from helpers import make_dicom, ramp\n"
@@ -377,8 +380,9 @@ def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflate
         "from pydicom.uid import DeflatedExplicitVRLittleEndian\n"
         "path = make_dicom(Path(sys.argv[1]), ramp(8, 8))\n"
         "ds = dcmread(path)\n"
-        "ds.Rows = ds.Columns = 20000\n"
-        "ds.PixelData = bytes(2 * 20000 * 20000)\n"
+        "ds.Rows = ds.Columns = 14000\n"
+        "ds.PixelData = bytes(2 * 14000 * 14000)\n"
+        f"if {padding}: ds.add_new(0x00091010, 'OB', bytes({padding}))\n"
         "ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian\n"
         "ds.save_as(path)\n"
     )
@@ -393,9 +397,23 @@ def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflate
         "except ImageError as exc:\n"
         "    print(exc)\n"
         "peak = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
-        "print(int(peak.split()[1]) // 1024)\n"  # this process's peak resident memory, MB
+        "print(int(peak.split()[1]) // 1024)\n"
     )
     done = subprocess.run([sys.executable, "-c", read, str(path)], capture_output=True, text=True, timeout=120, env=env)
     message, peak_mb = done.stdout.splitlines()
     assert message.startswith("image too large to decode safely")
     assert int(peak_mb) < 400, f"peak RSS {peak_mb} MB to refuse a {path.stat().st_size} byte file"
+
+
+def test_a_deflated_dicom_with_a_long_header_decodes_as_its_plain_twin(tmp_path: Path) -> None:
+    # the size check reads a deflated header as it inflates, stepping back where pydicom peeks
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    plain = make_dicom(tmp_path / "plain.dcm", ramp(96, 80))
+    ds = dcmread(plain)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    for i in range(300):  # a header well past the stream's first inflated chunks
+        ds.add_new(0x00091010 + i, "LT", f"value {i}" * 40)
+    ds.save_as(tmp_path / "deflated.dcm")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "deflated.dcm")), np.asarray(load_image(plain)))

@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote, unquote_to_bytes, urljoin, urlparse
 
 import numpy as np
 import pytest
@@ -175,10 +175,8 @@ def test_the_classified_table_puts_referred_films_first() -> None:
     assert refer == ["refer", "clear"]
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="runs the page's sort script under node, not installed here")
-def test_sorting_the_file_column_sorts_uid_named_films() -> None:
-    # parseFloat read every UID-named DICOM (1.2.840...) as 1.2: all equal, never sorted
-    names = ["1.2.840.113619.2.55.30", "1.2.840.113619.2.55.10", "1.2.840.113619.2.55.20"]
+def _sorted_by_the_page(names: list[str]) -> list[str]:
+    """The order the page's sort script gives a column of `names` after one click, run under node."""
     shim = (
         f"var values = {json.dumps(names)};"
         "function Row(v){ this.cells=[{dataset:{v:v}}]; }"
@@ -191,4 +189,72 @@ def test_sorting_the_file_column_sorts_uid_named_films() -> None:
         "console.log(JSON.stringify(body.rows.map(function(r){return r.cells[0].dataset.v;})));"
     )
     out = subprocess.run(["node", "-e", shim], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout) == sorted(names)
+    return list(json.loads(out.stdout))
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="runs the page's sort script under node, not installed here")
+def test_sorting_the_file_column_sorts_uid_named_films_and_numbered_files() -> None:
+    # parseFloat read every UID-named DICOM (1.2.840...) as 1.2: all equal, never sorted; numbered
+    # files (`cxrbatch run .` writes bare names) sort by their numbers
+    uids = ["1.2.840.113619.2.55.30", "1.2.840.113619.2.55.10", "1.2.840.113619.2.55.20"]
+    assert _sorted_by_the_page(uids) == sorted(uids)
+    assert _sorted_by_the_page(["10.png", "2.png", "100.png", "9.png"]) == ["2.png", "9.png", "10.png", "100.png"]
+
+
+def _srcs(page: Path) -> set[str]:
+    return set(re.findall(r"<img src='([^']+)'", page.read_text(encoding="utf-8")))
+
+
+def _browser_opens(page: Path, src: str) -> bool:
+    """What a browser does with <img src> on the page opened as file://PAGE: a URL join, then the file."""
+    url = urljoin(Path(os.path.abspath(page)).as_uri(), src)
+    return os.path.exists(unquote(urlparse(url).path))
+
+
+def _run_a(tiny_models: Path, *args: str) -> None:
+    result = CliRunner().invoke(app, ["run", "a.png", "--models", str(tiny_models), "--out", "r.csv", *args])
+    assert result.exit_code == 0, result.output
+
+
+def test_heatmaps_in_a_symlinked_folder_beside_the_page_are_linked_beside_it(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # www/review.html, www/maps -> bigdisk/maps: served over HTTP (or copied) as one folder, a link
+    # that climbs out of www reaches nothing
+    grey_image(tmp_path / "a.png", 20)
+    (tmp_path / "bigdisk" / "maps").mkdir(parents=True)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "maps").symlink_to(tmp_path / "bigdisk" / "maps")
+    monkeypatch.chdir(tmp_path)
+    _run_a(tiny_models, "--heatmaps", "www/maps", "--html", "www/review.html")
+    srcs = _srcs(tmp_path / "www" / "review.html")
+    assert srcs and all(s.startswith("maps/") for s in srcs), srcs
+
+
+def test_a_page_in_a_symlinked_folder_links_heatmaps_the_browser_finds(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # site/reports -> data/2026/12/reports (a link to a deeper folder); heatmaps in site/maps.
+    # The reader opens site/reports/review.html, as the command named it.
+    grey_image(tmp_path / "a.png", 20)
+    (tmp_path / "data" / "2026" / "12" / "reports").mkdir(parents=True)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "reports").symlink_to(tmp_path / "data" / "2026" / "12" / "reports")
+    monkeypatch.chdir(tmp_path)
+    _run_a(tiny_models, "--heatmaps", "site/maps", "--html", "site/reports/review.html")
+    page = tmp_path / "site" / "reports" / "review.html"
+    srcs = _srcs(page)
+    assert srcs and all(_browser_opens(page, s) for s in srcs), srcs
+
+
+def test_a_heatmaps_folder_whose_name_holds_a_backslash_x_is_linked(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a valid UTF-8 name with a literal backslash: display_path leaves it as it is, and _href
+    # takes its "\x41" for an escaped byte ("A")
+    grey_image(tmp_path / "a.png", 20)
+    monkeypatch.chdir(tmp_path)
+    _run_a(tiny_models, "--heatmaps", "maps\\x41", "--html", "review.html")
+    page = tmp_path / "review.html"
+    srcs = _srcs(page)
+    assert srcs and all(_browser_opens(page, s) for s in srcs), srcs
