@@ -84,6 +84,25 @@ def key_of(path: Path) -> str:
     return display_path(short)
 
 
+MIN_FREE = 1 << 20  # bytes free on the ledger's file system below which a run does not start
+
+
+def _refuse_full_disk(path: Path) -> None:
+    """Refuse a ledger on a file system with almost no space left: SQLite extends its shared-memory
+    index (`-shm`, mapped into memory) a page at a time, and a page the disk cannot back kills the
+    process with SIGBUS (exit 135, no log line) instead of an error a night's log would show."""
+    try:
+        st = os.statvfs(path.parent if str(path.parent) else Path("."))
+    except OSError:
+        return  # the folder's problem is reported where the ledger is opened
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE:
+        raise LedgerError(
+            f"Ledger {path}: only {free // 1024} KiB free on its file system; free some space and run again "
+            "(nothing was screened)"
+        )
+
+
 def now() -> str:
     """The current UTC time, to the second, ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -96,6 +115,7 @@ class Ledger:
         self.path, self.db, self._lock_fd = path, db, lock_fd
         self.run_id = 0
         self._hashed: dict[Path, tuple[tuple[int, ...], str]] = {}  # each file's stat when hashed, and its hash
+        self._holding: dict[str, set[str]] = {}  # content -> the keys of this run's files that hold it
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -104,8 +124,11 @@ class Ledger:
         """Lock and open (or create) the ledger at `path`; refuse a foreign or corrupt file."""
         lock_fd = _lock(path)
         try:
+            _refuse_full_disk(path)
             db = connect(path, migrate=True)
             try:
+                with db:  # whatever is still `running` died: the lock is ours
+                    db.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
                 yield cls(path, db, lock_fd)
             except sqlite3.Error as exc:  # a full disk, a damaged file: the operator's problem, not a traceback
                 raise LedgerError(f"Ledger {path} failed: {exc}; what was committed before is kept") from None
@@ -116,10 +139,9 @@ class Ledger:
 
     # -- a run -------------------------------------------------------------------------------
     def begin_run(self, settings: dict[str, Any]) -> str:
-        """Mark runs that died as interrupted, record the start of this one; return its fingerprint."""
+        """Record the start of this run (`open` marked runs that died as interrupted); return its fingerprint."""
         fp = fingerprint(settings)
         with self.db:
-            self.db.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
             cur = self.db.execute("INSERT INTO runs (started, status) VALUES (?, 'running')", (now(),))
             self.db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (fp, json.dumps(settings, sort_keys=True)))
         self.run_id = int(cur.lastrowid or 0)
@@ -145,6 +167,7 @@ class Ledger:
                     out[path] = file_sha256(path)
                     fresh.append((key, st.st_size, st.st_mtime_ns, st.st_ctime_ns, out[path]))
                 self._hashed[path] = (_identity(st), str(out[path]))
+                self._holding.setdefault(str(out[path]), set()).add(key)
             except OSError:
                 out[path] = None  # screened anyway; the decoder says what is wrong with it
         with self.db:
@@ -190,9 +213,11 @@ class Ledger:
                 ).fetchone()
                 earlier = None if before is None else readable(sha, before[0], warn=False)
                 if earlier is not None and earlier.status == ERROR and before[0] != record.to_json():
-                    # a retried error that now reads: delivered again (a damaged record is replaced, not)
-                    self.db.execute(
-                        "UPDATE entries SET delivered_run = NULL WHERE sha256 = ? AND fingerprint = ?", (sha, fp)
+                    # a retried error that now reads: delivered again (a damaged record is replaced, not),
+                    # for the files that hold it now, not for every path that ever held it
+                    self.db.executemany(
+                        "UPDATE entries SET delivered_run = NULL WHERE path = ? AND sha256 = ? AND fingerprint = ?",
+                        [(key, sha, fp) for key in self._holding.get(sha, ())],
                     )
                 self.db.execute(
                     "INSERT INTO results (sha256, fingerprint, record, run) VALUES (?, ?, ?, ?) "
@@ -209,9 +234,17 @@ class Ledger:
                 self._entry(path, sha, fp)
 
     def _entry(self, path: Path, sha: str, fp: str) -> None:
+        key = key_of(path)
+        # a path back at a content it held before another: that content is its news again
+        self.db.execute(
+            "UPDATE entries SET first_run = ?, delivered_run = NULL WHERE path = ? AND sha256 = ? AND fingerprint = ? "
+            "AND EXISTS (SELECT 1 FROM entries o WHERE o.path = entries.path AND o.sha256 != entries.sha256 "
+            "AND o.first_run > entries.first_run)",
+            (self.run_id, key, sha, fp),
+        )
         self.db.execute(
             "INSERT OR IGNORE INTO entries (path, sha256, fingerprint, first_run) VALUES (?, ?, ?, ?)",
-            (key_of(path), sha, fp, self.run_id),
+            (key, sha, fp, self.run_id),
         )
 
     def undelivered(self, inputs: Iterable[Path]) -> list[Stored]:

@@ -600,3 +600,105 @@ def test_a_report_that_is_a_link_to_a_film_is_refused(folder: Path, tiny_models:
     result = runner.invoke(app, ["run", str(folder), "--models", str(tiny_models), "--out", str(link)])
     assert result.exit_code == 2 and "would be written over a film" in result.stderr
     assert (folder / "img4.png").read_bytes() == before
+
+
+def _view(ledger: Path) -> dict:  # type: ignore[type-arg]
+    result = runner.invoke(app, ["ledger", str(ledger), "--json"])
+    assert result.exit_code == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_a_file_back_at_an_earlier_content_is_reported_again(tiny_models: Path, tmp_path: Path) -> None:
+    # NORMAL, then another film written over it, then the first film put back (a mistaken overwrite
+    # undone): the third night reported nothing, and the view counted the file by the second film
+    inbox, ledger, out = tmp_path / "in", tmp_path / "l.db", tmp_path / "r.csv"
+    inbox.mkdir()
+    film = inbox / "film.png"
+    labels = []
+    for level in (110, 240, 110):
+        grey_image(film, level)
+        code, rows, err = _run(inbox, tiny_models, ledger, out)
+        assert code == 0, err
+        labels.append([r["label"] for r in rows])
+    assert labels == [["NORMAL"], ["TUBERCULOSIS"], ["NORMAL"]]
+    assert _view(ledger)["by_label"] == {"NORMAL": 1}
+    code, rows, _ = _run(inbox, tiny_models, ledger, out)
+    assert code == 0 and rows == []  # delivered once
+
+
+def test_an_error_that_now_reads_is_delivered_for_the_files_that_hold_it_now(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an unreadable film (a DICOM before the extra was installed) filed away by a sorting script:
+    # once it read, its result was delivered under its old path too, which no longer held it
+    from cxrbatch import decoding
+    from cxrbatch.errors import ImageError
+
+    inbox, ledger, out = tmp_path / "in", tmp_path / "l.db", tmp_path / "r.csv"
+    inbox.mkdir()
+    grey_image(inbox / "other.png", 20)
+    scan = grey_image(inbox / "scan.png", 170)
+    unreadable, real = scan.read_bytes(), decoding.load_image
+
+    def no_decoder(path, draft_size=None):  # type: ignore[no-untyped-def]
+        if Path(path).read_bytes() == unreadable:
+            raise ImageError("DICOM file, but pydicom is not installed")
+        return real(path, draft_size=draft_size)
+
+    monkeypatch.setattr(decoding, "load_image", no_decoder)
+    assert _run(inbox, tiny_models, ledger, out)[0] == 3
+    (inbox / "sorted").mkdir()
+    scan.rename(inbox / "sorted" / "scan.png")
+    assert _run(inbox, tiny_models, ledger, out)[0] == 3
+    monkeypatch.undo()
+    code, rows, err = _run(inbox, tiny_models, ledger, out)
+    assert code == 0, err
+    assert [(Path(r["path"]).relative_to(inbox).as_posix(), r["status"]) for r in rows] == [
+        ("sorted/scan.png", "classified")
+    ]
+
+
+def test_a_dead_run_is_shown_interrupted_as_soon_as_the_next_run_holds_the_lock(
+    tiny_models: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # it was marked so only once the next run had walked its folder and loaded its models: until
+    # then `cxrbatch ledger` showed the dead run as still running
+    from cxrbatch import runner as runner_module
+    from cxrbatch.ledger_view import inspect
+
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out)]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "batch_committed"}
+    code = "from cxrbatch.cli import main; main()"
+    dead = subprocess.run([sys.executable, "-c", code, *args, "--batch-size", "2"], env=env, capture_output=True)
+    assert dead.returncode == -9
+    seen, walk = [], runner_module._discover
+
+    def walking(options, targets):  # type: ignore[no-untyped-def]
+        seen.append(inspect(ledger)["last_run"]["status"])
+        return walk(options, targets)
+
+    monkeypatch.setattr(runner_module, "_discover", walking)
+    assert _run(folder, tiny_models, ledger, tmp_path / "r2.csv")[0] == 0
+    assert seen == ["interrupted"]
+
+
+def test_a_ledger_on_a_nearly_full_disk_is_refused_before_anything_is_done(
+    tiny_models: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite maps its shared-memory index into memory: a page the disk cannot back killed the run
+    # with SIGBUS (exit 135, no log line) at a few tens of KiB free
+    from cxrbatch import ledger as ledger_module
+
+    statvfs = os.statvfs
+
+    def full(path):  # type: ignore[no-untyped-def]
+        st = statvfs(path)
+        return os.statvfs_result((st.f_bsize, st.f_frsize, st.f_blocks, st.f_bfree, 24 * 1024 // st.f_frsize,
+                                  *tuple(st)[5:]))  # fmt: skip
+
+    monkeypatch.setattr(ledger_module.os, "statvfs", full)
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    code, rows, err = _run(folder, tiny_models, ledger, out)
+    assert code == 1 and rows == [] and not ledger.exists()
+    assert f"Ledger {ledger}: only 24 KiB free on its file system; free some space and run again" in err
