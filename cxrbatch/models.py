@@ -223,11 +223,26 @@ def model_from_bytes(
     options.add_session_config_entry("session.disable_prepacking", "1")
     options.intra_op_num_threads = threads or usable_cores()
     options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(
-            data, sess_options=options, providers=[(CUDA, CUDA_OPTIONS) if p == CUDA else p for p in providers]
+
+    def session_on(chosen: list[Any]) -> Any:
+        # no fallback of onnxruntime's own: it prints to stdout (into a CSV report sent there)
+        return ort.InferenceSession(
+            data,
+            sess_options=options,
+            providers=[(CUDA, CUDA_OPTIONS) if p == CUDA else p for p in chosen],
+            enable_fallback=0,
         )
+
+    try:
+        session = session_on(providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        if CUDA in [p[0] if isinstance(p, tuple) else p for p in providers]:
+            try:
+                session_on([CPU])
+            except Exception:
+                pass  # the file itself is bad
+            else:
+                raise DeviceError(f"CUDA could not start for the {role} model {path}: {exc}") from None
         raise ModelError(f"cannot load {role} model {path}: {exc}") from None
     spec = ModelSpec.from_metadata(_metadata_of(session, path), str(path))
     if spec.role != role:
@@ -254,8 +269,19 @@ def load_models(
     # Reading, hashing and optimising a model happen outside the GIL: the two load side by side,
     # which takes a one-film run's model loading from about 0.17 s to 0.11 s on 2 cores.
     def load(role: str) -> Model:
-        return load_model(models_dir / MODEL_FILES[role], role, providers, threads, announce)
+        try:
+            return load_model(models_dir / MODEL_FILES[role], role, providers, threads, announce)
+        except DeviceError as exc:
+            if device != "auto":
+                raise
+            log.warning("%s: the models run on the CPU", exc)
+            return load_model(models_dir / MODEL_FILES[role], role, [CPU], threads, announce)
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="load") as pool:
         gate, classifier = pool.map(load, ROLES)
+    if device == "cuda" and not (gate.on_gpu and classifier.on_gpu):  # onnxruntime fell back without a word
+        raise DeviceError(
+            f"CUDA was requested but the models run on {', '.join(gate.providers)}: onnxruntime-gpu could not "
+            "start CUDA here (its log says why); use --device cpu"
+        )
     return gate, classifier

@@ -11,6 +11,7 @@ records; it is the one place where a run's rows are counted.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -165,11 +166,21 @@ class Record:
             probs = {k[2:]: data.pop(k) for k in [k for k in data if k.startswith("p_")]}
             data["probabilities"] = probs if any(v is not None for v in probs.values()) else None
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "path"}
-        wrong = [k for k, v in known.items() if v is not None and not isinstance(v, _FIELD_TYPES.get(k, object))]
+        wrong = [k for k, v in known.items() if v is not None and not _holds(k, v)]
         probs = known.get("probabilities") or {}
-        if wrong or not isinstance(probs, dict) or not all(isinstance(v, (int, float)) for v in probs.values()):
+        if wrong or not isinstance(probs, dict) or not all(_number(v) for v in probs.values()):
             raise RecordError(f"fields of the wrong type: {wrong or ['probabilities']}")
         return cls(path=path, **known)
+
+
+def _number(value: object) -> bool:
+    """A score as a report can print it: a finite int or float, never a bool (an int to Python)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _holds(key: str, value: object) -> bool:
+    kind = _FIELD_TYPES.get(key, object)
+    return _number(value) if kind == (int, float) else isinstance(value, kind)
 
 
 # What each stored field may hold besides None (numbers may come back from JSON as integers).

@@ -290,3 +290,22 @@ def test_the_study_commands_json_on_stdout_is_stdout_alone(tmp_path: Path, monke
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout) == record, result.stdout
         assert ("THE TABLE" in result.stderr) == (args[0] == "loco")  # loco's table, shown on stderr
+
+
+def test_run_with_stderr_closed_writes_its_report(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    # `--version 2>&-` is covered (test_cli); `run` without -q looks at sys.stderr.isatty(), and
+    # sys.stderr is None when descriptor 2 is closed.
+    out = tmp_path / "r.csv"
+    done = subprocess.run(
+        [
+            "/bin/sh",
+            "-c",
+            '"$0" -m cxrbatch.cli run "$1" --models "$2" --out "$3" 2>&-; echo "rc=$?"',
+            sys.executable,
+            *(str(incoming), str(tiny_models), str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout.strip().splitlines()[-1] == "rc=3" and out.is_file(), done.stdout

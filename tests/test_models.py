@@ -8,9 +8,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from helpers import LABELS, make_classifier, make_gate
+from typer.testing import CliRunner
 
+from cxrbatch.cli import app
 from cxrbatch.errors import DeviceError, ModelError
 from cxrbatch.models import (
     CPU,
@@ -173,7 +176,9 @@ def test_cuda_sessions_get_heuristic_algorithm_search(tiny_models: Path, monkeyp
     asked: list[list[object]] = []
     real_session = ort.InferenceSession
 
-    def fake_session(data: bytes, sess_options: object = None, providers: list[object] | None = None) -> object:
+    def fake_session(
+        data: bytes, sess_options: object = None, providers: list[object] | None = None, **kw: object
+    ) -> object:
         asked.append(list(providers or []))
         return real_session(data, sess_options=sess_options, providers=[CPU])
 
@@ -248,3 +253,60 @@ def test_a_graph_that_leaves_its_input_rank_open_loads(tiny_models: Path) -> Non
     model.graph.input[0].type.tensor_type.ClearField("shape")
     onnx.save(model, str(path))
     assert load_model(path, "classifier", [CPU]).spec.input.height == 32
+
+
+def _onnxruntime_gpu_without_a_usable_gpu(monkeypatch: pytest.MonkeyPatch, raises: bool) -> None:
+    """What onnxruntime-gpu does on a machine whose CUDA cannot start: `get_available_providers`
+    lists CUDA (it is compiled in); the session then falls back to the CPU, either with only a log
+    line (CUDA libraries missing) or, where creating the CUDA provider throws (no device, driver too
+    old: "CUDA failure 100: no CUDA-capable device is detected"), after printing an "EP Error"
+    banner to stdout (onnxruntime_inference_collection.py, InferenceSession.__init__)."""
+    real_available = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, *real_available()])
+    if not raises:
+        return  # the CPU-only wheel drops the unknown provider with a warning and runs on the CPU
+    real_create = ort.InferenceSession._create_inference_session
+
+    def create(self, providers, provider_options, disabled_optimizers=None):  # type: ignore[no-untyped-def]
+        names = [p[0] if isinstance(p, tuple) else p for p in providers or []]
+        if CUDA in names:
+            self._fallback_providers = [CPU]
+            raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
+        return real_create(self, providers, provider_options, disabled_optimizers)
+
+    monkeypatch.setattr(ort.InferenceSession, "_create_inference_session", create)
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available")
+@pytest.mark.parametrize("raises", [False, True])
+def test_device_cuda_that_ends_up_on_the_cpu_is_an_error(
+    tiny_models: Path, monkeypatch: pytest.MonkeyPatch, raises: bool
+) -> None:
+    _onnxruntime_gpu_without_a_usable_gpu(monkeypatch, raises)
+    try:
+        gate, classifier = load_models(tiny_models, "cuda")
+    except DeviceError:
+        return
+    pytest.fail(f"--device cuda loaded the models on {gate.providers} and {classifier.providers}, without an error")
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available")
+def test_device_cuda_that_ends_up_on_the_cpu_exits_1(
+    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _onnxruntime_gpu_without_a_usable_gpu(monkeypatch, raises=False)
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app, ["run", str(incoming), "--models", str(tiny_models), "--device", "cuda", "--json", str(out), "-q"]
+    )
+    providers = json.loads(out.read_text())["models"]["gate"]["providers"] if out.exists() else None
+    assert result.exit_code == 1, f"exit {result.exit_code}, models ran on {providers}"
+
+
+def test_a_cuda_provider_that_cannot_start_writes_nothing_into_the_csv_on_stdout(
+    tiny_models: Path, incoming: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _onnxruntime_gpu_without_a_usable_gpu(monkeypatch, raises=True)
+    result = CliRunner().invoke(app, ["run", str(incoming), "--models", str(tiny_models), "-q"])  # --device auto
+    assert result.exit_code == 3, result.output  # f_broken.jpg
+    assert result.stdout.startswith("path,status,"), result.stdout[:400]

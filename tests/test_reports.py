@@ -14,7 +14,7 @@ from helpers import tiny_spec
 
 from cxrbatch.errors import CxrBatchError
 from cxrbatch.files import atomic_write
-from cxrbatch.records import ERROR, Record, Summary
+from cxrbatch.records import CLASSIFIED, ERROR, Record, RecordError, Summary
 from cxrbatch.reports import check_writable, columns, csv_cell, render_csv, render_json
 
 LABELS = ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
@@ -301,3 +301,21 @@ def test_a_report_is_not_written_through_dev_or_proc(tmp_path: Path) -> None:
     link.symlink_to("/dev/stdout")
     with pytest.raises(CxrBatchError, match="not a file of its own"):
         check_writable(link)
+
+
+def _stored(**changes: object) -> str:
+    record = Record.of(
+        "a.png", CLASSIFIED, "g" * 12, "c" * 12, gate_score=0.9, label="NORMAL", confidence=0.8,
+        probabilities={"COVID19": 0.1, "NORMAL": 0.8, "PNEUMONIA": 0.05, "TUBERCULOSIS": 0.05},
+        needs_review=False, referral_score=0.2, refer=False,
+    )  # fmt: skip
+    data = json.loads(record.to_json())
+    data.update(changes)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("changes", [{"confidence": True}, {"referral_score": float("nan")}])
+def test_a_stored_record_with_a_number_that_is_not_one_is_a_record_error(changes: dict[str, object]) -> None:
+    # "A record that is not one (damaged, or edited by hand) is a RecordError, never a wrong row"
+    with pytest.raises(RecordError):
+        Record.from_json("a.png", _stored(**changes))

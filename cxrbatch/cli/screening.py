@@ -151,7 +151,7 @@ def run(
         gpus_per_actor=gpus_per_actor,
         models_loading=loading,
     )
-    with _progress_bar(enabled=not quiet and sys.stderr.isatty()) as reporter:
+    with _progress_bar(enabled=not quiet and sys.stderr is not None and sys.stderr.isatty()) as reporter:
         options.reporter = reporter
         summary = runner.run(options)
     typer.echo(summary.line(), err=True)
