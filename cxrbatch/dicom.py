@@ -189,15 +189,21 @@ def _refuse_deflated_too_large(path: str | os.PathLike[str]) -> None:
 
 
 class _Inflating(io.RawIOBase):
-    """A deflated data set read as it inflates: seeks forward (inflated and dropped) or back
-    within the last few kilobytes read (pydicom peeks at a VR, then goes back)."""
+    """A deflated data set read as it inflates: seeks forward by inflating and dropping, back
+    within the last few kilobytes read (pydicom peeks at a VR, then goes back), and further back
+    by inflating again from the start (pydicom looks ahead 8 KiB for a delimiter, then returns)."""
 
-    KEEP = 1 << 12  # how far back it can seek
+    KEEP = 1 << 12  # how far back it can seek without starting again
     CHUNK = 1 << 16  # inflated at a time
 
     def __init__(self, fh: BinaryIO) -> None:
-        self.fh, self.z = fh, zlib.decompressobj(-zlib.MAX_WBITS)
-        self.buf, self.at, self.pos = b"", 0, 0  # inflated bytes, where in them the stream is, and its offset
+        self.fh, self.start = fh, fh.tell()
+        self._restart()
+
+    def _restart(self) -> None:
+        self.fh.seek(self.start)
+        self.z = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.buf, self.at, self.pos = bytearray(), 0, 0  # inflated bytes, where in them the stream is, its offset
 
     def readable(self) -> bool:
         return True
@@ -214,16 +220,21 @@ class _Inflating(io.RawIOBase):
             if not data:
                 break
             keep = max(0, self.at - self.KEEP)  # what is read and too far back to seek to is dropped
-            self.buf, self.at = self.buf[keep:] + self.z.decompress(data, self.CHUNK), self.at - keep
+            if keep:
+                del self.buf[:keep]
+                self.at -= keep
+            self.buf += self.z.decompress(data, self.CHUNK)
         end = len(self.buf) if n < 0 else min(len(self.buf), self.at + n)
-        out, self.at = self.buf[self.at : end], end
+        out, self.at = bytes(self.buf[self.at : end]), end
         self.pos += len(out)
         return out
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         target = offset if whence == io.SEEK_SET else self.pos + offset
-        if whence not in (io.SEEK_SET, io.SEEK_CUR) or target < self.pos - min(self.at, self.KEEP):
-            raise OSError("cannot seek so far back in a deflated stream")
+        if whence not in (io.SEEK_SET, io.SEEK_CUR) or target < 0:
+            raise OSError("cannot seek there in a deflated stream")
+        if target < self.pos - self.at:  # before what is kept: inflate again from the start
+            self._restart()
         if target < self.pos:
             self.at, self.pos = self.at - (self.pos - target), target
         while self.pos < target and self.read(min(target - self.pos, self.CHUNK)):

@@ -92,7 +92,7 @@ def _refuse_full_disk(path: Path) -> None:
     index (`-shm`, mapped into memory) a page at a time, and a page the disk cannot back kills the
     process with SIGBUS (exit 135, no log line) instead of an error a night's log would show."""
     try:
-        st = os.statvfs(path.parent if str(path.parent) else Path("."))
+        st = os.statvfs(os.path.dirname(os.path.realpath(path)))  # where its files are: a link's target
     except OSError:
         return  # the folder's problem is reported where the ledger is opened
     free = st.f_bavail * st.f_frsize

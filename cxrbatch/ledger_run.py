@@ -151,8 +151,9 @@ def union(earlier: list[Record], rows: list[Record]) -> list[Record]:
     for a path takes the place of that path's latest row where that row failed without a result
     (unreadable then), or is the same result whose heatmap could not be written; any other later
     row (a result for new content, a failure after a result) comes after it, the earlier result
-    kept. A folder that could not be listed gives way to rows of its files (and comes back if it
-    fails again)."""
+    kept. A row shown before moves to the end when its file held another content since (put
+    back, it is the file's news again). A folder that could not be listed gives way to rows of
+    its files (and comes back if it fails again)."""
     out: list[Record | None] = []
     latest: dict[str, int] = {}  # each path's latest row in `out`
     shown: set[Record] = set()  # the rows `out` holds now
@@ -166,7 +167,9 @@ def union(earlier: list[Record], rows: list[Record]) -> list[Record]:
                 del latest[folder]
             folder = os.path.dirname(folder)
         if row in shown:
-            continue
+            if out[latest[row.path]] == row:
+                continue
+            out[out.index(row)] = None  # the file back at an earlier content: its row moves to the end
         at = latest.get(row.path)
         held = None if at is None else out[at]
         if at is not None and held is not None and (held.status == ERROR or _redrawn(held, row)):

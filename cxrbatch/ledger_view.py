@@ -27,7 +27,15 @@ def inspect(path: Path) -> dict[str, Any]:
         raise LedgerError(f"Ledger not found: {path}")
     if path.stat().st_size == 0:
         raise LedgerError(f"{path} is empty: not a cxrbatch ledger (yet); it was left untouched")
-    live = _lock_is_held(path)
+    status = _read(path, _lock_is_held(path))
+    last = status["last_run"]
+    if last and last["status"] == "interrupted" and _lock_is_held(path):
+        # a run took the lock between the check and the read: the run marked running is that one
+        status = _read(path, True)
+    return status
+
+
+def _read(path: Path, live: bool | None) -> dict[str, Any]:
     db = connect(path, migrate=False)
     try:
         db.execute("BEGIN")  # one read snapshot: the counts agree with each other

@@ -102,9 +102,13 @@ def _href(heatmap: str, folder: Path) -> str:
     """The heatmap's link relative to the folder the page really lies in: both resolved (a `link/..`
     is where the link's target is), and the heatmap's \\xNN escapes (display_path) made bytes again."""
     raw = heatmap.encode("utf-8")
-    if not os.path.lexists(raw):  # display_path's \xNN escapes, where the name is not that text itself
-        raw = re.sub(rb"\\x([0-9a-f]{2})", lambda m: bytes([int(m[1], 16)]), raw)
-    rel = os.path.relpath(_as_kernel_reads(raw), _as_kernel_reads(os.fsencode(folder)))
+    if not os.path.lexists(raw):  # display_path's \xNN escapes (only ever of bytes 0x80 and up)
+        raw = re.sub(rb"\\x([89a-f][0-9a-f])", lambda m: bytes([int(m[1], 16)]), raw)
+    spelled = os.path.relpath(_as_kernel_reads(raw), _as_kernel_reads(os.fsencode(folder)))
+    real = os.path.relpath(os.path.realpath(raw), os.path.realpath(os.fsencode(folder)))
+    # maps under the page's real folder are linked beside it (a page named through a linked folder
+    # or a `latest.html` link is written where it really lies: `written_at`)
+    rel = real if spelled.startswith(b"../") and not real.startswith(b"../") else spelled
     return escape(quote(rel), quote=True)
 
 

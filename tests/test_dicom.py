@@ -364,12 +364,40 @@ def test_a_lut_that_turns_back_is_scaled_on_the_levels_the_film_holds(tmp_path: 
     assert out.min() == 0 and out.max() == 255  # spread over what the film holds, not the table's peak
 
 
-@pytest.mark.parametrize("padding", [0, 2_000_000])
-def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflated(tmp_path: Path, padding: int) -> None:
+# What comes before Rows in each deflated file below: nothing; a private element of 2 MB of zeros
+# (it pushed the header past a fixed window of inflated bytes); a short private OB of undefined
+# length, whose delimiter pydicom looks for 8 KiB ahead and then steps back to (a stream that could
+# step back only 4 KiB made the check give up); and a sequence item holding 16 MB of zeros.
+BEFORE_ROWS = {
+    "nothing": "",
+    "padding": "ds.add_new(0x00091010, 'OB', bytes(2_000_000))\n",
+    "undefined OB": "ds.add_new(0x00090010, 'LO', 'X'); ds.add_new(0x00091002, 'OB', b'')\n",
+    "sequence blob": (
+        "from pydicom.dataset import Dataset\nfrom pydicom.sequence import Sequence\n"
+        "item = Dataset(); item.add_new(0x00090010, 'LO', 'X'); item.add_new(0x00091002, 'OB', bytes(16 << 20))\n"
+        "ds.add_new(0x00090010, 'LO', 'X'); ds.add_new(0x00091001, 'SQ', Sequence([item]))\n"
+        "ds[0x00091001].is_undefined_length = True; item.is_undefined_length_sequence_item = True\n"
+    ),
+}
+UNDEFINED_OB = (  # the empty OB made one of undefined length: 280 bytes, then a sequence delimiter
+    "import zlib\n"
+    "from pydicom.filereader import _read_file_meta_info, read_preamble\n"
+    "raw = path.read_bytes()\n"
+    "fh = open(path, 'rb'); read_preamble(fh, False); _read_file_meta_info(fh); start = fh.tell(); fh.close()\n"
+    "body = zlib.decompress(raw[start:], -zlib.MAX_WBITS)\n"
+    "empty = b'\\x09\\x00\\x02\\x10OB\\x00\\x00\\x00\\x00\\x00\\x00'\n"
+    "assert body.count(empty) == 1\n"
+    "value = b'\\x09\\x00\\x02\\x10OB\\x00\\x00\\xff\\xff\\xff\\xff' + b'private bytes ' * 20\n"
+    "value += b'\\xfe\\xff\\xdd\\xe0' + bytes(4)\n"
+    "c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)\n"
+    "path.write_bytes(raw[:start] + c.compress(body.replace(empty, value)) + c.flush())\n"
+)
+
+
+@pytest.mark.parametrize("before", list(BEFORE_ROWS))
+def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflated(tmp_path: Path, before: str) -> None:
     # A file under 2 MB (Deflated Explicit VR Little Endian) whose frame is 14000 x 14000 at 16
-    # bits: its header was checked only after pydicom had inflated the whole data set. With
-    # `padding`, a private element of zeros before Rows (group 0009 sorts before 0028) pushes the
-    # header past any fixed window of inflated bytes; zeros deflate to almost nothing.
+    # bits: its header was checked only after pydicom had inflated the whole data set.
     path = tmp_path / "bomb.dcm"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(__file__).resolve().parents[i]) for i in (1, 0))}
     make = (
@@ -382,9 +410,9 @@ def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflate
         "ds = dcmread(path)\n"
         "ds.Rows = ds.Columns = 14000\n"
         "ds.PixelData = bytes(2 * 14000 * 14000)\n"
-        f"if {padding}: ds.add_new(0x00091010, 'OB', bytes({padding}))\n"
-        "ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian\n"
-        "ds.save_as(path)\n"
+        + BEFORE_ROWS[before]
+        + "ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian\n"
+        "ds.save_as(path)\n" + (UNDEFINED_OB if before == "undefined OB" else "")
     )
     subprocess.run([sys.executable, "-c", make, str(path)], check=True, timeout=300, env=env)
     assert path.stat().st_size < 2_000_000

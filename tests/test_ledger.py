@@ -702,3 +702,63 @@ def test_a_ledger_on_a_nearly_full_disk_is_refused_before_anything_is_done(
     code, rows, err = _run(folder, tiny_models, ledger, out)
     assert code == 1 and rows == [] and not ledger.exists()
     assert f"Ledger {ledger}: only 24 KiB free on its file system; free some space and run again" in err
+
+
+def test_a_file_alternating_between_two_films_is_reported_each_night(tiny_models: Path, tmp_path: Path) -> None:
+    inbox, ledger, out = tmp_path / "in", tmp_path / "l.db", tmp_path / "r.csv"
+    inbox.mkdir()
+    nights = []
+    for level in (110, 240, 110, 240, 240):
+        grey_image(inbox / "film.png", level)
+        code, rows, err = _run(inbox, tiny_models, ledger, out)
+        assert code == 0, err
+        nights.append([r["label"] for r in rows])
+    assert nights == [["NORMAL"], ["TUBERCULOSIS"], ["NORMAL"], ["TUBERCULOSIS"], []]
+
+
+def test_a_file_put_back_is_the_last_row_of_a_report_that_runs_share(tiny_models: Path, tmp_path: Path) -> None:
+    # the same --out three times (a fixed report.csv): the third run's row for the film put back
+    # was dropped from the union as one shown before, leaving the other film as the file's last row
+    inbox, ledger, out = tmp_path / "in", tmp_path / "l.db", tmp_path / "report.csv"
+    inbox.mkdir()
+    for level in (110, 240, 110):
+        grey_image(inbox / "film.png", level)
+        result = runner.invoke(
+            app, ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out)]
+        )
+        assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert [r["label"] for r in rows] == ["TUBERCULOSIS", "NORMAL"]
+
+
+def test_the_free_space_check_looks_where_a_linked_ledger_lies(
+    tiny_models: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cxrbatch import ledger as ledger_module
+
+    (tmp_path / "small").mkdir()
+    (tmp_path / "l.db").symlink_to(tmp_path / "small" / "l.db")
+    asked, statvfs = [], os.statvfs
+
+    def recording(path):  # type: ignore[no-untyped-def]
+        asked.append(os.fsdecode(path))
+        return statvfs(path)
+
+    monkeypatch.setattr(ledger_module.os, "statvfs", recording)
+    assert _run(folder, tiny_models, tmp_path / "l.db", tmp_path / "r.csv")[0] == 0
+    assert asked[0] == os.path.realpath(tmp_path / "small")
+
+
+def test_the_view_shows_a_run_that_started_during_its_read_as_running(
+    tiny_models: Path, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the lock was checked before the read: a run starting in between was shown `interrupted`
+    from cxrbatch import ledger_view
+
+    ledger = tmp_path / "l.db"
+    assert _run(folder, tiny_models, ledger, tmp_path / "r.csv")[0] == 0
+    with sqlite3.connect(ledger) as db:  # the state a run that has just begun leaves
+        db.execute("INSERT INTO runs (started, status) VALUES ('2026-12-07T03:00:00+00:00', 'running')")
+    held = iter([False, True])  # free when checked, taken by the time the rows were read
+    monkeypatch.setattr(ledger_view, "_lock_is_held", lambda path: next(held))
+    assert ledger_view.inspect(ledger)["last_run"]["status"] == "running"

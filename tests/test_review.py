@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from urllib.parse import unquote, unquote_to_bytes, urljoin, urlparse
+from urllib.parse import unquote_to_bytes, urljoin, urlparse
 
 import numpy as np
 import pytest
@@ -208,7 +208,7 @@ def _srcs(page: Path) -> set[str]:
 def _browser_opens(page: Path, src: str) -> bool:
     """What a browser does with <img src> on the page opened as file://PAGE: a URL join, then the file."""
     url = urljoin(Path(os.path.abspath(page)).as_uri(), src)
-    return os.path.exists(unquote(urlparse(url).path))
+    return os.path.exists(unquote_to_bytes(urlparse(url).path))
 
 
 def _run_a(tiny_models: Path, *args: str) -> None:
@@ -258,3 +258,45 @@ def test_a_heatmaps_folder_whose_name_holds_a_backslash_x_is_linked(
     page = tmp_path / "review.html"
     srcs = _srcs(page)
     assert srcs and all(_browser_opens(page, s) for s in srcs), srcs
+
+
+def test_a_latest_link_beside_the_page_in_a_linked_site_folder_links_maps_beside_it(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # site -> data/site; site/latest.html -> review.html; maps in site/maps. The page is written
+    # where it really lies (data/site/review.html): its links climbed out through ../../site
+    grey_image(tmp_path / "a.png", 20)
+    (tmp_path / "data" / "site").mkdir(parents=True)
+    (tmp_path / "site").symlink_to(tmp_path / "data" / "site")
+    (tmp_path / "data" / "site" / "latest.html").symlink_to("review.html")
+    monkeypatch.chdir(tmp_path)
+    _run_a(tiny_models, "--heatmaps", "site/maps", "--html", "site/latest.html")
+    srcs = _srcs(tmp_path / "data" / "site" / "review.html")
+    assert srcs and all(s.startswith("maps/") for s in srcs), srcs
+    assert all(_browser_opens(tmp_path / "site" / "latest.html", s) for s in srcs)
+
+
+def test_a_page_named_through_a_linked_folder_links_maps_beside_it(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # home/site -> data/site; run from there, the page named by its linked absolute path
+    (tmp_path / "data" / "site").mkdir(parents=True)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "site").symlink_to(tmp_path / "data" / "site")
+    monkeypatch.chdir(tmp_path / "home" / "site")
+    grey_image(Path("a.png"), 20)
+    _run_a(tiny_models, "--heatmaps", "maps", "--html", str(tmp_path / "home" / "site" / "review.html"))
+    srcs = _srcs(tmp_path / "data" / "site" / "review.html")
+    assert srcs and all(s.startswith("maps/") for s in srcs), srcs
+
+
+def test_a_literal_backslash_x_folder_under_a_non_utf8_one_is_linked(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # only bytes 0x80 and up are escaped by the reports: a literal "\x41" stays text
+    grey_image(tmp_path / "a.png", 20)
+    monkeypatch.chdir(tmp_path)
+    os.mkdir(b"caf\xe9")
+    _run_a(tiny_models, "--heatmaps", os.fsdecode(b"caf\xe9/maps\\x41"), "--html", "review.html")
+    srcs = _srcs(tmp_path / "review.html")
+    assert srcs and all(_browser_opens(tmp_path / "review.html", s) for s in srcs), srcs
