@@ -113,37 +113,24 @@ def test_page_in_headless_chromium(page: Path, tmp_path: Path) -> None:
     assert (pixels < 100).all(axis=2).mean() > 0.005  # some dark text is on it
 
 
-def _links_resolve(page: Path) -> list[bool]:
-    srcs = set(re.findall(r"<img src='([^']+)'", page.read_text(encoding="utf-8")))
-    assert srcs
-    return [os.path.exists(os.fsencode(page.parent) + b"/" + unquote_to_bytes(s)) for s in srcs]
-
-
-def test_heatmaps_given_through_link_dotdot_are_written(
-    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("heatmaps", "page", "opened"),
+    [("out/../maps", "review.html", "review.html"), ("maps", "out/../review.html", "archive/2026/review.html")],
+)
+def test_heatmaps_and_a_page_named_through_link_dotdot(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, heatmaps: str, page: str, opened: str
 ) -> None:
+    # out -> archive/2026/12: `out/..` is archive/2026 to the kernel, the current folder to
+    # tempfile (the heatmaps went unwritten) and to the links
     grey_image(tmp_path / "a.png", 20)
     (tmp_path / "archive" / "2026" / "12").mkdir(parents=True)
     (tmp_path / "out").symlink_to(tmp_path / "archive" / "2026" / "12")
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["run", "a.png", "--models", str(tiny_models), "--out", "r.csv",
-                                 "--heatmaps", "out/../maps", "--html", "review.html"])  # fmt: skip
+    _run_a(tiny_models, "--heatmaps", heatmaps, "--html", page)
     row = next(csv.DictReader(open("r.csv", encoding="utf-8")))
-    assert result.exit_code == 0 and row["error"] == "", row["error"]
-    assert all(_links_resolve(tmp_path / "review.html"))
-
-
-def test_review_page_written_through_link_dotdot_links_its_heatmaps(
-    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    grey_image(tmp_path / "a.png", 20)
-    (tmp_path / "archive" / "2026" / "12").mkdir(parents=True)
-    (tmp_path / "out").symlink_to(tmp_path / "archive" / "2026" / "12")
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["run", "a.png", "--models", str(tiny_models), "--out", "r.csv",
-                                 "--heatmaps", "maps", "--html", "out/../review.html"])  # fmt: skip
-    assert result.exit_code == 0
-    assert all(_links_resolve(tmp_path / "archive" / "2026" / "review.html"))
+    assert row["error"] == "" and row["heatmap"]
+    srcs = _srcs(tmp_path / opened)
+    assert srcs and all(_browser_opens(tmp_path / opened, s) for s in srcs), srcs
 
 
 def test_heatmap_links_under_a_folder_whose_name_is_not_utf8(
@@ -156,7 +143,8 @@ def test_heatmap_links_under_a_folder_whose_name_is_not_utf8(
     result = CliRunner().invoke(app, ["run", "a.png", "--models", str(tiny_models), "--out", "r.csv",
                                  "--heatmaps", "maps", "--html", "review.html"])  # fmt: skip
     assert result.exit_code == 0
-    assert all(_links_resolve(site / "review.html"))
+    srcs = _srcs(site / "review.html")
+    assert srcs and all(_browser_opens(site / "review.html", s) for s in srcs), srcs
 
 
 def _row(path: str, score: float, refer: bool) -> Record:
@@ -247,19 +235,6 @@ def test_a_page_in_a_symlinked_folder_links_heatmaps_the_browser_finds(
     assert srcs and all(_browser_opens(page, s) for s in srcs), srcs
 
 
-def test_a_heatmaps_folder_whose_name_holds_a_backslash_x_is_linked(
-    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # a valid UTF-8 name with a literal backslash: display_path leaves it as it is, and _href
-    # takes its "\x41" for an escaped byte ("A")
-    grey_image(tmp_path / "a.png", 20)
-    monkeypatch.chdir(tmp_path)
-    _run_a(tiny_models, "--heatmaps", "maps\\x41", "--html", "review.html")
-    page = tmp_path / "review.html"
-    srcs = _srcs(page)
-    assert srcs and all(_browser_opens(page, s) for s in srcs), srcs
-
-
 def test_a_latest_link_beside_the_page_in_a_linked_site_folder_links_maps_beside_it(
     tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -290,13 +265,15 @@ def test_a_page_named_through_a_linked_folder_links_maps_beside_it(
     assert srcs and all(s.startswith("maps/") for s in srcs), srcs
 
 
-def test_a_literal_backslash_x_folder_under_a_non_utf8_one_is_linked(
-    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("maps", [b"maps\\x41", b"caf\xe9/maps\\x41"])
+def test_a_heatmaps_folder_whose_name_holds_a_literal_backslash_x_is_linked(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, maps: bytes
 ) -> None:
-    # only bytes 0x80 and up are escaped by the reports: a literal "\x41" stays text
+    # a literal backslash is no escape: the reports escape only bytes 0x80 and up, and the link
+    # had taken "\x41" for one ("A"), beside a non-UTF-8 name too
     grey_image(tmp_path / "a.png", 20)
     monkeypatch.chdir(tmp_path)
-    os.mkdir(b"caf\xe9")
-    _run_a(tiny_models, "--heatmaps", os.fsdecode(b"caf\xe9/maps\\x41"), "--html", "review.html")
+    os.makedirs(os.path.dirname(maps) or b".", exist_ok=True)
+    _run_a(tiny_models, "--heatmaps", os.fsdecode(maps), "--html", "review.html")
     srcs = _srcs(tmp_path / "review.html")
     assert srcs and all(_browser_opens(tmp_path / "review.html", s) for s in srcs), srcs
