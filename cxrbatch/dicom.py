@@ -190,14 +190,16 @@ def _refuse_deflated_too_large(path: str | os.PathLike[str]) -> None:
 
 class _Inflating(io.RawIOBase):
     """A deflated data set read as it inflates: seeks forward by inflating and dropping, back
-    within the last few kilobytes read (pydicom peeks at a VR, then goes back), and further back
-    by inflating again from the start (pydicom looks ahead 8 KiB for a delimiter, then returns)."""
+    within what it keeps (as much as a value pydicom reads whole, then steps back over), and
+    further back by inflating again from the start, which it gives up on (OSError) once it has
+    inflated several times as much as it has read: the check is then left to pydicom."""
 
-    KEEP = 1 << 12  # how far back it can seek without starting again
+    KEEP = DEFLATED_HEAD + (1 << 16)  # how far back it can seek without starting again
     CHUNK = 1 << 16  # inflated at a time
 
     def __init__(self, fh: BinaryIO) -> None:
         self.fh, self.start = fh, fh.tell()
+        self.spent = self.furthest = 0  # bytes inflated in all, and the furthest offset read
         self._restart()
 
     def _restart(self) -> None:
@@ -219,14 +221,16 @@ class _Inflating(io.RawIOBase):
             data = self.z.unconsumed_tail or self.fh.read(self.CHUNK)
             if not data:
                 break
-            keep = max(0, self.at - self.KEEP)  # what is read and too far back to seek to is dropped
-            if keep:
-                del self.buf[:keep]
-                self.at -= keep
-            self.buf += self.z.decompress(data, self.CHUNK)
+            if self.at >= 2 * self.KEEP:  # drop what is too far back to seek to, a window at a time
+                del self.buf[: self.at - self.KEEP]
+                self.at = self.KEEP
+            more = self.z.decompress(data, self.CHUNK)
+            self.buf += more
+            self.spent += len(more)
         end = len(self.buf) if n < 0 else min(len(self.buf), self.at + n)
         out, self.at = bytes(self.buf[self.at : end]), end
         self.pos += len(out)
+        self.furthest = max(self.furthest, self.pos)
         return out
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
@@ -234,6 +238,8 @@ class _Inflating(io.RawIOBase):
         if whence not in (io.SEEK_SET, io.SEEK_CUR) or target < 0:
             raise OSError("cannot seek there in a deflated stream")
         if target < self.pos - self.at:  # before what is kept: inflate again from the start
+            if self.spent > 4 * self.furthest + (64 << 20):
+                raise OSError("a deflated stream sought back again and again")
             self._restart()
         if target < self.pos:
             self.at, self.pos = self.at - (self.pos - target), target

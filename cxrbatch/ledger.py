@@ -103,6 +103,18 @@ def _refuse_full_disk(path: Path) -> None:
         )
 
 
+def _scope(inputs: Iterable[Path]) -> tuple[set[str], tuple[str, ...]]:
+    """The ledger keys of a run's inputs, and the prefixes of the paths under them (`_within`)."""
+    roots = {key_of(p) for p in inputs}
+    return roots, tuple(root.rstrip("/") + "/" for root in roots)
+
+
+def _within(key: str, scope: tuple[set[str], tuple[str, ...]]) -> bool:
+    """Whether a path's key is one of a run's inputs or lies under one (`_scope`)."""
+    roots, prefixes = scope
+    return key in roots or key.startswith(prefixes)
+
+
 def now() -> str:
     """The current UTC time, to the second, ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -116,6 +128,7 @@ class Ledger:
         self.run_id = 0
         self._hashed: dict[Path, tuple[tuple[int, ...], str]] = {}  # each file's stat when hashed, and its hash
         self._holding: dict[str, set[str]] = {}  # content -> the keys of this run's files that hold it
+        self._inputs: tuple[set[str], tuple[str, ...]] = (set(), ())  # this run's inputs (`_scope`)
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -138,8 +151,9 @@ class Ledger:
             os.close(lock_fd)
 
     # -- a run -------------------------------------------------------------------------------
-    def begin_run(self, settings: dict[str, Any]) -> str:
+    def begin_run(self, settings: dict[str, Any], inputs: Iterable[Path] = ()) -> str:
         """Record the start of this run (`open` marked runs that died as interrupted); return its fingerprint."""
+        self._inputs = _scope(inputs)
         fp = fingerprint(settings)
         with self.db:
             cur = self.db.execute("INSERT INTO runs (started, status) VALUES (?, 'running')", (now(),))
@@ -213,11 +227,16 @@ class Ledger:
                 ).fetchone()
                 earlier = None if before is None else readable(sha, before[0], warn=False)
                 if earlier is not None and earlier.status == ERROR and before[0] != record.to_json():
-                    # a retried error that now reads: delivered again (a damaged record is replaced, not),
-                    # for the files that hold it now, not for every path that ever held it
+                    # a retried error that now reads: delivered again (a damaged record is replaced, not)
+                    # for the files that hold it now, and for paths outside this run's inputs, which a
+                    # run over them decides; not under a path of these inputs that no longer holds it
+                    holders = self._holding.get(sha, set())
+                    paths = self.db.execute(
+                        "SELECT path FROM entries WHERE sha256 = ? AND fingerprint = ?", (sha, fp)
+                    ).fetchall()
                     self.db.executemany(
                         "UPDATE entries SET delivered_run = NULL WHERE path = ? AND sha256 = ? AND fingerprint = ?",
-                        [(key, sha, fp) for key in self._holding.get(sha, ())],
+                        [(key, sha, fp) for (key,) in paths if key in holders or not _within(key, self._inputs)],
                     )
                 self.db.execute(
                     "INSERT INTO results (sha256, fingerprint, record, run) VALUES (?, ?, ?, ?) "
@@ -251,9 +270,8 @@ class Ledger:
         """Every entry computed but not yet delivered in a completed report, by path, of a file named
         in `inputs` or under one of them: what a run over other folders left undelivered (a run
         stopped part-way) waits for a run over those, and never goes into this run's report."""
-        roots = {key_of(p) for p in inputs}
-        prefixes = tuple(root.rstrip("/") + "/" for root in roots)
-        return [s for s in self._select("e.delivered_run IS NULL", ()) if s.key in roots or s.key.startswith(prefixes)]
+        scope = _scope(inputs)
+        return [s for s in self._select("e.delivered_run IS NULL", ()) if _within(s.key, scope)]
 
     def for_paths(self, pairs: Iterable[tuple[Path, str]], fp: str) -> list[Stored]:
         """The stored entries of these (path, content) pairs under these settings, delivered or not."""

@@ -34,7 +34,7 @@ def run_with_ledger(
     ledger: Ledger, screener: Screener, paths: list[Path], report: Report, options: RunOptions
 ) -> Summary:
     """Screen only what the ledger has no result for; report what no completed run delivered."""
-    fp = ledger.begin_run(screener.settings())
+    fp = ledger.begin_run(screener.settings(), options.inputs)
     hashes = ledger.content_hashes(paths)
     known = {p: h for p, h in hashes.items() if h is not None}
     cached = ledger.cached(known.values(), fp)
@@ -167,7 +167,7 @@ def union(earlier: list[Record], rows: list[Record]) -> list[Record]:
                 del latest[folder]
             folder = os.path.dirname(folder)
         if row in shown:
-            if out[latest[row.path]] == row:
+            if (at := latest.get(row.path)) is not None and out[at] == row:
                 continue
             out[out.index(row)] = None  # the file back at an earlier content: its row moves to the end
         at = latest.get(row.path)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 from cxrbatch.ledger import lock_path, readable
 from cxrbatch.ledger_schema import LedgerError, connect
 from cxrbatch.records import Record
+
+RECHECKS, RECHECK_WAIT_S = 20, 0.05  # how long the view waits for a run that took the lock to open the file
 
 
 def inspect(path: Path) -> dict[str, Any]:
@@ -30,8 +33,15 @@ def inspect(path: Path) -> dict[str, Any]:
     status = _read(path, _lock_is_held(path))
     last = status["last_run"]
     if last and last["status"] == "interrupted" and _lock_is_held(path):
-        # a run took the lock between the check and the read: the run marked running is that one
-        status = _read(path, True)
+        # A run took the lock between the check and the read. The run marked running is that run,
+        # or one that died, which the new run marks interrupted as soon as it has opened the file:
+        # read again until it has, for a second at most (a run that is that one stays running).
+        for _ in range(RECHECKS):
+            status = _read(path, True)
+            again = status["last_run"]
+            if again is None or again["id"] != last["id"] or again["status"] != "running":
+                break
+            time.sleep(RECHECK_WAIT_S)
     return status
 
 

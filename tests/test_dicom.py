@@ -445,3 +445,64 @@ def test_a_deflated_dicom_with_a_long_header_decodes_as_its_plain_twin(tmp_path:
         ds.add_new(0x00091010 + i, "LT", f"value {i}" * 40)
     ds.save_as(tmp_path / "deflated.dcm")
     assert np.array_equal(np.asarray(load_image(tmp_path / "deflated.dcm")), np.asarray(load_image(plain)))
+
+
+def _deflated_with_undefined_obs(path: Path, n: int, size: int, stray: bytes = b"") -> Path:
+    """A deflated DICOM declaring a 14000 x 14000 frame, with `n` private OB elements of undefined
+    length (encapsulated form: one item of `size` zero bytes, then a sequence delimiter) before Rows."""
+    from pydicom import dcmread
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    path = make_dicom(path, ramp(8, 8))
+    ds = dcmread(path)
+    ds.Rows = ds.Columns = 14000
+    ds.PixelData = bytes(2 * 14000 * 14000)
+    ds.add_new(0x00090010, "LO", "X")
+    for i in range(n):
+        ds.add_new(0x00091000 + i, "OB", b"")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path)
+    raw = path.read_bytes()
+    with open(path, "rb") as fh:
+        read_preamble(fh, False)
+        _read_file_meta_info(fh)
+        start = fh.tell()
+    body = zlib.decompress(raw[start:], -zlib.MAX_WBITS)
+    tag = lambda i: (0x0009).to_bytes(2, "little") + (0x1000 + i).to_bytes(2, "little")  # noqa: E731
+    at = body.index(tag(0) + b"OB" + bytes(6))
+    parts = [body[:at]]
+    for i in range(n):
+        assert body[at : at + 12] == tag(i) + b"OB" + bytes(6)
+        at += 12
+        item = b"\xfe\xff\x00\xe0" + size.to_bytes(4, "little") + bytes(size)
+        parts.append(tag(i) + b"OB\x00\x00\xff\xff\xff\xff" + item + stray + b"\xfe\xff\xdd\xe0" + bytes(4))
+    parts.append(body[at:])
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    path.write_bytes(raw[:start] + c.compress(b"".join(parts)) + c.flush())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("n", "size", "stray", "refused"),
+    [(160, 200_000, b"", True), (40, 2_000_000, b"\x01\x02\x03\x04", False)],
+)
+def test_a_deflated_header_that_makes_pydicom_step_back_is_not_inflated_again_and_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int, size: int, stray: bytes, refused: bool
+) -> None:
+    # Each undefined-length OB makes pydicom read ahead, then seek back to the value's start: the
+    # stream inflated the data set again from its start every time (160 of them: 6.4 s). Values
+    # under pydicom's defer_size now stay in what the stream keeps; values it cannot keep (2 MB
+    # read back whole) make it give up after a few passes and leave the check to pydicom.
+    from cxrbatch import dicom
+
+    path = _deflated_with_undefined_obs(tmp_path / "obs.dcm", n, size, stray)
+    passes, start = [], dicom._Inflating._restart
+    monkeypatch.setattr(dicom._Inflating, "_restart", lambda self: (passes.append(1), start(self))[1])
+    if refused:
+        with pytest.raises(ImageError, match="too large"):
+            dicom._refuse_deflated_too_large(path)
+        assert len(passes) == 1  # inflated once
+    else:
+        dicom._refuse_deflated_too_large(path)  # gave up: dcmread decides
+        assert 1 < len(passes) <= 20

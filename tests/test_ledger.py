@@ -9,6 +9,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,8 @@ def test_unreadable_files_are_reported_each_run(folder: Path, tiny_models: Path,
 
 CRASH_SCRIPT = """
 import sys
+import threading
+import time
 from cxrbatch.cli import app
 app(sys.argv[1:])
 """
@@ -762,3 +766,133 @@ def test_the_view_shows_a_run_that_started_during_its_read_as_running(
     held = iter([False, True])  # free when checked, taken by the time the rows were read
     monkeypatch.setattr(ledger_view, "_lock_is_held", lambda path: next(held))
     assert ledger_view.inspect(ledger)["last_run"]["status"] == "running"
+
+
+def test_view_during_the_next_runs_open_shows_a_dead_run_interrupted(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a run killed last night (still 'running' in the ledger); `cxrbatch ledger` finds the lock free
+    # and reads; the next night's run takes the lock as the read ends, and has not yet marked the
+    # dead run interrupted (Ledger.open: _lock, then statvfs and connect, then the UPDATE) when the
+    # view checks the lock again: the view re-reads and shows the dead run as running
+    from cxrbatch import ledger_view
+    from cxrbatch.ledger import lock_path
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    for i in range(3):
+        grey_image(inbox / f"f{i}.png", 20 + 60 * i)
+    ledger = tmp_path / "l.db"
+    args = ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(tmp_path / "r.csv")]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "batch_committed"}
+    dead = subprocess.run([sys.executable, "-c", "from cxrbatch.cli import main; main()", *args, "--batch-size", "1"],
+                          env=env, capture_output=True)  # fmt: skip
+    assert dead.returncode == -9
+    assert ledger_view.inspect(ledger)["last_run"]["status"] == "interrupted"  # nobody holds the lock
+
+    real_read, taken = ledger_view._read, []
+
+    def next_run_opens() -> None:  # Ledger.open after its flock: statvfs, connect, then the UPDATE
+        time.sleep(0.2)
+        with sqlite3.connect(ledger) as db:
+            db.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
+
+    def read_then_next_run_flocks(path, live):  # type: ignore[no-untyped-def]
+        status = real_read(path, live)
+        if not taken:  # the next run takes the lock as the read ends
+            fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            taken.append(fd)
+            taken.append(threading.Thread(target=next_run_opens))
+            taken[1].start()
+        return status
+
+    monkeypatch.setattr(ledger_view, "_read", read_then_next_run_flocks)
+    try:
+        shown = ledger_view.inspect(ledger)["last_run"]
+    finally:
+        taken[1].join()
+        os.close(taken[0])
+    assert shown["status"] == "interrupted", f"the dead run {shown['id']} is shown {shown['status']!r}"
+
+
+def test_an_error_that_reads_in_a_run_over_one_folder_is_still_delivered_to_a_copy_in_another(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the same unreadable film in incoming/a and incoming/b (both delivered as error rows); once it
+    # reads, a run over incoming/a alone screens it; the next night over incoming must deliver b's
+    # result too (it did before: every entry of the content was reopened)
+    from cxrbatch import decoding
+    from cxrbatch.errors import ImageError
+
+    inbox, ledger = tmp_path / "incoming", tmp_path / "l.db"
+    for sub in ("a", "b"):
+        (inbox / sub).mkdir(parents=True)
+    grey_image(inbox / "a" / "x.png", 170)
+    unreadable = (inbox / "a" / "x.png").read_bytes()
+    (inbox / "b" / "y.png").write_bytes(unreadable)
+    grey_image(inbox / "b" / "other.png", 20)
+    real = decoding.load_image
+
+    def no_decoder(path, draft_size=None):  # type: ignore[no-untyped-def]
+        if Path(path).read_bytes() == unreadable:
+            raise ImageError("DICOM file, but pydicom is not installed")
+        return real(path, draft_size=draft_size)
+
+    def night(folder: Path, out: str) -> tuple[int, list[tuple[str, str]]]:
+        result = runner.invoke(app, ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger),
+                                     "--out", str(tmp_path / out)])  # fmt: skip
+        rows = list(csv.DictReader((tmp_path / out).open(encoding="utf-8")))
+        return result.exit_code, [(Path(r["path"]).relative_to(inbox).as_posix(), r["status"]) for r in rows]
+
+    monkeypatch.setattr(decoding, "load_image", no_decoder)
+    assert night(inbox, "n1.csv") == (3, [("a/x.png", "error"), ("b/other.png", "classified"), ("b/y.png", "error")])
+    monkeypatch.undo()
+    assert night(inbox / "a", "urgent.csv") == (0, [("a/x.png", "classified")])
+    code, rows = night(inbox, "n2.csv")
+    assert (code, rows) == (0, [("b/y.png", "classified")]), "b/y.png's result was never delivered"
+
+
+def test_a_shared_report_survives_a_path_that_was_a_file_then_a_folder_then_the_file_again(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # incoming/x: a film (NORMAL), another film (TUBERCULOSIS), a folder that cannot be listed (an
+    # error row), the folder with a film in it, and the first film put back: union() looks up
+    # latest["…/x"], which the folder's row took away when the folder's files came
+    import shutil
+
+    from cxrbatch import discovery
+
+    inbox, ledger, out = tmp_path / "incoming", tmp_path / "l.db", tmp_path / "report.csv"
+    inbox.mkdir()
+    x = inbox / "x.png"  # a film, or a folder of that name
+    real_scandir, locked = os.scandir, []
+
+    def scandir(path):  # type: ignore[no-untyped-def]
+        if locked and isinstance(path, (str, os.PathLike)) and Path(path) == x:
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(discovery.os, "scandir", scandir)
+
+    def night() -> int:
+        result = runner.invoke(app, ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger),
+                                     "--out", str(out)])  # fmt: skip
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        return result.exit_code
+
+    codes = []
+    for step in ("A", "B", "locked folder", "folder", "A"):
+        if x.is_dir():
+            shutil.rmtree(x)
+        elif x.exists():
+            x.unlink()
+        locked[:] = [True] if step == "locked folder" else []
+        if step in ("A", "B"):
+            grey_image(tmp_path / "film.png", 110 if step == "A" else 240)
+            (tmp_path / "film.png").rename(x)
+        else:
+            x.mkdir()
+            grey_image(x / "f.png", 20)
+        codes.append(night())
+    assert codes[-1] == 0, codes
