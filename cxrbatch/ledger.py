@@ -8,7 +8,9 @@ SQLite (WAL), schema `cxrbatch.ledger/3`:
 - `settings`: run fingerprint -> what it stands for (both models' sha256, the JPEG draft size,
   the preprocessing version, the device): every setting that can change a result;
 - `results`: (sha256, fingerprint) -> the result record; one inference per content and settings;
-- `entries`: (path, sha256, fingerprint) -> which run delivered it, or NULL while undelivered;
+- `entries`: (path, sha256, fingerprint) -> which run delivered it, or NULL while undelivered
+  (negative: that run delivered it as an error row, and the content reads since: delivered again
+  once a run finds the path still holding it);
 - `runs`: one row per run; `run_rows`: the rows each completed run reported, in order, and
   `run_targets`: the report files each completed run wrote.
 
@@ -128,7 +130,6 @@ class Ledger:
         self.run_id = 0
         self._hashed: dict[Path, tuple[tuple[int, ...], str]] = {}  # each file's stat when hashed, and its hash
         self._holding: dict[str, set[str]] = {}  # content -> the keys of this run's files that hold it
-        self._inputs: tuple[set[str], tuple[str, ...]] = (set(), ())  # this run's inputs (`_scope`)
 
     # -- opening -----------------------------------------------------------------------------
     @classmethod
@@ -151,9 +152,8 @@ class Ledger:
             os.close(lock_fd)
 
     # -- a run -------------------------------------------------------------------------------
-    def begin_run(self, settings: dict[str, Any], inputs: Iterable[Path] = ()) -> str:
+    def begin_run(self, settings: dict[str, Any]) -> str:
         """Record the start of this run (`open` marked runs that died as interrupted); return its fingerprint."""
-        self._inputs = _scope(inputs)
         fp = fingerprint(settings)
         with self.db:
             cur = self.db.execute("INSERT INTO runs (started, status) VALUES (?, 'running')", (now(),))
@@ -227,16 +227,19 @@ class Ledger:
                 ).fetchone()
                 earlier = None if before is None else readable(sha, before[0], warn=False)
                 if earlier is not None and earlier.status == ERROR and before[0] != record.to_json():
-                    # a retried error that now reads: delivered again (a damaged record is replaced, not)
-                    # for the files that hold it now, and for paths outside this run's inputs, which a
-                    # run over them decides; not under a path of these inputs that no longer holds it
+                    # a retried error that now reads (a damaged record is replaced, not): delivered again
+                    # for the files that hold it now; its other paths are marked (a negative run), and
+                    # a run that finds one of them still holding it delivers it then (`_entry`), never
+                    # under a path that left it or is gone
                     holders = self._holding.get(sha, set())
-                    paths = self.db.execute(
-                        "SELECT path FROM entries WHERE sha256 = ? AND fingerprint = ?", (sha, fp)
-                    ).fetchall()
                     self.db.executemany(
                         "UPDATE entries SET delivered_run = NULL WHERE path = ? AND sha256 = ? AND fingerprint = ?",
-                        [(key, sha, fp) for (key,) in paths if key in holders or not _within(key, self._inputs)],
+                        [(key, sha, fp) for key in holders],
+                    )
+                    self.db.execute(
+                        "UPDATE entries SET delivered_run = -delivered_run WHERE sha256 = ? AND fingerprint = ? "
+                        "AND delivered_run > 0",
+                        (sha, fp),
                     )
                 self.db.execute(
                     "INSERT INTO results (sha256, fingerprint, record, run) VALUES (?, ?, ?, ?) "
@@ -254,6 +257,12 @@ class Ledger:
 
     def _entry(self, path: Path, sha: str, fp: str) -> None:
         key = key_of(path)
+        # a path still holding a content it was given as an error row, which reads since: its news
+        self.db.execute(
+            "UPDATE entries SET delivered_run = NULL WHERE path = ? AND sha256 = ? AND fingerprint = ? "
+            "AND delivered_run < 0",
+            (key, sha, fp),
+        )
         # a path back at a content it held before another: that content is its news again
         self.db.execute(
             "UPDATE entries SET first_run = ?, delivered_run = NULL WHERE path = ? AND sha256 = ? AND fingerprint = ? "

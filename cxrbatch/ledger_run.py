@@ -34,7 +34,7 @@ def run_with_ledger(
     ledger: Ledger, screener: Screener, paths: list[Path], report: Report, options: RunOptions
 ) -> Summary:
     """Screen only what the ledger has no result for; report what no completed run delivered."""
-    fp = ledger.begin_run(screener.settings(), options.inputs)
+    fp = ledger.begin_run(screener.settings())
     hashes = ledger.content_hashes(paths)
     known = {p: h for p, h in hashes.items() if h is not None}
     cached = ledger.cached(known.values(), fp)

@@ -896,3 +896,44 @@ def test_a_shared_report_survives_a_path_that_was_a_file_then_a_folder_then_the_
             grey_image(x / "f.png", 20)
         codes.append(night())
     assert codes[-1] == 0, codes
+
+
+@pytest.mark.parametrize("change", ["replaced", "deleted"])
+def test_a_copy_that_left_a_content_is_not_given_its_mended_result(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    # an unreadable film in incoming/a and incoming/b; b's copy is replaced or deleted; once the
+    # film reads, a run over incoming/a screens it: the next night over incoming delivered the old
+    # film's result under b's path too (a second row for a replaced file, a row for a gone one)
+    from cxrbatch import decoding
+    from cxrbatch.errors import ImageError
+
+    inbox, ledger = tmp_path / "incoming", tmp_path / "l.db"
+    for sub in ("a", "b"):
+        (inbox / sub).mkdir(parents=True)
+    grey_image(inbox / "a" / "x.png", 170)
+    unreadable = (inbox / "a" / "x.png").read_bytes()
+    (inbox / "b" / "y.png").write_bytes(unreadable)
+    real = decoding.load_image
+
+    def no_decoder(path, draft_size=None):  # type: ignore[no-untyped-def]
+        if Path(path).read_bytes() == unreadable:
+            raise ImageError("DICOM file, but pydicom is not installed")
+        return real(path, draft_size=draft_size)
+
+    def night(folder: Path, out: str) -> list[tuple[str, str]]:
+        _run(folder, tiny_models, ledger, tmp_path / out)
+        rows = csv.DictReader((tmp_path / out).open(encoding="utf-8"))
+        return [(Path(r["path"]).relative_to(inbox).as_posix(), r["status"]) for r in rows]
+
+    monkeypatch.setattr(decoding, "load_image", no_decoder)
+    assert night(inbox, "n1.csv") == [("a/x.png", "error"), ("b/y.png", "error")]
+    (inbox / "b" / "y.png").unlink()
+    if change == "replaced":
+        grey_image(inbox / "b" / "y.png", 20)
+        assert night(inbox, "n2.csv") == [("b/y.png", "classified")]
+    else:
+        assert night(inbox, "n2.csv") == []
+    monkeypatch.undo()
+    assert night(inbox / "a", "urgent.csv") == [("a/x.png", "classified")]
+    assert night(inbox, "n3.csv") == []
