@@ -72,7 +72,8 @@ def render_html(
     )
     to_read = [r for r in classified if r.to_read(negative_label)]
     unsure = [r for r in classified if r.needs_review and not r.to_read(negative_label)]
-    folder = html_path.parent if str(html_path.parent) else Path(".")
+    folder = os.fsencode(html_path.parent if str(html_path.parent) else Path("."))
+    here = (_as_kernel_reads(folder), os.path.realpath(folder))  # the page's folder, for every link (`_href`)
     referral = any(r.refer is not None for r in classified)
     first = "Referred to a reader" if referral else f"Flagged: not {negative_label}"
     parts = [
@@ -82,8 +83,8 @@ def render_html(
         f"<h1>Chest X-ray screening review</h1><div class='small'>run started {escape(started)}</div>",
         f"<p class='disclaimer'><strong>Not a diagnosis.</strong> {escape(DISCLAIMER)}</p>",
         _counts(summary, len(to_read) + len(unsure)),
-        _cards(f"{first} ({len(to_read)}), most suspicious first", to_read, folder, "read"),
-        _cards(f"{'Cleared' if referral else negative_label}, but unsure ({len(unsure)})", unsure, folder, "unsure"),
+        _cards(f"{first} ({len(to_read)}), most suspicious first", to_read, here, "read"),
+        _cards(f"{'Cleared' if referral else negative_label}, but unsure ({len(unsure)})", unsure, here, "unsure"),
         _classified_table(classified, labels, negative_label),
         _other_table(
             "Rejected by the gate (not a chest X-ray)",
@@ -98,14 +99,15 @@ def render_html(
     return "\n".join(parts)
 
 
-def _href(heatmap: str, folder: Path) -> str:
-    """The heatmap's link relative to the folder the page really lies in: both resolved (a `link/..`
-    is where the link's target is), and the heatmap's \\xNN escapes (display_path) made bytes again."""
+def _href(heatmap: str, here: tuple[bytes, bytes]) -> str:
+    """The heatmap's link relative to the page's folder `here` (as `_as_kernel_reads` spells it,
+    and its real path): each `..` taken where the kernel takes it, and the heatmap's \\xNN escapes
+    (display_path) made bytes again."""
     raw = heatmap.encode("utf-8")
     if not os.path.lexists(raw):  # display_path's \xNN escapes (only ever of bytes 0x80 and up)
         raw = re.sub(rb"\\x([89a-f][0-9a-f])", lambda m: bytes([int(m[1], 16)]), raw)
-    spelled = os.path.relpath(_as_kernel_reads(raw), _as_kernel_reads(os.fsencode(folder)))
-    real = os.path.relpath(os.path.realpath(raw), os.path.realpath(os.fsencode(folder)))
+    spelled = os.path.relpath(_as_kernel_reads(raw), here[0])
+    real = os.path.relpath(os.path.realpath(raw), here[1])
     # maps under the page's real folder are linked beside it (a page named through a linked folder
     # or a `latest.html` link is written where it really lies: `written_at`)
     rel = real if spelled.startswith(b"../") and not real.startswith(b"../") else spelled
@@ -148,14 +150,14 @@ def _counts(summary: Summary, flagged: int) -> str:
     return f"<h2>Summary: {summary.files} files</h2><div class='counts'>{''.join(spans)}</div>{note}"
 
 
-def _cards(title: str, rows: list[Record], folder: Path, section: str) -> str:
+def _cards(title: str, rows: list[Record], here: tuple[bytes, bytes], section: str) -> str:
     cards = []
     for i, r in enumerate(rows):
         view = ""
         if r.heatmap:
             # a relative URL: quoted, so that a folder named "maps #1" or "50%" is not read as a
             # fragment or an escape; loaded lazily, so that a page of thousands of cards opens
-            src = _href(r.heatmap, folder)
+            src = _href(r.heatmap, here)
             zoom = f"{section}-{i}"
             view = (
                 f"<a href='#{zoom}' title='larger view'><img src='{src}' loading='lazy' "
