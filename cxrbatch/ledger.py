@@ -105,18 +105,6 @@ def _refuse_full_disk(path: Path) -> None:
         )
 
 
-def _scope(inputs: Iterable[Path]) -> tuple[set[str], tuple[str, ...]]:
-    """The ledger keys of a run's inputs, and the prefixes of the paths under them (`_within`)."""
-    roots = {key_of(p) for p in inputs}
-    return roots, tuple(root.rstrip("/") + "/" for root in roots)
-
-
-def _within(key: str, scope: tuple[set[str], tuple[str, ...]]) -> bool:
-    """Whether a path's key is one of a run's inputs or lies under one (`_scope`)."""
-    roots, prefixes = scope
-    return key in roots or key.startswith(prefixes)
-
-
 def now() -> str:
     """The current UTC time, to the second, ISO 8601."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -279,8 +267,9 @@ class Ledger:
         """Every entry computed but not yet delivered in a completed report, by path, of a file named
         in `inputs` or under one of them: what a run over other folders left undelivered (a run
         stopped part-way) waits for a run over those, and never goes into this run's report."""
-        scope = _scope(inputs)
-        return [s for s in self._select("e.delivered_run IS NULL", ()) if _within(s.key, scope)]
+        roots = {key_of(p) for p in inputs}
+        prefixes = tuple(root.rstrip("/") + "/" for root in roots)
+        return [s for s in self._select("e.delivered_run IS NULL", ()) if s.key in roots or s.key.startswith(prefixes)]
 
     def for_paths(self, pairs: Iterable[tuple[Path, str]], fp: str) -> list[Stored]:
         """The stored entries of these (path, content) pairs under these settings, delivered or not."""
