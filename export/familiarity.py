@@ -183,6 +183,15 @@ def attach_familiarity(proto: onnx.ModelProto, detached: Detached, features_name
     graph.output.append(detached.output)
 
 
+def remove_familiarity(proto: onnx.ModelProto, meta: dict[str, Any]) -> None:
+    """Take the familiarity output out of the graph and out of its metadata record (its output,
+    threshold and record, as `add_familiarity` writes them)."""
+    detach_familiarity(proto)
+    del meta["outputs"][OUTPUT]
+    for key in ("familiarity_threshold", "familiarity"):
+        meta.pop(key, None)
+
+
 def _is_ours(name: str) -> bool:
     """Whether a tensor is the familiarity output or one of the tensors it adds."""
     return name == OUTPUT or name.startswith(PREFIX)

@@ -29,7 +29,7 @@ from cxrbatch.imaging import check_size, load_image, to_model_input
 from cxrbatch.models import read_metadata, save_model
 from cxrbatch.modelspec import ModelSpec, copy_metadata
 
-from .familiarity import detach_familiarity
+from .familiarity import remove_familiarity
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,7 @@ def quantize(src: Path, dst: Path, calibration: Path, images: int, force: bool =
             "no familiarity output (its familiarity and unfamiliar columns stay empty)",
             src,
         )
-        detach_familiarity(proto)
-        del copied["outputs"]["familiarity"]
-        for key in ("familiarity_threshold", "familiarity"):
-            copied.pop(key, None)
+        remove_familiarity(proto, copied)
     try:  # quantize_static writes a model without our metadata: it takes dst's place only through save_model
         with tempfile.TemporaryDirectory(prefix="cxrbatch-quantize.") as work:
             model = _quantized(proto, Path(work) / dst.name, reader, calibration)
