@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from cxrbatch.discovery import iter_images
-from cxrbatch.imaging import load_image, to_model_input
+from cxrbatch.imaging import load_image
+from cxrbatch.modelinput import to_model_input
 from cxrbatch.models import Model
 
 REPO = Path(__file__).resolve().parent.parent

@@ -53,7 +53,8 @@ from benchmarks.harness import (
     write_json,
 )
 from cxrbatch.cores import usable_cores
-from cxrbatch.imaging import load_image, to_model_input
+from cxrbatch.imaging import load_image
+from cxrbatch.modelinput import to_model_input
 from cxrbatch.models import Model, default_models_dir, load_models
 from cxrbatch.pipeline import Screener
 

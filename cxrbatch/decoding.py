@@ -44,7 +44,8 @@ from PIL import Image
 from cxrbatch.crashes import crash_point
 from cxrbatch.errors import ImageError
 from cxrbatch.heatmaps import display_copy
-from cxrbatch.imaging import InputSpec, check_size, load_image, model_pixels
+from cxrbatch.imaging import check_size, load_image
+from cxrbatch.modelinput import InputSpec, model_pixels
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from PIL import Image
 
 from cxrbatch.datasets import ABNORMAL, Split, labelled_images, only_sources, read_manifest, split_used
 from cxrbatch.errors import UsageError
-from cxrbatch.imaging import in_frame
 from cxrbatch.metrics import (
     INTERVALS,
     MIN_BOOTSTRAP_FILMS,
@@ -31,6 +30,7 @@ from cxrbatch.metrics import (
     roc_auc,
     subset_metrics,
 )
+from cxrbatch.modelinput import in_frame
 from cxrbatch.models import Model
 from cxrbatch.modelspec import ModelSpec
 from cxrbatch.pipeline import Screener

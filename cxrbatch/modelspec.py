@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cxrbatch.errors import ModelError, UsageError
-from cxrbatch.imaging import InputSpec
+from cxrbatch.modelinput import InputSpec
 
 SCHEMA = "cxrbatch.model/1"
 ROLES = ("gate", "classifier")

@@ -8,7 +8,7 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter
 
-from cxrbatch.imaging import in_frame
+from cxrbatch.modelinput import in_frame
 
 # Part of the key of `loco`'s features cache (as `imaging.PREPROCESSING_VERSION` is): raise it
 # whenever a change here or in `cache.views_of` can change a view drawn from the same seed (a

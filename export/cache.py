@@ -19,7 +19,8 @@ from PIL import Image
 from cxrbatch.cores import usable_cores
 from cxrbatch.datasets import Split
 from cxrbatch.errors import ImageError, UsageError, first_few
-from cxrbatch.imaging import InputSpec, load_image, to_model_input
+from cxrbatch.imaging import load_image
+from cxrbatch.modelinput import InputSpec, to_model_input
 
 from .augment import augment
 from .config import TrainConfig

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxrbatch.errors import UsageError
-from cxrbatch.imaging import InputSpec
+from cxrbatch.modelinput import InputSpec
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ from PIL import Image
 from cxrbatch.databuild.readers import GitFiles, find_git_dir
 from cxrbatch.datasets import labelled_images, refuse_out_inside
 from cxrbatch.errors import ImageError, UsageError
-from cxrbatch.imaging import decode_bytes, to_model_input
+from cxrbatch.imaging import decode_bytes
+from cxrbatch.modelinput import to_model_input
 
 from .augment import degrade
 from .cache import read_film

@@ -15,7 +15,7 @@ import numpy as np
 
 from cxrbatch.datasets import Split
 from cxrbatch.errors import UsageError
-from cxrbatch.imaging import InputSpec, to_model_input
+from cxrbatch.modelinput import InputSpec, to_model_input
 
 from .cache import read_film
 from .config import TrainConfig

@@ -24,7 +24,7 @@ import tf2onnx
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ExportError, UsageError
 from cxrbatch.files import check_out
-from cxrbatch.imaging import InputSpec, to_model_input
+from cxrbatch.modelinput import InputSpec, to_model_input
 from cxrbatch.models import embed_metadata, save_model
 from cxrbatch.modelspec import ModelSpec
 

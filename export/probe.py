@@ -20,7 +20,8 @@ import numpy as np
 
 from cxrbatch.datasets import Split, class_names, load_split, read_manifest, sources_of
 from cxrbatch.errors import UsageError
-from cxrbatch.imaging import InputSpec, load_image, to_model_input
+from cxrbatch.imaging import load_image
+from cxrbatch.modelinput import InputSpec, to_model_input
 
 from .config import TrainConfig, sidecar_path
 from .network import backbone_features, build_model

@@ -25,7 +25,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from cxrbatch.discovery import iter_images
 from cxrbatch.errors import ImageError, ReportError, UsageError
 from cxrbatch.files import check_out
-from cxrbatch.imaging import check_size, load_image, to_model_input
+from cxrbatch.imaging import check_size, load_image
+from cxrbatch.modelinput import to_model_input
 from cxrbatch.models import read_metadata, save_model
 from cxrbatch.modelspec import ModelSpec, copy_metadata
 

@@ -30,7 +30,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from cxrbatch.imaging import InputSpec
+from cxrbatch.modelinput import InputSpec
 from cxrbatch.models import METADATA_KEY
 from cxrbatch.modelspec import ModelSpec
 

@@ -41,7 +41,8 @@ def test_metadata_round_trip(exported: dict[str, Path]) -> None:
 
 
 def test_exported_outputs_vary_and_cam_matches_scores(exported: dict[str, Path]) -> None:
-    from cxrbatch.imaging import load_image, to_model_input
+    from cxrbatch.imaging import load_image
+    from cxrbatch.modelinput import to_model_input
 
     _, classifier = load_models(exported["models"], "cpu")
     paths = sorted((exported["cxr"] / "test").rglob("*.png"))
@@ -66,7 +67,7 @@ def test_parity_check_fails_loudly(exported: dict[str, Path]) -> None:
 
     proto = onnx.load(str(exported["models"] / "classifier.onnx"))
     model = keras.models.load_model(ckpt, compile=False)
-    from cxrbatch.imaging import InputSpec
+    from cxrbatch.modelinput import InputSpec
 
     spec = InputSpec(32, 32, 1, "grey", True)
     head = model.get_layer("head")
