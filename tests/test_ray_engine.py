@@ -28,16 +28,8 @@ from cxrbatch.cores import usable_cores
 from cxrbatch.errors import EngineError, UsageError
 from cxrbatch.models import load_models
 from cxrbatch.pipeline import Result
-from cxrbatch.ray_engine import (
-    BLOCK_BATCHES,
-    LOST,
-    RayScreener,
-    _check_reachable,
-    _same_bytes,
-    actor_count,
-    actor_cpus,
-    batch_items,
-)
+from cxrbatch.ray_cluster import actor_count, actor_cpus, check_reachable
+from cxrbatch.ray_engine import BLOCK_BATCHES, LOST, RayScreener, _same_bytes, batch_items
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # ray's own, at import
 runner = CliRunner()
@@ -313,7 +305,7 @@ def test_an_address_that_is_no_ray_cluster_is_refused_at_once(tmp_path: Path) ->
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         with pytest.raises(EngineError, match=r"answers, but not as a Ray cluster: give the head's GCS port"):
-            _check_reachable("127.0.0.1", server.server_address[1])
+            check_reachable("127.0.0.1", server.server_address[1])
     finally:
         server.shutdown()
 
