@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from cxrbatch.datasets import ABNORMAL, Split, labelled_images, only_sources, read_manifest, split_used
-from cxrbatch.errors import UsageError
+from cxrbatch.errors import UsageError, first_few
 from cxrbatch.metrics import (
     INTERVALS,
     MIN_BOOTSTRAP_FILMS,
@@ -119,7 +119,7 @@ def evaluate(data_dir: Path, split: str | None, screener: Screener, sources: tup
     if not scored.paths:  # no figure to give, only an empty report that looks like a result
         raise UsageError(
             f"{data_dir}: {plural(len(scored.errors), 'labelled film')} found, none readable, so nothing was "
-            f"evaluated: {_listed(scored.errors)}"
+            f"evaluated: {first_few(scored.errors, 10, '; ')}"
         )
     groups = _groups(scored.paths, manifest)
     report: dict[str, Any] = {
@@ -282,7 +282,7 @@ def _format_metrics(report: dict[str, Any]) -> str:
         lines.append(f"stress test: {report['transform']}")
     if report["unreadable"]:  # left out of every figure below: name them, as run's error rows do
         unreadable = report["unreadable"]
-        lines.append(f"unreadable, left out of every figure: {len(unreadable)} ({_listed(unreadable)})")
+        lines.append(f"unreadable, left out of every figure: {len(unreadable)} ({first_few(unreadable, 10, '; ')})")
     if report["kind"] == "gate":
         lines.append(
             f"threshold {report['threshold']:.4f}: XRAY kept {_pct(report['xray_kept'])}, "
@@ -364,12 +364,6 @@ def _referral_line(title: str, r: dict[str, Any]) -> str:
                 f"{name} {r[key]:.3f} {_ci(ci[key]) or f'(no interval: under {MIN_BOOTSTRAP_FILMS} films on a side)'}"
             )
     return "; ".join(cells)
-
-
-def _listed(problems: list[str], first: int = 10) -> str:
-    """The first few of a list of problems, and how many more there are."""
-    more = f"; and {len(problems) - first} more" if len(problems) > first else ""
-    return "; ".join(problems[:first]) + more
 
 
 def _present(overall: dict[str, Any]) -> str:
