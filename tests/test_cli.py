@@ -32,6 +32,16 @@ def test_every_command_has_help() -> None:
         assert f"Example: cxrbatch {name}" in out, name
 
 
+def test_every_subcommand_has_help_with_an_example() -> None:
+    groups = {n: c for n, c in typer.main.get_command(app).commands.items() if hasattr(c, "commands")}  # type: ignore[attr-defined]
+    assert {"data", "lungs"} <= set(groups)
+    for group, command in groups.items():
+        for name in command.commands:
+            code, out, _ = _run(group, name, "--help")
+            assert code == 0, (group, name)
+            assert f"Example: cxrbatch {group} {name}" in " ".join(out.split()), (group, name)
+
+
 def test_every_option_has_help_text_and_shows_its_default() -> None:
     for name, command in typer.main.get_command(app).commands.items():  # type: ignore[attr-defined]
         for param in command.params:

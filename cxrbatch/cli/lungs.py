@@ -32,6 +32,8 @@ def train(
 
     Reads the two repositories from MIRRORS at the commits in export/lungs.py; prints the
     record (films per split, box IoU on val and test per source).
+
+    Example: cxrbatch lungs train --mirrors MIRRORS --out runs/lungs.keras --base-weights W --json runs/lungs.json
     """
     _setup_logging(verbose, quiet=False)
     if out.suffix != ".keras":
@@ -50,7 +52,10 @@ def crop(
     out: Annotated[Path, typer.Option("--out", help="new folder for the cropped tree")],
     verbose: Verbose = False,
 ) -> None:
-    """Copy a training tree with every film cut to its lung field (PNG, same ids and manifest)."""
+    """Copy a training tree with every film cut to its lung field (PNG, same ids and manifest).
+
+    Example: cxrbatch lungs crop data/union --model runs/lungs.keras --out data/union-lung
+    """
     _setup_logging(verbose, quiet=False)
     lungs = export_module("lungs")
     summary = lungs.crop_tree(data_dir, lungs.load_box_model(model), out)

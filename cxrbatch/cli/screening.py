@@ -83,7 +83,7 @@ def run(
         ),
     ] = None,
     html: Annotated[
-        str | None, typer.Option("--html", metavar="PATH", help="self-contained review page to write")
+        str | None, typer.Option("--html", metavar="PATH", help="self-contained review page to write, or - for stdout")
     ] = None,
     engine: Annotated[
         Engine, typer.Option("--engine", help="local: threads here; ray: actors on a Ray cluster (the ray extra)")
