@@ -258,9 +258,16 @@ class Ledger:
             "AND o.first_run > entries.first_run)",
             (self.run_id, key, sha, fp),
         )
+        # new settings (a newer preprocessing version, an upgrade) that give this path's content the
+        # result a run delivered for it under others, with no other content since: nothing new to report
         self.db.execute(
-            "INSERT OR IGNORE INTO entries (path, sha256, fingerprint, first_run) VALUES (?, ?, ?, ?)",
-            (key, sha, fp, self.run_id),
+            "INSERT OR IGNORE INTO entries (path, sha256, fingerprint, first_run, delivered_run) VALUES (?, ?, ?, ?, "
+            "(SELECT max(o.delivered_run) FROM entries o JOIN results r ON r.sha256 = o.sha256 "
+            "AND r.fingerprint = o.fingerprint JOIN results n ON n.sha256 = o.sha256 AND n.fingerprint = ? "
+            "WHERE o.path = ? AND o.sha256 = ? AND o.fingerprint != ? AND o.delivered_run > 0 AND r.record = n.record "
+            "AND NOT EXISTS (SELECT 1 FROM entries x WHERE x.path = o.path AND x.sha256 != o.sha256 "
+            "AND x.first_run > o.first_run)))",
+            (key, sha, fp, self.run_id, fp, key, sha, fp),
         )
 
     def undelivered(self, inputs: Iterable[Path]) -> list[Stored]:

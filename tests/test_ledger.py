@@ -18,7 +18,7 @@ from helpers import grey_image, make_gate
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
-from cxrbatch.ledger import key_of
+from cxrbatch.ledger import fingerprint, key_of
 from cxrbatch.ledger_schema import _TABLES as TABLES
 from cxrbatch.ledger_schema import LedgerError, connect
 
@@ -157,6 +157,38 @@ def test_a_schema_2_ledger_is_upgraded_and_only_hashes_its_files_again(
     with sqlite3.connect(ledger) as db:
         assert db.execute("SELECT count(*) FROM files WHERE ctime_ns = -1").fetchone() == (0,)  # hashed once more
     db.close()
+
+
+def test_a_schema_2_ledger_of_preprocessing_1_screens_again_but_reports_only_what_changed(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # Every schema-2 version screened with preprocessing version 1: after the upgrade each film is
+    # screened again, and the next night's report held every film again, the same results it
+    # had already delivered (the README promised a schema-2 upgrade "screens and reports nothing again").
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    _run(folder, tiny_models, ledger, out)
+    with sqlite3.connect(ledger) as db:  # as a schema-2 version left it
+        ((text,),) = db.execute("SELECT settings FROM settings").fetchall()
+        settings = {**json.loads(text), "preprocessing": 1}
+        old = fingerprint(settings)
+        db.execute("UPDATE settings SET fingerprint = ?, settings = ?", (old, json.dumps(settings, sort_keys=True)))
+        for table in ("results", "entries"):
+            db.execute(f"UPDATE {table} SET fingerprint = ?", (old,))
+        changed = key_of(folder / "img2.png")  # a film that version read otherwise (an inverted TIFF, say)
+        db.execute(
+            "UPDATE results SET record = json_set(record, '$.confidence', 0.5) "
+            "WHERE sha256 = (SELECT sha256 FROM entries WHERE path = ?)",
+            (changed,),
+        )
+        db.execute("ALTER TABLE files DROP COLUMN ctime_ns")
+        db.execute("UPDATE meta SET value = 'cxrbatch.ledger/2' WHERE key = 'schema'")
+    db.close()
+    code, rows, err = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and "5 to screen" in err  # new settings: screened again, once
+    assert [r["path"] for r in rows] == [changed]  # only the result that changed is news
+    assert _run(folder, tiny_models, ledger, out)[:2] == (0, [])
+    status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
+    assert status["undelivered"] == 0 and status["files"] == 5
 
 
 def test_a_ledger_of_a_newer_schema_is_refused_as_a_newer_versions_untouched(
