@@ -59,13 +59,25 @@ def _found(inputs: Iterable[str | os.PathLike[str]], skip_resolved: set[Path], c
     seen_dirs: set[tuple[int, int]] = set()
     for raw in inputs:
         path = Path(raw)
-        if path.is_dir():
+        if os.path.isdir(path):
             yield from _walk(path, skip_resolved, seen_dirs, count)
-        elif path.exists() or path.is_symlink():
+        elif os.path.lexists(path) or _denied(path):
             if resolved(path) not in skip_resolved:
                 yield path
         else:
             raise UsageError(f"Input not found: {path}")
+
+
+def _denied(path: Path) -> bool:
+    """Whether `path` lies under a folder this user may not search: it may be a film, so it is
+    screened and its row says "permission denied", as a file it may not read (pathlib raised)."""
+    try:
+        os.lstat(path)
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Counter[str]) -> Iterator[Path]:
@@ -81,12 +93,16 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
         else:
             path = Path(entry.path)
             try:
-                is_dir = entry.is_dir()
+                is_dir: bool | None = entry.is_dir()
+            except PermissionError:
+                is_dir = None  # a link to what this user may not reach: a folder of films, maybe
             except OSError:
                 is_dir = False
             if entry.name.startswith("."):
                 if not is_dir:  # a hidden folder's files are not counted (nor listed)
                     skipped[HIDDEN] += 1
+            elif is_dir is None:  # as a folder that cannot be listed: a row that says why (counted "not an
+                yield path  # image file name", a linked folder's films were left out without a word)
             elif is_dir:
                 stack.append(_listing(path, skip, seen, skipped))
             elif not (is_candidate(entry.name) or _screen_by_content(entry)):

@@ -10,6 +10,7 @@ account or a web server can still read what the cron job wrote.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -73,7 +74,7 @@ def staged(
     folder = Path(os.path.realpath(path.parent if str(path.parent) else "."))
     real = folder / path.name
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=".tmp", dir=folder)
     except OSError as exc:
         raise write_failed(what, path, exc) from None
 
@@ -98,6 +99,25 @@ def staged(
         yield commit
     finally:
         _unlink_quietly(tmp)  # gone already where it was committed
+
+
+def _temp_prefix(name: str) -> str:
+    """`.NAME.`, with NAME cut so that mkstemp's name (8 characters and `.tmp` more) stays within
+    the usual 255-byte limit: a report may have the longest name its folder allows."""
+    return "." + os.fsdecode(os.fsencode(name)[:200]) + "."
+
+
+def unreachable(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be looked at (a folder on the way that this user may not search, a name
+    too long), or None. pathlib's `exists` and `is_dir` raise there instead of answering; a path
+    that is not there, or a broken or looping link, they answer for."""
+    for look in (os.lstat, os.stat):
+        try:
+            look(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+                return exc.strerror or str(exc)
+    return None
 
 
 def display_path(path: str | os.PathLike[str]) -> str:

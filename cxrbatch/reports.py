@@ -120,6 +120,8 @@ def _through_dev(path: Path) -> bool:
 def check_writable(target: str | Path) -> None:
     """Fail before screening when a report could not be written at the end."""
     if str(target) == "-":
+        if sys.stdout is None:  # descriptor 1 closed (`>&-`): found at the end, after the night's screening
+            raise ReportError("Cannot write the report to stdout: it is closed (`>&-`); give a file name instead of -")
         return
     if _through_dev(Path(target)):
         # /dev/stdout leads to whatever stdout is (a cron log it would replace, a pipe it cannot rename over)

@@ -10,6 +10,7 @@ report path that completed ledger runs wrote before gets the union of their rows
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ from typing import IO
 from cxrbatch.dicom import is_dicom
 from cxrbatch.discovery import HEATMAPS_MARKER, is_candidate, iter_images, resolved
 from cxrbatch.errors import ReportError, UsageError
-from cxrbatch.files import written_at
+from cxrbatch.files import display_path, unreachable, written_at
 from cxrbatch.heatmaps import add_heatmaps, is_heatmap
 from cxrbatch.ledger import Ledger, key_of, ledger_files, now
 from cxrbatch.ledger_run import run_with_ledger, union
@@ -89,6 +90,7 @@ def _inputs_and_models(
     without the overlap."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="models") as pool:
         loading = options.models_loading or pool.submit(load_models, options.models_dir or default_models_dir(), device)
+        _refuse_unreachable(options, report_targets)
         _refuse_clashes(options, report_targets)
         for target in report_targets:
             check_writable(target)
@@ -138,6 +140,15 @@ def _opened(path: Path | None) -> Iterator[Ledger | None]:
         yield ledger
 
 
+def _refuse_unreachable(options: RunOptions, report_targets: list[str]) -> None:
+    """Refuse, before anything else looks at them, outputs that this user cannot look at (a folder
+    on the way it may not search, a name too long): the checks after this one raised there."""
+    outputs = [t for t in report_targets if t != "-"] + ([] if options.heatmaps is None else [options.heatmaps])
+    for target in outputs:
+        if (why := unreachable(target)) is not None:
+            raise ReportError(f"Cannot write {display_path(target)}: {why}")
+
+
 def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
     """Refuse, before screening, outputs that would destroy what the run reads or another output:
     a report written over a film (named like an image, a DICOM file, or a named input), over the
@@ -147,7 +158,7 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
     if report_targets.count("-") > 1:
         raise UsageError("only one report can go to stdout (-): give the others file names")
     files = [t for t in report_targets if t != "-"]
-    named = {resolved(p) for p in options.inputs if not p.is_dir()}
+    named = {resolved(p) for p in options.inputs if not os.path.isdir(p)}  # False where it cannot look
     ledger = set() if options.ledger is None else ledger_files(options.ledger)
     for i, target in enumerate(files):
         path, real = Path(target), resolved(Path(target))
@@ -164,7 +175,7 @@ def _refuse_clashes(options: RunOptions, report_targets: list[str]) -> None:
     heatmaps = resolved(options.heatmaps)
     for given in options.inputs:
         real = resolved(given)  # a folder screened whole, or a film named in it
-        if (heatmaps == real and given.is_dir()) or heatmaps in real.parents:
+        if (heatmaps == real and os.path.isdir(given)) or heatmaps in real.parents:
             raise UsageError(f"--heatmaps {options.heatmaps} would hold the films of {given}: give it its own folder")
     if options.heatmaps.is_dir() and not (options.heatmaps / HEATMAPS_MARKER).exists():
         # another night's incoming folder, say: once marked, no later run would screen its films

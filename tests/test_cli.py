@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import typer
+from helpers import grey_image
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
@@ -319,3 +321,59 @@ def test_run_with_stderr_closed_writes_its_report(tiny_models: Path, incoming: P
         timeout=120,
     )
     assert done.stdout.strip().splitlines()[-1] == "rc=3" and out.is_file(), done.stdout
+
+
+@pytest.mark.parametrize("option", ["--out", "--json"])
+def test_run_with_stdout_closed_refuses_a_report_on_stdout_before_screening(
+    option: str, tiny_models: Path, incoming: Path
+) -> None:
+    # sys.stdout is None when descriptor 1 is closed (`>&-`): the run screened everything, then
+    # ended in a traceback (AttributeError: 'NoneType' object has no attribute 'write').
+    done = subprocess.run(
+        [
+            "/bin/sh",
+            "-c",
+            f'"$0" -m cxrbatch.cli run "$1" --models "$2" {option} - >&-; echo "rc=$?" >&2',
+            sys.executable,
+            *(str(incoming), str(tiny_models)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stderr.splitlines()[-1] == "rc=1", done.stderr
+    assert "Traceback" not in done.stderr
+    assert "[error] Cannot write the report to stdout: it is closed" in done.stderr
+    assert "screened" not in done.stderr  # refused before screening, as an unwritable report file is
+
+
+def test_a_named_film_the_run_may_not_read_is_an_error_row_not_a_refused_run(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # typer's Path check refused the whole run for it (exit 2, no report: a code the exit-code
+    # table's monitoring advice does not alert on); in a folder the same film is one error row.
+    # Tests run as root in CI: simulate what access() and open() say to another user.
+    good, locked = grey_image(tmp_path / "a.png", 110), grey_image(tmp_path / "locked.png", 110)
+    real_access, real_open = os.access, open
+
+    def deny(file: object, *args: object, **kwargs: object) -> object:
+        if file == locked:
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    monkeypatch.setattr("builtins.open", deny)
+    out = tmp_path / "r.csv"
+    code, _, err = _run("run", str(good), str(locked), "--models", str(tiny_models), "--out", str(out))
+    assert code == 3, err
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(out.open(encoding="utf-8"))}
+    assert rows["a.png"]["status"] == "classified" and rows["locked.png"]["error"] == "permission denied"
+
+
+def test_an_empty_input_is_refused_not_taken_for_the_current_folder(
+    tiny_models: Path, incoming: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an unset variable in a cron line (cxrbatch run "$INCOMING") screened the folder it ran in
+    monkeypatch.chdir(incoming)
+    code, out, err = _run("run", "", "--models", str(tiny_models))
+    assert code == 2 and "an empty name names no file or folder" in err and out == ""

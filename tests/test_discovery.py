@@ -167,3 +167,33 @@ def test_a_file_without_extension_that_cannot_be_read_is_screened_not_skipped(
     skipped: Counter[str] = Counter()
     assert list(iter_images([tmp_path], skipped=skipped)) == [tmp_path / "IM0001"]
     assert skipped == Counter({"not an image file name": 2})
+
+
+def test_a_link_to_a_folder_this_user_may_not_reach_is_yielded_not_skipped_as_no_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A link to a folder under one this user may not search: the entry cannot say it is a folder
+    # (PermissionError), and it was counted "not an image file name", its films left out, exit 0.
+    # Root (CI) may search every folder: simulate what the entry says.
+    _touch(tmp_path / "elsewhere" / "b.png")
+    (tmp_path / "incoming").mkdir()
+    _touch(tmp_path / "incoming" / "a.png")
+    (tmp_path / "incoming" / "study").symlink_to(tmp_path / "elsewhere")
+    real_scandir = os.scandir
+
+    class Unreachable:
+        def __init__(self, entry: os.DirEntry[str]) -> None:
+            self.name, self.path = entry.name, entry.path
+
+        def is_dir(self) -> bool:
+            raise PermissionError(13, "Permission denied")
+
+        is_file = is_dir
+
+    def scandir(path: object) -> object:
+        return [Unreachable(e) if e.name == "study" else e for e in real_scandir(path)]  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    skipped: Counter[str] = Counter()
+    found = list(iter_images([tmp_path / "incoming"], skipped=skipped))
+    assert found == [tmp_path / "incoming" / "a.png", tmp_path / "incoming" / "study"] and not skipped

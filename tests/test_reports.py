@@ -319,3 +319,13 @@ def test_a_stored_record_with_a_number_that_is_not_one_is_a_record_error(changes
     # "A record that is not one (damaged, or edited by hand) is a RecordError, never a wrong row"
     with pytest.raises(RecordError):
         Record.from_json("a.png", _stored(**changes))
+
+
+def test_a_report_named_as_long_as_its_folder_allows_is_written(tmp_path: Path) -> None:
+    # the temporary file's name (`.NAME.` + 8 characters + `.tmp`) went past the limit: a 255-byte
+    # report name failed with "File name too long" after the whole run had been screened
+    longest = tmp_path / ("r" * (os.pathconf(tmp_path, "PC_NAME_MAX") - 4) + ".csv")
+    check_writable(longest)
+    atomic_write(longest, lambda fh: fh.write("path,status\n"))
+    assert longest.read_text(encoding="utf-8") == "path,status\n"
+    assert [p.name for p in tmp_path.iterdir()] == [longest.name]  # no temporary file left

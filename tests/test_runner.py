@@ -336,3 +336,27 @@ def test_the_models_load_while_the_run_starts_and_their_error_still_comes_after_
     assert code == 2 and "Input not found" in err and "loaded" not in err  # no model's line before or after it
     code, err = _invoke("run", str(incoming), "--models", str(tiny_models), "--out", "-")
     assert err.index("found 6 files") < err.index("loaded gate") < err.index("loaded classifier")  # said in turn
+
+
+@pytest.mark.parametrize(
+    ("option", "code", "message"),
+    [
+        ("input", 2, "Input not found"),
+        ("--out", 1, "File name too long"),
+        ("--json", 1, "File name too long"),
+        ("--html", 1, "File name too long"),
+        ("--heatmaps", 1, "File name too long"),
+    ],
+)
+def test_a_path_the_system_will_not_look_at_is_refused_in_a_line_not_a_traceback(
+    option: str, code: int, message: str, tiny_models: Path, incoming: Path, tmp_path: Path
+) -> None:
+    # pathlib's is_dir/is_file/exists raise on a name longer than the system allows, and for a
+    # user that may not search a folder on the way (root, as CI runs, may search every folder)
+    beyond = tmp_path / ("x" * 300) / "report.csv"
+    where = [str(beyond)] if option == "input" else [str(incoming), option, str(beyond)]
+    out = [] if option == "--out" else ["--out", str(tmp_path / "r.csv")]
+    result = runner.invoke(app, ["run", *where, *out, "--models", str(tiny_models)])
+    assert not isinstance(result.exception, OSError), result.exception
+    assert result.exit_code == code and message in result.stderr
+    assert "screened" not in result.stderr

@@ -26,10 +26,19 @@ class HeatmapsFor(str, Enum):
     flagged = "flagged"
 
 
+def _input(name: str) -> Path:
+    """An input as given. Not typer's Path check: it refused the whole run for one film it may not
+    read (a row of its own, as in a folder), and took an empty name for the current folder."""
+    if not name:
+        raise typer.BadParameter("an empty name names no file or folder (an unset variable?)")
+    return Path(name)
+
+
 @app.command()
 def run(
     inputs: Annotated[
-        list[Path], typer.Argument(metavar="INPUT...", help="image files or folders (walked recursively)")
+        list[Path],
+        typer.Argument(metavar="INPUT...", parser=_input, help="image files or folders (walked recursively)"),
     ],
     out: Annotated[
         str | None,
