@@ -15,6 +15,16 @@ class LineFormatter(logging.Formatter):
     """`2026-12-02 02:00:03 [error] message`: a timestamp on every line, the level as a grep-able word."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"{self.formatTime(record, TIME_FORMAT)} [{record.levelname.lower()}] {record.getMessage()}" + (
+        line = f"{self.formatTime(record, TIME_FORMAT)} [{record.levelname.lower()}] {record.getMessage()}" + (
             "\n" + self.formatException(record.exc_info) if record.exc_info else ""
         )
+        return _escaped(line)
+
+
+def _escaped(text: str) -> str:
+    """A file name's undecodable bytes as the reports write them (`\\xff`), not as Python's
+    surrogates (`\\udcff`, which is what stderr showed), so a name from a report is found in the log."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no undecodable byte made: leave the line as it is
+        return text

@@ -1,0 +1,43 @@
+"""Log lines: their format, and file names written as the reports write them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cxrbatch.logs import LineFormatter
+
+
+def _line(message: str, *args: object) -> str:
+    record = logging.LogRecord("cxrbatch", logging.ERROR, __file__, 1, message, args, None)
+    return LineFormatter().format(record)
+
+
+def test_a_line_has_a_time_a_level_word_and_the_message() -> None:
+    line = _line("%s: %s", "a.png", "corrupt image")
+    assert line.endswith(" [error] a.png: corrupt image") and line[4] == "-" and line[13] == ":"
+
+
+def test_undecodable_bytes_of_a_file_name_are_written_as_the_report_writes_them() -> None:
+    name = os.fsdecode(b"scan-\xff\xfe.png")  # a Latin-1 name on a UTF-8 system
+    assert _line("%s: corrupt image", name).endswith("[error] scan-\\xff\\xfe.png: corrupt image")
+    assert _line("%s", "r\u00f6ntgen \u2014 ok.png").endswith("[error] r\u00f6ntgen \u2014 ok.png")  # text stays text
+    assert _line("%s", "lone \ud800").endswith("[error] lone \ud800")  # no byte made it: left as it is
+
+
+def test_a_run_names_a_report_in_its_log_as_the_file_system_lists_it(tiny_models: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a picture")
+    out = tmp_path / os.fsdecode(b"nacht-\xe4.csv")  # a report named in a Latin-1 shell
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrbatch.cli", "run", str(folder), "--models", str(tiny_models), "--out", str(out)],
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 3 and out.is_file()
+    assert b"report written: " in done.stderr and b"nacht-\\xe4.csv (1 row)" in done.stderr, done.stderr
+    assert b"\\udce4" not in done.stderr
