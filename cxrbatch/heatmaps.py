@@ -36,6 +36,7 @@ DISPLAY_SIDE = 512  # the longer side of the picture kept for drawing heatmaps, 
 SMALL_SIDE = 224  # a film whose longer side is below this is enlarged to DISPLAY_SIDE
 HOT = 0.6  # the share of the map's range above which a region is marked as one of the strongest
 OUTLINE = (255, 48, 32)
+RIM = (255, 255, 255)  # 1 px outside the outline: the mark differs from every grey in lightness, not hue alone
 MADE_BY = ("Software", "cxrbatch heatmap")  # a PNG text chunk: what tells a heatmap from a film
 CAPTION_MARGIN = 6  # pixels around the caption in its band above the film
 PNG_LEVEL = 1  # zlib level: the default (6) spent three quarters of a heatmap's time compressing
@@ -96,15 +97,17 @@ def class_map(cam: np.ndarray, index: int) -> np.ndarray:
 
 def overlay(picture: Image.Image, heat: np.ndarray, caption: str) -> Image.Image:
     """The film as it is, its strongest regions (the 0..1 map at `HOT` or above, upsampled to the
-    picture) outlined in red, and the caption in a black band above it: the film stays readable
-    under the marks, and nothing covers it."""
+    picture) outlined in red with a light rim, and the caption in a black band above it: the film
+    stays readable under the marks, and nothing covers it."""
     w, h = picture.size
     level = np.clip(np.rint(heat * 255), 0, 255).astype(np.uint8)
     up = Image.fromarray(level, mode="L").resize((w, h), Image.Resampling.BILINEAR)
     hot = up.point(lambda v: 255 if v >= HOT * 255 else 0)
     width = max(3, 2 * (max(w, h) // 256) + 1)  # an odd filter size: a line of about 2 px per 256 px
     edge = ImageChops.subtract(hot, hot.filter(ImageFilter.MinFilter(width)))
+    rim = ImageChops.subtract(hot.filter(ImageFilter.MaxFilter(3)), hot)
     film = picture.convert("RGB")
+    film.paste(RIM, mask=rim)  # red alone is as light as a mid grey: unseen by a red-blind reader
     film.paste(OUTLINE, mask=edge)
     # the caption in a band above the film, never over it (it covered all of a very wide film)
     font = ImageFont.load_default(size=max(12, max(w, h) // 24))

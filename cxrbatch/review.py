@@ -1,8 +1,9 @@
 """The review page: one self-contained static HTML file for the person who reads the night's output.
 
-Inline CSS and a few lines of inline JavaScript (table sorting) only: no network, no CDN. Heatmap
-PNGs are linked as files beside the page. Every value that comes from a file name, a DICOM file
-or a model is HTML-escaped, so a file named `<script>…</script>.png` shows as text.
+Inline CSS and a few lines of inline JavaScript (table sorting, Escape closing the larger view)
+only: no network, no CDN. Heatmap PNGs are linked as files beside the page. Every value that
+comes from a file name, a DICOM file or a model is HTML-escaped, so a file named
+`<script>…</script>.png` shows as text.
 """
 
 from __future__ import annotations
@@ -30,29 +31,41 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px}
 .counts span{display:inline-block;margin:6px 14px 6px 0;padding:6px 10px;border-radius:6px;background:#eef1f5}
 table{border-collapse:collapse;margin-top:6px} th,td{border-bottom:1px solid #dde2e8;padding:5px 10px;text-align:left}
 th{background:#f4f6f9;cursor:pointer;user-select:none} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th[aria-sort=ascending]::after{content:" \\25b2"} th[aria-sort=descending]::after{content:" \\25bc"}
 tr.flag td:first-child{border-left:4px solid #d9534f} .path{font-family:ui-monospace,monospace;word-break:break-all}
 .cards{display:flex;flex-wrap:wrap;gap:12px} .card{width:260px;border:1px solid #dde2e8;border-radius:6px;padding:6px}
-.card img{width:100%;display:block;cursor:zoom-in} .small{color:#5a6470;font-size:12px}
+.card img{width:100%;max-height:360px;object-fit:contain;display:block;cursor:zoom-in}
+.small{color:#5a6470;font-size:12px}
 .zoom{display:none} .zoom:target{display:flex;position:fixed;inset:0;background:rgba(0,0,0,.85);
 align-items:center;justify-content:center;z-index:10;cursor:zoom-out}
-.zoom:target img{max-width:95vw;max-height:95vh;width:auto}
+.zoom:target img{width:95vw;height:95vh;max-height:none;object-fit:contain}
+@media print{body{margin:0;font-size:11px} th,td{padding:2px 4px} td.path{min-width:24ch} .card{break-inside:avoid}}
 """
 
 _SORT_JS = """
 var NUMBER = /^-?[0-9]+([.][0-9]+)?$/;  // a whole cell: a file named 1.2.840... is text
-document.querySelectorAll('table.sortable th').forEach(function (th, col) {
-  th.addEventListener('click', function () {
-    var body = th.closest('table').tBodies[0];
-    var rows = Array.prototype.slice.call(body.rows);
-    var dir = th.dataset.dir === 'asc' ? -1 : 1;
-    th.dataset.dir = dir === 1 ? 'asc' : 'desc';
-    rows.sort(function (a, b) {
-      var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
-      if (NUMBER.test(x) && NUMBER.test(y)) { return (parseFloat(x) - parseFloat(y)) * dir; }
-      return x.localeCompare(y, undefined, {numeric: true}) * dir;
-    });
-    rows.forEach(function (r) { body.appendChild(r); });
+function sortBy(th, col) {
+  var body = th.closest('table').tBodies[0];
+  var rows = Array.prototype.slice.call(body.rows);
+  var dir = th.dataset.dir === 'asc' ? -1 : 1;
+  th.dataset.dir = dir === 1 ? 'asc' : 'desc';
+  th.parentNode.querySelectorAll('th').forEach(function (h) { h.removeAttribute('aria-sort'); });
+  th.setAttribute('aria-sort', dir === 1 ? 'ascending' : 'descending');
+  rows.sort(function (a, b) {
+    var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v;
+    if (NUMBER.test(x) && NUMBER.test(y)) { return (parseFloat(x) - parseFloat(y)) * dir; }
+    return x.localeCompare(y, undefined, {numeric: true}) * dir;
   });
+  rows.forEach(function (r) { body.appendChild(r); });
+}
+document.querySelectorAll('table.sortable th').forEach(function (th, col) {
+  th.addEventListener('keydown', function (e) {
+    if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); sortBy(th, col); }
+  });
+  th.addEventListener('click', function () { sortBy(th, col); });
+});
+document.addEventListener('keydown', function (e) {  // Escape closes the larger view, as a click does
+  if (e.key === 'Escape' && document.querySelector('.zoom:target')) { location.hash = '_'; }
 });
 """
 
@@ -74,7 +87,10 @@ def render_html(
     unsure = [r for r in classified if r.needs_review and not r.to_read(negative_label)]
     folder = os.fsencode(html_path.parent if str(html_path.parent) else Path("."))
     here = (_as_kernel_reads(folder), os.path.realpath(folder))  # the page's folder, for every link (`_href`)
-    referral = any(r.refer is not None for r in classified)
+    # a night with no film classified still has the classifier's threshold (the models table says so)
+    referral = any(r.refer is not None for r in classified) or any(
+        m.get("referral_threshold") is not None for m in models.values()
+    )
     first = "Referred to a reader" if referral else f"Flagged: not {negative_label}"
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -179,7 +195,7 @@ def _classified_table(rows: list[Record], labels: Sequence[str], negative_label:
     head = ["file", "label", "confidence", "referral score", "refer", *labels, "review"]
     out = [f"<h2>Classified ({len(rows)}), most suspicious first — click a column to sort</h2>"]
     out.append("<table class='sortable'><thead><tr>")
-    out += [f"<th>{escape(h)}</th>" for h in head]
+    out += [f"<th tabindex='0' scope='col'>{escape(h)}</th>" for h in head]  # Tab and Enter sort too
     out.append("</tr></thead><tbody>")
     for r in rows:
         probs = r.probabilities or {}

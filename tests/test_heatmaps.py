@@ -44,7 +44,10 @@ def test_overlay_outlines_the_hot_region_and_leaves_the_film_readable() -> None:
     rows, cols = np.nonzero(red)
     assert rows.max() < 110 and cols.max() < 110  # the outline stays around the hot top-left corner
     assert red[80, :].sum() >= 2  # and crosses the row inside it on its right side (and left edge)
-    assert (arr[~red] == film[~red][:, None]).all()  # every other pixel is the film's: nothing covers it
+    rim = (arr == 255).all(axis=2)  # the light rim beside the outline (the ramp is never white)
+    assert rim[80, :].sum() >= 1 and np.nonzero(rim)[0].max() < 110 and np.nonzero(rim)[1].max() < 110
+    marks = red | rim
+    assert (arr[~marks] == film[~marks][:, None]).all()  # every other pixel is the film's: nothing covers it
 
 
 @pytest.mark.parametrize(("size", "shown"), [((3000, 40), (512, 7)), ((40, 3000), (7, 512)), ((32, 32), (512, 512))])
@@ -151,3 +154,16 @@ def test_heatmaps_for_flagged_only(incoming: Path, tmp_path: Path) -> None:
     assert all(rows[n]["heatmap"] for n in ("a_dark.png", "c_light.PNG", "d_white.jpeg"))
     assert len(list(maps.glob("*.png"))) == 3
     assert CliRunner().invoke(app, ["run", str(incoming), "--heatmaps-for", "some"]).exit_code == 2
+
+
+@pytest.mark.parametrize("grey", [20, 60, 108, 160, 240])
+def test_the_outline_stands_out_from_any_grey_without_its_colour(grey: int) -> None:
+    # the red outline is as light as a grey of 108: where the film is that grey (lung, heart),
+    # a reader who does not see red (one man in twelve) saw no mark at all
+    film = Image.new("L", (200, 200), grey)
+    heat = np.zeros((7, 7))
+    heat[2:5, 2:5] = 1.0
+    drawn = overlay(film, heat, "PNEUMONIA 0.90")
+    lightness = np.asarray(drawn.convert("L"), dtype=int)[drawn.height - 200 :]
+    marks = (np.asarray(drawn, dtype=int)[drawn.height - 200 :] != grey).any(axis=2)
+    assert marks.any() and np.abs(lightness[marks] - grey).max() >= 80

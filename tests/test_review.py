@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import unquote_to_bytes, urljoin, urlparse
 
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 
 from cxrbatch.cli import app
 from cxrbatch.models import default_models_dir, load_models
-from cxrbatch.records import CLASSIFIED, Record, Summary
+from cxrbatch.records import CLASSIFIED, REJECTED, Record, Summary
 from cxrbatch.review import _SORT_JS, render_html
 
 EVIL = "<img src=x onerror=\"document.title='pwned'\">"
@@ -170,10 +171,11 @@ def _sorted_by_the_page(names: list[str]) -> list[str]:
         "function Row(v){ this.cells=[{dataset:{v:v}}]; }"
         "var body = {rows: values.map(function(v){return new Row(v);}), appendChild: function(r){"
         "  this.rows.splice(this.rows.indexOf(r),1); this.rows.push(r);}};"
-        "var handler; var th = {dataset:{}, closest:function(){return {tBodies:[body]};},"
-        "  addEventListener:function(e,f){handler=f;}};"
-        "var document = {querySelectorAll:function(){return [th];}};"
-        f"{_SORT_JS} handler();"
+        "var handlers = {}; var th = {dataset:{}, closest:function(){return {tBodies:[body]};},"
+        "  setAttribute:function(){}, parentNode:{querySelectorAll:function(){return [];}},"
+        "  addEventListener:function(e,f){handlers[e]=f;}};"
+        "var document = {querySelectorAll:function(){return [th];}, addEventListener:function(){}};"
+        f"{_SORT_JS} handlers.click();"
         "console.log(JSON.stringify(body.rows.map(function(r){return r.cells[0].dataset.v;})));"
     )
     out = subprocess.run(["node", "-e", shim], capture_output=True, text=True, check=True)
@@ -277,3 +279,104 @@ def test_a_heatmaps_folder_whose_name_holds_a_literal_backslash_x_is_linked(
     _run_a(tiny_models, "--heatmaps", os.fsdecode(maps), "--html", "review.html")
     srcs = _srcs(tmp_path / "review.html")
     assert srcs and all(_browser_opens(tmp_path / "review.html", s) for s in srcs), srcs
+
+
+LABELS = ["COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS"]
+CLASSIFIER = {"classifier": {"name": "c", "version": "1", "referral_threshold": 0.26, "sha256": "0" * 64}}
+
+
+@pytest.fixture(scope="module")
+def films_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A page of three referred films: a heatmap as a JPEG's reduced decode gives it (320 px wide),
+    a tall one, and the rest of a night's table: long paths, as a PACS export names its files."""
+    root = tmp_path_factory.mktemp("films")
+    (root / "maps").mkdir()
+    rows = []
+    for i, size in enumerate([(320, 272), (96, 560), (320, 272)]):
+        heatmap = root / "maps" / f"{i:016x}.png"
+        Image.fromarray(np.tile(np.linspace(30, 220, size[0]).astype(np.uint8), (size[1], 1))).save(heatmap)
+        rows.append(replace(_row(f"/srv/pacs/export/2026/12/07/night/film-{i}.png", 0.9 - i / 10, True),
+                            heatmap=str(heatmap)))  # fmt: skip
+    rows += [_row(f"/srv/pacs/export/2026/12/07/night/1.2.840.113619.2.55.3.6046881.{i}.png", 0.1, False)
+             for i in range(30)]  # fmt: skip
+    html = root / "review.html"
+    html.write_text(render_html(rows, LABELS, "NORMAL", CLASSIFIER, Summary.of(rows), "2026-12-07", html), "utf-8")
+    return html
+
+
+def _probe(page: Path, script: str, tmp_path: Path) -> str:
+    """What `script`, run in headless chromium after the page's own (1400 x 900 window, its images
+    loaded), writes into the page's title."""
+    probe = page.with_name(f"probe-{tmp_path.name}.html")  # beside the page: its links resolve
+    probe.write_text(page.read_text("utf-8").replace("</body>", f"<script>{script}</script></body>"), "utf-8")
+    dom = subprocess.run(
+        [CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,900",
+         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    return re.search(r"<title>(.*?)</title>", dom, re.S)[1]  # type: ignore[index]
+
+
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+
+
+@needs_chromium
+def test_escape_closes_the_larger_view(films_page: Path, tmp_path: Path) -> None:
+    # a click on the dark overlay closed it; Escape, the key every viewer closes with, did nothing
+    script = (
+        "location.hash = '#read-0'; var opened = document.querySelector('.zoom:target') !== null;"
+        "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}));"
+        "document.title = opened + ' ' + (document.querySelector('.zoom:target') !== null);"
+    )
+    assert _probe(films_page, script, tmp_path) == "true false"
+
+
+@needs_chromium
+def test_the_larger_view_fills_the_screen_and_a_tall_film_keeps_its_card_short(
+    films_page: Path, tmp_path: Path
+) -> None:
+    # a 320 px heatmap (a JPEG's reduced decode) opened 320 px wide on a 1400 x 900 screen, hardly
+    # larger than its 260 px thumbnail; a tall film's thumbnail stretched its row of cards to 1500 px
+    script = (
+        "location.hash = '#read-0'; var z = document.querySelector('.zoom:target img');"
+        "var tall = document.querySelector('a[href=\"#read-1\"] img');"
+        "function sizes() { document.title = [z.clientWidth, z.clientHeight, tall.clientHeight].join(' '); }"
+        "z.complete ? sizes() : z.addEventListener('load', sizes);"
+    )
+    width, height, tall = map(int, _probe(films_page, script, tmp_path).split())
+    assert width >= 0.9 * 1400 or height >= 0.9 * 900, (width, height)
+    assert tall <= 400
+
+
+@needs_chromium
+def test_the_table_sorts_from_the_keyboard_and_says_which_way(films_page: Path, tmp_path: Path) -> None:
+    # the column headings took clicks only: no Tab reached them, and nothing said how a column was sorted
+    script = (
+        "var th = document.querySelectorAll('table.sortable th')[3]; th.focus();"
+        "var focused = document.activeElement === th;"
+        "th.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', bubbles: true}));"
+        "var first = document.querySelector('table.sortable tbody tr').cells[3].textContent;"
+        "document.title = [focused, th.getAttribute('aria-sort'), first].join(' ');"
+    )
+    assert _probe(films_page, script, tmp_path) == "true ascending 0.100"
+
+
+@needs_chromium
+def test_the_printed_table_keeps_its_rows_short(films_page: Path, tmp_path: Path) -> None:
+    # printed, the file column shrank to four characters: each path ran down 15 lines, 33 rows on 26 pages
+    pdf = tmp_path / "review.pdf"
+    subprocess.run(
+        [CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--no-pdf-header-footer",
+         f"--print-to-pdf={pdf}", films_page.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    pages = len(re.findall(rb"/Type\s*/Page\b", pdf.read_bytes()))
+    assert 1 <= pages <= 6, pages
+
+
+def test_a_night_of_rejected_and_unreadable_files_names_the_referral_sections() -> None:
+    # no film classified: the headings fell back to a classifier without a referral threshold
+    # ("Flagged: not NORMAL") while the models table said "refer at >= 0.260000"
+    rows = [Record.of("/in/photo.jpg", REJECTED, "g", "c", gate_score=0.01)]
+    page = render_html(rows, LABELS, "NORMAL", CLASSIFIER, Summary.of(rows), "2026-12-07", Path("review.html"))
+    assert "Referred to a reader (0)" in page and "Cleared, but unsure (0)" in page and "Flagged" not in page
