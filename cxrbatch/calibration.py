@@ -29,6 +29,7 @@ ones it was calibrated on.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -163,6 +164,11 @@ def labelled_films(folder: Path, labels: tuple[str, ...]) -> dict[str, list[Path
             f"{folder}: folder(s) {unknown} are not labels of the classifier {list(labels)} "
             f"(films read only as abnormal go in {ABNORMAL}/)"
         )
+    if not subfolders:  # films lying flat (refuse_loose would name them beside "class folders ()")
+        raise UsageError(
+            f"{folder} holds no label folder: put each film in a folder named by its label {list(labels)}, "
+            f"or in {ABNORMAL}/ if it was read only as abnormal"
+        )
     films = {p.name: list(iter_images([p])) for p in subfolders}
     refuse_loose(folder, subfolders, [p.name for p in subfolders])  # of no label: unused without a word
     _refuse_copies(folder, films)
@@ -295,10 +301,13 @@ def _refuse_unusable(folder: Path, results: list[Any]) -> None:
 def check_out(out: Path, models_dir: Path, force: bool) -> None:
     """Refuse an `out` the site's models cannot go to: run before screening (say so at once, not
     after minutes of work) and again before writing."""
+    if out.exists() and not out.is_dir():  # before the advice to pass --force, which would not help
+        raise UsageError(f"{out} is a file, not a folder for the calibrated models")
     if out.exists() and not force:
         raise UsageError(f"{out} exists; choose another folder or pass --force to replace its models")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} is a file, not a folder for the calibrated models")
+    there = next(p for p in (out, *out.parents) if os.path.lexists(p))  # `out`, or where it is made
+    if not there.is_dir():  # a file on the way, or a link to nothing: mkdir would fail after the screening
+        raise UsageError(f"{out} cannot be made: {there} is not a folder; choose another folder")
     if out.resolve() == models_dir.resolve():
         raise UsageError(f"{out} holds the models being calibrated; write the site's models to another folder")
 
@@ -316,16 +325,28 @@ def write_calibrated(gate: Model, classifier: Model, calibration: Calibration, o
         if isinstance(meta.get("referral_head"), dict):  # the bundled head stays in the graph, unused
             meta["referral_head"]["in_use"] = False
     target = out / MODEL_FILES["classifier"]
+    made = [p for p in (out, *out.parents) if not os.path.lexists(p)]  # the folders mkdir makes, deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ReportError(f"Cannot write the calibrated models into {out}: {exc.strerror or exc}") from None
+    try:
+        _write_pair(gate, proto, meta, out)
+    except BaseException:  # SIGTERM and Ctrl-C too: an empty folder left would refuse the same command again
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: something else has been put there since
+                folder.rmdir()
+        raise
+    return target
+
+
+def _write_pair(gate: Model, proto: onnx.ModelProto, meta: dict[str, Any], out: Path) -> None:
+    """Write the gate's bytes and the calibrated classifier into `out`."""
     # each file through a temporary one renamed into place, the gate only once the classifier
     # loads as the runtime loads it and has taken its place: a run killed or a disk filled part
     # way leaves no truncated model, and with --force the old pair stands until then (it was the
     # new gate beside the old classifier where the classifier could not be written)
     gate_bytes = gate.path.read_bytes()
     with staged(out / MODEL_FILES["gate"], lambda fh: fh.write(gate_bytes), binary=True, what="model") as commit:
-        save_classifier(proto, meta, target)
+        save_classifier(proto, meta, out / MODEL_FILES["classifier"])
         commit()
-    return target

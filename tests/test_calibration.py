@@ -244,7 +244,7 @@ def test_intervals_are_exact_binomial_ones_and_all_hits_are_not_certainty() -> N
 
 
 def test_a_target_of_nan_is_a_usage_error(tiny_models: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["calibrate", str(tmp_path), "--models", str(tiny_models), "--out",
+    result = runner.invoke(app, ["calibrate", str(tmp_path / "films"), "--models", str(tiny_models), "--out",
                                  str(tmp_path / "o"), "--target-sensitivity", "nan"])  # fmt: skip
     assert result.exit_code == 2 and "between 0 and 1, not nan" in result.stderr
 
@@ -290,3 +290,64 @@ def test_calibrated_models_go_to_an_out_given_through_link_dotdot(
                                  "--target-sensitivity", "0.9"])  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "srv" / "site-models").iterdir()) == ["classifier.onnx", "gate.onnx"]
+
+
+def test_an_out_whose_folder_cannot_be_made_is_refused_before_screening(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an --out under a file, or a link to nothing, failed with exit 1 after every film was screened
+    from cxrbatch import calibration
+
+    films, a_file = _site(tmp_path / "site"), tmp_path / "notes.txt"
+    a_file.write_text("mine", encoding="utf-8")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    screened: list[Path] = []
+    monkeypatch.setattr(calibration, "calibrate", lambda folder, *rest: screened.append(folder))
+    for out in (a_file / "site-models", tmp_path / "dangling"):
+        result = runner.invoke(app, ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out)])
+        assert result.exit_code == 2 and "cannot be made" in result.stderr and "is not a folder" in result.stderr
+    assert screened == [] and a_file.read_text(encoding="utf-8") == "mine"
+
+
+def test_an_out_that_is_a_file_is_refused_without_advice_to_force_it(tiny_models: Path, tmp_path: Path) -> None:
+    # it said "pass --force to replace its models", and --force was then refused as a file
+    films, a_file = _site(tmp_path / "site"), tmp_path / "notes.txt"
+    a_file.write_text("mine", encoding="utf-8")
+    result = runner.invoke(app, ["calibrate", str(films), "--models", str(tiny_models), "--out", str(a_file)])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr and "--force" not in result.stderr
+
+
+def test_an_out_inside_the_labelled_folder_is_refused(tiny_models: Path, tmp_path: Path) -> None:
+    # it was written there, and the next calibration of the same films was refused for its folder
+    films = _site(tmp_path / "site")
+    for out in (films / "site-models", films / "NORMAL" / "site-models"):
+        args = ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out), "--target-sensitivity", "0.9"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and f"--out {out} lies inside {films}" in result.stderr
+        assert not out.exists()
+
+
+def test_a_calibration_stopped_while_writing_leaves_no_out_folder_in_the_way(tiny_models: Path, tmp_path: Path) -> None:
+    # the folder it had made stayed, empty, and the same command again was refused: "exists ... pass --force"
+    films, out = _site(tmp_path / "site"), tmp_path / "new" / "site-models"
+    args = ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out), "--target-sensitivity", "0.9"]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "writing classifier.onnx", "CXRBATCH_CRASH_SIGNAL": "15"}
+    cli = "from cxrbatch.cli import main; main()"  # the console script: argv after -c are its arguments
+    proc = subprocess.run([sys.executable, "-c", cli, *args], env=env, capture_output=True, timeout=120, text=True)
+    assert proc.returncode == 143 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "new").exists()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.onnx", "gate.onnx"]
+
+
+def test_films_with_no_label_folder_are_refused_asking_for_one(tiny_models: Path, tmp_path: Path) -> None:
+    # a flat folder of films (as evaluate takes with a MANIFEST.csv) was said to hold "class folders ()"
+    films, out = tmp_path / "site", tmp_path / "site-models"
+    films.mkdir()
+    for i, level in enumerate(np.linspace(20, 200, 6)):
+        grey_image(films / f"film{i}.png", int(level))
+    result = runner.invoke(app, ["calibrate", str(films), "--models", str(tiny_models), "--out", str(out)])
+    assert result.exit_code == 2 and "()" not in result.stderr
+    assert f"{films} holds no label folder: put each film in a folder named by its label" in result.stderr
+    assert not out.exists()

@@ -291,11 +291,13 @@ def calibrate(
     Example: cxrbatch calibrate site-films --target-sensitivity 0.95 --out site-models
     """
     from cxrbatch import calibration as site
+    from cxrbatch.datasets import refuse_out_inside
     from cxrbatch.models import default_models_dir, load_models
 
     _setup_logging(verbose, quiet=False)
     gate, classifier = load_models(models or default_models_dir(), device.value)
     site.check_out(out, classifier.path.parent, force)  # before screening
+    refuse_out_inside(labelled_dir, out)  # the next calibration of these films would refuse its folder
     calibration = site.calibrate(labelled_dir, gate, classifier, target_sensitivity, site_head)
     written = site.write_calibrated(gate, classifier, calibration, out, force)  # checks that it loads
     typer.echo(calibration.table())
