@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import make_classifier, make_gate, make_region_classifier
-from PIL import Image
+from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
-from cxrbatch.heatmaps import class_map, heatmap_name, overlay
+from cxrbatch.heatmaps import _square, class_map, heatmap_name, overlay
 from cxrbatch.models import load_models
 from cxrbatch.records import Record
 
@@ -167,3 +167,21 @@ def test_the_outline_stands_out_from_any_grey_without_its_colour(grey: int) -> N
     lightness = np.asarray(drawn.convert("L"), dtype=int)[drawn.height - 200 :]
     marks = (np.asarray(drawn, dtype=int)[drawn.height - 200 :] != grey).any(axis=2)
     assert marks.any() and np.abs(lightness[marks] - grey).max() >= 80
+
+
+@pytest.mark.parametrize(("height", "width"), [(410, 512), (512, 97), (9, 9), (1, 40)])
+def test_the_outlines_square_gives_what_pillows_rank_filters_give_on_a_mask(height: int, width: int) -> None:
+    # the outline's shrink and the rim's growth, once Pillow's MinFilter and MaxFilter (a third of a
+    # heatmap's time): the same pixels at every size the outline uses, edges included
+    rng = np.random.default_rng(height * width)
+    for blobs in (
+        rng.random((height, width)) > 0.5,
+        np.kron(rng.random((3, 3)) > 0.5, np.ones((height, width)))[:height, :width] > 0,
+    ):
+        mask = Image.fromarray(blobs.astype(np.uint8) * 255, mode="L")
+        for size in (3, 5, 7):
+            shrunk, grown = (
+                np.asarray(mask.filter(f(size))) > 0 for f in (ImageFilter.MinFilter, ImageFilter.MaxFilter)
+            )
+            assert np.array_equal(_square(blobs, size, np.logical_and), shrunk), size
+            assert np.array_equal(_square(blobs, size, np.logical_or), grown), size
