@@ -175,10 +175,12 @@ def _cards(title: str, rows: list[Record], here: tuple[bytes, bytes], section: s
             # fragment or an escape; loaded lazily, so that a page of thousands of cards opens
             src = _href(r.heatmap, here)
             zoom = f"{section}-{i}"
+            # each picture named by its film and result: a screen reader heard the same words on every card
+            what = escape(f"{r.label} {r.confidence or 0.0:.2f}, {r.path}", quote=True)
             view = (
                 f"<a href='#{zoom}' title='larger view'><img src='{src}' loading='lazy' "
-                f"alt='film with its strongest regions marked'></a><a class='zoom' id='{zoom}' href='#_'>"
-                f"<img src='{src}' loading='lazy' alt='larger view'></a>"
+                f"alt='{what}: strongest regions marked'></a><a class='zoom' id='{zoom}' href='#_'>"
+                f"<img src='{src}' loading='lazy' alt='{what}: larger view'></a>"
             )
         badges = " · ".join(b for b, on in (("needs review", r.needs_review), ("unfamiliar film", r.unfamiliar)) if on)
         score = f" · referral {r.referral_score:.3f}" if r.referral_score is not None else ""

@@ -259,3 +259,11 @@ def test_ledger_view_of_an_empty_file_refuses_and_writes_nothing(tmp_path: Path)
     result = runner.invoke(app, ["ledger", str(empty)])
     assert result.exit_code == 1 and "is empty: not a cxrbatch ledger" in result.stderr
     assert empty.stat().st_size == 0
+
+
+def test_ledger_view_of_a_folder_asks_for_the_ledger_file(tmp_path: Path) -> None:
+    # "Ledger not found: site" for a folder that is there (the site folder, say) told nothing
+    result = runner.invoke(app, ["ledger", str(tmp_path)])
+    assert result.exit_code == 2 and f"{tmp_path} is a folder: give the ledger file" in result.stderr
+    result = runner.invoke(app, ["ledger", str(tmp_path / "missing.db")])
+    assert result.exit_code == 2 and "Ledger not found" in result.stderr

@@ -82,6 +82,9 @@ def test_page_is_self_contained_and_escaped(page: Path) -> None:
     # the referred film's thumbnail and its larger view, linked relatively, quoted, loaded when shown
     assert text.count("<img src='maps%20%231/") == 2 and text.count("loading='lazy'") == 2
     assert "<a href='#read-0' title='larger view'>" in text and "<a class='zoom' id='read-0' href='#_'>" in text
+    # each picture says whose it is (a screen reader heard "film with its strongest regions marked" on every card)
+    assert "alt='PNEUMONIA 0." in cards and "person1947_bacteria_4876.jpeg: strongest regions marked'" in cards
+    assert "person1947_bacteria_4876.jpeg: larger view'" in cards
     assert "referral score" in text and "<td data-v='refer'>refer</td>" in text
     threshold = load_models(default_models_dir(), "cpu")[1].spec.referral_threshold  # the shipped one
     assert f"the bundled referral head, refer at &gt;= {threshold:.6f}" in text  # where the score comes from

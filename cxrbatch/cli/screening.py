@@ -223,6 +223,8 @@ def ledger_status(
 
     from cxrbatch.ledger_view import inspect
 
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: give the ledger file (the path given to run --ledger)")
     if not path.is_file():
         raise UsageError(f"Ledger not found: {path}")
     status = inspect(path)
