@@ -184,9 +184,15 @@ def _kind(classes: set[str], gate: Model, classifier: Model) -> str:
         return "classifier"
     if classes <= set(gate.spec.labels):
         return "gate"
+    known = (list(classifier.spec.labels), list(gate.spec.labels))
+    unknown = sorted(classes - {*known[0], ABNORMAL, *known[1]})
+    if unknown:  # name the folders at fault, not every folder of the tree
+        raise UsageError(
+            f"Class folder(s) {unknown} match neither the classifier labels {known[0]} nor the gate labels {known[1]}"
+        )
     raise UsageError(
-        f"Class folders {sorted(classes)} match neither the classifier labels "
-        f"{list(classifier.spec.labels)} nor the gate labels {list(gate.spec.labels)}"
+        f"Class folders {sorted(classes)} mix the classifier's labels {known[0]} and the gate's {known[1]}: "
+        "a tree tests one model, so give each its own"
     )
 
 

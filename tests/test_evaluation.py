@@ -128,10 +128,15 @@ def test_films_read_only_as_abnormal_count_for_refer_or_clear_not_for_classes(
 
 
 def test_evaluate_refuses_unknown_class_folders(tiny_models: Path, tmp_path: Path) -> None:
-    (tmp_path / "test" / "CATS").mkdir(parents=True)
-    grey_image(tmp_path / "test" / "CATS" / "c.png", 100)
+    for folder in ("CATS", "NORMAL"):
+        (tmp_path / "test" / folder).mkdir(parents=True)
+        grey_image(tmp_path / "test" / folder / "c.png", 100)
     gate, classifier = load_models(tiny_models, "cpu")
-    with pytest.raises(UsageError, match="match neither"):
+    with pytest.raises(UsageError, match=r"^Class folder\(s\) \['CATS'\] match neither the classifier labels"):
+        evaluate(tmp_path, "test", Screener(gate, classifier))  # the folder at fault, not NORMAL beside it
+    (tmp_path / "test" / "CATS" / "c.png").rename(tmp_path / "test" / "CATS" / "NOT_XRAY.png")
+    (tmp_path / "test" / "CATS").rename(tmp_path / "test" / gate.spec.labels[0])
+    with pytest.raises(UsageError, match="mix the classifier's labels"):
         evaluate(tmp_path, "test", Screener(gate, classifier))
 
 
