@@ -65,7 +65,11 @@ document.querySelectorAll('table.sortable th').forEach(function (th, col) {
   th.addEventListener('click', function () { sortBy(th, col); });
 });
 document.addEventListener('keydown', function (e) {  // Escape closes the larger view, as a click does
-  if (e.key === 'Escape' && document.querySelector('.zoom:target')) { location.hash = '_'; }
+  if (e.key === 'Escape' && document.querySelector('.zoom:target')) { location.replace('#_'); }
+});
+document.addEventListener('click', function (e) {  // opening and closing a view adds no history:
+  var a = e.target.closest('.card a[href^="#"]');  // Back leaves the page, not reopens old views
+  if (a) { e.preventDefault(); location.replace(a.getAttribute('href')); }
 });
 """
 

@@ -335,6 +335,21 @@ def test_escape_closes_the_larger_view(films_page: Path, tmp_path: Path) -> None
 
 
 @needs_chromium
+def test_opening_and_closing_larger_views_leaves_no_history_for_back_to_replay(
+    films_page: Path, tmp_path: Path
+) -> None:
+    # each open and close was a history entry: Back reopened the views one by one instead of leaving
+    script = (
+        "var before = history.length, thumb = document.querySelector('a[href=\"#read-0\"]');"
+        "thumb.click(); var opened = document.querySelector('.zoom:target') !== null;"
+        "document.querySelector('.zoom:target').click(); thumb.click();"
+        "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape', bubbles: true}));"
+        "document.title = [opened, document.querySelector('.zoom:target') !== null, history.length - before].join(' ');"
+    )
+    assert _probe(films_page, script, tmp_path) == "true false 0"
+
+
+@needs_chromium
 def test_the_larger_view_fills_the_screen_and_a_tall_film_keeps_its_card_short(
     films_page: Path, tmp_path: Path
 ) -> None:
