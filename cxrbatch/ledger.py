@@ -283,6 +283,10 @@ class Ledger:
         wanted = {(key_of(p), s) for p, s in pairs}
         return [s for s in self._select("e.fingerprint = ?", (fp,)) if (s.key, s.sha256) in wanted]
 
+    def pairs_under(self, fp: str) -> set[tuple[str, str]]:
+        """The (path, content) pairs that have an entry under these settings, delivered or not."""
+        return set(self.db.execute("SELECT path, sha256 FROM entries WHERE fingerprint = ?", (fp,)).fetchall())
+
     def _select(self, where: str, args: tuple[Any, ...]) -> list[Stored]:
         sql = (
             "SELECT e.path, e.sha256, e.fingerprint, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import grey_image, make_gate
+from helpers import grey_image, make_classifier, make_gate
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
@@ -284,6 +286,35 @@ def test_kill_9_then_rerun_reports_every_file_once(folder: Path, tiny_models: Pa
     assert f"{5 - committed} to screen" in err
     code, rows, _ = _run(folder, tiny_models, ledger, out)
     assert code == 0 and rows == []
+
+
+def test_a_killed_runs_results_under_other_settings_are_not_reported_beside_this_runs(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # killed before its report, then run again with other settings (new models, --no-draft): the
+    # killed run's results and the new ones were both delivered, two rows for each film (on the
+    # bench set with --no-draft, 510 rows for 294 films)
+    ledger, out, newer = tmp_path / "l.db", tmp_path / "r.csv", tmp_path / "newer-models"
+    newer.mkdir()
+    shutil.copy(tiny_models / "gate.onnx", newer / "gate.onnx")
+    make_classifier(newer / "classifier.onnx", review_threshold=0.7)
+    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "before_report"}
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9 and len(_inferences(ledger)) == 5
+    code, rows, err = _run(folder, newer, ledger, out)
+    assert code == 0 and "5 to screen" in err  # other settings: screened again
+    assert _names(rows) == [f"img{i}.png" for i in range(5)]  # each film once, as now screened
+    assert {r["classifier_model"] for r in rows} == {_sha12(newer / "classifier.onnx")}
+    assert _run(folder, newer, ledger, out)[:2] == (0, [])
+    code, rows, _ = _run(folder, tiny_models, ledger, out)  # back to the killed run's models: its results, once
+    assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)]
+    assert {r["classifier_model"] for r in rows} == {_sha12(tiny_models / "classifier.onnx")}
+    assert _run(folder, tiny_models, ledger, out)[:2] == (0, [])
+
+
+def _sha12(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def test_sigterm_while_a_report_is_written_leaves_no_temporary_file(
