@@ -1,7 +1,8 @@
 """Read the pixels of a DICOM file into an 8-bit picture (needs the `dicom` extra: pydicom).
 
 Order, as the standard has it: stored values -> Modality LUT (or rescale slope/intercept) ->
-VOI LUT (or the first window centre/width) -> MONOCHROME1 inverted; PALETTE COLOR values go
+VOI LUT (or the first window centre/width) -> MONOCHROME1 or a Presentation LUT Shape of INVERSE
+inverted (once where both say so); PALETTE COLOR values go
 through their colour tables, and colour comes as 8-bit RGB; `cxrbatch.imaging` then
 scales the result's minimum..maximum linearly to 0..255. Nothing from the header except what that needs is read,
 and nothing of it (names, ids, dates) is ever put in a message.
@@ -77,6 +78,7 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
         ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageError(f"unreadable DICOM file ({type(exc).__name__})") from None
+    _name_transfer_syntax(ds)
     if "PixelData" not in ds:
         raise ImageError("DICOM file has no pixel data (not an image)")
     _refuse_too_large(ds)
@@ -109,6 +111,10 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
         except (TypeError, ValueError):  # an empty or malformed RescaleSlope/Intercept: read as absent
             values = stored  # and no window, which is in rescaled units: the stored values' own range
         else:
+            if _negative(ds.get("RescaleSlope")):
+                # pydicom takes a window's output range from the rescale's ends, backwards after a
+                # negative slope (the film inverted); the values are rescaled already
+                del ds.RescaleSlope
             # an invalid window (width 0, not a number) is ignored, as viewers do
             try:
                 values = apply_voi_lut(values, ds)
@@ -119,12 +125,36 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
     # Each stored level once, not each pixel (the LUTs work value by value): no float64 copies of the film.
     levels = Levels.of(arr)
     film = to_values(arr) if levels is None else levels.map(to_values)
-    if photometric == "MONOCHROME1":  # after VOI, as the standard orders it
+    # after VOI, as the standard orders it; the Presentation LUT Shape is its last stage
+    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
         if isinstance(film, Levels):
             lo, hi = film.extremes() or (0.0, 0.0)  # a film has at least one level
             return film.map(lambda values: hi + lo - values)
         return film.max() + film.min() - film
     return film
+
+
+def _name_transfer_syntax(ds: Dataset) -> None:
+    """Give a data set read without its file meta (no preamble, no header: as ACR-NEMA-era devices
+    and some exports write it) the uncompressed transfer syntax it was read in: pydicom reads its
+    header but will not decode pixels whose transfer syntax no header names."""
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding  # (None, None) where pydicom found none
+    if little is not None:
+        explicit = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else explicit
+
+
+def _negative(value: object) -> bool:
+    """Whether a header's number is below zero (False where it is absent or not a number)."""
+    try:
+        return float(value) < 0  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def _number(value: object, default: int) -> int:

@@ -32,7 +32,9 @@ MIN_SIDE = 32
 # Part of the ledger's run fingerprint: raise it whenever a change here can change a model input
 # (decoding, resizing, equalisation), so that results made before are not reused.
 # 2: 16-bit and float TIFFs stored "white is zero" are read the right way round (they were inverted).
-PREPROCESSING_VERSION = 2
+# 3: DICOM: a Presentation LUT Shape of INVERSE inverts a MONOCHROME2 film, and a window after a
+#    negative rescale slope no longer inverts the film (both were screened as negatives).
+PREPROCESSING_VERSION = 3
 HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I", "F")  # modes scaled from their minimum to their maximum
 WHITE_IS_ZERO = 0  # TIFF tag 262 (PhotometricInterpretation): 0 = the smallest value is white
 # Pillow reads 16-bit colour as 8 bits a channel (the high bytes): a film of 14 bits or fewer in

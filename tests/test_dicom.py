@@ -52,6 +52,52 @@ def test_rescale_slope_intercept_is_applied(tmp_path: Path) -> None:
     assert arr[0, 0] == 255 and arr[-1, -1] == 0
 
 
+def test_a_presentation_lut_shape_of_inverse_inverts_a_monochrome2_film(tmp_path: Path) -> None:
+    # The Presentation LUT is the standard's last grey stage: INVERSE shows the smallest value white,
+    # as viewers show it. It was ignored, and such a film reached the models as a negative. On a
+    # MONOCHROME1 film (which the DX module requires to say INVERSE) it is the same inversion, not a
+    # second one.
+    inverse = np.asarray(load_image(make_dicom(tmp_path / "inv.dcm", ramp(), PresentationLUTShape="INVERSE")))
+    assert inverse[0, 0] == 255 and inverse[-1, -1] == 0
+    dx = np.asarray(load_image(make_dicom(tmp_path / "dx.dcm", ramp(), "MONOCHROME1", PresentationLUTShape="INVERSE")))
+    assert dx[0, 0] == 255 and dx[-1, -1] == 0
+    identity = np.asarray(load_image(make_dicom(tmp_path / "id.dcm", ramp(), PresentationLUTShape="IDENTITY")))
+    assert identity[0, 0] == 0 and identity[-1, -1] == 255
+
+
+def test_a_window_after_a_negative_rescale_slope_keeps_the_film_the_right_way_round(tmp_path: Path) -> None:
+    # Stored 4000 - ramp with slope -1 and intercept 4000 is the ramp once rescaled; windowed, it
+    # must still rise. pydicom takes a window's output range from the rescale's ends, which a
+    # negative slope turns backwards: the film came out inverted.
+    window = {"WindowCenter": 2000, "WindowWidth": 1000}
+    negative = make_dicom(tmp_path / "neg.dcm", 4000 - ramp(), RescaleSlope=-1, RescaleIntercept=4000, **window)
+    arr = np.asarray(load_image(negative))
+    assert np.array_equal(arr, np.asarray(load_image(make_dicom(tmp_path / "plain.dcm", ramp(), **window))))
+    assert arr[0, 0] == 0 and arr[-1, -1] == 255
+
+
+@pytest.mark.parametrize(("implicit", "little"), [(True, True), (False, True), (False, False)])
+def test_a_data_set_without_its_file_meta_is_read_in_the_encoding_found(
+    tmp_path: Path, implicit: bool, little: bool
+) -> None:
+    # A .dcm file holding the data set alone (no preamble and no file meta, as ACR-NEMA-era
+    # devices and some exports write it) names no transfer syntax: pydicom reads its header but
+    # will not decode its pixels, and the film was an error row ("cannot be decoded (AttributeError)").
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    plain = make_dicom(tmp_path / "plain.dcm", ramp())
+    bare = Dataset()
+    bare.update(pydicom.dcmread(plain))
+    bare.PixelData = ramp().astype("<u2" if little else ">u2").tobytes()
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
+    write_dataset(fp, bare)
+    (tmp_path / "bare.dcm").write_bytes(fp.getvalue())
+    assert np.array_equal(np.asarray(load_image(tmp_path / "bare.dcm")), np.asarray(load_image(plain)))
+
+
 def test_multi_frame_gives_first_frame_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     frames = np.stack([ramp(), ramp()[::-1]])
     with caplog.at_level(logging.WARNING):
