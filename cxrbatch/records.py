@@ -14,7 +14,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,19 @@ class Record:
             probabilities=None if probs is None else {k: rounded(v) for k, v in probs.items()},  # type: ignore[misc]
             **found,
         )
+
+    def same_result(self, other: Record, within: float = 2e-6) -> bool:
+        """Whether `other` says what this record says: every cell the same but the scores, and
+        those within `within` (the sixth decimal moves with a batch's make-up and the machine)."""
+        scores = ("gate_score", "confidence", "referral_score", "familiarity")
+        mine, theirs = self.probabilities or {}, other.probabilities or {}
+        if (self.probabilities is None) != (other.probabilities is None) or list(mine) != list(theirs):
+            return False
+        pairs = [(getattr(self, n), getattr(other, n)) for n in scores] + [(mine[k], theirs[k]) for k in mine]
+        if not all((a is None) == (b is None) and (a is None or abs(a - b) <= within) for a, b in pairs):
+            return False
+        cells = [f.name for f in fields(self) if f.name not in (*scores, "probabilities")]
+        return all(getattr(self, n) == getattr(other, n) for n in cells)
 
     def to_read(self, negative_label: str) -> bool:
         """A reader should see it: referred (or, for a classifier without a referral threshold,

@@ -329,3 +329,17 @@ def test_a_report_named_as_long_as_its_folder_allows_is_written(tmp_path: Path) 
     atomic_write(longest, lambda fh: fh.write("path,status\n"))
     assert longest.read_text(encoding="utf-8") == "path,status\n"
     assert [p.name for p in tmp_path.iterdir()] == [longest.name]  # no temporary file left
+
+
+def test_the_same_result_is_every_cell_alike_and_the_scores_within_the_sixth_decimal() -> None:
+    probs = {"COVID19": 0.1, "NORMAL": 0.7, "PNEUMONIA": 0.15, "TUBERCULOSIS": 0.05}
+    base = Record.of("a.png", CLASSIFIED, "g", "c", gate_score=0.9, label="NORMAL", confidence=0.7,
+                     probabilities=probs, needs_review=False, referral_score=0.3, refer=True)  # fmt: skip
+    moved = replace(base, confidence=0.700001, probabilities={**probs, "NORMAL": 0.700001}, referral_score=0.299999)
+    assert base.same_result(moved) and moved.same_result(base)
+    assert not base.same_result(replace(base, confidence=0.70001))  # a score that moved
+    assert not base.same_result(replace(base, probabilities={**probs, "NORMAL": 0.7001}))
+    assert not base.same_result(replace(base, refer=False))  # a decision that changed
+    assert not base.same_result(replace(base, classifier_model="d"))  # other models
+    assert not base.same_result(replace(base, familiarity=0.2))  # a score that one of them lacks
+    assert not base.same_result(replace(base, probabilities=None))
