@@ -52,24 +52,36 @@ def mode_for(path: Path) -> int:
         return 0o666 & ~umask()
 
 
-def atomic_write(path: Path, write: Callable[[IO[Any]], object], binary: bool = False, what: str = "report") -> None:
+def atomic_write(
+    path: Path,
+    write: Callable[[IO[Any]], object],
+    binary: bool = False,
+    what: str = "report",
+    through_link: bool = True,
+) -> None:
     """Write through a temporary file in the same folder, then rename it over `path`.
 
     Any OSError (a full disk, a read-only folder) becomes a ReportError naming the file; the
-    temporary file is removed and whatever was at `path` before stays as it was.
+    temporary file is removed and whatever was at `path` before stays as it was. Without
+    `through_link`, a symbolic link at `path` is replaced itself, not the file it names.
     """
-    with staged(path, write, binary, what) as commit:
+    with staged(path, write, binary, what, through_link) as commit:
         commit()
 
 
 @contextmanager
 def staged(
-    path: Path, write: Callable[[IO[Any]], object], binary: bool = False, what: str = "report"
+    path: Path,
+    write: Callable[[IO[Any]], object],
+    binary: bool = False,
+    what: str = "report",
+    through_link: bool = True,
 ) -> Iterator[Callable[[], None]]:
     """`atomic_write` in two steps, for files that must change together: the temporary file is
     written (and synced) on entry, and takes `path`'s place only when the `commit` it yields is
     called; leaving the block without it, or with an error, removes it and leaves `path` as it was."""
-    path = written_at(path)
+    planted = not through_link and path.is_symlink()  # replaced as a new file: not the mode of what it names
+    path = written_at(path) if through_link else path
     # the real folder: tempfile makes `dir` absolute by dropping `link/..` as text, which names another folder
     folder = Path(os.path.realpath(path.parent if str(path.parent) else "."))
     real = folder / path.name
@@ -92,7 +104,7 @@ def staged(
                 write(fh)
                 crash_point(f"writing {path.name}")  # the temporary file holds the report (crash tests only)
                 fh.flush()
-                os.fchmod(fh.fileno(), mode_for(path))
+                os.fchmod(fh.fileno(), 0o666 & ~umask() if planted else mode_for(path))
                 os.fsync(fh.fileno())
         except OSError as exc:
             raise write_failed(what, path, exc) from None

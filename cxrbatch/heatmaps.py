@@ -150,7 +150,9 @@ def write_heatmap(
     def save(fh: IO[bytes]) -> None:
         drawn.save(fh, format="PNG", compress_level=PNG_LEVEL, pnginfo=made_by)
 
-    atomic_write(target, save, binary=True, what="heatmap")
+    # a link planted at the name (the name can be foretold) is replaced, never written through:
+    # the heatmap overwrote the file it named, anywhere the run may write
+    atomic_write(target, save, binary=True, what="heatmap", through_link=False)
     return target
 
 

@@ -40,6 +40,7 @@ WHITE_IS_ZERO = 0  # TIFF tag 262 (PhotometricInterpretation): 0 = the smallest 
 # Pillow reads 16-bit colour as 8 bits a channel (the high bytes): a film of 14 bits or fewer in
 # such a file comes out below this level everywhere, and the gate rejects it as no X-ray.
 LOW_BITS_ONLY = 64
+PIXELS_AT_ONCE = 1 << 20  # a float film is scaled to 8 bits this many pixels at a time (8 MB of float64)
 
 log = logging.getLogger(__name__)
 
@@ -283,11 +284,21 @@ def _window_to_l(arr: np.ndarray) -> Image.Image:
     levels = Levels.of(arr)
     if levels is not None:
         return levels.to_l()
-    arr = arr.astype(np.float64, copy=False)
-    finite = arr[np.isfinite(arr)]
-    if finite.size == 0:
-        return Image.new("L", (arr.shape[1], arr.shape[0]), 0)
-    return Image.fromarray(to_8bit(arr, float(finite.min()), float(finite.max())), mode="L")
+    # A float film (or an integer one of too many levels) a few rows at a time: a 1 MB deflated
+    # float TIFF of 169 megapixels, under Pillow's limit, peaked at 7.4 GB in whole-film float64 copies
+    if arr.dtype.kind == "f":
+        finite = np.isfinite(arr)
+        if not finite.any():
+            return Image.new("L", (arr.shape[1], arr.shape[0]), 0)
+        lo, hi = float(arr.min(where=finite, initial=np.inf)), float(arr.max(where=finite, initial=-np.inf))
+        del finite
+    else:
+        lo, hi = float(arr.min()), float(arr.max())
+    out = np.empty(arr.shape, dtype=np.uint8)
+    step = max(1, PIXELS_AT_ONCE // max(1, arr.shape[1]))
+    for top in range(0, arr.shape[0], step):
+        out[top : top + step] = to_8bit(arr[top : top + step].astype(np.float64), lo, hi)
+    return Image.fromarray(out, mode="L")
 
 
 def check_size(img: Image.Image, min_side: int = MIN_SIDE) -> None:

@@ -15,10 +15,17 @@ class LineFormatter(logging.Formatter):
     """`2026-12-02 02:00:03 [error] message`: a timestamp on every line, the level as a grep-able word."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{self.formatTime(record, TIME_FORMAT)} [{record.levelname.lower()}] {record.getMessage()}" + (
+        message = record.getMessage().translate(_CONTROLS)
+        line = f"{self.formatTime(record, TIME_FORMAT)} [{record.levelname.lower()}] {message}" + (
             "\n" + self.formatException(record.exc_info) if record.exc_info else ""
         )
         return _escaped(line)
+
+
+# A message is one line: a file name's newline or carriage return (which wrote a fake `[error]` or
+# summary line into the cron log) and terminal escapes are shown as `\n`, `\r`, `\x1b`, `\u009b`.
+_CONTROLS = {c: f"\\x{c:02x}" for c in range(0x20) if c != 0x09} | {0x0A: "\\n", 0x0D: "\\r", 0x7F: "\\x7f"}
+_CONTROLS |= {c: f"\\u{c:04x}" for c in range(0x80, 0xA0)}
 
 
 def _escaped(text: str) -> str:

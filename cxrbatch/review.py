@@ -3,7 +3,8 @@
 Inline CSS and a few lines of inline JavaScript (table sorting, Escape closing the larger view)
 only: no network, no CDN. Heatmap PNGs are linked as files beside the page. Every value that
 comes from a file name, a DICOM file or a model is HTML-escaped, so a file named
-`<script>…</script>.png` shows as text.
+`<script>…</script>.png` shows as text, and its characters that show nothing or move others
+(controls, a right-to-left override, a zero-width space) are written as `\\u202e`.
 """
 
 from __future__ import annotations
@@ -188,10 +189,11 @@ def _cards(title: str, rows: list[Record], here: tuple[bytes, bytes], section: s
             )
         badges = " · ".join(b for b, on in (("needs review", r.needs_review), ("unfamiliar film", r.unfamiliar)) if on)
         score = f" · referral {r.referral_score:.3f}" if r.referral_score is not None else ""
-        problem = f"<div class='small'>{escape(r.error)}</div>" if r.error else ""
+        problem = f"<div class='small'>{escape(_shown(r.error))}</div>" if r.error else ""
+        path = escape(_shown(r.path))
         cards.append(
             f"<div class='card'>{view}<div><b>{escape(str(r.label))}</b> {r.confidence or 0.0:.2f}{score}</div>"
-            f"<div class='small'>{escape(badges)}</div><div class='path small'>{escape(r.path)}</div>{problem}</div>"
+            f"<div class='small'>{escape(badges)}</div><div class='path small'>{path}</div>{problem}</div>"
         )
     body = "".join(cards) or "<p>None.</p>"
     return f"<h2>{escape(title)}</h2><div class='cards'>{body}</div>"
@@ -253,8 +255,19 @@ def _referral(model: dict[str, Any]) -> str:
     return f"{source}, refer at >= {model['referral_threshold']:.6f}"
 
 
+def _shown(text: str) -> str:
+    """`text` with each character that is not printable written as `\\u202e`: a name holding a
+    right-to-left override showed `x\\u202egpj.exe` as `xexe.jpg`, one with a zero-width space
+    looked like another film's name."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else f"\\u{ord(c):04x}" if c < "\U00010000" else f"\\U{ord(c):08x}" for c in text
+    )
+
+
 def _cell(value: Any, cls: str = "") -> str:
-    text = "" if value is None else str(value)
+    text = "" if value is None else _shown(str(value))
     attr = f" class='{cls}'" if cls else ""
     return f"<td{attr} data-v='{escape(text, quote=True)}'>{escape(text)}</td>"
 

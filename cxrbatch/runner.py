@@ -203,8 +203,8 @@ def _discover(options: RunOptions, report_targets: list[str]) -> list[Path]:
             raise ReportError(f"Cannot make the heatmaps folder {options.heatmaps}: {exc.strerror or exc}") from None
         marker = options.heatmaps / HEATMAPS_MARKER
         try:  # no later run screens the maps as films
-            if not marker.exists():
-                marker.touch()
+            if not os.path.lexists(marker):  # a link planted there is a mark: never followed, nor
+                marker.touch(exist_ok=False)  # created through (O_EXCL), wherever it points
         except OSError as exc:  # a heatmap that cannot be written is a row's problem, and so is this
             log.warning(
                 "cannot mark %s as a heatmaps folder (%s): a run without --heatmaps would screen its maps",

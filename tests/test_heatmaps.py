@@ -185,3 +185,33 @@ def test_the_outlines_square_gives_what_pillows_rank_filters_give_on_a_mask(heig
             )
             assert np.array_equal(_square(blobs, size, np.logical_and), shrunk), size
             assert np.array_equal(_square(blobs, size, np.logical_or), grown), size
+
+
+def test_a_link_planted_in_the_heatmaps_folder_is_replaced_not_written_through(
+    tiny_models: Path, incoming: Path, tmp_path: Path
+) -> None:
+    # A heatmap's name is foretold by whoever knows the path and the models' answer: a link
+    # planted at it (maps kept inside an upload folder) made the run overwrite the file it named
+    # with a PNG, and a link planted at the folder's mark made the run create the file it named.
+    out, maps = tmp_path / "r.csv", incoming / "maps"
+    args = ["run", str(incoming), "--models", str(tiny_models), "--out", str(out), "--heatmaps", str(maps)]
+    assert CliRunner().invoke(app, args).exit_code == 3
+    drawn = sorted(maps.glob("*.png"))
+    victim, elsewhere = tmp_path / "notes.txt", tmp_path / "created-by-the-run"
+    victim.write_text("a staff file", encoding="utf-8")
+    for png in drawn:
+        png.unlink()
+        png.symlink_to(victim)
+    (maps / ".cxrbatch-heatmaps").unlink()
+    (maps / ".cxrbatch-heatmaps").symlink_to(elsewhere)
+    assert CliRunner().invoke(app, args).exit_code == 3
+    assert victim.read_text(encoding="utf-8") == "a staff file"
+    assert not os.path.lexists(elsewhere)
+    assert all(not png.is_symlink() and Image.open(png).format == "PNG" for png in drawn)
+    assert all(os.stat(png).st_mode & 0o777 == 0o666 & ~_umask() for png in drawn)
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current

@@ -163,6 +163,28 @@ def test_integer_films_are_scaled_through_a_table_as_the_float_sums_would() -> N
     assert np.asarray(_window_to_l(wide)).tolist() == [[0, 255, 128]]
 
 
+def test_a_float_film_is_scaled_without_whole_film_float64_copies() -> None:
+    # A deflated float TIFF of 169 megapixels is 1 MB, under Pillow's limit: scaled through
+    # float64 copies of the whole film it peaked at 7.4 GB, and a few in one night end the run.
+    import tracemalloc
+
+    from cxrbatch.imaging import _window_to_l
+
+    film = np.zeros((4096, 4096), np.float32)  # 64 MiB of float32
+    film[::97, ::89], film[1, 1], film[2, 2] = 1.0, np.nan, np.inf
+    tracemalloc.start()
+    try:
+        picture = _window_to_l(film)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < film.nbytes  # a float64 copy alone is twice the film
+    shown = np.asarray(picture)
+    assert shown[0, 1] == 0 and shown[97, 89] == 255 and shown[1, 1] == 0 and shown[2, 2] == 255
+    small = np.array([[np.nan, -np.inf, 1.5], [np.inf, 0.5, 2.5]], np.float32)
+    assert np.asarray(_window_to_l(small)).tolist() == [[0, 0, 128], [255, 0, 255]]
+
+
 @pytest.mark.skipif(shutil.which("cjpeg") is None, reason="cjpeg (libjpeg-turbo-progs) makes the arithmetic-coded JPEG")
 def test_an_arithmetic_coded_jpeg_larger_than_pillows_read_block_decodes(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)

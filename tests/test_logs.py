@@ -28,6 +28,19 @@ def test_undecodable_bytes_of_a_file_name_are_written_as_the_report_writes_them(
     assert _line("%s", "lone \ud800").endswith("[error] lone \ud800")  # no byte made it: left as it is
 
 
+def test_a_file_name_cannot_write_a_line_of_its_own_into_the_log() -> None:
+    # A film named with newlines wrote a fake `[error]` line and a fake summary line into the
+    # cron log (a decoder's warning names the file); a terminal's escape codes came through too.
+    fake = "a.jpg\n2026-12-07 02:00:09 [error] Gate model not found\r\n0 files: 0 errors\x1b[2K\u009b.jpg"
+    line = _line("%s: UserWarning from the decoder: Tag data larger than file", fake)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u009b" not in line
+    assert line.count("[error]") == 2 and line.index("[error] a.jpg\\n2026-12-07") > 0
+    assert line.endswith(
+        "\\r\\n0 files: 0 errors\\x1b[2K\\u009b.jpg: UserWarning from the decoder: Tag data larger than file"
+    )
+    assert _line("%s", "tab\there.png").endswith("[error] tab\there.png")  # a tab breaks no line
+
+
 def test_a_run_names_a_report_in_its_log_as_the_file_system_lists_it(tiny_models: Path, tmp_path: Path) -> None:
     folder = tmp_path / "incoming"
     folder.mkdir()

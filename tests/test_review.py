@@ -398,3 +398,17 @@ def test_a_night_of_rejected_and_unreadable_files_names_the_referral_sections() 
     rows = [Record.of("/in/photo.jpg", REJECTED, "g", "c", gate_score=0.01)]
     page = render_html(rows, LABELS, "NORMAL", CLASSIFIER, Summary.of(rows), "2026-12-07", Path("review.html"))
     assert "Referred to a reader (0)" in page and "Cleared, but unsure (0)" in page and "Flagged" not in page
+
+
+def test_a_name_that_hides_or_reorders_its_characters_is_shown_as_it_is() -> None:
+    # A right-to-left override (U+202E) made `x\u202egpj.exe` read `xexe.jpg` on the page, and its
+    # pop (U+202C) made `patient-\u202e4321\u202c.jpg` read as another film's `patient-1234.jpg`; a
+    # zero-width space made two names look alike. The reports keep the name; the page spells them.
+    names = ["/in/patient-\u202e4321\u202c.jpg", "/in/patient-12\u200b34.jpg", "/in/x\u202egpj.exe.jpg"]
+    rows = [_row(names[0], 0.9, True), _row(names[1], 0.1, False)]
+    rows.append(Record.of(names[2], "error", "g", "c", error="corrupt or truncated image: chunk 'a\u2067b'"))
+    page = render_html(rows, LABELS, "NORMAL", CLASSIFIER, Summary.of(rows), "2026-12-07", Path("review.html"))
+    assert not any(c in page for c in "\u202e\u202c\u200b\u2067")
+    assert "/in/patient-\\u202e4321\\u202c.jpg" in page and "/in/patient-12\\u200b34.jpg" in page
+    assert "/in/x\\u202egpj.exe.jpg" in page and "chunk &#x27;a\\u2067b&#x27;" in page
+    assert "data-v='/in/patient-\\u202e4321\\u202c.jpg'" in page  # the table sorts what it shows
