@@ -13,6 +13,9 @@ from cxrbatch.errors import UsageError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".dcm"})
 # Why a file in a walked folder was not screened (the keys of `iter_images(skipped=...)`).
 HIDDEN, NOT_AN_IMAGE, OWN_OUTPUT = "hidden", "not an image file name", "the run's own output"
+MEDIA_DIRECTORY = "a DICOM media directory (DICOMDIR)"
+# PS3.10 names a DICOM export's index file DICOMDIR: a DICOM file with no picture, beside the
+# films of every PACS export, that made an error row (and exit 3) each time an export arrived.
 LISTED_TWICE = "found again through another input"
 # Left by `run --heatmaps` in its folder: what a folder holding it has is never screened, by any run.
 HEATMAPS_MARKER = ".cxrbatch-heatmaps"
@@ -105,6 +108,8 @@ def _walk(folder: Path, skip: set[Path], seen: set[tuple[int, int]], skipped: Co
                 yield path  # image file name", a linked folder's films were left out without a word)
             elif is_dir:
                 stack.append(_listing(path, skip, seen, skipped))
+            elif entry.name.upper() == "DICOMDIR":
+                skipped[MEDIA_DIRECTORY] += 1
             elif not (is_candidate(entry.name) or _screen_by_content(entry)):
                 skipped[NOT_AN_IMAGE] += 1
             elif resolved(path) in skip:

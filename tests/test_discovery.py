@@ -197,3 +197,16 @@ def test_a_link_to_a_folder_this_user_may_not_reach_is_yielded_not_skipped_as_no
     skipped: Counter[str] = Counter()
     found = list(iter_images([tmp_path / "incoming"], skipped=skipped))
     assert found == [tmp_path / "incoming" / "a.png", tmp_path / "incoming" / "study"] and not skipped
+
+
+def test_the_index_of_a_dicom_export_is_skipped_as_no_film(tmp_path: Path) -> None:
+    # every PACS export holds a DICOMDIR beside its films: a DICOM file with no picture, which made
+    # an error row ("no pixel data") and exit 3 each time an export arrived
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("DICOMDIR", "IM0001"):
+        (export / name).write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    (export / "dicomdir.dcm").write_bytes(b"\0" * 128 + b"DICM")  # not the standard's name: screened
+    skipped: Counter[str] = Counter()
+    assert list(iter_images([tmp_path], skipped=skipped)) == [export / "IM0001", export / "dicomdir.dcm"]
+    assert skipped == Counter({"a DICOM media directory (DICOMDIR)": 1})
