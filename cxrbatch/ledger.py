@@ -258,38 +258,10 @@ class Ledger:
             "AND o.first_run > entries.first_run)",
             (self.run_id, key, sha, fp),
         )
-        added = self.db.execute(
+        self.db.execute(
             "INSERT OR IGNORE INTO entries (path, sha256, fingerprint, first_run) VALUES (?, ?, ?, ?)",
             (key, sha, fp, self.run_id),
-        ).rowcount
-        if added and (run := self._delivered_alike(key, sha, fp)) is not None:  # a new entry only: reruns pay nothing
-            self.db.execute(
-                "UPDATE entries SET delivered_run = ? WHERE path = ? AND sha256 = ? AND fingerprint = ?",
-                (run, key, sha, fp),
-            )
-
-    def _delivered_alike(self, key: str, sha: str, fp: str) -> int | None:
-        """The run that delivered this path's content under other settings (a newer preprocessing
-        version, an upgrade) the result it now has under these, with no other content since: such a
-        result is no news (None where there is none, or it differs)."""
-        earlier = self.db.execute(
-            "SELECT o.delivered_run, r.record FROM entries o JOIN results r ON r.sha256 = o.sha256 "
-            "AND r.fingerprint = o.fingerprint WHERE o.path = ? AND o.sha256 = ? AND o.fingerprint != ? "
-            "AND o.delivered_run > 0 AND NOT EXISTS (SELECT 1 FROM entries x WHERE x.path = o.path "
-            "AND x.sha256 != o.sha256 AND x.first_run > o.first_run) ORDER BY o.delivered_run DESC",
-            (key, sha, fp),
-        ).fetchall()
-        if not earlier:
-            return None
-        found = self.db.execute("SELECT record FROM results WHERE sha256 = ? AND fingerprint = ?", (sha, fp)).fetchone()
-        now = None if found is None else readable(key, found[0], warn=False)
-        if now is None:
-            return None
-        for run, text in earlier:
-            before = readable(key, text, warn=False)
-            if before is not None and now.same_result(before):
-                return int(run)
-        return None
+        )
 
     def undelivered(self, inputs: Iterable[Path]) -> list[Stored]:
         """Every entry computed but not yet delivered in a completed report, by path, of a file named
@@ -303,10 +275,6 @@ class Ledger:
         """The stored entries of these (path, content) pairs under these settings, delivered or not."""
         wanted = {(key_of(p), s) for p, s in pairs}
         return [s for s in self._select("e.fingerprint = ?", (fp,)) if (s.key, s.sha256) in wanted]
-
-    def pairs_under(self, fp: str) -> set[tuple[str, str]]:
-        """The (path, content) pairs that have an entry under these settings, delivered or not."""
-        return set(self.db.execute("SELECT path, sha256 FROM entries WHERE fingerprint = ?", (fp,)).fetchall())
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[Stored]:
         sql = (

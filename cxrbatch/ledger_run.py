@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from cxrbatch.crashes import crash_point
 from cxrbatch.heatmaps import unwritten
-from cxrbatch.ledger import Ledger, Stored, key_of
+from cxrbatch.ledger import Ledger, key_of
+from cxrbatch.ledger_news import news
 from cxrbatch.pipeline import Screener
 from cxrbatch.progress import Progress, progress_hook
 from cxrbatch.records import ERROR, Record, Summary, plural
@@ -52,8 +53,10 @@ def run_with_ledger(
         unreadable, seconds, todo = unreadable + more, seconds + spent, todo + again
     reused = len(paths) - len(todo)
     ledger.note_entries(((p, known[p]) for p in later), fp)  # same content as a file screened now
-    stored = ledger.for_paths(known.items(), fp) if options.report_all else ledger.undelivered(options.inputs)
-    stored = _current(ledger, stored, fp)
+    if options.report_all:
+        stored = ledger.for_paths(known.items(), fp)
+    else:
+        stored = news(ledger, ledger.undelivered(options.inputs), fp)
     by_key = {key_of(p): p for p in paths}
     # a row from a killed run for an older content of a path gets no heatmap drawn from the new one
     current = {key_of(p): h for p, h in known.items()}
@@ -75,18 +78,6 @@ def run_with_ledger(
     ledger.finish(stored, rows, report.files(), len(todo), reused)
     log.info("run %d: screened %d, reused %d, reported %d", ledger.run_id, len(todo), reused, len(rows))
     return summary
-
-
-def _current(ledger: Ledger, stored: list[Stored], fp: str) -> list[Stored]:
-    """The undelivered results to report now: none for a path and content that has a result
-    under this run's settings, delivered or not, other than that one. A run killed before its
-    report, then run again with other settings (new models, --no-draft), left a result under
-    each, and both were reported, two rows for one film. The other stays undelivered, as any
-    result is until a run with its settings reports it."""
-    if all(s.fingerprint == fp for s in stored):
-        return stored
-    now = ledger.pairs_under(fp)
-    return [s for s in stored if s.fingerprint == fp or (s.key, s.sha256) not in now]
 
 
 def _maps_to_draw_again(

@@ -114,7 +114,8 @@ class Record:
         if (self.probabilities is None) != (other.probabilities is None) or list(mine) != list(theirs):
             return False
         pairs = [(getattr(self, n), getattr(other, n)) for n in scores] + [(mine[k], theirs[k]) for k in mine]
-        if not all((a is None) == (b is None) and (a is None or abs(a - b) <= within) for a, b in pairs):
+        # two six-decimal scores differ by whole millionths give or take a last bit: rounded, 2e-6 is 2e-6
+        if not all((a is None) == (b is None) and (a is None or round(abs(a - b), 9) <= within) for a, b in pairs):
             return False
         cells = [f.name for f in fields(self) if f.name not in (*scores, "probabilities")]
         return all(getattr(self, n) == getattr(other, n) for n in cells)

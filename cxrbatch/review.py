@@ -181,7 +181,7 @@ def _cards(title: str, rows: list[Record], here: tuple[bytes, bytes], section: s
             src = _href(r.heatmap, here)
             zoom = f"{section}-{i}"
             # each picture named by its film and result: a screen reader heard the same words on every card
-            what = escape(f"{r.label} {r.confidence or 0.0:.2f}, {r.path}", quote=True)
+            what = escape(f"{r.label} {r.confidence or 0.0:.2f}, {_shown(r.path)}", quote=True)
             view = (
                 f"<a href='#{zoom}' title='larger view'><img src='{src}' loading='lazy' "
                 f"alt='{what}: strongest regions marked'></a><a class='zoom' id='{zoom}' href='#_'>"

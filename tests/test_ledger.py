@@ -968,3 +968,62 @@ def test_a_mended_result_reaches_a_copy_a_later_run_finds_still_holding_its_cont
     monkeypatch.undo()
     assert night(inbox / "a", "urgent.csv") == [("a/x.png", "classified")]
     assert night(inbox, "n3.csv") == ([("b/y.png", "classified")] if change == "kept" else [])
+
+
+def test_a_killed_runs_result_that_a_run_under_other_settings_delivered_alike_is_not_reported_again(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # killed before its report, then run with other settings that give the same results (--no-draft
+    # on PNG films; the device of --device auto): those delivered each film; back at the killed run's
+    # settings, its results, the same ones, were reported a second time
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "before_report"}
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9 and len(_inferences(ledger)) == 5
+    code, rows, _ = _run(folder, tiny_models, ledger, out, "--no-draft")
+    assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)]
+    code, rows, err = _run(folder, tiny_models, ledger, out)  # back at the killed run's settings
+    assert code == 0 and "0 to screen" in err and rows == []
+    status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
+    assert status["undelivered"] == 0
+
+
+def test_a_film_back_at_a_content_that_a_run_under_other_settings_delivered_alike_is_not_reported_again(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # settings that flip and flip back (--device auto, --no-draft on PNG films) with a film changed
+    # and changed back between: its content was delivered again under the other settings, and the
+    # first run back at the first ones reported it once more, the same result
+    ledger, out, film = tmp_path / "l.db", tmp_path / "r.csv", folder / "img1.png"
+    original = film.read_bytes()
+    assert _run(folder, tiny_models, ledger, out)[0] == 0
+    grey_image(film, 200)
+    assert _names(_run(folder, tiny_models, ledger, out)[1]) == ["img1.png"]
+    film.write_bytes(original)
+    assert _names(_run(folder, tiny_models, ledger, out, "--no-draft")[1]) == ["img1.png"]  # its news, once
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 0 and rows == []
+
+
+def test_a_killed_runs_result_for_a_content_its_film_has_left_since_it_was_delivered_is_not_reported(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # killed before its report; a run with other models delivered each film; a film then changed
+    # and was delivered again; back at the killed run's models, that film's row was the killed
+    # run's result for the content it no longer holds, after the newer one was delivered
+    ledger, out, newer = tmp_path / "l.db", tmp_path / "r.csv", tmp_path / "newer-models"
+    newer.mkdir()
+    shutil.copy(tiny_models / "gate.onnx", newer / "gate.onnx")
+    make_classifier(newer / "classifier.onnx", review_threshold=0.7)
+    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "before_report"}
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9 and len(_inferences(ledger)) == 5
+    assert len(_run(folder, newer, ledger, out)[1]) == 5
+    grey_image(folder / "img1.png", 200)
+    (changed,) = _run(folder, newer, ledger, out)[1]
+    code, rows, _ = _run(folder, tiny_models, ledger, out)  # back to the killed run's models
+    assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)]  # its results, once
+    (img1,) = [r for r in rows if r["path"] == changed["path"]]  # img1.png once, as it is now
+    assert (img1["label"], img1["confidence"]) == (changed["label"], changed["confidence"])

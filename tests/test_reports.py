@@ -343,3 +343,14 @@ def test_the_same_result_is_every_cell_alike_and_the_scores_within_the_sixth_dec
     assert not base.same_result(replace(base, classifier_model="d"))  # other models
     assert not base.same_result(replace(base, familiarity=0.2))  # a score that one of them lacks
     assert not base.same_result(replace(base, probabilities=None))
+
+
+def test_the_same_result_takes_a_score_moved_by_its_tolerance_alike_at_any_value() -> None:
+    # a score moved by 2e-6 (the default tolerance) was the same result at 0.000010 and news at
+    # 0.500000: the difference of two six-decimal floats is 2e-6 give or take a last bit
+    def at(score: float) -> Record:
+        return Record.of("a.png", CLASSIFIED, "g", "c", gate_score=score, label="NORMAL", confidence=score)
+
+    for score in (0.00001, 0.1, 0.5, 0.7, 0.999996):
+        assert at(score).same_result(at(score + 2e-6)) and at(score + 2e-6).same_result(at(score))
+        assert not at(score).same_result(at(score + 3e-6))

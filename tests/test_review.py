@@ -412,3 +412,12 @@ def test_a_name_that_hides_or_reorders_its_characters_is_shown_as_it_is() -> Non
     assert "/in/patient-\\u202e4321\\u202c.jpg" in page and "/in/patient-12\\u200b34.jpg" in page
     assert "/in/x\\u202egpj.exe.jpg" in page and "chunk &#x27;a\\u2067b&#x27;" in page
     assert "data-v='/in/patient-\\u202e4321\\u202c.jpg'" in page  # the table sorts what it shows
+
+
+def test_a_heatmaps_alt_text_spells_a_name_that_reorders_its_characters(tmp_path: Path) -> None:
+    # the page spelled a right-to-left override in the card's name, but its pictures' alt text (what
+    # a screen reader says, and what the page shows where the heatmap is gone) kept it: `x\u202egpj.exe`
+    # read `xexe.jpg` there
+    row = replace(_row("/in/x\u202egpj.exe", 0.9, True), heatmap=str(tmp_path / "map.png"))
+    page = render_html([row], LABELS, "NORMAL", CLASSIFIER, Summary.of([row]), "2026-12-07", tmp_path / "review.html")
+    assert "\u202e" not in page and "/in/x\\u202egpj.exe: strongest regions marked'" in page
