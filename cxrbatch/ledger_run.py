@@ -69,7 +69,7 @@ def run_with_ledger(
         items += _maps_to_draw_again(delivered, by_key, {record.path for _, record in items})
     position = {key_of(p): i for i, p in enumerate(paths)}  # rows are keyed as the ledger keys paths
     items.sort(key=lambda item: position.get(item[1].path, len(paths)))  # input order, as without a ledger
-    rows = report.finish_rows(items)
+    rows = union([], report.finish_rows(items))  # a killed run's error row gives way to its file's result now
     run = {"found": len(paths), "screened": len(todo), "reused": reused, "seconds": seconds}
     summary = screener.summary(rows, **run)
     crash_point("before_report")

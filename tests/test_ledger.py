@@ -970,6 +970,28 @@ def test_a_mended_result_reaches_a_copy_a_later_run_finds_still_holding_its_cont
     assert night(inbox, "n3.csv") == ([("b/y.png", "classified")] if change == "kept" else [])
 
 
+def test_a_file_put_back_under_other_settings_is_not_news_again_when_they_change_back(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    # soak: a put-back film delivered under --no-draft (the same result) was reported again the
+    # next night the default settings came back: the put-back rule saw only the entries of its own
+    # settings, the content's older entry and another content after it
+    inbox, ledger, out = tmp_path / "in", tmp_path / "l.db", tmp_path / "r.csv"
+    inbox.mkdir()
+    film = grey_image(inbox / "a.png", 110)
+    first = film.read_bytes()
+    assert _names(_run(inbox, tiny_models, ledger, out)[1]) == ["a.png"]
+    grey_image(film, 250)  # overwritten by mistake
+    assert _names(_run(inbox, tiny_models, ledger, out)[1]) == ["a.png"]
+    film.write_bytes(first)  # put back, the night the operator tries --no-draft
+    code, rows, _ = _run(inbox, tiny_models, ledger, out, "--no-draft")
+    assert code == 0 and _names(rows) == ["a.png"] and rows[0]["label"] == "NORMAL"
+    code, rows, _ = _run(inbox, tiny_models, ledger, out)  # back to the defaults: the same result, delivered
+    assert (code, rows) == (0, [])
+    grey_image(film, 250)  # a put back under these settings is still news
+    assert _names(_run(inbox, tiny_models, ledger, out)[1]) == ["a.png"]
+
+
 def test_a_killed_runs_result_that_a_run_under_other_settings_delivered_alike_is_not_reported_again(
     folder: Path, tiny_models: Path, tmp_path: Path
 ) -> None:
@@ -987,6 +1009,7 @@ def test_a_killed_runs_result_that_a_run_under_other_settings_delivered_alike_is
     assert code == 0 and "0 to screen" in err and rows == []
     status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
     assert status["undelivered"] == 0
+    assert _run(folder, tiny_models, ledger, out)[:2] == (0, [])
 
 
 def test_a_film_back_at_a_content_that_a_run_under_other_settings_delivered_alike_is_not_reported_again(
@@ -1027,3 +1050,25 @@ def test_a_killed_runs_result_for_a_content_its_film_has_left_since_it_was_deliv
     assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)]  # its results, once
     (img1,) = [r for r in rows if r["path"] == changed["path"]]  # img1.png once, as it is now
     assert (img1["label"], img1["confidence"]) == (changed["label"], changed["confidence"])
+
+
+def test_a_killed_runs_error_row_for_a_file_mended_since_neither_shows_nor_counts(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    # soak: a run killed while a film was truncated left its error row undelivered; the film was
+    # mended and the next run's report held only the film's result (the error row gave way to it),
+    # but its summary counted "1 error" in a report of 1 row with none, and it exited 3
+    inbox, ledger, out = tmp_path / "in", tmp_path / "l.db", tmp_path / "r.csv"
+    inbox.mkdir()
+    good = grey_image(inbox / "a.png", 110).read_bytes()
+    (inbox / "a.png").write_bytes(good[:80])  # still being copied, or truncated
+    args = ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "before_report"}
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9
+    (inbox / "a.png").write_bytes(good)  # mended
+    code, rows, err = _run(inbox, tiny_models, ledger, out)
+    assert [(r["status"], r["label"]) for r in rows] == [("classified", "NORMAL")]
+    assert code == 0, err
+    assert err.strip().splitlines()[-1].startswith("1 file: 1 classified, 0 rejected, 0 errors")
+    assert _run(inbox, tiny_models, ledger, out)[:2] == (0, [])
