@@ -7,10 +7,10 @@ leave results under each set: what a reader has seen already must not come back 
 film must not get two rows in one report. So, of the undelivered results:
 
 - one under this run's settings that says what a run under other settings already delivered for
-  that path and content (its scores within the sixth decimal: `Record.same_result`) is no news:
-  for an entry this run made or put back, delivered at any time; for an older one (a killed
-  run's), delivered since it was made. One delivered since whose path has held another content
-  after that is stale. Both are marked delivered by the run that delivered their film;
+  that path and content, with no other content of the path since (its scores within the sixth
+  decimal: `Record.same_result`), is no news. An older one (a killed run's) whose film a run has
+  delivered since, and whose path has held another content after that, is stale. Both are
+  marked delivered by the run that delivered their film;
 - one under other settings waits, undelivered, where this run has a result of its own for the
   same path and content (a run killed before its report, then run again with other settings,
   had reported both).
@@ -49,9 +49,7 @@ def _no_news(ledger: Ledger, key: str, sha: str, fp: str) -> int | None:
     (first,) = ledger.db.execute(
         "SELECT first_run FROM entries WHERE path = ? AND sha256 = ? AND fingerprint = ?", (key, sha, fp)
     ).fetchone()
-    if first == ledger.run_id:
-        return _delivered_alike(ledger, key, sha, fp)
-    if (run := _delivered_alike(ledger, key, sha, fp, after=first)) is not None:
+    if (run := _delivered_alike(ledger, key, sha, fp)) is not None or first == ledger.run_id:
         return run
     (left,) = ledger.db.execute(
         "SELECT max(o.delivered_run) FROM entries o WHERE o.path = ? AND o.sha256 = ? AND o.fingerprint != ? "
@@ -62,15 +60,15 @@ def _no_news(ledger: Ledger, key: str, sha: str, fp: str) -> int | None:
     return None if left is None else int(left)
 
 
-def _delivered_alike(ledger: Ledger, key: str, sha: str, fp: str, after: int = 0) -> int | None:
-    """The run (after run `after`) that delivered under other settings, for this path and
-    content, the result it now has under these, with no other content since; None where none did."""
+def _delivered_alike(ledger: Ledger, key: str, sha: str, fp: str) -> int | None:
+    """The run that delivered under other settings, for this path and content, the result it now
+    has under these, with no other content since; None where none did."""
     earlier = ledger.db.execute(
         "SELECT o.delivered_run, r.record FROM entries o JOIN results r ON r.sha256 = o.sha256 "
         "AND r.fingerprint = o.fingerprint WHERE o.path = ? AND o.sha256 = ? AND o.fingerprint != ? "
-        "AND o.delivered_run > ? AND NOT EXISTS (SELECT 1 FROM entries x WHERE x.path = o.path "
+        "AND o.delivered_run > 0 AND NOT EXISTS (SELECT 1 FROM entries x WHERE x.path = o.path "
         "AND x.sha256 != o.sha256 AND x.first_run > o.first_run) ORDER BY o.delivered_run DESC",
-        (key, sha, fp, after),
+        (key, sha, fp),
     ).fetchall()
     if not earlier:
         return None

@@ -1012,6 +1012,25 @@ def test_a_killed_runs_result_that_a_run_under_other_settings_delivered_alike_is
     assert _run(folder, tiny_models, ledger, out)[:2] == (0, [])
 
 
+def test_a_result_a_killed_run_made_alike_after_other_settings_delivered_it_is_not_reported(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # soak: the films delivered under --no-draft (PNGs: the same results as under the defaults),
+    # then a run under the defaults killed after committing its results, then the defaults again:
+    # the killed run's results were reported, though a reader had seen them (delivered before the
+    # killed run made its entries, and the rule asked for a delivery after)
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    assert _names(_run(folder, tiny_models, ledger, out, "--no-draft")[1]) == [f"img{i}.png" for i in range(5)]
+    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "batch_committed"}  # killed while screening, 2 films committed
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args, "--batch-size", "2"], env=env,
+                          capture_output=True, timeout=120)  # fmt: skip
+    assert proc.returncode == -9
+    code, rows, err = _run(folder, tiny_models, ledger, out, "--batch-size", "2")
+    assert code == 0 and "3 to screen" in err and rows == []
+    assert json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)["undelivered"] == 0
+
+
 def test_a_film_back_at_a_content_that_a_run_under_other_settings_delivered_alike_is_not_reported_again(
     folder: Path, tiny_models: Path, tmp_path: Path
 ) -> None:
