@@ -53,8 +53,12 @@ def run_with_ledger(
         unreadable, seconds, todo = unreadable + more, seconds + spent, todo + again
     reused = len(paths) - len(todo)
     ledger.note_entries(((p, known[p]) for p in later), fp)  # same content as a file screened now
-    if options.report_all:
-        stored = ledger.for_paths(known.items(), fp)
+    if options.report_all:  # every result for the inputs, and what a plain run would report besides
+        now = ledger.for_paths(known.items(), fp)
+        have = {(s.key, s.sha256) for s in now}
+        # older contents' undelivered results (a killed run's) first, as a plain run orders them
+        stored = [s for s in news(ledger, ledger.undelivered(options.inputs), fp) if (s.key, s.sha256) not in have]
+        stored += now
     else:
         stored = news(ledger, ledger.undelivered(options.inputs), fp)
     by_key = {key_of(p): p for p in paths}
@@ -88,12 +92,18 @@ def _maps_to_draw_again(
     their failed rows' places (`union`), so a rerun into the same report mends it. A row is
     delivered once: another night's report does not get it again."""
     again: dict[str, tuple[Path | None, Record]] = {}
+    failed: list[set[str]] = []  # per report file: the paths whose last row there failed so
     for rows in delivered.values():
         latest = {row.path: row for row in union(rows, [])}  # each file's last row there
+        failed.append({path for path, row in latest.items() if unwritten(row)})
         for path, row in latest.items():
             if unwritten(row) and path in by_key and path not in reported:
                 again[path] = (by_key[path], replace(row, error=None, heatmap=None))
-    return list(again.values())
+    # drawn again, a row is delivered into every report file of this run: only where each of them
+    # holds it failed (a rerun into the failed night's files), never into a new night's report
+    # because another file of the run (a fixed --html review.html) held the failed row
+    mend = set.intersection(*failed) if failed else set()
+    return [item for path, item in again.items() if path in mend]
 
 
 def _screen_into(

@@ -1091,3 +1091,82 @@ def test_a_killed_runs_error_row_for_a_file_mended_since_neither_shows_nor_count
     assert code == 0, err
     assert err.strip().splitlines()[-1].startswith("1 file: 1 classified, 0 rejected, 0 errors")
     assert _run(inbox, tiny_models, ledger, out)[:2] == (0, [])
+
+
+def test_report_all_reports_a_killed_runs_result_for_an_earlier_content_as_a_plain_run_would(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    # the soak (soak_more.py seed 5): a run killed after its report, the film overwritten, then a
+    # run with --report-all over the folder: it reported the film's new result only, left the
+    # killed run's result undelivered (`cxrbatch ledger`: undelivered 1 after a completed run over
+    # all inputs), and the next plain run delivered it a night late; a plain run in its place
+    # reports it. --report-all reports what a plain run would, and every result besides
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    film = grey_image(inbox / "a.png", 60)
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    args = ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "after_report"}
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9 and _view(ledger)["undelivered"] == 1
+    grey_image(film, 200)  # another film written over it
+    code, rows, _ = _run(inbox, tiny_models, ledger, tmp_path / "all.csv", "--report-all")
+    assert code == 0 and len(rows) == 2  # the killed run's result for the first film, and the new one
+    assert _view(ledger)["undelivered"] == 0
+    assert _run(inbox, tiny_models, ledger, tmp_path / "next.csv")[:2] == (0, [])
+
+
+def test_a_heatmap_not_written_one_night_is_not_delivered_again_into_the_next_nights_report(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the soak (soak_more.py seed 3): the README's `--html review.html` (one page for every night)
+    # with a report named by its date; a heatmap could not be written one night, and the next
+    # night's run drew it again because the page held the failed row, and delivered the film's
+    # result a second time, into the next night's CSV ("a result is delivered once")
+    import errno
+
+    from cxrbatch import files
+
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    grey_image(inbox / "a.png", 60)
+    ledger, maps, page = tmp_path / "l.db", tmp_path / "maps", tmp_path / "review.html"
+
+    def night(day: str) -> tuple[int, list[dict[str, str]]]:
+        out = tmp_path / f"{day}.csv"
+        result = runner.invoke(app, ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger),
+                                     "--out", str(out), "--heatmaps", str(maps), "--html", str(page)])  # fmt: skip
+        return result.exit_code, list(csv.DictReader(out.open(encoding="utf-8")))
+
+    def no_room(src: str, dst: str) -> None:
+        if str(dst).endswith(".png"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.rename(src, dst)
+
+    with monkeypatch.context() as full:
+        full.setattr(files.os, "replace", no_room)
+        code, rows = night("2026-12-01")
+    assert code == 3 and [r["error"] for r in rows] == ["heatmap not written: No space left on device"]
+    code, rows = night("2026-12-02")  # the next night, nothing new
+    assert (code, rows) == (0, [])
+    code, rows = night("2026-12-01")  # the failed night's report named again: mended there
+    assert code == 0 and len(rows) == 1 and rows[0]["error"] == "" and Path(rows[0]["heatmap"]).is_file()
+
+
+def test_report_all_after_a_killed_run_keeps_the_error_row_of_the_files_content_now(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    # the soak (soak_more.py seed 1, with the fix above): a run killed after its report, the film
+    # then truncated, a run with --report-all: the killed run's result must come before the error
+    # row of the file as it is now, or the union lets it take the error row's place
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    film = grey_image(inbox / "a.png", 60)
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    args = ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "after_report"}
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9
+    film.write_bytes(film.read_bytes()[:80])
+    code, rows, _ = _run(inbox, tiny_models, ledger, tmp_path / "all.csv", "--report-all")
+    assert code == 3 and [r["status"] for r in rows] == ["classified", "error"]
