@@ -44,12 +44,17 @@ def umask() -> int:
     return current
 
 
+def new_file_mode() -> int:
+    """The permission bits of a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
 def mode_for(path: Path) -> int:
-    """The permission bits a write to `path` should leave: the existing file's, else 0666 less the umask."""
+    """The permission bits a write to `path` should leave: the existing file's, else a new file's."""
     try:
         return stat.S_IMODE(path.stat().st_mode)
     except OSError:
-        return 0o666 & ~umask()
+        return new_file_mode()
 
 
 def atomic_write(
@@ -104,7 +109,7 @@ def staged(
                 write(fh)
                 crash_point(f"writing {path.name}")  # the temporary file holds the report (crash tests only)
                 fh.flush()
-                os.fchmod(fh.fileno(), 0o666 & ~umask() if planted else mode_for(path))
+                os.fchmod(fh.fileno(), new_file_mode() if planted else mode_for(path))
                 os.fsync(fh.fileno())
         except OSError as exc:
             raise write_failed(what, path, exc) from None

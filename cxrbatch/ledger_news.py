@@ -33,52 +33,47 @@ def _settle(ledger: Ledger, stored: Sequence[Stored], fp: str) -> list[Stored]:
     kept = []
     with ledger.db:
         for s in stored:
-            pk = (s.key, s.sha256, s.fingerprint)
-            if s.fingerprint != fp or (run := _no_news(ledger, *pk)) is None:
+            if s.fingerprint != fp or (run := _no_news(ledger, s)) is None:
                 kept.append(s)
                 continue
             ledger.db.execute(
-                "UPDATE entries SET delivered_run = ? WHERE path = ? AND sha256 = ? AND fingerprint = ?", (run, *pk)
+                "UPDATE entries SET delivered_run = ? WHERE path = ? AND sha256 = ? AND fingerprint = ?",
+                (run, s.key, s.sha256, s.fingerprint),
             )
     return kept
 
 
-def _no_news(ledger: Ledger, key: str, sha: str, fp: str) -> int | None:
+def _no_news(ledger: Ledger, s: Stored) -> int | None:
     """The run under other settings that delivered this entry's path and content where that
     makes it no news (see the module's text), or None."""
     (first,) = ledger.db.execute(
-        "SELECT first_run FROM entries WHERE path = ? AND sha256 = ? AND fingerprint = ?", (key, sha, fp)
+        "SELECT first_run FROM entries WHERE path = ? AND sha256 = ? AND fingerprint = ?",
+        (s.key, s.sha256, s.fingerprint),
     ).fetchone()
-    if (run := _delivered_alike(ledger, key, sha, fp)) is not None or first == ledger.run_id:
+    if (run := _delivered_alike(ledger, s)) is not None or first == ledger.run_id:
         return run
     (left,) = ledger.db.execute(
         "SELECT max(o.delivered_run) FROM entries o WHERE o.path = ? AND o.sha256 = ? AND o.fingerprint != ? "
         "AND o.delivered_run > ? AND EXISTS (SELECT 1 FROM entries x WHERE x.path = o.path "
         "AND x.sha256 != o.sha256 AND x.first_run > o.first_run)",
-        (key, sha, fp, first),
+        (s.key, s.sha256, s.fingerprint, first),
     ).fetchone()
     return None if left is None else int(left)
 
 
-def _delivered_alike(ledger: Ledger, key: str, sha: str, fp: str) -> int | None:
-    """The run that delivered under other settings, for this path and content, the result it now
-    has under these, with no other content since; None where none did."""
+def _delivered_alike(ledger: Ledger, s: Stored) -> int | None:
+    """The run that delivered under other settings, for this path and content, the result `s`
+    holds (`s.record`), with no other content since; None where none did."""
     earlier = ledger.db.execute(
         "SELECT o.delivered_run, r.record FROM entries o JOIN results r ON r.sha256 = o.sha256 "
         "AND r.fingerprint = o.fingerprint WHERE o.path = ? AND o.sha256 = ? AND o.fingerprint != ? "
         "AND o.delivered_run > 0 AND NOT EXISTS (SELECT 1 FROM entries x WHERE x.path = o.path "
         "AND x.sha256 != o.sha256 AND x.first_run > o.first_run) ORDER BY o.delivered_run DESC",
-        (key, sha, fp),
+        (s.key, s.sha256, s.fingerprint),
     ).fetchall()
-    if not earlier:
-        return None
-    found = ledger.db.execute("SELECT record FROM results WHERE sha256 = ? AND fingerprint = ?", (sha, fp)).fetchone()
-    now = None if found is None else readable(key, found[0], warn=False)
-    if now is None:
-        return None
     for run, text in earlier:
-        before = readable(key, text, warn=False)
-        if before is not None and now.same_result(before):
+        before = readable(s.key, text, warn=False)
+        if before is not None and s.record.same_result(before):
             return int(run)
     return None
 

@@ -53,14 +53,11 @@ def run_with_ledger(
         unreadable, seconds, todo = unreadable + more, seconds + spent, todo + again
     reused = len(paths) - len(todo)
     ledger.note_entries(((p, known[p]) for p in later), fp)  # same content as a file screened now
-    if options.report_all:  # every result for the inputs, and what a plain run would report besides
+    stored = news(ledger, ledger.undelivered(options.inputs), fp)
+    if options.report_all:  # every result for the inputs besides, after older contents' (a killed run's)
         now = ledger.for_paths(known.items(), fp)
         have = {(s.key, s.sha256) for s in now}
-        # older contents' undelivered results (a killed run's) first, as a plain run orders them
-        stored = [s for s in news(ledger, ledger.undelivered(options.inputs), fp) if (s.key, s.sha256) not in have]
-        stored += now
-    else:
-        stored = news(ledger, ledger.undelivered(options.inputs), fp)
+        stored = [s for s in stored if (s.key, s.sha256) not in have] + now
     by_key = {key_of(p): p for p in paths}
     # a row from a killed run for an older content of a path gets no heatmap drawn from the new one
     current = {key_of(p): h for p, h in known.items()}

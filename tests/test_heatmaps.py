@@ -13,6 +13,7 @@ from PIL import Image, ImageFilter
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
+from cxrbatch.files import umask
 from cxrbatch.heatmaps import _square, class_map, heatmap_name, overlay
 from cxrbatch.models import load_models
 from cxrbatch.records import Record
@@ -208,10 +209,4 @@ def test_a_link_planted_in_the_heatmaps_folder_is_replaced_not_written_through(
     assert victim.read_text(encoding="utf-8") == "a staff file"
     assert not os.path.lexists(elsewhere)
     assert all(not png.is_symlink() and Image.open(png).format == "PNG" for png in drawn)
-    assert all(os.stat(png).st_mode & 0o777 == 0o666 & ~_umask() for png in drawn)
-
-
-def _umask() -> int:
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
+    assert all(os.stat(png).st_mode & 0o777 == 0o666 & ~umask() for png in drawn)
