@@ -194,7 +194,7 @@ def test_a_schema_2_ledger_of_preprocessing_1_screens_again_but_reports_only_wha
     assert code == 0 and "5 to screen" in err  # new settings: screened again, once
     assert [r["path"] for r in rows] == [changed]  # only the result that changed is news
     assert _run(folder, tiny_models, ledger, out)[:2] == (0, [])
-    status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
+    status = _view(ledger)
     assert status["undelivered"] == 0 and status["files"] == 5
 
 
@@ -303,10 +303,7 @@ def test_a_killed_runs_results_under_other_settings_are_not_reported_beside_this
     newer.mkdir()
     shutil.copy(tiny_models / "gate.onnx", newer / "gate.onnx")
     make_classifier(newer / "classifier.onnx", review_threshold=0.7)
-    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
-    env = {**os.environ, "CXRBATCH_CRASH_AT": "before_report"}
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == -9 and len(_inferences(ledger)) == 5
+    assert _killed_at("before_report", folder, tiny_models, ledger, out) == -9 and len(_inferences(ledger)) == 5
     code, rows, err = _run(folder, newer, ledger, out)
     assert code == 0 and "5 to screen" in err  # other settings: screened again
     assert _names(rows) == [f"img{i}.png" for i in range(5)]  # each film once, as now screened
@@ -509,7 +506,7 @@ def test_a_damaged_result_is_screened_again_not_a_traceback_every_night(
     code, rows, err = _run(folder, tiny_models, ledger, out)
     assert code == 0 and "Traceback" not in err and "a result in the ledger cannot be read" in err
     assert rows == [] and "1 screened" in err  # screened again and replaced; delivered already, so not again
-    status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
+    status = _view(ledger)
     assert "damaged_results" not in status and status["files"] == 5
 
 
@@ -566,7 +563,7 @@ def test_the_ledger_command_counts_only_the_newest_result_of_a_path(
         db.execute("UPDATE results SET record = 'garbage' WHERE sha256 = ?", (sha,))
     db.close()
     _run(folder, tiny_models, ledger, out, "--no-draft")  # other settings: a newer result for every path
-    status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
+    status = _view(ledger)
     assert "damaged_results" not in status and status["files"] == 5  # the damaged one is superseded
 
 
@@ -672,6 +669,15 @@ def test_a_report_that_is_a_link_to_a_film_is_refused(folder: Path, tiny_models:
     result = runner.invoke(app, ["run", str(folder), "--models", str(tiny_models), "--out", str(link)])
     assert result.exit_code == 2 and "would be written over a film" in result.stderr
     assert (folder / "img4.png").read_bytes() == before
+
+
+def _killed_at(point: str, folder: Path, models: Path, ledger: Path, out: Path, *extra: str) -> int:
+    """A nightly run killed at the crash point `point` (SIGKILL): its exit status."""
+    args = ["run", str(folder), "--models", str(models), "--ledger", str(ledger), "--out", str(out), "--quiet", *extra]
+    env = {**os.environ, "CXRBATCH_CRASH_AT": point}
+    return subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120
+    ).returncode
 
 
 def _view(ledger: Path) -> dict:  # type: ignore[type-arg]
@@ -999,15 +1005,12 @@ def test_a_killed_runs_result_that_a_run_under_other_settings_delivered_alike_is
     # on PNG films; the device of --device auto): those delivered each film; back at the killed run's
     # settings, its results, the same ones, were reported a second time
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
-    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
-    env = {**os.environ, "CXRBATCH_CRASH_AT": "before_report"}
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == -9 and len(_inferences(ledger)) == 5
+    assert _killed_at("before_report", folder, tiny_models, ledger, out) == -9 and len(_inferences(ledger)) == 5
     code, rows, _ = _run(folder, tiny_models, ledger, out, "--no-draft")
     assert code == 0 and _names(rows) == [f"img{i}.png" for i in range(5)]
     code, rows, err = _run(folder, tiny_models, ledger, out)  # back at the killed run's settings
     assert code == 0 and "0 to screen" in err and rows == []
-    status = json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)
+    status = _view(ledger)
     assert status["undelivered"] == 0
     assert _run(folder, tiny_models, ledger, out)[:2] == (0, [])
 
@@ -1021,14 +1024,11 @@ def test_a_result_a_killed_run_made_alike_after_other_settings_delivered_it_is_n
     # killed run made its entries, and the rule asked for a delivery after)
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
     assert _names(_run(folder, tiny_models, ledger, out, "--no-draft")[1]) == [f"img{i}.png" for i in range(5)]
-    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
-    env = {**os.environ, "CXRBATCH_CRASH_AT": "batch_committed"}  # killed while screening, 2 films committed
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args, "--batch-size", "2"], env=env,
-                          capture_output=True, timeout=120)  # fmt: skip
-    assert proc.returncode == -9
+    # killed while screening, with 2 films committed
+    assert _killed_at("batch_committed", folder, tiny_models, ledger, out, "--batch-size", "2") == -9
     code, rows, err = _run(folder, tiny_models, ledger, out, "--batch-size", "2")
     assert code == 0 and "3 to screen" in err and rows == []
-    assert json.loads(runner.invoke(app, ["ledger", str(ledger), "--json"]).stdout)["undelivered"] == 0
+    assert _view(ledger)["undelivered"] == 0
 
 
 def test_a_film_back_at_a_content_that_a_run_under_other_settings_delivered_alike_is_not_reported_again(
@@ -1058,10 +1058,7 @@ def test_a_killed_runs_result_for_a_content_its_film_has_left_since_it_was_deliv
     newer.mkdir()
     shutil.copy(tiny_models / "gate.onnx", newer / "gate.onnx")
     make_classifier(newer / "classifier.onnx", review_threshold=0.7)
-    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
-    env = {**os.environ, "CXRBATCH_CRASH_AT": "before_report"}
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == -9 and len(_inferences(ledger)) == 5
+    assert _killed_at("before_report", folder, tiny_models, ledger, out) == -9 and len(_inferences(ledger)) == 5
     assert len(_run(folder, newer, ledger, out)[1]) == 5
     grey_image(folder / "img1.png", 200)
     (changed,) = _run(folder, newer, ledger, out)[1]
@@ -1081,10 +1078,7 @@ def test_a_killed_runs_error_row_for_a_file_mended_since_neither_shows_nor_count
     inbox.mkdir()
     good = grey_image(inbox / "a.png", 110).read_bytes()
     (inbox / "a.png").write_bytes(good[:80])  # still being copied, or truncated
-    args = ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
-    env = {**os.environ, "CXRBATCH_CRASH_AT": "before_report"}
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == -9
+    assert _killed_at("before_report", inbox, tiny_models, ledger, out) == -9
     (inbox / "a.png").write_bytes(good)  # mended
     code, rows, err = _run(inbox, tiny_models, ledger, out)
     assert [(r["status"], r["label"]) for r in rows] == [("classified", "NORMAL")]
@@ -1105,10 +1099,7 @@ def test_report_all_reports_a_killed_runs_result_for_an_earlier_content_as_a_pla
     inbox.mkdir()
     film = grey_image(inbox / "a.png", 60)
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
-    args = ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
-    env = {**os.environ, "CXRBATCH_CRASH_AT": "after_report"}
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == -9 and _view(ledger)["undelivered"] == 1
+    assert _killed_at("after_report", inbox, tiny_models, ledger, out) == -9 and _view(ledger)["undelivered"] == 1
     grey_image(film, 200)  # another film written over it
     code, rows, _ = _run(inbox, tiny_models, ledger, tmp_path / "all.csv", "--report-all")
     assert code == 0 and len(rows) == 2  # the killed run's result for the first film, and the new one
@@ -1163,10 +1154,7 @@ def test_report_all_after_a_killed_run_keeps_the_error_row_of_the_files_content_
     inbox.mkdir()
     film = grey_image(inbox / "a.png", 60)
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
-    args = ["run", str(inbox), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out), "--quiet"]
-    env = {**os.environ, "CXRBATCH_CRASH_AT": "after_report"}
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, *args], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == -9
+    assert _killed_at("after_report", inbox, tiny_models, ledger, out) == -9
     film.write_bytes(film.read_bytes()[:80])
     code, rows, _ = _run(inbox, tiny_models, ledger, tmp_path / "all.csv", "--report-all")
     assert code == 3 and [r["status"] for r in rows] == ["classified", "error"]
