@@ -61,12 +61,14 @@ class LedgerBusy(CxrBatchError):
 
 @dataclass(frozen=True)
 class Stored:
-    """One entry of the ledger with its result: a path, its content, the settings, the record."""
+    """One entry of the ledger with its result: a path, its content, the settings, the record, and
+    the run that made the entry (or put its path back at this content)."""
 
     key: str  # the absolute path as the ledger keys it
     sha256: str
     fingerprint: str
     record: Record
+    first_run: int
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -278,11 +280,12 @@ class Ledger:
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[Stored]:
         sql = (
-            "SELECT e.path, e.sha256, e.fingerprint, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
-            f"AND r.fingerprint = e.fingerprint WHERE {where} ORDER BY e.path, e.first_run, e.fingerprint"
+            "SELECT e.path, e.sha256, e.fingerprint, r.record, e.first_run FROM entries e JOIN results r "
+            f"ON r.sha256 = e.sha256 AND r.fingerprint = e.fingerprint WHERE {where} "
+            "ORDER BY e.path, e.first_run, e.fingerprint"
         )
-        found = [(p, sha, fp, readable(p, rec)) for p, sha, fp, rec in self.db.execute(sql, args)]
-        return [Stored(p, sha, fp, record) for p, sha, fp, record in found if record is not None]
+        found = [(p, sha, fp, readable(p, rec), first) for p, sha, fp, rec, first in self.db.execute(sql, args)]
+        return [Stored(p, sha, fp, record, first) for p, sha, fp, record, first in found if record is not None]
 
     def delivered_to(self, target: str) -> list[Record]:
         """The rows that completed runs reported into the report file `target`, oldest run first. A

@@ -46,17 +46,13 @@ def _settle(ledger: Ledger, stored: Sequence[Stored], fp: str) -> list[Stored]:
 def _no_news(ledger: Ledger, s: Stored) -> int | None:
     """The run under other settings that delivered this entry's path and content where that
     makes it no news (see the module's text), or None."""
-    (first,) = ledger.db.execute(
-        "SELECT first_run FROM entries WHERE path = ? AND sha256 = ? AND fingerprint = ?",
-        (s.key, s.sha256, s.fingerprint),
-    ).fetchone()
-    if (run := _delivered_alike(ledger, s)) is not None or first == ledger.run_id:
+    if (run := _delivered_alike(ledger, s)) is not None or s.first_run == ledger.run_id:
         return run
     (left,) = ledger.db.execute(
         "SELECT max(o.delivered_run) FROM entries o WHERE o.path = ? AND o.sha256 = ? AND o.fingerprint != ? "
         "AND o.delivered_run > ? AND EXISTS (SELECT 1 FROM entries x WHERE x.path = o.path "
         "AND x.sha256 != o.sha256 AND x.first_run > o.first_run)",
-        (s.key, s.sha256, s.fingerprint, first),
+        (s.key, s.sha256, s.fingerprint, s.first_run),
     ).fetchone()
     return None if left is None else int(left)
 
