@@ -299,10 +299,7 @@ def test_a_killed_runs_results_under_other_settings_are_not_reported_beside_this
     # killed before its report, then run again with other settings (new models, --no-draft): the
     # killed run's results and the new ones were both delivered, two rows for each film (on the
     # bench set with --no-draft, 510 rows for 294 films)
-    ledger, out, newer = tmp_path / "l.db", tmp_path / "r.csv", tmp_path / "newer-models"
-    newer.mkdir()
-    shutil.copy(tiny_models / "gate.onnx", newer / "gate.onnx")
-    make_classifier(newer / "classifier.onnx", review_threshold=0.7)
+    ledger, out, newer = tmp_path / "l.db", tmp_path / "r.csv", _other_models(tiny_models, tmp_path)
     assert _killed_at("before_report", folder, tiny_models, ledger, out) == -9 and len(_inferences(ledger)) == 5
     code, rows, err = _run(folder, newer, ledger, out)
     assert code == 0 and "5 to screen" in err  # other settings: screened again
@@ -669,6 +666,15 @@ def test_a_report_that_is_a_link_to_a_film_is_refused(folder: Path, tiny_models:
     result = runner.invoke(app, ["run", str(folder), "--models", str(tiny_models), "--out", str(link)])
     assert result.exit_code == 2 and "would be written over a film" in result.stderr
     assert (folder / "img4.png").read_bytes() == before
+
+
+def _other_models(models: Path, tmp_path: Path) -> Path:
+    """A models folder beside `models` with the same gate and another classifier: other settings."""
+    newer = tmp_path / "newer-models"
+    newer.mkdir()
+    shutil.copy(models / "gate.onnx", newer / "gate.onnx")
+    make_classifier(newer / "classifier.onnx", review_threshold=0.7)
+    return newer
 
 
 def _killed_at(point: str, folder: Path, models: Path, ledger: Path, out: Path, *extra: str) -> int:
@@ -1054,10 +1060,7 @@ def test_a_killed_runs_result_for_a_content_its_film_has_left_since_it_was_deliv
     # killed before its report; a run with other models delivered each film; a film then changed
     # and was delivered again; back at the killed run's models, that film's row was the killed
     # run's result for the content it no longer holds, after the newer one was delivered
-    ledger, out, newer = tmp_path / "l.db", tmp_path / "r.csv", tmp_path / "newer-models"
-    newer.mkdir()
-    shutil.copy(tiny_models / "gate.onnx", newer / "gate.onnx")
-    make_classifier(newer / "classifier.onnx", review_threshold=0.7)
+    ledger, out, newer = tmp_path / "l.db", tmp_path / "r.csv", _other_models(tiny_models, tmp_path)
     assert _killed_at("before_report", folder, tiny_models, ledger, out) == -9 and len(_inferences(ledger)) == 5
     assert len(_run(folder, newer, ledger, out)[1]) == 5
     grey_image(folder / "img1.png", 200)
