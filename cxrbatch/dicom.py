@@ -2,7 +2,7 @@
 
 Order, as the standard has it: stored values -> Modality LUT (or rescale slope/intercept) ->
 VOI LUT (or the first window centre/width) -> MONOCHROME1 or a Presentation LUT Shape of INVERSE
-inverted (once where both say so); PALETTE COLOR values go
+inverted (once where both say so) -> Pixel Padding values shown black; PALETTE COLOR values go
 through their colour tables, and colour comes as 8-bit RGB; `cxrbatch.imaging` then
 scales the result's minimum..maximum linearly to 0..255. Nothing from the header except what that needs is read,
 and nothing of it (names, ids, dates) is ever put in a message.
@@ -130,8 +130,49 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
     if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
         if isinstance(film, Levels):
             lo, hi = film.extremes() or (0.0, 0.0)  # a film has at least one level
-            return film.map(lambda values: hi + lo - values)
-        return film.max() + film.min() - film
+            film = film.map(lambda values: hi + lo - values)
+        else:
+            film = film.max() + film.min() - film
+    padding = _padding(ds, arr.dtype)
+    if padding is None:
+        return film
+    if isinstance(film, Levels) and levels is not None:
+        return _black_levels(film, (levels.values >= padding[0]) & (levels.values <= padding[1]))
+    return _black_pixels(cast(np.ndarray, film), (arr >= padding[0]) & (arr <= padding[1]))
+
+
+def _padding(ds: Dataset, dtype: np.dtype) -> tuple[int, int] | None:
+    """The stored values that are padding, not film (the frame a reader or an export puts around
+    it): from the Pixel Padding Value to the Pixel Padding Range Limit where one is given, lowest
+    first, read as the frame's own integers are (a value read with the other sign is one the
+    header's US-or-SS type left open). None where there is no padding value, or none to read."""
+    ends = [ds.get(key) for key in ("PixelPaddingValue", "PixelPaddingRangeLimit") if ds.get(key) is not None]
+    if not ends or dtype.kind not in "iu":
+        return None
+    try:
+        stored = [int(np.array(int(end), dtype=np.int64).astype(dtype)) for end in ends]  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return min(stored), max(stored)
+
+
+def _black_levels(film: Levels, padding: np.ndarray) -> Levels:
+    """A film's padding levels shown black: at its darkest value of film, so that the scaling from
+    its minimum to its maximum counts the film alone (as viewers show padding)."""
+    present = film.present()
+    real = present & ~padding
+    if not real.any() or not (present & padding).any():  # nothing but padding, or none of it
+        return film
+    values = np.array(film.values, dtype=np.float64)
+    values[padding] = values[real].min()
+    return Levels(film.index, values)
+
+
+def _black_pixels(film: np.ndarray, padding: np.ndarray) -> np.ndarray:
+    """`_black_levels` for a film held pixel by pixel (in place: the film is a float64 copy)."""
+    if padding.all() or not padding.any():
+        return film
+    film[padding] = np.min(film, where=~padding, initial=np.inf)
     return film
 
 

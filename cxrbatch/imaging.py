@@ -34,7 +34,8 @@ MIN_SIDE = 32
 # 2: 16-bit and float TIFFs stored "white is zero" are read the right way round (they were inverted).
 # 3: DICOM: a Presentation LUT Shape of INVERSE inverts a MONOCHROME2 film, and a window after a
 #    negative rescale slope no longer inverts the film (both were screened as negatives).
-PREPROCESSING_VERSION = 3
+# 4: DICOM: Pixel Padding values are shown black and left out of the film's scaling.
+PREPROCESSING_VERSION = 4
 HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I", "F")  # modes scaled from their minimum to their maximum
 WHITE_IS_ZERO = 0  # TIFF tag 262 (PhotometricInterpretation): 0 = the smallest value is white
 # Pillow reads 16-bit colour as 8 bits a channel (the high bytes): a film of 14 bits or fewer in

@@ -76,6 +76,67 @@ def test_a_window_after_a_negative_rescale_slope_keeps_the_film_the_right_way_ro
     assert arr[0, 0] == 0 and arr[-1, -1] == 255
 
 
+def _framed(film: np.ndarray, value: int, border: int = 8) -> np.ndarray:
+    """`film` in a border of `value`: the padding a CR reader or an export puts around a film."""
+    framed = np.full((film.shape[0] + 2 * border, film.shape[1] + 2 * border), value, dtype=film.dtype)
+    framed[border:-border, border:-border] = film
+    return framed
+
+
+@pytest.mark.parametrize(
+    ("photometric", "pad", "window"),
+    [
+        ("MONOCHROME2", 0, {}),
+        ("MONOCHROME1", 4095, {}),
+        ("MONOCHROME2", 0, {"WindowCenter": 2000, "WindowWidth": 1000}),
+    ],
+)
+def test_pixel_padding_is_black_and_left_out_of_the_films_scaling(
+    tmp_path: Path, photometric: str, pad: int, window: dict[str, int]
+) -> None:
+    # Pixel Padding Value marks stored values that are no part of the film (the frame around it).
+    # They were scaled with the film: a 1000..3000 ramp in a border of 0 reached the models at
+    # 85..255 instead of 0..255 (and, in MONOCHROME1 with a border of 4095, the other way round).
+    plain = np.asarray(load_image(make_dicom(tmp_path / "plain.dcm", ramp(), photometric, **window)))
+    framed = make_dicom(tmp_path / "framed.dcm", _framed(ramp(), pad), photometric, PixelPaddingValue=pad, **window)
+    arr = np.asarray(load_image(framed))
+    assert np.array_equal(arr[8:-8, 8:-8], plain)
+    assert arr[:8].max() == 0 and arr[:, -8:].max() == 0  # padding shows black, as viewers show it
+
+
+def test_pixel_padding_of_a_film_held_pixel_by_pixel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a film of more levels than are looked up level by level (32-bit values) is blackened pixel by pixel
+    import cxrbatch.levels
+
+    plain = np.asarray(load_image(make_dicom(tmp_path / "plain.dcm", ramp(), "MONOCHROME1")))
+    framed = make_dicom(tmp_path / "framed.dcm", _framed(ramp(), 0), "MONOCHROME1", PixelPaddingValue=0)
+    monkeypatch.setattr(cxrbatch.levels, "LUT_RANGE", 16)
+    arr = np.asarray(load_image(framed))
+    assert np.array_equal(arr[8:-8, 8:-8], plain) and arr[:8].max() == 0
+
+
+def test_a_pixel_padding_range_and_a_signed_film(tmp_path: Path) -> None:
+    # Stored values from the Pixel Padding Value to the Pixel Padding Range Limit are all padding;
+    # in a signed film (Pixel Representation 1) the values are read signed.
+    film = (ramp().astype(np.int32) - 2000).astype(np.int16)  # -1000..1000
+    framed = np.random.default_rng(0).integers(-3000, -2500, size=(80, 80)).astype(np.int16)
+    framed[8:-8, 8:-8] = film  # in a border of values anywhere from -3000 to -2500
+    common = {"PixelRepresentation": 1}
+    plain = np.asarray(load_image(make_dicom(tmp_path / "plain.dcm", film, **common)))
+    padded = make_dicom(tmp_path / "range.dcm", framed, PixelPaddingValue=-3000, PixelPaddingRangeLimit=-2500, **common)
+    arr = np.asarray(load_image(padded))
+    assert np.array_equal(arr[8:-8, 8:-8], plain) and arr[:8].max() == 0
+
+
+def test_a_film_of_padding_alone_or_a_padding_value_it_does_not_hold_is_read_as_before(tmp_path: Path) -> None:
+    # nothing but padding: no film to scale, and no error; a padding value no pixel holds: no change
+    alone = np.asarray(load_image(make_dicom(tmp_path / "alone.dcm", np.full((64, 64), 7), PixelPaddingValue=7)))
+    assert alone.shape == (64, 64) and alone.max() == alone.min()
+    plain = np.asarray(load_image(make_dicom(tmp_path / "plain.dcm", ramp())))
+    unused = np.asarray(load_image(make_dicom(tmp_path / "unused.dcm", ramp(), PixelPaddingValue=0)))
+    assert np.array_equal(unused, plain)
+
+
 @pytest.mark.parametrize(("implicit", "little"), [(True, True), (False, True), (False, False)])
 def test_a_data_set_without_its_file_meta_is_read_in_the_encoding_found(
     tmp_path: Path, implicit: bool, little: bool
