@@ -152,29 +152,32 @@ def _os_message(path: str | os.PathLike[str], exc: OSError) -> str:
 
 def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
     try:
-        with Image.open(fh) as img:
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB" if img.mode not in ("L", "1") else "L", (draft_size, draft_size))
-            img.seek(0)  # animated files: the first frame
-            deep_colour = img.mode in ("RGB", "RGBA") and any(";16" in str(tile.args) for tile in img.tile)
-            if img.format == "JPEG":  # an arithmetic-coded JPEG's decoder needs the whole stream at once
-                # (Pillow reads a block at a time; for other formats, a tiled TIFF on Pillow < 11.1
-                # read the whole file per tile)
-                img.decodermaxblock = max(img.decodermaxblock, _size_of(fh))
-            img.load()
-            # Pillow turns an 8-bit "white is zero" TIFF round itself, not a 16-bit or float one
-            inverted = img.format == "TIFF" and img.mode in HIGH_DEPTH and img.tag_v2.get(262) == WHITE_IS_ZERO
-            if img.format == "TIFF" and img.mode == "I" and _unsigned_32(img):  # Pillow's "I" is signed
-                grey = _window_to_l(np.asarray(img).view(np.uint32))
-            else:
-                grey = _to_8bit(img)
-            grey = _upright(img, grey)
-            if deep_colour and np.asarray(grey).max() < LOW_BITS_ONLY:
-                raise ImageError(
-                    "16-bit colour image whose values use only the low bits (read 8 bits a channel, it is nearly "
-                    "black): save the film as 16-bit grey"
-                )
-            return ImageOps.invert(grey) if inverted else grey
+        # Not closed: it reads `fh`, which the caller closes, and the picture returned may be its own
+        # pixels (closing it drops them; the copy that took doubled the memory of a large film).
+        img = Image.open(fh)
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB" if img.mode not in ("L", "1") else "L", (draft_size, draft_size))
+        img.seek(0)  # animated files: the first frame
+        deep_colour = img.mode in ("RGB", "RGBA") and any(";16" in str(tile.args) for tile in img.tile)
+        if img.format == "JPEG":  # an arithmetic-coded JPEG's decoder needs the whole stream at once
+            # (Pillow reads a block at a time; for other formats, a tiled TIFF on Pillow < 11.1
+            # read the whole file per tile)
+            img.decodermaxblock = max(img.decodermaxblock, _size_of(fh))
+        img.load()
+        # Pillow turns an 8-bit "white is zero" TIFF round itself, not a 16-bit or float one
+        tags = getattr(img, "tag_v2", {})  # a TIFF's
+        inverted = img.format == "TIFF" and img.mode in HIGH_DEPTH and tags.get(262) == WHITE_IS_ZERO
+        if img.format == "TIFF" and img.mode == "I" and _unsigned_32(img):  # Pillow's "I" is signed
+            grey = _window_to_l(np.asarray(img).view(np.uint32))
+        else:
+            grey = _to_8bit(img)
+        if deep_colour and max(high for _, high in grey.getextrema()) < LOW_BITS_ONLY:  # type: ignore[misc]
+            raise ImageError(
+                "16-bit colour image whose values use only the low bits (read 8 bits a channel, it is nearly "
+                "black): save the film as 16-bit grey"
+            )
+        grey = _upright(img, grey)
+        return ImageOps.invert(grey) if inverted else grey
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image too large to decode safely ({exc})") from None
     except UnidentifiedImageError:
@@ -206,9 +209,7 @@ def _upright(img: Image.Image, picture: Image.Image) -> Image.Image:
     Not ImageOps.exif_transpose: it also writes the EXIF block back, and fails on values Pillow
     reads but cannot write (a signed rational -1/0), which left such a film unscreened."""
     turn = _TURNS.get(img.getexif().get(ExifTags.Base.Orientation, 1))
-    if turn is not None:
-        return picture.transpose(turn)
-    return picture.copy() if picture is img else picture
+    return picture if turn is None else picture.transpose(turn)
 
 
 def _unsigned_32(img: Image.Image) -> bool:
@@ -265,14 +266,23 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         return _window_to_l(np.asarray(img))
     if mode == "1":
         return img.convert("L")
-    if mode == "P":
-        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
-        mode = img.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        base = "L" if mode in ("LA", "La") else "RGB"
-        alpha = img.convert(base + "A").getchannel("A")
-        return Image.composite(img.convert(base), Image.new(base, img.size, 0), alpha)
-    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV and the like
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        return _over_black(img, "L" if mode in ("LA", "La") else "RGB")
+    return img.convert("RGB")  # a palette without transparency, CMYK, YCbCr, LAB, HSV and the like
+
+
+def _over_black(img: Image.Image, base: str) -> Image.Image:
+    """A picture with transparency as `base` ("L" or "RGB"), over black where it is transparent,
+    a band of rows at a time: whole, its copies in other modes (RGBA, the colour, the black, the
+    result) took four times its size (an RGBA PNG of 169 megapixels peaked at 2.8 GB)."""
+    out = Image.new(base, img.size, 0)
+    step = max(1, PIXELS_AT_ONCE // max(1, img.width))
+    for top in range(0, img.height, step):
+        band = img.crop((0, top, img.width, min(img.height, top + step)))
+        if band.mode == "P":  # its transparency is a palette entry's
+            band = band.convert("RGBA")
+        out.paste(band.convert(base), (0, top), band.convert(base + "A").getchannel("A"))
+    return out
 
 
 def _window_to_l(arr: np.ndarray) -> Image.Image:

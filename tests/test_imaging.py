@@ -43,6 +43,33 @@ def test_rgba_is_composited_on_black(tmp_path: Path) -> None:
     assert out[:4].min() == 200 and out[4:].max() == 0
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "P"])
+def test_transparency_over_black_a_band_at_a_time_is_the_whole_pictures_composite(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    # Put over black a band of rows at a time (a 169-megapixel RGBA PNG took four film-sized copies
+    # at once): every pixel as compositing the whole picture gives, partial alpha and palettes included.
+    import cxrbatch.imaging
+
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, size=(37, 23, 4), dtype=np.uint8), mode="RGBA")
+    if mode == "P":  # a palette with one transparent entry
+        picture = rgba.convert("RGB").quantize(16)
+        picture.info["transparency"] = 5
+    elif mode == "PA":
+        picture = rgba.convert("RGB").quantize(16).convert("PA")
+        picture.putalpha(rgba.getchannel("A"))
+    else:
+        picture = rgba.convert(mode)
+    source = picture.convert("RGBA") if mode == "P" else picture
+    base = "L" if mode == "LA" else "RGB"
+    alpha = source.convert(base + "A").getchannel("A")
+    whole = Image.composite(source.convert(base), Image.new(base, picture.size, 0), alpha)
+    monkeypatch.setattr(cxrbatch.imaging, "PIXELS_AT_ONCE", 23 * 5)  # bands of five rows, the last of two
+    banded = cxrbatch.imaging._to_8bit(picture)
+    assert banded.mode == base and np.array_equal(np.asarray(banded), np.asarray(whole))
+
+
 def test_la_palette_cmyk_float_modes_become_8bit(tmp_path: Path) -> None:
     la = Image.fromarray(np.full((8, 8, 2), 255, dtype=np.uint8), mode="LA")
     assert load_image(_save(la, tmp_path / "la.png")).mode == "L"
