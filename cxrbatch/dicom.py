@@ -75,7 +75,11 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
     _quiet_warnings()
     _refuse_deflated_too_large(path)
     try:
-        ds = pydicom.dcmread(path, force=True)
+        with open(path, "rb") as fh:
+            # a writer that left out the 128-byte preamble but kept the magic: read as if it were there
+            source = _WithPreamble(fh) if fh.read(4) == PREAMBLE_MAGIC else fh
+            fh.seek(0)
+            ds = pydicom.dcmread(source, force=True)
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageError(f"unreadable DICOM file ({type(exc).__name__})") from None
     _name_transfer_syntax(ds)
@@ -318,6 +322,40 @@ class _Inflating(io.RawIOBase):
         while self.pos < target and self.read(min(target - self.pos, self.CHUNK)):
             pass
         return self.pos
+
+
+class _WithPreamble(io.RawIOBase):
+    """A file read as if the 128-byte preamble its writer left out (zeros) came before it."""
+
+    SIZE = 128
+
+    def __init__(self, fh: io.BufferedReader) -> None:
+        self.fh, self.pos = fh, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.SIZE + os.fstat(self.fh.fileno()).st_size}
+        if whence not in base or base[whence] + offset < 0:
+            raise OSError("cannot seek there")
+        self.pos = base[whence] + offset
+        return self.pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        zeros = max(0, min(len(view), self.SIZE - self.pos))
+        view[:zeros] = bytes(zeros)
+        self.fh.seek(max(0, self.pos - self.SIZE))
+        got = self.fh.readinto(view[zeros:]) if zeros < len(view) else 0
+        self.pos += zeros + (got or 0)
+        return zeros + (got or 0)
 
 
 def _palette(arr: np.ndarray, ds: Dataset) -> np.ndarray:

@@ -159,6 +159,14 @@ def test_a_data_set_without_its_file_meta_is_read_in_the_encoding_found(
     assert np.array_equal(np.asarray(load_image(tmp_path / "bare.dcm")), np.asarray(load_image(plain)))
 
 
+def test_a_file_that_opens_with_the_magic_its_preamble_left_out_is_read(tmp_path: Path) -> None:
+    # Some writers leave out the 128-byte preamble but keep the DICM magic and the file meta: pydicom
+    # read the magic as a tag, found nothing, and the film was an error row, "no pixel data".
+    plain = make_dicom(tmp_path / "plain.dcm", ramp())
+    (tmp_path / "magic.dcm").write_bytes(plain.read_bytes()[128:])
+    assert np.array_equal(np.asarray(load_image(tmp_path / "magic.dcm")), np.asarray(load_image(plain)))
+
+
 def test_multi_frame_gives_first_frame_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     frames = np.stack([ramp(), ramp()[::-1]])
     with caplog.at_level(logging.WARNING):
