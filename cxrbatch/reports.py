@@ -92,12 +92,19 @@ def render_json(
 
 
 def write_text(target: str | Path, text: str, stdout: IO[str] | None = None) -> None:
-    """Write a report to a file atomically, or to stdout when target is '-'."""
+    """Write a report to a file atomically, or to stdout when target is '-': UTF-8 either way (a
+    report on stdout in the locale's encoding failed on a non-ASCII name under an ASCII locale)."""
     if str(target) == "-":
         out = stdout or sys.stdout
         try:
-            out.write(text)
-            out.flush()
+            raw = getattr(out, "buffer", None)  # a text stream without one (a test's) takes the text
+            if raw is None:
+                out.write(text)
+                out.flush()
+            else:
+                out.flush()  # whatever was written as text goes first
+                raw.write(text.encode("utf-8"))
+                raw.flush()
         except OSError as exc:  # a full disk or a closed pipe behind stdout
             raise ReportError(f"Cannot write the report to stdout: {exc.strerror or exc}", exc.strerror or "") from None
         return

@@ -323,6 +323,26 @@ def test_run_with_stderr_closed_writes_its_report(tiny_models: Path, incoming: P
     assert done.stdout.strip().splitlines()[-1] == "rc=3" and out.is_file(), done.stdout
 
 
+@pytest.mark.parametrize("option", ["--out", "--json", "--html"])
+def test_a_report_on_stdout_is_utf8_whatever_the_locale(
+    option: str, tiny_models: Path, incoming: Path, tmp_path: Path
+) -> None:
+    # The report files are UTF-8; on stdout the report went out in the locale's encoding: under
+    # an ASCII or Latin-1 locale a film named in another script ended the run after screening in
+    # a traceback (UnicodeEncodeError, exit 1, no report), and a Latin-1 one gave Latin-1 bytes.
+    (incoming / "f_broken.jpg").unlink()
+    grey_image(incoming / "胸部 ü.png", 90)
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    args = ["run", str(incoming), "--models", str(tiny_models), option, "-", "-q"]
+    done = subprocess.run([sys.executable, "-m", "cxrbatch.cli", *args], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    assert "胸部 ü.png" in done.stdout.decode("utf-8")
+    if option == "--out":
+        assert {Path(r["path"]).name for r in csv.DictReader(io.StringIO(done.stdout.decode("utf-8")))} >= {
+            "胸部 ü.png"
+        }
+
+
 @pytest.mark.parametrize("option", ["--out", "--json"])
 def test_run_with_stdout_closed_refuses_a_report_on_stdout_before_screening(
     option: str, tiny_models: Path, incoming: Path
