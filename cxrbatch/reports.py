@@ -1,7 +1,8 @@
 """CSV and JSON reports of records, written atomically.
 
 Numbers are written with six decimals so that the same inputs and models give byte-identical
-reports. A text cell that a spreadsheet would read as a formula is prefixed with a single quote.
+reports. A text cell that a spreadsheet would read as a formula, or that starts with a single
+quote, is prefixed with a single quote: a program drops one leading quote to read it back.
 Paths are written as UTF-8; bytes that are not valid UTF-8 in a file name appear as `\\xNN`.
 """
 
@@ -25,6 +26,9 @@ BASE_COLUMNS = ("path", "status", "gate_score", "label", "confidence")
 TAIL_COLUMNS = ("needs_review", "error", "gate_model", "classifier_model")
 REFERRAL_COLUMNS = ("referral_score", "refer", "familiarity", "unfamiliar")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# A cell that starts with the quote itself gets one more: dropping one leading quote gives every
+# cell back (`=x.png` and a file named `'=x.png` wrote the same cell).
+QUOTED_STARTS = (*FORMULA_STARTS, "'")
 
 
 def columns(labels: Sequence[str], heatmap: bool = False) -> list[str]:
@@ -48,7 +52,7 @@ def csv_cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.{DECIMALS}f}"
     text = str(value)
-    return "'" + text if text.startswith(FORMULA_STARTS) else text
+    return "'" + text if text.startswith(QUOTED_STARTS) else text
 
 
 def render_csv(records: Sequence[Record], labels: Sequence[str], heatmap: bool = False) -> str:

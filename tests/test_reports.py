@@ -76,6 +76,17 @@ def test_records_and_csv_rows(tmp_path: Path) -> None:
     assert with_maps["heatmap"] == ""
 
 
+def test_a_defused_cell_reads_back_as_the_name_it_was() -> None:
+    # `=x.png` and a file really named `'=x.png` both became the cell `'=x.png`: a program could
+    # not tell which file a row was about. A cell that starts with `'` gets one more, so dropping
+    # one leading `'` gives every name back.
+    names = ["=x.png", "'=x.png", "''=x.png", "'quoted.png", "-2.png", "plain.png"]
+    records = [Record.of(Path(n), ERROR, "g" * 12, "c" * 12, error="x") for n in names]
+    cells = [r["path"] for r in csv.DictReader(io.StringIO(render_csv(records, LABELS)))]
+    assert len(set(cells)) == len(names)
+    assert [c[1:] if c.startswith("'") else c for c in cells] == names
+
+
 def test_line_breaks_in_a_file_name_stay_inside_their_cell() -> None:
     # A bare carriage return split the row (and its second half began with an undefused formula).
     names = ["scan\r=cmd|' -C calc'!A0", "two\nlines.png", "crlf\r\nname.png"]
