@@ -218,7 +218,7 @@ def test_a_calibrated_model_checks_a_night_against_its_calibration_films(tiny_mo
             result = runner.invoke(app, ["run", str(folder), "--models", str(models_dir), "--json", str(report)])
             assert result.exit_code == 0, result.stderr
             check = json.loads(report.read_text(encoding="utf-8"))["summary"]["site_check"]
-            assert check["unlike_reference"] is expect and ("warning:" in result.stderr) is expect
+            assert check["unlike_reference"] is expect and ("[warning]" in result.stderr) is expect
             assert check["against"] == ("calibration films" if models_dir == out else "validation films")
             stderr[night, models_dir.name] = result.stderr
     calibrated = "20 of 20 classified films (100.0%) are unfamiliar, against 27 of the 54 calibration films"

@@ -235,8 +235,9 @@ def test_a_run_of_films_unlike_the_training_films_warns_and_says_so_in_json(tiny
         val = read_metadata(models / "classifier.onnx")["familiarity"]["val_unfamiliar"]
         assert check["films"] == 12 and check["reference"] == {"films": 60, "unfamiliar": val}
         assert check["unfamiliar"] == (4 if warned else 0) and check["unlike_reference"] is warned
-        text = f"warning: 4 of 12 classified films (33.3%) are unfamiliar, against {val} of the 60 validation films"
-        assert (text in result.stderr) is warned
+        text = f"[warning] 4 of 12 classified films (33.3%) are unfamiliar, against {val} of the 60 validation films"
+        assert (text in result.stderr) is warned  # a log line, as every warning is (it was "warning: ...")
+        assert result.stderr.splitlines()[-1].startswith("12 files: ")  # the summary line last, warned or not
         assert ("id='site-check'" in page.read_text(encoding="utf-8")) is warned  # the review page says it too
 
 

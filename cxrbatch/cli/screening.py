@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cxrbatch.cli import Device, _progress_bar, _setup_logging, app
+from cxrbatch.cli import Device, _progress_bar, _setup_logging, app, log
 from cxrbatch.errors import EXIT_FILE_ERRORS, EXIT_NO_INPUT, EXIT_OK, UsageError
 
 
@@ -163,10 +163,10 @@ def run(
     with _progress_bar(enabled=not quiet and sys.stderr is not None and sys.stderr.isatty()) as reporter:
         options.reporter = reporter
         summary = runner.run(options)
-    typer.echo(summary.line(), err=True)
     warning = summary.site_warning()
-    if warning:
-        typer.echo(f"warning: {warning}", err=True)
+    if warning:  # a log line like any warning, before the summary line, which a script reads last
+        log.warning(warning)
+    typer.echo(summary.line(), err=True)
     if summary.found == 0:
         raise typer.Exit(EXIT_NO_INPUT)
     raise typer.Exit(EXIT_FILE_ERRORS if summary.failed else EXIT_OK)
