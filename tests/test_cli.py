@@ -323,6 +323,23 @@ def test_run_with_stderr_closed_writes_its_report(tiny_models: Path, incoming: P
     assert done.stdout.strip().splitlines()[-1] == "rc=3" and out.is_file(), done.stdout
 
 
+@pytest.mark.parametrize(("signum", "code", "name"), [(15, 143, "SIGTERM"), (2, 130, "SIGINT")])
+def test_a_stopped_run_says_so_in_its_log(
+    signum: int, code: int, name: str, tiny_models: Path, incoming: Path, tmp_path: Path
+) -> None:
+    # cron's `timeout` (SIGTERM) or Ctrl-C stopped the run with the right code, but the log's last
+    # line was `screened 6/6`: no summary and no word of why, as if the run were still going.
+    out = tmp_path / "r.csv"
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "writing r.csv", "CXRBATCH_CRASH_SIGNAL": str(signum)}
+    args = ["run", str(incoming), "--models", str(tiny_models), "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrbatch.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == code and not out.exists(), done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert f"[error] stopped by {name} (exit {code})" in last, done.stderr
+
+
 @pytest.mark.parametrize("option", ["--out", "--json", "--html"])
 def test_a_report_on_stdout_is_utf8_whatever_the_locale(
     option: str, tiny_models: Path, incoming: Path, tmp_path: Path

@@ -137,8 +137,21 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
+        _say_if_stopped(done.code)
         _end_without_teardown(done.code)
         raise
+
+
+_STOPPED_BY = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT"}  # Typer turns Ctrl-C into 130
+
+
+def _say_if_stopped(code: object) -> None:
+    """End the log of a command stopped by a signal with a line that says so: its last line was
+    the last progress line, as if the command were still going."""
+    if isinstance(code, int) and code in _STOPPED_BY:
+        if not _logging_ready():
+            _setup_logging(verbose=False, quiet=False)
+        log.error("stopped by %s (exit %d): what it had not yet written is not written", _STOPPED_BY[code], code)
 
 
 def _terminated(signum: int, frame: object) -> None:
