@@ -23,9 +23,10 @@ class LineFormatter(logging.Formatter):
 
 
 # A message is one line: a file name's newline or carriage return (which wrote a fake `[error]` or
-# summary line into the cron log) and terminal escapes are shown as `\n`, `\r`, `\x1b`, `\u009b`.
+# summary line into the cron log) and terminal escapes are shown as `\n`, `\r`, `\x1b`, `\u009b`;
+# so are the line and paragraph separators, where Python's str.splitlines() also ends a line.
 _CONTROLS = {c: f"\\x{c:02x}" for c in range(0x20) if c != 0x09} | {0x0A: "\\n", 0x0D: "\\r", 0x7F: "\\x7f"}
-_CONTROLS |= {c: f"\\u{c:04x}" for c in range(0x80, 0xA0)}
+_CONTROLS |= {c: f"\\u{c:04x}" for c in (*range(0x80, 0xA0), 0x2028, 0x2029)}
 
 
 def _escaped(text: str) -> str:

@@ -41,6 +41,15 @@ def test_a_file_name_cannot_write_a_line_of_its_own_into_the_log() -> None:
     assert _line("%s", "tab\there.png").endswith("[error] tab\there.png")  # a tab breaks no line
 
 
+def test_a_file_name_cannot_write_a_line_of_its_own_for_a_reader_that_splits_on_unicode_breaks() -> None:
+    # Python's str.splitlines() (a monitoring script's) also ends a line at U+2028 and U+2029: a
+    # multi-frame DICOM named with them wrote a fake `[error]` line into the log such a script read.
+    fake = "x\u20282026-12-07 02:00:09 [error] Gate model not found\u2029mf.dcm"
+    line = _line("%s: multi-frame DICOM (2 frames): screening the first frame only", fake)
+    assert line.splitlines() == [line] and line.count("[error]") == 2
+    assert "[error] x\\u20282026-12-07 02:00:09 [error] Gate model not found\\u2029mf.dcm: multi-frame" in line
+
+
 def test_a_run_names_a_report_in_its_log_as_the_file_system_lists_it(tiny_models: Path, tmp_path: Path) -> None:
     folder = tmp_path / "incoming"
     folder.mkdir()
