@@ -50,6 +50,10 @@ from cxrbatch.modelinput import InputSpec, model_pixels
 log = logging.getLogger(__name__)
 
 CRASHED = "the decoding process died on this file (a decoder fault on its data?); it was not screened"
+OUT_OF_MEMORY = (
+    "out of memory while decoding (the process's memory limit: ulimit -v, the container's): not a fault of "
+    "the file; it is tried again on the next run"
+)
 START_TIMEOUT_S = 60.0  # for every decoding process of a pool to start and answer
 
 
@@ -102,6 +106,8 @@ class Decoder:
             )
         except ImageError as exc:
             return Decoded(path, error=str(exc))
+        except MemoryError:  # `ulimit -v`, a container's limit: this film alone is not screened tonight
+            return Decoded(path, error=OUT_OF_MEMORY)
         except Exception as exc:  # one odd file must not end the night's run; it becomes an error row
             log.debug("unexpected failure decoding %s", path, exc_info=True)
             return Decoded(path, error=f"unexpected decoder failure ({type(exc).__name__}: {exc})")

@@ -147,6 +147,16 @@ def _os_message(path: str | os.PathLike[str], exc: OSError) -> str:
         return "permission denied"
     if exc.errno == errno.ELOOP:
         return "symbolic link loop"
+    return _system_message(exc)
+
+
+def _system_message(exc: OSError) -> str:
+    """An error row's message for what the system said while the file was read or decoded."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):  # `ulimit -n`: Pillow could not even import a plugin
+        return (
+            f"cannot read file: {exc.strerror} (the process's limit, ulimit -n, or the system's): "
+            "not a fault of the file; it is tried again on the next run"
+        )
     return f"cannot read file: {exc.strerror or exc}"
 
 
@@ -185,9 +195,11 @@ def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
             raise ImageError("a text or HTML file, not an image") from None
         raise ImageError("not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # the system's error (a failing disk, ulimit -n):
+            raise ImageError(_system_message(exc)) from None  # Pillow's own for bad data carry no errno
         # Pillow reports truncated and corrupt data as OSError/SyntaxError/ValueError.
         raise ImageError(f"corrupt or truncated image: {exc}") from None
-    except ImageError:
+    except (ImageError, MemoryError):  # out of memory is the process's limit, not the file's fault (`decoding`)
         raise
     except Exception as exc:  # Pillow's decoders raise other types on hostile data; one file, one error row
         raise ImageError(f"corrupt image ({type(exc).__name__}: {exc})") from None

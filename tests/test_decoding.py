@@ -193,3 +193,21 @@ def test_a_killed_run_leaves_no_decoding_process_behind(tmp_path: Path, tiny_mod
     while _marked(mark) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _marked(mark) == []
+
+
+@pytest.mark.parametrize("where", ["cxrbatch.imaging.Image.open", "cxrbatch.decoding.model_pixels"])
+def test_a_film_decoded_out_of_memory_is_an_error_row_that_says_so(
+    tiny_models: Path, incoming: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """ulimit -v or a container's limit: the row must not call a good film corrupt."""
+    gate, classifier = load_models(tiny_models)
+    screener = Screener(gate, classifier, batch_size=2, workers=1)
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(where, no_memory)
+    decoded = screener.decode(incoming / "a_dark.png")
+    assert decoded.error is not None
+    assert "out of memory" in decoded.error
+    assert "corrupt" not in decoded.error and "unexpected" not in decoded.error

@@ -342,3 +342,24 @@ def test_an_unsigned_32_bit_tiff_keeps_the_order_of_its_values(tmp_path: Path) -
     out = np.asarray(load_image(_uint32_tiff(tmp_path / "u32.tif", ramp))).astype(int)
     assert (np.diff(out[0]) >= 0).all(), out[0, ::8]  # was [129 159 190 221 251 23 54 84]
     assert out[0, 0] == 0 and out[0, -1] == 255
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (OSError(24, "Too many open files"), "Too many open files.*ulimit -n"),  # Pillow importing a plugin
+        (OSError(5, "Input/output error"), "Input/output error"),  # a failing disk or mount under the decoder
+    ],
+)
+def test_a_system_error_while_decoding_is_not_called_a_corrupt_film(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: OSError, message: str
+) -> None:
+    path = _save(Image.new("L", (64, 64), 90), tmp_path / "fine.png")
+
+    def failing(*args: object, **kwargs: object) -> Image.Image:
+        raise fault
+
+    monkeypatch.setattr(Image, "open", failing)
+    with pytest.raises(ImageError, match=message) as caught:
+        load_image(path)
+    assert "corrupt" not in str(caught.value)
