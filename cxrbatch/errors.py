@@ -47,6 +47,17 @@ class ReportError(CxrBatchError):
         self.reason = reason or message
 
 
+class OutOfMemory(CxrBatchError):
+    """The process ran out of memory while screening (`ulimit -v`, a container's limit): what the
+    run was doing, and what to change. A film that alone cannot be decoded is an error row instead."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"Out of memory while screening ({detail}): lower --batch-size or --workers, or raise the "
+            "process's memory limit (ulimit -v, the container's); results committed to a ledger are kept"
+        )
+
+
 class ExtraMissing(CxrBatchError):
     """A command needs an optional extra (export, dicom, ray) that is not installed."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cxrbatch.cores import usable_cores
-from cxrbatch.errors import DeviceError, ModelError
+from cxrbatch.errors import DeviceError, ModelError, OutOfMemory
 from cxrbatch.files import atomic_write, write_failed
 from cxrbatch.modelspec import ROLES, ModelSpec
 
@@ -33,6 +34,8 @@ CUDA = "CUDAExecutionProvider"
 # cuDNN's exhaustive search (onnxruntime's default) benchmarks every convolution again for each new
 # batch shape: seconds per shape, every night; its heuristics pick at once. TF32 moved probabilities
 # by up to 3.4e-3 from the CPU's; without it by 3.1e-6 (benchmarks/README.md).
+# how onnxruntime says its allocator failed (its arena, a plain allocation, CUDA's): an untyped Fail
+_NO_MEMORY = ("Failed to allocate memory", "bad_alloc", "out of memory")
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
 
 
@@ -75,7 +78,12 @@ class Model:
                 names.append(extra)
         if with_cam and self.spec.cam_output:
             names.append(self.spec.cam_output)
-        outputs = self.session.run(names, {self.spec.input_name: batch})
+        try:
+            outputs = self.session.run(names, {self.spec.input_name: batch})
+        except Exception as exc:  # onnxruntime's own untyped errors; its allocator's failure is the environment's
+            if not any(sign in str(exc) for sign in _NO_MEMORY):
+                raise
+            raise OutOfMemory(f"the {self.spec.role} on a batch of {len(batch)} films: {_allocation(exc)}") from None
         return dict(zip(names, outputs, strict=True))
 
     def _thresholds(self) -> dict[str, float | None]:
@@ -97,6 +105,12 @@ class Model:
             **({"referral_from": self.spec.referral_from} if self.spec.referral_output else {}),
             "providers": self.providers,
         }
+
+
+def _allocation(exc: Exception) -> str:
+    """The part of onnxruntime's allocation failure an operator can use: how much it asked for."""
+    found = re.search(r"buffer of size (\d+)", str(exc))
+    return f"{int(found.group(1)) / 2**20:.1f} MiB more could not be allocated" if found else "an allocation failed"
 
 
 def default_models_dir() -> Path:

@@ -414,3 +414,37 @@ def test_an_empty_input_is_refused_not_taken_for_the_current_folder(
     monkeypatch.chdir(incoming)
     code, out, err = _run("run", "", "--models", str(tiny_models))
     assert code == 2 and "an empty name names no file or folder" in err and out == ""
+
+
+def _out_of_memory_in_onnxruntime(*args: object, **kwargs: object) -> None:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    raise Fail(
+        "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. Status Message: "
+        "bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) "
+        "Failed to allocate memory for requested buffer of size 38535168"
+    )
+
+
+def _out_of_memory_in_numpy(*args: object, **kwargs: object) -> None:
+    raise MemoryError("Unable to allocate 1.53 MiB for an array with shape (8, 224, 224, 1) and data type float32")
+
+
+@pytest.mark.parametrize(
+    ("target", "fault"),
+    [
+        ("onnxruntime.InferenceSession.run", _out_of_memory_in_onnxruntime),
+        ("cxrbatch.pipeline.Screener.gate_scores", _out_of_memory_in_numpy),
+    ],
+)
+def test_a_run_out_of_memory_ends_in_a_line_that_says_so_not_a_traceback(
+    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, fault: object
+) -> None:
+    """`ulimit -v` or a container's memory limit: the cron mail gets one [error] line and exit 1."""
+    monkeypatch.setattr(target, fault)
+    code, _, err = _run("run", str(incoming), "--models", str(tiny_models), "--out", str(tmp_path / "r.csv"))
+    assert code == 1
+    assert "[error] Out of memory" in err
+    assert "--batch-size" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "r.csv").exists()

@@ -32,7 +32,7 @@ import typer
 from typer.core import TyperGroup
 
 from cxrbatch import __version__
-from cxrbatch.errors import EXIT_BUSY, CxrBatchError
+from cxrbatch.errors import EXIT_BUSY, CxrBatchError, OutOfMemory
 from cxrbatch.logs import LineFormatter
 
 log = logging.getLogger("cxrbatch")
@@ -51,7 +51,10 @@ class _Commands(TyperGroup):
 
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except MemoryError as exc:  # numpy's or Python's allocation under `ulimit -v`: a line, not a traceback
+                raise OutOfMemory(str(exc) or "an allocation failed") from exc
         except CxrBatchError as exc:
             if not _logging_ready():
                 _setup_logging(verbose=False, quiet=False)

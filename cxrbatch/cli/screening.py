@@ -124,7 +124,7 @@ def run(
 
     On a Ray cluster: cxrbatch run /shared/incoming --engine ray --ray-address HEAD:6379 --out report.csv
 
-    Exit codes: 0 all files screened; 1 fatal (models, output, device, ledger); 2 usage;
+    Exit codes: 0 all files screened; 1 fatal (models, output, device, ledger, out of memory); 2 usage;
     3 finished, but some files could not be read or some heatmaps not written (see the error cells);
     4 another run holds the ledger, nothing was done; 5 no image file in the inputs (empty or unmounted folder?).
     """
