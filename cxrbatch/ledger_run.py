@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHANGED = "the file changed while it was screened (still being copied, or replaced): screened again on the next run"
+GONE = "the file was deleted or moved away while it was screened: not screened (a run that finds it again screens it)"
 
 
 def run_with_ledger(
@@ -121,7 +122,8 @@ def _screen_into(
     for result in screener.screen(todo, progress_hook(len(todo), reporter)):
         record = screener.record(result)
         if result.path in known and not ledger.unchanged(result.path):  # its result is of no hashed content
-            changed = Record.of(result.path, ERROR, record.gate_model, record.classifier_model, error=CHANGED)
+            why = CHANGED if os.path.lexists(result.path) else GONE  # an archiver moving films out of the folder
+            changed = Record.of(result.path, ERROR, record.gate_model, record.classifier_model, error=why)
             unreadable.append((result.path, replace(changed, path=key_of(result.path))))  # reported, never stored
             dropped.add(known[result.path])
             continue

@@ -1161,3 +1161,25 @@ def test_report_all_after_a_killed_run_keeps_the_error_row_of_the_files_content_
     film.write_bytes(film.read_bytes()[:80])
     code, rows, _ = _run(inbox, tiny_models, ledger, tmp_path / "all.csv", "--report-all")
     assert code == 3 and [r["status"] for r in rows] == ["classified", "error"]
+
+
+def test_a_film_deleted_between_its_hashing_and_its_decoding_is_not_promised_to_the_next_run(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An archiver moving films out of incoming/ while the night's run screens them: the row says
+    the film went away, not that it changed and is screened again on the next run (it is not)."""
+    from cxrbatch.ledger import Ledger
+
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    hashed = Ledger.content_hashes
+
+    def then_moved_away(self: Ledger, paths: list[Path]) -> dict[Path, str | None]:
+        found = hashed(self, paths)
+        (folder / "img1.png").unlink()
+        return found
+
+    monkeypatch.setattr(Ledger, "content_hashes", then_moved_away)
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    row = next(r for r in rows if r["path"].endswith("img1.png"))
+    assert code == 3 and row["status"] == "error"
+    assert "changed while it was screened" not in row["error"] and "deleted or moved away" in row["error"]
