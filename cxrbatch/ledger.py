@@ -21,7 +21,9 @@ new. A report path that completed runs wrote before gets the union of their rows
 ones, so a second run on the same day never replaces a full report with an emptier one.
 
 One run at a time: an exclusive `flock` on `<ledger>.lock`, released by the OS when the holder
-exits or dies, so a crashed run never leaves a lock to clean by hand. What the ledger holds is
+exits or dies, so a crashed run never leaves a lock to clean by hand. The holder writes its pid and
+start into the lock file: a run that finds the lock held for longer than a night (`STUCK_AFTER_S`)
+reports that run as stuck (exit 1) instead of busy (exit 4, no action needed). What the ledger holds is
 read by `cxrbatch.ledger_view`, without the lock. The file itself (its tables, the upgrades of
 older schemas, opening it to run or only to read) is `cxrbatch.ledger_schema`.
 """
@@ -51,12 +53,20 @@ from cxrbatch.records import ERROR, Record, RecordError
 log = logging.getLogger(__name__)
 
 LOCK_TRIES = 10  # over about a second
+# A run that has held the ledger this long has missed a night's start: never the same job started
+# twice, but a run stopped (Ctrl-Z) or hung (a dead mount), which keeps every later night from screening.
+STUCK_AFTER_S = 20 * 3600
 
 
 class LedgerBusy(CxrBatchError):
     """Another run holds the ledger: nothing was done (that run screens its own inputs)."""
 
     exit_code = EXIT_BUSY
+
+
+class LedgerStuck(CxrBatchError):
+    """Another run has held the ledger for longer than a night: nothing was done, and a person must
+    look at that run (fatal, so that monitoring alerts, where a busy ledger needs no action)."""
 
 
 @dataclass(frozen=True)
@@ -363,15 +373,47 @@ def _lock(path: Path) -> int:
     for attempt in range(LOCK_TRIES):  # `cxrbatch ledger` may hold a shared lock for an instant
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _sign(fd)
             return fd
         except BlockingIOError:
             if attempt + 1 < LOCK_TRIES:
                 time.sleep(0.1)
+    holder = _holder(fd)
     os.close(fd)
+    if holder is not None and holder[2] > STUCK_AFTER_S:
+        pid, started, age = holder
+        raise LedgerStuck(
+            f"Another cxrbatch run (pid {pid}) has held the ledger {path} for {age / 3600:.0f} hours (since "
+            f"{started}): no run since could screen, and nothing was done now. If it is stuck (stopped with "
+            f"Ctrl-Z, hung on a mount: `cxrbatch ledger {path}` shows whether its committed count still grows), "
+            "end it; the next run delivers what it committed"
+        )
+    by = "" if holder is None else f" (pid {holder[0]}, since {holder[1]})"
     raise LedgerBusy(
-        f"Another cxrbatch run holds the ledger {path}; nothing was done (the same job started twice needs "
+        f"Another cxrbatch run holds the ledger {path}{by}; nothing was done (the same job started twice needs "
         "nothing more; a ledger serves one job: give another input folder's job a ledger of its own)"
     )
+
+
+def _sign(fd: int) -> None:
+    """Write into the held lock file which process holds it and since when, for a run that finds it
+    busy; best effort (a full disk leaves it as it was)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {now()}\n".encode("ascii"), 0)
+    except OSError:
+        pass
+
+
+def _holder(fd: int) -> tuple[int, str, float] | None:
+    """The pid and start (UTC) `_sign` wrote into the lock file, and for how many seconds it has
+    held it by this clock; None where the file says nothing readable (an older cxrbatch's lock)."""
+    try:
+        pid, started = os.pread(fd, 200, 0).decode("ascii").split()
+        age = (datetime.now(timezone.utc) - datetime.fromisoformat(started)).total_seconds()
+        return int(pid), started, age
+    except (OSError, ValueError, TypeError):  # TypeError: a start without its zone, by hand
+        return None
 
 
 def readable(key: str, text: str, warn: bool = True) -> Record | None:

@@ -1183,3 +1183,30 @@ def test_a_film_deleted_between_its_hashing_and_its_decoding_is_not_promised_to_
     row = next(r for r in rows if r["path"].endswith("img1.png"))
     assert code == 3 and row["status"] == "error"
     assert "changed while it was screened" not in row["error"] and "deleted or moved away" in row["error"]
+
+
+def test_a_run_that_has_held_the_ledger_for_a_day_is_stuck_not_busy(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped with Ctrl-Z, or hung on a dead mount, keeps the lock: every later night exited
+    4 at [info], 'nothing more needed', and no film was screened for days without an alert."""
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    monkeypatch.setattr("cxrbatch.ledger.now", lambda: "2026-12-05T02:00:01+00:00")  # that run's start
+    assert _run(folder, tiny_models, ledger, out)[0] == 0
+    monkeypatch.undo()
+    with open(tmp_path / "l.db.lock") as holder:  # as if that run were still going
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        code, _, err = _run(folder, tiny_models, ledger, out)
+    assert code == 1 and "[error]" in err and "(since 2026-12-05T02:00:01+00:00)" in err and "stuck" in err
+    assert f"pid {os.getpid()}" in err  # the process to look at (here the test's own, which ran it)
+    code, _, err = _run(folder, tiny_models, ledger, out)  # what the stuck run committed is kept
+    assert code == 0
+
+
+def test_a_run_that_started_moments_ago_is_busy_and_named(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    assert _run(folder, tiny_models, ledger, out)[0] == 0  # its lock file names it, and when it started
+    with open(tmp_path / "l.db.lock") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        code, _, err = _run(folder, tiny_models, ledger, out)
+    assert code == 4 and "[info] Another cxrbatch run holds the ledger" in err and f"pid {os.getpid()}" in err
