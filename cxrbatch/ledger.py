@@ -314,6 +314,10 @@ class Ledger:
                 rows.append(record)
         return rows
 
+    def wrote(self, target: str) -> bool:
+        """Whether a completed run of this ledger wrote the report file `target` (header-only too)."""
+        return self.db.execute("SELECT 1 FROM run_targets WHERE target = ? LIMIT 1", (target,)).fetchone() is not None
+
     def _delivered_result(self, run: int, key: str) -> Record | None:
         """The result run `run` delivered for the path `key`, read from the results table."""
         found = self.db.execute(

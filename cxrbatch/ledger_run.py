@@ -67,6 +67,13 @@ def run_with_ledger(
     ]
     items += unreadable
     delivered = {target: ledger.delivered_to(target) for target in report.files()}  # read once, used twice
+    for target in report.files():
+        if os.path.lexists(target) and not ledger.wrote(target):  # its rows are another ledger's, or none's
+            log.warning(
+                "report %s was written by no run of this ledger (another job's ledger, or a run without --ledger): "
+                "what it holds is replaced; give each job its own report files",
+                target,
+            )
     if options.heatmaps is not None:
         items += _maps_to_draw_again(delivered, by_key, {record.path for _, record in items})
     position = {key_of(p): i for i, p in enumerate(paths)}  # rows are keyed as the ledger keys paths

@@ -1210,3 +1210,22 @@ def test_a_run_that_started_moments_ago_is_busy_and_named(folder: Path, tiny_mod
         fcntl.flock(holder, fcntl.LOCK_EX)
         code, _, err = _run(folder, tiny_models, ledger, out)
     assert code == 4 and "[info] Another cxrbatch run holds the ledger" in err and f"pid {os.getpid()}" in err
+
+
+def test_a_report_file_another_jobs_ledger_wrote_is_replaced_with_a_warning(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    """Two jobs (two ledgers) whose cron lines name the same dated report: the second replaced the
+    first's rows, which the first job's ledger counts as delivered, and not a line said so."""
+    ward_b = tmp_path / "ward-b"
+    ward_b.mkdir()
+    grey_image(ward_b / "b.png", 130)
+    shared = tmp_path / "2026-12-07.csv"
+    args = ["--models", str(tiny_models), "--out", str(shared)]
+    first = runner.invoke(app, ["run", str(folder), "--ledger", str(tmp_path / "a.db"), *args])
+    assert first.exit_code == 0 and "[warning]" not in first.stderr
+    second = runner.invoke(app, ["run", str(ward_b), "--ledger", str(tmp_path / "b.db"), *args])
+    assert second.exit_code == 0  # the documented rule stands: a ledger serves one job, with its own reports
+    assert f"[warning] report {shared} was written by no run of this ledger" in second.stderr
+    again = runner.invoke(app, ["run", str(ward_b), "--ledger", str(tmp_path / "b.db"), *args])
+    assert again.exit_code == 0 and "[warning]" not in again.stderr  # its own report, written again
