@@ -382,6 +382,12 @@ def _lock(path: Path) -> int:
         except BlockingIOError:
             if attempt + 1 < LOCK_TRIES:
                 time.sleep(0.1)
+        except OSError as exc:  # ENOLCK: an NFS share without its lock service; SQLite's WAL needs a local disk too
+            os.close(fd)
+            raise LedgerError(
+                f"Cannot lock the ledger {lock}: {exc.strerror or exc} (a network file system?); keep the ledger "
+                "on a local disk (nothing was done)"
+            ) from None
     holder = _holder(fd)
     os.close(fd)
     if holder is not None and holder[2] > STUCK_AFTER_S:

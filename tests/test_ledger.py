@@ -1229,3 +1229,17 @@ def test_a_report_file_another_jobs_ledger_wrote_is_replaced_with_a_warning(
     assert f"[warning] report {shared} was written by no run of this ledger" in second.stderr
     again = runner.invoke(app, ["run", str(ward_b), "--ledger", str(tmp_path / "b.db"), *args])
     assert again.exit_code == 0 and "[warning]" not in again.stderr  # its own report, written again
+
+
+def test_a_ledger_on_a_file_system_without_locks_is_refused_in_a_line(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An NFS share without its lock service answers flock with ENOLCK: a traceback in cron mail."""
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr("cxrbatch.ledger.fcntl.flock", no_locks)
+    code, _, err = _run(folder, tiny_models, tmp_path / "l.db", tmp_path / "r.csv")
+    assert code == 1 and "[error] Cannot lock the ledger" in err and "No locks available" in err
+    assert "Traceback" not in err
