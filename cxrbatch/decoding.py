@@ -44,16 +44,13 @@ from PIL import Image
 from cxrbatch.crashes import crash_point
 from cxrbatch.errors import ImageError
 from cxrbatch.heatmaps import display_copy
-from cxrbatch.imaging import check_size, load_image
+from cxrbatch.imaging import NOT_THE_FILE, check_size, load_image
 from cxrbatch.modelinput import InputSpec, model_pixels
 
 log = logging.getLogger(__name__)
 
 CRASHED = "the decoding process died on this file (a decoder fault on its data?); it was not screened"
-OUT_OF_MEMORY = (
-    "out of memory while decoding (the process's memory limit: ulimit -v, the container's): not a fault of "
-    "the file; it is tried again on the next run"
-)
+OUT_OF_MEMORY = f"out of memory while decoding (the process's memory limit: ulimit -v, the container's): {NOT_THE_FILE}"
 START_TIMEOUT_S = 60.0  # for every decoding process of a pool to start and answer
 
 

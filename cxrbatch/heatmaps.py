@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from cxrbatch.errors import ReportError
 from cxrbatch.files import atomic_write, display_path
+from cxrbatch.imaging import NOT_THE_FILE
 from cxrbatch.records import CLASSIFIED, Record
 
 if TYPE_CHECKING:
@@ -185,7 +186,9 @@ def add_heatmaps(
     for (i, path), (decoded, cam, probs) in zip(wanted, maps, strict=True):
         record = items[i][1]
         if cam is None or probs is None or decoded.picture is None:
-            out[i] = record.with_problem(f"heatmap not drawn: {decoded.error}")
+            # the run's limits (out of memory, ulimit -n), not the file: a rerun draws it, as after a full disk
+            problem = NOT_WRITTEN if NOT_THE_FILE in (decoded.error or "") else "heatmap not drawn"
+            out[i] = record.with_problem(f"{problem}: {decoded.error}")
             continue
         screened = np.array([(record.probabilities or {}).get(label, np.nan) for label in spec.labels])
         if not np.abs(probs - screened).max() <= SAME_FILM:

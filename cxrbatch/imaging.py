@@ -140,6 +140,11 @@ def _regular_file_size(path: str | os.PathLike[str]) -> int:
     return st.st_size
 
 
+# in a decoding error that the run's limits caused, not the file: a heatmap it kept from being drawn
+# is drawn again by a rerun into the same report (`heatmaps`), as one a full disk kept from being written
+NOT_THE_FILE = "not a fault of the file"
+
+
 def _os_message(path: str | os.PathLike[str], exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return "broken symbolic link" if os.path.islink(path) else "file vanished before it could be read"
@@ -153,10 +158,7 @@ def _os_message(path: str | os.PathLike[str], exc: OSError) -> str:
 def _system_message(exc: OSError) -> str:
     """An error row's message for what the system said while the file was read or decoded."""
     if exc.errno in (errno.EMFILE, errno.ENFILE):  # `ulimit -n`: Pillow could not even import a plugin
-        return (
-            f"cannot read file: {exc.strerror} (the process's limit, ulimit -n, or the system's): "
-            "not a fault of the file; it is tried again on the next run"
-        )
+        return f"cannot read file: {exc.strerror} (the process's limit, ulimit -n, or the system's): {NOT_THE_FILE}"
     return f"cannot read file: {exc.strerror or exc}"
 
 

@@ -360,3 +360,27 @@ def test_a_path_the_system_will_not_look_at_is_refused_in_a_line_not_a_traceback
     assert not isinstance(result.exception, OSError), result.exception
     assert result.exit_code == code and message in result.stderr
     assert "screened" not in result.stderr
+
+
+def test_a_heatmap_the_process_had_no_memory_for_is_drawn_by_a_rerun_into_the_same_report(
+    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `ulimit -v` the heatmap step's decode can fail where screening did not: the film is
+    fine, and like a heatmap a full disk kept from being written, a rerun draws it."""
+
+    def night() -> tuple[int, str]:
+        return _invoke("run", str(incoming), "--models", str(tiny_models), "--out", str(report),
+                       "--ledger", str(tmp_path / "l.db"), "--heatmaps", str(tmp_path / "maps"))  # fmt: skip
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    report = tmp_path / "2026-12-01.csv"
+    with monkeypatch.context() as tight:
+        tight.setattr("cxrbatch.decoding.display_copy", no_memory)  # the heatmap's picture only
+        code, _ = night()
+    problems = [r["error"] for r in _rows(report).values() if r["status"] == "classified"]
+    assert code == 3 and len(problems) == 4 and all("out of memory" in p for p in problems)
+    code, _ = night()  # the same day, with memory to spare
+    drawn = [n for n, r in _rows(report).items() if r["heatmap"] and Path(r["heatmap"]).is_file()]
+    assert code == 0 and sorted(drawn) == ["a_dark.png", "b_mid.jpg", "c_light.PNG", "d_white.jpeg"]
