@@ -12,7 +12,8 @@ SQLite (WAL), schema `cxrbatch.ledger/3`:
   (negative: that run delivered it as an error row, and the content reads since: delivered again
   once a run finds the path still holding it);
 - `runs`: one row per run; `run_rows`: the rows each completed run reported, in order, and
-  `run_targets`: the report files each completed run wrote.
+  `run_targets`: the report files each run wrote (recorded as it begins to write them; a union
+  reads only completed runs' rows).
 
 Delivery is exactly-once: only a completed run delivers. Its entries are marked delivered in
 one transaction after its reports were renamed into place; a run that dies before that delivers
@@ -314,8 +315,14 @@ class Ledger:
                 rows.append(record)
         return rows
 
+    def aim(self, targets: Iterable[str]) -> None:
+        """Record, before they are written, the report files this run writes: a run killed after
+        writing one is still known to have written it (its rows count only once it finishes)."""
+        with self.db:
+            self.db.executemany("INSERT OR IGNORE INTO run_targets VALUES (?, ?)", [(self.run_id, t) for t in targets])
+
     def wrote(self, target: str) -> bool:
-        """Whether a completed run of this ledger wrote the report file `target` (header-only too)."""
+        """Whether a run of this ledger wrote (or began to write) the report file `target`."""
         return self.db.execute("SELECT 1 FROM run_targets WHERE target = ? LIMIT 1", (target,)).fetchone() is not None
 
     def _delivered_result(self, run: int, key: str) -> Record | None:

@@ -82,6 +82,7 @@ def run_with_ledger(
     run = {"found": len(paths), "screened": len(todo), "reused": reused, "seconds": seconds}
     summary = screener.summary(rows, **run)
     crash_point("before_report")
+    ledger.aim(report.files())  # a run killed after writing them still wrote them (no warning then)
     report.write(rows, summary, earlier=delivered.__getitem__)
     crash_point("after_report")
     ledger.finish(stored, rows, report.files(), len(todo), reused)

@@ -1231,6 +1231,23 @@ def test_a_report_file_another_jobs_ledger_wrote_is_replaced_with_a_warning(
     assert again.exit_code == 0 and "[warning]" not in again.stderr  # its own report, written again
 
 
+def test_a_report_a_killed_run_of_this_ledger_wrote_is_mended_without_a_warning(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "r.csv"
+
+    def stop(name: str) -> None:
+        if name == "after_report":
+            raise RuntimeError("stopped")  # as a SIGTERM after the report was renamed into place
+
+    monkeypatch.setattr("cxrbatch.ledger_run.crash_point", stop)
+    assert _run(folder, tiny_models, tmp_path / "l.db", out)[0] == 1 and out.exists()
+    monkeypatch.undo()
+    rerun = runner.invoke(app, ["run", str(folder), "--models", str(tiny_models), "--ledger", str(tmp_path / "l.db"),
+                                "--out", str(out)])  # fmt: skip
+    assert rerun.exit_code == 0 and "[warning]" not in rerun.stderr
+
+
 def test_a_ledger_on_a_file_system_without_locks_is_refused_in_a_line(
     folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
