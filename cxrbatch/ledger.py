@@ -48,7 +48,7 @@ from typing import Any
 
 from cxrbatch.errors import EXIT_BUSY, CxrBatchError
 from cxrbatch.files import display_path, file_sha256
-from cxrbatch.ledger_schema import LedgerError, connect
+from cxrbatch.ledger_schema import LedgerError, connect, file_size_limit
 from cxrbatch.records import ERROR, Record, RecordError
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,9 @@ class Ledger:
                     db.execute("UPDATE runs SET status = 'interrupted' WHERE status = 'running'")
                 yield cls(path, db, lock_fd)
             except sqlite3.Error as exc:  # a full disk, a damaged file: the operator's problem, not a traceback
-                raise LedgerError(f"Ledger {path} failed: {exc}; what was committed before is kept") from None
+                raise LedgerError(
+                    f"Ledger {path} failed: {exc}{file_size_limit()}; what was committed before is kept"
+                ) from None
             finally:
                 db.close()
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import resource
 import sqlite3
 from pathlib import Path
 
@@ -80,9 +81,20 @@ def connect(path: Path, migrate: bool) -> sqlite3.Connection:
             # by its full path: a relative --ledger from another working folder makes a new ledger
             log.info("new ledger %s: every file is screened and reported", path.absolute())
         db.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.OperationalError as exc:  # the file system refused a write (a failing disk, ulimit -f): not the file
+        raise LedgerError(f"Ledger {path} cannot be written ({exc}{file_size_limit()}); nothing was done") from None
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path} is not a usable cxrbatch ledger ({exc}); it was left untouched") from None
     return db
+
+
+def file_size_limit() -> str:
+    """What to add to a write SQLite could not make where this process has a file-size limit
+    (`ulimit -f`: Python ignores SIGXFSZ, so the write fails and SQLite says 'disk I/O error')."""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return ""
+    return f"; this process may write files of at most {soft} bytes: ulimit -f"
 
 
 def _for_reading(path: Path) -> sqlite3.Connection:

@@ -1260,3 +1260,23 @@ def test_a_ledger_on_a_file_system_without_locks_is_refused_in_a_line(
     code, _, err = _run(folder, tiny_models, tmp_path / "l.db", tmp_path / "r.csv")
     assert code == 1 and "[error] Cannot lock the ledger" in err and "No locks available" in err
     assert "Traceback" not in err
+
+
+def test_a_ledger_the_file_size_limit_keeps_from_being_written_is_not_called_foreign(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    """`ulimit -f` (a cron job's file-size limit): SQLite's write fails with 'disk I/O error', and the
+    new ledger was called 'not a usable cxrbatch ledger … left untouched', which the next run repeated."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # Python ignores SIGXFSZ: writes fail
+
+    script = "import sys\nfrom cxrbatch.cli import app\napp(sys.argv[1:])\n"
+    args = ["run", str(folder), "--models", str(tiny_models), "--ledger", str(tmp_path / "l.db"), "-q"]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], preexec_fn=limited, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "not a usable cxrbatch ledger" not in proc.stderr
+    assert "cannot be written" in proc.stderr and "ulimit -f" in proc.stderr
