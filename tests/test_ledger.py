@@ -1280,3 +1280,20 @@ def test_a_ledger_the_file_size_limit_keeps_from_being_written_is_not_called_for
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "not a usable cxrbatch ledger" not in proc.stderr
     assert "cannot be written" in proc.stderr and "ulimit -f" in proc.stderr
+
+
+def test_a_lock_line_left_by_a_finished_run_does_not_make_an_older_versions_holder_stuck(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older cxrbatch holding the lock writes no line: the one there is a finished run's."""
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    monkeypatch.setattr("cxrbatch.ledger.now", lambda: "2026-12-05T02:00:01+00:00")
+    monkeypatch.setattr("cxrbatch.ledger.os.getpid", lambda: gone.pid)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process that has ended: the line names no live run
+    assert _run(folder, tiny_models, ledger, out)[0] == 0
+    monkeypatch.undo()
+    with open(tmp_path / "l.db.lock") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        code, _, err = _run(folder, tiny_models, ledger, out)
+    assert code == 4 and "[info] Another cxrbatch run holds the ledger" in err and "stuck" not in err
