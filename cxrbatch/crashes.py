@@ -10,6 +10,11 @@ import os
 
 
 def crash_point(name: str) -> None:
-    """Send this process the crash signal here when CXRBATCH_CRASH_AT names this point."""
+    """Send this process the crash signal here when CXRBATCH_CRASH_AT names this point (its whole
+    process group where CXRBATCH_CRASH_GROUP is set: a closed terminal's hangup reaches them all)."""
     if os.environ.get("CXRBATCH_CRASH_AT") == name:
-        os.kill(os.getpid(), int(os.environ.get("CXRBATCH_CRASH_SIGNAL", "9")))
+        signum = int(os.environ.get("CXRBATCH_CRASH_SIGNAL", "9"))
+        if os.environ.get("CXRBATCH_CRASH_GROUP"):
+            os.killpg(os.getpgrp(), signum)
+        else:
+            os.kill(os.getpid(), signum)

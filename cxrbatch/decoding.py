@@ -217,6 +217,10 @@ def _started(decoder: Decoder, processes: int) -> ProcessPoolExecutor:
     if "forkserver" in methods:
         context.set_forkserver_preload(["cxrbatch.decoding"])  # each process starts with these imports done
     pool: ProcessPoolExecutor | None = None
+    # The fork server and multiprocessing's resource tracker, started here, keep the signal mask they
+    # are started with: a closed terminal's hangup, which reaches the whole process group, killed them
+    # (a dead pool, and the tracker's tracebacks) before the run could stop its processes itself.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     try:
         everyone = context.Barrier(processes)
         pool = ProcessPoolExecutor(
@@ -231,6 +235,8 @@ def _started(decoder: Decoder, processes: int) -> ProcessPoolExecutor:
         if pool is not None:
             _stop(pool)
         raise _CannotStart(str(exc) or type(exc).__name__) from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a hangup meanwhile is heard now
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -265,8 +271,8 @@ def _logging_here() -> tuple[int, logging.Formatter | None]:
 
 def _hold(decoder: Decoder, everyone: threading.Barrier, logs: tuple[int, logging.Formatter | None]) -> None:
     """A decoding process's start: keep the decoder, log as the screening process does, ignore
-    Ctrl-C (the screening process stops its processes itself), and end when the screening process
-    ends, even by kill -9."""
+    Ctrl-C and a hangup (the screening process stops its processes itself), and end when the
+    screening process ends, even by kill -9."""
     global _held, _everyone
     _held, _everyone = decoder, everyone
     level, formatter = logs
@@ -276,6 +282,7 @@ def _hold(decoder: Decoder, everyone: threading.Barrier, logs: tuple[int, loggin
         logging.getLogger().handlers[:] = [handler]
     logging.getLogger().setLevel(level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal's hangup reaches the whole group
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=_end_with, args=(parent.sentinel,), daemon=True).start()

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -323,7 +324,7 @@ def test_run_with_stderr_closed_writes_its_report(tiny_models: Path, incoming: P
     assert done.stdout.strip().splitlines()[-1] == "rc=3" and out.is_file(), done.stdout
 
 
-@pytest.mark.parametrize(("signum", "code", "name"), [(15, 143, "SIGTERM"), (2, 130, "SIGINT")])
+@pytest.mark.parametrize(("signum", "code", "name"), [(15, 143, "SIGTERM"), (2, 130, "SIGINT"), (1, 129, "SIGHUP")])
 def test_a_stopped_run_says_so_in_its_log(
     signum: int, code: int, name: str, tiny_models: Path, incoming: Path, tmp_path: Path
 ) -> None:
@@ -338,6 +339,24 @@ def test_a_stopped_run_says_so_in_its_log(
     assert done.returncode == code and not out.exists(), done.stderr
     last = done.stderr.splitlines()[-1]
     assert f"[error] stopped by {name} (exit {code})" in last, done.stderr
+
+
+def test_a_run_started_with_nohup_goes_on_after_a_hangup(tiny_models: Path, incoming: Path, tmp_path: Path) -> None:
+    # SIGHUP (the terminal or ssh session that started the run closing) ends a run as SIGTERM does,
+    # with its clean-up, unless the run was started not to hear it (nohup): then it finishes.
+    out = tmp_path / "r.csv"
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "writing r.csv", "CXRBATCH_CRASH_SIGNAL": str(signal.SIGHUP)}
+    args = ["run", str(incoming), "--models", str(tiny_models), "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrbatch.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    assert done.returncode == 3 and out.exists(), done.stderr  # 3: the incoming folder holds a broken file
+    assert "stopped by" not in done.stderr
 
 
 @pytest.mark.parametrize("option", ["--out", "--json", "--html"])

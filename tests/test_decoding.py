@@ -7,6 +7,7 @@ import csv
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,6 +82,34 @@ def test_a_process_that_dies_on_a_file_costs_that_file_only(tmp_path: Path, tiny
     assert reference.pop("c_light.PNG")["status"] == "classified"
     # the other file of its batch, and the batch in flight beside it, were decoded again
     assert rows == reference
+
+
+def test_a_hangup_of_the_whole_group_stops_the_run_in_one_line(
+    tmp_path: Path, tiny_models: Path, incoming: Path
+) -> None:
+    # A closed terminal sends SIGHUP to every process of the group: the run, its decoding processes,
+    # multiprocessing's fork server and resource tracker. The two helpers died of it: "a decoding
+    # process died" and pages of the tracker's tracebacks before the run's own line.
+    env = {
+        **os.environ,
+        "CXRBATCH_CRASH_AT": "decoding c_light.PNG",
+        "CXRBATCH_CRASH_SIGNAL": str(signal.SIGHUP),
+        "CXRBATCH_CRASH_GROUP": "1",
+    }
+    args = ["run", str(incoming), "--models", str(tiny_models), "--batch-size", "2", "--decoders", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "cxrbatch.cli", *args, "--out", str(tmp_path / "r.csv")],  # main(): its handlers
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        start_new_session=True,  # a group of its own: the hangup reaches the run, not the tests
+    )
+    assert done.returncode == 129, done.stderr
+    assert "Traceback" not in done.stderr and "died" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].endswith(
+        "[error] stopped by SIGHUP (exit 129): what it had not yet written is not written"
+    )
 
 
 def test_a_run_leaves_no_decoding_process_behind(tmp_path: Path, tiny_models: Path, incoming: Path) -> None:

@@ -10,7 +10,7 @@ carries (`cxrbatch.errors`; the same table is in the README):
   3  the run finished but some files could not be screened or some heatmaps written (error cells)
   4  another run holds the ledger (--ledger); nothing was done
   5  the inputs hold no image file at all (an empty or unmounted folder?); empty reports written
-  143  stopped by SIGTERM (cron's `timeout`)
+  143  stopped by SIGTERM (cron's `timeout`); 129 by SIGHUP (a closed terminal), unless started with nohup
 
 The command modules write their annotations unquoted (no `from __future__ import annotations`):
 Typer reads every command's annotations when a command starts, and evaluating them from strings
@@ -137,6 +137,8 @@ def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 def main() -> None:
     """Entry point of the console script (and of `python -m cxrbatch.cli`)."""
     signal.signal(signal.SIGTERM, _terminated)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # started with nohup: the hangup is not heard
+        signal.signal(signal.SIGHUP, _terminated)  # the terminal or ssh session that started it closed
     try:
         app()
     except SystemExit as done:
@@ -145,7 +147,11 @@ def main() -> None:
         raise
 
 
-_STOPPED_BY = {128 + signal.SIGTERM: "SIGTERM", 128 + signal.SIGINT: "SIGINT"}  # Typer turns Ctrl-C into 130
+_STOPPED_BY = {
+    128 + signal.SIGTERM: "SIGTERM",
+    128 + signal.SIGINT: "SIGINT",  # Typer turns Ctrl-C into 130
+    128 + signal.SIGHUP: "SIGHUP",
+}
 
 
 def _say_if_stopped(code: object) -> None:
@@ -158,9 +164,10 @@ def _say_if_stopped(code: object) -> None:
 
 
 def _terminated(signum: int, frame: object) -> None:
-    """SIGTERM (what cron's `timeout` sends) ends the command as an exception would, with the
-    shell's code for it (143): temporary report files are removed and a Ray session or decoding
-    processes are stopped on the way out. Python's default was to die at once and leave them."""
+    """SIGTERM (what cron's `timeout` sends) or SIGHUP (a closed terminal) ends the command as an
+    exception would, with the shell's code for it (143, 129): temporary report files are removed
+    and a Ray session or decoding processes are stopped on the way out. Python's default was to
+    die at once and leave them."""
     raise SystemExit(128 + signum)
 
 
