@@ -21,53 +21,31 @@ nothing, so the same command run again reports those results again, together wit
 new. A report path that completed runs wrote before gets the union of their rows and the new
 ones, so a second run on the same day never replaces a full report with an emptier one.
 
-One run at a time: an exclusive `flock` on `<ledger>.lock`, released by the OS when the holder
-exits or dies, so a crashed run never leaves a lock to clean by hand. The holder writes its pid and
-start into the lock file: a run that finds the lock held for longer than a night (`STUCK_AFTER_S`)
-reports that run as stuck (exit 1) instead of busy (exit 4, no action needed). What the ledger holds is
-read by `cxrbatch.ledger_view`, without the lock. The file itself (its tables, the upgrades of
-older schemas, opening it to run or only to read) is `cxrbatch.ledger_schema`.
+One run at a time: an exclusive `flock` on `<ledger>.lock` (`cxrbatch.ledger_lock`). What the
+ledger holds is read by `cxrbatch.ledger_view`, without the lock. The file itself (its tables,
+the upgrades of older schemas, opening it to run or only to read) is `cxrbatch.ledger_schema`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import sqlite3
 import stat
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cxrbatch.errors import EXIT_BUSY, CxrBatchError
 from cxrbatch.files import display_path, file_sha256
-from cxrbatch.ledger_schema import LedgerError, connect, file_size_limit
+from cxrbatch.ledger_lock import job_of, lock, lock_path
+from cxrbatch.ledger_schema import LedgerError, connect, file_size_limit, now
 from cxrbatch.records import ERROR, Record, RecordError
 
 log = logging.getLogger(__name__)
-
-LOCK_TRIES = 10  # over about a second
-# A run that has held the ledger this long has missed a night's start: never the same job started
-# twice, but a run stopped (Ctrl-Z) or hung (a dead mount), which keeps every later night from screening.
-STUCK_AFTER_S = 20 * 3600
-
-
-class LedgerBusy(CxrBatchError):
-    """Another run holds the ledger: nothing was done (that run screens its own inputs)."""
-
-    exit_code = EXIT_BUSY
-
-
-class LedgerStuck(CxrBatchError):
-    """Another run has held the ledger for longer than a night: nothing was done, and a person must
-    look at that run (fatal, so that monitoring alerts, where a busy ledger needs no action)."""
 
 
 @dataclass(frozen=True)
@@ -118,11 +96,6 @@ def _refuse_full_disk(path: Path) -> None:
         )
 
 
-def now() -> str:
-    """The current UTC time, to the second, ISO 8601."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 class Ledger:
     """An open, locked ledger."""
 
@@ -135,9 +108,10 @@ class Ledger:
     # -- opening -----------------------------------------------------------------------------
     @classmethod
     @contextmanager
-    def open(cls, path: Path) -> Iterator[Ledger]:
-        """Lock and open (or create) the ledger at `path`; refuse a foreign or corrupt file."""
-        lock_fd = _lock(path)
+    def open(cls, path: Path, inputs: Sequence[Path] = ()) -> Iterator[Ledger]:
+        """Lock and open (or create) the ledger at `path` for a run over `inputs` (the job: a run
+        that finds it held by another job's run says so); refuse a foreign or corrupt file."""
+        lock_fd = lock(path, job_of(inputs))
         try:
             _refuse_full_disk(path)
             db = connect(path, migrate=True)
@@ -363,79 +337,11 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
-def lock_path(path: Path) -> Path:
-    """The lock file beside the ledger, named from its real path: one ledger reached by two names
-    (a symbolic link) has one lock."""
-    real = Path(os.path.realpath(path))
-    return real.with_name(real.name + ".lock")
-
-
 def ledger_files(path: Path) -> set[Path]:
     """Every file the ledger at `path` is kept in, by real path: the database, SQLite's write-ahead
     log, shared memory and journal, and the run lock (nothing else may be written over them)."""
     real = Path(os.path.realpath(path))
     return {real, *(real.with_name(real.name + end) for end in ("-wal", "-shm", "-journal"))} | {lock_path(path)}
-
-
-def _lock(path: Path) -> int:
-    lock = lock_path(path)
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise LedgerError(f"Cannot open ledger lock {lock}: {exc.strerror}") from None
-    for attempt in range(LOCK_TRIES):  # `cxrbatch ledger` may hold a shared lock for an instant
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _sign(fd)
-            return fd
-        except BlockingIOError:
-            if attempt + 1 < LOCK_TRIES:
-                time.sleep(0.1)
-        except OSError as exc:  # ENOLCK: an NFS share without its lock service; SQLite's WAL needs a local disk too
-            os.close(fd)
-            raise LedgerError(
-                f"Cannot lock the ledger {lock}: {exc.strerror or exc} (a network file system?); keep the ledger "
-                "on a local disk (nothing was done)"
-            ) from None
-    holder = _holder(fd)
-    os.close(fd)
-    if holder is not None and holder[2] > STUCK_AFTER_S:
-        pid, started, age = holder
-        raise LedgerStuck(
-            f"Another cxrbatch run (pid {pid}) has held the ledger {path} for {age / 3600:.0f} hours (since "
-            f"{started}): no run since could screen, and nothing was done now. If it is stuck (stopped with "
-            f"Ctrl-Z, hung on a mount: `cxrbatch ledger {path}` shows whether its committed count still grows), "
-            "end it; the next run delivers what it committed"
-        )
-    by = "" if holder is None else f" (pid {holder[0]}, since {holder[1]})"
-    raise LedgerBusy(
-        f"Another cxrbatch run holds the ledger {path}{by}; nothing was done (the same job started twice needs "
-        "nothing more; a ledger serves one job: give another input folder's job a ledger of its own)"
-    )
-
-
-def _sign(fd: int) -> None:
-    """Write into the held lock file which process holds it and since when, for a run that finds it
-    busy; best effort (a full disk leaves it as it was)."""
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {now()}\n".encode("ascii"), 0)
-    except OSError:
-        pass
-
-
-def _holder(fd: int) -> tuple[int, str, float] | None:
-    """The pid and start (UTC) `_sign` wrote into the lock file, and for how many seconds it has
-    held it by this clock; None where the file says nothing readable (an older cxrbatch's lock)."""
-    try:
-        pid, started = os.pread(fd, 200, 0).decode("ascii").split()
-        age = (datetime.now(timezone.utc) - datetime.fromisoformat(started)).total_seconds()
-        os.kill(int(pid), 0)  # no such process: the line is a finished run's, left by an older cxrbatch's holder
-        return int(pid), started, age
-    except PermissionError:  # alive, under another account
-        return int(pid), started, age
-    except (OSError, ValueError, TypeError):  # TypeError: a start without its zone, by hand
-        return None
 
 
 def readable(key: str, text: str, warn: bool = True) -> Record | None:

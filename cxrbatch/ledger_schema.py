@@ -11,6 +11,7 @@ import logging
 import re
 import resource
 import sqlite3
+from datetime import datetime, timezone
 from pathlib import Path
 
 from cxrbatch.errors import CxrBatchError
@@ -86,6 +87,11 @@ def connect(path: Path, migrate: bool) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         raise LedgerError(f"{path} is not a usable cxrbatch ledger ({exc}); it was left untouched") from None
     return db
+
+
+def now() -> str:
+    """The current UTC time, to the second, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def file_size_limit() -> str:

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cxrbatch.ledger import lock_path, readable
+from cxrbatch.ledger import readable
+from cxrbatch.ledger_lock import lock_path
 from cxrbatch.ledger_schema import LedgerError, connect
 from cxrbatch.records import Record
 

@@ -71,7 +71,7 @@ def run(options: RunOptions) -> Summary:
     report_targets = [t for t in (options.csv_out, options.json_out, options.html) if t is not None]
     # on Ray the actors choose their device; the driver's models only draw heatmaps
     device = "cpu" if options.engine == "ray" else options.device
-    with _opened(options.ledger) as ledger:
+    with _opened(options.ledger, options.inputs) as ledger:
         paths, (gate, classifier) = _inputs_and_models(options, report_targets, device)
         if options.heatmaps is not None:
             classifier.spec.require_cam()  # before screening, not after it
@@ -134,9 +134,9 @@ def _engine(options: RunOptions, gate: Model, classifier: Model) -> Iterator[Scr
 
 
 @contextmanager
-def _opened(path: Path | None) -> Iterator[Ledger | None]:
+def _opened(path: Path | None, inputs: list[Path]) -> Iterator[Ledger | None]:
     """The locked ledger, taken before anything else is done, or None without --ledger."""
-    with Ledger.open(path) if path is not None else nullcontext() as ledger:
+    with Ledger.open(path, inputs) if path is not None else nullcontext() as ledger:
         yield ledger
 
 

@@ -856,7 +856,7 @@ def test_view_during_the_next_runs_open_shows_a_dead_run_interrupted(
     # dead run interrupted (Ledger.open: _lock, then statvfs and connect, then the UPDATE) when the
     # view checks the lock again: the view re-reads and shows the dead run as running
     from cxrbatch import ledger_view
-    from cxrbatch.ledger import lock_path
+    from cxrbatch.ledger_lock import lock_path
 
     inbox = tmp_path / "in"
     inbox.mkdir()
@@ -1191,7 +1191,7 @@ def test_a_run_that_has_held_the_ledger_for_a_day_is_stuck_not_busy(
     """A run stopped with Ctrl-Z, or hung on a dead mount, keeps the lock: every later night exited
     4 at [info], 'nothing more needed', and no film was screened for days without an alert."""
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
-    monkeypatch.setattr("cxrbatch.ledger.now", lambda: "2026-12-05T02:00:01+00:00")  # that run's start
+    monkeypatch.setattr("cxrbatch.ledger_lock.now", lambda: "2026-12-05T02:00:01+00:00")  # that run's start
     assert _run(folder, tiny_models, ledger, out)[0] == 0
     monkeypatch.undo()
     with open(tmp_path / "l.db.lock") as holder:  # as if that run were still going
@@ -1210,6 +1210,25 @@ def test_a_run_that_started_moments_ago_is_busy_and_named(folder: Path, tiny_mod
         fcntl.flock(holder, fcntl.LOCK_EX)
         code, _, err = _run(folder, tiny_models, ledger, out)
     assert code == 4 and "[info] Another cxrbatch run holds the ledger" in err and f"pid {os.getpid()}" in err
+
+
+def test_a_ledger_held_by_another_jobs_run_is_an_error_not_busy(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # Two jobs (two input folders) on one ledger whose nights overlap: the one that lost the lock
+    # exited 4 at [info] ("the same job started twice needs nothing more") every night, and its
+    # folder was never screened. The lock file names the holder's inputs: another job's is an error.
+    ward_b = tmp_path / "ward-b"
+    ward_b.mkdir()
+    grey_image(ward_b / "b.png", 130)
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    assert _run(folder, tiny_models, ledger, out)[0] == 0  # its lock file names this process and the folder
+    with open(tmp_path / "l.db.lock") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        code, _, err = _run(ward_b, tiny_models, ledger, out)
+        assert code == 1 and f"[error] Another job's run (pid {os.getpid()}" in err and str(folder) in err, err
+        assert f"give this one ({ward_b}) a ledger of its own" in err
+        assert _run(folder, tiny_models, ledger, out)[0] == 4  # the same job started twice: busy, as before
 
 
 def test_a_report_file_another_jobs_ledger_wrote_is_replaced_with_a_warning(
@@ -1256,7 +1275,7 @@ def test_a_ledger_on_a_file_system_without_locks_is_refused_in_a_line(
     def no_locks(fd: int, operation: int) -> None:
         raise OSError(37, "No locks available")
 
-    monkeypatch.setattr("cxrbatch.ledger.fcntl.flock", no_locks)
+    monkeypatch.setattr("cxrbatch.ledger_lock.fcntl.flock", no_locks)
     code, _, err = _run(folder, tiny_models, tmp_path / "l.db", tmp_path / "r.csv")
     assert code == 1 and "[error] Cannot lock the ledger" in err and "No locks available" in err
     assert "Traceback" not in err
@@ -1287,8 +1306,8 @@ def test_a_lock_line_left_by_a_finished_run_does_not_make_an_older_versions_hold
 ) -> None:
     """An older cxrbatch holding the lock writes no line: the one there is a finished run's."""
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
-    monkeypatch.setattr("cxrbatch.ledger.now", lambda: "2026-12-05T02:00:01+00:00")
-    monkeypatch.setattr("cxrbatch.ledger.os.getpid", lambda: gone.pid)
+    monkeypatch.setattr("cxrbatch.ledger_lock.now", lambda: "2026-12-05T02:00:01+00:00")
+    monkeypatch.setattr("cxrbatch.ledger_lock.os.getpid", lambda: gone.pid)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a process that has ended: the line names no live run
     assert _run(folder, tiny_models, ledger, out)[0] == 0
