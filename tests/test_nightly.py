@@ -35,9 +35,10 @@ def readme_cron_command(site: Path) -> str:
     return command.replace("cd /srv/cxr", f"cd {site}").replace(".venv/bin/cxrbatch", str(CXRBATCH))
 
 
-def cron(site: Path, umask: str = "022") -> subprocess.CompletedProcess[str]:
-    """Run the README's cron line once, in a shell with cron's bare environment and a umask."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(site), "LANG": "C.UTF-8"}
+def cron(site: Path, umask: str = "022", tools: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the README's cron line once, in a shell with cron's bare environment and a umask (and
+    the commands in `tools` found before the system's)."""
+    env = {"PATH": "/usr/bin:/bin" if tools is None else f"{tools}:/usr/bin:/bin", "HOME": str(site), "LANG": "C.UTF-8"}
     return subprocess.run(
         ["/bin/sh", "-c", f"umask {umask} && {readme_cron_command(site)}"],
         env=env, capture_output=True, text=True, timeout=300,
@@ -84,6 +85,21 @@ def test_readme_cron_line_twice_a_day_never_empties_the_report(site: Path) -> No
     assert re.match(r"0 files: 0 classified, 0 rejected, 0 errors; 0 screened in \d+\.\d s", summaries[1])
     assert summaries[2].startswith("1 file: 0 classified, 1 rejected, 0 errors; 1 screened in ")
     assert [s.endswith("reused from the ledger") for s in summaries] == [True] * 3
+
+
+def test_readme_cron_line_names_both_reports_by_one_date_across_midnight(site: Path, tmp_path: Path) -> None:
+    # `$(date +%F)` written twice is asked twice: a run started at midnight named its CSV by one
+    # day and its JSON by the next. A `date` that says the next day from its second call on:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "date").write_text(
+        '#!/bin/sh\nif [ -e "$0.asked" ]; then echo 2026-12-08; else touch "$0.asked"; echo 2026-12-07; fi\n',
+        encoding="utf-8",
+    )
+    (tools / "date").chmod(0o755)
+    done = cron(site, tools=tools)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (site / "reports").iterdir()) == ["2026-12-07.csv", "2026-12-07.json"]
 
 
 def test_reports_get_the_umask_mode_and_keep_an_existing_one(site: Path) -> None:
