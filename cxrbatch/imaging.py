@@ -170,7 +170,8 @@ def _decode(fh: BinaryIO, head: bytes, draft_size: int | None) -> Image.Image:
         if draft_size and img.format == "JPEG":
             img.draft("RGB" if img.mode not in ("L", "1") else "L", (draft_size, draft_size))
         img.seek(0)  # animated files: the first frame
-        deep_colour = img.mode in ("RGB", "RGBA") and any(";16" in str(tile.args) for tile in img.tile)
+        # a tile is (codec, extents, offset, args): a named tuple since Pillow 11, a plain one in 10
+        deep_colour = img.mode in ("RGB", "RGBA") and any(";16" in str(args) for _, _, _, args in img.tile)
         if img.format == "JPEG":  # an arithmetic-coded JPEG's decoder needs the whole stream at once
             # (Pillow reads a block at a time; for other formats, a tiled TIFF on Pillow < 11.1
             # read the whole file per tile)

@@ -292,6 +292,28 @@ def test_a_16_bit_colour_png_holding_12_bit_values_is_an_error_not_a_black_film(
     assert np.asarray(load_image(tmp_path / "full.png")).max() == 255
 
 
+def test_colour_films_decode_where_pillow_lists_tiles_as_plain_tuples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow 10, which pyproject.toml accepts, lists an image's tiles as plain 4-tuples (11 made
+    # them named tuples with `.args`): every colour PNG and JPEG was an error row there.
+    real_open = Image.open
+
+    def pillow_10_open(*args: object, **kwargs: object) -> Image.Image:
+        img = real_open(*args, **kwargs)  # type: ignore[arg-type]
+        img.tile = [tuple(tile) for tile in img.tile]
+        return img
+
+    monkeypatch.setattr(Image, "open", pillow_10_open)
+    photo = np.zeros((64, 64, 3), dtype=np.uint8)
+    photo[..., 0] = 200
+    for name in ("photo.png", "photo.jpg"):
+        assert load_image(_save(Image.fromarray(photo, mode="RGB"), tmp_path / name)).mode == "RGB"
+    (tmp_path / "low.png").write_bytes(_rgb16_png(np.full((64, 64, 3), 4000)))  # the 16-bit check still holds
+    with pytest.raises(ImageError, match="16-bit colour image whose values use only the low bits"):
+        load_image(tmp_path / "low.png")
+
+
 def _tiff_ifd(entries: list[tuple[int, int, int, bytes]]) -> bytes:
     """A little-endian TIFF header and one IFD (tag, type, count, value bytes), as an EXIF block holds."""
     n = len(entries)
