@@ -1,0 +1,33 @@
+"""The lowest versions pyproject.toml accepts can be installed together and have what cxrbatch uses."""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+
+from helpers import REPO
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+def _floor(name: str) -> Version:
+    """The lowest version of `name` that the runtime dependencies accept (its `>=` bound)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for line in project["dependencies"]:
+        requirement = Requirement(line)
+        if requirement.name == name:
+            return min(Version(spec.version) for spec in requirement.specifier if spec.operator == ">=")
+    raise AssertionError(f"{name} is not a runtime dependency")
+
+
+def test_the_rich_floor_is_one_the_pinned_typer_accepts() -> None:
+    # typer 0.28 needs rich>=13.8.0: a lower floor here is one pip can never install
+    typer_needs = [Requirement(line) for line in metadata.requires("typer") or [] if line.startswith("rich")]
+    assert typer_needs, "typer no longer depends on rich"
+    for requirement in typer_needs:
+        assert all(spec.contains(_floor("rich")) for spec in requirement.specifier), requirement
