@@ -25,6 +25,12 @@ def _floor(name: str) -> Version:
     raise AssertionError(f"{name} is not a runtime dependency")
 
 
+def test_the_pillow_floor_draws_heatmap_captions_at_a_size() -> None:
+    # heatmaps.py calls ImageFont.load_default(size=...), which Pillow 10.1 introduced: on 10.0
+    # a run with --heatmaps screened every film, then ended in a TypeError with no report
+    assert _floor("pillow") >= Version("10.1")
+
+
 def test_the_rich_floor_is_one_the_pinned_typer_accepts() -> None:
     # typer 0.28 needs rich>=13.8.0: a lower floor here is one pip can never install
     typer_needs = [Requirement(line) for line in metadata.requires("typer") or [] if line.startswith("rich")]
