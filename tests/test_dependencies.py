@@ -25,6 +25,13 @@ def _floor(name: str) -> Version:
     raise AssertionError(f"{name} is not a runtime dependency")
 
 
+def test_the_onnxruntime_floor_takes_enable_fallback() -> None:
+    # models.py asks for no fallback with InferenceSession(..., enable_fallback=0); onnxruntime
+    # before 1.23 ignores that argument, falls back to the CPU itself and prints its "EP Error"
+    # banner into a CSV report on stdout where onnxruntime-gpu cannot start CUDA.
+    assert _floor("onnxruntime") >= Version("1.23")
+
+
 def test_the_pillow_floor_draws_heatmap_captions_at_a_size() -> None:
     # heatmaps.py calls ImageFont.load_default(size=...), which Pillow 10.1 introduced: on 10.0
     # a run with --heatmaps screened every film, then ended in a TypeError with no report
