@@ -8,6 +8,8 @@ from pathlib import Path
 from cxrbatch.errors import UsageError
 from cxrbatch.modelinput import InputSpec
 
+SEED_LIMIT = 2**32  # seeds are 0 .. 2**32 - 1
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -53,6 +55,8 @@ class TrainConfig:
         ]
         if not self.alpha > 0:
             wrong.append(f"alpha {self.alpha} (above 0)")
+        if not 0 <= self.seed < SEED_LIMIT:  # numpy's and Keras's seeding take no other
+            wrong.append(f"seed {self.seed} (0 to {SEED_LIMIT - 1})")
         if wrong:
             raise UsageError(f"cannot train with {', '.join(wrong)}")
 

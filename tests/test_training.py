@@ -276,7 +276,8 @@ def test_train_refuses_before_training_what_would_fail_or_mislead_after_it(tmp_p
         app, ["train", "classifier", str(data), "--out", str(inside), *TINY, "--negative-label", "DARK"]
     )
     assert result.exit_code == 2 and "lies inside" in result.stderr
-    for option, value in (("--views", "0"), ("--epochs1", "0"), ("--size", "16"), ("--alpha", "0")):
+    seeds = (("--seed", "-1"), ("--seed", str(2**32)))  # numpy takes 0 .. 2**32 - 1: it was a traceback
+    for option, value in (("--views", "0"), ("--epochs1", "0"), ("--size", "16"), ("--alpha", "0"), *seeds):
         code, err = _train(data, tmp_path, "--negative-label", "DARK", option, value)
         assert code == 2 and "[error] cannot train with" in err and option[2:] in err
     not_weights = next((data / "test" / "DARK").iterdir())
