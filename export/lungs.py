@@ -72,6 +72,7 @@ BOX_SOURCES = {
 }
 MARGIN = 0.10  # of the box's width and height, added on each side before cropping
 MIN_BOX = 0.25  # a box narrower or shorter than this share of the film is not both lungs
+BOX_MODEL = "cxrbatch_lungs"  # the name `lungs train` gives its model (`train` names its cxrbatch_<role>)
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def build_box_model(base_weights: Path | None) -> tuple[keras.Model, keras.Model
     base.trainable = False
     maps = base(x)
     head = box_head()
-    return keras.Model(inputs, head(maps), name="cxrbatch_lungs"), keras.Model(inputs, maps), head
+    return keras.Model(inputs, head(maps), name=BOX_MODEL), keras.Model(inputs, maps), head
 
 
 def box_head() -> keras.Model:
@@ -319,11 +320,16 @@ def load_box_model(path: Path) -> keras.Model:
     if not path.is_file():
         raise UsageError(f"box model not found: {path}")
     try:
-        return keras.models.load_model(path)
+        model = keras.models.load_model(path)
     except Exception as exc:  # Keras raises ValueError, OSError, zip errors for another kind of file
         raise UsageError(
             f"{path} is not a Keras model it can read ({type(exc).__name__}): give `lungs train`'s .keras"
         ) from None
+    if model.name != BOX_MODEL:  # a classifier checkpoint has its input and four outputs: probabilities as boxes
+        raise UsageError(
+            f"{path} is the model {model.name}, not the box model {BOX_MODEL}: give `lungs train`'s .keras"
+        )
+    return model
 
 
 def crop_tree(data_dir: Path, model: keras.Model, out: Path, longest: int = 512, batch: int = 16) -> dict[str, Any]:

@@ -93,6 +93,22 @@ def test_crop_widens_the_box_by_the_margin_and_keeps_implausible_boxes_whole() -
     assert lungs.crop_to_lungs(film, np.array([0.1, 0.125, 0.9, 0.875]), margin=0.0).size == (80, 60)
 
 
+def test_a_checkpoint_of_another_role_is_not_taken_for_the_box_model(tmp_path: Path) -> None:
+    # `train classifier`'s checkpoint has the box model's input and four outputs: its probabilities
+    # were read as boxes and the tree written "cut", every film kept whole, with exit 0
+    import keras
+
+    from cxrbatch.errors import UsageError
+
+    inputs = keras.Input((32, 32, 1), name="image")
+    head = keras.layers.Dense(4, activation="softmax", name="head")(keras.layers.Flatten()(inputs))
+    for role in ("classifier", "lungs"):
+        keras.Model(inputs, head, name=f"cxrbatch_{role}").save(tmp_path / f"{role}.keras")
+    with pytest.raises(UsageError, match=r"classifier\.keras is the model cxrbatch_classifier, not .*lungs train"):
+        lungs.load_box_model(tmp_path / "classifier.keras")
+    assert lungs.load_box_model(tmp_path / "lungs.keras").name == "cxrbatch_lungs"
+
+
 @pytest.fixture(scope="module")
 def box_mirrors(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, str]]]:
     """A JSRT-like repository (films and left/right lung masks) and a COCO lung-box repository."""
