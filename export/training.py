@@ -184,6 +184,8 @@ def load_data(data_dir: Path, config: TrainConfig) -> tuple[Split, Split, dict[s
         )
     if config.role == "gate" and config.negative_label is not None:
         raise UsageError(f"only the classifier has a negative label (the gate scores {config.positive_label})")
+    if config.role == "gate" and config.label_smoothing:  # it would be recorded in the gate's metadata, not used
+        raise UsageError("only the classifier takes a label smoothing (the gate's loss is plain binary cross-entropy)")
     if config.role == "gate" and (len(classes) != 2 or config.positive_label not in classes):
         raise UsageError(
             f"the gate learns chest X-rays against everything else: {data_dir / 'train'} needs two class folders, "

@@ -138,6 +138,15 @@ def test_gate_takes_no_negative_label(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "[error] only the classifier has a negative label" in result.stderr
 
 
+def test_gate_takes_no_label_smoothing(tmp_path: Path) -> None:
+    # the gate's loss has none: it trained without it, and its metadata said label_smoothing 0.1
+    data = blob_dataset(tmp_path / "gate", {"NOT_XRAY": (True, True), "XRAY": (False, False)}, per_class=2)
+    out = tmp_path / "g.keras"
+    result = runner.invoke(app, ["train", "gate", str(data), "--out", str(out), *TINY, "--label-smoothing", "0.1"])
+    assert result.exit_code == 2 and "[error] only the classifier takes a label smoothing" in result.stderr
+    assert not out.exists()
+
+
 def test_the_same_seed_gives_the_same_views(tmp_path: Path) -> None:
     cache = export_module("cache")
     config = export_module("config").DEFAULTS["classifier"]
