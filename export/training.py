@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -46,7 +47,7 @@ from cxrbatch.datasets import (
     without_sources,
 )
 from cxrbatch.errors import UsageError
-from cxrbatch.files import check_out
+from cxrbatch.files import check_out, staged, write_failed
 
 from .cache import ViewSampler, cache_activations, pool_features, refuse_unreadable
 from .config import DEFAULTS, TrainConfig, sidecar_path
@@ -111,14 +112,32 @@ def train(
     else:
         plan, phase2, val_scores = _phase2(model, above, fitting)
         history.update(phase2)
-    out.parent.mkdir(parents=True, exist_ok=True)  # check_out checked that it can be made, and made nothing
-    model.save(out)
     summary = _summary(data_dir, fitting, history, plan, val_scores, base_weights)
     summary["train_seconds"] = round(time.time() - started, 1)
     summary["made_with"] = made_with()
-    sidecar_path(out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    save_checkpoint(model, out, summary)
     log.info("saved %s in %.0f s", out, summary["train_seconds"])
     return summary
+
+
+def save_checkpoint(model: keras.Model, out: Path, summary: dict[str, Any]) -> None:
+    """Write `out` and its sidecar, each through a temporary file renamed into place (Keras writes a
+    .keras file in place), the old sidecar removed before the checkpoint takes its place: a full
+    disk or a kill leaves the last run's pair as it was, or a checkpoint without a sidecar (which
+    `export` refuses), never a truncated checkpoint or one beside another run's sidecar."""
+    sidecar = sidecar_path(out)
+    text = json.dumps(summary, indent=2) + "\n"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # check_out checked that it can be made, and made nothing
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as folder:
+            made = Path(folder) / out.name  # Keras wants the .keras suffix
+            model.save(made)
+            with staged(sidecar, lambda fh: fh.write(text), what="checkpoint sidecar") as commit:
+                sidecar.unlink(missing_ok=True)
+                os.replace(made, out)
+                commit()
+    except OSError as exc:
+        raise write_failed("checkpoint", out, exc) from None
 
 
 def made_with() -> dict[str, str]:

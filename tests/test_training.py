@@ -303,6 +303,32 @@ def test_train_refuses_before_training_what_would_fail_or_mislead_after_it(tmp_p
     assert "Traceback" not in err and not (tmp_path / "c.keras").exists()
 
 
+def test_a_checkpoint_that_cannot_be_saved_leaves_the_last_one_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keras writes the .keras file in place: a full disk at the end of the training was a traceback,
+    # a truncated checkpoint, and the last run's checkpoint lost (its sidecar kept beside the bytes)
+    import keras
+
+    data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=2)
+    out = tmp_path / "runs" / "c.keras"
+    out.parent.mkdir()
+    out.write_bytes(b"the last run's checkpoint")
+    (tmp_path / "runs" / "c.keras.json").write_text('{"the last run": 1}')
+
+    def full_disk(model: keras.Model, filepath: str | Path, **kwargs: object) -> None:
+        with open(filepath, "wb") as fh:
+            fh.write(b"PK part of a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save", full_disk)
+    code, err = _train(data, tmp_path / "runs", "--negative-label", "DARK")
+    assert code == 1 and f"[error] Cannot write checkpoint {out}: No space left on device" in err
+    assert "Traceback" not in err and out.read_bytes() == b"the last run's checkpoint"
+    assert (tmp_path / "runs" / "c.keras.json").read_text() == '{"the last run": 1}'
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c.keras", "c.keras.json"]  # nothing half-written
+
+
 def test_a_val_split_without_a_class_is_refused_saying_whether_a_left_out_source_emptied_it(tmp_path: Path) -> None:
     classes = {"DARK": (False, False), "LIGHT": (True, False), "VIVID": (True, True)}
     data = blob_dataset(tmp_path / "cxr", classes, per_class=2, split_ids=True)
