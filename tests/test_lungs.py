@@ -109,6 +109,17 @@ def test_a_checkpoint_of_another_role_is_not_taken_for_the_box_model(tmp_path: P
     assert lungs.load_box_model(tmp_path / "lungs.keras").name == "cxrbatch_lungs"
 
 
+def test_lungs_train_refuses_a_seed_numpy_cannot_take(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cxrbatch.cli import app
+
+    for seed in ("-1", str(2**32)):  # it was numpy's traceback, exit 1
+        args = ["lungs", "train", "--mirrors", str(tmp_path), "--out", str(tmp_path / "l.keras"), "--seed", seed]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and "--seed" in result.stderr and not (tmp_path / "l.keras").exists()
+
+
 @pytest.fixture(scope="module")
 def box_mirrors(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, str]]]:
     """A JSRT-like repository (films and left/right lung masks) and a COCO lung-box repository."""

@@ -25,7 +25,7 @@ def train(
     base_weights: BaseWeights = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the training record here")] = None,
     views: Annotated[int, typer.Option(min=1, help="views per training film (the film and views-1 framed)")] = 8,
-    seed: Annotated[int, typer.Option(help="random seed")] = 1234,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="random seed")] = 1234,
     verbose: Verbose = False,
 ) -> None:
     """Train the box around both lungs on JSRT's lung masks and the ieee8023 lung boxes.
