@@ -54,6 +54,12 @@ def export(ckpt: Path, out: Path, check_images: list[Path], version: str = "1.0.
             f"the sidecar {sidecar_path(ckpt).name} describes a {spec.height}x{spec.width}x{spec.channels} input, "
             f"the checkpoint takes {'x'.join(map(str, shape))}: export the sidecar `cxrbatch train` wrote with it"
         )
+    scores = 1 if summary["role"] == "gate" else len(summary["labels"])  # the gate's sigmoid gives one
+    if model.output.shape[-1] != scores:
+        raise ExportError(
+            f"the sidecar {sidecar_path(ckpt).name} names {len(summary['labels'])} labels, the checkpoint gives "
+            f"{model.output.shape[-1]} scores: export the sidecar `cxrbatch train` wrote with it"
+        )
     batch = check_inputs(check_images, spec)  # a bad check image is named before the conversion, not after
     graph_model, output_names = _with_outputs(model, summary["role"])
     signature = (tf.TensorSpec((None, spec.height, spec.width, spec.channels), tf.float32, name="image"),)

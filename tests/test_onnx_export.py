@@ -162,6 +162,14 @@ def test_export_refuses_before_converting_what_would_fail_after(exported: dict[s
     result = runner.invoke(app, ["export", str(twin), "--out", str(tmp_path / "c.onnx"), *check])
     assert result.exit_code == 1 and "describes a 64x64x1 input, the checkpoint takes 32x32x1" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "c.onnx").exists()
+    # another run's sidecar with another set of classes: it was refused only after the conversion, in
+    # the words of the runtime's check of a written file ("c.onnx: output 'scores' is [...]")
+    summary = json.loads((exported["work"] / "classifier.keras.json").read_text(encoding="utf-8"))
+    summary["labels"] = [*summary["labels"], "OTHER"]
+    (tmp_path / "twin.keras.json").write_text(json.dumps(summary), encoding="utf-8")
+    result = runner.invoke(app, ["export", str(twin), "--out", str(tmp_path / "c.onnx"), *check])
+    assert result.exit_code == 1 and "names 3 labels, the checkpoint gives 2 scores" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "c.onnx").exists()
 
 
 def test_the_record_says_how_the_network_was_initialised(exported: dict[str, Path]) -> None:
