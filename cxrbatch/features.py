@@ -53,6 +53,14 @@ def training_films(
     inherited = [s for s in spec.trained_without() if s in present and s not in exclude]
     if inherited:
         log.info("left out as the model's training left them out: %s", ", ".join(inherited))
+    unnamed = [s for s in spec.trained_without() if s not in present and s not in exclude]
+    if unnamed:  # another tree may hold their films under other names (a repository, not the collection)
+        log.warning(
+            "the model's training left out %s, which %s does not name: if this is not the tree it was trained on, "
+            "their films may be among those learnt from here",
+            unnamed,
+            data_dir / "MANIFEST.csv",
+        )
     excluded = (*exclude, *inherited)
     train = without_sources(load_split(data_dir, "train"), manifest, excluded)
     val = without_sources(load_split(data_dir, "val", train.classes), manifest, excluded)

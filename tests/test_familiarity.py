@@ -241,7 +241,9 @@ def test_a_run_of_films_unlike_the_training_films_warns_and_says_so_in_json(tiny
         assert ("id='site-check'" in page.read_text(encoding="utf-8")) is warned  # the review page says it too
 
 
-def test_familiarity_learns_only_from_the_classifiers_own_training_data(tiny_models: Path, tmp_path: Path) -> None:
+def test_familiarity_learns_only_from_the_classifiers_own_training_data(
+    tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from cxrbatch.errors import UsageError
 
     data, gate = _tree(tmp_path / "data"), tiny_models / "gate.onnx"
@@ -275,6 +277,19 @@ def test_familiarity_learns_only_from_the_classifiers_own_training_data(tiny_mod
     record = familiarity.add_familiarity(tmp_path / "fold.onnx", tmp_path / "x.onnx", data, gate)
     odd_train = sum(1 for p in (data / "train").rglob("*.png") if p.stem.endswith("1"))
     assert record["excluded_sources"] == ["odd"] and record["train_films"] == 60 - odd_train
+    # a collection the model left out that this tree does not name (another tree, naming it by its
+    # repository): its films were learnt from without a word
+    meta["training"] = {"config": {"exclude_sources": ["odd", "elsewhere"]}}
+    embed_metadata(proto, meta)
+    onnx.save(proto, str(tmp_path / "fold2.onnx"))
+    with caplog.at_level("WARNING"):
+        record = familiarity.add_familiarity(tmp_path / "fold2.onnx", tmp_path / "x.onnx", data, gate)
+    assert record["excluded_sources"] == ["odd"] and record["train_films"] == 60 - odd_train
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        f"the model's training left out ['elsewhere'], which {data / 'MANIFEST.csv'} does not name: if this is "
+        "not the tree it was trained on, their films may be among those learnt from here"
+    ]
 
 
 def test_val_unfamiliar_is_the_count_run_makes(tiny_models: Path, tmp_path: Path) -> None:
