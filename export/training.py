@@ -255,7 +255,7 @@ def fit_head(
 ) -> dict[str, Any]:
     """Phase 1 proper: the head on pooled features of `config.views` views per image, in image
     order (train = features (N * views, d), one target and one weight per image), early stopping
-    on the training loss with the best weights kept; the leave-one-collection-out study fits its
+    on the val loss with the best weights kept; the leave-one-collection-out study fits its
     heads with this too."""
     features, targets, weights = train
     _compile(head, config, config.lr1)
@@ -301,9 +301,22 @@ def _phase2(model: keras.Model, above: keras.Model, f: _Fitting) -> tuple[Plan, 
     val_scores = np.asarray(top.predict(f.val_cache, batch_size=config.batch_size, verbose=0)["head"])
     phase2 = {
         "phase2_epochs": len(history.history["loss"]),
-        "phase2_best_val_loss": float(min(history.history[f"val_{output}loss"])),
+        "phase2_best_val_loss": float(min(history.history[f"val_{output}loss"])),  # of any epoch
+        **kept_epoch(history.history, output),
     }
     return plan, phase2, val_scores
+
+
+def kept_epoch(history: dict[str, list[float]], output: str = "") -> dict[str, Any]:
+    """The phase-2 epoch whose weights the model keeps, and its val figures: early stopping on val
+    accuracy restores the first epoch of the best (the lowest val loss may be another epoch's)."""
+    accuracy = history[f"val_{output}accuracy"]
+    kept = int(np.argmax(accuracy))  # the first of equals, as Keras counts only a strict improvement
+    return {
+        "phase2_kept_epoch": kept + 1,
+        "phase2_kept_val_accuracy": float(accuracy[kept]),
+        "phase2_kept_val_loss": float(history[f"val_{output}loss"][kept]),
+    }
 
 
 def _summary(

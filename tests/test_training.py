@@ -91,6 +91,22 @@ def test_leave_source_out_training_with_source_alignment(tmp_path: Path, monkeyp
     assert {o.name for o in onnx.load(str(onnx_path)).graph.output} == {"scores", "cam"}  # no alignment output
 
 
+def test_phase_two_records_the_epoch_it_keeps_not_only_the_lowest_val_loss(exported: dict[str, Path]) -> None:
+    # Phase 2 stops early on val accuracy and keeps that epoch's weights; the record gave only the
+    # lowest val loss of any epoch, which the model card then quoted as the kept model's.
+    kept = export_module("training").kept_epoch
+    history = {"val_head_accuracy": [0.6, 0.8, 0.8, 0.7], "val_head_loss": [0.9, 0.7, 0.5, 0.4]}
+    assert kept(history, "head_") == {
+        "phase2_kept_epoch": 2,  # the first of the best accuracy, as Keras keeps it
+        "phase2_kept_val_accuracy": 0.8,
+        "phase2_kept_val_loss": 0.7,  # not 0.4, the lowest
+    }
+    summary = json.loads((exported["work"] / "classifier.keras.json").read_text(encoding="utf-8"))
+    history_made = summary["history"]
+    assert history_made["phase2_kept_epoch"] == 1 and history_made["phase2_epochs"] == 1
+    assert history_made["phase2_kept_val_loss"] == history_made["phase2_best_val_loss"]  # one epoch: its own
+
+
 def test_head_only_training_when_phase_two_has_no_epochs(tmp_path: Path) -> None:
     data = blob_dataset(tmp_path / "cxr", CLASSES, per_class=6)
     args = ["train", "classifier", str(data), "--out", str(tmp_path / "c.keras"), *TINY[:-2], "--epochs2", "0"]
