@@ -445,6 +445,20 @@ def _out_of_memory_in_onnxruntime(*args: object, **kwargs: object) -> None:
     )
 
 
+def test_an_unexpected_failure_is_an_error_line_before_its_traceback(
+    tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fault of cxrbatch itself (a bug) printed a traceback and nothing else: a cron log grepped for
+    # [error], or read for its last timestamped line, showed the night's progress and no failure.
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("cxrbatch.pipeline.Screener.gate_scores", boom)
+    code, _, err = _run("run", str(incoming), "--models", str(tiny_models), "--out", str(tmp_path / "r.csv"))
+    assert code == 1 and not (tmp_path / "r.csv").exists()
+    assert "[error] unexpected failure (RuntimeError: boom): a fault of cxrbatch, not of a film" in err, err
+
+
 def _out_of_memory_in_numpy(*args: object, **kwargs: object) -> None:
     raise MemoryError("Unable to allocate 1.53 MiB for an array with shape (8, 224, 224, 1) and data type float32")
 

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from enum import Enum
 from typing import Any
 
+import click
 import typer
 from typer.core import TyperGroup
 
@@ -62,6 +63,18 @@ class _Commands(TyperGroup):
             # A busy ledger needs no action: the run that holds it does the work.
             log.log(logging.INFO if exc.exit_code == EXIT_BUSY else logging.ERROR, "%s", exc)
             raise typer.Exit(exc.exit_code) from None
+        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+            raise  # Typer's own: an exit code, Ctrl-C, a usage error
+        except Exception as exc:  # a fault of cxrbatch itself: a line a cron log shows, then its traceback
+            if not _logging_ready():
+                _setup_logging(verbose=False, quiet=False)
+            log.error(
+                "unexpected failure (%s: %s): a fault of cxrbatch, not of a film; what a ledger run committed is "
+                "kept. Please report it with the traceback that follows",
+                type(exc).__name__,
+                exc,
+            )
+            raise
 
 
 app = typer.Typer(
