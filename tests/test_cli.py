@@ -453,6 +453,8 @@ def test_an_unexpected_failure_is_an_error_line_before_its_traceback(
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("boom")
 
+    code, _, err = _run("run", str(incoming), "--models", str(tiny_models), "--out", str(tmp_path / "ok.csv"))
+    assert code == 3 and "[error]" not in err  # the end of a run (typer.Exit) is no failure
     monkeypatch.setattr("cxrbatch.pipeline.Screener.gate_scores", boom)
     code, _, err = _run("run", str(incoming), "--models", str(tiny_models), "--out", str(tmp_path / "r.csv"))
     assert code == 1 and not (tmp_path / "r.csv").exists()

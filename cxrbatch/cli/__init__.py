@@ -63,8 +63,8 @@ class _Commands(TyperGroup):
             # A busy ledger needs no action: the run that holds it does the work.
             log.log(logging.INFO if exc.exit_code == EXIT_BUSY else logging.ERROR, "%s", exc)
             raise typer.Exit(exc.exit_code) from None
-        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
-            raise  # Typer's own: an exit code, Ctrl-C, a usage error
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # an exit code, Ctrl-C, a usage error (Typer has its own Exit and Abort, click its)
         except Exception as exc:  # a fault of cxrbatch itself: a line a cron log shows, then its traceback
             if not _logging_ready():
                 _setup_logging(verbose=False, quiet=False)
