@@ -455,6 +455,8 @@ def test_an_unexpected_failure_is_an_error_line_before_its_traceback(
 
     code, _, err = _run("run", str(incoming), "--models", str(tiny_models), "--out", str(tmp_path / "ok.csv"))
     assert code == 3 and "[error]" not in err  # the end of a run (typer.Exit) is no failure
+    for usage in (["run"], ["run", str(incoming), "--batch-size", "0"], ["no-such-command"]):
+        assert "unexpected failure" not in _run(*usage)[2], usage  # nor a usage error (exit 2)
     monkeypatch.setattr("cxrbatch.pipeline.Screener.gate_scores", boom)
     code, _, err = _run("run", str(incoming), "--models", str(tiny_models), "--out", str(tmp_path / "r.csv"))
     assert code == 1 and not (tmp_path / "r.csv").exists()

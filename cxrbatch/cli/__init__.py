@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from enum import Enum
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -63,8 +62,8 @@ class _Commands(TyperGroup):
             # A busy ledger needs no action: the run that holds it does the work.
             log.log(logging.INFO if exc.exit_code == EXIT_BUSY else logging.ERROR, "%s", exc)
             raise typer.Exit(exc.exit_code) from None
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise  # an exit code, Ctrl-C, a usage error (Typer has its own Exit and Abort, click its)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # an exit code, Ctrl-C, a usage error (Typer 0.28 carries click's within, not click itself)
         except Exception as exc:  # a fault of cxrbatch itself: a line a cron log shows, then its traceback
             if not _logging_ready():
                 _setup_logging(verbose=False, quiet=False)
