@@ -183,7 +183,8 @@ class ModelSpec:
         precision = self.extra.get("precision")
         if precision in ("float16", "int8"):
             raise UsageError(
-                f"{source} is a {precision} copy: make {what} from the float32 model `cxrbatch export` wrote"
+                f"{source} is {'an' if precision == 'int8' else 'a'} {precision} copy: make {what} from the float32 "
+                "model `cxrbatch export` wrote"
             )
 
     def trained_without(self) -> tuple[str, ...]:
