@@ -76,10 +76,7 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
     _refuse_deflated_too_large(path)
     try:
         with open(path, "rb") as fh:
-            # a writer that left out the 128-byte preamble but kept the magic: read as if it were there
-            source = _WithPreamble(fh) if fh.read(4) == PREAMBLE_MAGIC else fh
-            fh.seek(0)
-            ds = pydicom.dcmread(source, force=True)
+            ds = pydicom.dcmread(_preamble_restored(fh), force=True)
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageError(f"unreadable DICOM file ({type(exc).__name__})") from None
     _name_transfer_syntax(ds)
@@ -247,7 +244,8 @@ def _refuse_deflated_too_large(path: str | os.PathLike[str]) -> None:
         from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
         from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-        with open(path, "rb") as fh:
+        with open(path, "rb") as raw:
+            fh = _preamble_restored(raw)  # read as dcmread reads it: its size is checked in such a file too
             read_preamble(fh, force=True)
             meta = _read_file_meta_info(fh)
             if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
@@ -322,6 +320,14 @@ class _Inflating(io.RawIOBase):
         while self.pos < target and self.read(min(target - self.pos, self.CHUNK)):
             pass
         return self.pos
+
+
+def _preamble_restored(fh: io.BufferedReader) -> BinaryIO:
+    """`fh`, or, where its writer left out the 128-byte preamble but kept the magic, `fh` read as
+    if the preamble were there."""
+    magic_first = fh.read(4) == PREAMBLE_MAGIC
+    fh.seek(0)
+    return cast(BinaryIO, _WithPreamble(fh)) if magic_first else fh
 
 
 class _WithPreamble(io.RawIOBase):

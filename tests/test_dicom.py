@@ -528,10 +528,13 @@ UNDEFINED_OB = (  # the empty OB made one of undefined length: 280 bytes, then a
 )
 
 
-@pytest.mark.parametrize("before", list(BEFORE_ROWS))
-def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflated(tmp_path: Path, before: str) -> None:
+@pytest.mark.parametrize(("before", "preamble"), [*((before, True) for before in BEFORE_ROWS), ("nothing", False)])
+def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflated(
+    tmp_path: Path, before: str, preamble: bool
+) -> None:
     # A file under 2 MB (Deflated Explicit VR Little Endian) whose frame is 14000 x 14000 at 16
-    # bits: its header was checked only after pydicom had inflated the whole data set.
+    # bits: its header was checked only after pydicom had inflated the whole data set (and, once
+    # a file opening with the DICM magic was read as if its preamble were there, in such a file).
     path = tmp_path / "bomb.dcm"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(__file__).resolve().parents[i]) for i in (1, 0))}
     make = (
@@ -546,7 +549,9 @@ def test_a_deflated_dicom_declaring_a_huge_frame_is_refused_before_it_is_inflate
         "ds.PixelData = bytes(2 * 14000 * 14000)\n"
         + BEFORE_ROWS[before]
         + "ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian\n"
-        "ds.save_as(path)\n" + (UNDEFINED_OB if before == "undefined OB" else "")
+        "ds.save_as(path)\n"
+        + (UNDEFINED_OB if before == "undefined OB" else "")
+        + ("" if preamble else "path.write_bytes(path.read_bytes()[128:])\n")  # the DICM magic first
     )
     subprocess.run([sys.executable, "-c", make, str(path)], check=True, timeout=300, env=env)
     assert path.stat().st_size < 2_000_000
