@@ -77,6 +77,8 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
     try:
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(_preamble_restored(fh), force=True)
+    except MemoryError:  # the process's limit, not the file's fault (`decoding`)
+        raise
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageError(f"unreadable DICOM file ({type(exc).__name__})") from None
     _name_transfer_syntax(ds)
@@ -89,6 +91,8 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
     try:
         ds.pixel_array_options(index=0 if frames > 1 else None)  # decode the first frame only
         arr = ds.pixel_array
+    except MemoryError:
+        raise
     except Exception as exc:  # missing decoder plugins and corrupt pixel data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         if syntax is not None and syntax.is_compressed and not _can_decode(syntax, _number(ds.get("BitsStored"), 8)):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_dicom, ramp
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
@@ -240,3 +241,23 @@ def test_a_film_decoded_out_of_memory_is_an_error_row_that_says_so(
     assert decoded.error is not None
     assert "out of memory" in decoded.error
     assert "corrupt" not in decoded.error and "unexpected" not in decoded.error
+
+
+@pytest.mark.parametrize("where", ["pydicom.dcmread", "pydicom.dataset.Dataset.pixel_array"])
+def test_a_dicom_film_decoded_out_of_memory_is_an_error_row_that_says_so(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The DICOM reader's own `except Exception` called the film unreadable or undecodable."""
+    pytest.importorskip("pydicom", reason="the dicom extra (pydicom) is not installed")
+    gate, classifier = load_models(tiny_models)
+    screener = Screener(gate, classifier, batch_size=2, workers=1)
+    film = make_dicom(tmp_path / "fine.dcm", ramp())
+
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(where, property(no_memory) if where.endswith("pixel_array") else no_memory)
+    decoded = screener.decode(film)
+    assert decoded.error is not None
+    assert "out of memory" in decoded.error
+    assert "unreadable" not in decoded.error and "cannot be decoded" not in decoded.error
