@@ -82,11 +82,23 @@ def connect(path: Path, migrate: bool) -> sqlite3.Connection:
             # by its full path: a relative --ledger from another working folder makes a new ledger
             log.info("new ledger %s: every file is screened and reported", path.absolute())
         db.execute("PRAGMA synchronous=NORMAL")
-    except sqlite3.OperationalError as exc:  # the file system refused a write (a failing disk, ulimit -f): not the file
-        raise LedgerError(f"Ledger {path} cannot be written ({exc}{file_size_limit()}); nothing was done") from None
     except sqlite3.DatabaseError as exc:
+        # the file system refused a write (a failing disk, ulimit -f): not the file; but a statement
+        # refused on another program's file ("no such column" in a table of a ledger's name) is the file
+        if isinstance(exc, sqlite3.OperationalError) and not _query_error(exc):
+            raise LedgerError(f"Ledger {path} cannot be written ({exc}{file_size_limit()}); nothing was done") from None
         raise LedgerError(f"{path} is not a usable cxrbatch ledger ({exc}); it was left untouched") from None
     return db
+
+
+SQLITE_ERROR = 1  # SQLite's code for an error of the statement itself, not of the file system
+
+
+def _query_error(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused a statement on what the file holds, not a write to it (an I/O error,
+    a full disk, a file it cannot open): by its code, or by its words where Python gives no code (3.10)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return str(exc).startswith("no such ") if code is None else code & 0xFF == SQLITE_ERROR
 
 
 def now() -> str:

@@ -343,15 +343,16 @@ def test_second_run_on_a_held_ledger_exits_4(folder: Path, tiny_models: Path, tm
     assert code == 0 and len(rows) == 5
 
 
-@pytest.mark.parametrize("content", [b"this is not a database at all" * 10, None])
+# the last: another program's SQLite file with a table of the ledger's own table's name
+@pytest.mark.parametrize("content", [b"this is not a database at all" * 10, "patients", "meta"])
 def test_foreign_or_corrupt_ledger_is_refused_untouched(
-    folder: Path, tiny_models: Path, tmp_path: Path, content: bytes | None
+    folder: Path, tiny_models: Path, tmp_path: Path, content: bytes | str
 ) -> None:
     ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
-    if content is None:
+    if isinstance(content, str):
         with sqlite3.connect(ledger) as db:
-            db.execute("CREATE TABLE patients (name TEXT)")
-            db.execute("INSERT INTO patients VALUES ('x')")
+            db.execute(f"CREATE TABLE {content} (name TEXT)")
+            db.execute(f"INSERT INTO {content} VALUES ('x')")
         db.close()
     else:
         ledger.write_bytes(content)
@@ -360,6 +361,8 @@ def test_foreign_or_corrupt_ledger_is_refused_untouched(
     assert code == 1
     assert "is not a" in err and "cxrbatch ledger" in err and "left untouched" in err
     assert ledger.read_bytes() == before and not out.exists()
+    viewed = runner.invoke(app, ["ledger", str(ledger)])  # the view, which never writes, says so too
+    assert viewed.exit_code == 1 and "cxrbatch ledger" in viewed.stderr and "cannot be written" not in viewed.stderr
 
 
 def test_ledger_command_shows_counts_and_last_run(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
