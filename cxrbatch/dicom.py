@@ -77,9 +77,8 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
     try:
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(_preamble_restored(fh), force=True)
-    except MemoryError:  # the process's limit, not the file's fault (`decoding`)
-        raise
     except Exception as exc:  # pydicom raises many types for malformed files
+        _raise_if_the_systems(exc)
         raise ImageError(f"unreadable DICOM file ({type(exc).__name__})") from None
     _name_transfer_syntax(ds)
     if "PixelData" not in ds:
@@ -91,9 +90,8 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
     try:
         ds.pixel_array_options(index=0 if frames > 1 else None)  # decode the first frame only
         arr = ds.pixel_array
-    except MemoryError:
-        raise
     except Exception as exc:  # missing decoder plugins and corrupt pixel data
+        _raise_if_the_systems(exc)
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         if syntax is not None and syntax.is_compressed and not _can_decode(syntax, _number(ds.get("BitsStored"), 8)):
             raise ImageError(f"compressed DICOM ({syntax.name}) needs a decoder: {DECODER_HINT}") from None
@@ -144,6 +142,13 @@ def read_pixels(path: str | os.PathLike[str]) -> np.ndarray | Levels:
     if isinstance(film, Levels) and levels is not None:
         return _black_levels(film, (levels.values >= padding[0]) & (levels.values <= padding[1]))
     return _black_pixels(cast(np.ndarray, film), (arr >= padding[0]) & (arr <= padding[1]))
+
+
+def _raise_if_the_systems(exc: Exception) -> None:
+    """Pass on out of memory and what the system said (an errno: `ulimit -n`, a failing disk): no
+    fault of the file, which `imaging` and `decoding` say in its row, as for any other film."""
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None):
+        raise exc
 
 
 def _padding(ds: Dataset, dtype: np.dtype) -> tuple[int, int] | None:

@@ -645,3 +645,26 @@ def test_a_deflated_header_that_makes_pydicom_step_back_is_not_inflated_again_an
     else:
         dicom._refuse_deflated_too_large(path)  # gave up: dcmread decides
         assert 1 < len(passes) <= 20
+
+
+@pytest.mark.parametrize(
+    ("where", "fault", "message"),
+    [
+        ("pydicom.dcmread", OSError(24, "Too many open files"), "Too many open files.*ulimit -n"),
+        ("pydicom.dataset.Dataset.pixel_array", OSError(5, "Input/output error"), "Input/output error"),
+    ],
+)
+def test_a_system_error_while_reading_a_dicom_film_is_not_called_an_unreadable_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, fault: OSError, message: str
+) -> None:
+    # as for any other film (`ulimit -n`: pydicom opening the file or importing a pixel handler; a
+    # failing disk): the row said "unreadable DICOM file (OSError)", a good film called damaged
+    film = make_dicom(tmp_path / "fine.dcm", ramp())
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise fault
+
+    monkeypatch.setattr(where, property(failing) if where.endswith("pixel_array") else failing)
+    with pytest.raises(ImageError, match=message) as caught:
+        load_image(film)
+    assert "unreadable" not in str(caught.value) and "cannot be decoded" not in str(caught.value)
