@@ -51,10 +51,15 @@ class OutOfMemory(CxrBatchError):
     """The process ran out of memory while screening (`ulimit -v`, a container's limit): what the
     run was doing, and what to change. A film that alone cannot be decoded is an error row instead."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, command: str = "run") -> None:
+        if command == "run":
+            advice = "lower --batch-size or --workers, or raise"
+            kept = "; results committed to a ledger are kept"
+        else:  # training, evaluation and the other commands: nothing of theirs was kept
+            advice, kept = "raise", ""
         super().__init__(
-            f"Out of memory while screening ({detail}): lower --batch-size or --workers, or raise the "
-            "process's memory limit (ulimit -v, the container's); results committed to a ledger are kept"
+            f"Out of memory {'while screening' if command == 'run' else f'in cxrbatch {command}'} ({detail}): "
+            f"{advice} the process's memory limit (ulimit -v, the container's){kept}"
         )
 
 

@@ -47,8 +47,9 @@ def lock_path(path: Path) -> Path:
 
 
 def job_of(inputs: Sequence[Path]) -> list[str]:
-    """A run's job, as the lock file names it: its inputs, absolute, in order (not resolved: a
-    dead mount must not hold the run before it has even tried the lock)."""
+    """A run's job, as the lock file names it: its inputs, absolute, in order. Not resolved: a run
+    held by a dead mount must hold the lock, for the next night to find it stuck and say so (the
+    same folder named through a link is another job's name for it)."""
     return sorted({os.path.abspath(p) for p in inputs})
 
 
@@ -131,6 +132,6 @@ def _holder(fd: int) -> _Holder | None:
         os.kill(pid, 0)  # no such process: the line is a finished run's, left by an older cxrbatch's holder
     except PermissionError:  # alive, under another account
         pass
-    except OSError:
+    except (OSError, OverflowError):  # OverflowError: a pid no process can have, by hand
         return None
     return _Holder(pid, started, job, age)

@@ -57,8 +57,9 @@ def export(ckpt: Path, out: Path, check_images: list[Path], version: str = "1.0.
     scores = 1 if summary["role"] == "gate" else len(summary["labels"])  # the gate's sigmoid gives one
     if model.output.shape[-1] != scores:
         raise ExportError(
-            f"the sidecar {sidecar_path(ckpt).name} names {len(summary['labels'])} labels, the checkpoint gives "
-            f"{model.output.shape[-1]} scores: export the sidecar `cxrbatch train` wrote with it"
+            f"the sidecar {sidecar_path(ckpt).name} describes a {summary['role']} of {scores} score(s) "
+            f"({', '.join(summary['labels'])}), the checkpoint gives {model.output.shape[-1]}: export the sidecar "
+            "`cxrbatch train` wrote with it"
         )
     batch = check_inputs(check_images, spec)  # a bad check image is named before the conversion, not after
     graph_model, output_names = _with_outputs(model, summary["role"])

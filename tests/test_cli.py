@@ -445,6 +445,21 @@ def _out_of_memory_in_onnxruntime(*args: object, **kwargs: object) -> None:
     )
 
 
+def test_out_of_memory_in_another_command_names_that_command_not_screening(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # every command's MemoryError became "Out of memory while screening …: lower --batch-size or
+    # --workers", options `train`, `evaluate` or `ledger` do not have
+    def no_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr("cxrbatch.ledger_view.inspect", no_memory)
+    (tmp_path / "l.db").write_bytes(b"")
+    code, _, err = _run("ledger", str(tmp_path / "l.db"))
+    assert code == 1 and "[error] Out of memory in cxrbatch ledger (an allocation failed)" in err, err
+    assert "--batch-size" not in err and "screening" not in err
+
+
 def test_an_unexpected_failure_is_an_error_line_before_its_traceback(
     tiny_models: Path, incoming: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

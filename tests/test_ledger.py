@@ -1215,6 +1215,18 @@ def test_a_run_that_started_moments_ago_is_busy_and_named(folder: Path, tiny_mod
     assert code == 4 and "[info] Another cxrbatch run holds the ledger" in err and f"pid {os.getpid()}" in err
 
 
+def test_a_lock_line_edited_by_hand_is_read_as_no_line(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    # a pid no process can have made os.kill raise OverflowError: a traceback, and the lock's fd left open
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    assert _run(folder, tiny_models, ledger, out)[0] == 0
+    line = {"pid": 10**30, "started": "2026-12-05T02:00:01+00:00", "job": ["/elsewhere"]}
+    (tmp_path / "l.db.lock").write_text(json.dumps(line) + "\n", encoding="utf-8")
+    with open(tmp_path / "l.db.lock") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        code, _, err = _run(folder, tiny_models, ledger, out)
+    assert code == 4 and "[info] Another cxrbatch run holds the ledger" in err and "pid" not in err, err
+
+
 def test_a_ledger_held_by_another_jobs_run_is_an_error_not_busy(
     folder: Path, tiny_models: Path, tmp_path: Path
 ) -> None:

@@ -168,7 +168,10 @@ def test_export_refuses_before_converting_what_would_fail_after(exported: dict[s
     summary["labels"] = [*summary["labels"], "OTHER"]
     (tmp_path / "twin.keras.json").write_text(json.dumps(summary), encoding="utf-8")
     result = runner.invoke(app, ["export", str(twin), "--out", str(tmp_path / "c.onnx"), *check])
-    assert result.exit_code == 1 and "names 3 labels, the checkpoint gives 2 scores" in result.stderr
+    assert (
+        result.exit_code == 1
+        and "describes a classifier of 3 score(s) (DARK, LIGHT, OTHER), the checkpoint gives 2" in result.stderr
+    )
     assert "Traceback" not in result.stderr and not (tmp_path / "c.onnx").exists()
 
 

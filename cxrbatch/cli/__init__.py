@@ -54,7 +54,7 @@ class _Commands(TyperGroup):
             try:
                 return super().invoke(ctx)
             except MemoryError as exc:  # numpy's or Python's allocation under `ulimit -v`: a line, not a traceback
-                raise OutOfMemory(str(exc) or "an allocation failed") from exc
+                raise OutOfMemory(str(exc) or "an allocation failed", ctx.invoked_subcommand or "run") from exc
         except CxrBatchError as exc:
             if not _logging_ready():
                 _setup_logging(verbose=False, quiet=False)
