@@ -633,11 +633,11 @@ def test_a_deflated_header_that_makes_pydicom_step_back_is_not_inflated_again_an
     # stream inflated the data set again from its start every time (160 of them: 6.4 s). Values
     # under pydicom's defer_size now stay in what the stream keeps; values it cannot keep (2 MB
     # read back whole) make it give up after a few passes and leave the check to pydicom.
-    from cxrbatch import dicom
+    from cxrbatch import dicom, dicom_streams
 
     path = _deflated_with_undefined_obs(tmp_path / "obs.dcm", n, size, stray)
-    passes, start = [], dicom._Inflating._restart
-    monkeypatch.setattr(dicom._Inflating, "_restart", lambda self: (passes.append(1), start(self))[1])
+    passes, start = [], dicom_streams.Inflating._restart
+    monkeypatch.setattr(dicom_streams.Inflating, "_restart", lambda self: (passes.append(1), start(self))[1])
     if refused:
         with pytest.raises(ImageError, match="too large"):
             dicom._refuse_deflated_too_large(path)
