@@ -59,6 +59,11 @@ def run_with_ledger(
         now = ledger.for_paths(known.items(), fp)
         have = {(s.key, s.sha256) for s in now}
         stored = [s for s in stored if (s.key, s.sha256) not in have] + now
+    # a file that changed or went away while it was screened again (an error row is tried on every
+    # run) has that row in place of the content it was hashed at: that content's stored error row
+    # (a killed run's) would give way to it in the report, so it is not delivered now but waits
+    left = {(key_of(p), known[p]) for p, _ in unreadable if p in known}
+    stored = [s for s in stored if (s.key, s.sha256) not in left]
     by_key = {key_of(p): p for p in paths}
     # a row from a killed run for an older content of a path gets no heatmap drawn from the new one
     current = {key_of(p): h for p, h in known.items()}

@@ -1188,6 +1188,38 @@ def test_a_film_deleted_between_its_hashing_and_its_decoding_is_not_promised_to_
     assert "changed while it was screened" not in row["error"] and "deleted or moved away" in row["error"]
 
 
+def test_a_killed_runs_error_row_is_not_delivered_by_a_run_that_its_film_left_while_screened(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the soak (soak_main16g.py seed 42): a killed run stored an unreadable film's error row; the
+    # next run screened the film again (an error row is tried again on every run), an archiver moved
+    # it away meanwhile, and its 'deleted or moved away' row took the error row's place in the report
+    # (the union) while the ledger counted the error row delivered: once the film was back, no run
+    # reported it, and no completed report ever held it
+    from cxrbatch.ledger import Ledger
+
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    film, away = folder / "img1.png", tmp_path / "img1.png"
+    film.write_bytes(film.read_bytes()[:80])
+    assert _killed_at("after_report", folder, tiny_models, ledger, out) == -9
+    hashed = Ledger.content_hashes
+
+    def then_moved_away(self: Ledger, paths: list[Path]) -> dict[Path, str | None]:
+        found = hashed(self, paths)
+        film.rename(away)
+        return found
+
+    monkeypatch.setattr(Ledger, "content_hashes", then_moved_away)
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 3 and [r["error"][:34] for r in rows if r["path"] == str(film)] == [
+        "the file was deleted or moved away"
+    ]
+    monkeypatch.undo()
+    away.rename(film)  # moved back: the run that finds it again reports it
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 3 and [r["error"][:26] for r in rows] == ["corrupt or truncated image"]
+
+
 def test_a_run_that_has_held_the_ledger_for_a_day_is_stuck_not_busy(
     folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
