@@ -60,10 +60,12 @@ def run_with_ledger(
         have = {(s.key, s.sha256) for s in now}
         stored = [s for s in stored if (s.key, s.sha256) not in have] + now
     # a file that changed or went away while it was screened again (an error row is tried on every
-    # run) has that row in place of the content it was hashed at: that content's stored error row
-    # (a killed run's) would give way to it in the report, so it is not delivered now but waits
+    # run), or that could not be read at all now, has that row in place of what is stored for it:
+    # a stored error row (a killed run's) would give way to it in the report, so it is not delivered
+    # now but waits for a run that reads the file
     left = {(key_of(p), known[p]) for p, _ in unreadable if p in known}
-    stored = [s for s in stored if (s.key, s.sha256) not in left]
+    unread = {key_of(p) for p, row in unreadable if p not in known and row.status == ERROR}
+    stored = [s for s in stored if (s.key, s.sha256) not in left and (s.key not in unread or s.record.status != ERROR)]
     by_key = {key_of(p): p for p in paths}
     # a row from a killed run for an older content of a path gets no heatmap drawn from the new one
     current = {key_of(p): h for p, h in known.items()}

@@ -1220,6 +1220,35 @@ def test_a_killed_runs_error_row_is_not_delivered_by_a_run_that_its_film_left_wh
     assert code == 3 and [r["error"][:26] for r in rows] == ["corrupt or truncated image"]
 
 
+def test_a_killed_runs_error_row_is_not_delivered_by_a_run_that_could_not_read_its_film(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the case beside the soak's: a killed run stored an unreadable film's error row, and the next
+    # run could not even read the film (its permissions changed): its 'permission denied' row took the
+    # error row's place in the report while the ledger counted the error row delivered, and once the
+    # film could be read again no run said what was wrong with it
+    import builtins
+
+    ledger, out = tmp_path / "l.db", tmp_path / "r.csv"
+    film = folder / "img1.png"
+    film.write_bytes(film.read_bytes()[:80])
+    assert _killed_at("after_report", folder, tiny_models, ledger, out) == -9
+    real_open = builtins.open
+
+    def denied(path: object, *args: object, **kwargs: object) -> object:
+        if Path(str(path)) == film:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    film.chmod(0o600)  # what took this user's reading away changed its ctime: it is hashed again
+    monkeypatch.setattr(builtins, "open", denied)
+    code, rows, _ = _run(folder, tiny_models, ledger, out)
+    assert code == 3 and [r["error"] for r in rows if r["path"] == str(film)] == ["permission denied"]
+    monkeypatch.undo()
+    code, rows, _ = _run(folder, tiny_models, ledger, out)  # readable again: what is wrong with it is said
+    assert code == 3 and [r["error"][:26] for r in rows] == ["corrupt or truncated image"]
+
+
 def test_a_run_that_has_held_the_ledger_for_a_day_is_stuck_not_busy(
     folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
