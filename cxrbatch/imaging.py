@@ -291,13 +291,19 @@ def _over_black(img: Image.Image, base: str) -> Image.Image:
     a band of rows at a time: whole, its copies in other modes (RGBA, the colour, the black, the
     result) took four times its size (an RGBA PNG of 169 megapixels peaked at 2.99 GB in a run)."""
     out = Image.new(base, img.size, 0)
-    step = max(1, PIXELS_AT_ONCE // max(1, img.width))
-    for top in range(0, img.height, step):
-        band = img.crop((0, top, img.width, min(img.height, top + step)))
+    for rows in _bands(img.height, img.width):
+        band = img.crop((0, rows.start, img.width, rows.stop))
         if band.mode == "P":  # its transparency is a palette entry's
             band = band.convert("RGBA")
-        out.paste(band.convert(base), (0, top), band.convert(base + "A").getchannel("A"))
+        out.paste(band.convert(base), (0, rows.start), band.convert(base + "A").getchannel("A"))
     return out
+
+
+def _bands(height: int, width: int) -> Iterator[slice]:
+    """The rows of a `height` x `width` film in bands of about `PIXELS_AT_ONCE` pixels, top first."""
+    step = max(1, PIXELS_AT_ONCE // max(1, width))
+    for top in range(0, height, step):
+        yield slice(top, min(height, top + step))
 
 
 def _window_to_l(arr: np.ndarray) -> Image.Image:
@@ -321,9 +327,8 @@ def _window_to_l(arr: np.ndarray) -> Image.Image:
     else:
         lo, hi = float(arr.min()), float(arr.max())
     out = np.empty(arr.shape, dtype=np.uint8)
-    step = max(1, PIXELS_AT_ONCE // max(1, arr.shape[1]))
-    for top in range(0, arr.shape[0], step):
-        out[top : top + step] = to_8bit(arr[top : top + step].astype(np.float64), lo, hi)
+    for rows in _bands(*arr.shape):
+        out[rows] = to_8bit(arr[rows].astype(np.float64), lo, hi)
     return Image.fromarray(out, mode="L")
 
 
