@@ -56,8 +56,7 @@ class _Commands(TyperGroup):
             except MemoryError as exc:  # numpy's or Python's allocation under `ulimit -v`: a line, not a traceback
                 raise OutOfMemory(str(exc) or "an allocation failed", ctx.invoked_subcommand or "run") from exc
         except CxrBatchError as exc:
-            if not _logging_ready():
-                _setup_logging(verbose=False, quiet=False)
+            _logging_on()
             log.debug("traceback of the failure", exc_info=True)  # shown with --verbose only
             # A busy ledger needs no action: the run that holds it does the work.
             log.log(logging.INFO if exc.exit_code == EXIT_BUSY else logging.ERROR, "%s", exc)
@@ -65,8 +64,7 @@ class _Commands(TyperGroup):
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # an exit code, Ctrl-C, a usage error (Typer 0.28 carries click's within, not click itself)
         except Exception as exc:  # a fault of cxrbatch itself: a line a cron log shows, then its traceback
-            if not _logging_ready():
-                _setup_logging(verbose=False, quiet=False)
+            _logging_on()
             log.error(
                 "unexpected failure (%s: %s): a fault of cxrbatch, not of a film; what a ledger run committed is "
                 "kept. Please report it with the traceback that follows",
@@ -124,8 +122,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.setLevel(level)
 
 
-def _logging_ready() -> bool:
-    return any(isinstance(h, _StderrHandler) for h in logging.getLogger().handlers)
+def _logging_on() -> None:
+    """Log lines as a command's, for a failure or a stop that came before its command set them up."""
+    if not any(isinstance(h, _StderrHandler) for h in logging.getLogger().handlers):
+        _setup_logging(verbose=False, quiet=False)
 
 
 @contextmanager
@@ -170,8 +170,7 @@ def _say_if_stopped(code: object) -> None:
     """End the log of a command stopped by a signal with a line that says so: its last line was
     the last progress line, as if the command were still going."""
     if isinstance(code, int) and code in _STOPPED_BY:
-        if not _logging_ready():
-            _setup_logging(verbose=False, quiet=False)
+        _logging_on()
         log.error("stopped by %s (exit %d): what it had not yet written is not written", _STOPPED_BY[code], code)
 
 
