@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 
-TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+# The machine's local time with its offset from UTC: the hour a clock goes back repeats, and
+# the offset tells its two halves apart (02:30:00 +0200, then 02:30:00 +0100).
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S %z"
 
 
 class LineFormatter(logging.Formatter):
-    """`2026-12-02 02:00:03 [error] message`: a timestamp on every line, the level as a grep-able word."""
+    """`2026-12-02 02:00:03 +0100 [error] message`: a timestamp on every line, the level as a grep-able word."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage().translate(_CONTROLS)

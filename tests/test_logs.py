@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cxrbatch.logs import LineFormatter
@@ -19,6 +20,26 @@ def _line(message: str, *args: object) -> str:
 def test_a_line_has_a_time_a_level_word_and_the_message() -> None:
     line = _line("%s: %s", "a.png", "corrupt image")
     assert line.endswith(" [error] a.png: corrupt image") and line[4] == "-" and line[13] == ":"
+
+
+def test_the_hour_a_clock_goes_back_is_told_apart_by_its_offset(monkeypatch) -> None:
+    # Berlin's clocks went back at 01:00 UTC on 2026-10-25: 00:30 and 01:30 UTC are both 02:30
+    # there, and a night's log could not say which of two runs came first.
+    monkeypatch.setenv("TZ", "CET-1CEST,M3.5.0,M10.5.0/3")  # Berlin, with no tz database needed
+    time.tzset()
+    try:
+        lines = []
+        for created in (1792888200.0, 1792891800.0):  # 2026-10-25 00:30 and 01:30 UTC
+            record = logging.LogRecord("cxrbatch", logging.INFO, __file__, 1, "found 1 file to screen", (), None)
+            record.created = created
+            lines.append(LineFormatter().format(record))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert lines == [
+        "2026-10-25 02:30:00 +0200 [info] found 1 file to screen",
+        "2026-10-25 02:30:00 +0100 [info] found 1 file to screen",
+    ]
 
 
 def test_undecodable_bytes_of_a_file_name_are_written_as_the_report_writes_them() -> None:
