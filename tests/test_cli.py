@@ -279,6 +279,17 @@ def test_console_script_under_a_profiler_lets_it_write_its_results(tmp_path: Pat
     assert profile.is_file() and profile.stat().st_size > 0
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring is new in Python 3.12")
+def test_console_script_under_a_monitoring_tool_takes_the_normal_exit(tmp_path: Path) -> None:
+    # From Python 3.12 cProfile, and coverage's sysmon core, watch through sys.monitoring, which
+    # sys.getprofile() and sys.gettrace() do not show: the script skipped the teardown in which
+    # they write their results (cProfile's -o file was never written).
+    watch = "sys.monitoring.use_tool_id(sys.monitoring.COVERAGE_ID, 'a coverage tool')\n"
+    done = _entry(tmp_path, watch, "--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("cxrbatch ") and "TEARDOWN" in done.stderr
+
+
 def test_the_study_commands_json_on_stdout_is_stdout_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # `loco --json -` printed the JSON and then the table on stdout, `probe --json -` its JSON twice.
     import json

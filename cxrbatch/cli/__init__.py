@@ -194,7 +194,7 @@ def _end_without_teardown(code: object) -> None:
     results after the program), an exit message rather than a code, or output that cannot be
     flushed (a closed pipe or stream).
     """
-    if not (code is None or isinstance(code, int)) or sys.getprofile() or sys.gettrace():
+    if not (code is None or isinstance(code, int)) or _observed():
         return
     if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
         return
@@ -205,6 +205,16 @@ def _end_without_teardown(code: object) -> None:
     except (OSError, ValueError):
         return
     os._exit(code or 0)
+
+
+def _observed() -> bool:
+    """Whether a profiler, tracer or debugger watches this process. From Python 3.12 cProfile
+    (and coverage's `sysmon` core) register with `sys.monitoring`, which `sys.getprofile()` and
+    `sys.gettrace()` do not show."""
+    if sys.getprofile() or sys.gettrace():
+        return True
+    monitoring = getattr(sys, "monitoring", None)  # Python 3.12 and later
+    return monitoring is not None and any(monitoring.get_tool(tool) is not None for tool in range(6))
 
 
 def _flush() -> None:
