@@ -356,7 +356,7 @@ def test_a_run_started_with_nohup_goes_on_after_a_hangup(tiny_models: Path, inco
     # SIGHUP (the terminal or ssh session that started the run closing) ends a run as SIGTERM does,
     # with its clean-up, unless the run was started not to hear it (nohup): then it finishes.
     out = tmp_path / "r.csv"
-    env = {**os.environ, "CXRBATCH_CRASH_AT": "writing r.csv", "CXRBATCH_CRASH_SIGNAL": str(signal.SIGHUP)}
+    env = {**os.environ, "CXRBATCH_CRASH_AT": "writing r.csv", "CXRBATCH_CRASH_SIGNAL": str(signal.SIGHUP.value)}
     args = ["run", str(incoming), "--models", str(tiny_models), "--out", str(out)]
     done = subprocess.run(
         [sys.executable, "-m", "cxrbatch.cli", *args],

@@ -94,7 +94,7 @@ def test_a_hangup_of_the_whole_group_stops_the_run_in_one_line(
     env = {
         **os.environ,
         "CXRBATCH_CRASH_AT": "decoding c_light.PNG",
-        "CXRBATCH_CRASH_SIGNAL": str(signal.SIGHUP),
+        "CXRBATCH_CRASH_SIGNAL": str(signal.SIGHUP.value),
         "CXRBATCH_CRASH_GROUP": "1",
     }
     args = ["run", str(incoming), "--models", str(tiny_models), "--batch-size", "2", "--decoders", "2"]
