@@ -15,6 +15,7 @@ Their metadata is written by `ModelSpec.to_metadata`, the one writer the exporte
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -41,6 +42,11 @@ TINY_SIDE = 32
 # `cxrbatch train` options for a tiny run (small width, 32-px input, one epoch per phase, no
 # pretrained weights): it checks the mechanism, not accuracy.
 TINY_TRAINING = ["--size", "32", "--alpha", "0.35", "--views", "1", "--epochs1", "1", "--epochs2", "1"]
+
+
+def has_module(name: str) -> bool:
+    """Whether an optional package (one of an extra's) is installed."""
+    return importlib.util.find_spec(name) is not None
 
 
 def tiny_spec(role: str, threshold: float, **fields: object) -> ModelSpec:

@@ -28,9 +28,13 @@ def test_a_checkout_runs_its_own_export_folder() -> None:
 
 def test_missing_extra_is_one_line_with_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        extras.importlib.util, "find_spec", lambda name, *a: None if name in ("tensorflow", "keras") else real(name, *a)
-    )  # both hidden: the message is the same whether keras is installed or not
+    hidden, present = ("tensorflow", "keras"), ("tf2onnx", "onnx")  # the rest of `export`'s needs, found or not
+
+    def find_spec(name: str, *args: object) -> object:
+        return None if name in hidden else (real(name, *args) or name) if name in present else real(name, *args)
+
+    # tensorflow and keras hidden, tf2onnx and onnx there: the message is the same whatever is installed
+    monkeypatch.setattr(extras.importlib.util, "find_spec", find_spec)
     with pytest.raises(ExtraMissing, match=r"tensorflow, keras not installed\): pip install \"cxrbatch\[export\]\""):
         extras.export_module("training")
     for args in (
