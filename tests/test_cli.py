@@ -345,7 +345,14 @@ def test_a_stopped_run_says_so_in_its_log(
     env = {**os.environ, "CXRBATCH_CRASH_AT": "writing r.csv", "CXRBATCH_CRASH_SIGNAL": str(signum)}
     args = ["run", str(incoming), "--models", str(tiny_models), "--out", str(out)]
     done = subprocess.run(
-        [sys.executable, "-m", "cxrbatch.cli", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "cxrbatch.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        # as a shell starts it: the tests themselves may run with the signal ignored (under nohup,
+        # or in a script's background job, which ignores SIGINT), and a run keeps an ignored signal
+        preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL),
     )
     assert done.returncode == code and not out.exists(), done.stderr
     last = done.stderr.splitlines()[-1]

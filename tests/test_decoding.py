@@ -105,6 +105,7 @@ def test_a_hangup_of_the_whole_group_stops_the_run_in_one_line(
         timeout=120,
         env=env,
         start_new_session=True,  # a group of its own: the hangup reaches the run, not the tests
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),  # heard even if the tests run under nohup
     )
     assert done.returncode == 129, done.stderr
     assert "Traceback" not in done.stderr and "died" not in done.stderr, done.stderr
