@@ -185,7 +185,7 @@ def test_the_warning_is_a_line_of_the_runs_log_in_a_decoding_process_too(
     args = ["run", str(folder), "--models", str(tiny_models), "--out", str(tmp_path / "r.csv"), "--decoders", decoders]
     done = subprocess.run([sys.executable, "-m", "cxrbatch.cli", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    stamped = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[warning\] \S*mf.dcm: multi-frame DICOM \(2 frames\)"
+    stamped = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} \[warning\] \S*mf.dcm: multi-frame DICOM \(2 frames\)"
     assert re.search(stamped, done.stderr, re.MULTILINE), done.stderr
 
 

@@ -22,7 +22,7 @@ from cxrbatch.cli import app
 
 runner = CliRunner()
 CXRBATCH = Path(sys.executable).parent / "cxrbatch"  # the console script of this environment
-STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}"  # local time and its offset from UTC
 
 
 def readme_cron_command(site: Path) -> str:
