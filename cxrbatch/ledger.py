@@ -140,12 +140,12 @@ class Ledger:
 
     def content_hashes(self, paths: Iterable[Path]) -> dict[Path, str | None]:
         """sha256 of each file, reusing the stored one when size, mtime and ctime are unchanged (None: unreadable)."""
-        rows = self.db.execute("SELECT path, size, mtime_ns, ctime_ns, sha256 FROM files")
-        known = {row[0]: row[1:] for row in rows}
+        keys = {path: key_of(path) for path in paths}
+        sql = "SELECT path, size, mtime_ns, ctime_ns, sha256 FROM files WHERE path IN ({keys})"
+        known = {row[0]: row[1:] for row in rows_for(self.db, sql, sorted(set(keys.values())))}
         out: dict[Path, str | None] = {}
         fresh = []
-        for path in paths:
-            key = key_of(path)
+        for path, key in keys.items():
             try:
                 st = path.stat()
                 if not stat.S_ISREG(st.st_mode):  # a pipe or a device: reading it could block the night
@@ -188,9 +188,8 @@ class Ledger:
         A file that could not be read is never taken as screened: it is tried again on every run,
         so installing the decoder an error row asks for (pydicom, a JPEG 2000 plugin) takes effect.
         """
-        wanted = set(sha256s)
-        rows = self.db.execute("SELECT sha256, record FROM results WHERE fingerprint = ?", (fp,))
-        found = {sha: readable(sha, record) for sha, record in rows if sha in wanted}
+        sql = "SELECT sha256, record FROM results WHERE fingerprint = ? AND sha256 IN ({keys})"
+        found = {sha: readable(sha, record) for sha, record in rows_for(self.db, sql, sorted(set(sha256s)), fp)}
         return {sha for sha, record in found.items() if record is not None and record.status != ERROR}
 
     def store(self, items: Sequence[tuple[Path, str | None, Record]], fp: str) -> None:
@@ -263,15 +262,20 @@ class Ledger:
     def for_paths(self, pairs: Iterable[tuple[Path, str]], fp: str) -> list[Stored]:
         """The stored entries of these (path, content) pairs under these settings, delivered or not."""
         wanted = {(key_of(p), s) for p, s in pairs}
-        return [s for s in self._select("e.fingerprint = ?", (fp,)) if (s.key, s.sha256) in wanted]
+        keys = sorted({key for key, _ in wanted})
+        found = self._select("e.fingerprint = ? AND e.path IN ({keys})", (fp,), keys)
+        return [s for s in found if (s.key, s.sha256) in wanted]
 
-    def _select(self, where: str, args: tuple[Any, ...]) -> list[Stored]:
+    def _select(self, where: str, args: tuple[Any, ...], keys: Sequence[str] | None = None) -> list[Stored]:
+        """The entries with their results where `where` holds, by path; `keys`: the paths that
+        fill its `{keys}`, looked up a chunk at a time (so in order of path within each chunk)."""
         sql = (
             "SELECT e.path, e.sha256, e.fingerprint, r.record, e.first_run FROM entries e JOIN results r "
             f"ON r.sha256 = e.sha256 AND r.fingerprint = e.fingerprint WHERE {where} "
             "ORDER BY e.path, e.first_run, e.fingerprint"
         )
-        found = [(p, sha, fp, readable(p, rec), first) for p, sha, fp, rec, first in self.db.execute(sql, args)]
+        rows = self.db.execute(sql, args) if keys is None else rows_for(self.db, sql, keys, *args)
+        found = [(p, sha, fp, readable(p, rec), first) for p, sha, fp, rec, first in rows]
         return [Stored(p, sha, fp, record, first) for p, sha, fp, record, first in found if record is not None]
 
     def delivered_to(self, target: str) -> list[Record]:
@@ -330,6 +334,18 @@ class Ledger:
                 "UPDATE runs SET status = 'done', finished = ?, screened = ?, reused = ?, reported = ? WHERE id = ?",
                 (now(), screened, reused, len(rows), self.run_id),
             )
+
+
+CHUNK = 500  # keys per lookup: far below SQLite's limit on a statement's variables (999 before 3.32)
+
+
+def rows_for(db: sqlite3.Connection, sql: str, keys: Sequence[str], *args: Any) -> Iterator[tuple[Any, ...]]:
+    """The rows of `sql`, whose `{keys}` stands for a list of placeholders, for these `keys` (after
+    `args`), a chunk at a time: a night's lookups cost what its own files do, not what the ledger
+    has gathered over the months (every file, result and entry of every night before)."""
+    for start in range(0, len(keys), CHUNK):
+        chunk = keys[start : start + CHUNK]
+        yield from db.execute(sql.replace("{keys}", ", ".join("?" * len(chunk))), (*args, *chunk))
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:

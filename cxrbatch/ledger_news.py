@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cxrbatch.ledger import Ledger, Stored, readable
+from cxrbatch.ledger import Ledger, Stored, readable, rows_for
 
 
 def news(ledger: Ledger, stored: Sequence[Stored], fp: str) -> list[Stored]:
@@ -79,5 +79,8 @@ def _current(ledger: Ledger, stored: list[Stored], fp: str) -> list[Stored]:
     under these, delivered or not: one row per film, this run's."""
     if all(s.fingerprint == fp for s in stored):
         return stored
-    ours = set(ledger.db.execute("SELECT path, sha256 FROM entries WHERE fingerprint = ?", (fp,)).fetchall())
+    keys = sorted({s.key for s in stored if s.fingerprint != fp})
+    ours = set(
+        rows_for(ledger.db, "SELECT path, sha256 FROM entries WHERE fingerprint = ? AND path IN ({keys})", keys, fp)
+    )
     return [s for s in stored if s.fingerprint == fp or (s.key, s.sha256) not in ours]
