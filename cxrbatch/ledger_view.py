@@ -11,6 +11,7 @@ import fcntl
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,18 +61,14 @@ def _read(path: Path, live: bool | None) -> dict[str, Any]:
 
 def _status(db: sqlite3.Connection, live: bool | None) -> dict[str, Any]:
     """Counts by status and label of the newest entry per path, the last run, undelivered entries."""
-    newest: dict[str, Record | None] = {}  # None: the newest result of the path cannot be read back
-    sql = (
-        "SELECT e.path, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
-        "AND r.fingerprint = e.fingerprint ORDER BY e.path, e.first_run"
-    )
-    for key, rec in db.execute(sql):  # None: a run with these settings screens its file again, replacing it
-        newest[key] = readable(key, rec, warn=False)
-    latest = {key: record for key, record in newest.items() if record is not None}
-    damaged = len(newest) - len(latest)
+    files = damaged = 0
     by_status: dict[str, int] = {}
     by_label: dict[str, int] = {}
-    for record in latest.values():
+    for record in _newest(db):
+        if record is None:  # a run with these settings screens its file again, replacing it
+            damaged += 1
+            continue
+        files += 1
         by_status[record.status] = by_status.get(record.status, 0) + 1
         if record.label:
             by_label[record.label] = by_label.get(record.label, 0) + 1
@@ -85,7 +82,7 @@ def _status(db: sqlite3.Connection, live: bool | None) -> dict[str, Any]:
     if last and last["status"] != "done":
         last["committed"] = db.execute("SELECT COUNT(*) FROM results WHERE run = ?", (last["id"],)).fetchone()[0]
     return {
-        "files": len(latest),
+        "files": files,
         "by_status": dict(sorted(by_status.items())),
         "by_label": dict(sorted(by_label.items())),
         "undelivered": db.execute("SELECT COUNT(*) FROM entries WHERE delivered_run IS NULL").fetchone()[0],
@@ -93,6 +90,22 @@ def _status(db: sqlite3.Connection, live: bool | None) -> dict[str, Any]:
         "last_run": last,
         **({"damaged_results": damaged} if damaged else {}),  # left out above; the next run screens them again
     }
+
+
+def _newest(db: sqlite3.Connection) -> Iterator[Record | None]:
+    """Each path's newest result read back (None where it cannot be), one path at a time: a
+    ledger of millions of films is counted without holding them all (1,000,000 took 1.4 GB)."""
+    sql = (
+        "SELECT e.path, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
+        "AND r.fingerprint = e.fingerprint ORDER BY e.path, e.first_run"
+    )
+    last: tuple[str, str] | None = None
+    for key, text in db.execute(sql):
+        if last is not None and last[0] != key:
+            yield readable(*last, warn=False)
+        last = (key, text)
+    if last is not None:
+        yield readable(*last, warn=False)
 
 
 def _lock_is_held(path: Path) -> bool | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import sqlite3
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 import cxrbatch.ledger as ledger_module
 from benchmarks.ledger_history import add_history
 from cxrbatch.cli import app
+from cxrbatch.ledger_view import inspect
 
 runner = CliRunner()
 HISTORY = 20_000  # earlier nights' films, none of them in tonight's folder
@@ -80,3 +82,26 @@ def test_a_night_over_a_ledger_of_many_earlier_nights_reads_only_its_own_files(
     # each lookup goes by the night's own paths and contents (no statement here runs 1,000 steps);
     # reading the 20,000 earlier films' rows took 260 thousand steps, 940 with --report-all
     assert among <= alone + 20 and among_all <= alone_all + 20, (alone, among, alone_all, among_all)
+
+
+def test_the_ledger_view_counts_many_earlier_nights_without_holding_them(
+    monkeypatch: pytest.MonkeyPatch, tiny_models: Path, tmp_path: Path
+) -> None:
+    # `cxrbatch ledger` kept every path's newest result in memory to count them: 1.4 GB for a
+    # ledger of 1,000,000 films; it now counts one path at a time (41 MB for the same ledger)
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    grey_image(inbox / "a.png", 90)
+    ledger = tmp_path / "ledger.db"
+    out = tmp_path / "r.csv"
+    _counted_run(monkeypatch, [str(inbox), "--models", str(tiny_models), "--ledger", str(ledger), "--out", str(out)])
+    add_history(ledger, HISTORY)
+    tracemalloc.start()
+    try:
+        status = inspect(ledger)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status["files"] == HISTORY + 1 and status["by_status"] == {"classified": HISTORY + 1}
+    assert sum(status["by_label"].values()) == HISTORY + 1
+    assert peak < 2_000_000, peak  # holding the 20,001 results took 23 MB
