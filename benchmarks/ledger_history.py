@@ -7,7 +7,8 @@ models and a ledger, then gives copies of that ledger H earlier films each (deli
 other paths, as a programme gathers them: a file, a result, an entry and a report row per film;
 `--history`, default 0, 200,000 and 1,000,000). Over each copy, the checkout's `cxrbatch run` and
 the one at git REF run the same night again in turns (nothing new), each in a fresh process:
-wall seconds and peak RSS, their medians and the checkout's ratio to the baseline. Without
+wall seconds and peak RSS, their medians and the checkout's ratio to the baseline; then
+`cxrbatch ledger` (the operator's view, which counts every film) once with each. Without
 --baseline only the checkout is timed.
 """
 
@@ -87,8 +88,10 @@ def main() -> None:
                         ["run", str(folder), "--ledger", str(ledger), "--out", str(out), "-q"], (0,), tree
                     )
                     runs[name].append((wall, rss))
+            view = {name: cli_run(["ledger", str(ledger)], (0,), tree)[:2] for name, tree in trees.items()}
             row: dict[str, Any] = {
                 "ledger_mb": round(ledger.stat().st_size / 1e6, 1),
+                "ledger_view": {name: {"s": round(w, 2), "peak_rss_mb": m} for name, (w, m) in view.items()},
                 **{
                     name: {
                         "rerun_s_median": round(statistics.median(w for w, _ in r), 2),
@@ -105,9 +108,7 @@ def main() -> None:
             record["history"][str(size)] = row
     if args.baseline:
         record["baseline"] = args.baseline
-    print(
-        f"a night of {args.films} films run again over a ledger with earlier films ({args.repeats} runs each, in turns)"
-    )
+    print(f"a night of {args.films} films run again over a ledger of earlier films ({args.repeats} runs each)")
     print(f"{'earlier films':>14} {'ledger MB':>10} {'tree':>12} {'rerun s':>8} {'peak RSS MB':>12}")
     for size, row in record["history"].items():
         for name in trees:
@@ -116,6 +117,8 @@ def main() -> None:
             print(f"{size:>14} {row['ledger_mb']:>10} {name[:12]:>12} {seconds:>8.2f} {rss:>12}")
         if args.baseline:
             print(f"{'':>14} {'':>10} {'ratio':>12} {row['checkout_over_baseline_s']:>8.3f}")
+        for name, cells in row["ledger_view"].items():
+            print(f"{'':>14} {'`ledger`':>10} {name[:12]:>12} {cells['s']:>8.2f} {cells['peak_rss_mb']:>12}")
     write_json(args.json, record)
 
 

@@ -94,7 +94,7 @@ def _status(db: sqlite3.Connection, live: bool | None) -> dict[str, Any]:
 
 def _newest(db: sqlite3.Connection) -> Iterator[Record | None]:
     """Each path's newest result read back (None where it cannot be), one path at a time: a
-    ledger of millions of films is counted without holding them all (1,000,000 took 1.4 GB)."""
+    ledger of millions of films is counted without holding them all (1,000,000 took 648 MB)."""
     sql = (
         "SELECT e.path, r.record FROM entries e JOIN results r ON r.sha256 = e.sha256 "
         "AND r.fingerprint = e.fingerprint ORDER BY e.path, e.first_run"

@@ -2,9 +2,9 @@
 
 A programme screening 20,000 films a night gathers millions of files, results and entries in its
 ledger. A run read every one of them (every file's size and times, every result under its
-settings) to look up its own few: over a ledger of a million earlier films a rerun of 50 took
-4.2 s and 582 MB instead of 0.5 s and 190 MB, and a year of such nights would pass any memory
-limit. The work is counted here in SQLite's virtual-machine steps (its progress handler, called
+settings) to look up its own few: over a ledger of a million earlier films a rerun of 1,000
+took 3.75 s and 569 MB, against 0.52 s and 190 MB now (benchmarks/results/ledger_history.json),
+and a year of such nights would pass any memory limit. The work is counted here in SQLite's virtual-machine steps (its progress handler, called
 every 1,000 steps of a statement), which do not depend on the machine's speed.
 """
 
@@ -87,8 +87,8 @@ def test_a_night_over_a_ledger_of_many_earlier_nights_reads_only_its_own_files(
 def test_the_ledger_view_counts_many_earlier_nights_without_holding_them(
     monkeypatch: pytest.MonkeyPatch, tiny_models: Path, tmp_path: Path
 ) -> None:
-    # `cxrbatch ledger` kept every path's newest result in memory to count them: 1.4 GB for a
-    # ledger of 1,000,000 films; it now counts one path at a time (41 MB for the same ledger)
+    # `cxrbatch ledger` kept every path's newest result in memory to count them: 648 MB for a
+    # ledger of 1,000,000 films; it now counts one path at a time (65 MB for the same ledger)
     inbox = tmp_path / "incoming"
     inbox.mkdir()
     grey_image(inbox / "a.png", 90)
