@@ -70,7 +70,8 @@ def key_of(path: Path) -> str:
     file, one key, whichever folder the run starts from) where the shorter spelling is the same
     file (after a symbolic link, `..` leads elsewhere: such a path keeps it), undecodable name
     bytes escaped as in the reports (\\xNN)."""
-    raw = str(path.absolute())
+    text = os.fspath(path)  # pathlib's `absolute()` took a third of a rerun over 100,000 unchanged files
+    raw = text if os.path.isabs(text) else os.path.join(os.getcwd(), text)
     short = os.path.abspath(raw)
     if short != raw and os.path.realpath(short) != os.path.realpath(raw):
         short = raw
