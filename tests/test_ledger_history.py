@@ -4,8 +4,9 @@ A programme screening 20,000 films a night gathers millions of files, results an
 ledger. A run read every one of them (every file's size and times, every result under its
 settings) to look up its own few: over a ledger of a million earlier films a rerun of 1,000
 took 3.75 s and 569 MB, against 0.52 s and 190 MB now (benchmarks/results/ledger_history.json),
-and a year of such nights would pass any memory limit. The work is counted here in SQLite's virtual-machine steps (its progress handler, called
-every 1,000 steps of a statement), which do not depend on the machine's speed.
+and a year of such nights would pass any memory limit. The work is counted here in SQLite's
+virtual-machine steps (its progress handler, called every 1,000 steps of a statement), which do
+not depend on the machine's speed.
 """
 
 from __future__ import annotations
