@@ -12,12 +12,13 @@ not depend on the machine's speed.
 from __future__ import annotations
 
 import csv
+import os
 import sqlite3
 import tracemalloc
 from pathlib import Path
 
 import pytest
-from helpers import grey_image
+from helpers import grey_image, make_classifier, make_gate
 from typer.testing import CliRunner
 
 import cxrbatch.ledger as ledger_module
@@ -106,3 +107,50 @@ def test_the_ledger_view_counts_many_earlier_nights_without_holding_them(
     assert status["files"] == HISTORY + 1 and status["by_status"] == {"classified": HISTORY + 1}
     assert sum(status["by_label"].values()) == HISTORY + 1
     assert peak < 2_000_000, peak  # holding the 20,001 results took 23 MB
+
+
+def test_lookups_split_into_many_statements_give_the_same_nights(tiny_models: Path, tmp_path: Path) -> None:
+    # A night's lookups go 500 keys to a statement (`rows_for`); no other test has that many
+    # files. With 2 keys to a statement every lookup here is split: the nights (new, changed and
+    # copied files, a run killed before its report, other settings, --report-all) must report
+    # what they report with every key in one statement.
+    other = tmp_path / "other-models"
+    other.mkdir()
+    make_gate(other / "gate.onnx", threshold=0.45)  # other settings: every film is screened again
+    make_classifier(other / "classifier.onnx")
+
+    def killed(name: str) -> None:
+        if name == "before_report":
+            raise SystemExit(137)  # as kill -9 there: its results stored, none delivered
+
+    def nights(root: Path, chunk: int) -> list[list[dict[str, str]]]:
+        inbox = root / "incoming"
+        for i, name in enumerate(("b.png", "a.png", "é.png", "Z.png", "sub/c.png", "sub/d.png", "😀.png")):
+            (inbox / name).parent.mkdir(parents=True, exist_ok=True)
+            grey_image(inbox / name, 20 + 30 * i)
+        reports = []
+        for n, (models, extra) in enumerate(
+            [(tiny_models, []), (tiny_models, ["--report-all"]), (tiny_models, []), (other, []), (tiny_models, [])]
+        ):
+            if n == 1:
+                grey_image(inbox / "new.png", 5)
+                grey_image(inbox / "a.png", 250)  # changed
+                (inbox / "copy.png").write_bytes((inbox / "b.png").read_bytes())
+            if n == 2:
+                grey_image(inbox / "sub" / "late.png", 15)
+                grey_image(inbox / "é.png", 240)
+            out = root / f"night-{n}.csv"
+            args = [str(inbox), "--models", str(models), "--ledger", str(root / "l.db"), "--out", str(out), *extra]
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(ledger_module, "CHUNK", chunk)
+                if n == 2:
+                    patch.setattr("cxrbatch.ledger_run.crash_point", killed)
+                result = runner.invoke(app, ["run", *args])
+            assert result.exit_code == (137 if n == 2 else 0), result.stderr
+            rows = list(csv.DictReader(out.open(encoding="utf-8"))) if out.exists() else []
+            reports.append([{**row, "path": os.path.relpath(row["path"], root)} for row in rows])
+        return reports
+
+    split = nights(tmp_path / "split", 2)
+    assert [len(rows) for rows in split] == [7, 9, 0, 10, 2], split
+    assert split == nights(tmp_path / "whole", 1_000_000)
