@@ -31,6 +31,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from cxrbatch.errors import ExtraMissing
 from cxrbatch.modelinput import InputSpec
 from cxrbatch.models import METADATA_KEY
 from cxrbatch.modelspec import ModelSpec
@@ -42,6 +43,10 @@ TINY_SIDE = 32
 # `cxrbatch train` options for a tiny run (small width, 32-px input, one epoch per phase, no
 # pretrained weights): it checks the mechanism, not accuracy.
 TINY_TRAINING = ["--size", "32", "--alpha", "0.35", "--views", "1", "--epochs1", "1", "--epochs2", "1"]
+
+
+# what `half` raises where the export extra is not installed (pytest.raises' arguments)
+WITHOUT_HALF = (ExtraMissing, r"the export extra \(onnxconverter_common not installed\)")
 
 
 def has_module(name: str) -> bool:
