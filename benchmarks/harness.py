@@ -14,6 +14,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -132,6 +133,36 @@ def compiled(tree: Path) -> Path:
     if not compileall.compile_dir(tree / "cxrbatch", quiet=1):
         raise SystemExit(f"cannot compile the package in {tree}")
     return tree
+
+
+def extract(ref: str, into: Path) -> Path:
+    """The tree of git `ref` in a folder of its own."""
+    archive = into / "tree.tar"
+    with archive.open("wb") as out:
+        subprocess.run(["git", "-C", str(REPO), "archive", ref], stdout=out, check=True)
+    tree = into / "tree"
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):  # Python 3.10.12 and later
+            tar.extractall(tree, filter="data")
+        else:
+            tar.extractall(tree)  # our own repository's archive
+    archive.unlink()
+    return tree
+
+
+def compared_trees(baseline: str | None, into: Path) -> dict[str, Path]:
+    """The checkout, and the tree of git revision `baseline` (extracted into `into`) where one is
+    given, each compiled: the sources whose runs a benchmark compares, by name."""
+    trees = {"checkout": compiled(REPO)}
+    if baseline:
+        trees[baseline] = compiled(extract(baseline, into))
+    return trees
+
+
+def in_turns(trees: dict[str, Path], round_: int) -> list[tuple[str, Path]]:
+    """`trees` in the order of round `round_`: each goes first in every other round, so that both
+    see the same machine load."""
+    return list(trees.items())[:: 1 if round_ % 2 == 0 else -1]
 
 
 def in_tree(tree: Path | None) -> dict[str, Any]:

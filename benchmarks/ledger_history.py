@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import run_main
-from benchmarks.harness import REPO, cli_run, compiled, machine, write_json
+from benchmarks.harness import cli_run, compared_trees, in_turns, machine, write_json
 from benchmarks.ledger_rerun import make_images
-from benchmarks.startup import extract
 
 PER_NIGHT = 20_000
 
@@ -68,9 +67,7 @@ def main() -> None:
     record: dict[str, Any] = {"machine": machine(), "films": args.films, "history": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        trees = {"checkout": compiled(REPO)}
-        if args.baseline:
-            trees[args.baseline] = compiled(extract(args.baseline, root))
+        trees = compared_trees(args.baseline, root)
         folder = root / "incoming"
         folder.mkdir()
         make_images(folder, args.films)
@@ -82,7 +79,7 @@ def main() -> None:
             add_history(ledger, size)
             runs: dict[str, list[tuple[float, int]]] = {name: [] for name in trees}
             for i in range(args.repeats):
-                for name, tree in list(trees.items())[:: 1 if i % 2 == 0 else -1]:  # each first half the time
+                for name, tree in in_turns(trees, i):
                     out = root / f"{size}-{name}-{i}.csv"
                     wall, rss, _ = cli_run(
                         ["run", str(folder), "--ledger", str(ledger), "--out", str(out), "-q"], (0,), tree

@@ -21,14 +21,13 @@ import argparse
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks import run_main
-from benchmarks.harness import BENCH, REPO, bench_paths, cli_run, compiled, in_tree, machine, write_json
+from benchmarks.harness import BENCH, REPO, bench_paths, cli_run, compared_trees, in_tree, in_turns, machine, write_json
 
 SAMPLE = REPO / "samples" / "NORMAL2-IM-1437-0001.jpeg"
 FIRST_IMPORTS = "import cxrbatch.cli, cxrbatch.runner, onnxruntime"
@@ -37,21 +36,6 @@ FIRST_IMPORTS = "import cxrbatch.cli, cxrbatch.runner, onnxruntime"
 def film() -> Path:
     """The film every run screens: the first of the bench set (as `benchmarks.run` times it)."""
     return bench_paths()[0] if BENCH.is_dir() else SAMPLE
-
-
-def extract(ref: str, into: Path) -> Path:
-    """The tree of git `ref` in a folder of its own."""
-    archive = into / "tree.tar"
-    with archive.open("wb") as out:
-        subprocess.run(["git", "-C", str(REPO), "archive", ref], stdout=out, check=True)
-    tree = into / "tree"
-    with tarfile.open(archive) as tar:
-        if hasattr(tarfile, "data_filter"):  # Python 3.10.12 and later
-            tar.extractall(tree, filter="data")
-        else:
-            tar.extractall(tree)  # our own repository's archive
-    archive.unlink()
-    return tree
 
 
 def python_wall(code: str, runs: int) -> float:
@@ -83,12 +67,10 @@ def main() -> None:
     image = film()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        trees = {"checkout": compiled(REPO)}
-        if args.baseline:
-            trees[args.baseline] = compiled(extract(args.baseline, root))
+        trees = compared_trees(args.baseline, root)
         seconds: dict[str, list[float]] = {name: [] for name in trees}
         for i in range(args.runs):
-            for name, tree in list(trees.items())[:: 1 if i % 2 == 0 else -1]:  # each first half the time
+            for name, tree in in_turns(trees, i):
                 out = root / f"{i}.csv"
                 seconds[name].append(cli_run(["run", str(image), "--out", str(out), "-q"], tree=tree)[0])
         record: dict[str, Any] = {
