@@ -15,6 +15,7 @@ wall seconds and peak RSS, their medians and the checkout's ratio to the baselin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import shutil
@@ -34,7 +35,9 @@ PER_NIGHT = 20_000
 def add_history(ledger: Path, films: int, per_night: int = PER_NIGHT) -> None:
     """Give `ledger` `films` earlier films in nights of `per_night`, all delivered, each with a copy
     of the ledger's first result under its first settings."""
-    with sqlite3.connect(ledger) as db:
+    # closed, not only committed: the last close moves SQLite's write-ahead log into the file,
+    # whose size the record gives (left open, a small history stayed in `-wal` beside it)
+    with contextlib.closing(sqlite3.connect(ledger)) as db, db:
         (fp,) = db.execute("SELECT fingerprint FROM settings LIMIT 1").fetchone()
         (record,) = db.execute("SELECT record FROM results LIMIT 1").fetchone()
         for night in range(-(-films // per_night)):
