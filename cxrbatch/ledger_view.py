@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbatch.ledger import readable
+from cxrbatch.ledger_forget import KEY
 from cxrbatch.ledger_lock import lock_path
 from cxrbatch.ledger_schema import LedgerError, connect
 from cxrbatch.records import Record
@@ -89,7 +90,14 @@ def _status(db: sqlite3.Connection, live: bool | None) -> dict[str, Any]:
         "runs": db.execute("SELECT COUNT(*) FROM runs").fetchone()[0],
         "last_run": last,
         **({"damaged_results": damaged} if damaged else {}),  # left out above; the next run screens them again
+        **_forgotten(db),
     }
+
+
+def _forgotten(db: sqlite3.Connection) -> dict[str, str]:
+    """The day before which `cxrbatch forget` took the ledger's delivered history out, if it did."""
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (KEY,)).fetchone()
+    return {} if row is None else {"forgotten_before": row[0]}
 
 
 def _newest(db: sqlite3.Connection) -> Iterator[Record | None]:

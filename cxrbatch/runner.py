@@ -27,6 +27,7 @@ from cxrbatch.errors import ReportError, UsageError
 from cxrbatch.files import display_path, unreachable, written_at
 from cxrbatch.heatmaps import add_heatmaps, is_heatmap
 from cxrbatch.ledger import Ledger, key_of, ledger_files, now
+from cxrbatch.ledger_forget import refuse_forgotten
 from cxrbatch.ledger_run import run_with_ledger, union
 from cxrbatch.models import Model, default_models_dir, load_models
 from cxrbatch.pipeline import Screener
@@ -72,6 +73,8 @@ def run(options: RunOptions) -> Summary:
     # on Ray the actors choose their device; the driver's models only draw heatmaps
     device = "cpu" if options.engine == "ray" else options.device
     with _opened(options.ledger, options.inputs) as ledger:
+        if ledger is not None:  # a report file whose rows a forget took away is not written again
+            refuse_forgotten(ledger.db, [_file_key(t) for t in report_targets if t != "-"])
         paths, (gate, classifier) = _inputs_and_models(options, report_targets, device)
         if options.heatmaps is not None:
             classifier.spec.require_cam()  # before screening, not after it

@@ -1,4 +1,4 @@
-"""`cxrbatch run` and `cxrbatch ledger`: the nightly screening commands."""
+"""`cxrbatch run`, `cxrbatch ledger` and `cxrbatch forget`: the nightly screening commands."""
 
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -241,6 +241,41 @@ def ledger_status(
     typer.echo("by label: " + ", ".join(f"{k} {v}" for k, v in status["by_label"].items()))
     if status["last_run"]:
         typer.echo(_last_run_line(status["last_run"]))
+    if "forgotten_before" in status:
+        typer.echo(f"forgotten: what runs before {status['forgotten_before']} delivered, for films gone since")
+
+
+@app.command()
+def forget(
+    path: Annotated[Path, typer.Argument(help="the ledger file given to `run --ledger`")],
+    before: Annotated[
+        str, typer.Option("--before", help="forget what runs started before this day (YYYY-MM-DD, UTC) delivered")
+    ],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="count what would be forgotten; change nothing")] = False,
+    compact: Annotated[
+        bool, typer.Option("--compact", help="then give the freed space back to the file system (VACUUM)")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print what was forgotten as JSON")] = False,
+) -> None:
+    """Forget a ledger's old nights: what runs before a day delivered, for films no longer in their folders.
+
+    A film still where it was keeps its results, so it is never reported again; a forgotten film
+    put back later is screened and reported as new. Takes the run lock: run it before the night's
+    run, in the same cron line, not beside it.
+
+    Example: cxrbatch forget screening.db --before 2026-01-01
+    """
+    import json
+    from datetime import date
+
+    from cxrbatch.ledger_forget import forget as forget_before
+
+    try:
+        day = date.fromisoformat(before)
+    except ValueError:
+        raise typer.BadParameter(f"{before!r} is not a day: give YYYY-MM-DD", param_hint="--before") from None
+    done = forget_before(path, day, dry_run=dry_run, compact=compact)
+    typer.echo(json.dumps(done.as_dict(), indent=2) if json_out else "\n".join(done.lines()))
 
 
 def _last_run_line(last: dict[str, Any]) -> str:

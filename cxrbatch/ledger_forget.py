@@ -1,0 +1,188 @@
+"""Forgetting a ledger's old nights (`cxrbatch forget`): a ledger keeps every film for good (about
+1.5 KB a film), and a programme keeps only so many months of it.
+
+What runs started before a date (UTC) delivered is taken out where no run can need it again:
+
+- their delivered entries (path, content, settings), except where the path still holds that
+  content as last hashed (a film still in its folder keeps everything, so it is never reported
+  again). A forgotten film put back in a folder later is screened and reported again, as new;
+- the results that no entry names any more, and the file records (size, times, hash) of paths
+  that are gone and have no entry left;
+- the rows those runs reported (`run_rows`): a report file they wrote holds, when a later run
+  writes it again, only the rows of later runs. A report file that only runs before the date
+  wrote is refused to a run (`refuse_forgotten`): written again, it would lose every row it has.
+
+Kept: the runs themselves (a row a night) and which report files they wrote, every result not
+yet delivered (a killed run's), and everything of later runs. The date is kept in `meta`. One
+transaction, under the run lock: a forget killed part-way forgets nothing. SQLite reuses the
+space it frees; `--compact` (VACUUM) gives it back to the file system.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cxrbatch.errors import UsageError
+from cxrbatch.ledger import Ledger
+from cxrbatch.ledger_schema import LedgerError
+
+KEY = "forgotten_before"  # in `meta`: the latest date a forget was given (UTC, ISO 8601)
+_OLD = "abs(e.delivered_run) IN (SELECT id FROM old_runs)"  # delivered by a forgotten run (negative: an error row)
+_ESCAPE = re.compile(rb"\\x([0-9a-f]{2})")
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """What a forget took out of a ledger (or would have, with `dry_run`)."""
+
+    before: str  # the cut: runs started before it (UTC)
+    runs: int  # runs started before the cut (kept, their rows forgotten)
+    films: int  # paths those runs delivered that are no longer where they were
+    kept: int  # paths those runs delivered that still hold their content: kept whole
+    entries: int
+    results: int
+    files: int
+    rows: int
+    dry_run: bool
+    compacted_bytes: tuple[int, int] | None = None  # the file's size before and after VACUUM
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The operator's summary."""
+        verb = "would forget" if self.dry_run else "forgot"
+        out = [
+            f"{self.runs} runs started before {self.before}: {verb} {self.films} films no longer in their folders "
+            f"({self.entries} entries, {self.results} results, {self.files} file records, {self.rows} report rows); "
+            f"kept {self.kept} still in place",
+        ]
+        if self.compacted_bytes is not None:
+            before, after = self.compacted_bytes
+            out.append(f"ledger compacted: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
+        elif not self.dry_run and self.entries + self.rows:
+            out.append("the freed space is reused by later runs; --compact gives it back to the file system")
+        return out
+
+
+def cut_of(day: date) -> str:
+    """The cut as the ledger writes times: the start of `day`, UTC."""
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc).isoformat(timespec="seconds")
+
+
+def forget(path: Path, before: date, dry_run: bool = False, compact: bool = False) -> Forgotten:
+    """Forget what runs started before `before` (UTC) delivered, where nothing can need it again
+    (see the module's text). Takes the run lock: a run going on makes it wait for none (exit 4)."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: give the ledger file (the path given to run --ledger)")
+    if not path.is_file():
+        raise UsageError(f"Ledger not found: {path}")
+    if before > datetime.now(timezone.utc).date():
+        raise UsageError(f"--before {before} is in the future: a forget takes only what runs before it delivered")
+    cut = cut_of(before)
+    with Ledger.open(path) as ledger:
+        db = ledger.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            done = _forget(db, cut, dry_run)
+            if dry_run:
+                db.rollback()
+            else:
+                db.commit()
+        except BaseException:
+            db.rollback()
+            raise
+        if compact and not dry_run:
+            size = os.path.getsize(path)
+            try:
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:  # a disk without room for the copy VACUUM makes
+                raise LedgerError(
+                    f"Ledger {path}: what was forgotten is committed, but it could not be compacted ({exc}); "
+                    "VACUUM needs free space about the ledger's size"
+                ) from None
+            done = _with(done, compacted_bytes=(size, os.path.getsize(path)))
+    return done
+
+
+def _with(done: Forgotten, **changes: Any) -> Forgotten:
+    return Forgotten(**{**done.as_dict(), **changes})
+
+
+def _forget(db: sqlite3.Connection, cut: str, dry_run: bool) -> Forgotten:
+    for table in ("old_runs", "kept", "gone", "dropped", "used"):
+        db.execute(f"DROP TABLE IF EXISTS temp.{table}")
+    db.execute("CREATE TEMP TABLE old_runs (id INTEGER PRIMARY KEY)")
+    runs = db.execute("INSERT INTO old_runs SELECT id FROM runs WHERE started < ?", (cut,)).rowcount
+    db.execute("CREATE TEMP TABLE kept (path TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (path, sha256))")
+    db.execute("CREATE TEMP TABLE gone (path TEXT PRIMARY KEY)")
+    kept = 0
+    found = db.execute(f"SELECT DISTINCT e.path FROM entries e WHERE {_OLD}")
+    while chunk := found.fetchmany(1000):
+        here = {key for (key,) in chunk if _still_there(key)}
+        db.executemany("INSERT OR IGNORE INTO kept SELECT path, sha256 FROM files WHERE path = ?", [(k,) for k in here])
+        db.executemany("INSERT INTO gone VALUES (?)", [(key,) for (key,) in chunk if key not in here])
+        kept += len(here)
+    # an entry goes unless its path still holds its content (under every setting: a run with other
+    # settings must find what was delivered before, or it reports the film again), or the path has
+    # a result waiting (a killed run's: which is news is told by the path's other entries)
+    which = (
+        f"{_OLD} AND NOT EXISTS (SELECT 1 FROM kept k WHERE k.path = e.path AND k.sha256 = e.sha256) "
+        "AND NOT EXISTS (SELECT 1 FROM entries u WHERE u.path = e.path AND u.delivered_run IS NULL)"
+    )
+    db.execute("CREATE TEMP TABLE dropped (sha256 TEXT, fingerprint TEXT, PRIMARY KEY (sha256, fingerprint))")
+    db.execute(f"INSERT OR IGNORE INTO dropped SELECT e.sha256, e.fingerprint FROM entries e WHERE {which}")
+    entries = db.execute(f"DELETE FROM entries AS e WHERE {which}").rowcount
+    # a result goes with the last entry that names it (one full pass over the entries, not one a result)
+    db.execute(
+        "CREATE TEMP TABLE used AS SELECT DISTINCT e.sha256, e.fingerprint FROM entries e "
+        "JOIN dropped d ON d.sha256 = e.sha256 AND d.fingerprint = e.fingerprint"
+    )
+    results = db.execute(
+        "DELETE FROM results WHERE (sha256, fingerprint) IN (SELECT sha256, fingerprint FROM dropped) "
+        "AND (sha256, fingerprint) NOT IN (SELECT sha256, fingerprint FROM used)"
+    ).rowcount
+    # the paths that are gone and keep no entry (one with a result waiting keeps its entries)
+    db.execute("DELETE FROM gone WHERE EXISTS (SELECT 1 FROM entries e WHERE e.path = gone.path)")
+    films = db.execute("SELECT count(*) FROM gone").fetchone()[0]
+    files = db.execute("DELETE FROM files WHERE path IN (SELECT path FROM gone)").rowcount
+    rows = db.execute("DELETE FROM run_rows WHERE run IN (SELECT id FROM old_runs)").rowcount
+    if runs:
+        db.execute(
+            "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+            (KEY, cut),
+        )
+    return Forgotten(cut, runs, films, kept, entries, results, files, rows, dry_run)
+
+
+def _still_there(key: str) -> bool:
+    """Whether the path the ledger keys `key` still names a file (or a link). A key with `\\xNN`
+    escapes stands for either spelling of the name: kept where either is there (keeping is safe)."""
+    if os.path.lexists(key):
+        return True
+    raw = key.encode("utf-8", "surrogateescape")
+    return b"\\x" in raw and os.path.lexists(_ESCAPE.sub(lambda m: bytes([int(m[1], 16)]), raw))
+
+
+def refuse_forgotten(db: sqlite3.Connection, targets: list[str]) -> None:
+    """Refuse report files that only runs before a forget's date wrote: their rows are gone from
+    the ledger, so written again the file would hold this run's rows alone. A file later runs
+    wrote too (one report name for every night) holds their rows and this run's."""
+    found = db.execute("SELECT value FROM meta WHERE key = ?", (KEY,)).fetchone()
+    if found is None:
+        return
+    sql = "SELECT max(r.started) < ? FROM run_targets t JOIN runs r ON r.id = t.run WHERE t.target = ?"
+    for target in targets:
+        (only_old,) = db.execute(sql, (found[0], target)).fetchone()
+        if only_old:
+            raise UsageError(
+                f"report {target} was written by runs before {found[0][:10]}, whose rows `cxrbatch forget` took out "
+                "of the ledger: written again it would lose them. Name another report file (nothing was done)"
+            )

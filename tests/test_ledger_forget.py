@@ -1,0 +1,295 @@
+"""`cxrbatch forget`: a ledger's old nights taken out without a film reported twice or a report emptied."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from helpers import grey_image
+from typer.testing import CliRunner
+
+from cxrbatch.cli import app
+
+runner = CliRunner()
+OLD, CUT = "2025-01-01T02:00:00+00:00", "2025-06-01"  # a night long ago, and a day after it
+
+
+def _run(folder: Path, models: Path, ledger: Path, out: Path, *extra: str) -> tuple[int, list[str], str]:
+    """One nightly run into `out`: its exit code, the file names its report holds, its log."""
+    result = runner.invoke(
+        app, ["run", str(folder), "--models", str(models), "--ledger", str(ledger), "--out", str(out), *extra]
+    )
+    rows = list(csv.DictReader(out.open(encoding="utf-8"))) if out.exists() else []
+    return result.exit_code, sorted(Path(r["path"]).name for r in rows), result.stderr
+
+
+def _forget(ledger: Path, *extra: str, before: str = CUT) -> tuple[int, dict, str]:  # type: ignore[type-arg]
+    result = runner.invoke(app, ["forget", str(ledger), "--before", before, "--json", *extra])
+    return result.exit_code, json.loads(result.stdout) if result.exit_code == 0 else {}, result.stderr
+
+
+def _age(ledger: Path, *runs: int) -> None:
+    """Make runs `runs` (ids) nights long ago."""
+    with sqlite3.connect(ledger) as db:
+        db.executemany("UPDATE runs SET started = ? WHERE id = ?", [(OLD, run) for run in runs])
+    db.close()
+
+
+def _table(ledger: Path, sql: str) -> list[tuple]:  # type: ignore[type-arg]
+    with sqlite3.connect(ledger) as db:
+        rows = db.execute(sql).fetchall()
+    db.close()
+    return rows
+
+
+def _dump(ledger: Path) -> list[str]:
+    with sqlite3.connect(ledger) as db:
+        lines = list(db.iterdump())
+    db.close()
+    return lines
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    for i, level in enumerate((20, 110, 170, 250, 60)):
+        grey_image(inbox / f"img{i}.png", level)
+    return inbox
+
+
+def _archived_night(folder: Path, models: Path, tmp_path: Path) -> Path:
+    """Night 1 (long ago) screened img0-img4, then img0 and img1 were moved out; night 2 (today)
+    screened img5. The ledger."""
+    ledger = tmp_path / "l.db"
+    assert _run(folder, models, ledger, tmp_path / "night1.csv")[:2] == (0, [f"img{i}.png" for i in range(5)])
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("img0.png", "img1.png"):
+        shutil.move(folder / name, archive / name)
+    _age(ledger, 1)
+    grey_image(folder / "img5.png", 200)
+    assert _run(folder, models, ledger, tmp_path / "night2.csv")[:2] == (0, ["img5.png"])
+    return ledger
+
+
+def test_forget_takes_out_the_films_moved_away_and_keeps_those_still_in_place(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    ledger = _archived_night(folder, tiny_models, tmp_path)
+    code, done, err = _forget(ledger)
+    assert code == 0, err
+    assert {k: done[k] for k in ("runs", "films", "kept", "entries", "results", "files", "rows")} == {
+        "runs": 1,
+        "films": 2,
+        "kept": 3,
+        "entries": 2,
+        "results": 2,
+        "files": 2,
+        "rows": 5,
+    }
+    assert done["before"] == "2025-06-01T00:00:00+00:00" and not done["dry_run"]
+    left = sorted(Path(p).name for (p,) in _table(ledger, "SELECT path FROM entries"))
+    assert left == ["img2.png", "img3.png", "img4.png", "img5.png"]
+    assert sorted(Path(p).name for (p,) in _table(ledger, "SELECT path FROM files")) == left
+    assert len(_table(ledger, "SELECT * FROM results")) == 4
+    assert _table(ledger, "SELECT DISTINCT run FROM run_rows") == [(2,)]
+    assert len(_table(ledger, "SELECT * FROM runs")) == 2  # the nights themselves are kept
+    # the films still in the folder are neither screened nor reported again
+    before = _table(ledger, "SELECT sha256, inferences FROM results ORDER BY sha256")
+    assert _run(folder, tiny_models, ledger, tmp_path / "night3.csv")[:2] == (0, [])
+    assert _table(ledger, "SELECT sha256, inferences FROM results ORDER BY sha256") == before
+    # a forgotten film put back is news again: screened and reported as a new film
+    shutil.move(tmp_path / "archive" / "img0.png", folder / "img0.png")
+    assert _run(folder, tiny_models, ledger, tmp_path / "night4.csv")[:2] == (0, ["img0.png"])
+    view = runner.invoke(app, ["ledger", str(ledger), "--json"])
+    assert json.loads(view.stdout)["forgotten_before"] == "2025-06-01T00:00:00+00:00"
+    assert json.loads(view.stdout)["files"] == 5  # img0 and img2-img5
+    view = runner.invoke(app, ["ledger", str(ledger)])
+    assert "forgotten: what runs before 2025-06-01T00:00:00+00:00 delivered" in view.stdout
+
+
+def test_a_film_still_in_place_is_not_reported_again_under_other_settings(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    # other settings screen every film again (--no-draft; an upgrade's preprocessing version); a
+    # film whose result comes out the same is no news: that needs its entries under the old settings
+    ledger = _archived_night(folder, tiny_models, tmp_path)
+    assert _forget(ledger)[0] == 0
+    code, names, err = _run(folder, tiny_models, ledger, tmp_path / "night3.csv", "--no-draft")
+    assert (code, names) == (0, []) and "4 to screen" in err, err
+
+
+def test_a_path_that_holds_another_film_now_forgets_the_old_one(tiny_models: Path, tmp_path: Path) -> None:
+    # a scanner that names every night's film scan.png: the old content's entries go, the new stay
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    grey_image(inbox / "scan.png", 30)
+    ledger = tmp_path / "l.db"
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["scan.png"])
+    _age(ledger, 1)
+    grey_image(inbox / "scan.png", 220)
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n2.csv")[:2] == (0, ["scan.png"])
+    code, done, _ = _forget(ledger)
+    assert code == 0 and (done["films"], done["kept"], done["entries"], done["results"]) == (0, 1, 1, 1)
+    assert len(_table(ledger, "SELECT * FROM entries")) == 1
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n3.csv")[:2] == (0, [])
+
+
+def test_a_dry_run_counts_the_same_and_changes_nothing(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger = _archived_night(folder, tiny_models, tmp_path)
+    was = _dump(ledger)
+    code, dry, _ = _forget(ledger, "--dry-run")
+    assert code == 0 and dry["dry_run"] and dry["entries"] == 2
+    assert _dump(ledger) == was
+    code, done, _ = _forget(ledger)
+    assert code == 0 and {**dry, "dry_run": False} == done
+    assert _dump(ledger) != was
+
+
+def test_results_a_killed_run_left_undelivered_are_kept(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger = _archived_night(folder, tiny_models, tmp_path)
+    with sqlite3.connect(ledger) as db:  # as a run killed before its report leaves them
+        db.execute("UPDATE entries SET delivered_run = NULL WHERE path LIKE '%img0.png'")
+    db.close()
+    code, done, _ = _forget(ledger)
+    assert code == 0 and done["films"] == 1 and done["entries"] == 1
+    assert _run(folder, tiny_models, ledger, tmp_path / "night3.csv")[:2] == (0, ["img0.png"])
+
+
+def test_a_report_only_forgotten_runs_wrote_is_refused_and_one_later_runs_wrote_keeps_theirs(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    ledger = _archived_night(folder, tiny_models, tmp_path)
+    night1 = tmp_path / "night1.csv"
+    was = night1.read_bytes()
+    assert _forget(ledger)[0] == 0
+    code, _, err = _run(folder, tiny_models, ledger, night1)
+    assert code == 2 and "was written by runs before 2025-06-01" in err and "Name another report file" in err
+    assert night1.read_bytes() == was
+    # night 2's report, written again with a new film: night 2's row and the new one
+    grey_image(folder / "img6.png", 90)
+    assert _run(folder, tiny_models, ledger, tmp_path / "night2.csv")[:2] == (0, ["img5.png", "img6.png"])
+
+
+def test_one_report_name_for_every_night_keeps_the_rows_of_later_runs(
+    folder: Path, tiny_models: Path, tmp_path: Path
+) -> None:
+    ledger, report = tmp_path / "l.db", tmp_path / "report.csv"
+    assert _run(folder, tiny_models, ledger, report)[:2] == (0, [f"img{i}.png" for i in range(5)])
+    _age(ledger, 1)
+    grey_image(folder / "img5.png", 200)
+    assert _run(folder, tiny_models, ledger, report)[1] == [f"img{i}.png" for i in range(6)]  # the union
+    assert _forget(ledger)[0] == 0
+    grey_image(folder / "img6.png", 90)
+    assert _run(folder, tiny_models, ledger, report)[:2] == (0, ["img5.png", "img6.png"])
+
+
+def test_refusals_change_nothing(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger = _archived_night(folder, tiny_models, tmp_path)
+    was = _dump(ledger)
+    code, _, err = _forget(ledger, before="2025-13-01")
+    assert code == 2 and "is not a day" in err
+    code, _, err = _forget(ledger, before="2999-01-01")
+    assert code == 2 and "in the future" in err
+    code, _, err = _forget(tmp_path / "none.db")
+    assert code == 2 and "Ledger not found" in err and not (tmp_path / "none.db").exists()
+    code, _, err = _forget(tmp_path)
+    assert code == 2 and "is a folder" in err
+    with open(tmp_path / "l.db.lock", "w") as holder:  # a run going on
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        code, _, err = _forget(ledger)
+    assert code == 4 and "holds the ledger" in err
+    (tmp_path / "foreign.db").write_bytes(b"not a ledger at all, but sixteen bytes and more")
+    assert _forget(tmp_path / "foreign.db")[0] == 1
+    assert _dump(ledger) == was
+
+
+def test_nothing_before_the_day_forgets_nothing(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger = tmp_path / "l.db"
+    assert _run(folder, tiny_models, ledger, tmp_path / "r.csv")[0] == 0
+    was = _dump(ledger)
+    code, done, _ = _forget(ledger)
+    assert code == 0 and (done["runs"], done["entries"], done["rows"]) == (0, 0, 0)
+    assert _dump(ledger) == was  # not even the date: no run was forgotten
+
+
+def test_compact_gives_the_space_back(tiny_models: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    for i in range(60):
+        grey_image(inbox / f"f{i:02d}.png", 2 + 4 * i)
+    ledger = tmp_path / "l.db"
+    assert _run(inbox, tiny_models, ledger, tmp_path / "r.csv")[0] == 0
+    shutil.rmtree(inbox)
+    inbox.mkdir()
+    _age(ledger, 1)
+    code, done, err = _forget(ledger, "--compact")
+    assert code == 0, err
+    before, after = done["compacted_bytes"]
+    assert done["films"] == 60 and after < before
+    assert Path(ledger).stat().st_size == after
+    assert _table(ledger, "SELECT count(*) FROM entries") == [(0,)]
+
+
+def test_a_name_spelled_with_an_escape_is_kept_while_the_film_is_there(tiny_models: Path, tmp_path: Path) -> None:
+    # the ledger keys an undecodable name byte as \\xNN: the film is found under its real name
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    grey_image(inbox / "caf\udce9.png", 80)
+    ledger = tmp_path / "l.db"
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[0] == 0
+    assert _table(ledger, "SELECT path FROM entries")[0][0].endswith("caf\\xe9.png")
+    _age(ledger, 1)
+    code, done, _ = _forget(ledger)
+    assert code == 0 and (done["films"], done["kept"]) == (0, 1)
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n2.csv")[:2] == (0, [])
+
+
+def test_a_result_another_path_still_holds_is_kept(tiny_models: Path, tmp_path: Path) -> None:
+    # the same film under two names; one moved out: its entry goes, the result its copy names stays
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    grey_image(inbox / "a.png", 40)
+    shutil.copy(inbox / "a.png", inbox / "copy-of-a.png")
+    ledger = tmp_path / "l.db"
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["a.png", "copy-of-a.png"])
+    (inbox / "a.png").unlink()
+    _age(ledger, 1)
+    code, done, _ = _forget(ledger)
+    assert code == 0 and (done["films"], done["entries"], done["results"]) == (1, 1, 0)
+    code, names, err = _run(inbox, tiny_models, ledger, tmp_path / "n2.csv")
+    assert (code, names) == (0, []) and "0 to screen" in err
+
+
+def test_a_path_with_a_result_waiting_keeps_its_entries(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # which of a killed run's results are news is told by the path's other entries (ledger_news):
+    # a path with one waiting keeps them all, though the film has gone since
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    grey_image(inbox / "scan.png", 30)
+    ledger = tmp_path / "l.db"
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["scan.png"])
+    grey_image(inbox / "scan.png", 220)
+
+    def stop(name: str) -> None:
+        if name == "before_report":
+            raise RuntimeError("stopped")  # as a SIGTERM after the results were committed
+
+    monkeypatch.setattr("cxrbatch.ledger_run.crash_point", stop)
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n2.csv")[0] == 1
+    monkeypatch.undo()
+    _age(ledger, 1, 2)
+    shutil.move(inbox / "scan.png", tmp_path / "scan.png")
+    code, done, _ = _forget(ledger)
+    assert code == 0 and (done["films"], done["entries"], done["files"]) == (0, 0, 0)
+    assert len(_table(ledger, "SELECT * FROM entries")) == 2
+    shutil.move(tmp_path / "scan.png", inbox / "scan.png")
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n3.csv")[:2] == (0, ["scan.png"])  # the waiting one
