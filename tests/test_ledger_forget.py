@@ -293,3 +293,43 @@ def test_a_path_with_a_result_waiting_keeps_its_entries(
     assert len(_table(ledger, "SELECT * FROM entries")) == 2
     shutil.move(tmp_path / "scan.png", inbox / "scan.png")
     assert _run(inbox, tiny_models, ledger, tmp_path / "n3.csv")[:2] == (0, ["scan.png"])  # the waiting one
+
+
+@pytest.mark.parametrize("history", [2_000, 20_000])
+def test_forgetting_costs_in_proportion_to_the_films_forgotten(
+    history: int, monkeypatch: pytest.MonkeyPatch, tiny_models: Path, tmp_path: Path
+) -> None:
+    # counted in SQLite's virtual-machine steps (its progress handler), which do not depend on the
+    # machine's speed: a statement run once per film over every film would grow with their square
+    import tracemalloc
+    from datetime import date
+
+    import cxrbatch.ledger as ledger_module
+    from benchmarks.ledger_history import add_history
+    from cxrbatch.ledger_forget import forget
+
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    grey_image(inbox / "a.png", 90)
+    ledger = tmp_path / "l.db"
+    assert _run(inbox, tiny_models, ledger, tmp_path / "r.csv")[0] == 0
+    add_history(ledger, history, per_night=1000)  # dated 2026-01-01, their films gone
+    steps = [0]
+
+    def counted(path: Path, migrate: bool) -> sqlite3.Connection:
+        db = real(path, migrate)
+        db.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1) or 0, 1000)
+        return db
+
+    real = ledger_module.connect
+    monkeypatch.setattr(ledger_module, "connect", counted)
+    tracemalloc.start()
+    try:
+        done = forget(ledger, date(2026, 6, 1))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (done.films, done.kept, done.entries, done.results, done.rows) == (history, 0, history, history, history)
+    # 167 thousand steps a thousand films, at 2,000 films as at 20,000; Python held 0.2-0.3 MB
+    assert steps[0] * 1000 < 200 * history, steps[0]
+    assert peak < 2_000_000, peak

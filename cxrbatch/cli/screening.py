@@ -260,8 +260,9 @@ def forget(
     """Forget a ledger's old nights: what runs before a day delivered, for films no longer in their folders.
 
     A film still where it was keeps its results, so it is never reported again; a forgotten film
-    put back later is screened and reported as new. Takes the run lock: run it before the night's
-    run, in the same cron line, not beside it.
+    put back later is screened and reported as new. A report file that only those runs wrote is
+    not written again. Takes the run lock: a run that starts meanwhile does nothing (exit 4), so
+    run it well before the night's run.
 
     Example: cxrbatch forget screening.db --before 2026-01-01
     """
