@@ -4,8 +4,9 @@
 What runs started before a date (UTC) delivered is taken out where no run can need it again:
 
 - their delivered entries (path, content, settings), except where the path still holds that
-  content as last hashed (a film still in its folder keeps everything, so it is never reported
-  again). A forgotten film put back in a folder later is screened and reported again, as new;
+  content, as last hashed or as its entries last had it (a film still in its folder keeps
+  everything, so it is never reported again). A forgotten film put back in a folder later is
+  screened and reported again, as new;
 - the results that no entry names any more, and the file records (size, times, hash) of paths
   that are gone and have no entry left;
 - the rows those runs reported (`run_rows`): a report file they wrote holds, when a later run
@@ -128,6 +129,14 @@ def _forget(db: sqlite3.Connection, cut: str, dry_run: bool) -> Forgotten:
     while chunk := found.fetchmany(1000):
         here = {key for (key,) in chunk if _still_there(key)}
         db.executemany("INSERT OR IGNORE INTO kept SELECT path, sha256 FROM files WHERE path = ?", [(k,) for k in here])
+        # and the content its entries say it holds (the one entered last): a hashing that caught
+        # the film half copied in again, or a run killed after hashing it back at an earlier
+        # content, left the file record on a content the path's entries do not follow yet
+        db.executemany(
+            "INSERT OR IGNORE INTO kept SELECT path, sha256 FROM entries WHERE path = ? "
+            "ORDER BY first_run DESC LIMIT 1",
+            [(k,) for k in here],
+        )
         db.executemany("INSERT INTO gone VALUES (?)", [(key,) for (key,) in chunk if key not in here])
         kept += len(here)
     # an entry goes unless its path still holds its content (under every setting: a run with other

@@ -14,6 +14,7 @@ from helpers import grey_image
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
+from cxrbatch.ledger import Ledger
 
 runner = CliRunner()
 OLD, CUT = "2025-01-01T02:00:00+00:00", "2025-06-01"  # a night long ago, and a day after it
@@ -333,3 +334,59 @@ def test_forgetting_costs_in_proportion_to_the_films_forgotten(
     # 167 thousand steps a thousand films, at 2,000 films as at 20,000; Python held 0.2-0.3 MB
     assert steps[0] * 1000 < 200 * history, steps[0]
     assert peak < 2_000_000, peak
+
+
+def test_a_film_whose_last_hashing_caught_it_half_copied_is_not_reported_again(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the same film copied in again over itself (a re-export), hashed half-way and done by its
+    # decoding: that night has an error row for it, no entry; the film is still in its folder,
+    # holding what it was delivered with, so a forget keeps it and the next night is silent
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    grey_image(inbox / "a.png", 80)
+    ledger = tmp_path / "l.db"
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["a.png"])
+    _age(ledger, 1)
+    whole = (inbox / "a.png").read_bytes()
+    (inbox / "a.png").write_bytes(whole[: len(whole) // 2])
+    unchanged = Ledger.unchanged
+
+    def copy_done(self: Ledger, path: Path) -> bool:
+        (inbox / "a.png").write_bytes(whole)
+        return unchanged(self, path)
+
+    monkeypatch.setattr(Ledger, "unchanged", copy_done)
+    code, names, err = _run(inbox, tiny_models, ledger, tmp_path / "n2.csv")
+    monkeypatch.undo()
+    assert (code, names) == (3, ["a.png"]) and "changed while it was screened" in (tmp_path / "n2.csv").read_text()
+    code, done, err = _forget(ledger)
+    assert code == 0 and (done["films"], done["kept"], done["entries"]) == (0, 1, 0), err
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n3.csv")[:2] == (0, [])
+
+
+def test_a_film_back_at_an_earlier_content_is_still_news_after_a_forget(
+    tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # scan.png delivered dark, then light; put back dark, a run under other settings hashes it
+    # and is killed before its result: the film back at an earlier content is news (the ledger's
+    # rule), which needs the later content's entries, though the file as last hashed is dark
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    grey_image(inbox / "scan.png", 30)
+    ledger = tmp_path / "l.db"
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["scan.png"])
+    dark = (inbox / "scan.png").read_bytes()
+    grey_image(inbox / "scan.png", 220)
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n2.csv")[:2] == (0, ["scan.png"])
+    (inbox / "scan.png").write_bytes(dark)
+
+    def stop(*_: object) -> None:
+        raise RuntimeError("stopped")  # as a SIGTERM while the night screens
+
+    monkeypatch.setattr("cxrbatch.ledger.Ledger.store", stop)
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n3.csv", "--no-draft")[0] == 1
+    monkeypatch.undo()
+    _age(ledger, 1, 2, 3)
+    assert _forget(ledger)[0] == 0
+    assert _run(inbox, tiny_models, ledger, tmp_path / "n4.csv")[:2] == (0, ["scan.png"])
