@@ -5,8 +5,8 @@ What runs started before a date (UTC) delivered is taken out where no run can ne
 
 - their delivered entries (path, content, settings), except where the path still holds that
   content, as last hashed or as its entries last had it (a film still in its folder keeps
-  everything, so it is never reported again). A forgotten film put back in a folder later is
-  screened and reported again, as new;
+  everything, so it is never reported again; a path this process may not look at is taken as
+  still there). A forgotten film put back in a folder later is screened and reported again, as new;
 - the results that no entry names any more, and the file records (size, times, hash) of paths
   that are gone and have no entry left;
 - the rows those runs reported (`run_rows`): a report file they wrote holds, when a later run
@@ -21,6 +21,8 @@ space it frees; `--compact` (VACUUM) gives it back to the file system.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import sqlite3
@@ -32,6 +34,8 @@ from typing import Any
 from cxrbatch.errors import UsageError
 from cxrbatch.ledger import Ledger
 from cxrbatch.ledger_schema import LedgerError
+
+log = logging.getLogger("cxrbatch.ledger")
 
 KEY = "forgotten_before"  # in `meta`: the latest date a forget was given (UTC, ISO 8601)
 _OLD = "abs(e.delivered_run) IN (SELECT id FROM old_runs)"  # delivered by a forgotten run (negative: an error row)
@@ -124,10 +128,10 @@ def _forget(db: sqlite3.Connection, cut: str, dry_run: bool) -> Forgotten:
     runs = db.execute("INSERT INTO old_runs SELECT id FROM runs WHERE started < ?", (cut,)).rowcount
     db.execute("CREATE TEMP TABLE kept (path TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (path, sha256))")
     db.execute("CREATE TEMP TABLE gone (path TEXT PRIMARY KEY)")
-    kept = 0
+    kept, unknown = 0, []
     found = db.execute(f"SELECT DISTINCT e.path FROM entries e WHERE {_OLD}")
     while chunk := found.fetchmany(1000):
-        here = {key for (key,) in chunk if _still_there(key)}
+        here = {key for (key,) in chunk if _still_there(key, unknown)}
         db.executemany("INSERT OR IGNORE INTO kept SELECT path, sha256 FROM files WHERE path = ?", [(k,) for k in here])
         # and the content its entries say it holds (the one entered last): a hashing that caught
         # the film half copied in again, or a run killed after hashing it back at an earlier
@@ -139,6 +143,8 @@ def _forget(db: sqlite3.Connection, cut: str, dry_run: bool) -> Forgotten:
         )
         db.executemany("INSERT INTO gone VALUES (?)", [(key,) for (key,) in chunk if key not in here])
         kept += len(here)
+    if unknown:
+        log.warning("cannot tell whether %d paths are still there (%s, ...): kept", len(unknown), unknown[0])
     # an entry goes unless its path still holds its content (under every setting: a run with other
     # settings must find what was delivered before, or it reports the film again), or the path has
     # a result waiting (a killed run's: which is news is told by the path's other entries)
@@ -171,13 +177,26 @@ def _forget(db: sqlite3.Connection, cut: str, dry_run: bool) -> Forgotten:
     return Forgotten(cut, runs, films, kept, entries, results, files, rows, dry_run)
 
 
-def _still_there(key: str) -> bool:
+def _still_there(key: str, unknown: list[str]) -> bool:
     """Whether the path the ledger keys `key` still names a file (or a link). A key with `\\xNN`
-    escapes stands for either spelling of the name: kept where either is there (keeping is safe)."""
-    if os.path.lexists(key):
-        return True
+    escapes stands for either spelling of the name: kept where either is there (keeping is safe).
+    Only a name that is not there is gone: one this process may not look at (a folder its user
+    may not enter, a share that answers with an I/O error) is kept, not reported again later, and
+    added to `unknown`."""
     raw = key.encode("utf-8", "surrogateescape")
-    return b"\\x" in raw and os.path.lexists(_ESCAPE.sub(lambda m: bytes([int(m[1], 16)]), raw))
+    names = [raw, _ESCAPE.sub(lambda m: bytes([int(m[1], 16)]), raw)] if b"\\x" in raw else [raw]
+    for name in names:
+        try:
+            os.lstat(name)
+            return True
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:  # a spelling no file can have
+                continue
+            unknown.append(f"{key}: {exc.strerror or exc}")
+            return True
+    return False
 
 
 def refuse_forgotten(db: sqlite3.Connection, targets: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -390,3 +391,24 @@ def test_a_film_back_at_an_earlier_content_is_still_news_after_a_forget(
     _age(ledger, 1, 2, 3)
     assert _forget(ledger)[0] == 0
     assert _run(inbox, tiny_models, ledger, tmp_path / "n4.csv")[:2] == (0, ["scan.png"])
+
+
+def test_a_film_forget_may_not_look_at_is_kept(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # forget run by an account that may not enter the folder (or a share answering EIO): a film
+    # it cannot look at is not known to be gone, so it is kept, not reported again as new
+    ledger = _archived_night(folder, tiny_models, tmp_path)
+    lstat = os.lstat
+
+    def refused(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if os.fsdecode(path).startswith(str(folder)):  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied", path)
+        return lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "lstat", refused)
+    code, done, err = _forget(ledger)
+    monkeypatch.undo()
+    assert code == 0 and (done["films"], done["kept"], done["entries"]) == (0, 5, 0), err
+    assert "cannot tell whether 5 paths are still there" in err and "Permission denied" in err
+    assert _run(folder, tiny_models, ledger, tmp_path / "night3.csv")[:2] == (0, [])
