@@ -21,6 +21,7 @@ space it frees; `--compact` (VACUUM) gives it back to the file system.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -33,7 +34,7 @@ from typing import Any
 
 from cxrbatch.errors import UsageError
 from cxrbatch.ledger import Ledger
-from cxrbatch.ledger_schema import LedgerError
+from cxrbatch.ledger_schema import SCHEMA, LedgerError
 
 log = logging.getLogger("cxrbatch.ledger")
 
@@ -91,6 +92,11 @@ def forget(path: Path, before: date, dry_run: bool = False, compact: bool = Fals
     if before > datetime.now(timezone.utc).date():
         raise UsageError(f"--before {before} is in the future: a forget takes only what runs before it delivered")
     cut = cut_of(before)
+    if dry_run and (found := _schema(path)) not in (None, SCHEMA):  # opened to run, it would be upgraded
+        raise UsageError(
+            f"{path} is a ledger of schema {found}: a dry run changes nothing, so it does not upgrade it; the next "
+            "run (or a forget without --dry-run) does (nothing was done)"
+        )
     with Ledger.open(path) as ledger:
         db = ledger.db
         try:
@@ -115,6 +121,16 @@ def forget(path: Path, before: date, dry_run: bool = False, compact: bool = Fals
                 ) from None
             done = _with(done, compacted_bytes=(size, os.path.getsize(path)))
     return done
+
+
+def _schema(path: Path) -> str | None:
+    """The schema the ledger at `path` says it has, read without writing (None: none to read)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    except sqlite3.Error:
+        return None  # not a ledger, or one being created: opening it says which
+    return None if row is None else str(row[0])
 
 
 def _with(done: Forgotten, **changes: Any) -> Forgotten:

@@ -412,3 +412,15 @@ def test_a_film_forget_may_not_look_at_is_kept(
     assert code == 0 and (done["films"], done["kept"], done["entries"]) == (0, 5, 0), err
     assert "cannot tell whether 5 paths are still there" in err and "Permission denied" in err
     assert _run(folder, tiny_models, ledger, tmp_path / "night3.csv")[:2] == (0, [])
+
+
+def test_a_dry_run_does_not_upgrade_an_older_ledger(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger = _archived_night(folder, tiny_models, tmp_path)
+    with sqlite3.connect(ledger) as db:  # as the version before schema 3 left it
+        db.execute("ALTER TABLE files DROP COLUMN ctime_ns")
+        db.execute("UPDATE meta SET value = 'cxrbatch.ledger/2' WHERE key = 'schema'")
+    db.close()
+    was = _dump(ledger)
+    code, _, err = _forget(ledger, "--dry-run")
+    assert _dump(ledger) == was
+    assert code == 2 and "schema cxrbatch.ledger/2" in err and "nothing was done" in err
