@@ -10,11 +10,13 @@ What runs started before a date (UTC) delivered is taken out where no run can ne
 - the results that no entry names any more, and the file records (size, times, hash) of paths
   that are gone and have no entry left;
 - the rows those runs reported (`run_rows`): a report file they wrote holds, when a later run
-  writes it again, only the rows of later runs. A report file that only runs before the date
-  wrote is refused to a run (`refuse_forgotten`): written again, it would lose every row it has.
+  writes it again, only the rows of later runs. A report file that runs before the date wrote
+  and no completed run since is refused to a run while it exists (`refuse_forgotten`): written
+  again, it would lose every row it has.
 
 Kept: the runs themselves (a row a night) and which report files they wrote, every result not
-yet delivered (a killed run's), and everything of later runs. The date is kept in `meta`. One
+yet delivered (a killed run's) with every entry of its path (which of them is news is told by
+the others), and everything of later runs. The date is kept in `meta`. One
 transaction, under the run lock: a forget killed part-way forgets nothing. SQLite reuses the
 space it frees; `--compact` (VACUUM) gives it back to the file system.
 """
@@ -35,6 +37,7 @@ from typing import Any
 from cxrbatch.errors import UsageError
 from cxrbatch.ledger import Ledger
 from cxrbatch.ledger_schema import SCHEMA, LedgerError
+from cxrbatch.records import plural
 
 log = logging.getLogger("cxrbatch.ledger")
 
@@ -64,10 +67,18 @@ class Forgotten:
     def lines(self) -> list[str]:
         """The operator's summary."""
         verb = "would forget" if self.dry_run else "forgot"
+        counts = ", ".join(
+            f"{n} {one if n == 1 else many}"
+            for n, one, many in (
+                (self.entries, "entry", "entries"),
+                (self.results, "result", "results"),
+                (self.files, "file record", "file records"),
+                (self.rows, "report row", "report rows"),
+            )
+        )
         out = [
-            f"{self.runs} runs started before {self.before}: {verb} {self.films} films no longer in their folders "
-            f"({self.entries} entries, {self.results} results, {self.files} file records, {self.rows} report rows); "
-            f"kept {self.kept} still in place",
+            f"{plural(self.runs, 'run')} started before {self.before}: {verb} {plural(self.films, 'film')} no longer "
+            f"in their folders ({counts}); kept {plural(self.kept, 'film')} still in place",
         ]
         if self.compacted_bytes is not None:
             before, after = self.compacted_bytes
@@ -144,7 +155,7 @@ def _forget(db: sqlite3.Connection, cut: str, dry_run: bool) -> Forgotten:
     runs = db.execute("INSERT INTO old_runs SELECT id FROM runs WHERE started < ?", (cut,)).rowcount
     db.execute("CREATE TEMP TABLE kept (path TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (path, sha256))")
     db.execute("CREATE TEMP TABLE gone (path TEXT PRIMARY KEY)")
-    kept, unknown = 0, []
+    kept, unknown = 0, list[str]()
     found = db.execute(f"SELECT DISTINCT e.path FROM entries e WHERE {_OLD}")
     while chunk := found.fetchmany(1000):
         here = {key for (key,) in chunk if _still_there(key, unknown)}
@@ -216,17 +227,23 @@ def _still_there(key: str, unknown: list[str]) -> bool:
 
 
 def refuse_forgotten(db: sqlite3.Connection, targets: list[str]) -> None:
-    """Refuse report files that only runs before a forget's date wrote: their rows are gone from
-    the ledger, so written again the file would hold this run's rows alone. A file later runs
-    wrote too (one report name for every night) holds their rows and this run's."""
+    """Refuse report files that runs before a forget's date wrote and no completed run since: their
+    rows are gone from the ledger, so written again such a file would hold this run's rows alone. A
+    file a completed later run wrote too (one report name for every night) holds the rows of the
+    runs since and this run's; a file deleted since is written afresh."""
     found = db.execute("SELECT value FROM meta WHERE key = ?", (KEY,)).fetchone()
     if found is None:
         return
-    sql = "SELECT max(r.started) < ? FROM run_targets t JOIN runs r ON r.id = t.run WHERE t.target = ?"
+    sql = (
+        "SELECT EXISTS (SELECT 1 FROM run_targets t JOIN runs r ON r.id = t.run WHERE t.target = ?1 "
+        "AND r.started < ?2) AND NOT EXISTS (SELECT 1 FROM run_targets t JOIN runs r ON r.id = t.run "
+        "WHERE t.target = ?1 AND r.started >= ?2 AND r.status = 'done')"
+    )
     for target in targets:
-        (only_old,) = db.execute(sql, (found[0], target)).fetchone()
-        if only_old:
+        (only_old,) = db.execute(sql, (target, found[0])).fetchone()
+        if only_old and _still_there(target, []):
             raise UsageError(
                 f"report {target} was written by runs before {found[0][:10]}, whose rows `cxrbatch forget` took out "
-                "of the ledger: written again it would lose them. Name another report file (nothing was done)"
+                "of the ledger, and by no completed run since: written again it would lose them. Name another "
+                "report file (nothing was done)"
             )

@@ -424,3 +424,40 @@ def test_a_dry_run_does_not_upgrade_an_older_ledger(folder: Path, tiny_models: P
     code, _, err = _forget(ledger, "--dry-run")
     assert _dump(ledger) == was
     assert code == 2 and "schema cxrbatch.ledger/2" in err and "nothing was done" in err
+
+
+def test_a_report_a_killed_later_run_wrote_is_still_refused_and_a_deleted_one_is_written_afresh(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # night 1 (long ago) wrote r.csv; tonight's run wrote it again, 6 rows, and was killed after
+    # its report, before the ledger marked it done: its rows count for no union, so after a forget
+    # the same command run again would have written r.csv with tonight's row alone
+    ledger, report = tmp_path / "l.db", tmp_path / "r.csv"
+    assert _run(folder, tiny_models, ledger, report)[:2] == (0, [f"img{i}.png" for i in range(5)])
+    _age(ledger, 1)
+    grey_image(folder / "img5.png", 200)
+
+    def stop(name: str) -> None:
+        if name == "after_report":
+            raise RuntimeError("stopped")  # as a SIGKILL once the report is in place
+
+    monkeypatch.setattr("cxrbatch.ledger_run.crash_point", stop)
+    assert _run(folder, tiny_models, ledger, report)[:2] == (1, [f"img{i}.png" for i in range(6)])
+    monkeypatch.undo()
+    code, done, _ = _forget(ledger)
+    assert code == 0 and done["rows"] == 5
+    was = report.read_bytes()
+    code, _, err = _run(folder, tiny_models, ledger, report)
+    assert code == 2 and "by no completed run since" in err and report.read_bytes() == was
+    report.unlink()  # nothing left to lose: written afresh, with what waits for delivery
+    assert _run(folder, tiny_models, ledger, report)[:2] == (0, ["img5.png"])
+
+
+def test_the_summary_reads_as_the_counts_say(folder: Path, tiny_models: Path, tmp_path: Path) -> None:
+    ledger = _archived_night(folder, tiny_models, tmp_path)
+    result = runner.invoke(app, ["forget", str(ledger), "--before", CUT, "--dry-run"])
+    assert result.exit_code == 0
+    assert result.stdout.splitlines() == [
+        "1 run started before 2025-06-01T00:00:00+00:00: would forget 2 films no longer in their folders "
+        "(2 entries, 2 results, 2 file records, 5 report rows); kept 3 films still in place"
+    ]
