@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbatch.files import display_path, file_sha256
-from cxrbatch.ledger_lock import job_of, lock, lock_path
+from cxrbatch.ledger_lock import RUN, job_of, lock, lock_path
 from cxrbatch.ledger_schema import LedgerError, connect, file_size_limit, now
 from cxrbatch.records import ERROR, Record, RecordError
 
@@ -109,10 +109,11 @@ class Ledger:
     # -- opening -----------------------------------------------------------------------------
     @classmethod
     @contextmanager
-    def open(cls, path: Path, inputs: Sequence[Path] = ()) -> Iterator[Ledger]:
+    def open(cls, path: Path, inputs: Sequence[Path] = (), command: str = RUN) -> Iterator[Ledger]:
         """Lock and open (or create) the ledger at `path` for a run over `inputs` (the job: a run
-        that finds it held by another job's run says so); refuse a foreign or corrupt file."""
-        lock_fd = lock(path, job_of(inputs))
+        that finds it held by another job's run says so), or another `command` (a forget);
+        refuse a foreign or corrupt file."""
+        lock_fd = lock(path, job_of(inputs), command)
         try:
             _refuse_full_disk(path)
             db = connect(path, migrate=True)

@@ -36,6 +36,7 @@ from typing import Any
 
 from cxrbatch.errors import UsageError
 from cxrbatch.ledger import Ledger
+from cxrbatch.ledger_lock import FORGET
 from cxrbatch.ledger_schema import SCHEMA, LedgerError
 from cxrbatch.records import plural
 
@@ -108,7 +109,7 @@ def forget(path: Path, before: date, dry_run: bool = False, compact: bool = Fals
             f"{path} is a ledger of schema {found}: a dry run changes nothing, so it does not upgrade it; the next "
             "run (or a forget without --dry-run) does (nothing was done)"
         )
-    with Ledger.open(path) as ledger:
+    with Ledger.open(path, command=FORGET) as ledger:
         db = ledger.db
         try:
             db.execute("BEGIN IMMEDIATE")

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -206,7 +207,7 @@ def test_refusals_change_nothing(folder: Path, tiny_models: Path, tmp_path: Path
     with open(tmp_path / "l.db.lock", "w") as holder:  # a run going on
         fcntl.flock(holder, fcntl.LOCK_EX)
         code, _, err = _forget(ledger)
-    assert code == 4 and "holds the ledger" in err
+    assert code == 4 and "holds the ledger" in err and "nothing was forgotten" in err
     (tmp_path / "foreign.db").write_bytes(b"not a ledger at all, but sixteen bytes and more")
     assert _forget(tmp_path / "foreign.db")[0] == 1
     assert _dump(ledger) == was
@@ -461,3 +462,45 @@ def test_the_summary_reads_as_the_counts_say(folder: Path, tiny_models: Path, tm
         "1 run started before 2025-06-01T00:00:00+00:00: would forget 2 films no longer in their folders "
         "(2 entries, 2 results, 2 file records, 5 report rows); kept 3 films still in place"
     ]
+
+
+def _held_by_a_forget(ledger: Path) -> int:
+    """Take the ledger's lock as `cxrbatch forget` does: the descriptor that holds it."""
+    from cxrbatch.ledger_lock import FORGET, lock
+
+    return lock(ledger, [], FORGET)
+
+
+def test_a_run_waits_for_a_forget_that_holds_the_ledger(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a forget that runs into the night's start: the night waits for it instead of doing nothing
+    ledger = tmp_path / "l.db"
+    assert _run(folder, tiny_models, ledger, tmp_path / "n1.csv")[0] == 0
+    monkeypatch.setattr("cxrbatch.ledger_lock.WAIT_STEP_S", 0.1)
+    held = _held_by_a_forget(ledger)
+    done = threading.Timer(1.0, os.close, (held,))
+    done.start()
+    grey_image(folder / "img5.png", 200)
+    try:
+        code, names, err = _run(folder, tiny_models, ledger, tmp_path / "n2.csv")
+    finally:
+        done.join()
+    assert (code, names) == (0, ["img5.png"]), err
+    assert f"cxrbatch forget (pid {os.getpid()}" in err and "waiting for it" in err
+
+
+def test_a_run_gives_up_on_a_forget_that_holds_the_ledger_too_long(
+    folder: Path, tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = tmp_path / "l.db"
+    assert _run(folder, tiny_models, ledger, tmp_path / "n1.csv")[0] == 0
+    monkeypatch.setattr("cxrbatch.ledger_lock.WAIT_STEP_S", 0.1)
+    monkeypatch.setattr("cxrbatch.ledger_lock.FORGET_WAIT_S", 0.3)
+    held = _held_by_a_forget(ledger)
+    try:
+        code, _, err = _run(folder, tiny_models, ledger, tmp_path / "n2.csv")
+    finally:
+        os.close(held)
+    assert code == 4 and "cxrbatch forget (pid" in err and "of waiting; nothing was done" in err
+    assert not (tmp_path / "n2.csv").exists()

@@ -261,8 +261,8 @@ def forget(
 
     A film still where it was keeps its results, so it is never reported again; a forgotten film
     put back later is screened and reported as new. A report file that only those runs wrote is
-    not written again. Takes the run lock: a run that starts meanwhile does nothing (exit 4), so
-    run it well before the night's run.
+    not written again. Takes the run lock: a run that starts meanwhile waits for it (10 minutes
+    at most), so run it well before the night's run.
 
     Example: cxrbatch forget screening.db --before 2026-01-01
     """
