@@ -37,7 +37,7 @@ from typing import Any
 from cxrbatch.errors import UsageError
 from cxrbatch.ledger import Ledger
 from cxrbatch.ledger_lock import FORGET
-from cxrbatch.ledger_schema import SCHEMA, LedgerError
+from cxrbatch.ledger_schema import SCHEMA, LedgerError, file_size_limit
 from cxrbatch.records import plural
 
 log = logging.getLogger("cxrbatch.ledger")
@@ -118,6 +118,9 @@ def forget(path: Path, before: date, dry_run: bool = False, compact: bool = Fals
                 db.rollback()
             else:
                 db.commit()
+        except sqlite3.Error as exc:  # a full disk, a file-size limit: rolled back
+            db.rollback()
+            raise LedgerError(f"Ledger {path}: nothing was forgotten ({exc}{file_size_limit()})") from None
         except BaseException:
             db.rollback()
             raise
@@ -128,7 +131,8 @@ def forget(path: Path, before: date, dry_run: bool = False, compact: bool = Fals
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:  # a disk without room for the copy VACUUM makes
                 raise LedgerError(
-                    f"Ledger {path}: what was forgotten is committed, but it could not be compacted ({exc}); "
+                    f"Ledger {path}: what was forgotten is committed, but it could not be compacted "
+                    f"({exc}{file_size_limit()}); "
                     "VACUUM needs free space about the ledger's size"
                 ) from None
             done = _with(done, compacted_bytes=(size, os.path.getsize(path)))

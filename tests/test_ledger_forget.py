@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -504,3 +506,43 @@ def test_a_run_gives_up_on_a_forget_that_holds_the_ledger_too_long(
         os.close(held)
     assert code == 4 and "cxrbatch forget (pid" in err and "of waiting; nothing was done" in err
     assert not (tmp_path / "n2.csv").exists()
+
+
+def _limited_forget(ledger: Path, limit: int, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`cxrbatch forget` under `ulimit -f LIMIT` bytes (a cron job's file-size limit, or a full
+    disk as SQLite meets it: a write that fails part-way)."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail
+
+    script = "import sys\nfrom cxrbatch.cli import app\napp(sys.argv[1:])\n"
+    return subprocess.run(
+        [sys.executable, "-c", script, "forget", str(ledger), "--before", CUT, *extra],
+        preexec_fn=limited,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_forget_that_cannot_write_changes_nothing_and_a_compact_that_cannot_keeps_the_forget(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    inbox = tmp_path / "incoming"
+    inbox.mkdir()
+    for i in range(60):
+        grey_image(inbox / f"f{i:02d}.png", 2 + 4 * i)
+    ledger = tmp_path / "l.db"
+    assert _run(inbox, tiny_models, ledger, tmp_path / "r.csv")[0] == 0
+    shutil.rmtree(inbox)
+    _age(ledger, 1)
+    was = _dump(ledger)
+    proc = _limited_forget(ledger, 64 * 1024)  # room to open it (33 KB), not for the forget's writes (170 KB)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "nothing was forgotten (disk I/O error; this process may write files of at most" in proc.stderr
+    assert _dump(ledger) == was
+    # VACUUM copies the ledger: room for the forget's own writes, not for the copy
+    proc = _limited_forget(ledger, ledger.stat().st_size + 1, "--compact")
+    assert proc.returncode == 1 and "what was forgotten is committed, but it could not be compacted" in proc.stderr
+    assert _table(ledger, "SELECT count(*) FROM entries") == [(0,)]
