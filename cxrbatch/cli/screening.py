@@ -271,6 +271,7 @@ def forget(
 
     from cxrbatch.ledger_forget import forget as forget_before
 
+    _setup_logging(verbose=False, quiet=False)  # an upgrade, paths it cannot look at: timestamped lines
     try:
         day = date.fromisoformat(before)
     except ValueError:
