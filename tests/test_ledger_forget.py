@@ -59,13 +59,18 @@ def _dump(ledger: Path) -> list[str]:
     return lines
 
 
-@pytest.fixture
-def folder(tmp_path: Path) -> Path:
+def _inbox(tmp_path: Path, films: dict[str, int]) -> Path:
+    """An incoming folder holding grey films `name: level`."""
     inbox = tmp_path / "incoming"
     inbox.mkdir()
-    for i, level in enumerate((20, 110, 170, 250, 60)):
-        grey_image(inbox / f"img{i}.png", level)
+    for name, level in films.items():
+        grey_image(inbox / name, level)
     return inbox
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return _inbox(tmp_path, {f"img{i}.png": level for i, level in enumerate((20, 110, 170, 250, 60))})
 
 
 def _archived_night(folder: Path, models: Path, tmp_path: Path) -> Path:
@@ -132,9 +137,7 @@ def test_a_film_still_in_place_is_not_reported_again_under_other_settings(
 
 def test_a_path_that_holds_another_film_now_forgets_the_old_one(tiny_models: Path, tmp_path: Path) -> None:
     # a scanner that names every night's film scan.png: the old content's entries go, the new stay
-    inbox = tmp_path / "incoming"
-    inbox.mkdir()
-    grey_image(inbox / "scan.png", 30)
+    inbox = _inbox(tmp_path, {"scan.png": 30})
     ledger = tmp_path / "l.db"
     assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["scan.png"])
     _age(ledger, 1)
@@ -225,10 +228,7 @@ def test_nothing_before_the_day_forgets_nothing(folder: Path, tiny_models: Path,
 
 
 def test_compact_gives_the_space_back(tiny_models: Path, tmp_path: Path) -> None:
-    inbox = tmp_path / "incoming"
-    inbox.mkdir()
-    for i in range(60):
-        grey_image(inbox / f"f{i:02d}.png", 2 + 4 * i)
+    inbox = _inbox(tmp_path, {f"f{i:02d}.png": 2 + 4 * i for i in range(60)})
     ledger = tmp_path / "l.db"
     assert _run(inbox, tiny_models, ledger, tmp_path / "r.csv")[0] == 0
     shutil.rmtree(inbox)
@@ -244,9 +244,7 @@ def test_compact_gives_the_space_back(tiny_models: Path, tmp_path: Path) -> None
 
 def test_a_name_spelled_with_an_escape_is_kept_while_the_film_is_there(tiny_models: Path, tmp_path: Path) -> None:
     # the ledger keys an undecodable name byte as \\xNN: the film is found under its real name
-    inbox = tmp_path / "incoming"
-    inbox.mkdir()
-    grey_image(inbox / "caf\udce9.png", 80)
+    inbox = _inbox(tmp_path, {"caf\udce9.png": 80})
     ledger = tmp_path / "l.db"
     assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[0] == 0
     assert _table(ledger, "SELECT path FROM entries")[0][0].endswith("caf\\xe9.png")
@@ -258,9 +256,7 @@ def test_a_name_spelled_with_an_escape_is_kept_while_the_film_is_there(tiny_mode
 
 def test_a_result_another_path_still_holds_is_kept(tiny_models: Path, tmp_path: Path) -> None:
     # the same film under two names; one moved out: its entry goes, the result its copy names stays
-    inbox = tmp_path / "incoming"
-    inbox.mkdir()
-    grey_image(inbox / "a.png", 40)
+    inbox = _inbox(tmp_path, {"a.png": 40})
     shutil.copy(inbox / "a.png", inbox / "copy-of-a.png")
     ledger = tmp_path / "l.db"
     assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["a.png", "copy-of-a.png"])
@@ -277,9 +273,7 @@ def test_a_path_with_a_result_waiting_keeps_its_entries(
 ) -> None:
     # which of a killed run's results are news is told by the path's other entries (ledger_news):
     # a path with one waiting keeps them all, though the film has gone since
-    inbox = tmp_path / "incoming"
-    inbox.mkdir()
-    grey_image(inbox / "scan.png", 30)
+    inbox = _inbox(tmp_path, {"scan.png": 30})
     ledger = tmp_path / "l.db"
     assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["scan.png"])
     grey_image(inbox / "scan.png", 220)
@@ -313,9 +307,7 @@ def test_forgetting_costs_in_proportion_to_the_films_forgotten(
     from benchmarks.ledger_history import add_history
     from cxrbatch.ledger_forget import forget
 
-    inbox = tmp_path / "incoming"
-    inbox.mkdir()
-    grey_image(inbox / "a.png", 90)
+    inbox = _inbox(tmp_path, {"a.png": 90})
     ledger = tmp_path / "l.db"
     assert _run(inbox, tiny_models, ledger, tmp_path / "r.csv")[0] == 0
     add_history(ledger, history, per_night=1000)  # dated 2026-01-01, their films gone
@@ -346,9 +338,7 @@ def test_a_film_whose_last_hashing_caught_it_half_copied_is_not_reported_again(
     # the same film copied in again over itself (a re-export), hashed half-way and done by its
     # decoding: that night has an error row for it, no entry; the film is still in its folder,
     # holding what it was delivered with, so a forget keeps it and the next night is silent
-    inbox = tmp_path / "incoming"
-    inbox.mkdir()
-    grey_image(inbox / "a.png", 80)
+    inbox = _inbox(tmp_path, {"a.png": 80})
     ledger = tmp_path / "l.db"
     assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["a.png"])
     _age(ledger, 1)
@@ -375,9 +365,7 @@ def test_a_film_back_at_an_earlier_content_is_still_news_after_a_forget(
     # scan.png delivered dark, then light; put back dark, a run under other settings hashes it
     # and is killed before its result: the film back at an earlier content is news (the ledger's
     # rule), which needs the later content's entries, though the file as last hashed is dark
-    inbox = tmp_path / "incoming"
-    inbox.mkdir()
-    grey_image(inbox / "scan.png", 30)
+    inbox = _inbox(tmp_path, {"scan.png": 30})
     ledger = tmp_path / "l.db"
     assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["scan.png"])
     dark = (inbox / "scan.png").read_bytes()
@@ -529,10 +517,7 @@ def _limited_forget(ledger: Path, limit: int, *extra: str) -> subprocess.Complet
 def test_a_forget_that_cannot_write_changes_nothing_and_a_compact_that_cannot_keeps_the_forget(
     tiny_models: Path, tmp_path: Path
 ) -> None:
-    inbox = tmp_path / "incoming"
-    inbox.mkdir()
-    for i in range(60):
-        grey_image(inbox / f"f{i:02d}.png", 2 + 4 * i)
+    inbox = _inbox(tmp_path, {f"f{i:02d}.png": 2 + 4 * i for i in range(60)})
     ledger = tmp_path / "l.db"
     assert _run(inbox, tiny_models, ledger, tmp_path / "r.csv")[0] == 0
     shutil.rmtree(inbox)
