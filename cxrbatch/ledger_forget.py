@@ -96,7 +96,8 @@ def cut_of(day: date) -> str:
 
 def forget(path: Path, before: date, dry_run: bool = False, compact: bool = False) -> Forgotten:
     """Forget what runs started before `before` (UTC) delivered, where nothing can need it again
-    (see the module's text). Takes the run lock: a run going on makes it wait for none (exit 4)."""
+    (see the module's text). Takes the run lock: a run going on makes it end at once (exit 4),
+    and a run that starts meanwhile waits for it (`ledger_lock.FORGET_WAIT_S`)."""
     if path.is_dir():
         raise UsageError(f"{path} is a folder: give the ledger file (the path given to run --ledger)")
     if not path.is_file():
