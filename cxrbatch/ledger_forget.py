@@ -6,7 +6,9 @@ What runs started before a date (UTC) delivered is taken out where no run can ne
 - their delivered entries (path, content, settings), except where the path still holds that
   content, as last hashed or as its entries last had it (a film still in its folder keeps
   everything, so it is never reported again; a path this process may not look at is taken as
-  still there). A forgotten film put back in a folder later is screened and reported again, as new;
+  still there), or where an entry of the path that stays is older (a content the path held
+  after it: back at that content under its settings, the film is news again, as without a
+  forget). A forgotten film put back in a folder later is screened and reported again, as new;
 - the results that no entry names any more, and the file records (size, times, hash) of paths
   that are gone and have no entry left;
 - the rows those runs reported (`run_rows`): a report file they wrote holds, when a later run
@@ -180,10 +182,15 @@ def _forget(db: sqlite3.Connection, cut: str, dry_run: bool) -> Forgotten:
         log.warning("cannot tell whether %d paths are still there (%s, ...): kept", len(unknown), unknown[0])
     # an entry goes unless its path still holds its content (under every setting: a run with other
     # settings must find what was delivered before, or it reports the film again), or the path has
-    # a result waiting (a killed run's: which is news is told by the path's other entries)
+    # a result waiting (a killed run's: which is news is told by the path's other entries), or an
+    # entry that stays is older than it: it tells that entry's content left the path since (back
+    # at that content under those settings, the film is news again, as without a forget)
     which = (
         f"{_OLD} AND NOT EXISTS (SELECT 1 FROM kept k WHERE k.path = e.path AND k.sha256 = e.sha256) "
-        "AND NOT EXISTS (SELECT 1 FROM entries u WHERE u.path = e.path AND u.delivered_run IS NULL)"
+        "AND NOT EXISTS (SELECT 1 FROM entries u WHERE u.path = e.path AND u.delivered_run IS NULL) "
+        "AND NOT EXISTS (SELECT 1 FROM entries o WHERE o.path = e.path AND o.first_run < e.first_run "
+        "AND (abs(o.delivered_run) NOT IN (SELECT id FROM old_runs) "
+        "OR EXISTS (SELECT 1 FROM kept k WHERE k.path = o.path AND k.sha256 = o.sha256)))"
     )
     db.execute("CREATE TEMP TABLE dropped (sha256 TEXT, fingerprint TEXT, PRIMARY KEY (sha256, fingerprint))")
     db.execute(f"INSERT OR IGNORE INTO dropped SELECT e.sha256, e.fingerprint FROM entries e WHERE {which}")

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers import grey_image
+from helpers import grey_image, make_classifier
 from typer.testing import CliRunner
 
 from cxrbatch.cli import app
@@ -382,6 +382,35 @@ def test_a_film_back_at_an_earlier_content_is_still_news_after_a_forget(
     _age(ledger, 1, 2, 3)
     assert _forget(ledger)[0] == 0
     assert _run(inbox, tiny_models, ledger, tmp_path / "n4.csv")[:2] == (0, ["scan.png"])
+
+
+def test_a_film_in_place_back_at_a_content_it_had_is_news_under_the_settings_that_delivered_it_first(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    # soak: scan.png delivered dark under the models, then light, then dark again under other
+    # models (its news, under those); back at the first models its dark result, which differs
+    # (review threshold), is news again: the light content's entry tells it, and the forget took
+    # that entry out (a content the path no longer holds), so the night reported nothing
+    newer = tmp_path / "newer-models"
+    newer.mkdir()
+    shutil.copy(tiny_models / "gate.onnx", newer / "gate.onnx")
+    make_classifier(newer / "classifier.onnx", review_threshold=0.7)
+    for forget in (False, True):
+        (tmp_path / str(forget)).mkdir()
+        inbox = _inbox(tmp_path / str(forget), {"scan.png": 40})  # confidence 0.66: reviewed at 0.7 only
+        ledger, dark = tmp_path / str(forget) / "l.db", (inbox / "scan.png").read_bytes()
+        assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["scan.png"])
+        grey_image(inbox / "scan.png", 220)
+        assert _run(inbox, tiny_models, ledger, tmp_path / "n2.csv")[:2] == (0, ["scan.png"])
+        (inbox / "scan.png").write_bytes(dark)
+        assert _run(inbox, newer, ledger, tmp_path / "n3.csv")[:2] == (0, ["scan.png"])
+        if forget:
+            _age(ledger, 1, 2, 3)
+            code, done, err = _forget(ledger)
+            assert code == 0 and (done["films"], done["kept"]) == (0, 1), err
+        # as without a forget: the film is reported once more, its result under these models
+        assert _run(inbox, tiny_models, ledger, tmp_path / "n4.csv")[:2] == (0, ["scan.png"]), forget
+        assert _run(inbox, tiny_models, ledger, tmp_path / "n5.csv")[:2] == (0, []), forget
 
 
 def test_a_film_forget_may_not_look_at_is_kept(
