@@ -22,8 +22,9 @@ new. A report path that completed runs wrote before gets the union of their rows
 ones, so a second run on the same day never replaces a full report with an emptier one.
 
 One run at a time: an exclusive `flock` on `<ledger>.lock` (`cxrbatch.ledger_lock`). What the
-ledger holds is read by `cxrbatch.ledger_view`, without the lock. The file itself (its tables,
-the upgrades of older schemas, opening it to run or only to read) is `cxrbatch.ledger_schema`.
+ledger holds is read by `cxrbatch.ledger_view`, without the lock; what old nights delivered is
+taken out by `cxrbatch.ledger_forget`, under it. The file itself (its tables, the upgrades of
+older schemas, opening it to run or only to read) is `cxrbatch.ledger_schema`.
 """
 
 from __future__ import annotations
