@@ -99,7 +99,6 @@ def lock(path: Path, job: list[str], command: str = RUN) -> int:
             )
         time.sleep(WAIT_STEP_S)
         waited += WAIT_STEP_S
-    holder = _holder(fd)
     os.close(fd)
     if holder is not None and holder.command == FORGET:
         raise LedgerBusy(
