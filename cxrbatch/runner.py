@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -74,7 +74,7 @@ def run(options: RunOptions) -> Summary:
     device = "cpu" if options.engine == "ray" else options.device
     with _opened(options.ledger, options.inputs) as ledger:
         if ledger is not None:  # a report file whose rows a forget took away is not written again
-            refuse_forgotten(ledger.db, [_file_key(t) for t in report_targets if t != "-"])
+            refuse_forgotten(ledger.db, _file_keys(report_targets))
         paths, (gate, classifier) = _inputs_and_models(options, report_targets, device)
         if options.heatmaps is not None:
             classifier.spec.require_cam()  # before screening, not after it
@@ -247,8 +247,7 @@ class Report:
 
     def files(self) -> list[str]:
         """The ledger's keys of the report files this run writes (stdout is none)."""
-        targets = (self.options.csv_out, self.options.json_out, self.options.html)
-        return [_file_key(t) for t in targets if t is not None and t != "-"]
+        return _file_keys((self.options.csv_out, self.options.json_out, self.options.html))
 
     def write(self, rows: list[Record], summary: Summary, earlier: Callable[[str], list[Record]] | None = None) -> None:
         """Render and write every requested report; `earlier` gives the rows a file already received."""
@@ -274,6 +273,11 @@ class Report:
         negative = self.screener.classifier.spec.negative_label or ""
         page = written_at(Path(target))  # where it lies (through a link): heatmap links are relative to it
         return render_html(rows, self.labels, negative, self.models, summary, self.started, page)
+
+
+def _file_keys(targets: Iterable[str | None]) -> list[str]:
+    """The ledger's keys of the report files among `targets` (stdout and unset ones are none)."""
+    return [_file_key(t) for t in targets if t is not None and t != "-"]
 
 
 def _file_key(target: str) -> str:
