@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from typing import Any
 from cxrbatch.errors import UsageError
 from cxrbatch.ledger import Ledger
 from cxrbatch.ledger_lock import FORGET
-from cxrbatch.ledger_schema import SCHEMA, LedgerError, file_size_limit
+from cxrbatch.ledger_schema import SCHEMA, LedgerError, check_ledger_file, file_size_limit
 from cxrbatch.records import plural
 
 log = logging.getLogger("cxrbatch.ledger")
@@ -100,10 +100,7 @@ def forget(path: Path, before: date, dry_run: bool = False, compact: bool = Fals
     """Forget what runs started before `before` (UTC) delivered, where nothing can need it again
     (see the module's text). Takes the run lock: a run going on makes it end at once (exit 4),
     and a run that starts meanwhile waits for it (`ledger_lock.FORGET_WAIT_S`)."""
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder: give the ledger file (the path given to run --ledger)")
-    if not path.is_file():
-        raise UsageError(f"Ledger not found: {path}")
+    check_ledger_file(path)
     if before > datetime.now(timezone.utc).date():
         raise UsageError(f"--before {before} is in the future: a forget takes only what runs before it delivered")
     cut = cut_of(before)
@@ -138,7 +135,7 @@ def forget(path: Path, before: date, dry_run: bool = False, compact: bool = Fals
                     f"({exc}{file_size_limit()}); "
                     "VACUUM needs free space about the ledger's size"
                 ) from None
-            done = _with(done, compacted_bytes=(size, os.path.getsize(path)))
+            done = replace(done, compacted_bytes=(size, os.path.getsize(path)))
     return done
 
 
@@ -150,10 +147,6 @@ def _schema(path: Path) -> str | None:
     except sqlite3.Error:
         return None  # not a ledger, or one being created: opening it says which
     return None if row is None else str(row[0])
-
-
-def _with(done: Forgotten, **changes: Any) -> Forgotten:
-    return Forgotten(**{**done.as_dict(), **changes})
 
 
 def _forget(db: sqlite3.Connection, cut: str, dry_run: bool) -> Forgotten:
@@ -244,8 +237,8 @@ def refuse_forgotten(db: sqlite3.Connection, targets: list[str]) -> None:
     rows are gone from the ledger, so written again such a file would hold this run's rows alone. A
     file a completed later run wrote too (one report name for every night) holds the rows of the
     runs since and this run's; a file deleted since is written afresh."""
-    found = db.execute("SELECT value FROM meta WHERE key = ?", (KEY,)).fetchone()
-    if found is None:
+    cut = forgotten_before(db)
+    if cut is None:
         return
     sql = (
         "SELECT EXISTS (SELECT 1 FROM run_targets t JOIN runs r ON r.id = t.run WHERE t.target = ?1 "
@@ -253,10 +246,16 @@ def refuse_forgotten(db: sqlite3.Connection, targets: list[str]) -> None:
         "WHERE t.target = ?1 AND r.started >= ?2 AND r.status = 'done')"
     )
     for target in targets:
-        (only_old,) = db.execute(sql, (target, found[0])).fetchone()
+        (only_old,) = db.execute(sql, (target, cut)).fetchone()
         if only_old and _still_there(target, []):
             raise UsageError(
-                f"report {target} was written by runs before {found[0][:10]}, whose rows `cxrbatch forget` took out "
+                f"report {target} was written by runs before {cut[:10]}, whose rows `cxrbatch forget` took out "
                 "of the ledger, and by no completed run since: written again it would lose them. Name another "
                 "report file (nothing was done)"
             )
+
+
+def forgotten_before(db: sqlite3.Connection) -> str | None:
+    """The cut of the latest forget given to the ledger (UTC, ISO 8601), or None if none was."""
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (KEY,)).fetchone()
+    return None if row is None else str(row[0])

@@ -14,7 +14,7 @@ import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cxrbatch.errors import CxrBatchError
+from cxrbatch.errors import CxrBatchError, UsageError
 
 log = logging.getLogger("cxrbatch.ledger")  # its messages are the ledger's, under the ledger's name
 
@@ -99,6 +99,15 @@ def _query_error(exc: sqlite3.OperationalError) -> bool:
     a full disk, a file it cannot open): by its code, or by its words where Python gives no code (3.10)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return str(exc).startswith("no such ") if code is None else code & 0xFF == SQLITE_ERROR
+
+
+def check_ledger_file(path: Path) -> None:
+    """Refuse, as a usage error, a ledger path that names a folder or nothing: the commands that
+    read a ledger (`ledger`, `forget`) never create one."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder: give the ledger file (the path given to run --ledger)")
+    if not path.is_file():
+        raise UsageError(f"Ledger not found: {path}")
 
 
 def now() -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrbatch.ledger import readable
-from cxrbatch.ledger_forget import KEY
+from cxrbatch.ledger_forget import forgotten_before
 from cxrbatch.ledger_lock import lock_path
 from cxrbatch.ledger_schema import LedgerError, connect
 from cxrbatch.records import Record
@@ -96,8 +96,8 @@ def _status(db: sqlite3.Connection, live: bool | None) -> dict[str, Any]:
 
 def _forgotten(db: sqlite3.Connection) -> dict[str, str]:
     """The day before which `cxrbatch forget` took the ledger's delivered history out, if it did."""
-    row = db.execute("SELECT value FROM meta WHERE key = ?", (KEY,)).fetchone()
-    return {} if row is None else {"forgotten_before": row[0]}
+    cut = forgotten_before(db)
+    return {} if cut is None else {"forgotten_before": cut}
 
 
 def _newest(db: sqlite3.Connection) -> Iterator[Record | None]:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from cxrbatch.cli import Device, _progress_bar, _setup_logging, app, log
-from cxrbatch.errors import EXIT_FILE_ERRORS, EXIT_NO_INPUT, EXIT_OK, UsageError
+from cxrbatch.errors import EXIT_FILE_ERRORS, EXIT_NO_INPUT, EXIT_OK
 
 
 class Engine(str, Enum):
@@ -221,12 +221,10 @@ def ledger_status(
     """
     import json
 
+    from cxrbatch.ledger_schema import check_ledger_file
     from cxrbatch.ledger_view import inspect
 
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder: give the ledger file (the path given to run --ledger)")
-    if not path.is_file():
-        raise UsageError(f"Ledger not found: {path}")
+    check_ledger_file(path)
     status = inspect(path)
     if json_out:
         typer.echo(json.dumps(status, indent=2))
