@@ -45,6 +45,16 @@ def _age(ledger: Path, *runs: int) -> None:
     db.close()
 
 
+def _stop_at(monkeypatch: pytest.MonkeyPatch, point: str) -> None:
+    """Make the next run stop at the crash point `point` (exit 1), as a signal there would end it."""
+
+    def stop(name: str) -> None:
+        if name == point:
+            raise RuntimeError("stopped")
+
+    monkeypatch.setattr("cxrbatch.ledger_run.crash_point", stop)
+
+
 def _table(ledger: Path, sql: str) -> list[tuple]:  # type: ignore[type-arg]
     with sqlite3.connect(ledger) as db:
         rows = db.execute(sql).fetchall()
@@ -277,12 +287,7 @@ def test_a_path_with_a_result_waiting_keeps_its_entries(
     ledger = tmp_path / "l.db"
     assert _run(inbox, tiny_models, ledger, tmp_path / "n1.csv")[:2] == (0, ["scan.png"])
     grey_image(inbox / "scan.png", 220)
-
-    def stop(name: str) -> None:
-        if name == "before_report":
-            raise RuntimeError("stopped")  # as a SIGTERM after the results were committed
-
-    monkeypatch.setattr("cxrbatch.ledger_run.crash_point", stop)
+    _stop_at(monkeypatch, "before_report")  # as a SIGTERM after the results were committed
     assert _run(inbox, tiny_models, ledger, tmp_path / "n2.csv")[0] == 1
     monkeypatch.undo()
     _age(ledger, 1, 2)
@@ -456,12 +461,7 @@ def test_a_report_a_killed_later_run_wrote_is_still_refused_and_a_deleted_one_is
     assert _run(folder, tiny_models, ledger, report)[:2] == (0, [f"img{i}.png" for i in range(5)])
     _age(ledger, 1)
     grey_image(folder / "img5.png", 200)
-
-    def stop(name: str) -> None:
-        if name == "after_report":
-            raise RuntimeError("stopped")  # as a SIGKILL once the report is in place
-
-    monkeypatch.setattr("cxrbatch.ledger_run.crash_point", stop)
+    _stop_at(monkeypatch, "after_report")  # as a SIGKILL once the report is in place
     assert _run(folder, tiny_models, ledger, report)[:2] == (1, [f"img{i}.png" for i in range(6)])
     monkeypatch.undo()
     code, done, _ = _forget(ledger)
